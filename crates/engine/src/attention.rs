@@ -1,0 +1,1 @@
+//! attention (placeholder; being written).

@@ -1,0 +1,1 @@
+//! clip (placeholder; being written).

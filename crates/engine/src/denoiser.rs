@@ -1,0 +1,1 @@
+//! denoiser (placeholder; being written).

@@ -1,0 +1,1 @@
+//! embeddings (placeholder; being written).

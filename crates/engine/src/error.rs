@@ -1,0 +1,38 @@
+//! The engine's error type: every variant names what went wrong and where, so the layers above can
+//! turn it into a plain-language message without parsing strings.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A file the model folder must have is not there.
+    #[error("{path} is missing; this folder does not look like a complete diffusers model")]
+    MissingFile { path: PathBuf },
+    /// A config JSON file could not be parsed or holds values we cannot use.
+    #[error("{path} is not a valid config: {message}")]
+    Config { path: PathBuf, message: String },
+    /// A weights file is unreadable, or lacks / mis-shapes a tensor the architecture needs.
+    #[error("weights in {path} are not usable: {message}")]
+    Weights { path: PathBuf, message: String },
+    /// The tokenizer files could not be loaded or the text could not be tokenized.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The caller asked for something the engine cannot do (size, steps, sampler...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The observer asked to stop.
+    #[error("cancelled")]
+    Cancelled,
+    /// Reading a file failed.
+    #[error("could not read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tensor operation failed (out of memory on a device, a shape bug).
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

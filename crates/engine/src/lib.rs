@@ -1,0 +1,20 @@
+//! ld-engine: Stable Diffusion inference on candle — text encoders, UNet, VAE, noise, samplers and
+//! the text-to-image pipeline. Plain synchronous Rust: no async runtime, no HTTP, no SQL.
+
+pub mod attention;
+pub mod clip;
+pub mod config;
+pub mod denoiser;
+pub mod embeddings;
+pub mod error;
+pub mod pipeline;
+pub mod resnet;
+pub mod rng;
+pub mod sampler;
+pub mod schedule;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;
+
+pub use error::{EngineError, Result};

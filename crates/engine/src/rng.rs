@@ -1,0 +1,1 @@
+//! rng (placeholder; being written).

@@ -1,0 +1,1 @@
+//! schedule (placeholder; being written).

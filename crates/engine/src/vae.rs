@@ -1,0 +1,1 @@
+//! vae (placeholder; being written).

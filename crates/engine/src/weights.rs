@@ -1,0 +1,1 @@
+//! weights (placeholder; being written).
