@@ -1,0 +1,158 @@
+import { describe, expect, it, vi } from 'vitest';
+import { ApiError, createApiClient, readSessionToken, SESSION_HEADER, toApiError } from './api';
+
+type FetchArgs = Parameters<typeof fetch>;
+
+function jsonResponse(status: number, body: unknown): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { 'Content-Type': 'application/json' },
+  });
+}
+
+/** A fetch stand-in that records calls and answers with `respond`. */
+function fakeFetch(respond: (...args: FetchArgs) => Response | Promise<Response>) {
+  return vi.fn<typeof fetch>(async (...args: FetchArgs) => respond(...args));
+}
+
+function headersOf(mock: ReturnType<typeof fakeFetch>, call = 0): Headers {
+  return new Headers(mock.mock.calls[call]?.[1]?.headers);
+}
+
+async function caught(promise: Promise<unknown>): Promise<ApiError> {
+  try {
+    await promise;
+  } catch (err) {
+    expect(err).toBeInstanceOf(ApiError);
+    return err as ApiError;
+  }
+  throw new Error('expected the request to fail');
+}
+
+describe('session token', () => {
+  it('is sent as X-LD-Session on every request', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, { status: 'ok', version: '0.1.0' }));
+    const client = createApiClient({ token: 'tok-123', fetch });
+
+    await client.health();
+    await client.system();
+    await client.settings();
+
+    expect(fetch).toHaveBeenCalledTimes(3);
+    for (let i = 0; i < 3; i++) expect(headersOf(fetch, i).get(SESSION_HEADER)).toBe('tok-123');
+    expect(fetch.mock.calls.map((c) => c[0])).toEqual(['/api/v1/health', '/api/v1/system', '/api/v1/settings']);
+  });
+
+  it('is left out when the page has none', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, {}));
+    await createApiClient({ token: null, fetch }).health();
+    expect(headersOf(fetch).has(SESSION_HEADER)).toBe(false);
+  });
+
+  it('is read from the meta tag the server injects', () => {
+    const doc = {
+      querySelector: (selector: string) =>
+        selector === 'meta[name="ld-session"]' ? ({ content: ' abc ' } as HTMLMetaElement) : null,
+    } as Pick<Document, 'querySelector'>;
+    expect(readSessionToken(doc)).toBe('abc');
+    expect(readSessionToken({ querySelector: () => null } as Pick<Document, 'querySelector'>)).toBeNull();
+    expect(readSessionToken(undefined)).toBeNull();
+  });
+});
+
+describe('successful answers', () => {
+  it('are parsed as JSON', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, { status: 'ok', version: '0.1.0' }));
+    await expect(createApiClient({ fetch }).health()).resolves.toEqual({ status: 'ok', version: '0.1.0' });
+  });
+
+  it('that are not JSON become bad_response', async () => {
+    const fetch = fakeFetch(() => new Response('<html>proxy</html>', { status: 200 }));
+    const err = await caught(createApiClient({ fetch }).health());
+    expect(err.code).toBe('bad_response');
+    expect(err.status).toBe(200);
+  });
+
+  it('send a JSON body with its content type', async () => {
+    const fetch = fakeFetch(() => new Response(null, { status: 204 }));
+    await createApiClient({ fetch }).request('POST', '/api/v1/x', { body: { a: 1 } });
+    expect(fetch.mock.calls[0]?.[1]?.body).toBe('{"a":1}');
+    expect(headersOf(fetch).get('Content-Type')).toBe('application/json');
+  });
+});
+
+describe('error answers', () => {
+  it('are parsed into ApiError with code, message, hint and status', async () => {
+    const fetch = fakeFetch(() =>
+      jsonResponse(401, {
+        code: 'unauthorized',
+        message: 'This page is not allowed to change settings.',
+        hint: 'Reload the page.',
+      }),
+    );
+    const err = await caught(createApiClient({ fetch }).settings());
+    expect(err.code).toBe('unauthorized');
+    expect(err.message).toBe('This page is not allowed to change settings.');
+    expect(err.hint).toBe('Reload the page.');
+    expect(err.status).toBe(401);
+  });
+
+  it('keep every code of the server enum', async () => {
+    for (const code of ['model_missing', 'out_of_memory', 'busy', 'cancelled', 'invalid_request'] as const) {
+      const fetch = fakeFetch(() => jsonResponse(409, { code, message: 'm', hint: 'h' }));
+      expect((await caught(createApiClient({ fetch }).health())).code).toBe(code);
+    }
+  });
+
+  it('without a hint have hint null', async () => {
+    const fetch = fakeFetch(() => jsonResponse(500, { code: 'internal', message: 'Oops.' }));
+    const err = await caught(createApiClient({ fetch }).health());
+    expect(err.hint).toBeNull();
+  });
+
+  it('with a code this UI does not know fall back to the HTTP status', async () => {
+    const fetch = fakeFetch(() => jsonResponse(429, { code: 'something_new', message: 'Slow down.', hint: null }));
+    const err = await caught(createApiClient({ fetch }).health());
+    expect(err.code).toBe('busy');
+    expect(err.message).toBe('Slow down.');
+  });
+
+  it('that are not JSON still give a friendly error by status', async () => {
+    const fetch = fakeFetch(() => new Response('Not Found', { status: 404 }));
+    const err = await caught(createApiClient({ fetch }).system());
+    expect(err.code).toBe('not_found');
+    expect(err.message).toContain('404');
+    expect(err.hint).not.toBeNull();
+  });
+});
+
+describe('network failures', () => {
+  it('become a friendly network error', async () => {
+    const fetch = fakeFetch(() => {
+      throw new TypeError('Failed to fetch');
+    });
+    const err = await caught(createApiClient({ fetch }).health());
+    expect(err.code).toBe('network');
+    expect(err.status).toBeNull();
+    expect(err.message).toBe('Can’t reach Local Diffusers.');
+    expect(err.message).not.toContain('Failed to fetch');
+    expect(err.hint).toMatch(/running/);
+  });
+
+  it('caused by aborting become cancelled', async () => {
+    const fetch = fakeFetch(() => {
+      throw new DOMException('The operation was aborted.', 'AbortError');
+    });
+    expect((await caught(createApiClient({ fetch }).health())).code).toBe('cancelled');
+  });
+});
+
+describe('toApiError', () => {
+  it('passes ApiError through and wraps anything else', () => {
+    const original = new ApiError('busy', 'm', null, 429);
+    expect(toApiError(original)).toBe(original);
+    const wrapped = toApiError(new Error('boom'));
+    expect(wrapped.code).toBe('internal');
+    expect(wrapped.message).not.toContain('boom');
+  });
+});
