@@ -1,0 +1,176 @@
+//! The user's settings, kept as JSON in the data folder. Saved atomically; a corrupt file is moved
+//! aside (never deleted) and defaults are used, with a warning the UI can show.
+
+use crate::fsutil::write_atomic;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    Fp16,
+    Fp32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LowVram {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub default_model: Option<String>,
+    pub prompt_prefix: String,
+    pub prompt_suffix: String,
+    pub negative_prompt: String,
+    pub precision: Precision,
+    pub low_vram: LowVram,
+    /// Extra browser origins (e.g. a chat app's web page) allowed to call the API.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            default_model: None,
+            prompt_prefix: String::new(),
+            prompt_suffix: String::new(),
+            negative_prompt: "lowres, blurry, bad anatomy, watermark, text".to_owned(),
+            precision: Precision::Auto,
+            low_vram: LowVram::Auto,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("could not save settings to {path}: {source}")]
+    Save {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Settings as loaded, with a warning when the file was unusable.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub warning: Option<String>,
+}
+
+pub fn load(path: &Path) -> Loaded {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Loaded {
+                settings: Settings::default(),
+                warning: None,
+            }
+        }
+        Err(e) => {
+            return Loaded {
+                settings: Settings::default(),
+                warning: Some(format!(
+                    "Your settings file {} could not be read ({e}); defaults are used for now.",
+                    path.display()
+                )),
+            }
+        }
+    };
+    match serde_json::from_slice::<Settings>(&bytes) {
+        Ok(settings) => Loaded {
+            settings,
+            warning: None,
+        },
+        Err(e) => {
+            let aside = path.with_extension(format!(
+                "corrupt-{}.json",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            ));
+            let kept = std::fs::rename(path, &aside).is_ok();
+            let where_ = if kept {
+                format!("it was kept as {}", aside.display())
+            } else {
+                "it could not be moved aside".to_owned()
+            };
+            tracing::warn!(error = %e, "settings file is corrupt");
+            Loaded {
+                settings: Settings::default(),
+                warning: Some(format!(
+                    "Your settings file was damaged ({e}); {where_} and defaults are used."
+                )),
+            }
+        }
+    }
+}
+
+pub fn save(path: &Path, settings: &Settings) -> Result<(), SettingsError> {
+    let mut json = serde_json::to_vec_pretty(settings).expect("settings always serialise");
+    json.push(b'\n');
+    write_atomic(path, &json).map_err(|source| SettingsError::Save {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("settings.json");
+        let s = Settings {
+            prompt_prefix: "masterpiece, ".into(),
+            precision: Precision::Fp16,
+            ..Settings::default()
+        };
+        save(&p, &s).unwrap();
+        let l = load(&p);
+        assert_eq!(l.settings, s);
+        assert!(l.warning.is_none());
+    }
+
+    #[test]
+    fn missing_file_gives_defaults_without_warning() {
+        let t = tempfile::tempdir().unwrap();
+        let l = load(&t.path().join("nope.json"));
+        assert_eq!(l.settings, Settings::default());
+        assert!(l.warning.is_none());
+    }
+
+    #[test]
+    fn corrupt_file_is_moved_aside_and_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("settings.json");
+        std::fs::write(&p, b"{ not json").unwrap();
+        let l = load(&p);
+        assert_eq!(l.settings, Settings::default());
+        let w = l.warning.unwrap();
+        assert!(w.contains("damaged"), "{w}");
+        assert!(!p.exists());
+        let kept: Vec<_> = std::fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(kept.iter().any(|n| n.contains("corrupt")), "{kept:?}");
+        // The damaged bytes are kept, not lost.
+        let aside = t
+            .path()
+            .join(kept.iter().find(|n| n.contains("corrupt")).unwrap());
+        assert_eq!(std::fs::read(aside).unwrap(), b"{ not json");
+    }
+}

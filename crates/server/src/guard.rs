@@ -1,0 +1,150 @@
+//! The localhost guard. A web page the user visits can make their browser send requests to
+//! 127.0.0.1; these checks keep such pages out (DNS rebinding: Host; cross-site requests: Origin)
+//! and keep settings-changing routes to our own UI (session token). Binding to another interface
+//! requires an API key instead of the Host check.
+
+use crate::error::{ApiError, Code};
+use crate::state::AppState;
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, HOST, ORIGIN};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+/// Header our UI sends the per-launch token in.
+pub const SESSION_HEADER: &str = "x-ld-session";
+
+/// Applied to every route.
+pub async fn localhost_guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match check(&state, req.headers(), req.uri().path()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn check(state: &AppState, headers: &HeaderMap, path: &str) -> Result<(), ApiError> {
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    match state.api_key() {
+        None => {
+            if !is_loopback_host(host, state.port()) {
+                tracing::warn!(host, "refused request with a foreign Host header");
+                return Err(ApiError::new(
+                    Code::Forbidden,
+                    "This address is not allowed to reach Local Diffusers.",
+                    format!(
+                        "Open the app at http://127.0.0.1:{}/ on this computer.",
+                        state.port()
+                    ),
+                ));
+            }
+        }
+        Some(key) => {
+            // On a network interface the Host can be any name for this machine; the key is what
+            // keeps strangers out. The UI's static files stay reachable so the page can load.
+            let is_api = path.starts_with("/api/")
+                || path.starts_with("/sdapi/")
+                || path.starts_with("/v1/");
+            if is_api && !has_api_key(headers, key) {
+                return Err(ApiError::new(
+                    Code::Unauthorized,
+                    "An API key is required.",
+                    "Send it as 'Authorization: Bearer KEY' (the key is shown in the app's Settings).",
+                ));
+            }
+        }
+    }
+    if let Some(origin) = headers.get(ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let same_origin = !host.is_empty() && origin == format!("http://{host}");
+        let allowed = same_origin
+            || state
+                .settings()
+                .allowed_origins
+                .iter()
+                .any(|o| o.trim_end_matches('/') == origin);
+        if !allowed {
+            tracing::warn!(origin, "refused request from a foreign web page");
+            return Err(ApiError::new(
+                Code::Forbidden,
+                format!("Requests from the web page {origin} are not allowed."),
+                "If this is a chat app you trust, add its address under Settings > Allowed apps.",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Host header values that mean "this machine, our port". Names that merely resolve to 127.0.0.1
+/// (the DNS-rebinding trick) are refused because they are not in this list.
+fn is_loopback_host(host: &str, port: u16) -> bool {
+    let Some((name, p)) = host.rsplit_once(':') else {
+        return false;
+    };
+    if p.parse::<u16>().ok() != Some(port) {
+        return false;
+    }
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "127.0.0.1" | "localhost" | "[::1]"
+    )
+}
+
+fn has_api_key(headers: &HeaderMap, key: &str) -> bool {
+    let given = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()))
+}
+
+/// Applied to UI-only routes (settings, downloads, deletes, imports).
+pub async fn require_session(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), state.session_token().as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            Code::Unauthorized,
+            "Only the Local Diffusers window may do this.",
+            "Use the app's own interface for settings, downloads and deletions.",
+        )
+        .into_response()
+    }
+}
+
+/// Compare secrets without an early exit, so timing does not reveal how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        assert!(is_loopback_host("127.0.0.1:7860", 7860));
+        assert!(is_loopback_host("LOCALHOST:7860", 7860));
+        assert!(is_loopback_host("[::1]:7860", 7860));
+        assert!(!is_loopback_host("127.0.0.1:7861", 7860));
+        assert!(!is_loopback_host("127.0.0.1", 7860));
+        assert!(!is_loopback_host("evil.example:7860", 7860));
+        assert!(!is_loopback_host("127.0.0.1.nip.io:7860", 7860));
+        assert!(!is_loopback_host("", 7860));
+    }
+
+    #[test]
+    fn constant_time_eq_works() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,92 @@
+//! The `local-diffusers` command: serve the app, check the hardware, (later) generate and bench.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ld_core::datadir::DataDir;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "local-diffusers",
+    version,
+    about = "Private, local Stable Diffusion image generator"
+)]
+struct Cli {
+    /// Folder for settings, gallery, models and logs (default: the platform's app data folder).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the app without a window: an HTTP server with the web UI and the API.
+    Serve {
+        /// Port to listen on (default: 7860, or the next free one). 0 picks any free port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Address to listen on. Anything but 127.0.0.1/::1 also needs --api-key.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Key other computers must send (Authorization: Bearer KEY) when --host is not local.
+        #[arg(long, env = "LOCAL_DIFFUSERS_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+    /// Print what this computer has for image generation (CPU, memory, GPU).
+    Doctor,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,ld_server=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let data = DataDir::open(cli.data_dir.as_deref())?;
+    match cli.command {
+        Command::Serve {
+            port,
+            host,
+            api_key,
+        } => serve(data, host, port, api_key),
+        Command::Doctor => {
+            let report = ld_core::hardware::system_report(
+                &ld_core::hardware::NvmlProbe::default(),
+                ld_server::BUILD,
+            );
+            print!("{}", report.to_text());
+            println!("Data:    {}", data.root().display());
+            Ok(())
+        }
+    }
+}
+
+fn serve(
+    data: DataDir,
+    host: IpAddr,
+    port: Option<u16>,
+    api_key: Option<String>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("could not start the async runtime")?;
+    rt.block_on(async move {
+        let server = ld_server::bind(ld_server::ServeOptions {
+            host,
+            port,
+            api_key,
+            data,
+        })
+        .await?;
+        // Tests and scripts read this line to find the address.
+        println!("Local Diffusers is running at {}", server.url());
+        server
+            .run_until(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    })
+}

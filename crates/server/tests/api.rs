@@ -1,0 +1,294 @@
+//! The router in-process (`app(state).oneshot`): the localhost guard, the error shape, the system
+//! report and the settings route. Pins issue #2's "Done when" list.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use ld_core::datadir::DataDir;
+use ld_server::{app, AppState};
+use serde_json::Value;
+use tower::ServiceExt;
+
+const PORT: u16 = 7860;
+
+fn state(dir: &tempfile::TempDir) -> AppState {
+    AppState::new(DataDir::open(Some(dir.path())).unwrap(), PORT, None)
+}
+
+fn get(path: &str) -> axum::http::request::Builder {
+    Request::builder()
+        .uri(path)
+        .header("host", format!("127.0.0.1:{PORT}"))
+}
+
+async fn send(
+    state: &AppState,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let res = app(state.clone()).oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, headers, body)
+}
+
+fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test]
+async fn loopback_request_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    for host in ["127.0.0.1:7860", "localhost:7860", "[::1]:7860"] {
+        let req = Request::builder()
+            .uri("/api/v1/health")
+            .header("host", host)
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, body) = send(&s, req).await;
+        assert_eq!(status, StatusCode::OK, "{host}");
+        assert_eq!(
+            json(&body),
+            serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})
+        );
+    }
+}
+
+#[tokio::test]
+async fn foreign_host_is_refused_with_the_error_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    // DNS rebinding: an attacker's name resolving to 127.0.0.1 still carries its own Host.
+    for host in ["evil.example:7860", "127.0.0.1:7861", "127.0.0.1"] {
+        let req = Request::builder()
+            .uri("/api/v1/health")
+            .header("host", host)
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, body) = send(&s, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{host}");
+        let v = json(&body);
+        assert_eq!(v["code"], "forbidden");
+        assert!(v["message"].as_str().unwrap().contains("not allowed"));
+        assert!(v["hint"]
+            .as_str()
+            .unwrap()
+            .contains("http://127.0.0.1:7860/"));
+        assert_eq!(
+            v.as_object().unwrap().len(),
+            3,
+            "exactly code, message, hint: {v}"
+        );
+        assert!(headers.contains_key("content-security-policy"));
+    }
+    // The static UI is guarded too, not just the API.
+    let req = Request::builder()
+        .uri("/")
+        .header("host", "evil.example:7860")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn foreign_origin_is_refused_and_same_origin_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let req = get("/api/v1/health")
+        .header("origin", "https://evil.example")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(&s, req).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(json(&body)["code"], "forbidden");
+
+    let req = get("/api/v1/health")
+        .header("origin", "http://127.0.0.1:7860")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::OK);
+    // Same host, other port: another origin.
+    let req = get("/api/v1/health")
+        .header("origin", "http://127.0.0.1:8000")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn ui_only_route_needs_the_session_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, _, body) = send(&s, get("/api/v1/settings").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&body)["code"], "unauthorized");
+
+    let req = get("/api/v1/settings")
+        .header("x-ld-session", "wrong")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::UNAUTHORIZED);
+
+    let req = get("/api/v1/settings")
+        .header("x-ld-session", s.session_token())
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(&s, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let v = json(&body);
+    assert_eq!(v["data_dir"], dir.path().display().to_string());
+    assert_eq!(v["precision"], "auto");
+}
+
+#[tokio::test]
+async fn settings_are_saved_and_bad_json_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let req = get("/api/v1/settings")
+        .method("PUT")
+        .header("x-ld-session", s.session_token())
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"prompt_prefix":"masterpiece, ","precision":"fp16"}"#,
+        ))
+        .unwrap();
+    let (status, _, body) = send(&s, req).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["prompt_prefix"], "masterpiece, ");
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("settings.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["precision"], "fp16");
+
+    let req = get("/api/v1/settings")
+        .method("PUT")
+        .header("x-ld-session", s.session_token())
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"precision":"fp8"}"#))
+        .unwrap();
+    let (status, _, body) = send(&s, req).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let v = json(&body);
+    assert_eq!(v["code"], "invalid_request");
+    assert!(v["message"].as_str().unwrap().contains("precision"), "{v}");
+}
+
+#[tokio::test]
+async fn system_report_has_the_documented_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, _, body) = send(&s, get("/api/v1/system").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let v = json(&body);
+    for key in [
+        "os",
+        "cpu",
+        "memory",
+        "gpus",
+        "gpu_status",
+        "build",
+        "data_dir",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    assert!(v["cpu"]["name"].as_str().is_some_and(|n| !n.is_empty()));
+    assert!(v["cpu"]["logical_cores"].as_u64().unwrap() >= 1);
+    assert!(v["cpu"]["features"].is_array());
+    assert!(v["memory"]["total_bytes"].as_u64().unwrap() > 0);
+    assert!(v["memory"]["available_bytes"].as_u64().is_some());
+    assert!(v["os"]["arch"].as_str().is_some());
+    assert!(v["gpus"].is_array());
+    assert!(v["gpu_status"]["available"].is_boolean());
+    if v["gpu_status"]["available"] == false {
+        // No GPU is a normal answer, with its reason.
+        assert!(v["gpu_status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("No NVIDIA GPU found"));
+    }
+    assert_eq!(v["build"]["cuda"], cfg!(feature = "cuda"));
+}
+
+#[tokio::test]
+async fn index_carries_the_token_and_a_strict_csp() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let (status, headers, body) = send(&s, get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let html = String::from_utf8(body).unwrap();
+    assert!(html.contains(&format!(
+        "<meta name=\"ld-session\" content=\"{}\">",
+        s.session_token()
+    )));
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["cache-control"], "no-store");
+    // A page path of the single-page app gets the index too; a missing asset is a plain 404.
+    assert_eq!(
+        send(&s, get("/diagnostics").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&s, get("/assets/nope.js").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn unknown_api_route_and_traversal_get_json_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    for path in [
+        "/api/v1/nope",
+        "/api/v1/../../etc/passwd",
+        "/api/%2e%2e/settings",
+    ] {
+        let (status, _, body) = send(&s, get(path).body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(json(&body)["code"], "not_found");
+    }
+    // Static files come from the embedded bundle only; a traversal path is never a disk read.
+    let (status, _, body) = send(
+        &s,
+        get("/../../../../etc/passwd").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert!(
+        !String::from_utf8_lossy(&body).contains("root:"),
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn api_key_mode_needs_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AppState::new(
+        DataDir::open(Some(dir.path())).unwrap(),
+        PORT,
+        Some("s3cret".into()),
+    );
+    let req = Request::builder()
+        .uri("/api/v1/health")
+        .header("host", "192.168.1.20:7860")
+        .body(Body::empty())
+        .unwrap();
+    let (status, _, body) = send(&s, req).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(json(&body)["code"], "unauthorized");
+    let req = Request::builder()
+        .uri("/api/v1/health")
+        .header("host", "192.168.1.20:7860")
+        .header("authorization", "Bearer s3cret")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::OK);
+}

@@ -1,0 +1,4 @@
+//! Integration tests of ld-server: one target, modules per area (link time on 2 cores).
+
+mod api;
+mod cli;
