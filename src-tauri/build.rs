@@ -1,0 +1,5 @@
+//! Generates the Tauri context (config, icons, capabilities, embedded splash assets).
+
+fn main() {
+    tauri_build::build()
+}
