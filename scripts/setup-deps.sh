@@ -10,7 +10,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 APT_PACKAGES=(
   libwebkit2gtk-4.1-dev libgtk-3-dev librsvg2-dev libayatana-appindicator3-dev libssl-dev
   libsoup-3.0-dev libjavascriptcoregtk-4.1-dev libxdo-dev patchelf build-essential pkg-config
-  xvfb xauth imagemagick xdotool chromium
+  xvfb xauth imagemagick xdotool dbus curl chromium
 )
 
 install_system_packages() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 pub enum DataDirError {
     #[error("no home folder was found to keep the app's data in; pass --data-dir FOLDER")]
     NoDefault,
-    #[error("could not create the data folder {path}: {source}")]
+    #[error("could not create the data folder {path}")]
     Create {
         path: PathBuf,
         #[source]

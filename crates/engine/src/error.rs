@@ -14,6 +14,10 @@ pub enum EngineError {
     /// A weights file is unreadable, or lacks / mis-shapes a tensor the architecture needs.
     #[error("weights in {path} are not usable: {message}")]
     Weights { path: PathBuf, message: String },
+    /// Only a pickle file (.bin/.ckpt/.pt/.pth) is there. Unpickling can run arbitrary code, so we
+    /// never open one; the user needs the .safetensors version.
+    #[error("{path} is a pickle file, which can run code when loaded, so it is never opened; use the .safetensors version of this model")]
+    PickleRefused { path: PathBuf },
     /// The tokenizer files could not be loaded or the text could not be tokenized.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -32,7 +36,22 @@ pub enum EngineError {
     },
     /// A tensor operation failed (out of memory on a device, a shape bug).
     #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for EngineError {
+    /// A missing or mis-shaped tensor met while a model loads through a `VarBuilder` from
+    /// [`crate::weights`] becomes [`EngineError::Weights`] naming the file and tensor; any other
+    /// candle error stays [`EngineError::Candle`].
+    fn from(e: candle_core::Error) -> Self {
+        match crate::weights::TensorError::find(&e) {
+            Some(t) => EngineError::Weights {
+                path: t.file.clone(),
+                message: t.problem(),
+            },
+            None => EngineError::Candle(e),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

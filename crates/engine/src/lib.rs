@@ -2,11 +2,13 @@
 //! the text-to-image pipeline. Plain synchronous Rust: no async runtime, no HTTP, no SQL.
 
 pub mod attention;
+pub mod bench;
 pub mod clip;
 pub mod config;
 pub mod denoiser;
 pub mod embeddings;
 pub mod error;
+mod kernels;
 pub mod pipeline;
 pub mod resnet;
 pub mod rng;
@@ -18,3 +20,8 @@ pub mod vae;
 pub mod weights;
 
 pub use error::{EngineError, Result};
+
+/// Whether this build can drive NVIDIA GPUs (the `cuda` cargo feature).
+pub const BUILD_CUDA: bool = cfg!(feature = "cuda");
+/// Whether this build can drive Apple GPUs (the `metal` cargo feature).
+pub const BUILD_METAL: bool = cfg!(feature = "metal");

@@ -1,1 +1,370 @@
-//! resnet (placeholder; being written).
+//! Convolutional building blocks shared by the UNet and the VAE: diffusers' `ResnetBlock2D`,
+//! `Downsample2D` and `Upsample2D`, loaded by their diffusers key names.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder};
+
+use crate::kernels;
+
+/// Group normalisation with affine parameters (torch `nn.GroupNorm`), run by the fused CPU
+/// kernel where it applies; the SiLU that follows almost every norm in SD is fused in too.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` (`[channels]`) under `vb`.
+    pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
+        }
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            self.eps,
+            None,
+            false,
+        )
+    }
+
+    /// `silu(norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            self.eps,
+            None,
+            true,
+        )
+    }
+
+    /// `silu(norm(x + shift))` with `shift` `[batch or 1, channels]` added per channel.
+    pub fn forward_shifted_silu(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        kernels::group_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            self.eps,
+            Some(shift),
+            true,
+        )
+    }
+}
+
+/// A 2-D convolution with bias (torch `nn.Conv2d` with `dilation=1`, `groups=1`).
+///
+/// On the CPU in f32, 3x3/stride-1/padding-1 convolutions (nearly all of SD's compute outside
+/// attention) run as one large matrix product over a channel-major im2col matrix, with the bias
+/// folded in as an extra weight column; 1x1 convolutions run as a plain matrix product. candle
+/// 0.11's own CPU convolution transposes the input on one thread and scatters its output, which
+/// made it reach about half the throughput of its matrix product here.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    kind: ConvKind,
+    out_channels: usize,
+}
+
+#[derive(Debug, Clone)]
+enum ConvKind {
+    /// `[c_out, 9 * c_in + 1]`: taps in (kh, kw, c_in) order, then the bias.
+    Packed3x3(Tensor),
+    /// 1x1: `[c_out, c_in]` weight and the bias as `[c_out, 1]`.
+    Pointwise(Tensor, Tensor),
+    /// Anything else: candle's convolution.
+    General(candle_nn::Conv2d),
+}
+
+/// Largest im2col block built at once, in elements (64 MiB in f32). A VAE convolution at
+/// 512x512 would otherwise need a 1.2 GiB matrix; blocks of output rows keep it bounded.
+const IM2COL_BLOCK: usize = 1 << 24;
+
+impl Conv2d {
+    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]` under `vb`.
+    pub fn load(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let w = vb.get_with_hints(
+            (out_channels, in_channels, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let b = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
+        let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
+        let kind = match (kernel, stride, padding) {
+            (3, 1, 1) if cpu_f32 => {
+                let w = w
+                    .permute((0, 2, 3, 1))?
+                    .reshape((out_channels, 9 * in_channels))?;
+                ConvKind::Packed3x3(Tensor::cat(&[&w, &b.reshape((out_channels, 1))?], 1)?)
+            }
+            (1, 1, 0) if cpu_f32 => ConvKind::Pointwise(
+                w.reshape((out_channels, in_channels))?,
+                b.reshape((out_channels, 1))?,
+            ),
+            _ => {
+                let cfg = Conv2dConfig {
+                    padding,
+                    stride,
+                    ..Default::default()
+                };
+                ConvKind::General(candle_nn::Conv2d::new(w, Some(b), cfg))
+            }
+        };
+        Ok(Self { kind, out_channels })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.kind {
+            ConvKind::Packed3x3(w) if kernels::cpu_f32(x) => {
+                let (batch, c, h, width) = x.dims4()?;
+                if w.dim(1)? != 9 * c + 1 {
+                    candle_core::bail!(
+                        "conv2d: input has {c} channels, weights expect {}",
+                        (w.dim(1)? - 1) / 9
+                    );
+                }
+                let rows = (IM2COL_BLOCK / ((9 * c + 1) * width).max(1)).clamp(1, h.max(1));
+                let mut images = Vec::with_capacity(batch);
+                for b in 0..batch {
+                    let mut blocks = Vec::with_capacity(h.div_ceil(rows));
+                    for y0 in (0..h).step_by(rows) {
+                        let col = kernels::im2col_3x3(x, b, y0, (y0 + rows).min(h))?;
+                        blocks.push(w.matmul(&col)?);
+                    }
+                    let out = if blocks.len() == 1 {
+                        blocks.swap_remove(0)
+                    } else {
+                        Tensor::cat(&blocks, 1)?
+                    };
+                    images.push(out.reshape((1, self.out_channels, h, width))?);
+                }
+                if images.len() == 1 {
+                    Ok(images.swap_remove(0))
+                } else {
+                    Tensor::cat(&images, 0)
+                }
+            }
+            ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => {
+                let (batch, c, h, width) = x.dims4()?;
+                let x = x.reshape((batch, c, h * width))?;
+                let y = w.broadcast_left(batch)?.matmul(&x)?.broadcast_add(bias)?;
+                y.reshape((batch, self.out_channels, h, width))
+            }
+            ConvKind::Packed3x3(_) | ConvKind::Pointwise(..) => {
+                // Loaded for the CPU fast path but given another input (non-contiguous, say):
+                candle_core::bail!("conv2d: expects a contiguous f32 CPU input")
+            }
+            ConvKind::General(c) => c.forward(x),
+        }
+    }
+}
+
+pub(crate) fn conv2d(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    Conv2d::load(vb, in_channels, out_channels, kernel, stride, padding)
+}
+
+/// Shape of one `ResnetBlock2D`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the timestep embedding; `None` in the VAE, which has no `time_emb_proj`.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    /// diffusers divides the block's output by this (`output_scale_factor`, 1.0 for SD).
+    pub output_scale_factor: f64,
+}
+
+/// diffusers `ResnetBlock2D` with `time_embedding_norm = "default"` and SiLU, as SD uses it.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn load(vb: VarBuilder, cfg: &ResnetConfig) -> Result<Self> {
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let time_emb_proj = match cfg.temb_channels {
+            Some(t) => Some(candle_nn::linear(t, cout, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        // diffusers adds a 1x1 shortcut exactly when the channel count changes.
+        let conv_shortcut = if cin != cout {
+            Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNorm::load(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
+            conv1: conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj,
+            norm2: GroupNorm::load(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?,
+            conv2: conv2d(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `temb_act` is the timestep embedding *after* SiLU: diffusers applies the SiLU inside every
+    /// block, but it is the same tensor for all of them, so the UNet computes it once.
+    pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        // The timestep projection is a per-channel shift, folded into norm2's kernel.
+        let h = match (&self.time_emb_proj, temb_act) {
+            (Some(proj), Some(temb)) => {
+                self.norm2.forward_shifted_silu(&h, &proj.forward(temb)?)?
+            }
+            _ => self.norm2.forward_silu(&h)?,
+        };
+        let h = self.conv2.forward(&h)?;
+        let out = match &self.conv_shortcut {
+            Some(c) => (c.forward(x)? + h)?,
+            None => (x + h)?,
+        };
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers `Downsample2D` with `use_conv=True`: a stride-2 3x3 convolution.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    /// The VAE uses `padding=0` with an asymmetric (right/bottom) zero pad, kept from the original
+    /// LDM code; the UNet uses the ordinary `padding=1`.
+    asymmetric_pad: bool,
+}
+
+impl Downsample2D {
+    /// Loads `conv` under `vb`; `padding` is diffusers' `downsample_padding` (1 UNet, 0 VAE).
+    pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(vb.pp("conv"), channels, channels, 3, 2, padding)?,
+            asymmetric_pad: padding == 0,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.asymmetric_pad {
+            let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&x)
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+/// diffusers `Upsample2D` with `use_conv=True`: nearest 2x upsampling, then a 3x3 convolution.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: conv2d(vb.pp("conv"), channels, channels, 3, 1, 1)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Our convolution paths against candle's reference convolution.
+    fn check(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, x: &[usize]) {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+        let vb = VarBuilder::from_tensors(
+            HashMap::from([
+                ("weight".to_string(), w.clone()),
+                ("bias".to_string(), b.clone()),
+            ]),
+            DType::F32,
+            &dev,
+        );
+        let ours = Conv2d::load(vb, cin, cout, k, stride, pad).unwrap();
+        let x = Tensor::randn(0f32, 1., x, &dev).unwrap();
+        let want = x
+            .conv2d(&w, pad, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+            .unwrap();
+        let got = ours.forward(&x).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        // f32 sums of up to 9 * 64 products: differences are summation order only.
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "conv {cin}->{cout} k{k}: {d}");
+    }
+
+    #[test]
+    fn packed_3x3_convolution_matches_candle() {
+        check(5, 7, 3, 1, 1, &[2, 5, 9, 6]);
+        check(3, 4, 3, 1, 1, &[1, 3, 1, 1]);
+        // 577 * 512 elements per output row: the im2col matrix is built in three row blocks.
+        check(64, 8, 3, 1, 1, &[1, 64, 128, 512]);
+    }
+
+    #[test]
+    fn pointwise_and_strided_convolutions_match_candle() {
+        check(6, 3, 1, 1, 0, &[2, 6, 5, 4]);
+        check(4, 4, 3, 2, 1, &[1, 4, 8, 6]);
+        check(4, 4, 3, 2, 0, &[1, 4, 9, 9]);
+    }
+}

@@ -1,1 +1,362 @@
-//! schedule (placeholder; being written).
+//! The model's training noise schedule in sigma space (k-diffusion's formulation) and the sigma
+//! sequences samplers walk: A1111's "Automatic"/"Uniform" (`get_sigmas(n)`), Karras, and the
+//! discrete timesteps of diffusers' DDIM.
+//!
+//! Precision: the training schedule is built exactly as diffusers builds it in float32 (betas
+//! from a float32 `linspace`, `alphas = 1 - betas` in float32, `cumprod` accumulated in double and
+//! stored as float32), because that is what the reference pipelines use and the smallest sigmas
+//! are sensitive to it (`1 - alphas_cumprod[0]` loses four digits). From those stored values on,
+//! everything is f64, so our sigmas sit within about 1e-7 (relative) of k-diffusion's float32 ones.
+
+use crate::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
+use crate::{EngineError, Result};
+
+/// Which sigma sequence to sample along. Sampler and schedule are separate choices (A1111 1.9,
+/// ComfyUI); later schedules (Exponential, SGM Uniform, Simple, Normal, DDIM uniform, ...) are new
+/// variants here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ScheduleKind {
+    /// The sampler's own default: [`ScheduleKind::Uniform`] for the k-diffusion samplers, the
+    /// model config's timesteps for DDIM (see `Sampler::sigmas`).
+    #[default]
+    Automatic,
+    /// t evenly spaced from `num_train_timesteps - 1` down to 0, interpolated in log sigma, then 0
+    /// (k-diffusion `DiscreteSchedule.get_sigmas(n)`; A1111 "Uniform").
+    Uniform,
+    /// Karras et al. 2022 (rho 7) between the model's sigma_min and sigma_max, then 0
+    /// (k-diffusion `get_sigmas_karras`).
+    Karras,
+}
+
+/// The discrete training schedule of a model: `alphas_cumprod[t]` for t in `0..num_train_timesteps`
+/// and the matching sigmas, `sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`.
+#[derive(Debug, Clone)]
+pub struct NoiseSchedule {
+    alphas_cumprod: Vec<f64>,
+    /// Ascending in t; k-diffusion's `DiscreteSchedule.sigmas`.
+    sigmas: Vec<f64>,
+    log_sigmas: Vec<f64>,
+    spacing: TimestepSpacing,
+    steps_offset: usize,
+    /// alphas_cumprod of the step "after" t = 0 (diffusers `final_alpha_cumprod`).
+    final_alpha_cumprod: f64,
+}
+
+impl NoiseSchedule {
+    /// The schedule described by a diffusers `scheduler_config.json`.
+    pub fn from_config(config: &SchedulerConfig) -> Result<Self> {
+        let bad = |message: String| EngineError::Config {
+            path: "scheduler/scheduler_config.json".into(),
+            message,
+        };
+        if config.rescale_betas_zero_snr {
+            // Zero terminal SNR makes sigma_max infinite; the k-diffusion samplers cannot start
+            // there without the special handling diffusers adds. Refuse rather than draw noise.
+            return Err(bad("rescale_betas_zero_snr is not supported".into()));
+        }
+        let betas = match &config.trained_betas {
+            Some(b) => b.iter().map(|&b| b as f32).collect(),
+            None => betas(
+                config.beta_schedule,
+                config.beta_start,
+                config.beta_end,
+                config.num_train_timesteps,
+            ),
+        };
+        if betas.len() < 2 || betas.iter().any(|b| !(*b > 0.0 && *b < 1.0)) {
+            return Err(bad(format!(
+                "the training schedule needs at least 2 betas, each in (0, 1); got {} betas",
+                betas.len()
+            )));
+        }
+        let mut schedule = Self::from_betas(&betas);
+        schedule.spacing = config.timestep_spacing;
+        schedule.steps_offset = config.steps_offset;
+        if config.set_alpha_to_one {
+            schedule.final_alpha_cumprod = 1.0;
+        }
+        Ok(schedule)
+    }
+
+    /// The schedule of float32 betas, with diffusers' defaults for the DDIM timestep options
+    /// ("leading" spacing, no offset, final alpha = alphas_cumprod[0]).
+    pub fn from_betas(betas: &[f32]) -> Self {
+        // torch.cumprod on the CPU accumulates float32 in double and stores each prefix as f32.
+        let mut acc = 1.0f64;
+        let alphas_cumprod: Vec<f64> = betas
+            .iter()
+            .map(|&b| {
+                acc *= f64::from(1.0f32 - b);
+                f64::from(acc as f32)
+            })
+            .collect();
+        let sigmas: Vec<f64> = alphas_cumprod
+            .iter()
+            .map(|&a| sigma_from_alpha(a))
+            .collect();
+        let log_sigmas = sigmas.iter().map(|s| s.ln()).collect();
+        Self {
+            final_alpha_cumprod: alphas_cumprod[0],
+            alphas_cumprod,
+            sigmas,
+            log_sigmas,
+            spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+        }
+    }
+
+    pub fn num_train_timesteps(&self) -> usize {
+        self.sigmas.len()
+    }
+
+    pub fn alphas_cumprod(&self) -> &[f64] {
+        &self.alphas_cumprod
+    }
+
+    /// The discrete sigmas, ascending in t (index = training timestep).
+    pub fn train_sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+
+    pub fn sigma_min(&self) -> f64 {
+        self.sigmas[0]
+    }
+
+    pub fn sigma_max(&self) -> f64 {
+        self.sigmas[self.sigmas.len() - 1]
+    }
+
+    /// Continuous timestep of `sigma`: linear interpolation of log sigma between the two
+    /// neighbouring training sigmas, clamped to [0, N-1] (k-diffusion
+    /// `DiscreteSchedule.sigma_to_t`, quantize=False). A training sigma maps to its exact integer t.
+    pub fn sigma_to_t(&self, sigma: f64) -> f64 {
+        let log_sigma = sigma.ln();
+        let n = self.log_sigmas.len();
+        // Last index whose log sigma is <= ours (0 when none is), at most N-2 so that there is a
+        // high neighbour.
+        let low = self
+            .log_sigmas
+            .partition_point(|&l| l <= log_sigma)
+            .saturating_sub(1)
+            .min(n - 2);
+        let (lo, hi) = (self.log_sigmas[low], self.log_sigmas[low + 1]);
+        let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+        (1.0 - w) * low as f64 + w * (low + 1) as f64
+    }
+
+    /// Sigma at continuous timestep `t` in [0, N-1], interpolated in log sigma (k-diffusion
+    /// `DiscreteSchedule.t_to_sigma`).
+    pub fn t_to_sigma(&self, t: f64) -> f64 {
+        let t = t.clamp(0.0, (self.log_sigmas.len() - 1) as f64);
+        let (low, high) = (t.floor() as usize, t.ceil() as usize);
+        let w = t - t.floor();
+        ((1.0 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+    }
+
+    /// The `steps + 1` sigmas of `kind`, descending, ending at 0. [`ScheduleKind::Automatic`]
+    /// means [`ScheduleKind::Uniform`] here; samplers with another default resolve it first.
+    pub fn sigmas(&self, kind: ScheduleKind, steps: usize) -> Vec<f64> {
+        match kind {
+            ScheduleKind::Automatic | ScheduleKind::Uniform => self.uniform_sigmas(steps),
+            ScheduleKind::Karras => karras_sigmas(steps, self.sigma_min(), self.sigma_max(), 7.0),
+        }
+    }
+
+    /// k-diffusion `get_sigmas(n)`: `t = linspace(N-1, 0, n)`, `t_to_sigma`, append 0.
+    fn uniform_sigmas(&self, steps: usize) -> Vec<f64> {
+        let t_max = (self.num_train_timesteps() - 1) as f64;
+        let mut sigmas: Vec<f64> = linspace(t_max, 0.0, steps)
+            .into_iter()
+            .map(|t| self.t_to_sigma(t))
+            .collect();
+        sigmas.push(0.0);
+        sigmas
+    }
+
+    /// diffusers' inference timesteps for `steps` steps with the config's `timestep_spacing` and
+    /// `steps_offset`, descending (`DDIMScheduler.set_timesteps`).
+    pub fn discrete_timesteps(&self, steps: usize) -> Vec<usize> {
+        let n = self.num_train_timesteps();
+        let steps = steps.clamp(1, n);
+        let mut t: Vec<usize> = match self.spacing {
+            TimestepSpacing::Leading => {
+                let ratio = n / steps;
+                (0..steps).map(|i| i * ratio + self.steps_offset).collect()
+            }
+            TimestepSpacing::Linspace => linspace(0.0, (n - 1) as f64, steps)
+                .into_iter()
+                .map(|x| x.round_ties_even() as usize)
+                .collect(),
+            TimestepSpacing::Trailing => {
+                // np.round(np.arange(N, 0, -N / steps)) - 1, ascending here.
+                let ratio = n as f64 / steps as f64;
+                (0..steps)
+                    .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() as usize - 1)
+                    .rev()
+                    .collect()
+            }
+        };
+        t.reverse();
+        for v in &mut t {
+            *v = (*v).min(n - 1);
+        }
+        t
+    }
+
+    /// The sigmas diffusers' DDIM (eta 0) walks, as sigmas: one per inference timestep, then the
+    /// sigma of `final_alpha_cumprod` (not 0 unless `set_alpha_to_one`). DDIM with eta 0 is Euler
+    /// on these with `x_k = x_diffusers * sqrt(1 + sigma^2)`.
+    pub fn ddim_sigmas(&self, steps: usize) -> Vec<f64> {
+        let mut sigmas: Vec<f64> = self
+            .discrete_timesteps(steps)
+            .into_iter()
+            .map(|t| self.sigmas[t])
+            .collect();
+        sigmas.push(sigma_from_alpha(self.final_alpha_cumprod));
+        sigmas
+    }
+}
+
+/// `sqrt((1 - a) / a)`: the sigma whose noise level matches alphas_cumprod `a`.
+fn sigma_from_alpha(a: f64) -> f64 {
+    ((1.0 - a) / a).sqrt()
+}
+
+/// Training betas as diffusers makes them: float32 `torch.linspace`, squared in float32 for
+/// "scaled_linear"; the cosine schedule in f64 rounded to f32.
+fn betas(kind: BetaSchedule, start: f64, end: f64, n: usize) -> Vec<f32> {
+    match kind {
+        BetaSchedule::Linear => linspace_f32(start as f32, end as f32, n),
+        BetaSchedule::ScaledLinear => linspace_f32(start.sqrt() as f32, end.sqrt() as f32, n)
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        BetaSchedule::SquaredcosCapV2 => {
+            // diffusers betas_for_alpha_bar(n, max_beta=0.999, "cosine").
+            let alpha_bar = |t: f64| {
+                ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                    .cos()
+                    .powi(2)
+            };
+            (0..n)
+                .map(|i| {
+                    let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                    (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
+                })
+                .collect()
+        }
+    }
+}
+
+/// torch's CPU float32 `linspace` (scalar form): `start + step * i` for the first half,
+/// `end - step * (n - 1 - i)` for the second, `step = (end - start) / (n - 1)` in float32.
+/// torch's vectorised loop rounds some values differently by one ulp; at the betas' size that
+/// moves alphas_cumprod by far less than its float32 rounding.
+fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+/// `n` evenly spaced values from `start` to `end` inclusive, in f64 (`[start]` when n is 1).
+fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
+    match n {
+        0 => Vec::new(),
+        1 => vec![start],
+        _ => (0..n)
+            .map(|i| start + (end - start) * i as f64 / (n - 1) as f64)
+            .collect(),
+    }
+}
+
+/// Karras et al. 2022, eq. 5: `(max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho`, then 0.
+pub fn karras_sigmas(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f64> {
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    let mut sigmas: Vec<f64> = linspace(0.0, 1.0, steps)
+        .into_iter()
+        .map(|ramp| (max_inv + ramp * (min_inv - max_inv)).powf(rho))
+        .collect();
+    sigmas.push(0.0);
+    sigmas
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd() -> NoiseSchedule {
+        let config: SchedulerConfig = serde_json::from_str(
+            r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "steps_offset": 1, "set_alpha_to_one": false}"#,
+        )
+        .unwrap();
+        NoiseSchedule::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn sd_sigma_range_is_the_well_known_one() {
+        // SD1.x: sigma_min 0.0292, sigma_max 14.6146 (A1111 and ComfyUI print these).
+        let s = sd();
+        assert!(
+            (s.sigma_min() - 0.029_167_5).abs() < 1e-6,
+            "{}",
+            s.sigma_min()
+        );
+        assert!(
+            (s.sigma_max() - 14.614_641_9).abs() < 1e-5,
+            "{}",
+            s.sigma_max()
+        );
+    }
+
+    #[test]
+    fn sigma_to_t_inverts_t_to_sigma() {
+        let s = sd();
+        for t in [0.0, 0.5, 1.0, 250.25, 998.9, 999.0] {
+            assert!((s.sigma_to_t(s.t_to_sigma(t)) - t).abs() < 1e-9, "t {t}");
+        }
+        // Training sigmas map to their exact integer timestep (DDIM relies on it).
+        for t in [0usize, 1, 251, 999] {
+            assert_eq!(s.sigma_to_t(s.train_sigmas()[t]), t as f64);
+        }
+        // Out of range clamps, as in k-diffusion.
+        assert_eq!(s.sigma_to_t(1e-6), 0.0);
+        assert_eq!(s.sigma_to_t(1e6), 999.0);
+    }
+
+    #[test]
+    fn leading_timesteps_match_diffusers() {
+        // DDIMScheduler(steps_offset=1).set_timesteps(4).timesteps == [751, 501, 251, 1]
+        assert_eq!(sd().discrete_timesteps(4), vec![751, 501, 251, 1]);
+        assert_eq!(sd().discrete_timesteps(3), vec![667, 334, 1]);
+        let ddim = sd().ddim_sigmas(4);
+        assert_eq!(ddim.len(), 5);
+        assert_eq!(ddim[4], sd().sigma_min());
+    }
+
+    #[test]
+    fn schedules_end_at_zero_and_descend() {
+        let s = sd();
+        for kind in [ScheduleKind::Uniform, ScheduleKind::Karras] {
+            for steps in [1, 2, 20] {
+                let sig = s.sigmas(kind, steps);
+                assert_eq!(sig.len(), steps + 1);
+                assert_eq!(*sig.last().unwrap(), 0.0);
+                assert!(sig.windows(2).all(|w| w[0] > w[1]), "{kind:?} {sig:?}");
+                assert!((sig[0] - s.sigma_max()).abs() < 1e-9);
+            }
+        }
+    }
+}

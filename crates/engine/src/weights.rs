@@ -1,1 +1,499 @@
-//! weights (placeholder; being written).
+//! Memory-mapped safetensors weights: every file's header is validated when it is opened, and the
+//! `VarBuilder` handed to model code reports a missing or mis-shaped tensor by name and file,
+//! before anything is allocated for it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use memmap2::Mmap;
+use safetensors::tensor::{SafeTensorError, TensorView};
+use safetensors::SafeTensors;
+
+use crate::{EngineError, Result};
+
+/// One or more safetensors files (shards of one model component), mapped read-only.
+#[derive(Clone)]
+pub struct Weights {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    files: Vec<Mapped>,
+    index: HashMap<String, Entry>,
+}
+
+struct Mapped {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the mapped file.
+    start: usize,
+    end: usize,
+}
+
+impl fmt::Debug for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Weights")
+            .field("files", &self.files().collect::<Vec<_>>())
+            .field("tensors", &self.inner.index.len())
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Maps one safetensors file and validates its header.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_all(&[path])
+    }
+
+    /// Maps several files (shards) as one set of tensors. A tensor name in two files is an error,
+    /// since which one the model would get would be arbitrary.
+    pub fn open_all<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "no weight files were given".into(),
+            ));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut index = HashMap::new();
+        for (file, path) in paths.iter().enumerate() {
+            let path = path.as_ref();
+            let mmap = map(path)?;
+            let entries = read_header(path, &mmap)?;
+            for (name, entry) in entries {
+                let entry = Entry { file, ..entry };
+                if let Some(previous) = index.insert(name.clone(), entry) {
+                    return Err(EngineError::Weights {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "tensor `{name}` is also in {}",
+                            paths[previous.file].as_ref().display()
+                        ),
+                    });
+                }
+            }
+            files.push(Mapped {
+                path: path.to_path_buf(),
+                mmap,
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(Inner { files, index }),
+        })
+    }
+
+    /// The files, in the order given.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.inner.files.iter().map(|f| f.path.as_path())
+    }
+
+    /// Every tensor name (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.inner.index.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.index.is_empty()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.inner.index.contains_key(name)
+    }
+
+    /// The stored shape of a tensor, read from the header (no data is touched).
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.inner.index.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The stored element type of a tensor, when candle supports it.
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.inner
+            .index
+            .get(name)
+            .and_then(|e| DType::try_from(e.dtype).ok())
+    }
+
+    /// Loads one tensor, converted to `dtype`, on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        Ok(self.inner.load(name, None, dtype, device)?)
+    }
+
+    /// A `VarBuilder` over these weights that yields tensors converted to `dtype` (f32, f16 or
+    /// bf16) on `device`. fp16 files load as f32 when asked, and the other way round. Errors from
+    /// it convert (`?`) to [`EngineError::Weights`] naming the tensor and file.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            return Err(EngineError::InvalidRequest(format!(
+                "weights can be loaded as f32, f16, bf16 or f64, not {dtype:?}"
+            )));
+        }
+        Ok(VarBuilder::from_backend(
+            Box::new(Backend(self.inner.clone())),
+            dtype,
+            device.clone(),
+        ))
+    }
+}
+
+fn map(path: &Path) -> Result<Mmap> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(EngineError::MissingFile {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => {
+            return Err(EngineError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    // SAFETY: the map is read-only. If another process truncates or rewrites the file while it is
+    // mapped, reads may fault or see new bytes; that is the same contract candle and safetensors
+    // accept for mapped weights, and the app never writes a model file it has open.
+    unsafe { Mmap::map(&file) }.map_err(|e| EngineError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Parses and validates the header with the `safetensors` crate (header size cap, UTF-8 JSON,
+/// contiguous offsets inside the file, byte spans matching shape x dtype, overflow checks).
+fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
+    let bad = |message: String| EngineError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        bad(match e {
+            SafeTensorError::HeaderTooSmall
+            | SafeTensorError::InvalidHeaderLength
+            | SafeTensorError::MetadataIncompleteBuffer => format!(
+                "the file ({} bytes) is shorter or longer than its header says ({e}); \
+                 it is probably truncated or not a safetensors file, download it again",
+                bytes.len()
+            ),
+            other => format!("not a valid safetensors file: {other}"),
+        })
+    })?;
+    let data_start = 8 + header_len;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let entry = Entry {
+                file: 0,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + info.data_offsets.0,
+                end: data_start + info.data_offsets.1,
+            };
+            (name, entry)
+        })
+        .collect())
+}
+
+impl Inner {
+    /// Loads `name`, checking its shape against `expected` first when given.
+    fn load(
+        &self,
+        name: &str,
+        expected: Option<&Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some(entry) = self.index.get(name) else {
+            return Err(TensorError {
+                file: self.files[0].path.clone(),
+                tensor: name.to_string(),
+                kind: TensorProblem::Missing {
+                    files: self.files.len(),
+                },
+            }
+            .into_candle());
+        };
+        let file = &self.files[entry.file];
+        if let Some(expected) = expected {
+            if expected.dims() != entry.shape.as_slice() {
+                return Err(TensorError {
+                    file: file.path.clone(),
+                    tensor: name.to_string(),
+                    kind: TensorProblem::Shape {
+                        expected: expected.dims().to_vec(),
+                        found: entry.shape.clone(),
+                    },
+                }
+                .into_candle());
+            }
+        }
+        let unreadable = |message: String| {
+            TensorError {
+                file: file.path.clone(),
+                tensor: name.to_string(),
+                kind: TensorProblem::Unreadable(message),
+            }
+            .into_candle()
+        };
+        let bytes = &file.mmap[entry.start..entry.end];
+        let view = TensorView::new(entry.dtype, entry.shape.clone(), bytes)
+            .map_err(|e| unreadable(e.to_string()))?;
+        let tensor = view.load(device).map_err(|e| unreadable(e.to_string()))?;
+        if tensor.dtype() == dtype {
+            Ok(tensor)
+        } else {
+            tensor.to_dtype(dtype)
+        }
+    }
+}
+
+/// The `VarBuilder` backend. candle's own safetensors backend reports a missing tensor without
+/// the file and a wrong shape only as a candle error; ours says both, in [`TensorError`].
+struct Backend(Arc<Inner>);
+
+impl SimpleBackend for Backend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.load(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.load(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.index.contains_key(name)
+    }
+}
+
+/// A tensor a model needs that the weights cannot give. It travels inside a `candle_core::Error`
+/// (model code loads through `VarBuilder`, whose errors are candle's) and comes back out as
+/// [`EngineError::Weights`] when that error is converted with `?`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TensorError {
+    pub file: PathBuf,
+    pub tensor: String,
+    pub kind: TensorProblem,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorProblem {
+    /// Not in any of the files (`files` of them were searched).
+    Missing { files: usize },
+    /// Present with another shape than the model's config implies.
+    Shape {
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// Present but its data could not be read (e.g. an element type candle lacks).
+    Unreadable(String),
+}
+
+impl TensorError {
+    /// What is wrong, without the file (which [`EngineError::Weights`] prints itself).
+    pub fn problem(&self) -> String {
+        let t = &self.tensor;
+        match &self.kind {
+            TensorProblem::Missing { files: 1 } => format!("tensor `{t}` is missing"),
+            TensorProblem::Missing { files } => {
+                format!("tensor `{t}` is missing (looked in {files} shard files)")
+            }
+            TensorProblem::Shape { expected, found } => format!(
+                "tensor `{t}` has shape {found:?} but the model's config needs {expected:?}; \
+                 the weights do not belong to this model or config"
+            ),
+            TensorProblem::Unreadable(m) => format!("tensor `{t}` cannot be read: {m}"),
+        }
+    }
+
+    /// Finds a `TensorError` carried inside a candle error, through candle's context wrappers.
+    pub fn find(e: &candle_core::Error) -> Option<&TensorError> {
+        use candle_core::Error as E;
+        match e {
+            E::WrappedContext { wrapped, .. } => wrapped.downcast_ref::<TensorError>(),
+            E::WithBacktrace { inner, .. }
+            | E::Context { inner, .. }
+            | E::WithPath { inner, .. } => Self::find(inner),
+            _ => None,
+        }
+    }
+
+    fn into_candle(self) -> candle_core::Error {
+        // `WrappedContext` is the one candle variant that keeps a `dyn Error` we can downcast;
+        // its Display prints our Debug, which is why Debug below is the plain message.
+        candle_core::Error::WrappedContext {
+            wrapped: Box::new(self),
+            context: "loading model weights".into(),
+        }
+    }
+}
+
+impl fmt::Display for TensorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} in {}", self.problem(), self.file.display())
+    }
+}
+
+impl fmt::Debug for TensorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for TensorError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn save(path: &Path, tensors: &[(&str, Tensor)]) {
+        let map: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
+        candle_core::safetensors::save(&map, path).unwrap();
+    }
+
+    fn sample(dir: &Path) -> PathBuf {
+        let path = dir.join("model.safetensors");
+        let w = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        save(&path, &[("layer.weight", w)]);
+        path
+    }
+
+    #[test]
+    fn loads_fp16_file_as_f32_through_var_builder() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Weights::open(sample(dir.path())).unwrap();
+        assert_eq!(w.shape("layer.weight"), Some(&[2usize, 3][..]));
+        assert_eq!(w.dtype("layer.weight"), Some(DType::F16));
+        let vb = w.var_builder(DType::F32, &Device::Cpu).unwrap();
+        let t = vb.pp("layer").get((2, 3), "weight").unwrap();
+        assert_eq!(t.dtype(), DType::F32);
+        assert_eq!(
+            t.to_vec2::<f32>().unwrap(),
+            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
+    }
+
+    #[test]
+    fn wrong_shape_names_tensor_file_and_both_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let vb = Weights::open(&path)
+            .unwrap()
+            .var_builder(DType::F32, &Device::Cpu)
+            .unwrap();
+        let err = vb.get((3, 2), "layer.weight").unwrap_err();
+        let t = TensorError::find(&err).expect("a TensorError inside");
+        assert_eq!(t.tensor, "layer.weight");
+        assert_eq!(
+            t.kind,
+            TensorProblem::Shape {
+                expected: vec![3, 2],
+                found: vec![2, 3]
+            }
+        );
+        let engine: EngineError = err.into();
+        let text = engine.to_string();
+        assert!(matches!(&engine, EngineError::Weights { path: p, .. } if p == &path));
+        assert!(
+            text.contains("layer.weight") && text.contains("[2, 3]") && text.contains("[3, 2]")
+        );
+    }
+
+    #[test]
+    fn missing_tensor_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let vb = Weights::open(&path)
+            .unwrap()
+            .var_builder(DType::F32, &Device::Cpu)
+            .unwrap();
+        let err: EngineError = vb.pp("other").get(3, "bias").unwrap_err().into();
+        assert!(
+            matches!(&err, EngineError::Weights { path: p, message } if p == &path && message.contains("`other.bias` is missing")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncated_file_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        for keep in [0, 5, 20, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..keep]).unwrap();
+            let err = Weights::open(&path).unwrap_err();
+            assert!(
+                matches!(&err, EngineError::Weights { path: p, message } if p == &path && message.contains("truncated")),
+                "{keep} bytes: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut bytes = 2u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{]");
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            Weights::open(&path),
+            Err(EngineError::Weights { path: p, .. }) if p == path
+        ));
+    }
+
+    #[test]
+    fn missing_file_and_duplicate_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone.safetensors");
+        assert!(matches!(
+            Weights::open(&gone),
+            Err(EngineError::MissingFile { path }) if path == gone
+        ));
+        let a = sample(dir.path());
+        let b = dir.path().join("b.safetensors");
+        std::fs::copy(&a, &b).unwrap();
+        let err = Weights::open_all(&[&a, &b]).unwrap_err();
+        assert!(err.to_string().contains("also in"), "{err}");
+    }
+
+    #[test]
+    fn integer_dtype_is_not_a_weight_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Weights::open(sample(dir.path())).unwrap();
+        assert!(matches!(
+            w.var_builder(DType::U32, &Device::Cpu),
+            Err(EngineError::InvalidRequest(_))
+        ));
+    }
+}

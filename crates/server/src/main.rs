@@ -6,6 +6,8 @@ use ld_core::datadir::DataDir;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+mod commands;
+
 #[derive(Parser)]
 #[command(
     name = "local-diffusers",
@@ -36,9 +38,24 @@ enum Command {
     },
     /// Print what this computer has for image generation (CPU, memory, GPU).
     Doctor,
+    /// Make one image from a prompt and save it as a PNG.
+    Generate(commands::generate::GenerateArgs),
+    /// Time the full-size SD1.5 UNet and VAE on this machine (random weights, no download).
+    Bench(commands::bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line, no backtrace: this is read by people.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -63,6 +80,8 @@ fn main() -> anyhow::Result<()> {
             println!("Data:    {}", data.root().display());
             Ok(())
         }
+        Command::Generate(args) => commands::generate::run(args, &data),
+        Command::Bench(args) => commands::bench::run(args),
     }
 }
 

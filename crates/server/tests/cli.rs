@@ -86,3 +86,97 @@ fn serve_prints_its_address_and_answers() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"status\":\"ok\""), "{reply}");
 }
+
+fn tiny_model() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1")
+}
+
+#[test]
+fn generate_writes_a_png_with_its_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("cat.png");
+    let out = bin()
+        .args([
+            "generate",
+            "a photo of a cat",
+            "--negative",
+            "blurry, lowres",
+            "--steps",
+            "3",
+        ])
+        .args(["--width", "64", "--height", "64", "--seed", "-1", "--model"])
+        .arg(tiny_model())
+        .arg("--out")
+        .arg(&out_file)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&out_file).unwrap();
+    let params = ld_core::image_file::read_parameters(&png).expect("parameters chunk");
+    assert!(
+        params.starts_with(
+            "a photo of a cat\nNegative prompt: blurry, lowres\nSteps: 3, Sampler: Euler"
+        ),
+        "{params}"
+    );
+    // Seed -1 means random, and the seed actually used is recorded.
+    let seed: u64 = params
+        .split(", ")
+        .find_map(|kv| kv.strip_prefix("Seed: "))
+        .expect("seed field")
+        .parse()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("seed {seed}")), "{stderr}");
+}
+
+#[test]
+fn generate_refuses_bad_input_clearly_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("x.png");
+    let cases: [(&[&str], &str); 4] = [
+        (&["--width", "65"], "width must be a multiple of 8"),
+        (&["--steps", "0"], "steps must be between 1 and"),
+        (
+            &["--sampler", "Nope"],
+            "unknown sampler 'Nope'; choose one of: Euler, DDIM",
+        ),
+        (&["--seed", "-5"], "seed must be -1"),
+    ];
+    for (extra, want) in cases {
+        let out = bin()
+            .args(["generate", "x", "--model"])
+            .arg(tiny_model())
+            .args(extra)
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
+        assert!(!out_file.exists());
+    }
+    let out = bin()
+        .args(["generate", "x", "--model"])
+        .arg(dir.path())
+        .args(["--width", "64", "--height", "64"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model_index.json is missing"), "{err}");
+}

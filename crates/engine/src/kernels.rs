@@ -1,0 +1,560 @@
+//! Fused CPU kernels for the element-wise steps that cost the most after the matrix products:
+//! softmax over attention scores, GEGLU, and group norm (+ per-channel shift, + SiLU).
+//!
+//! candle 0.11 runs each of these as several full passes over memory with scalar libm
+//! `exp`/`erf` calls (and the crate is built for baseline x86-64, so its own SIMD paths are off).
+//! Here each is one or two passes of branch-free arithmetic that LLVM vectorises, on all cores,
+//! and softmax/GEGLU write in place. Every entry point falls back to candle's ops for other
+//! devices, dtypes or layouts, so callers need not care.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+};
+
+/// Defines `fn $name(args)` running `$body` compiled for AVX2 (8-wide vectors) when the CPU has
+/// it, else for the baseline target the crate is built for (SSE2 on x86-64). The helpers the
+/// bodies call are `#[inline(always)]`, so they are compiled into each variant.
+macro_rules! simd_dispatch {
+    ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, the only feature `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `exp(x)` in f32: Cephes' `expf` polynomial (about 1 ulp), written without branches so loops
+/// over it vectorise. Inputs below -87.3 give 0 (the true value is below f32's normal range).
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.33, 88.37);
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // ln 2 split in two (Cephes C1, C2) so x - n ln2 stays exact.
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    // 2^n built from the bits of `t`, whose low mantissa bits hold n: integer ops only, because
+    // a float-to-int `as` cast saturates, and its checks stop LLVM from vectorising the loop.
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(ni.wrapping_add(127) << 23);
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5; // Cephes: 5.0000001201e-1, 0.5 in f32
+    let y = (p * r * r + r + 1.0) * scale;
+    // Zero below the range with a mask, not a branch (a branch would stop vectorisation).
+    let keep = u32::from(x >= -87.33).wrapping_neg();
+    f32::from_bits(y.to_bits() & keep)
+}
+
+/// `erf(x)` by Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7): the same formula PyTorch's
+/// vectorised CPU `erf` uses, so GELU here tracks diffusers on the CPU closely.
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let r =
+        (((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
+    (1.0 - r * t * exp_f32(-a * a)).copysign(x)
+}
+
+/// Exact (erf) GELU, as torch's default `F.gelu`.
+#[inline(always)]
+fn gelu_f32(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn silu_f32(x: f32) -> f32 {
+    x / (1.0 + exp_f32(-x))
+}
+
+/// Splits `dst` (and `src` alongside) into one contiguous run of whole `unit`s per thread and
+/// runs `f(dst_part, src_part, first_unit)` on each. Small inputs stay on this thread.
+fn par_units<F>(dst: &mut [f32], src: Option<&[f32]>, unit: usize, f: F)
+where
+    F: Fn(&mut [f32], Option<&[f32]>, usize) + Sync,
+{
+    let units = dst.len() / unit.max(1);
+    let threads = candle_core::utils::get_num_threads().clamp(1, units.max(1));
+    // Below ~32k elements a thread costs more than it saves.
+    if threads == 1 || dst.len() < 1 << 15 {
+        f(dst, src, 0);
+        return;
+    }
+    let per = units.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (i, part) in dst.chunks_mut(per * unit).enumerate() {
+            let src_part = src.map(|s| &s[i * per * unit..i * per * unit + part.len()]);
+            let f = &f;
+            s.spawn(move || f(part, src_part, i * per));
+        }
+    });
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expects a contiguous f32 tensor"),
+    }
+}
+
+fn contiguous_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("{what}: expects a contiguous f32 tensor"),
+    }
+}
+
+/// Whether a tensor can take the fused CPU path.
+fn fast_path(t: &Tensor) -> bool {
+    std::env::var_os("LD_NO_FUSED").is_none()
+        && t.device().is_cpu()
+        && t.dtype() == DType::F32
+        && t.is_contiguous()
+}
+
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    let max = lane_max(row);
+    // Plain element loops: LLVM's loop vectoriser handles these; the reductions use lanes.
+    for v in row.iter_mut() {
+        *v = exp_f32(*v - max);
+    }
+    let inv = 1.0 / lane_sum(row, |v| v);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Maximum of `xs` in eight lanes (vectorisable; -inf for an empty slice).
+#[inline(always)]
+fn lane_max(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+        }
+    }
+    let tail = chunks.remainder().iter();
+    tail.chain(lanes.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+simd_dispatch!(softmax_rows(part: &mut [f32], n: usize) {
+    for row in part.chunks_exact_mut(n) {
+        softmax_row(row)
+    }
+});
+
+struct SoftmaxLastDim;
+
+impl InplaceOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "ld-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let data = contiguous_f32_mut(s, l, self.name())?;
+        par_units(data, None, n, |part, _, _| softmax_rows(part, n));
+        Ok(())
+    }
+}
+
+/// Softmax over the last dimension, in place when `t` is a CPU f32 contiguous tensor that this
+/// call owns (the attention scores it is used on are always fresh).
+pub(crate) fn softmax_last_dim(t: Tensor) -> Result<Tensor> {
+    if fast_path(&t) {
+        t.inplace_op1(&SoftmaxLastDim)?;
+        Ok(t)
+    } else {
+        candle_nn::ops::softmax_last_dim(&t)
+    }
+}
+
+simd_dispatch!(mul_gelu_slice(d: &mut [f32], g: &[f32]) {
+    for (d, &g) in d.iter_mut().zip(g) {
+        *d *= gelu_f32(g);
+    }
+});
+
+struct MulGelu;
+
+impl InplaceOp2 for MulGelu {
+    fn name(&self) -> &'static str {
+        "ld-mul-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let gate = contiguous_f32(s2, l2, self.name())?;
+        let dst = contiguous_f32_mut(s1, l1, self.name())?;
+        if gate.len() != dst.len() {
+            candle_core::bail!("{}: operands differ in size", self.name());
+        }
+        par_units(dst, Some(gate), 1, |d, g, _| {
+            mul_gelu_slice(d, g.unwrap_or_default())
+        });
+        Ok(())
+    }
+}
+
+/// GEGLU's `hidden * gelu(gate)` with the exact GELU, in place in `hidden` on the CPU fast path.
+pub(crate) fn mul_gelu(hidden: Tensor, gate: &Tensor) -> Result<Tensor> {
+    if fast_path(&hidden) && fast_path(gate) && hidden.shape() == gate.shape() {
+        hidden.inplace_op2(gate, &MulGelu)?;
+        Ok(hidden)
+    } else {
+        hidden * gate.gelu_erf()?
+    }
+}
+
+/// Group norm over `[batch, channels, ...]` with affine weight/bias, optionally after adding a
+/// per-(batch, channel) shift and before a SiLU: the resnet's `norm2(h + temb)` then SiLU in one
+/// pass over memory instead of candle's ten.
+struct GroupNormOp {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+    /// `[batch * channels]` values added to every element of that channel first.
+    shift: Option<Vec<f32>>,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "ld-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let b = contiguous_f32(s3, l3, self.name())?;
+        let dims = l1.dims();
+        let (batch, c) = (dims[0], dims[1]);
+        let hw: usize = dims[2..].iter().product();
+        let cpg = c / self.groups;
+        if w.len() != c || b.len() != c || cpg * self.groups != c {
+            candle_core::bail!("{}: weight/bias do not match {c} channels", self.name());
+        }
+        if let Some(s) = &self.shift {
+            if s.len() != batch * c {
+                candle_core::bail!(
+                    "{}: shift has {} values for {batch}x{c}",
+                    self.name(),
+                    s.len()
+                );
+            }
+        }
+        let group_len = cpg * hw;
+        let mut dst = vec![0f32; x.len()];
+        let p = NormParams {
+            op: self,
+            c,
+            hw,
+            cpg,
+            w,
+            b,
+        };
+        par_units(&mut dst, Some(x), group_len, |d, xs, first| {
+            norm_groups(&p, d, xs.unwrap_or_default(), first)
+        });
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
+
+/// What every group of one group-norm call shares.
+struct NormParams<'a> {
+    op: &'a GroupNormOp,
+    c: usize,
+    hw: usize,
+    /// Channels per group.
+    cpg: usize,
+    w: &'a [f32],
+    b: &'a [f32],
+}
+
+simd_dispatch!(norm_groups(p: &NormParams, d: &mut [f32], xs: &[f32], first: usize) {
+    let (c, hw, cpg, w, b) = (p.c, p.hw, p.cpg, p.w, p.b);
+    let group_len = cpg * hw;
+    for (k, (dg, xg)) in d
+        .chunks_exact_mut(group_len)
+        .zip(xs.chunks_exact(group_len))
+        .enumerate()
+    {
+        let gi = first + k; // batch * groups + group
+        let c0 = (gi % p.op.groups) * cpg;
+        let bi = gi / p.op.groups;
+        let shift = |ci: usize| p.op.shift.as_ref().map_or(0.0, |s| s[bi * c + c0 + ci]);
+        // Two passes (mean, then squared deviations) in f64: as stable as torch's.
+        let mut sum = 0f64;
+        for ci in 0..cpg {
+            let sh = shift(ci);
+            let xc = &xg[ci * hw..(ci + 1) * hw];
+            sum += lane_sum(xc, |v| v + sh) as f64;
+        }
+        let mean = sum / group_len as f64;
+        let mut sq = 0f64;
+        for ci in 0..cpg {
+            let off = (shift(ci) as f64 - mean) as f32;
+            let xc = &xg[ci * hw..(ci + 1) * hw];
+            sq += lane_sum(xc, |v| (v + off) * (v + off)) as f64;
+        }
+        let rstd = 1.0 / (sq / group_len as f64 + p.op.eps).sqrt();
+        for ci in 0..cpg {
+            let ch = c0 + ci;
+            // y = (x + shift - mean) * rstd * w + b = x * a + k
+            let a = (w[ch] as f64 * rstd) as f32;
+            let k = (b[ch] as f64 + (shift(ci) as f64 - mean) * rstd * w[ch] as f64) as f32;
+            let xc = &xg[ci * hw..(ci + 1) * hw];
+            let dc = &mut dg[ci * hw..(ci + 1) * hw];
+            if p.op.silu {
+                for (o, &v) in dc.iter_mut().zip(xc) {
+                    *o = silu_f32(v * a + k);
+                }
+            } else {
+                for (o, &v) in dc.iter_mut().zip(xc) {
+                    *o = v * a + k;
+                }
+            }
+        }
+    }
+});
+
+/// Builds the im2col matrix of a 3x3, stride 1, padding 1 convolution for image `b` of
+/// `x` (`[batch, c, h, w]`), output rows `y0..y1`: `[9 * c + 1, (y1 - y0) * w]`, row
+/// `(kh * 3 + kw) * c + ci` holding the input pixel each output pixel sees through tap (kh, kw),
+/// and a final row of ones that multiplies the bias column of the packed weights.
+///
+/// Channel-major like this, `weights [c_out, 9c+1] @ im2col` lands directly in NCHW order, and
+/// every row is built from whole-row copies of the input.
+struct Im2Col3x3 {
+    b: usize,
+    y0: usize,
+    y1: usize,
+}
+
+impl CustomOp1 for Im2Col3x3 {
+    fn name(&self) -> &'static str {
+        "ld-im2col-3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let (_, c, h, w) = l.shape().dims4()?;
+        let (y0, y1) = (self.y0, self.y1.min(h));
+        let n = (y1 - y0) * w;
+        let image = &x[self.b * c * h * w..(self.b + 1) * c * h * w];
+        let mut dst = vec![0f32; (9 * c + 1) * n];
+        par_units(&mut dst, None, n, |part, _, first| {
+            for (i, row) in part.chunks_exact_mut(n).enumerate() {
+                let r = first + i;
+                if r == 9 * c {
+                    row.fill(1.0);
+                    continue;
+                }
+                let (tap, ci) = (r / c, r % c);
+                let (kh, kw) = (tap / 3, tap % 3);
+                let plane = &image[ci * h * w..(ci + 1) * h * w];
+                for (y, out) in (y0..y1).zip(row.chunks_exact_mut(w)) {
+                    // Input row y + kh - 1; outside the image it is the zero padding.
+                    let Some(sy) = (y + kh).checked_sub(1).filter(|&sy| sy < h) else {
+                        continue; // `dst` starts zeroed
+                    };
+                    let src = &plane[sy * w..(sy + 1) * w];
+                    match kw {
+                        0 => out[1..].copy_from_slice(&src[..w - 1]),
+                        1 => out.copy_from_slice(src),
+                        _ => out[..w - 1].copy_from_slice(&src[1..]),
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dst), Shape::from((9 * c + 1, n))))
+    }
+}
+
+/// See [`Im2Col3x3`]; `x` must be a contiguous f32 CPU tensor.
+pub(crate) fn im2col_3x3(x: &Tensor, b: usize, y0: usize, y1: usize) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&Im2Col3x3 { b, y0, y1 })
+}
+
+/// Whether `x` can use [`im2col_3x3`] (and the other fused CPU kernels).
+pub(crate) fn cpu_f32(x: &Tensor) -> bool {
+    fast_path(x)
+}
+
+/// Sum of `f(v)` over `xs` in eight f32 lanes (vectorisable; blocks are at most a few thousand
+/// elements, so f32 lanes lose nothing that matters before the f64 total).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            lanes[i] += f(c[i]);
+        }
+    }
+    chunks.remainder().iter().map(|&v| f(v)).sum::<f32>() + lanes.iter().sum::<f32>()
+}
+
+/// Group norm with affine parameters, optionally shifted per (batch, channel) first and
+/// followed by SiLU. `shift`: `[batch, channels]`.
+pub(crate) fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    shift: Option<&Tensor>,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 3 {
+        candle_core::bail!("group norm: input must be [batch, channels, ...], got {dims:?}");
+    }
+    let (batch, c) = (dims[0], dims[1]);
+    if groups == 0 || !c.is_multiple_of(groups) {
+        candle_core::bail!("group norm: {c} channels do not split into {groups} groups");
+    }
+    if fast_path(x) && fast_path(weight) && fast_path(bias) {
+        let shift = match shift {
+            Some(s) => Some(
+                s.broadcast_as((batch, c))?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => None,
+        };
+        let op = GroupNormOp {
+            groups,
+            eps,
+            silu,
+            shift,
+        };
+        return x.apply_op3_no_bwd(weight, bias, &op);
+    }
+    // Other devices and dtypes: candle's ops (the same maths, in more passes).
+    let x = match shift {
+        Some(s) => {
+            let mut s = s.clone();
+            for _ in 2..dims.len() {
+                s = s.unsqueeze(s.rank())?;
+            }
+            x.broadcast_add(&s)?
+        }
+        None => x.clone(),
+    };
+    let norm = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, groups, eps)?;
+    let y = candle_core::Module::forward(&norm, &x)?;
+    if silu {
+        y.silu()
+    } else {
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_softmax_range() {
+        // Within f32's normal range: a couple of ulp (1 ulp = 1.2e-7 relative).
+        for i in -8730..=8830 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (exp_f32(x), x.exp());
+            assert!(
+                (got - want).abs() <= 3e-7 * want,
+                "exp({x}) = {got}, want {want}"
+            );
+        }
+        // Below it the true value is a denormal; flushing to 0 changes a softmax by < 1e-38.
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn gelu_matches_candles_exact_gelu() {
+        let x = Tensor::arange(-800f32, 800., &Device::Cpu)
+            .unwrap()
+            .affine(0.01, 0.)
+            .unwrap();
+        let want = x.gelu_erf().unwrap();
+        let got = mul_gelu(x.ones_like().unwrap(), &x).unwrap();
+        // A&S 7.1.26 is good to 1.5e-7 in erf; GELU scales that by |x|/2 <= 4.
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn softmax_matches_candle() {
+        let x = Tensor::randn(0f32, 3., (5, 7, 37), &Device::Cpu).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        let got = softmax_last_dim(x.copy().unwrap()).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn group_norm_matches_candle_with_shift_and_silu() {
+        let dev = Device::Cpu;
+        // Large enough (> 32k elements) to take the multi-threaded path.
+        let x = Tensor::randn(1f32, 2., (2, 16, 40, 30), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.5, 16, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, 16, &dev).unwrap();
+        let shift = Tensor::randn(0f32, 1., (2, 16), &dev).unwrap();
+        let norm = candle_nn::GroupNorm::new(w.clone(), b.clone(), 16, 4, 1e-5).unwrap();
+        let shifted = x
+            .broadcast_add(&shift.reshape((2, 16, 1, 1)).unwrap())
+            .unwrap();
+        let want = norm.forward(&shifted).unwrap().silu().unwrap();
+        let got = group_norm(&x, &w, &b, 4, 1e-5, Some(&shift), true).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let want = norm.forward(&x).unwrap();
+        let got = group_norm(&x, &w, &b, 4, 1e-5, None, false).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+    }
+}

@@ -1,0 +1,7 @@
+//! The engine's integration tests, one binary (link time matters on 2 cores); one module per area.
+
+mod models;
+mod noise;
+mod pipeline;
+mod sampling;
+mod text;
