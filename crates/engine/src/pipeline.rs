@@ -46,8 +46,7 @@ pub struct GenerateRequest {
     pub steps: usize,
     /// Classifier-free guidance scale; 1 skips the negative prompt (and half the UNet work).
     pub cfg_scale: f64,
-    /// Pixels; multiples of 8 in 64..=2048 (and of the UNet's own factor, see
-    /// [`Pipeline::size_multiple`]).
+    /// Pixels; multiples of 8 in 64..=2048 (see [`Pipeline::size_multiple`]).
     pub width: usize,
     pub height: usize,
     /// Seed of PyTorch's CPU generator: the same seed gives A1111's/ComfyUI's CPU noise.
@@ -241,10 +240,10 @@ impl Pipeline {
         self.dtype
     }
 
-    /// Width and height must be multiples of this: 8 (the VAE) times the UNet's own
-    /// downsampling factor (64 for SD1/SD2), because this UNet does not resize skip connections.
+    /// Width and height must be multiples of this: the VAE's factor (8). The UNet takes any
+    /// latent size (its up blocks resize to their skip connections, as diffusers' do).
     pub fn size_multiple(&self) -> usize {
-        self.vae.config().downsampling_factor() * self.unet.config().downsampling_factor()
+        self.vae.config().downsampling_factor()
     }
 
     /// [`GenerateRequest::validate`] plus the limits of this model (size multiple, clip skip).

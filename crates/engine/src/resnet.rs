@@ -313,7 +313,15 @@ impl Upsample2D {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        self.forward_to(x, 2 * h, 2 * w)
+    }
+
+    /// Nearest upsampling to an exact size, then the convolution. The UNet uses it when a
+    /// latent side is not a multiple of its downsampling factor: the strided convolutions on the
+    /// way down round up, so each up block must land on its skip connection's size (diffusers'
+    /// `forward_upsample_size`).
+    pub fn forward_to(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        self.conv.forward(&x.upsample_nearest2d(h, w)?)
     }
 }
 

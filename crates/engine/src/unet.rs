@@ -595,9 +595,14 @@ impl UpBlock {
                 h = attn.forward(&h, s.context, s.opts)?;
             }
         }
-        match &self.upsample {
-            Some(up) => up.forward(&h),
-            None => Ok(h),
+        match (&self.upsample, skips.last()) {
+            // Land on the next skip's size: equal to 2x when the sides divide evenly.
+            (Some(up), Some(next)) => {
+                let (_, _, sh, sw) = next.dims4()?;
+                up.forward_to(&h, sh, sw)
+            }
+            (Some(up), None) => up.forward(&h),
+            (None, _) => Ok(h),
         }
     }
 }
@@ -907,12 +912,10 @@ impl UNet2DConditionModel {
                 cfg.in_channels
             );
         }
-        let f = cfg.downsampling_factor();
-        if b == 0 || h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
-            candle_core::bail!(
-                "unet: latent size {h}x{w} (batch {b}) must be non-empty multiples of {f} \
-                 (the model downsamples {f}x)"
-            );
+        // Any size works: sides that do not divide by the downsampling factor are rounded up on
+        // the way down and the up blocks resize to their skips, as diffusers does.
+        if b == 0 || h == 0 || w == 0 {
+            candle_core::bail!("unet: latent size {h}x{w} (batch {b}) must not be empty");
         }
         let (cb, _, cd) = match ctx.dims() {
             &[cb, t, cd] if t > 0 => (cb, t, cd),

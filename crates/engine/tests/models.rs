@@ -275,9 +275,13 @@ fn unet_rejects_bad_inputs_with_errors() {
     );
     let unet = random_unet(&cfg);
     let ctx = randn(&[1, 3, 16]);
+    // A side that is not a multiple of the downsampling factor is fine (diffusers resizes the
+    // up blocks to their skips); the output keeps the input's size.
+    let odd = unet.forward(&randn(&[1, 4, 10, 7]), 1.0, &ctx).unwrap();
+    assert_eq!(odd.dims(), &[1, 4, 10, 7]);
     let cases: [(Tensor, Tensor, &str); 6] = [
         (randn(&[1, 3, 8, 8]), ctx.clone(), "channels"),
-        (randn(&[1, 4, 10, 8]), ctx.clone(), "multiples of 4"),
+        (randn(&[1, 4, 0, 8]), ctx.clone(), "must not be empty"),
         (randn(&[1, 4, 8]), ctx.clone(), "[batch, channels"),
         (randn(&[1, 4, 8, 8]), randn(&[1, 3, 12]), "12 wide"),
         (randn(&[2, 4, 8, 8]), ctx.clone(), "batch of 2"),
@@ -416,4 +420,27 @@ fn sd1_vae_matches_diffusers() {
 fn sd2_vae_matches_diffusers() {
     let (enc, dec) = vae_matches_diffusers("sd2");
     assert!(enc < PARITY_TOL && dec < PARITY_TOL);
+}
+
+/// Latents whose sides do not divide by the UNet's downsampling (images that are multiples of 8
+/// but not of 64): diffusers' `forward_upsample_size` path, from refs/unet_odd.safetensors
+/// (tests/fixtures/make_odd_size_refs.py). Same 1e-4 tolerance as the other UNet checks.
+#[test]
+fn odd_latent_sizes_match_diffusers() {
+    let odd = candle_core::safetensors::load(
+        repo_root().join("tests/fixtures/refs/unet_odd.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for model in ["sd1", "sd2"] {
+        let dir = repo_root().join("models/tiny").join(model).join("unet");
+        let cfg = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+        let unet = UNet2DConditionModel::load(f32_weights(&dir), &cfg).unwrap();
+        let ctx = &refs(model)["text_pos"];
+        let out = unet
+            .forward(&odd[&format!("{model}_in")], 500.0, ctx)
+            .unwrap();
+        let err = max_abs_diff(&out, &odd[&format!("{model}_out")]);
+        assert!(err < PARITY_TOL, "{model}: max abs error {err}");
+    }
 }

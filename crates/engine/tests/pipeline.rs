@@ -244,21 +244,13 @@ fn progress_previews_and_cancel() {
 fn invalid_requests_are_refused_before_any_work() {
     let p = load("sd1");
     let ok = request(SamplerKind::Euler);
-    // The tiny UNet downsamples 2x, so sizes must be multiples of 16 on top of the general
-    // multiple-of-8 rule.
-    assert_eq!(p.size_multiple(), 16);
+    // Any multiple of 8 works (the UNet resizes its up blocks to the skips, as diffusers does).
+    assert_eq!(p.size_multiple(), 8);
     let layers = 3; // tiny sd1 text encoder
     let cases = [
         (
             GenerateRequest {
                 width: 60,
-                ..ok.clone()
-            },
-            "width",
-        ),
-        (
-            GenerateRequest {
-                width: 72,
                 ..ok.clone()
             },
             "width",

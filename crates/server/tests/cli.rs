@@ -104,7 +104,8 @@ fn generate_writes_a_png_with_its_parameters() {
             "--steps",
             "3",
         ])
-        .args(["--width", "64", "--height", "64", "--seed", "-1", "--model"])
+        // 72x88: multiples of 8 but not of 64, as A1111 allows.
+        .args(["--width", "72", "--height", "88", "--seed", "-1", "--model"])
         .arg(tiny_model())
         .arg("--out")
         .arg(&out_file)
@@ -118,6 +119,13 @@ fn generate_writes_a_png_with_its_parameters() {
         String::from_utf8_lossy(&out.stderr)
     );
     let png = std::fs::read(&out_file).unwrap();
+    let (w, h) = {
+        let r = png::Decoder::new(std::io::Cursor::new(&png[..]))
+            .read_info()
+            .unwrap();
+        (r.info().width, r.info().height)
+    };
+    assert_eq!((w, h), (72, 88));
     let params = ld_core::image_file::read_parameters(&png).expect("parameters chunk");
     assert!(
         params.starts_with(
