@@ -13,24 +13,15 @@ use crate::{EngineError, Result};
 /// malformed JSON, or values of the wrong type, are [`EngineError::Config`] naming the file.
 pub fn read_json<T: DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
     let path = path.as_ref();
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(EngineError::MissingFile {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) => {
-            return Err(EngineError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
-        }
-    };
-    serde_json::from_str(&text).map_err(|e| EngineError::Config {
+    serde_json::from_str(&read_text(path)?).map_err(|e| EngineError::Config {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+/// Reads a text file; a missing file is [`EngineError::MissingFile`].
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| EngineError::from_io(path, e))
 }
 
 /// `model_index.json`: the pipeline class and which library/class implements each component.

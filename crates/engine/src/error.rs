@@ -55,3 +55,20 @@ impl From<candle_core::Error> for EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl EngineError {
+    /// A failed file access: a missing file is [`EngineError::MissingFile`] (the user can act on
+    /// it), anything else [`EngineError::Io`].
+    pub fn from_io(path: &std::path::Path, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            EngineError::MissingFile {
+                path: path.to_path_buf(),
+            }
+        } else {
+            EngineError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}

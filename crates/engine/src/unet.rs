@@ -238,13 +238,7 @@ impl UNetConfig {
 
     /// Reads and validates `unet/config.json`.
     pub fn from_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => EngineError::MissingFile { path: path.into() },
-            _ => EngineError::Io {
-                path: path.into(),
-                source,
-            },
-        })?;
+        let text = crate::config::read_text(path)?;
         let config_err = |message: String| EngineError::Config {
             path: path.into(),
             message,
@@ -259,7 +253,8 @@ impl UNetConfig {
         self.block_out_channels.len()
     }
 
-    /// Total spatial downsampling: latent height and width must be multiples of it.
+    /// Total spatial downsampling of the UNet (latent sides need not be multiples of it: the up
+    /// blocks resize to their skips).
     pub fn downsampling_factor(&self) -> usize {
         1 << self.num_blocks().saturating_sub(1)
     }

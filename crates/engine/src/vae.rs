@@ -102,13 +102,7 @@ impl VaeConfig {
 
     /// Reads and validates `vae/config.json`.
     pub fn from_file(path: &Path) -> crate::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => EngineError::MissingFile { path: path.into() },
-            _ => EngineError::Io {
-                path: path.into(),
-                source,
-            },
-        })?;
+        let text = crate::config::read_text(path)?;
         let config_err = |message: String| EngineError::Config {
             path: path.into(),
             message,

@@ -151,20 +151,7 @@ impl Weights {
 }
 
 fn map(path: &Path) -> Result<Mmap> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(EngineError::MissingFile {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) => {
-            return Err(EngineError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
-        }
-    };
+    let file = std::fs::File::open(path).map_err(|e| EngineError::from_io(path, e))?;
     // SAFETY: the map is read-only. If another process truncates or rewrites the file while it is
     // mapped, reads may fault or see new bytes; that is the same contract candle and safetensors
     // accept for mapped weights, and the app never writes a model file it has open.
