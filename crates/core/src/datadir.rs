@@ -38,7 +38,13 @@ impl DataDir {
             None => Self::default_root()?,
         };
         let dir = Self { root };
-        for sub in [dir.root.clone(), dir.models(), dir.gallery(), dir.logs()] {
+        for sub in [
+            dir.root.clone(),
+            dir.models(),
+            dir.gallery(),
+            dir.logs(),
+            dir.presets(),
+        ] {
             std::fs::create_dir_all(&sub).map_err(|source| DataDirError::Create {
                 path: sub.clone(),
                 source,
@@ -61,6 +67,15 @@ impl DataDir {
     }
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
+    }
+    /// The user's own presets, one TOML file each.
+    pub fn presets(&self) -> PathBuf {
+        self.root.join("presets")
+    }
+    /// The gallery's SQLite index (the PNGs in [`DataDir::gallery`] are the truth; this is
+    /// rebuilt from them when lost).
+    pub fn gallery_index(&self) -> PathBuf {
+        self.root.join("gallery.sqlite")
     }
 }
 

@@ -1,9 +1,15 @@
 //! ld-core: the app's use cases, shared by the server, the CLI and the desktop shell.
 
+pub mod compose;
 pub mod datadir;
+pub mod gallery;
 pub mod hardware;
 pub mod image_file;
 pub mod infotext;
+pub mod jobs;
+pub mod metadata;
+pub mod models;
+pub mod presets;
 pub mod settings;
 
 mod fsutil;

@@ -34,6 +34,8 @@ pub struct Settings {
     pub low_vram: LowVram,
     /// Extra browser origins (e.g. a chat app's web page) allowed to call the API.
     pub allowed_origins: Vec<String>,
+    /// Folders of models the user already has (A1111, ComfyUI, anywhere): used in place.
+    pub models_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -46,6 +48,7 @@ impl Default for Settings {
             precision: Precision::Auto,
             low_vram: LowVram::Auto,
             allowed_origins: Vec::new(),
+            models_dirs: Vec::new(),
         }
     }
 }

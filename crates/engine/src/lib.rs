@@ -10,6 +10,7 @@ pub mod embeddings;
 pub mod error;
 mod kernels;
 pub mod pipeline;
+pub mod prompt;
 pub mod resnet;
 pub mod rng;
 pub mod sampler;

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::clip::TextEncoder;
 use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::{Conditioning, Denoiser, NoisePredictor};
-use crate::rng::{NoiseSource, TorchRng};
+use crate::rng::SeedSource;
 use crate::sampler::{self, Control, SampleContext, SamplerKind, StepInfo};
 use crate::schedule::{NoiseSchedule, ScheduleKind};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
@@ -37,7 +37,8 @@ impl Default for LoadOptions {
 }
 
 /// One text-to-image request. `Default` gives A1111's API defaults (20 steps, CFG 7, 512x512,
-/// Euler, clip skip 1) with seed 0.
+/// clip skip 1, CPU noise) with seed 0, except the sampler: DPM++ 2M (the app's default) rather
+/// than the API's Euler. Its "Automatic" schedule is Karras, as in A1111 1.9+.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
     pub prompt: String,
@@ -49,8 +50,12 @@ pub struct GenerateRequest {
     /// Pixels; multiples of 8 in 64..=2048 (see [`Pipeline::size_multiple`]).
     pub width: usize,
     pub height: usize,
-    /// Seed of PyTorch's CPU generator: the same seed gives A1111's/ComfyUI's CPU noise.
+    /// Seed of the noise generator picked by `seed_source`.
     pub seed: u64,
+    /// Which generator turns the seed into noise: PyTorch's CPU generator (A1111 "CPU",
+    /// ComfyUI, diffusers) or A1111's "NV" Philox source (images made on NVIDIA GPUs). The
+    /// initial latent and the extra noise of ancestral/SDE samplers both come from it.
+    pub seed_source: SeedSource,
     pub sampler: SamplerKind,
     pub schedule: ScheduleKind,
     /// A1111 "Clip skip": 1 = the text encoder's last layer, 2 = the one before, ...
@@ -67,7 +72,8 @@ impl Default for GenerateRequest {
             width: 512,
             height: 512,
             seed: 0,
-            sampler: SamplerKind::Euler,
+            seed_source: SeedSource::Cpu,
+            sampler: SamplerKind::DpmPp2M,
             schedule: ScheduleKind::Automatic,
             clip_skip: 1,
         }
@@ -268,7 +274,7 @@ impl Pipeline {
     }
 
     /// Shape of the latent for `req`: `[1, C, height / 8, width / 8]`. The starting noise is
-    /// `TorchRng::new(req.seed).randn(&shape)` times the sampler's initial scale.
+    /// `req.seed_source.generator(req.seed).randn(&shape)` times the sampler's initial scale.
     pub fn latent_shape(&self, req: &GenerateRequest) -> [usize; 4] {
         let f = self.vae.config().downsampling_factor();
         [
@@ -331,7 +337,9 @@ impl Pipeline {
 
         let sampler = req.sampler.sampler();
         let sigmas = sampler.sigmas(&self.schedule, req.schedule, req.steps);
-        let mut rng = TorchRng::new(req.seed);
+        // One generator for the whole run: the sampler's extra noise continues the stream after
+        // the initial latent, as A1111 does (`ImageRNG.next`).
+        let mut rng = req.seed_source.generator(req.seed);
         let noise = rng.randn_tensor(&self.latent_shape(req), &self.device)?;
         let x = (noise * sampler.initial_noise_scale(&sigmas))?;
         on_state(&x, sigmas[0]);
@@ -355,7 +363,7 @@ impl Pipeline {
         };
         let mut ctx = SampleContext {
             denoiser: &denoiser,
-            noise: &mut rng,
+            noise: rng.as_mut(),
             observer: &mut step_observer,
         };
         let x = sampler.sample(x, &sigmas, &mut ctx)?;

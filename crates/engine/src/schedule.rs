@@ -1,6 +1,7 @@
 //! The model's training noise schedule in sigma space (k-diffusion's formulation) and the sigma
-//! sequences samplers walk: A1111's "Automatic"/"Uniform" (`get_sigmas(n)`), Karras, and the
-//! discrete timesteps of diffusers' DDIM.
+//! sequences samplers walk: A1111's schedule types (Uniform, Karras, Exponential, SGM Uniform,
+//! Simple, Normal, DDIM), diffusers' "leading"/"trailing" timestep spacings, and the discrete
+//! timesteps of diffusers' DDIM.
 //!
 //! Precision: the training schedule is built exactly as diffusers builds it in float32 (betas
 //! from a float32 `linspace`, `alphas = 1 - betas` in float32, `cumprod` accumulated in double and
@@ -12,13 +13,14 @@ use crate::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
 use crate::{EngineError, Result};
 
 /// Which sigma sequence to sample along. Sampler and schedule are separate choices (A1111 1.9,
-/// ComfyUI); later schedules (Exponential, SGM Uniform, Simple, Normal, DDIM uniform, ...) are new
-/// variants here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// ComfyUI). The formulas are A1111's `modules/sd_schedulers.py` (which ComfyUI's
+/// `comfy/samplers.py` schedulers agree with) and k-diffusion's `get_sigmas_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum ScheduleKind {
-    /// The sampler's own default: [`ScheduleKind::Uniform`] for the k-diffusion samplers, the
-    /// model config's timesteps for DDIM (see `Sampler::sigmas`).
+    /// The sampler's own default, as A1111 resolves it (`SamplerKind::default_schedule`): Karras
+    /// for DPM++ 2M and friends, Exponential for DPM++ 2M/3M SDE, and otherwise the model's own
+    /// discrete sigmas ([`ScheduleKind::Uniform`]; DDIM, UniPC and LCM walk their timesteps).
     #[default]
     Automatic,
     /// t evenly spaced from `num_train_timesteps - 1` down to 0, interpolated in log sigma, then 0
@@ -27,6 +29,102 @@ pub enum ScheduleKind {
     /// Karras et al. 2022 (rho 7) between the model's sigma_min and sigma_max, then 0
     /// (k-diffusion `get_sigmas_karras`).
     Karras,
+    /// Evenly spaced in log sigma from sigma_max to sigma_min, then 0 (`get_sigmas_exponential`).
+    Exponential,
+    /// Like Uniform but `n + 1` timesteps with the last (t = 0) dropped, then 0 (A1111
+    /// `sgm_uniform`, ComfyUI `sgm_uniform`).
+    SgmUniform,
+    /// Every `N / n`-th training sigma counted from the top, then 0 (ComfyUI `simple`).
+    Simple,
+    /// `linspace(t(sigma_max), t(sigma_min), n)` in timestep, then 0 (A1111/ComfyUI `normal`).
+    /// For the discrete SD schedules this is the same sequence as Uniform.
+    Normal,
+    /// The training sigmas at t = 1, 1 + N/n, 1 + 2N/n, ... (below N), descending, then 0
+    /// (A1111 "DDIM", ComfyUI `ddim_uniform`). Gives more steps than asked when n does not divide
+    /// N (8 for 7, 167 for 150), as both do.
+    DdimUniform,
+    /// diffusers "leading" spacing: t = i * (N / n) + steps_offset, then 0.
+    Leading,
+    /// diffusers "trailing" spacing: t = round(N - i * N / n) - 1, then 0.
+    Trailing,
+}
+
+impl ScheduleKind {
+    pub const ALL: &'static [ScheduleKind] = &[
+        ScheduleKind::Automatic,
+        ScheduleKind::Uniform,
+        ScheduleKind::Karras,
+        ScheduleKind::Exponential,
+        ScheduleKind::SgmUniform,
+        ScheduleKind::Simple,
+        ScheduleKind::Normal,
+        ScheduleKind::DdimUniform,
+        ScheduleKind::Leading,
+        ScheduleKind::Trailing,
+    ];
+
+    /// The A1111 label ("Karras", "SGM Uniform"), which infotexts write after "Schedule type: ".
+    /// Leading and Trailing are diffusers options A1111 lacks; they are named for the UI.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScheduleKind::Automatic => "Automatic",
+            ScheduleKind::Uniform => "Uniform",
+            ScheduleKind::Karras => "Karras",
+            ScheduleKind::Exponential => "Exponential",
+            ScheduleKind::SgmUniform => "SGM Uniform",
+            ScheduleKind::Simple => "Simple",
+            ScheduleKind::Normal => "Normal",
+            ScheduleKind::DdimUniform => "DDIM",
+            ScheduleKind::Leading => "Leading",
+            ScheduleKind::Trailing => "Trailing",
+        }
+    }
+
+    /// The ComfyUI scheduler name, where ComfyUI has this schedule.
+    pub fn comfy_name(self) -> Option<&'static str> {
+        match self {
+            ScheduleKind::Karras => Some("karras"),
+            ScheduleKind::Exponential => Some("exponential"),
+            ScheduleKind::SgmUniform => Some("sgm_uniform"),
+            ScheduleKind::Simple => Some("simple"),
+            ScheduleKind::Normal => Some("normal"),
+            ScheduleKind::DdimUniform => Some("ddim_uniform"),
+            _ => None,
+        }
+    }
+
+    /// Other accepted spellings: A1111's internal names (`sgm_uniform`, `ddim`) and aliases
+    /// ("SGMUniform"), diffusers' spacing names.
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            ScheduleKind::Automatic => &["automatic", "auto"],
+            ScheduleKind::SgmUniform => &["SGMUniform"],
+            ScheduleKind::DdimUniform => &["ddim_uniform", "DDIM uniform"],
+            _ => &[],
+        }
+    }
+
+    /// Parses an A1111 label or internal name, a ComfyUI name or an alias, ignoring case.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let name = name.trim();
+        Self::ALL.iter().copied().find(|k| {
+            k.name().eq_ignore_ascii_case(name)
+                || k.comfy_name().is_some_and(|c| c.eq_ignore_ascii_case(name))
+                || k.aliases().iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+    }
+}
+
+/// [`ScheduleKind::from_name`], or [`EngineError::InvalidRequest`] listing the valid names.
+pub fn parse_schedule(name: &str) -> Result<ScheduleKind> {
+    ScheduleKind::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
+        EngineError::InvalidRequest(format!(
+            "unknown schedule '{}'; choose one of: {}",
+            name.trim(),
+            names.join(", ")
+        ))
+    })
 }
 
 /// The discrete training schedule of a model: `alphas_cumprod[t]` for t in `0..num_train_timesteps`
@@ -154,13 +252,60 @@ impl NoiseSchedule {
         ((1.0 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
     }
 
-    /// The `steps + 1` sigmas of `kind`, descending, ending at 0. [`ScheduleKind::Automatic`]
-    /// means [`ScheduleKind::Uniform`] here; samplers with another default resolve it first.
+    /// The sigmas of `kind` for `steps` steps, descending, ending at 0: `steps + 1` values, except
+    /// that [`ScheduleKind::DdimUniform`] may give more steps, as A1111 and ComfyUI do.
+    /// [`ScheduleKind::Automatic`] means [`ScheduleKind::Uniform`] here; samplers resolve it first
+    /// (`Sampler::sigmas`).
     pub fn sigmas(&self, kind: ScheduleKind, steps: usize) -> Vec<f64> {
-        match kind {
-            ScheduleKind::Automatic | ScheduleKind::Uniform => self.uniform_sigmas(steps),
-            ScheduleKind::Karras => karras_sigmas(steps, self.sigma_min(), self.sigma_max(), 7.0),
-        }
+        let steps = steps.max(1);
+        let mut sigmas = match kind {
+            ScheduleKind::Automatic | ScheduleKind::Uniform | ScheduleKind::Normal => {
+                // Normal is linspace(t(sigma_max), t(sigma_min), n) = linspace(N-1, 0, n): the
+                // training sigmas' ends map to their exact timesteps.
+                return self.uniform_sigmas(steps);
+            }
+            ScheduleKind::Karras => {
+                return karras_sigmas(steps, self.sigma_min(), self.sigma_max(), 7.0)
+            }
+            ScheduleKind::Exponential => {
+                return exponential_sigmas(steps, self.sigma_min(), self.sigma_max())
+            }
+            ScheduleKind::SgmUniform => {
+                let t_max = (self.num_train_timesteps() - 1) as f64;
+                let mut t = linspace(t_max, 0.0, steps + 1);
+                t.pop();
+                t.into_iter()
+                    .map(|t| self.t_to_sigma(t))
+                    .collect::<Vec<_>>()
+            }
+            ScheduleKind::Simple => {
+                let n = self.num_train_timesteps();
+                let stride = n as f64 / steps as f64;
+                (0..steps)
+                    // Python's int() truncates; x * stride < n, so the index stays in range.
+                    .map(|x| self.sigmas[n - 1 - (x as f64 * stride) as usize])
+                    .collect()
+            }
+            ScheduleKind::DdimUniform => {
+                let n = self.num_train_timesteps();
+                let stride = (n / steps).max(1);
+                let mut s: Vec<f64> = (1..n).step_by(stride).map(|t| self.sigmas[t]).collect();
+                s.reverse();
+                s
+            }
+            ScheduleKind::Leading => self.spaced_sigmas(TimestepSpacing::Leading, steps),
+            ScheduleKind::Trailing => self.spaced_sigmas(TimestepSpacing::Trailing, steps),
+        };
+        sigmas.push(0.0);
+        sigmas
+    }
+
+    /// The training sigmas at diffusers' inference timesteps for `spacing` (no final 0).
+    fn spaced_sigmas(&self, spacing: TimestepSpacing, steps: usize) -> Vec<f64> {
+        self.timesteps_with(spacing, steps)
+            .into_iter()
+            .map(|t| self.sigmas[t])
+            .collect()
     }
 
     /// k-diffusion `get_sigmas(n)`: `t = linspace(N-1, 0, n)`, `t_to_sigma`, append 0.
@@ -177,9 +322,15 @@ impl NoiseSchedule {
     /// diffusers' inference timesteps for `steps` steps with the config's `timestep_spacing` and
     /// `steps_offset`, descending (`DDIMScheduler.set_timesteps`).
     pub fn discrete_timesteps(&self, steps: usize) -> Vec<usize> {
+        self.timesteps_with(self.spacing, steps)
+    }
+
+    /// diffusers' inference timesteps for `spacing` (with this config's `steps_offset` for
+    /// "leading"), descending.
+    pub fn timesteps_with(&self, spacing: TimestepSpacing, steps: usize) -> Vec<usize> {
         let n = self.num_train_timesteps();
         let steps = steps.clamp(1, n);
-        let mut t: Vec<usize> = match self.spacing {
+        let mut t: Vec<usize> = match spacing {
             TimestepSpacing::Leading => {
                 let ratio = n / steps;
                 (0..steps).map(|i| i * ratio + self.steps_offset).collect()
@@ -281,6 +432,16 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     }
 }
 
+/// k-diffusion `get_sigmas_exponential`: evenly spaced in log sigma from max to min, then 0.
+pub fn exponential_sigmas(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f64> {
+    let mut sigmas: Vec<f64> = linspace(sigma_max.ln(), sigma_min.ln(), steps)
+        .into_iter()
+        .map(f64::exp)
+        .collect();
+    sigmas.push(0.0);
+    sigmas
+}
+
 /// Karras et al. 2022, eq. 5: `(max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho`, then 0.
 pub fn karras_sigmas(steps: usize, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f64> {
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
@@ -349,14 +510,71 @@ mod tests {
     #[test]
     fn schedules_end_at_zero_and_descend() {
         let s = sd();
-        for kind in [ScheduleKind::Uniform, ScheduleKind::Karras] {
-            for steps in [1, 2, 20] {
+        for &kind in ScheduleKind::ALL {
+            for steps in [1, 2, 3, 7, 20, 150] {
                 let sig = s.sigmas(kind, steps);
-                assert_eq!(sig.len(), steps + 1);
+                // DDIM uniform takes every (1000 / steps)-th timestep from 1, which is more steps
+                // than asked when steps does not divide 1000 (167 for 150), as A1111 and
+                // ComfyUI do; every other schedule gives exactly steps.
+                if kind == ScheduleKind::DdimUniform {
+                    assert_eq!(sig.len(), 999usize.div_ceil(1000 / steps) + 1, "{steps}");
+                } else {
+                    assert_eq!(sig.len(), steps + 1, "{kind:?} {steps}");
+                }
                 assert_eq!(*sig.last().unwrap(), 0.0);
                 assert!(sig.windows(2).all(|w| w[0] > w[1]), "{kind:?} {sig:?}");
-                assert!((sig[0] - s.sigma_max()).abs() < 1e-9);
+                assert!(sig[0] <= s.sigma_max() * (1.0 + 1e-12), "{kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn names_round_trip_and_errors_list_the_choices() {
+        for &k in ScheduleKind::ALL {
+            assert_eq!(ScheduleKind::from_name(k.name()), Some(k));
+            assert_eq!(parse_schedule(&k.name().to_lowercase()).unwrap(), k);
+            if let Some(c) = k.comfy_name() {
+                assert_eq!(ScheduleKind::from_name(c), Some(k));
+            }
+        }
+        // A1111's label and internal name, ComfyUI's name.
+        assert_eq!(ScheduleKind::SgmUniform.name(), "SGM Uniform");
+        assert_eq!(
+            parse_schedule("SGMUniform").unwrap(),
+            ScheduleKind::SgmUniform
+        );
+        assert_eq!(
+            parse_schedule("sgm_uniform").unwrap(),
+            ScheduleKind::SgmUniform
+        );
+        assert_eq!(
+            parse_schedule("ddim_uniform").unwrap(),
+            ScheduleKind::DdimUniform
+        );
+        assert_eq!(parse_schedule(" KARRAS ").unwrap(), ScheduleKind::Karras);
+        assert_eq!(ScheduleKind::default(), ScheduleKind::Automatic);
+        match parse_schedule("beta") {
+            Err(EngineError::InvalidRequest(m)) => {
+                assert!(
+                    m.contains("Automatic, Uniform, Karras, Exponential, SGM Uniform"),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn normal_is_uniform_and_simple_counts_from_the_top() {
+        let s = sd();
+        assert_eq!(
+            s.sigmas(ScheduleKind::Normal, 9),
+            s.sigmas(ScheduleKind::Uniform, 9)
+        );
+        let simple = s.sigmas(ScheduleKind::Simple, 4);
+        let t = s.train_sigmas();
+        assert_eq!(simple, vec![t[999], t[749], t[499], t[249], 0.0]);
+        let ddim = s.sigmas(ScheduleKind::DdimUniform, 4);
+        assert_eq!(ddim, vec![t[751], t[501], t[251], t[1], 0.0]);
     }
 }

@@ -3,5 +3,6 @@
 mod models;
 mod noise;
 mod pipeline;
+mod samplers;
 mod sampling;
 mod text;

@@ -1,6 +1,7 @@
 //! ld-server: the local HTTP server (native API, later the A1111 and OpenAI compatible APIs), its
 //! localhost guard, the embedded web UI, and the `local-diffusers` command line.
 
+mod device;
 pub mod error;
 pub mod guard;
 mod handlers;
@@ -11,7 +12,7 @@ mod static_ui;
 
 pub use router::app;
 pub use serve::{bind, ServeOptions, Server};
-pub use state::AppState;
+pub use state::{AppState, StateOptions};
 
 /// The GPU back ends compiled into this binary.
 pub const BUILD: ld_core::hardware::BuildInfo = ld_core::hardware::BuildInfo {

@@ -35,6 +35,9 @@ enum Command {
         /// Key other computers must send (Authorization: Bearer KEY) when --host is not local.
         #[arg(long, env = "LOCAL_DIFFUSERS_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// A folder of models you already have (A1111, ComfyUI, diffusers folders); repeatable.
+        #[arg(long = "models-dir", value_name = "DIR")]
+        models_dirs: Vec<PathBuf>,
     },
     /// Print what this computer has for image generation (CPU, memory, GPU).
     Doctor,
@@ -70,7 +73,8 @@ fn run() -> anyhow::Result<()> {
             port,
             host,
             api_key,
-        } => serve(data, host, port, api_key),
+            models_dirs,
+        } => serve(data, host, port, api_key, models_dirs),
         Command::Doctor => {
             let report = ld_core::hardware::system_report(
                 &ld_core::hardware::NvmlProbe::default(),
@@ -90,6 +94,7 @@ fn serve(
     host: IpAddr,
     port: Option<u16>,
     api_key: Option<String>,
+    models_dirs: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("could not start the async runtime")?;
     rt.block_on(async move {
@@ -98,6 +103,7 @@ fn serve(
             port,
             api_key,
             data,
+            models_dirs,
         })
         .await?;
         // Tests and scripts read this line to find the address.

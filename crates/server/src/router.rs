@@ -3,13 +3,13 @@
 
 use crate::error::{ApiError, Code};
 use crate::guard::{localhost_guard, require_session};
-use crate::handlers::{health, settings, system};
+use crate::handlers::{a1111, health, images, jobs, models, openai, presets, settings, system};
 use crate::state::AppState;
 use crate::static_ui;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue};
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::Router;
 
 /// Strict: our own scripts and styles only, no inline code, no framing, no foreign connections.
@@ -17,18 +17,77 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
     style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; \
     object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
+/// Largest JSON body: prompts are capped far below this.
+const BODY_LIMIT: usize = 1024 * 1024;
+/// A PNG dropped on the window for its parameters.
+const INSPECT_LIMIT: usize = 64 * 1024 * 1024;
+
 pub fn app(state: AppState) -> Router {
+    // Changes only our own window may make: settings, deletions, presets, imports.
     let ui_only = Router::new()
         .route("/api/v1/settings", get(settings::get).put(settings::put))
+        .route("/api/v1/images/{id}", axum::routing::delete(images::delete))
+        .route("/api/v1/images/{id}/favourite", put(images::set_favourite))
+        .route("/api/v1/images/{id}/restore", post(images::restore))
+        .route("/api/v1/trash", axum::routing::delete(images::empty_trash))
+        .route("/api/v1/presets", post(presets::create))
+        .route("/api/v1/presets/import", post(presets::import))
+        .route(
+            "/api/v1/presets/{id}",
+            put(presets::update).delete(presets::delete),
+        )
         .route_layer(from_fn_with_state(state.clone(), require_session));
 
-    Router::new()
+    let native = Router::new()
         .route("/api/v1/health", get(health::get))
         .route("/api/v1/system", get(system::get))
+        .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/jobs/{id}/preview", get(jobs::preview))
+        .route("/api/v1/events", get(jobs::events))
+        .route("/api/v1/images", get(images::list))
+        .route("/api/v1/images/{id}", get(images::get))
+        .route("/api/v1/images/{id}/file", get(images::file))
+        .route("/api/v1/images/{id}/thumbnail", get(images::thumbnail))
+        .route(
+            "/api/v1/images/inspect",
+            post(images::inspect).layer(DefaultBodyLimit::max(INSPECT_LIMIT)),
+        )
+        .route("/api/v1/presets", get(presets::list))
+        .route("/api/v1/presets/{id}", get(presets::get))
+        .route("/api/v1/presets/{id}/export", get(presets::export))
+        .route("/api/v1/models", get(models::list))
+        .route("/api/v1/samplers", get(models::samplers))
+        .route("/api/v1/schedules", get(models::schedules));
+
+    let a1111 = Router::new()
+        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/progress", get(a1111::progress))
+        .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+        .route("/sdapi/v1/skip", post(a1111::skip))
+        .route("/sdapi/v1/sd-models", get(a1111::sd_models))
+        .route("/sdapi/v1/samplers", get(a1111::samplers))
+        .route("/sdapi/v1/schedulers", get(a1111::schedulers))
+        .route(
+            "/sdapi/v1/options",
+            get(a1111::get_options).post(a1111::set_options),
+        )
+        .route("/sdapi/v1/sd-vae", get(a1111::sd_vae))
+        .route("/sdapi/v1/loras", get(a1111::loras))
+        .route("/sdapi/v1/upscalers", get(a1111::upscalers))
+        .route("/sdapi/v1/embeddings", get(a1111::embeddings))
+        .route("/sdapi/v1/cmd-flags", get(a1111::cmd_flags))
+        .route("/v1/images/generations", post(openai::generations));
+
+    Router::new()
         .merge(ui_only)
+        .merge(native)
+        .merge(a1111)
         .route("/api/{*rest}", axum::routing::any(api_not_found))
+        .route("/sdapi/{*rest}", axum::routing::any(api_not_found))
         .fallback(static_ui::serve)
-        .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(from_fn_with_state(state.clone(), localhost_guard))
         // Outermost, so the guard's refusals carry the headers too.
         .layer(from_fn(security_headers))

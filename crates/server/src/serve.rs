@@ -21,6 +21,8 @@ pub struct ServeOptions {
     /// Required when `host` is not a loopback address.
     pub api_key: Option<String>,
     pub data: DataDir,
+    /// Extra model folders (`--models-dir`), used in place.
+    pub models_dirs: Vec<std::path::PathBuf>,
 }
 
 impl ServeOptions {
@@ -30,6 +32,7 @@ impl ServeOptions {
             port: None,
             api_key: None,
             data,
+            models_dirs: Vec::new(),
         }
     }
 }
@@ -72,7 +75,11 @@ pub async fn bind(opts: ServeOptions) -> anyhow::Result<Server> {
         }
     };
     let url = format!("http://{shown_host}:{port}/");
-    let state = AppState::new(opts.data, port, if loopback { None } else { api_key });
+    let state = AppState::open(crate::StateOptions {
+        api_key: if loopback { None } else { api_key },
+        models_dirs: opts.models_dirs,
+        ..crate::StateOptions::new(opts.data, port)
+    })?;
     Ok(Server {
         listener,
         state,

@@ -1,10 +1,43 @@
-//! What every handler shares: the data folder, the settings, the per-launch session token and the
-//! address rules the guard enforces.
+//! What every handler shares: the data folder, the settings, the generation service, the gallery,
+//! the presets, the per-launch session token and the address rules the guard enforces.
 
+use anyhow::Context;
+use ld_core::compose::{self, ComposeError, ComposedJob, GenerationInput};
 use ld_core::datadir::DataDir;
+use ld_core::gallery::Gallery;
 use ld_core::hardware::{GpuProbe, NvmlProbe};
+use ld_core::jobs::{JobService, ServiceConfig};
+use ld_core::models::ModelInfo;
+use ld_core::presets::{Preset, PresetStore};
 use ld_core::settings::Settings;
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+/// How the server state is built; [`StateOptions::new`] gives the defaults.
+pub struct StateOptions {
+    pub data: DataDir,
+    /// The port actually bound: the guard accepts only Host headers naming it.
+    pub port: u16,
+    pub api_key: Option<String>,
+    /// Model folders from the command line (`--models-dir`), on top of the settings' list.
+    pub models_dirs: Vec<PathBuf>,
+    pub gpu: Arc<dyn GpuProbe>,
+    /// Jobs that may wait in the queue.
+    pub queue_capacity: usize,
+}
+
+impl StateOptions {
+    pub fn new(data: DataDir, port: u16) -> Self {
+        Self {
+            data,
+            port,
+            api_key: None,
+            models_dirs: Vec::new(),
+            gpu: Arc::new(NvmlProbe::default()),
+            queue_capacity: 16,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -19,32 +52,63 @@ struct Inner {
     settings: RwLock<Settings>,
     settings_warning: Option<String>,
     gpu: Arc<dyn GpuProbe>,
+    models_dirs: Vec<PathBuf>,
+    jobs: JobService,
+    presets: Mutex<PresetStore>,
+    /// Problems found while starting (a rebuilt gallery index, broken preset files), shown in
+    /// Diagnostics.
+    startup_warnings: Vec<String>,
 }
 
 impl AppState {
-    /// `port` is the port actually bound: the guard accepts only Host headers naming it.
-    pub fn new(data: DataDir, port: u16, api_key: Option<String>) -> Self {
-        Self::with_probe(data, port, api_key, Arc::new(NvmlProbe::default()))
-    }
-
-    pub fn with_probe(
-        data: DataDir,
-        port: u16,
-        api_key: Option<String>,
-        gpu: Arc<dyn GpuProbe>,
-    ) -> Self {
-        let loaded = ld_core::settings::load(&data.settings_file());
-        Self {
+    /// Opens the gallery and presets and starts the generation worker.
+    pub fn open(opts: StateOptions) -> anyhow::Result<Self> {
+        let loaded = ld_core::settings::load(&opts.data.settings_file());
+        let mut warnings = Vec::new();
+        let (gallery, report) = Gallery::open(&opts.data.gallery(), &opts.data.gallery_index())
+            .with_context(|| {
+                format!(
+                    "the gallery in {} could not be opened",
+                    opts.data.gallery().display()
+                )
+            })?;
+        if report.added + report.removed > 0 {
+            tracing::info!(
+                added = report.added,
+                removed = report.removed,
+                "gallery index brought up to date with the folder"
+            );
+        }
+        warnings.extend(report.warnings.iter().cloned());
+        let presets = PresetStore::open(&opts.data.presets()).with_context(|| {
+            format!(
+                "the presets in {} could not be read",
+                opts.data.presets().display()
+            )
+        })?;
+        warnings.extend(presets.warnings().iter().cloned());
+        let jobs = JobService::new(
+            Arc::new(gallery),
+            ServiceConfig {
+                capacity: opts.queue_capacity,
+                load: crate::device::load_options(),
+            },
+        );
+        Ok(Self {
             inner: Arc::new(Inner {
                 session_token: new_token(),
-                data,
-                port,
-                api_key,
+                data: opts.data,
+                port: opts.port,
+                api_key: opts.api_key,
                 settings: RwLock::new(loaded.settings),
                 settings_warning: loaded.warning,
-                gpu,
+                gpu: opts.gpu,
+                models_dirs: opts.models_dirs,
+                jobs,
+                presets: Mutex::new(presets),
+                startup_warnings: warnings,
             }),
-        }
+        })
     }
 
     pub fn data(&self) -> &DataDir {
@@ -62,6 +126,18 @@ impl AppState {
     pub fn gpu(&self) -> Arc<dyn GpuProbe> {
         self.inner.gpu.clone()
     }
+    pub fn jobs(&self) -> &JobService {
+        &self.inner.jobs
+    }
+    pub fn gallery(&self) -> &Arc<Gallery> {
+        self.inner.jobs.gallery()
+    }
+    pub fn presets(&self) -> MutexGuard<'_, PresetStore> {
+        self.inner.presets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn startup_warnings(&self) -> &[String] {
+        &self.inner.startup_warnings
+    }
     pub fn settings(&self) -> Settings {
         self.inner
             .settings
@@ -78,6 +154,32 @@ impl AppState {
             .settings
             .write()
             .unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Every installed model: the data folder's, the command line's folders, the settings' folders.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let mut dirs = self.inner.models_dirs.clone();
+        dirs.extend(self.settings().models_dirs);
+        ld_core::models::scan(&self.inner.data.models(), &dirs)
+    }
+
+    /// The model new jobs use when they name none.
+    pub fn default_model(&self) -> Option<ModelInfo> {
+        let models = self.models();
+        compose::choose_model(None, &self.settings(), &models)
+            .ok()
+            .cloned()
+    }
+
+    pub fn all_presets(&self) -> Vec<Preset> {
+        self.presets().list()
+    }
+
+    /// Composes a request with the current settings, presets and models (blocking file reads:
+    /// call from `spawn_blocking` or accept the few milliseconds).
+    pub fn compose(&self, input: &GenerationInput) -> Result<ComposedJob, ComposeError> {
+        let models = self.models();
+        compose::compose(input, &self.settings(), &self.all_presets(), &models)
     }
 }
 

@@ -5,14 +5,18 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use ld_core::datadir::DataDir;
-use ld_server::{app, AppState};
+use ld_server::{app, AppState, StateOptions};
 use serde_json::Value;
 use tower::ServiceExt;
 
 const PORT: u16 = 7860;
 
 fn state(dir: &tempfile::TempDir) -> AppState {
-    AppState::new(DataDir::open(Some(dir.path())).unwrap(), PORT, None)
+    AppState::open(StateOptions::new(
+        DataDir::open(Some(dir.path())).unwrap(),
+        PORT,
+    ))
+    .unwrap()
 }
 
 fn get(path: &str) -> axum::http::request::Builder {
@@ -271,11 +275,11 @@ async fn unknown_api_route_and_traversal_get_json_404() {
 #[tokio::test]
 async fn api_key_mode_needs_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let s = AppState::new(
-        DataDir::open(Some(dir.path())).unwrap(),
-        PORT,
-        Some("s3cret".into()),
-    );
+    let s = AppState::open(StateOptions {
+        api_key: Some("s3cret".into()),
+        ..StateOptions::new(DataDir::open(Some(dir.path())).unwrap(), PORT)
+    })
+    .unwrap();
     let req = Request::builder()
         .uri("/api/v1/health")
         .header("host", "192.168.1.20:7860")

@@ -129,7 +129,9 @@ fn generate_writes_a_png_with_its_parameters() {
     let params = ld_core::image_file::read_parameters(&png).expect("parameters chunk");
     assert!(
         params.starts_with(
-            "a photo of a cat\nNegative prompt: blurry, lowres\nSteps: 3, Sampler: Euler"
+            // Issue 4: the default is DPM++ 2M with the Karras schedule.
+            "a photo of a cat\nNegative prompt: blurry, lowres\nSteps: 3, Sampler: DPM++ 2M, \
+             Schedule type: Karras"
         ),
         "{params}"
     );
@@ -145,15 +147,70 @@ fn generate_writes_a_png_with_its_parameters() {
 }
 
 #[test]
+fn generate_takes_fused_sampler_names_schedules_and_the_nv_source() {
+    // Issue 4: an old fused A1111 name sets sampler and schedule; --seed-source nv runs.
+    let dir = tempfile::tempdir().unwrap();
+    for (i, extra) in [
+        &["--sampler", "DPM++ 2M SDE Karras", "--seed-source", "nv"][..],
+        &["--sampler", "euler_ancestral", "--schedule", "sgm_uniform"][..],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out_file = dir.path().join(format!("{i}.png"));
+        let out = bin()
+            .args([
+                "generate", "a cat", "--steps", "2", "--width", "64", "--height", "64",
+            ])
+            .args(["--seed", "7", "--model"])
+            .arg(tiny_model())
+            .args(extra)
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let params = ld_core::image_file::read_parameters(&std::fs::read(&out_file).unwrap())
+            .expect("parameters chunk");
+        let sampler = if i == 0 { "DPM++ 2M SDE" } else { "Euler a" };
+        assert!(
+            params.contains(&format!("Sampler: {sampler}, ")),
+            "{params}"
+        );
+    }
+}
+
+#[test]
 fn generate_refuses_bad_input_clearly_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("x.png");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--width", "65"], "width must be a multiple of 8"),
         (&["--steps", "0"], "steps must be between 1 and"),
+        // Issue 4: unknown names list the valid ones.
         (
             &["--sampler", "Nope"],
-            "unknown sampler 'Nope'; choose one of: Euler, DDIM",
+            "unknown sampler 'Nope'; choose one of: DPM++ 2M, DPM++ SDE, DPM++ 2M SDE, \
+             DPM++ 2S a, DPM++ 3M SDE, Euler a, Euler, LMS, Heun, DPM2, DPM2 a, DDIM, UniPC, LCM",
+        ),
+        (
+            &["--sampler", "DPM++ 2M Nope"],
+            "unknown sampler 'DPM++ 2M Nope'",
+        ),
+        (
+            &["--schedule", "Nope"],
+            "unknown schedule 'Nope'; choose one of: Automatic, Uniform, Karras, Exponential, \
+             SGM Uniform, Simple, Normal, DDIM, Leading, Trailing",
+        ),
+        (
+            &["--seed-source", "gpu"],
+            "unknown seed source 'gpu'; choose cpu or nv",
         ),
         (&["--seed", "-5"], "seed must be -1"),
     ];

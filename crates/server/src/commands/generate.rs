@@ -5,10 +5,10 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ld_core::datadir::DataDir;
-use ld_core::infotext::Infotext;
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, Pipeline, Progress};
-use ld_engine::sampler::{Control, SamplerKind};
-use ld_engine::schedule::ScheduleKind;
+use ld_engine::rng::SeedSource;
+use ld_engine::sampler::{parse_sampler, Control, SamplerKind};
+use ld_engine::schedule::{parse_schedule, ScheduleKind};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -34,9 +34,19 @@ pub struct GenerateArgs {
     pub width: usize,
     #[arg(long, default_value_t = 512)]
     pub height: usize,
-    /// Sampler: Euler or DDIM (A1111 or ComfyUI names).
-    #[arg(long, default_value = "Euler")]
-    pub sampler: String,
+    /// Sampler, by A1111 or ComfyUI name ("DPM++ 2M", "Euler a", "dpmpp_2m"); old fused names
+    /// such as "DPM++ 2M Karras" also set the schedule. Default: DPM++ 2M.
+    #[arg(long, value_name = "NAME")]
+    pub sampler: Option<String>,
+    /// Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM,
+    /// Leading, Trailing. Default: Karras with the default sampler, otherwise the one a fused
+    /// --sampler name gives, otherwise Automatic (the sampler's own default, as in A1111).
+    #[arg(long, value_name = "NAME")]
+    pub schedule: Option<String>,
+    /// Where the noise comes from: cpu (PyTorch's CPU generator: A1111 "CPU", ComfyUI,
+    /// diffusers) or nv (A1111's "NV": what an NVIDIA GPU draws for the seed).
+    #[arg(long, value_name = "cpu|nv", default_value = "cpu")]
+    pub seed_source: String,
     /// A1111 "Clip skip": 1 uses the text encoder's last layer, 2 the one before.
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
@@ -49,12 +59,12 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
-    let sampler = SamplerKind::from_name(&args.sampler).with_context(|| {
-        let names: Vec<_> = SamplerKind::ALL.iter().map(|k| k.name()).collect();
+    let (sampler, schedule) =
+        sampler_and_schedule(args.sampler.as_deref(), args.schedule.as_deref())?;
+    let seed_source = SeedSource::from_name(&args.seed_source).with_context(|| {
         format!(
-            "unknown sampler '{}'; choose one of: {}",
-            args.sampler,
-            names.join(", ")
+            "unknown seed source '{}'; choose cpu or nv",
+            args.seed_source
         )
     })?;
     let seed = match args.seed {
@@ -70,8 +80,9 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         width: args.width,
         height: args.height,
         seed,
+        seed_source,
         sampler,
-        schedule: ScheduleKind::Automatic,
+        schedule,
         clip_skip: args.clip_skip,
     };
     // Cheap checks before the slow model load.
@@ -110,12 +121,14 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     pipeline.validate(&req)?;
     eprintln!("Loaded in {:.1}s. Seed {seed}.", t0.elapsed().as_secs_f64());
 
+    // Some schedules (DDIM uniform) walk a step more than asked; the bar follows the sampler.
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} step {pos}/{len}  {elapsed} elapsed, {eta} left")
             .expect("valid template"),
     );
     let mut observer = |p: &Progress<'_>| {
+        bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         Control::Continue
     };
@@ -126,20 +139,7 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         .model
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
-    let info = Infotext {
-        prompt: req.prompt.clone(),
-        negative_prompt: req.negative_prompt.clone(),
-        steps: req.steps as u32,
-        sampler: sampler.name().to_owned(),
-        schedule: Some("Automatic".to_owned()),
-        cfg_scale: req.cfg_scale,
-        seed,
-        width: req.width as u32,
-        height: req.height as u32,
-        model_hash: None,
-        model: model_name,
-        clip_skip: req.clip_skip as u32,
-    };
+    let info = ld_core::jobs::infotext_for(&req, model_name.as_deref().unwrap_or("model"));
     let png = ld_core::image_file::encode_png(
         &image.pixels,
         image.width as u32,
@@ -155,4 +155,52 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The sampler and schedule from `--sampler` and `--schedule`: an explicit `--schedule` wins over
+/// one a fused sampler name implies; with neither flag the app default is DPM++ 2M + Karras.
+fn sampler_and_schedule(
+    sampler: Option<&str>,
+    schedule: Option<&str>,
+) -> anyhow::Result<(SamplerKind, ScheduleKind)> {
+    let (kind, fused) = match sampler {
+        Some(name) => parse_sampler(name)?,
+        None => (SamplerKind::DpmPp2M, Some(ScheduleKind::Karras)),
+    };
+    let schedule = match schedule {
+        Some(name) => parse_schedule(name)?,
+        None => fused.unwrap_or(ScheduleKind::Automatic),
+    };
+    Ok((kind, schedule))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampler_and_schedule_defaults_and_precedence() {
+        let pick = |a, b| sampler_and_schedule(a, b).unwrap();
+        assert_eq!(
+            pick(None, None),
+            (SamplerKind::DpmPp2M, ScheduleKind::Karras)
+        );
+        assert_eq!(
+            pick(Some("Euler a"), None),
+            (SamplerKind::EulerA, ScheduleKind::Automatic)
+        );
+        assert_eq!(
+            pick(Some("DPM++ 2M SDE Karras"), None),
+            (SamplerKind::DpmPp2MSde, ScheduleKind::Karras)
+        );
+        assert_eq!(
+            pick(Some("dpmpp_2m"), Some("sgm_uniform")),
+            (SamplerKind::DpmPp2M, ScheduleKind::SgmUniform)
+        );
+        assert_eq!(
+            pick(Some("DPM++ 2M Karras"), Some("Exponential")),
+            (SamplerKind::DpmPp2M, ScheduleKind::Exponential)
+        );
+        assert!(sampler_and_schedule(None, Some("Nope")).is_err());
+    }
 }

@@ -1,0 +1,532 @@
+//! Turning what a caller asked for into what the engine runs, in one place for every entry point
+//! (our UI, the A1111 and OpenAI APIs, chat illustration): the preset first, then the caller's
+//! fields, then the prompt prefix, suffix and default negative prompt from the settings.
+
+use crate::models::{self, Family, ModelInfo};
+use crate::presets::Preset;
+use crate::settings::Settings;
+use ld_engine::pipeline::GenerateRequest;
+use ld_engine::rng::SeedSource;
+use ld_engine::sampler::{parse_sampler, SamplerKind};
+use ld_engine::schedule::{parse_schedule, ScheduleKind};
+use serde::Deserialize;
+
+/// Longest prompt we take (characters). Far above what the text encoder reads even with chunking;
+/// the cap keeps a runaway client from filling memory and the gallery index.
+pub const MAX_PROMPT_CHARS: usize = 10_000;
+/// Most images one job may ask for.
+pub const MAX_BATCH: usize = 8;
+
+/// A generation as any entry point asks for it; every field but the prompt may be left out.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationInput {
+    pub prompt: String,
+    /// `None`: the settings' default negative prompt.
+    pub negative_prompt: Option<String>,
+    /// A preset id ("portrait", or a user preset's id).
+    pub preset: Option<String>,
+    /// A model name from the library; `None`: the default model.
+    pub model: Option<String>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: Option<usize>,
+    pub cfg_scale: Option<f64>,
+    /// A1111, fused ("DPM++ 2M Karras") or ComfyUI sampler name.
+    pub sampler: Option<String>,
+    pub schedule: Option<String>,
+    /// -1 or absent: random.
+    pub seed: Option<i64>,
+    /// "cpu" (default) or "nv" (A1111's GPU-compatible noise).
+    pub seed_source: Option<String>,
+    pub batch_size: Option<usize>,
+    pub clip_skip: Option<usize>,
+    /// Leave out the settings' and the preset's prompt prefix and suffix (Voxta's
+    /// `IgnoreAffixes`): for callers that write the whole prompt themselves.
+    pub ignore_affixes: bool,
+}
+
+/// A request ready for the queue: the model and one engine request per image.
+#[derive(Debug, Clone)]
+pub struct ComposedJob {
+    pub model: ModelInfo,
+    /// One per image of the batch; seeds count up from the first, as in A1111.
+    pub images: Vec<GenerateRequest>,
+    pub preset: Option<String>,
+}
+
+/// Why a request cannot run; `message` and `hint` are for the user.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ComposeError {
+    pub kind: ComposeErrorKind,
+    pub message: String,
+    pub hint: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComposeErrorKind {
+    Invalid,
+    NoModel,
+    UnknownModel,
+    UnknownPreset,
+}
+
+fn invalid(message: impl Into<String>, hint: impl Into<String>) -> ComposeError {
+    ComposeError {
+        kind: ComposeErrorKind::Invalid,
+        message: message.into(),
+        hint: hint.into(),
+    }
+}
+
+/// Builds the job. `presets` is every preset the user can pick (built-in and their own).
+pub fn compose(
+    input: &GenerationInput,
+    settings: &Settings,
+    presets: &[Preset],
+    library: &[ModelInfo],
+) -> Result<ComposedJob, ComposeError> {
+    let preset = match input
+        .preset
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        None => None,
+        Some(id) => Some(
+            presets
+                .iter()
+                .find(|p| p.id.eq_ignore_ascii_case(id) || p.name.eq_ignore_ascii_case(id))
+                .ok_or_else(|| ComposeError {
+                    kind: ComposeErrorKind::UnknownPreset,
+                    message: format!("There is no preset called '{id}'."),
+                    hint: format!(
+                        "Choose one of: {}.",
+                        presets
+                            .iter()
+                            .map(|p| p.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })?,
+        ),
+    };
+    let model = choose_model(input.model.as_deref(), settings, library)?;
+
+    if input.prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(invalid(
+            format!("The prompt is longer than {MAX_PROMPT_CHARS} characters."),
+            "Shorten the prompt; the model only reads a few hundred words anyway.",
+        ));
+    }
+    if let Some(n) = &input.negative_prompt {
+        if n.chars().count() > MAX_PROMPT_CHARS {
+            return Err(invalid(
+                format!("The negative prompt is longer than {MAX_PROMPT_CHARS} characters."),
+                "Shorten the negative prompt.",
+            ));
+        }
+    }
+
+    let default_size = match model.family {
+        Family::Sdxl => 1024,
+        _ => 512,
+    };
+    let width = input
+        .width
+        .or(preset.and_then(|p| p.width))
+        .unwrap_or(default_size);
+    let height = input
+        .height
+        .or(preset.and_then(|p| p.height))
+        .unwrap_or(default_size);
+    let steps = input.steps.or(preset.and_then(|p| p.steps)).unwrap_or(20);
+    let cfg_scale = input
+        .cfg_scale
+        .or(preset.and_then(|p| p.cfg_scale))
+        .unwrap_or(7.0);
+
+    // A sampler the caller names wins together with the schedule its fused name implies; the
+    // preset's schedule only applies to the preset's own sampler.
+    let (sampler, fused_schedule) = match input.sampler.as_deref().filter(|s| !s.trim().is_empty())
+    {
+        Some(name) => sampler_of(name)?,
+        None => match preset.and_then(|p| p.sampler.as_deref()) {
+            Some(name) => sampler_of(name)?,
+            None => (SamplerKind::DpmPp2M, Some(ScheduleKind::Karras)),
+        },
+    };
+    let schedule = match input.schedule.as_deref().filter(|s| !s.trim().is_empty()) {
+        Some(name) => schedule_of(name)?,
+        None => match (
+            fused_schedule,
+            input.sampler.is_some(),
+            preset.and_then(|p| p.schedule.as_deref()),
+        ) {
+            (Some(s), _, _) => s,
+            (None, false, Some(name)) => schedule_of(name)?,
+            (None, _, _) => ScheduleKind::Automatic,
+        },
+    };
+    let seed_source = match input.seed_source.as_deref().filter(|s| !s.trim().is_empty()) {
+        None => SeedSource::default(),
+        Some(name) => SeedSource::from_name(name).ok_or_else(|| {
+            invalid(
+                format!("Unknown seed source '{name}'."),
+                "Use 'cpu' (the default, as ComfyUI and diffusers) or 'nv' (as A1111 on NVIDIA GPUs).",
+            )
+        })?,
+    };
+    let batch = input.batch_size.unwrap_or(1);
+    if !(1..=MAX_BATCH).contains(&batch) {
+        return Err(invalid(
+            format!("batch_size must be between 1 and {MAX_BATCH}, got {batch}."),
+            "Ask for fewer images at a time.",
+        ));
+    }
+    let first_seed = match input.seed {
+        None | Some(-1) => rand::random::<u32>() as u64,
+        Some(s) if s < 0 => {
+            return Err(invalid(
+                format!("seed must be -1 (random) or a number from 0 up, got {s}."),
+                "Use -1 for a new random picture each time.",
+            ))
+        }
+        Some(s) => s as u64,
+    };
+
+    let affixes = !input.ignore_affixes;
+    let prompt = join_parts([
+        if affixes {
+            settings.prompt_prefix.as_str()
+        } else {
+            ""
+        },
+        if affixes {
+            preset.map_or("", |p| p.prompt_prefix.as_str())
+        } else {
+            ""
+        },
+        input.prompt.as_str(),
+        if affixes {
+            preset.map_or("", |p| p.prompt_suffix.as_str())
+        } else {
+            ""
+        },
+        if affixes {
+            settings.prompt_suffix.as_str()
+        } else {
+            ""
+        },
+    ]);
+    let negative = join_parts([
+        input
+            .negative_prompt
+            .as_deref()
+            .unwrap_or(settings.negative_prompt.as_str()),
+        preset.map_or("", |p| p.negative_prompt.as_str()),
+    ]);
+
+    let base = GenerateRequest {
+        prompt,
+        negative_prompt: negative,
+        steps,
+        cfg_scale,
+        width,
+        height,
+        seed: first_seed,
+        sampler,
+        schedule,
+        clip_skip: input.clip_skip.unwrap_or(1),
+        seed_source,
+    };
+    base.validate().map_err(|e| {
+        invalid(
+            e.to_string()
+                .trim_start_matches("invalid request: ")
+                .to_owned()
+                + ".",
+            "Change the value and try again.",
+        )
+    })?;
+    let images = (0..batch as u64)
+        .map(|i| GenerateRequest {
+            seed: first_seed.wrapping_add(i),
+            ..base.clone()
+        })
+        .collect();
+    Ok(ComposedJob {
+        model: model.clone(),
+        images,
+        preset: preset.map(|p| p.id.clone()),
+    })
+}
+
+/// The model a request names, else the default from settings, else the first installed one.
+pub fn choose_model<'a>(
+    wanted: Option<&str>,
+    settings: &Settings,
+    library: &'a [ModelInfo],
+) -> Result<&'a ModelInfo, ComposeError> {
+    if library.is_empty() {
+        return Err(ComposeError {
+            kind: ComposeErrorKind::NoModel,
+            message: "No model is installed yet.".into(),
+            hint: "Open Models and install one, or add a folder that holds your models.".into(),
+        });
+    }
+    let explicit = wanted.map(str::trim).filter(|w| !w.is_empty());
+    if let Some(name) = explicit {
+        return models::find(library, name).ok_or_else(|| ComposeError {
+            kind: ComposeErrorKind::UnknownModel,
+            message: format!("There is no model called '{name}'."),
+            hint: format!(
+                "Installed models: {}.",
+                library
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    Ok(settings
+        .default_model
+        .as_deref()
+        .and_then(|d| models::find(library, d))
+        .unwrap_or(&library[0]))
+}
+
+fn sampler_of(name: &str) -> Result<(SamplerKind, Option<ScheduleKind>), ComposeError> {
+    parse_sampler(name).map_err(|e| invalid(plain(e), "Pick a sampler from the list."))
+}
+
+fn schedule_of(name: &str) -> Result<ScheduleKind, ComposeError> {
+    parse_schedule(name).map_err(|e| invalid(plain(e), "Pick a schedule from the list."))
+}
+
+fn plain(e: ld_engine::EngineError) -> String {
+    e.to_string()
+        .trim_start_matches("invalid request: ")
+        .to_owned()
+}
+
+/// Joins the non-empty parts with ", ", the way A1111 users write prompt fragments.
+fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    parts
+        .into_iter()
+        .map(|p| p.trim().trim_matches(',').trim())
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn library() -> Vec<ModelInfo> {
+        ["alpha", "beta"]
+            .iter()
+            .map(|n| ModelInfo {
+                name: (*n).to_owned(),
+                family: Family::Sd1,
+                path: PathBuf::from(n),
+                size_bytes: 1,
+                format: "diffusers",
+                managed: true,
+            })
+            .collect()
+    }
+
+    fn preset() -> Preset {
+        Preset {
+            id: "portrait".into(),
+            name: "Portrait".into(),
+            description: String::new(),
+            builtin: true,
+            width: Some(512),
+            height: Some(768),
+            steps: Some(30),
+            cfg_scale: Some(6.0),
+            sampler: Some("Euler a".into()),
+            schedule: Some("Karras".into()),
+            prompt_prefix: "portrait photo".into(),
+            prompt_suffix: "soft light".into(),
+            negative_prompt: "extra fingers".into(),
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            prompt_prefix: "masterpiece,".into(),
+            prompt_suffix: "".into(),
+            negative_prompt: "lowres".into(),
+            ..Settings::default()
+        }
+    }
+
+    fn input(prompt: &str) -> GenerationInput {
+        GenerationInput {
+            prompt: prompt.into(),
+            seed: Some(7),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_dpmpp_2m_karras_on_the_first_model() {
+        let job = compose(&input("a cat"), &Settings::default(), &[], &library()).unwrap();
+        let r = &job.images[0];
+        assert_eq!(
+            (r.sampler, r.schedule),
+            (SamplerKind::DpmPp2M, ScheduleKind::Karras)
+        );
+        assert_eq!(
+            (r.width, r.height, r.steps, r.cfg_scale),
+            (512, 512, 20, 7.0)
+        );
+        assert_eq!(job.model.name, "alpha");
+        assert_eq!(r.negative_prompt, Settings::default().negative_prompt);
+    }
+
+    #[test]
+    fn preset_then_fields_then_affixes() {
+        let mut i = input("a knight");
+        i.preset = Some("Portrait".into());
+        i.steps = Some(12);
+        i.negative_prompt = Some("blurry".into());
+        let job = compose(&i, &settings(), &[preset()], &library()).unwrap();
+        let r = &job.images[0];
+        assert_eq!(
+            (r.width, r.height, r.steps, r.cfg_scale),
+            (512, 768, 12, 6.0)
+        );
+        assert_eq!(
+            r.prompt,
+            "masterpiece, portrait photo, a knight, soft light"
+        );
+        assert_eq!(r.negative_prompt, "blurry, extra fingers");
+        assert_eq!(r.sampler, SamplerKind::EulerA);
+        assert_eq!(r.schedule, ScheduleKind::Karras);
+        assert_eq!(job.preset.as_deref(), Some("portrait"));
+
+        i.ignore_affixes = true;
+        let job = compose(&i, &settings(), &[preset()], &library()).unwrap();
+        assert_eq!(job.images[0].prompt, "a knight");
+    }
+
+    #[test]
+    fn a_fused_sampler_name_brings_its_schedule_and_an_explicit_schedule_wins() {
+        let mut i = input("x");
+        i.sampler = Some("DPM++ 2M Karras".into());
+        let r = &compose(&i, &settings(), &[], &library()).unwrap().images[0];
+        assert_eq!(
+            (r.sampler, r.schedule),
+            (SamplerKind::DpmPp2M, ScheduleKind::Karras)
+        );
+        i.sampler = Some("Euler".into());
+        let r = &compose(&i, &settings(), &[preset()], &library())
+            .unwrap()
+            .images[0];
+        assert_eq!(
+            r.schedule,
+            ScheduleKind::Automatic,
+            "a bare sampler means its own schedule"
+        );
+        i.schedule = Some("exponential".into());
+        let r = &compose(&i, &settings(), &[], &library()).unwrap().images[0];
+        assert_eq!(r.schedule, ScheduleKind::Exponential);
+    }
+
+    #[test]
+    fn batches_count_seeds_up_and_random_seeds_are_u32() {
+        let mut i = input("x");
+        i.batch_size = Some(3);
+        let seeds: Vec<u64> = compose(&i, &settings(), &[], &library())
+            .unwrap()
+            .images
+            .iter()
+            .map(|r| r.seed)
+            .collect();
+        assert_eq!(seeds, [7, 8, 9]);
+        i.seed = Some(-1);
+        let r = &compose(&i, &settings(), &[], &library()).unwrap().images[0];
+        assert!(r.seed <= u32::MAX as u64);
+    }
+
+    #[test]
+    fn models_are_chosen_by_name_default_or_first_and_errors_list_them() {
+        let mut s = settings();
+        s.default_model = Some("beta".into());
+        assert_eq!(
+            compose(&input("x"), &s, &[], &library())
+                .unwrap()
+                .model
+                .name,
+            "beta"
+        );
+        let mut i = input("x");
+        i.model = Some("ALPHA".into());
+        assert_eq!(
+            compose(&i, &s, &[], &library()).unwrap().model.name,
+            "alpha"
+        );
+        i.model = Some("gamma".into());
+        let e = compose(&i, &s, &[], &library()).unwrap_err();
+        assert_eq!(e.kind, ComposeErrorKind::UnknownModel);
+        assert!(e.hint.contains("alpha, beta"), "{}", e.hint);
+        let e = compose(&input("x"), &s, &[], &[]).unwrap_err();
+        assert_eq!(e.kind, ComposeErrorKind::NoModel);
+    }
+
+    #[test]
+    fn limits() {
+        let bad = [
+            GenerationInput {
+                batch_size: Some(0),
+                ..input("x")
+            },
+            GenerationInput {
+                batch_size: Some(9),
+                ..input("x")
+            },
+            GenerationInput {
+                width: Some(513),
+                ..input("x")
+            },
+            GenerationInput {
+                steps: Some(151),
+                ..input("x")
+            },
+            GenerationInput {
+                seed: Some(-2),
+                ..input("x")
+            },
+            GenerationInput {
+                seed_source: Some("gpu".into()),
+                ..input("x")
+            },
+            input(&"x".repeat(MAX_PROMPT_CHARS + 1)),
+        ];
+        for i in bad {
+            let e = compose(&i, &settings(), &[], &library()).unwrap_err();
+            assert_eq!(e.kind, ComposeErrorKind::Invalid, "{i:?}");
+            assert!(!e.message.is_empty() && !e.hint.is_empty());
+        }
+        let e = compose(
+            &GenerationInput {
+                preset: Some("nope".into()),
+                ..input("x")
+            },
+            &settings(),
+            &[preset()],
+            &library(),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ComposeErrorKind::UnknownPreset);
+        assert!(e.hint.contains("portrait"));
+    }
+}

@@ -1,0 +1,185 @@
+//! The installed-model library as the service sees it: diffusers model folders found in the data
+//! folder's `models/` and in the folders the user added, each with a stable name and its family.
+//! (Single-file checkpoints, the catalog and downloads build on this in the models issue.)
+
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Model families; the UI and the A1111 API show these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Family {
+    #[serde(rename = "SD1")]
+    Sd1,
+    #[serde(rename = "SD2")]
+    Sd2,
+    #[serde(rename = "SDXL")]
+    Sdxl,
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl Family {
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::Sd1 => "SD1",
+            Family::Sd2 => "SD2",
+            Family::Sdxl => "SDXL",
+            Family::Unknown => "unknown",
+        }
+    }
+}
+
+/// One installed model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// What users and chat apps pick the model by: the folder name, made unique.
+    pub name: String,
+    pub family: Family,
+    pub path: PathBuf,
+    /// Bytes on disk of its weight files.
+    pub size_bytes: u64,
+    /// "diffusers" for a model folder (the only kind this version loads).
+    pub format: &'static str,
+    /// Whether it lives in our data folder (so we may delete it) or in a folder the user added.
+    pub managed: bool,
+}
+
+/// Every model under `roots`: a root that is itself a model folder, or model folders one level
+/// below it. Sorted by name; names made unique with a " (2)" suffix in root order.
+pub fn scan(managed_root: &Path, user_roots: &[PathBuf]) -> Vec<ModelInfo> {
+    let mut found = Vec::new();
+    let roots = std::iter::once((managed_root, true))
+        .chain(user_roots.iter().map(|r| (r.as_path(), false)));
+    for (root, managed) in roots {
+        if is_model_folder(root) {
+            found.push(describe(root, managed));
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(root) else {
+            continue;
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| is_model_folder(p))
+            .collect();
+        dirs.sort();
+        found.extend(dirs.iter().map(|d| describe(d, managed)));
+    }
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for m in &mut found {
+        let n = seen.entry(m.name.to_lowercase()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            m.name = format!("{} ({})", m.name, n);
+        }
+    }
+    found.sort_by_key(|m| m.name.to_lowercase());
+    found
+}
+
+/// Finds a model by name (case-insensitive) or by the A1111 title we show ("name [hash]" style
+/// titles are matched on the part before " [").
+pub fn find<'a>(models: &'a [ModelInfo], wanted: &str) -> Option<&'a ModelInfo> {
+    let wanted = wanted.trim();
+    let bare = wanted.split(" [").next().unwrap_or(wanted).trim();
+    models
+        .iter()
+        .find(|m| m.name.eq_ignore_ascii_case(wanted))
+        .or_else(|| models.iter().find(|m| m.name.eq_ignore_ascii_case(bare)))
+}
+
+fn is_model_folder(p: &Path) -> bool {
+    p.join("model_index.json").is_file() && p.join("unet").is_dir()
+}
+
+fn describe(dir: &Path, managed: bool) -> ModelInfo {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_owned());
+    ModelInfo {
+        name,
+        family: family_of(dir),
+        path: dir.to_path_buf(),
+        size_bytes: folder_size(dir, 3),
+        format: "diffusers",
+        managed,
+    }
+}
+
+/// SDXL by its pipeline class; SD1 and SD2 by their text encoders (OpenAI CLIP uses quick_gelu,
+/// SD2's OpenCLIP plain gelu), which holds for tiny test models too, where sizes say nothing.
+fn family_of(dir: &Path) -> Family {
+    let json = |rel: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(rel)).ok()?).ok()
+    };
+    let class = json("model_index.json")
+        .and_then(|v| v.get("_class_name")?.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if class.contains("XL") {
+        return Family::Sdxl;
+    }
+    match json("text_encoder/config.json")
+        .and_then(|v| v.get("hidden_act")?.as_str().map(str::to_owned))
+        .as_deref()
+    {
+        Some("quick_gelu") => Family::Sd1,
+        Some("gelu") => Family::Sd2,
+        _ => Family::Unknown,
+    }
+}
+
+fn folder_size(dir: &Path, depth: usize) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() && depth > 0 => folder_size(&e.path(), depth - 1),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/tiny")
+            .join(name)
+    }
+
+    #[test]
+    fn finds_the_tiny_models_with_their_families() {
+        let t = tempfile::tempdir().unwrap();
+        let models = scan(
+            t.path(),
+            &[tiny("sd1"), tiny("sd2").parent().unwrap().to_path_buf()],
+        );
+        let names: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.family)).collect();
+        // sd1 is found twice (as a root and inside models/tiny): the second gets a suffix.
+        assert_eq!(
+            names,
+            [
+                ("sd1", Family::Sd1),
+                ("sd1 (2)", Family::Sd1),
+                ("sd2", Family::Sd2)
+            ]
+        );
+        assert!(models.iter().all(|m| !m.managed && m.size_bytes > 10_000));
+    }
+
+    #[test]
+    fn find_matches_names_and_a1111_titles() {
+        let models = scan(&tiny("sd1"), &[]);
+        assert_eq!(find(&models, "SD1").unwrap().name, "sd1");
+        assert_eq!(find(&models, "sd1 [abcdef0123]").unwrap().name, "sd1");
+        assert!(find(&models, "other").is_none());
+        assert!(models[0].managed);
+    }
+}

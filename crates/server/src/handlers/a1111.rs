@@ -1,0 +1,453 @@
+//! The parts of the AUTOMATIC1111 web UI's API (`/sdapi/v1/...`) that chat apps use (SillyTavern,
+//! Open WebUI, Voxta), so they connect to us with their A1111 setting and nothing else. Field
+//! defaults and answer shapes follow A1111; requests go through the same composer and queue as
+//! our own UI.
+
+use crate::error::{ApiError, Code};
+use crate::handlers::jobs::{submit, wait_for};
+use crate::state::AppState;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Query, State};
+use axum::Json;
+use base64::Engine as _;
+use ld_core::compose::GenerationInput;
+use ld_core::jobs::{JobInfo, JobState};
+use ld_engine::sampler::SamplerKind;
+use ld_engine::schedule::ScheduleKind;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// A1111's `StableDiffusionTxt2ImgProcessingAPI` fields we act on, with its defaults. Anything
+/// else a client sends is accepted and echoed back (A1111 does the same).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Txt2Img {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: i64,
+    pub sampler_name: Option<String>,
+    pub sampler_index: Option<String>,
+    pub scheduler: Option<String>,
+    pub batch_size: usize,
+    pub n_iter: usize,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub override_settings: Map<String, Value>,
+    /// Some clients (SillyTavern) send clip skip here as well as in override_settings.
+    pub clip_skip: Option<usize>,
+    pub send_images: bool,
+    pub save_images: bool,
+}
+
+impl Default for Txt2Img {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: -1,
+            sampler_name: None,
+            sampler_index: None,
+            scheduler: None,
+            batch_size: 1,
+            n_iter: 1,
+            steps: 50,
+            cfg_scale: 7.0,
+            width: 512,
+            height: 512,
+            override_settings: Map::new(),
+            clip_skip: None,
+            send_images: true,
+            save_images: false,
+        }
+    }
+}
+
+impl Txt2Img {
+    /// The request in our terms. A1111 floors sizes to multiples of 8; so do we, so a chat app's
+    /// 500x700 works here as it does there.
+    pub fn to_input(&self) -> GenerationInput {
+        let setting = |key: &str| self.override_settings.get(key);
+        let clip_skip = setting("CLIP_stop_at_last_layers")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .or(self.clip_skip);
+        let model = setting("sd_model_checkpoint")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let sampler = self
+            .sampler_name
+            .clone()
+            .or_else(|| self.sampler_index.clone())
+            .filter(|s| !s.trim().is_empty())
+            // A1111 draws with Euler when the request names no sampler.
+            .unwrap_or_else(|| "Euler".to_owned());
+        GenerationInput {
+            prompt: self.prompt.clone(),
+            negative_prompt: (!self.negative_prompt.trim().is_empty())
+                .then(|| self.negative_prompt.clone()),
+            model,
+            width: Some(self.width / 8 * 8),
+            height: Some(self.height / 8 * 8),
+            steps: Some(self.steps),
+            cfg_scale: Some(self.cfg_scale),
+            sampler: Some(sampler),
+            schedule: self
+                .scheduler
+                .clone()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| schedule_from_a1111(&s)),
+            seed: Some(self.seed),
+            batch_size: Some(self.batch_size.max(1) * self.n_iter.max(1)),
+            clip_skip,
+            ..Default::default()
+        }
+    }
+}
+
+/// A1111 schedule ids ("karras", "sgm_uniform", "automatic") and labels ("SGM Uniform") both
+/// work; ids without a match are passed on for the composer's error to list the valid ones.
+fn schedule_from_a1111(name: &str) -> String {
+    let wanted = name.trim();
+    ScheduleKind::ALL
+        .iter()
+        .find(|k| a1111_schedule_id(**k).eq_ignore_ascii_case(wanted))
+        .map(|k| k.name().to_owned())
+        .unwrap_or_else(|| wanted.to_owned())
+}
+
+/// A1111's internal schedule name: its label in lower case with underscores ("sgm_uniform").
+fn a1111_schedule_id(k: ScheduleKind) -> String {
+    match k {
+        ScheduleKind::DdimUniform => "ddim".to_owned(),
+        other => other.name().to_ascii_lowercase().replace(' ', "_"),
+    }
+}
+
+pub async fn txt2img(
+    State(state): State<AppState>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(raw) = body.map_err(|e| {
+        ApiError::bad_json(
+            &e,
+            "Send the txt2img fields as a JSON object, as A1111 expects.",
+        )
+    })?;
+    let req: Txt2Img = serde_json::from_value(raw.clone()).map_err(|e| {
+        ApiError::new(
+            Code::InvalidRequest,
+            format!("A txt2img field has the wrong type: {e}"),
+            "Check the request against the A1111 API: numbers as numbers, text as text.",
+        )
+    })?;
+    let job = submit(&state, req.to_input()).await?;
+    let done = wait_for(&state, &job.id).await?;
+    if done.state == JobState::Failed {
+        let err = done.error.as_ref().expect("a failed job has its error");
+        return Err(ApiError::from_job(err));
+    }
+    let images = if req.send_images {
+        read_images(&state, &done).await?
+    } else {
+        Vec::new()
+    };
+    // Echo the request with A1111's defaults filled in, keeping fields we do not use.
+    let mut parameters = serde_json::to_value(&req).unwrap_or_default();
+    if let (Some(p), Value::Object(orig)) = (parameters.as_object_mut(), raw) {
+        for (k, v) in orig {
+            p.entry(k).or_insert(v);
+        }
+    }
+    Ok(Json(json!({
+        "images": images,
+        "parameters": parameters,
+        "info": info_json(&done).to_string(),
+    })))
+}
+
+/// The job's PNG files as base64, in order.
+async fn read_images(state: &AppState, job: &JobInfo) -> Result<Vec<String>, ApiError> {
+    let paths: Vec<_> = job
+        .images
+        .iter()
+        .map(|r| state.gallery().file_path(r))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        paths
+            .iter()
+            .map(|p| {
+                std::fs::read(p)
+                    .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+                    .map_err(|e| ApiError::internal(format!("reading {}: {e}", p.display())))
+            })
+            .collect()
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// A1111's `info`: the settings used and one infotext per image.
+fn info_json(job: &JobInfo) -> Value {
+    let seeds: Vec<u64> = if job.images.is_empty() {
+        vec![job.seed]
+    } else {
+        job.images
+            .iter()
+            .map(|r| r.seed.unwrap_or(job.seed))
+            .collect()
+    };
+    let n = seeds.len();
+    let infotexts: Vec<&str> = job.images.iter().map(|r| r.parameters.as_str()).collect();
+    json!({
+        "prompt": job.prompt,
+        "all_prompts": vec![&job.prompt; n],
+        "negative_prompt": job.negative_prompt,
+        "all_negative_prompts": vec![&job.negative_prompt; n],
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": seeds[0],
+        "all_subseeds": seeds,
+        "subseed_strength": 0,
+        "width": job.width,
+        "height": job.height,
+        "sampler_name": job.sampler,
+        "scheduler": job.schedule,
+        "cfg_scale": job.cfg_scale,
+        "steps": job.steps,
+        "batch_size": job.batch,
+        "restore_faces": false,
+        "sd_model_name": job.model,
+        "sd_model_hash": Value::Null,
+        "sd_vae_name": Value::Null,
+        "sd_vae_hash": Value::Null,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": Value::Null,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": timestamp(job.created_at),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": false,
+        "version": concat!("Local Diffusers ", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+/// A1111's job timestamp, `YYYYmmddHHMMSS` in UTC.
+fn timestamp(unix_ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix_ms / 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(time::macros::format_description!(
+        "[year][month][day][hour][minute][second]"
+    ))
+    .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+pub struct ProgressQuery {
+    #[serde(default)]
+    skip_current_image: bool,
+}
+
+pub async fn progress(
+    State(state): State<AppState>,
+    Query(q): Query<ProgressQuery>,
+) -> Json<Value> {
+    let jobs = state.jobs();
+    let count = jobs.active_count();
+    let Some(job) = jobs.current() else {
+        return Json(json!({
+            "progress": 0.0,
+            "eta_relative": 0.0,
+            "state": {
+                "skipped": false, "interrupted": false, "job": "", "job_count": count,
+                "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+            },
+            "current_image": Value::Null,
+            "textinfo": Value::Null,
+        }));
+    };
+    let image = if q.skip_current_image {
+        None
+    } else {
+        jobs.preview(&job.id)
+            .map(|png| base64::engine::general_purpose::STANDARD.encode(png.as_slice()))
+    };
+    Json(json!({
+        "progress": job.progress,
+        "eta_relative": job.eta_ms.map_or(0.0, |ms| ms as f64 / 1000.0),
+        "state": {
+            "skipped": false,
+            "interrupted": false,
+            "job": job.id,
+            "job_count": count,
+            "job_timestamp": timestamp(job.created_at),
+            "job_no": job.image,
+            "sampling_step": job.step,
+            "sampling_steps": job.steps,
+        },
+        "current_image": image,
+        "textinfo": Value::Null,
+    }))
+}
+
+pub async fn interrupt(State(state): State<AppState>) -> Json<Value> {
+    state.jobs().interrupt();
+    Json(json!({}))
+}
+
+pub async fn skip(State(state): State<AppState>) -> Json<Value> {
+    state.jobs().skip();
+    Json(json!({}))
+}
+
+pub async fn sd_models(State(state): State<AppState>) -> Json<Value> {
+    let models = tokio::task::spawn_blocking(move || state.models())
+        .await
+        .unwrap_or_default();
+    Json(Value::Array(
+        models
+            .iter()
+            .map(|m| {
+                json!({
+                    "title": m.name,
+                    "model_name": m.name,
+                    "hash": Value::Null,
+                    "sha256": Value::Null,
+                    "filename": m.path.display().to_string(),
+                    "config": Value::Null,
+                })
+            })
+            .collect(),
+    ))
+}
+
+pub async fn samplers() -> Json<Value> {
+    Json(Value::Array(
+        SamplerKind::ALL
+            .iter()
+            .map(|k| json!({"name": k.name(), "aliases": k.aliases(), "options": {}}))
+            .collect(),
+    ))
+}
+
+pub async fn schedulers() -> Json<Value> {
+    Json(Value::Array(
+        ScheduleKind::ALL
+            .iter()
+            .map(|k| {
+                json!({
+                    "name": a1111_schedule_id(*k),
+                    "label": k.name(),
+                    "aliases": k.aliases(),
+                    "default_rho": if *k == ScheduleKind::Karras { json!(7.0) } else { json!(-1) },
+                    "need_inner_model": false,
+                })
+            })
+            .collect(),
+    ))
+}
+
+pub async fn get_options(State(state): State<AppState>) -> Json<Value> {
+    let model = tokio::task::spawn_blocking(move || state.default_model())
+        .await
+        .ok()
+        .flatten();
+    Json(json!({
+        "sd_model_checkpoint": model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+        "sd_checkpoint_hash": Value::Null,
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+        "samples_save": true,
+        "eta_noise_seed_delta": 0,
+        "randn_source": "CPU",
+    }))
+}
+
+/// Saves the options we understand; `sd_model_checkpoint` switches the default model, as
+/// SillyTavern and Open WebUI expect. Others are accepted and ignored (logged).
+pub async fn set_options(
+    State(state): State<AppState>,
+    body: Result<Json<Map<String, Value>>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(options) = body.map_err(|e| {
+        ApiError::bad_json(&e, "Send the options as a JSON object, as A1111 expects.")
+    })?;
+    for key in options.keys().filter(|k| *k != "sd_model_checkpoint") {
+        tracing::debug!(key, "A1111 option not used by Local Diffusers");
+    }
+    if let Some(wanted) = options.get("sd_model_checkpoint").and_then(Value::as_str) {
+        let s = state.clone();
+        let wanted = wanted.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            let models = s.models();
+            let model = ld_core::models::find(&models, &wanted).ok_or_else(|| {
+                ApiError::new(
+                    Code::ModelMissing,
+                    format!("There is no model called '{wanted}'."),
+                    format!(
+                        "Installed models: {}.",
+                        models
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            let mut settings = s.settings();
+            settings.default_model = Some(model.name.clone());
+            ld_core::settings::save(&s.data().settings_file(), &settings).map_err(|e| {
+                ApiError::new(
+                    Code::Internal,
+                    e.to_string(),
+                    "Check that the disk is not full and the data folder is writable.",
+                )
+            })?;
+            s.set_settings(settings);
+            Ok(())
+        })
+        .await
+        .map_err(ApiError::internal)??;
+    }
+    Ok(Json(Value::Null))
+}
+
+pub async fn sd_vae() -> Json<Value> {
+    Json(json!([]))
+}
+
+pub async fn loras() -> Json<Value> {
+    Json(json!([]))
+}
+
+pub async fn upscalers() -> Json<Value> {
+    Json(
+        json!([{"name": "None", "model_name": Value::Null, "model_path": Value::Null,
+                 "model_url": Value::Null, "scale": 1}]),
+    )
+}
+
+pub async fn embeddings() -> Json<Value> {
+    Json(json!({"loaded": {}, "skipped": {}}))
+}
+
+/// Flags as A1111 reports them; never paths or keys.
+pub async fn cmd_flags(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "api": true,
+        "nowebui": false,
+        "listen": state.api_key().is_some(),
+        "port": state.port(),
+        "api_auth": Value::Null,
+        "lowvram": false,
+        "medvram": false,
+        "no_half": false,
+        "precision": "autocast",
+        "xformers": false,
+    }))
+}
