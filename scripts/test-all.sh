@@ -33,11 +33,11 @@ fi
 step "Build the app binaries"
 cargo build --locked -p ld-server -p local-diffusers-desktop
 
-step "Browser test: the real server's UI in Chromium"
+step "Browser tests: the real server's UI in Chromium, with the tiny test models"
 mkdir -p tests/out
 data=$(mktemp -d)
 out=$(mktemp)
-./target/debug/local-diffusers serve --port 0 --data-dir "$data" >"$out" 2>"$out.err" &
+./target/debug/local-diffusers serve --port 0 --data-dir "$data" --models-dir models/tiny >"$out" 2>"$out.err" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 url=""
@@ -47,7 +47,7 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 [ -n "$url" ] || { echo "server did not start:"; cat "$out.err"; exit 1; }
-LD_URL="${url%/}" node --test --test-concurrency=1 tests/browser/diagnostics.test.mjs
+LD_URL="${url%/}" node --test --test-concurrency=1 tests/browser/*.test.mjs
 kill $server; trap - EXIT
 
 step "Desktop smoke test under Xvfb"

@@ -1,7 +1,9 @@
 // A stand-in for `local-diffusers serve`, for working on the UI and its browser tests without the
 // Rust server. It serves ui/dist the way ld-server does (session token injected into index.html,
 // the same strict Content Security Policy) and answers the few API routes the UI uses so far with
-// this machine's real facts.
+// this machine's real facts, plus an in-memory stand-in for generation (jobs that "draw" a
+// plain-coloured PNG with A1111-style parameters in a few steps), the gallery, presets, models
+// and settings, so every page can be worked on. The real server is what the tests prove.
 //
 // Run:  node tests/browser/mock-server.mjs [--port 7861] [--gpu]
 //   --gpu (or MOCK_GPU=1) pretends an NVIDIA card is present, to see that side of the UI.
@@ -9,6 +11,7 @@
 // The browser test starts it by itself when LD_URL is not set.
 
 import { randomBytes } from 'node:crypto';
+import { deflateSync, crc32 } from 'node:zlib';
 import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
@@ -121,6 +124,449 @@ function apiError(res, status, code, message, hint) {
   sendJson(res, status, { code, message, hint });
 }
 
+// ---- PNG with a parameters chunk (what the real gallery writes) ----
+
+function chunk(type, data) {
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(data.length);
+  const body = Buffer.concat([Buffer.from(type, 'latin1'), data]);
+  const crc = Buffer.alloc(4);
+  crc.writeUInt32BE(crc32(body) >>> 0);
+  return Buffer.concat([len, body, crc]);
+}
+
+export function makePng(width, height, rgb, parameters) {
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr[8] = 8; // bit depth
+  ihdr[9] = 2; // RGB
+  const row = Buffer.alloc(1 + width * 3);
+  for (let x = 0; x < width; x++) row.set(rgb, 1 + x * 3);
+  const raw = Buffer.concat(Array.from({ length: height }, () => row));
+  const parts = [Buffer.from([137, 80, 78, 71, 13, 10, 26, 10]), chunk('IHDR', ihdr)];
+  if (parameters) parts.push(chunk('tEXt', Buffer.from(`parameters\0${parameters}`, 'latin1')));
+  parts.push(chunk('IDAT', deflateSync(raw)), chunk('IEND', Buffer.alloc(0)));
+  return Buffer.concat(parts);
+}
+
+function pngText(buf) {
+  if (buf.length < 8 || buf.readUInt32BE(0) !== 0x89504e47) return null;
+  let at = 8;
+  while (at + 8 <= buf.length) {
+    const len = buf.readUInt32BE(at);
+    const type = buf.toString('latin1', at + 4, at + 8);
+    if (type === 'tEXt') {
+      const data = buf.subarray(at + 8, at + 8 + len).toString('latin1');
+      const nul = data.indexOf('\0');
+      if (data.slice(0, nul) === 'parameters') return data.slice(nul + 1);
+    }
+    at += 12 + len;
+  }
+  return null;
+}
+
+function parseParameters(text) {
+  const lines = text.split('\n');
+  const last = lines.pop() ?? '';
+  const fields = Object.fromEntries([...last.matchAll(/([A-Za-z][A-Za-z0-9 ]*): ("[^"]*"|[^,]*)(?:,|$)/g)].map((m) => [m[1].trim(), m[2].trim()]));
+  const neg = lines.findIndex((l) => l.startsWith('Negative prompt:'));
+  const prompt = (neg >= 0 ? lines.slice(0, neg) : lines).join('\n');
+  const negative = neg >= 0 ? lines.slice(neg).join('\n').replace(/^Negative prompt:\s*/, '') : '';
+  const [w, h] = (fields.Size ?? '').split('x').map(Number);
+  const n = (v) => (v === undefined ? null : Number(v));
+  return {
+    source: 'a1111',
+    prompt,
+    negative_prompt: negative,
+    steps: n(fields.Steps),
+    cfg_scale: n(fields['CFG scale']),
+    seed: n(fields.Seed),
+    width: w || null,
+    height: h || null,
+    sampler: fields.Sampler ?? null,
+    schedule: fields['Schedule type'] ?? null,
+    model: fields.Model ?? null,
+    raw: text,
+  };
+}
+
+function parametersOf(r) {
+  const lines = [r.prompt];
+  if (r.negative_prompt) lines.push(`Negative prompt: ${r.negative_prompt}`);
+  lines.push(
+    `Steps: ${r.steps}, Sampler: ${r.sampler}, Schedule type: ${r.schedule}, CFG scale: ${r.cfg_scale}, Seed: ${r.seed}, Size: ${r.width}x${r.height}, Model: ${r.model}, Version: mock`,
+  );
+  return lines.join('\n');
+}
+
+const BUILTIN_PRESETS = [
+  { id: 'portrait', name: 'Portrait', description: 'A person, upright picture.', width: 512, height: 768, steps: 25, cfg_scale: 7, sampler: 'DPM++ 2M', schedule: 'Karras', prompt_prefix: 'portrait photo', prompt_suffix: 'soft light', negative_prompt: 'deformed' },
+  { id: 'scene', name: 'Scene', description: 'A wide landscape or room.', width: 768, height: 512, steps: 25, cfg_scale: 7, sampler: 'DPM++ 2M', schedule: 'Karras', prompt_prefix: '', prompt_suffix: 'wide shot', negative_prompt: '' },
+  { id: 'quick', name: 'Quick', description: 'Fast drafts.', width: null, height: null, steps: 12, cfg_scale: 6, sampler: 'Euler a', schedule: null, prompt_prefix: '', prompt_suffix: '', negative_prompt: '' },
+  { id: 'quality', name: 'Quality', description: 'Slow and detailed.', width: null, height: null, steps: 40, cfg_scale: 7, sampler: 'DPM++ 2M', schedule: 'Karras', prompt_prefix: '', prompt_suffix: 'highly detailed', negative_prompt: 'blurry' },
+].map((p) => ({ ...p, builtin: true }));
+
+function presetToml(p) {
+  const q = (v) => JSON.stringify(v);
+  const lines = [`name = ${q(p.name)}`, `description = ${q(p.description)}`];
+  for (const k of ['width', 'height', 'steps', 'cfg_scale']) if (p[k] !== null) lines.push(`${k} = ${p[k]}`);
+  for (const k of ['sampler', 'schedule']) if (p[k]) lines.push(`${k} = ${q(p[k])}`);
+  for (const k of ['prompt_prefix', 'prompt_suffix', 'negative_prompt']) lines.push(`${k} = ${q(p[k])}`);
+  return lines.join('\n') + '\n';
+}
+
+function parseToml(text) {
+  const out = {};
+  for (const line of text.split('\n')) {
+    const m = /^\s*([a-z_]+)\s*=\s*(.+?)\s*$/.exec(line);
+    if (m) out[m[1]] = JSON.parse(m[2]);
+  }
+  return out;
+}
+
+function readBody(req) {
+  return new Promise((resolve, reject) => {
+    const parts = [];
+    req.on('data', (c) => parts.push(c));
+    req.on('end', () => resolve(Buffer.concat(parts)));
+    req.on('error', reject);
+  });
+}
+
+/** The in-memory app behind the mock's API. */
+function createApp({ dataDir }) {
+  const app = {
+    settings: {
+      default_model: null,
+      prompt_prefix: '',
+      prompt_suffix: '',
+      negative_prompt: '',
+      precision: 'auto',
+      low_vram: 'auto',
+      allowed_origins: [],
+      models_dirs: [],
+    },
+    models: [
+      { name: 'tiny-sd1', family: 'SD1', path: path.resolve('models/tiny/sd1'), size_bytes: 3_200_000, format: 'diffusers', managed: false },
+      { name: 'tiny-sd2', family: 'SD2', path: path.resolve('models/tiny/sd2'), size_bytes: 3_400_000, format: 'diffusers', managed: false },
+    ],
+    presets: [...BUILTIN_PRESETS],
+    images: [],
+    files: new Map(),
+    jobs: [],
+    nextJob: 1,
+    nextImage: 1,
+    clients: new Set(),
+    dataDir,
+  };
+
+  app.emit = (event) => {
+    const text = `event: ${event.type}\ndata: ${JSON.stringify(event)}\n\n`;
+    for (const res of app.clients) res.write(text);
+  };
+
+  app.queued = () => app.jobs.filter((j) => j.state === 'queued');
+
+  app.pump = () => {
+    if (app.jobs.some((j) => j.state === 'running')) return;
+    const job = app.queued()[0];
+    if (!job) return;
+    job.state = 'running';
+    job.position = null;
+    job.started_at = Date.now();
+    job.stage = 'sampling';
+    app.emit({ type: 'started', job: job.id });
+    app.queued().forEach((j, i) => (j.position = i + 1));
+    const tick = () => {
+      if (job.state !== 'running') return;
+      if (job.cancel) {
+        job.state = 'cancelled';
+        job.stage = 'finished';
+        job.finished_at = Date.now();
+        app.emit({ type: 'cancelled', job: job.id });
+        return app.pump();
+      }
+      job.step++;
+      if (job.step > job.steps) {
+        // Finish this picture of the batch.
+        const seed = job.seed + job.image;
+        const rgb = [seed % 256, (seed >> 8) % 256, (seed * 7) % 256];
+        const record = {
+          id: app.nextImage++,
+          file: `mock-${seed}.png`,
+          prompt: job.prompt,
+          negative_prompt: job.negative_prompt,
+          model: job.model,
+          sampler: job.sampler,
+          schedule: job.schedule,
+          steps: job.steps,
+          cfg_scale: job.cfg_scale,
+          seed,
+          width: job.width,
+          height: job.height,
+          created_at: Date.now(),
+          favourite: false,
+          trashed: false,
+        };
+        record.parameters = parametersOf(record);
+        app.files.set(record.id, makePng(Math.min(job.width, 256), Math.min(job.height, 256), rgb, record.parameters));
+        app.images.unshift(record);
+        job.images.push(record);
+        job.image++;
+        job.step = 0;
+        if (job.image >= job.batch) {
+          job.image = job.batch - 1;
+          job.state = 'done';
+          job.stage = 'finished';
+          job.progress = 1;
+          job.eta_ms = 0;
+          job.finished_at = Date.now();
+          app.emit({ type: 'done', job: job.id, images: job.images.map((i) => i.id) });
+          return app.pump();
+        }
+      }
+      job.progress = (job.image * job.steps + job.step) / (job.batch * job.steps);
+      job.eta_ms = Math.round((1 - job.progress) * job.batch * job.steps * app.stepMs);
+      app.emit({ type: 'progress', job: job.id, stage: 'sampling', image: job.image, batch: job.batch, step: job.step, steps: job.steps, progress: job.progress, eta_ms: job.eta_ms });
+      if (job.step % 4 === 1) {
+        const png = makePng(8, 8, [job.step * 10 % 256, 80, 160], null);
+        app.emit({ type: 'preview', job: job.id, image: `data:image/png;base64,${png.toString('base64')}` });
+      }
+      setTimeout(tick, app.stepMs);
+    };
+    setTimeout(tick, app.stepMs);
+  };
+  app.stepMs = 30;
+
+  app.submit = (body) => {
+    const preset = body.preset ? app.presets.find((p) => p.id === body.preset) : null;
+    if (body.preset && !preset) return { error: [404, 'not_found', `There is no preset called '${body.preset}'.`, 'Choose one from the list.'] };
+    const model = body.model ? app.models.find((m) => m.name === body.model) : app.models.find((m) => m.name === app.settings.default_model) ?? app.models[0];
+    if (!model) return { error: [404, 'model_missing', `There is no model called '${body.model}'.`, 'Pick one from the list.'] };
+    const batch = body.batch_size ?? 1;
+    if (batch < 1 || batch > 8) return { error: [400, 'invalid_request', `batch_size must be between 1 and 8, got ${batch}.`, 'Ask for fewer images at a time.'] };
+    const join = (...parts) => parts.map((p) => (p ?? '').trim()).filter(Boolean).join(', ');
+    const job = {
+      id: `job-${app.nextJob++}`,
+      state: 'queued',
+      stage: 'waiting',
+      position: app.queued().length + 1,
+      prompt: body.ignore_affixes ? body.prompt : join(app.settings.prompt_prefix, preset?.prompt_prefix, body.prompt, preset?.prompt_suffix, app.settings.prompt_suffix),
+      negative_prompt: join(body.negative_prompt ?? app.settings.negative_prompt, preset?.negative_prompt),
+      model: model.name,
+      width: body.width ?? preset?.width ?? 512,
+      height: body.height ?? preset?.height ?? 512,
+      steps: body.steps ?? preset?.steps ?? 20,
+      cfg_scale: body.cfg_scale ?? preset?.cfg_scale ?? 7,
+      sampler: body.sampler ?? preset?.sampler ?? 'DPM++ 2M',
+      schedule: body.schedule ?? preset?.schedule ?? 'Karras',
+      seed: body.seed === undefined || body.seed === -1 ? Math.floor(Math.random() * 2 ** 32) : body.seed,
+      batch,
+      image: 0,
+      step: 0,
+      progress: 0,
+      eta_ms: null,
+      images: [],
+      error: null,
+      created_at: Date.now(),
+      started_at: null,
+      finished_at: null,
+    };
+    app.jobs.push(job);
+    app.emit({ type: 'queued', job: job.id, position: job.position });
+    setTimeout(app.pump, 0);
+    return { job };
+  };
+
+  return app;
+}
+
+function publicJob(job) {
+  const { cancel: _cancel, ...rest } = job;
+  return rest;
+}
+
+/** Answers /api/v1/* from the in-memory app; returns false for routes it does not know. */
+async function handleApi(app, req, res, url, session) {
+  const { pathname, searchParams } = url;
+  const method = req.method ?? 'GET';
+  const authed = req.headers['x-ld-session'] === session;
+  const needSession = () => {
+    if (authed) return false;
+    apiError(res, 401, 'unauthorized', 'Only the Local Diffusers window can do this.', 'Open Local Diffusers from its own window or address, then try again.');
+    return true;
+  };
+  const json = async () => {
+    const body = await readBody(req);
+    try {
+      return JSON.parse(body.toString('utf8') || 'null');
+    } catch {
+      return undefined;
+    }
+  };
+  const seg = pathname.split('/').slice(3); // after /api/v1
+
+  if (pathname === '/api/v1/settings') {
+    if (needSession()) return true;
+    if (method === 'PUT') {
+      const body = await json();
+      if (!body || typeof body !== 'object') return apiError(res, 400, 'invalid_request', 'These settings could not be read.', 'Send the settings object as JSON.'), true;
+      app.settings = { ...app.settings, ...body };
+    }
+    return sendJson(res, 200, { ...app.settings, data_dir: app.dataDir, warning: null }), true;
+  }
+  if (pathname === '/api/v1/models') return sendJson(res, 200, { models: app.models, default: app.settings.default_model ?? app.models[0]?.name ?? null }), true;
+  if (pathname === '/api/v1/samplers') return sendJson(res, 200, { samplers: ['Euler', 'Euler a', 'DPM++ 2M', 'DPM++ SDE', 'DDIM', 'UniPC'], default: 'DPM++ 2M' }), true;
+  if (pathname === '/api/v1/schedules') return sendJson(res, 200, { schedules: ['Automatic', 'Uniform', 'Karras', 'Exponential'], default: 'Karras' }), true;
+
+  if (pathname === '/api/v1/events') {
+    res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store', Connection: 'keep-alive' });
+    res.write(': hello\n\n');
+    app.clients.add(res);
+    req.on('close', () => app.clients.delete(res));
+    return true;
+  }
+
+  if (seg[0] === 'jobs') {
+    if (seg.length === 1 && method === 'POST') {
+      const body = await json();
+      if (!body || typeof body.prompt !== 'string') return apiError(res, 400, 'invalid_request', 'Send JSON like {"prompt": "a lighthouse"}.', null), true;
+      const { job, error } = app.submit(body);
+      if (error) return apiError(res, ...error), true;
+      return sendJson(res, 202, publicJob(job)), true;
+    }
+    if (seg.length === 1) {
+      const list = [...app.jobs].reverse().slice(0, 50).map(publicJob);
+      return sendJson(res, 200, list), true;
+    }
+    const job = app.jobs.find((j) => j.id === seg[1]);
+    if (!job) return apiError(res, 404, 'not_found', `There is no job '${seg[1]}'.`, null), true;
+    if (seg[2] === 'cancel' && method === 'POST') {
+      if (job.state === 'queued') {
+        job.state = 'cancelled';
+        job.stage = 'finished';
+        job.finished_at = Date.now();
+        app.emit({ type: 'cancelled', job: job.id });
+        app.queued().forEach((j, i) => (j.position = i + 1));
+      } else if (job.state === 'running') {
+        job.cancel = true;
+      }
+      return sendJson(res, 200, publicJob(job)), true;
+    }
+    return sendJson(res, 200, publicJob(job)), true;
+  }
+
+  if (pathname === '/api/v1/trash' && method === 'DELETE') {
+    if (needSession()) return true;
+    const gone = app.images.filter((i) => i.trashed);
+    app.images = app.images.filter((i) => !i.trashed);
+    return sendJson(res, 200, { deleted: gone.length }), true;
+  }
+
+  if (seg[0] === 'images') {
+    if (seg[1] === 'inspect' && method === 'POST') {
+      const body = await readBody(req);
+      if (body.readUInt32BE(0) !== 0x89504e47) return apiError(res, 400, 'invalid_request', 'This is not a PNG file.', 'Drop a PNG made by Local Diffusers, A1111, ComfyUI or InvokeAI.'), true;
+      const text = pngText(body);
+      if (!text) return sendJson(res, 200, { source: 'none', prompt: null, negative_prompt: null, steps: null, cfg_scale: null, seed: null, width: null, height: null, sampler: null, schedule: null, model: null, raw: null }), true;
+      return sendJson(res, 200, parseParameters(text)), true;
+    }
+    if (seg.length === 1) {
+      const q = (k) => searchParams.get(k);
+      let list = app.images.filter((i) => i.trashed === (q('trash') === 'true'));
+      if (q('search')) list = list.filter((i) => i.prompt.toLowerCase().includes(q('search').toLowerCase()));
+      if (q('model')) list = list.filter((i) => i.model === q('model'));
+      if (q('favourites') === 'true') list = list.filter((i) => i.favourite);
+      if (q('since')) list = list.filter((i) => i.created_at >= Number(q('since')));
+      if (q('until')) list = list.filter((i) => i.created_at < Number(q('until')));
+      const offset = Number(q('offset') ?? 0);
+      const limit = Number(q('limit') ?? 50);
+      return sendJson(res, 200, { items: list.slice(offset, offset + limit), total: list.length }), true;
+    }
+    const image = app.images.find((i) => String(i.id) === seg[1]);
+    if (!image) return apiError(res, 404, 'not_found', 'There is no such image.', 'It may have been deleted. Refresh the gallery.'), true;
+    if ((seg[2] === 'file' || seg[2] === 'thumbnail') && method === 'GET') {
+      const png = app.files.get(image.id);
+      res.writeHead(200, { 'Content-Type': 'image/png', 'Content-Length': png.length, 'X-Content-Type-Options': 'nosniff' });
+      res.end(png);
+      return true;
+    }
+    if (seg[2] === 'favourite' && method === 'PUT') {
+      if (needSession()) return true;
+      const body = await json();
+      image.favourite = Boolean(body?.favourite);
+      return sendJson(res, 200, image), true;
+    }
+    if (seg[2] === 'restore' && method === 'POST') {
+      if (needSession()) return true;
+      image.trashed = false;
+      return sendJson(res, 200, image), true;
+    }
+    if (seg.length === 2 && method === 'DELETE') {
+      if (needSession()) return true;
+      image.trashed = true;
+      return sendJson(res, 200, { trashed: image.id }), true;
+    }
+    return sendJson(res, 200, image), true;
+  }
+
+  if (seg[0] === 'presets') {
+    const slug = (name) => name.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '') || 'preset';
+    const fields = (b) => ({
+      name: String(b.name ?? '').trim(),
+      description: b.description ?? '',
+      width: b.width ?? null,
+      height: b.height ?? null,
+      steps: b.steps ?? null,
+      cfg_scale: b.cfg_scale ?? null,
+      sampler: b.sampler ?? null,
+      schedule: b.schedule ?? null,
+      prompt_prefix: b.prompt_prefix ?? '',
+      prompt_suffix: b.prompt_suffix ?? '',
+      negative_prompt: b.negative_prompt ?? '',
+    });
+    const create = (b) => {
+      const f = fields(b);
+      if (!f.name) return apiError(res, 400, 'invalid_request', 'A preset needs a name.', 'Give it a name.'), true;
+      let id = slug(f.name);
+      while (app.presets.some((p) => p.id === id)) id += '-2';
+      const preset = { id, ...f, builtin: false };
+      app.presets.push(preset);
+      return sendJson(res, 200, preset), true;
+    };
+    if (seg.length === 1 && method === 'POST') return needSession() || create(await json());
+    if (seg.length === 1) return sendJson(res, 200, app.presets), true;
+    if (seg[1] === 'import' && method === 'POST') {
+      if (needSession()) return true;
+      try {
+        return create(parseToml((await readBody(req)).toString('utf8')));
+      } catch {
+        return apiError(res, 400, 'invalid_request', 'This preset file could not be read.', 'Choose a .toml file exported from Local Diffusers.'), true;
+      }
+    }
+    const preset = app.presets.find((p) => p.id === seg[1]);
+    if (!preset) return apiError(res, 404, 'not_found', `There is no preset '${seg[1]}'.`, 'Refresh the list of presets.'), true;
+    if (seg[2] === 'export') {
+      res.writeHead(200, { 'Content-Type': 'application/toml; charset=utf-8', 'Content-Disposition': `attachment; filename="${preset.id}.toml"` });
+      res.end(presetToml(preset));
+      return true;
+    }
+    if (method === 'PUT' || method === 'DELETE') {
+      if (needSession()) return true;
+      if (preset.builtin) return apiError(res, 400, 'invalid_request', 'Built-in presets cannot be changed.', 'Save a copy under a new name instead.'), true;
+      if (method === 'DELETE') {
+        app.presets = app.presets.filter((p) => p !== preset);
+        return sendJson(res, 200, { deleted: preset.id }), true;
+      }
+      Object.assign(preset, fields(await json()));
+      return sendJson(res, 200, preset), true;
+    }
+    return sendJson(res, 200, preset), true;
+  }
+  return false;
+}
+
 /**
  * Starts the mock on 127.0.0.1. Resolves to { url, token, close() }.
  * port 0 picks a free port.
@@ -128,32 +574,25 @@ function apiError(res, status, code, message, hint) {
 export async function startMockServer({ port = 0, gpu = false, token, dist = DEFAULT_DIST, dataDir } = {}) {
   const session = token || randomBytes(24).toString('base64url');
   const system = () => systemInfo({ gpu, dataDir });
+  const app = createApp({ dataDir: system().data_dir });
 
   const server = createServer(async (req, res) => {
     const url = new URL(req.url ?? '/', 'http://localhost');
     const { pathname } = url;
 
     if (pathname.startsWith('/api/')) {
-      if (req.method !== 'GET') return apiError(res, 405, 'invalid_request', 'Only GET is mocked.', null);
       switch (pathname) {
         case '/api/v1/health':
           return sendJson(res, 200, { status: 'ok', version: '0.1.0' });
         case '/api/v1/system':
           return sendJson(res, 200, system());
-        case '/api/v1/settings':
-          if (req.headers['x-ld-session'] !== session) {
-            return apiError(
-              res,
-              401,
-              'unauthorized',
-              'Only the Local Diffusers window can see or change settings.',
-              'Open Local Diffusers from its own window or address, then try again.',
-            );
-          }
-          return sendJson(res, 200, { data_dir: system().data_dir });
-        default:
-          return apiError(res, 404, 'not_found', 'There is nothing at this address.', null);
       }
+      try {
+        if (await handleApi(app, req, res, url, session)) return;
+      } catch (err) {
+        return apiError(res, 500, 'internal', `The mock failed: ${err.message}`, null);
+      }
+      return apiError(res, 404, 'not_found', 'There is nothing at this address.', null);
     }
 
     // Static files from dist; anything that is not a file gets index.html (hash routing needs
@@ -209,6 +648,7 @@ export async function startMockServer({ port = 0, gpu = false, token, dist = DEF
     token: session,
     close: () =>
       new Promise((resolve) => {
+        for (const client of app.clients) client.end();
         server.close(() => resolve());
         server.closeAllConnections();
       }),

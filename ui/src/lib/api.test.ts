@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { ApiError, createApiClient, readSessionToken, SESSION_HEADER, toApiError } from './api';
+import { ApiError, createApiClient, parseEvent, queryString, readSessionToken, SESSION_HEADER, toApiError } from './api';
 
 type FetchArgs = Parameters<typeof fetch>;
 
@@ -154,5 +154,110 @@ describe('toApiError', () => {
     const wrapped = toApiError(new Error('boom'));
     expect(wrapped.code).toBe('internal');
     expect(wrapped.message).not.toContain('boom');
+  });
+});
+
+describe('native API methods', () => {
+  it('build image queries from the set filters only', () => {
+    expect(queryString({})).toBe('');
+    expect(queryString({ search: 'a cat', favourites: true, trash: false, model: '', offset: 0, limit: 60 })).toBe(
+      '?search=a+cat&favourites=true&offset=0&limit=60',
+    );
+  });
+
+  it('send PNG bytes and TOML text as they are, with their content type', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, { source: 'none' }));
+    const client = createApiClient({ token: 't', fetch });
+    const png = new Uint8Array([137, 80, 78, 71]).buffer;
+    await client.inspect(png);
+    expect(fetch.mock.calls[0]?.[0]).toBe('/api/v1/images/inspect');
+    expect(fetch.mock.calls[0]?.[1]?.body).toBe(png);
+    expect(headersOf(fetch).get('Content-Type')).toBe('image/png');
+    await client.importPreset('name = "x"');
+    expect(fetch.mock.calls[1]?.[1]?.body).toBe('name = "x"');
+    expect(headersOf(fetch, 1).get('Content-Type')).toBe('application/toml');
+    expect(headersOf(fetch, 1).get(SESSION_HEADER)).toBe('t');
+  });
+
+  it('use the right method and path for each action', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, {}));
+    const c = createApiClient({ fetch });
+    await c.createJob({ prompt: 'x' });
+    await c.cancelJob('job 1');
+    await c.setFavourite(3, true);
+    await c.trashImage(3);
+    await c.restoreImage(3);
+    await c.emptyTrash();
+    await c.updatePreset('mine', { name: 'n' } as never);
+    await c.deletePreset('mine');
+    await c.saveSettings({} as never);
+    expect(fetch.mock.calls.map((call) => `${call[1]?.method} ${call[0]}`)).toEqual([
+      'POST /api/v1/jobs',
+      'POST /api/v1/jobs/job%201/cancel',
+      'PUT /api/v1/images/3/favourite',
+      'DELETE /api/v1/images/3',
+      'POST /api/v1/images/3/restore',
+      'DELETE /api/v1/trash',
+      'PUT /api/v1/presets/mine',
+      'DELETE /api/v1/presets/mine',
+      'PUT /api/v1/settings',
+    ]);
+    expect(fetch.mock.calls[2]?.[1]?.body).toBe('{"favourite":true}');
+  });
+
+  it('rename the sampler and schedule lists to one shape', async () => {
+    const fetch = fakeFetch((url) =>
+      jsonResponse(200, String(url).endsWith('samplers') ? { samplers: ['Euler'], default: 'Euler' } : { schedules: ['Karras'], default: 'Karras' }),
+    );
+    const c = createApiClient({ fetch });
+    expect(await c.samplers()).toEqual({ names: ['Euler'], default: 'Euler' });
+    expect(await c.schedules()).toEqual({ names: ['Karras'], default: 'Karras' });
+  });
+});
+
+describe('event stream', () => {
+  function fakeSource() {
+    const listeners = new Map<string, (e: MessageEvent) => void>();
+    const source = {
+      url: '',
+      closed: false,
+      onerror: null as ((e: Event) => void) | null,
+      onopen: null as ((e: Event) => void) | null,
+      addEventListener: (type: string, fn: (e: MessageEvent) => void) => listeners.set(type, fn),
+      close() {
+        source.closed = true;
+      },
+      emit: (type: string, data: string) => listeners.get(type)?.({ data } as MessageEvent),
+    };
+    return source;
+  }
+
+  it('delivers typed events, reports (re)connection, and closes', () => {
+    const source = fakeSource();
+    const events: unknown[] = [];
+    let opened = 0;
+    const close = createApiClient({
+      eventSource: (url) => {
+        source.url = url;
+        return source;
+      },
+    }).events({ onEvent: (e) => events.push(e), onOpen: () => opened++ });
+    expect(source.url).toBe('/api/v1/events');
+    source.onopen?.(new Event('open'));
+    source.emit('progress', JSON.stringify({ type: 'progress', job: 'job-1', step: 3 }));
+    source.emit('done', '{"job":"job-1","images":[4]}');
+    source.emit('done', 'not json');
+    expect(events).toEqual([
+      { type: 'progress', job: 'job-1', step: 3 },
+      { type: 'done', job: 'job-1', images: [4] },
+    ]);
+    expect(opened).toBe(1);
+    close();
+    expect(source.closed).toBe(true);
+  });
+
+  it('parseEvent refuses anything without a job id', () => {
+    expect(parseEvent('done', '{"images":[]}')).toBeNull();
+    expect(parseEvent('done', 42)).toBeNull();
   });
 });

@@ -13,6 +13,7 @@ export const SERVER_ERROR_CODES = [
   'forbidden',
   'not_found',
   'model_missing',
+  'model_broken',
   'out_of_memory',
   'cancelled',
   'busy',
@@ -103,10 +104,200 @@ export interface SystemInfo {
   data_dir: string;
 }
 
-/** UI settings. Only `data_dir` is fixed so far; the rest is free-form until settings land. */
-export interface Settings {
+export type Precision = 'auto' | 'fp16' | 'fp32';
+export type LowVram = 'auto' | 'on' | 'off';
+
+/** What the user can change on the Settings page (PUT /api/v1/settings takes exactly this). */
+export interface EditableSettings {
+  default_model: string | null;
+  prompt_prefix: string;
+  prompt_suffix: string;
+  negative_prompt: string;
+  precision: Precision;
+  low_vram: LowVram;
+  allowed_origins: string[];
+  models_dirs: string[];
+}
+
+/** GET /api/v1/settings: the editable part plus read-only facts. */
+export interface Settings extends EditableSettings {
   data_dir: string;
-  [key: string]: unknown;
+  /** Set when the settings file was damaged and defaults are in use. */
+  warning?: string | null;
+}
+
+export type ModelFamily = 'SD1' | 'SD2' | 'SDXL' | 'unknown';
+
+export interface ModelInfo {
+  name: string;
+  family: ModelFamily;
+  path: string;
+  size_bytes: number;
+  format: string;
+  /** True for models in the app's own folder; false for folders the user pointed us at. */
+  managed: boolean;
+}
+
+export interface ModelList {
+  models: ModelInfo[];
+  default: string | null;
+}
+
+export interface NameList {
+  names: string[];
+  default: string | null;
+}
+
+export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
+export type JobStage = 'waiting' | 'loading_model' | 'sampling' | 'decoding' | 'saving' | 'finished';
+
+export interface ErrorBody {
+  code: string;
+  message: string;
+  hint: string | null;
+}
+
+export interface ImageRecord {
+  id: number;
+  file?: string;
+  prompt: string;
+  negative_prompt: string;
+  model: string | null;
+  sampler: string;
+  schedule: string | null;
+  steps: number;
+  cfg_scale: number;
+  seed: number;
+  width: number;
+  height: number;
+  /** Unix milliseconds. */
+  created_at: number;
+  favourite: boolean;
+  trashed: boolean;
+  /** The A1111-style parameters text stored in the PNG. */
+  parameters?: string | null;
+}
+
+export interface ImagePage {
+  items: ImageRecord[];
+  total: number;
+}
+
+export interface ImageQuery {
+  search?: string;
+  model?: string;
+  favourites?: boolean;
+  trash?: boolean;
+  /** Unix milliseconds. */
+  since?: number;
+  until?: number;
+  offset?: number;
+  limit?: number;
+}
+
+export interface JobInfo {
+  id: string;
+  state: JobState;
+  stage: JobStage;
+  position: number | null;
+  prompt: string;
+  negative_prompt: string;
+  model: string;
+  width: number;
+  height: number;
+  steps: number;
+  cfg_scale: number;
+  sampler: string;
+  schedule: string;
+  seed: number;
+  batch: number;
+  image: number;
+  step: number;
+  progress: number;
+  eta_ms: number | null;
+  images: ImageRecord[];
+  error: ErrorBody | null;
+  created_at: number;
+  started_at: number | null;
+  finished_at: number | null;
+}
+
+/** POST /api/v1/jobs. Leave a field out to get the preset's, then the app's default. */
+export interface JobRequest {
+  prompt: string;
+  negative_prompt?: string;
+  preset?: string;
+  model?: string;
+  width?: number;
+  height?: number;
+  steps?: number;
+  cfg_scale?: number;
+  sampler?: string;
+  schedule?: string;
+  /** -1: random. */
+  seed?: number;
+  seed_source?: 'cpu' | 'nv';
+  batch_size?: number;
+  clip_skip?: number;
+  ignore_affixes?: boolean;
+}
+
+/** Server-Sent Events of GET /api/v1/events; `type` is also the SSE event name. */
+export type JobEvent =
+  | { type: 'queued'; job: string; position: number }
+  | { type: 'started'; job: string }
+  | {
+      type: 'progress';
+      job: string;
+      stage: JobStage;
+      image: number;
+      batch: number;
+      step: number;
+      steps: number;
+      progress: number;
+      eta_ms: number | null;
+    }
+  | { type: 'preview'; job: string; image: string }
+  | { type: 'done'; job: string; images: number[] }
+  | { type: 'failed'; job: string; error: ErrorBody }
+  | { type: 'cancelled'; job: string };
+
+export const JOB_EVENT_TYPES = ['queued', 'started', 'progress', 'preview', 'done', 'failed', 'cancelled'] as const;
+
+export interface Preset {
+  id: string;
+  name: string;
+  description: string;
+  builtin: boolean;
+  width: number | null;
+  height: number | null;
+  steps: number | null;
+  cfg_scale: number | null;
+  sampler: string | null;
+  schedule: string | null;
+  prompt_prefix: string;
+  prompt_suffix: string;
+  negative_prompt: string;
+}
+
+/** A preset as sent to POST/PUT: the id and `builtin` are the server's business. */
+export type PresetInput = Omit<Preset, 'id' | 'builtin'> & { id?: string };
+
+/** POST /api/v1/images/inspect: the parameters found in a PNG (null where it had none). */
+export interface Inspected {
+  source: 'a1111' | 'comfyui' | 'invokeai' | 'none' | string;
+  prompt: string | null;
+  negative_prompt: string | null;
+  steps: number | null;
+  cfg_scale: number | null;
+  seed: number | null;
+  width: number | null;
+  height: number | null;
+  sampler: string | null;
+  schedule: string | null;
+  model: string | null;
+  /** What the PNG held, as found (text chunks or JSON). */
+  raw?: unknown;
 }
 
 // ---- Client ----
@@ -118,11 +309,33 @@ export interface ApiClientOptions {
   token?: string | null;
   /** Injected in tests; defaults to the global fetch. */
   fetch?: typeof fetch;
+  /** Injected in tests; defaults to the browser's EventSource. */
+  eventSource?: EventSourceFactory;
 }
 
 export interface RequestOptions {
+  /** Sent as JSON. */
   body?: unknown;
+  /** Sent as is (a PNG, TOML text) with this content type; wins over `body`. */
+  raw?: { data: Blob | ArrayBuffer | Uint8Array | string; type: string };
   signal?: AbortSignal;
+}
+
+/** The part of EventSource the client uses; injected in tests. */
+export interface EventSourceLike {
+  addEventListener(type: string, listener: (event: MessageEvent) => void): void;
+  onerror: ((event: Event) => void) | null;
+  onopen: ((event: Event) => void) | null;
+  close(): void;
+}
+export type EventSourceFactory = (url: string) => EventSourceLike;
+
+export interface EventHandlers {
+  onEvent: (event: JobEvent) => void;
+  /** Called on every (re)connection: a good moment to catch up with GET /jobs. */
+  onOpen?: () => void;
+  /** The stream dropped; EventSource reconnects by itself. */
+  onError?: () => void;
 }
 
 export type ApiClient = ReturnType<typeof createApiClient>;
@@ -135,8 +348,11 @@ export function createApiClient(options: ApiClientOptions = {}) {
   async function request<T>(method: string, path: string, opts: RequestOptions = {}): Promise<T> {
     const headers: Record<string, string> = { Accept: 'application/json' };
     if (token) headers[SESSION_HEADER] = token;
-    let body: string | undefined;
-    if (opts.body !== undefined) {
+    let body: BodyInit | undefined;
+    if (opts.raw !== undefined) {
+      headers['Content-Type'] = opts.raw.type;
+      body = opts.raw.data as BodyInit;
+    } else if (opts.body !== undefined) {
       headers['Content-Type'] = 'application/json';
       body = JSON.stringify(opts.body);
     }
@@ -169,12 +385,93 @@ export function createApiClient(options: ApiClientOptions = {}) {
     }
   }
 
+  const enc = encodeURIComponent;
+
+  /** Opens the event stream; returns a function that closes it. */
+  function events(handlers: EventHandlers): () => void {
+    const make: EventSourceFactory =
+      options.eventSource ?? ((url) => new EventSource(url) as unknown as EventSourceLike);
+    const source = make(baseUrl + '/api/v1/events');
+    for (const type of JOB_EVENT_TYPES) {
+      source.addEventListener(type, (message) => {
+        const event = parseEvent(type, message.data);
+        if (event) handlers.onEvent(event);
+      });
+    }
+    source.onopen = () => handlers.onOpen?.();
+    source.onerror = () => handlers.onError?.();
+    return () => source.close();
+  }
+
   return {
     request,
+    events,
     health: (signal?: AbortSignal) => request<Health>('GET', '/api/v1/health', { signal }),
     system: (signal?: AbortSignal) => request<SystemInfo>('GET', '/api/v1/system', { signal }),
     settings: (signal?: AbortSignal) => request<Settings>('GET', '/api/v1/settings', { signal }),
+    saveSettings: (settings: EditableSettings) => request<Settings>('PUT', '/api/v1/settings', { body: settings }),
+
+    models: (signal?: AbortSignal) => request<ModelList>('GET', '/api/v1/models', { signal }),
+    samplers: async (signal?: AbortSignal): Promise<NameList> => {
+      const r = await request<{ samplers: string[]; default: string | null }>('GET', '/api/v1/samplers', { signal });
+      return { names: r.samplers, default: r.default };
+    },
+    schedules: async (signal?: AbortSignal): Promise<NameList> => {
+      const r = await request<{ schedules: string[]; default: string | null }>('GET', '/api/v1/schedules', { signal });
+      return { names: r.schedules, default: r.default };
+    },
+
+    createJob: (job: JobRequest) => request<JobInfo>('POST', '/api/v1/jobs', { body: job }),
+    jobs: (signal?: AbortSignal) => request<JobInfo[]>('GET', '/api/v1/jobs', { signal }),
+    job: (id: string) => request<JobInfo>('GET', `/api/v1/jobs/${enc(id)}`),
+    cancelJob: (id: string) => request<JobInfo>('POST', `/api/v1/jobs/${enc(id)}/cancel`),
+
+    images: (query: ImageQuery = {}, signal?: AbortSignal) =>
+      request<ImagePage>('GET', `/api/v1/images${queryString(query)}`, { signal }),
+    image: (id: number) => request<ImageRecord>('GET', `/api/v1/images/${id}`),
+    setFavourite: (id: number, favourite: boolean) =>
+      request<ImageRecord>('PUT', `/api/v1/images/${id}/favourite`, { body: { favourite } }),
+    trashImage: (id: number) => request<unknown>('DELETE', `/api/v1/images/${id}`),
+    restoreImage: (id: number) => request<ImageRecord>('POST', `/api/v1/images/${id}/restore`),
+    emptyTrash: () => request<{ deleted: number }>('DELETE', '/api/v1/trash'),
+    inspect: (png: Blob | ArrayBuffer) =>
+      request<Inspected>('POST', '/api/v1/images/inspect', { raw: { data: png, type: 'image/png' } }),
+    /** Addresses for <img src> and download links (plain GETs, no token needed). */
+    imageFileUrl: (id: number) => `${baseUrl}/api/v1/images/${id}/file`,
+    thumbnailUrl: (id: number) => `${baseUrl}/api/v1/images/${id}/thumbnail`,
+
+    presets: (signal?: AbortSignal) => request<Preset[]>('GET', '/api/v1/presets', { signal }),
+    createPreset: (preset: PresetInput) => request<Preset>('POST', '/api/v1/presets', { body: preset }),
+    updatePreset: (id: string, preset: PresetInput) =>
+      request<Preset>('PUT', `/api/v1/presets/${enc(id)}`, { body: preset }),
+    deletePreset: (id: string) => request<unknown>('DELETE', `/api/v1/presets/${enc(id)}`),
+    importPreset: (toml: string) =>
+      request<Preset>('POST', '/api/v1/presets/import', { raw: { data: toml, type: 'application/toml' } }),
+    presetExportUrl: (id: string) => `${baseUrl}/api/v1/presets/${enc(id)}/export`,
   };
+}
+
+/** "?search=cat&limit=50" from the set fields of an image query; "" when none is set. */
+export function queryString(query: ImageQuery): string {
+  const params = new URLSearchParams();
+  for (const [key, value] of Object.entries(query)) {
+    if (value === undefined || value === null || value === '' || value === false) continue;
+    params.set(key, String(value));
+  }
+  const text = params.toString();
+  return text ? `?${text}` : '';
+}
+
+/** One SSE message as a JobEvent; null when it is not one (a newer server's extra fields are fine). */
+export function parseEvent(type: string, data: unknown): JobEvent | null {
+  if (typeof data !== 'string') return null;
+  try {
+    const parsed = JSON.parse(data) as { type?: unknown; job?: unknown };
+    if (typeof parsed !== 'object' || parsed === null || typeof parsed.job !== 'string') return null;
+    return { ...parsed, type: (parsed.type as string | undefined) ?? type } as JobEvent;
+  } catch {
+    return null;
+  }
 }
 
 /** Reads the session token the server put into index.html; null outside a browser. */

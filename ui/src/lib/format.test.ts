@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { formatBytes, formatCores, percent, yesNo } from './format';
+import { dayStart, formatBytes, formatCores, formatTimeLeft, percent, yesNo } from './format';
 
 describe('formatBytes', () => {
   it('shows memory sizes the way task managers do', () => {
@@ -50,5 +50,23 @@ describe('small helpers', () => {
     expect(percent(1, 4)).toBe(25);
     expect(percent(5, 0)).toBe(0);
     expect(percent(10, 5)).toBe(100);
+  });
+});
+
+describe('formatTimeLeft', () => {
+  it('says time left the way people do', () => {
+    expect(formatTimeLeft(null)).toBe('');
+    expect(formatTimeLeft(1200)).toBe('a few seconds left');
+    expect(formatTimeLeft(23_000)).toBe('about 25 seconds left');
+    expect(formatTimeLeft(80_000)).toBe('about a minute left');
+    expect(formatTimeLeft(300_000)).toBe('about 5 minutes left');
+  });
+});
+
+describe('dayStart', () => {
+  it('reads a date input as local midnight', () => {
+    expect(dayStart('2025-03-12')).toBe(new Date(2025, 2, 12).getTime());
+    expect(dayStart('')).toBeNull();
+    expect(dayStart('12/03/2025')).toBeNull();
   });
 });

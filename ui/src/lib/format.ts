@@ -44,3 +44,31 @@ export function percent(part: number, total: number): number {
   if (!(total > 0) || !Number.isFinite(part)) return 0;
   return Math.min(100, Math.max(0, Math.round((part / total) * 100)));
 }
+
+/** Time left as people say it: "a few seconds", "about 40 seconds", "about 2 minutes". */
+export function formatTimeLeft(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined || !Number.isFinite(ms) || ms < 0) return '';
+  const s = Math.round(ms / 1000);
+  if (s < 5) return 'a few seconds left';
+  if (s < 60) return `about ${Math.max(5, Math.round(s / 5) * 5)} seconds left`;
+  const m = Math.round(s / 60);
+  return m === 1 ? 'about a minute left' : `about ${m} minutes left`;
+}
+
+/** A date and time in the user's own style, e.g. "12 Mar 2025, 14:05". */
+export function formatDateTime(unixMs: number, locale?: string): string {
+  if (!Number.isFinite(unixMs)) return 'Unknown';
+  return new Date(unixMs).toLocaleString(locale, { dateStyle: 'medium', timeStyle: 'short' });
+}
+
+/** Local midnight of a yyyy-mm-dd date input as unix ms; null when empty or not a date. */
+export function dayStart(value: string): number | null {
+  const m = /^(\d{4})-(\d{2})-(\d{2})$/.exec(value);
+  if (!m) return null;
+  return new Date(Number(m[1]), Number(m[2]) - 1, Number(m[3])).getTime();
+}
+
+/** Format a number of things: "1 picture", "3 pictures". */
+export function count(n: number, one: string, many: string): string {
+  return `${n.toLocaleString()} ${n === 1 ? one : many}`;
+}

@@ -1,0 +1,113 @@
+import { describe, expect, it } from 'vitest';
+import type { ImageRecord, Inspected, Preset } from './api';
+import { applyPreset, DEFAULT_DRAFT, hasParameters, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
+
+const draft = (over: Partial<Draft> = {}): Draft => ({ ...DEFAULT_DRAFT, prompt: 'a cat', ...over });
+
+const image: ImageRecord = {
+  id: 7,
+  prompt: 'a lighthouse',
+  negative_prompt: 'blurry',
+  model: 'tiny-sd1',
+  sampler: 'Euler a',
+  schedule: 'Karras',
+  steps: 12,
+  cfg_scale: 6.5,
+  seed: 42,
+  width: 64,
+  height: 96,
+  created_at: 0,
+  favourite: false,
+  trashed: false,
+};
+
+describe('toJobRequest', () => {
+  it('leaves blank choices out so the server defaults apply', () => {
+    const req = toJobRequest(draft());
+    expect(req).toEqual({ prompt: 'a cat', width: 512, height: 512, steps: 20, cfg_scale: 7, seed: -1, batch_size: 1 });
+    expect('negative_prompt' in req).toBe(false);
+    expect('model' in req).toBe(false);
+  });
+
+  it('sends what was chosen, trimmed and within limits', () => {
+    const req = toJobRequest(
+      draft({ prompt: '  a dog ', negative_prompt: ' text ', preset: 'portrait', model: 'm', sampler: 'Euler', schedule: 'Karras', seed: 5, steps: 500, batch_size: 0, cfg_scale: Number.NaN }),
+    );
+    expect(req).toMatchObject({ prompt: 'a dog', negative_prompt: 'text', preset: 'portrait', model: 'm', sampler: 'Euler', schedule: 'Karras', seed: 5, steps: 150, batch_size: 1, cfg_scale: 7 });
+  });
+
+  it('turns an empty or broken seed field into random', () => {
+    expect(toJobRequest(draft({ seed: null as unknown as number })).seed).toBe(-1);
+    expect(toJobRequest(draft({ seed: 1.5 })).seed).toBe(-1);
+  });
+});
+
+describe('recall', () => {
+  it('takes every setting of a gallery picture, with a custom size and the same seed', () => {
+    const d = recall(draft({ preset: 'portrait' }), image);
+    expect(d).toMatchObject({ prompt: 'a lighthouse', negative_prompt: 'blurry', model: 'tiny-sd1', sampler: 'Euler a', schedule: 'Karras', steps: 12, cfg_scale: 6.5, seed: 42, width: 64, height: 96, aspect: 'custom', preset: '' });
+  });
+
+  it('keeps the current model or sampler when this app has no such one', () => {
+    const d = recall(draft({ model: 'mine', sampler: 'Euler' }), image, { models: ['mine'], samplers: ['Euler', 'EULER A'] });
+    expect(d.model).toBe('mine');
+    expect(d.sampler).toBe('EULER A');
+  });
+
+  it('leaves alone what a PNG did not say', () => {
+    const found: Inspected = { source: 'comfyui', prompt: 'x', negative_prompt: null, steps: null, cfg_scale: null, seed: null, width: null, height: null, sampler: null, schedule: null, model: null };
+    const d = recallInspected(draft({ negative_prompt: 'keep', steps: 30 }), found);
+    expect(d).toMatchObject({ prompt: 'x', negative_prompt: 'keep', steps: 30, seed: -1, aspect: '1:1' });
+    expect(hasParameters(found)).toBe(true);
+    expect(hasParameters({ ...found, source: 'none' })).toBe(false);
+  });
+});
+
+describe('presets', () => {
+  const preset: Preset = {
+    id: 'quick',
+    name: 'Quick',
+    description: '',
+    builtin: true,
+    width: null,
+    height: null,
+    steps: 8,
+    cfg_scale: null,
+    sampler: 'Euler a',
+    schedule: null,
+    prompt_prefix: '',
+    prompt_suffix: '',
+    negative_prompt: '',
+  };
+
+  it('applying one sets what it has and keeps the rest', () => {
+    const d = applyPreset(draft({ cfg_scale: 9, schedule: 'Exponential' }), preset);
+    expect(d).toMatchObject({ preset: 'quick', steps: 8, sampler: 'Euler a', cfg_scale: 9, schedule: 'Exponential', width: 512, aspect: '1:1' });
+    expect(applyPreset(d, null).preset).toBe('');
+  });
+
+  it('a preset made from the draft carries its size and quality settings', () => {
+    const p = presetFromDraft(draft({ width: 64, height: 64, steps: 3, sampler: '', negative_prompt: ' grainy ' }), ' Mine ');
+    expect(p).toMatchObject({ name: 'Mine', width: 64, height: 64, steps: 3, sampler: null, negative_prompt: 'grainy' });
+  });
+});
+
+describe('parametersText', () => {
+  it('uses the PNG’s own text when there is one', () => {
+    expect(parametersText({ ...image, parameters: 'stored text' })).toBe('stored text');
+  });
+
+  it('writes A1111-style text otherwise', () => {
+    expect(parametersText(image)).toBe(
+      'a lighthouse\nNegative prompt: blurry\nSteps: 12, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 64x96, Model: tiny-sd1',
+    );
+  });
+});
+
+describe('parseDraft', () => {
+  it('falls back to defaults for missing, damaged or wrongly typed values', () => {
+    expect(parseDraft(null)).toEqual(DEFAULT_DRAFT);
+    expect(parseDraft('{not json')).toEqual(DEFAULT_DRAFT);
+    expect(parseDraft(JSON.stringify({ prompt: 'x', steps: 'many' }))).toEqual({ ...DEFAULT_DRAFT, prompt: 'x' });
+  });
+});

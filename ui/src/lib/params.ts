@@ -1,0 +1,202 @@
+// The Playground's settings ("draft") and the conversions around it: to a job request, from a
+// gallery picture, from a dropped PNG's parameters, from a preset, and to the A1111-style text
+// behind "Copy parameters". Pure functions, so they are unit tested without a browser.
+
+import type { ImageRecord, Inspected, JobInfo, JobRequest, Preset, PresetInput } from './api';
+
+export interface Draft {
+  prompt: string;
+  /** '' means "the default from Settings". */
+  negative_prompt: string;
+  /** Preset id; '' for none. */
+  preset: string;
+  /** Model name; '' for the default model. */
+  model: string;
+  /** An aspect id from sizes.ts, or 'custom'. */
+  aspect: string;
+  width: number;
+  height: number;
+  steps: number;
+  cfg_scale: number;
+  /** '' for the app's default. */
+  sampler: string;
+  schedule: string;
+  /** -1: a new random seed for every picture. */
+  seed: number;
+  batch_size: number;
+}
+
+export const DEFAULT_DRAFT: Draft = {
+  prompt: '',
+  negative_prompt: '',
+  preset: '',
+  model: '',
+  aspect: '1:1',
+  width: 512,
+  height: 512,
+  steps: 20,
+  cfg_scale: 7,
+  sampler: '',
+  schedule: '',
+  seed: -1,
+  batch_size: 1,
+};
+
+export const LIMITS = {
+  steps: { min: 1, max: 150 },
+  cfg_scale: { min: 1, max: 30 },
+  batch_size: { min: 1, max: 8 },
+  side: { min: 64, max: 2048 },
+} as const;
+
+function clamp(n: number, min: number, max: number, fallback: number): number {
+  if (!Number.isFinite(n)) return fallback;
+  return Math.min(max, Math.max(min, n));
+}
+
+/** The POST /api/v1/jobs body for a draft. Blank choices are left out so the server's defaults apply. */
+export function toJobRequest(d: Draft): JobRequest {
+  const req: JobRequest = {
+    prompt: d.prompt.trim(),
+    width: d.width,
+    height: d.height,
+    steps: Math.round(clamp(d.steps, LIMITS.steps.min, LIMITS.steps.max, DEFAULT_DRAFT.steps)),
+    cfg_scale: clamp(d.cfg_scale, LIMITS.cfg_scale.min, LIMITS.cfg_scale.max, DEFAULT_DRAFT.cfg_scale),
+    seed: Number.isInteger(d.seed) && d.seed >= 0 ? d.seed : -1,
+    batch_size: Math.round(clamp(d.batch_size, LIMITS.batch_size.min, LIMITS.batch_size.max, 1)),
+  };
+  if (d.negative_prompt.trim() !== '') req.negative_prompt = d.negative_prompt.trim();
+  if (d.preset) req.preset = d.preset;
+  if (d.model) req.model = d.model;
+  if (d.sampler) req.sampler = d.sampler;
+  if (d.schedule) req.schedule = d.schedule;
+  return req;
+}
+
+/** Settings some source can give back; anything missing or null is left as it is. */
+export interface Recalled {
+  prompt?: string | null;
+  negative_prompt?: string | null;
+  model?: string | null;
+  width?: number | null;
+  height?: number | null;
+  steps?: number | null;
+  cfg_scale?: number | null;
+  sampler?: string | null;
+  schedule?: string | null;
+  seed?: number | null;
+}
+
+/**
+ * The draft after taking over a picture's settings. The preset is cleared (the picture's prompt
+ * already has its words in it), the seed is kept so the same picture can be made again, and a
+ * model or sampler this app does not have is left at the current choice.
+ */
+export function recall(d: Draft, from: Recalled, known: { models?: string[]; samplers?: string[]; schedules?: string[] } = {}): Draft {
+  const next: Draft = { ...d, preset: '' };
+  const has = <T,>(v: T | null | undefined): v is T => v !== null && v !== undefined;
+  if (has(from.prompt)) next.prompt = from.prompt;
+  if (has(from.negative_prompt)) next.negative_prompt = from.negative_prompt;
+  if (has(from.width) && has(from.height) && from.width > 0 && from.height > 0) {
+    next.width = from.width;
+    next.height = from.height;
+    next.aspect = 'custom';
+  }
+  if (has(from.steps) && from.steps > 0) next.steps = from.steps;
+  if (has(from.cfg_scale) && from.cfg_scale > 0) next.cfg_scale = from.cfg_scale;
+  if (has(from.seed) && from.seed >= 0) next.seed = from.seed;
+  const pick = (value: string | null | undefined, list: string[] | undefined) => {
+    if (!has(value) || value === '') return null;
+    if (!list) return value;
+    return list.find((x) => x.toLowerCase() === value.toLowerCase()) ?? null;
+  };
+  const model = pick(from.model, known.models);
+  if (model !== null) next.model = model;
+  const sampler = pick(from.sampler, known.samplers);
+  if (sampler !== null) next.sampler = sampler;
+  const schedule = pick(from.schedule, known.schedules);
+  if (schedule !== null) next.schedule = schedule;
+  return next;
+}
+
+export function recallImage(d: Draft, image: ImageRecord, known?: Parameters<typeof recall>[2]): Draft {
+  return recall(d, image, known);
+}
+
+export function recallInspected(d: Draft, found: Inspected, known?: Parameters<typeof recall>[2]): Draft {
+  return recall(d, found, known);
+}
+
+/** Whether a PNG's parameters had anything worth recalling. */
+export function hasParameters(found: Inspected): boolean {
+  return found.source !== 'none' && (found.prompt ?? '') !== '';
+}
+
+/** The draft after picking a preset: its size and quality settings fill the form. */
+export function applyPreset(d: Draft, preset: Preset | null): Draft {
+  if (!preset) return { ...d, preset: '' };
+  const next: Draft = { ...d, preset: preset.id };
+  if (preset.width && preset.height) {
+    next.width = preset.width;
+    next.height = preset.height;
+    next.aspect = 'custom';
+  }
+  if (preset.steps) next.steps = preset.steps;
+  if (preset.cfg_scale) next.cfg_scale = preset.cfg_scale;
+  if (preset.sampler) next.sampler = preset.sampler;
+  if (preset.schedule) next.schedule = preset.schedule;
+  return next;
+}
+
+/** A new preset from the Playground's current settings. */
+export function presetFromDraft(d: Draft, name: string, description = ''): PresetInput {
+  return {
+    name: name.trim(),
+    description: description.trim(),
+    width: d.width,
+    height: d.height,
+    steps: d.steps,
+    cfg_scale: d.cfg_scale,
+    sampler: d.sampler || null,
+    schedule: d.schedule || null,
+    prompt_prefix: '',
+    prompt_suffix: '',
+    negative_prompt: d.negative_prompt.trim(),
+  };
+}
+
+function formatNumber(n: number): string {
+  return Number.isInteger(n) ? String(n) : String(Math.round(n * 100) / 100);
+}
+
+/** A1111-style parameters text, as in the PNG ("Steps: 20, Sampler: Euler, ..."). */
+export function parametersText(p: ImageRecord | JobInfo): string {
+  if ('parameters' in p && p.parameters) return p.parameters;
+  const lines = [p.prompt];
+  if (p.negative_prompt) lines.push(`Negative prompt: ${p.negative_prompt}`);
+  const fields: [string, string][] = [
+    ['Steps', String(p.steps)],
+    ['Sampler', p.sampler],
+  ];
+  if (p.schedule) fields.push(['Schedule type', p.schedule]);
+  fields.push(['CFG scale', formatNumber(p.cfg_scale)], ['Seed', String(p.seed)], ['Size', `${p.width}x${p.height}`]);
+  if (p.model) fields.push(['Model', p.model]);
+  lines.push(fields.map(([k, v]) => `${k}: ${v}`).join(', '));
+  return lines.join('\n');
+}
+
+/** Reads a stored draft (localStorage); anything unreadable falls back to the defaults. */
+export function parseDraft(text: string | null): Draft {
+  if (!text) return { ...DEFAULT_DRAFT };
+  try {
+    const raw = JSON.parse(text) as Partial<Record<keyof Draft, unknown>>;
+    const out: Draft = { ...DEFAULT_DRAFT };
+    for (const key of Object.keys(DEFAULT_DRAFT) as (keyof Draft)[]) {
+      const value = raw[key];
+      if (typeof value === typeof DEFAULT_DRAFT[key]) (out as unknown as Record<string, unknown>)[key] = value;
+    }
+    return out;
+  } catch {
+    return { ...DEFAULT_DRAFT };
+  }
+}
