@@ -44,6 +44,7 @@ impl DataDir {
             dir.gallery(),
             dir.logs(),
             dir.presets(),
+            dir.characters(),
         ] {
             std::fs::create_dir_all(&sub).map_err(|source| DataDirError::Create {
                 path: sub.clone(),
@@ -67,6 +68,10 @@ impl DataDir {
     }
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
+    }
+    /// The user's characters, one JSON file each.
+    pub fn characters(&self) -> PathBuf {
+        self.root.join("characters")
     }
     /// The user's own presets, one TOML file each.
     pub fn presets(&self) -> PathBuf {

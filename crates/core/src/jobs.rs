@@ -645,17 +645,13 @@ fn set_stage(shared: &Shared, job: &Job, stage: Stage) {
 
 /// The A1111 parameters text saved in the PNG.
 pub fn infotext_for(req: &GenerateRequest, model: &str) -> Infotext {
-    let mut extra = Vec::new();
     // A1111's default noise is the GPU's; it marks other sources ("RNG: CPU", "RNG: NV"), so an
     // A1111 user pasting our parameters gets our noise.
-    extra.push((
-        "RNG".to_owned(),
-        match req.seed_source {
-            SeedSource::Nv => "NV",
-            _ => "CPU",
-        }
-        .to_owned(),
-    ));
+    let rng = match req.seed_source {
+        SeedSource::Nv => "NV",
+        _ => "CPU",
+    };
+    let extra = vec![("RNG".to_owned(), rng.to_owned())];
     Infotext {
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),

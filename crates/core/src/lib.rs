@@ -1,5 +1,7 @@
 //! ld-core: the app's use cases, shared by the server, the CLI and the desktop shell.
 
+pub mod characters;
+pub mod chat;
 pub mod compose;
 pub mod datadir;
 pub mod gallery;

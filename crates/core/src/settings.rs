@@ -36,6 +36,37 @@ pub struct Settings {
     pub allowed_origins: Vec<String>,
     /// Folders of models the user already has (A1111, ComfyUI, anywhere): used in place.
     pub models_dirs: Vec<std::path::PathBuf>,
+    /// An optional language model that writes prompts for chat pictures.
+    pub chat_writer: ChatWriterSettings,
+}
+
+/// An OpenAI-compatible chat server (llama.cpp, Ollama, LM Studio, ...) that writes image prompts
+/// from a conversation. Off by default: the built-in writer needs nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChatWriterSettings {
+    pub enabled: bool,
+    /// Base address, e.g. `http://127.0.0.1:11434/v1`.
+    pub url: String,
+    pub model: String,
+    /// Sent as a bearer token when set.
+    pub api_key: String,
+    /// Empty: the built-in instructions.
+    pub system_prompt: String,
+    pub timeout_seconds: u64,
+}
+
+impl Default for ChatWriterSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            url: String::new(),
+            model: String::new(),
+            api_key: String::new(),
+            system_prompt: String::new(),
+            timeout_seconds: 30,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -49,6 +80,7 @@ impl Default for Settings {
             low_vram: LowVram::Auto,
             allowed_origins: Vec::new(),
             models_dirs: Vec::new(),
+            chat_writer: ChatWriterSettings::default(),
         }
     }
 }

@@ -3,7 +3,9 @@
 
 use crate::error::{ApiError, Code};
 use crate::guard::{localhost_guard, require_session};
-use crate::handlers::{a1111, health, images, jobs, models, openai, presets, settings, system};
+use crate::handlers::{
+    a1111, characters, health, images, jobs, models, openai, presets, settings, system,
+};
 use crate::state::AppState;
 use crate::static_ui;
 use axum::extract::DefaultBodyLimit;
@@ -36,6 +38,15 @@ pub fn app(state: AppState) -> Router {
             "/api/v1/presets/{id}",
             put(presets::update).delete(presets::delete),
         )
+        .route("/api/v1/characters", post(characters::create))
+        .route(
+            "/api/v1/characters/import",
+            post(characters::import).layer(DefaultBodyLimit::max(INSPECT_LIMIT)),
+        )
+        .route(
+            "/api/v1/characters/{id}",
+            put(characters::update).delete(characters::delete),
+        )
         .route_layer(from_fn_with_state(state.clone(), require_session));
 
     let native = Router::new()
@@ -57,6 +68,14 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/presets", get(presets::list))
         .route("/api/v1/presets/{id}", get(presets::get))
         .route("/api/v1/presets/{id}/export", get(presets::export))
+        .route("/api/v1/characters", get(characters::list))
+        .route("/api/v1/characters/{id}", get(characters::get))
+        .route("/api/v1/characters/{id}/export", get(characters::export))
+        .route(
+            "/api/v1/characters/{id}/portrait",
+            post(characters::portrait),
+        )
+        .route("/api/v1/chat/illustrate", post(characters::illustrate))
         .route("/api/v1/models", get(models::list))
         .route("/api/v1/samplers", get(models::samplers))
         .route("/api/v1/schedules", get(models::schedules));

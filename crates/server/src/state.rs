@@ -2,6 +2,7 @@
 //! the presets, the per-launch session token and the address rules the guard enforces.
 
 use anyhow::Context;
+use ld_core::characters::CharacterStore;
 use ld_core::compose::{self, ComposeError, ComposedJob, GenerationInput};
 use ld_core::datadir::DataDir;
 use ld_core::gallery::Gallery;
@@ -55,6 +56,7 @@ struct Inner {
     models_dirs: Vec<PathBuf>,
     jobs: JobService,
     presets: Mutex<PresetStore>,
+    characters: CharacterStore,
     /// Problems found while starting (a rebuilt gallery index, broken preset files), shown in
     /// Diagnostics.
     startup_warnings: Vec<String>,
@@ -87,6 +89,13 @@ impl AppState {
             )
         })?;
         warnings.extend(presets.warnings().iter().cloned());
+        let characters = CharacterStore::open(&opts.data.characters()).with_context(|| {
+            format!(
+                "the characters in {} could not be read",
+                opts.data.characters().display()
+            )
+        })?;
+        warnings.extend(characters.warnings().iter().cloned());
         let jobs = JobService::new(
             Arc::new(gallery),
             ServiceConfig {
@@ -106,6 +115,7 @@ impl AppState {
                 models_dirs: opts.models_dirs,
                 jobs,
                 presets: Mutex::new(presets),
+                characters,
                 startup_warnings: warnings,
             }),
         })
@@ -134,6 +144,9 @@ impl AppState {
     }
     pub fn presets(&self) -> MutexGuard<'_, PresetStore> {
         self.inner.presets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn characters(&self) -> &CharacterStore {
+        &self.inner.characters
     }
     pub fn startup_warnings(&self) -> &[String] {
         &self.inner.startup_warnings

@@ -1,5 +1,6 @@
 //! Integration tests of ld-server: one target, modules per area (link time on 2 cores).
 
 mod api;
+mod chat;
 mod cli;
 mod service;

@@ -1,6 +1,7 @@
 //! Route handlers, one module per resource, named by verb.
 
 pub mod a1111;
+pub mod characters;
 pub mod health;
 pub mod images;
 pub mod jobs;
