@@ -337,6 +337,7 @@ mod tests {
                 size_bytes: 1,
                 format: "diffusers",
                 managed: true,
+                catalog_id: None,
             })
             .collect()
     }

@@ -1,9 +1,11 @@
 //! ld-core: the app's use cases, shared by the server, the CLI and the desktop shell.
 
+pub mod catalog;
 pub mod characters;
 pub mod chat;
 pub mod compose;
 pub mod datadir;
+pub mod download;
 pub mod gallery;
 pub mod hardware;
 pub mod image_file;

@@ -42,6 +42,8 @@ pub struct ModelInfo {
     pub format: &'static str,
     /// Whether it lives in our data folder (so we may delete it) or in a folder the user added.
     pub managed: bool,
+    /// The catalog entry it was downloaded from.
+    pub catalog_id: Option<String>,
 }
 
 /// Every model under `roots`: a root that is itself a model folder, or model folders one level
@@ -61,6 +63,11 @@ pub fn scan(managed_root: &Path, user_roots: &[PathBuf]) -> Vec<ModelInfo> {
         let mut dirs: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.path())
+            // Hidden folders are ours in progress (a download's staging folder).
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .filter(|p| is_model_folder(p))
             .collect();
         dirs.sort();
@@ -104,8 +111,32 @@ fn describe(dir: &Path, managed: bool) -> ModelInfo {
         path: dir.to_path_buf(),
         size_bytes: folder_size(dir, 3),
         format: "diffusers",
-        managed,
+        // Only what we downloaded (it carries our marker) counts as ours to delete.
+        managed: managed && dir.join(crate::download::MARKER).is_file(),
+        catalog_id: std::fs::read_to_string(dir.join(crate::download::MARKER))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("catalog_id")?.as_str().map(str::to_owned)),
     }
+}
+
+/// Deletes a model we downloaded. Anything else (the user's own folders, models they copied in by
+/// hand) is refused: we never delete what we did not put there.
+pub fn delete_managed(model: &ModelInfo) -> std::io::Result<()> {
+    if !model.managed {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "only models downloaded by Local Diffusers can be deleted here",
+        ));
+    }
+    // Renamed first, so a delete cut short leaves a hidden folder, not a broken model.
+    let parent = model.path.parent().unwrap_or(Path::new("."));
+    let doomed = parent.join(format!(
+        ".deleting-{}",
+        model.path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::rename(&model.path, &doomed)?;
+    std::fs::remove_dir_all(&doomed)
 }
 
 /// SDXL by its pipeline class; SD1 and SD2 by their text encoders (OpenAI CLIP uses quick_gelu,
@@ -180,6 +211,9 @@ mod tests {
         assert_eq!(find(&models, "SD1").unwrap().name, "sd1");
         assert_eq!(find(&models, "sd1 [abcdef0123]").unwrap().name, "sd1");
         assert!(find(&models, "other").is_none());
-        assert!(models[0].managed);
+        assert!(
+            !models[0].managed,
+            "not downloaded by us: never ours to delete"
+        );
     }
 }

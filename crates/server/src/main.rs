@@ -43,6 +43,9 @@ enum Command {
     Doctor,
     /// Make one image from a prompt and save it as a PNG.
     Generate(commands::generate::GenerateArgs),
+    /// List, browse and download models.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
     /// Time the full-size SD1.5 UNet and VAE on this machine (random weights, no download).
     Bench(commands::bench::BenchArgs),
 }
@@ -86,6 +89,7 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Generate(args) => commands::generate::run(args, &data),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Models(cmd) => commands::models::run(cmd, &data),
     }
 }
 

@@ -38,6 +38,15 @@ pub fn app(state: AppState) -> Router {
             "/api/v1/presets/{id}",
             put(presets::update).delete(presets::delete),
         )
+        .route("/api/v1/downloads", post(models::start_download))
+        .route(
+            "/api/v1/downloads/{id}/cancel",
+            post(models::cancel_download),
+        )
+        .route(
+            "/api/v1/models/{name}",
+            axum::routing::delete(models::delete),
+        )
         .route("/api/v1/characters", post(characters::create))
         .route(
             "/api/v1/characters/import",
@@ -77,6 +86,9 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/api/v1/chat/illustrate", post(characters::illustrate))
         .route("/api/v1/models", get(models::list))
+        .route("/api/v1/catalog", get(models::catalog))
+        .route("/api/v1/setup", get(models::setup))
+        .route("/api/v1/downloads", get(models::downloads))
         .route("/api/v1/samplers", get(models::samplers))
         .route("/api/v1/schedules", get(models::schedules));
 

@@ -5,6 +5,8 @@ use anyhow::Context;
 use ld_core::characters::CharacterStore;
 use ld_core::compose::{self, ComposeError, ComposedJob, GenerationInput};
 use ld_core::datadir::DataDir;
+use ld_core::download::manager::Downloads;
+use ld_core::download::Hub;
 use ld_core::gallery::Gallery;
 use ld_core::hardware::{GpuProbe, NvmlProbe};
 use ld_core::jobs::{JobService, ServiceConfig};
@@ -25,6 +27,8 @@ pub struct StateOptions {
     pub gpu: Arc<dyn GpuProbe>,
     /// Jobs that may wait in the queue.
     pub queue_capacity: usize,
+    /// Where models are downloaded from; `None`: `HF_ENDPOINT` or the Hugging Face hub.
+    pub hub_endpoint: Option<String>,
 }
 
 impl StateOptions {
@@ -36,6 +40,7 @@ impl StateOptions {
             models_dirs: Vec::new(),
             gpu: Arc::new(NvmlProbe::default()),
             queue_capacity: 16,
+            hub_endpoint: None,
         }
     }
 }
@@ -57,6 +62,7 @@ struct Inner {
     jobs: JobService,
     presets: Mutex<PresetStore>,
     characters: CharacterStore,
+    downloads: Downloads,
     /// Problems found while starting (a rebuilt gallery index, broken preset files), shown in
     /// Diagnostics.
     startup_warnings: Vec<String>,
@@ -96,6 +102,12 @@ impl AppState {
             )
         })?;
         warnings.extend(characters.warnings().iter().cloned());
+        let hub = match &opts.hub_endpoint {
+            Some(url) => Hub::new(url, std::env::var("HF_TOKEN").ok()),
+            None => Hub::from_env(),
+        }
+        .context("the download client could not start")?;
+        let downloads = Downloads::new(hub, opts.data.models());
         let jobs = JobService::new(
             Arc::new(gallery),
             ServiceConfig {
@@ -116,6 +128,7 @@ impl AppState {
                 jobs,
                 presets: Mutex::new(presets),
                 characters,
+                downloads,
                 startup_warnings: warnings,
             }),
         })
@@ -144,6 +157,9 @@ impl AppState {
     }
     pub fn presets(&self) -> MutexGuard<'_, PresetStore> {
         self.inner.presets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn downloads(&self) -> &Downloads {
+        &self.inner.downloads
     }
     pub fn characters(&self) -> &CharacterStore {
         &self.inner.characters

@@ -3,4 +3,5 @@
 mod api;
 mod chat;
 mod cli;
+mod models;
 mod service;

@@ -16,9 +16,12 @@ use std::time::Instant;
 pub struct GenerateArgs {
     /// What to draw.
     pub prompt: String,
-    /// A diffusers model folder (with model_index.json, unet/, vae/, text_encoder/, tokenizer/).
-    #[arg(long, value_name = "DIR")]
+    /// A diffusers model folder, or the name of an installed model (see `models list`).
+    #[arg(long, value_name = "DIR_OR_NAME")]
     pub model: PathBuf,
+    /// Another folder of models to look in by name; repeatable.
+    #[arg(long = "models-dir", value_name = "DIR")]
+    pub models_dirs: Vec<PathBuf>,
     /// What to keep out of the picture.
     #[arg(long, default_value = "")]
     pub negative: String,
@@ -87,12 +90,7 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     };
     // Cheap checks before the slow model load.
     req.validate()?;
-    if !args.model.is_dir() {
-        bail!(
-            "{} is not a folder; --model needs a diffusers model folder",
-            args.model.display()
-        );
-    }
+    let model_dir = resolve_model(&args.model, &args.models_dirs, data)?;
     let out = match &args.out {
         Some(p) => p.clone(),
         None => data.gallery().join(format!(
@@ -115,9 +113,9 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let device = super::pick_device()?;
     let dtype = super::pick_dtype(&args.precision, &device)?;
     let t0 = Instant::now();
-    eprintln!("Loading {} ...", args.model.display());
-    let pipeline = Pipeline::load(&args.model, &LoadOptions { device, dtype })
-        .with_context(|| format!("could not load the model in {}", args.model.display()))?;
+    eprintln!("Loading {} ...", model_dir.display());
+    let pipeline = Pipeline::load(&model_dir, &LoadOptions { device, dtype })
+        .with_context(|| format!("could not load the model in {}", model_dir.display()))?;
     pipeline.validate(&req)?;
     eprintln!("Loaded in {:.1}s. Seed {seed}.", t0.elapsed().as_secs_f64());
 
@@ -135,8 +133,7 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let image = pipeline.generate(&req, &mut observer)?;
     bar.finish_and_clear();
 
-    let model_name = args
-        .model
+    let model_name = model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
     let info = ld_core::jobs::infotext_for(&req, model_name.as_deref().unwrap_or("model"));
@@ -172,6 +169,41 @@ fn sampler_and_schedule(
         None => fused.unwrap_or(ScheduleKind::Automatic),
     };
     Ok((kind, schedule))
+}
+
+/// A folder given by path, else an installed model by name (data folder, `--models-dir`s and the
+/// folders in the settings).
+fn resolve_model(
+    wanted: &std::path::Path,
+    extra: &[PathBuf],
+    data: &DataDir,
+) -> anyhow::Result<PathBuf> {
+    if wanted.is_dir() {
+        return Ok(wanted.to_path_buf());
+    }
+    let mut dirs = extra.to_vec();
+    dirs.extend(
+        ld_core::settings::load(&data.settings_file())
+            .settings
+            .models_dirs,
+    );
+    let models = ld_core::models::scan(&data.models(), &dirs);
+    match ld_core::models::find(&models, &wanted.to_string_lossy()) {
+        Some(m) => Ok(m.path.clone()),
+        None if wanted.exists() => bail!(
+            "{} is not a folder; --model needs a diffusers model folder or an installed model's name",
+            wanted.display()
+        ),
+        None => bail!(
+            "there is no model folder or installed model called '{}'; installed: {}",
+            wanted.display(),
+            if models.is_empty() {
+                "none (download one with `local-diffusers models download sd-turbo`)".to_owned()
+            } else {
+                models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+            }
+        ),
+    }
 }
 
 #[cfg(test)]

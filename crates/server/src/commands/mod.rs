@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod models;
 
 use candle_core::{DType, Device};
 

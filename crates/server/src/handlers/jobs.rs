@@ -97,13 +97,21 @@ fn no_job(id: &str) -> ApiError {
 pub async fn events(
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = BroadcastStream::new(state.jobs().subscribe()).filter_map(|e| {
+    let jobs = BroadcastStream::new(state.jobs().subscribe()).filter_map(|e| {
         // A slow listener that fell behind skips what it missed; the next event catches it up.
         let e = e.ok()?;
         let json = serde_json::to_value(&e).ok()?;
         let kind = json.get("type")?.as_str()?.to_owned();
         Some(Ok(Event::default().event(kind).data(json.to_string())))
     });
+    let downloads = BroadcastStream::new(state.downloads().subscribe()).filter_map(|e| {
+        let mut json = serde_json::to_value(&e.ok()?).ok()?;
+        json["type"] = "download".into();
+        Some(Ok(Event::default()
+            .event("download")
+            .data(json.to_string())))
+    });
+    let stream = jobs.merge(downloads);
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 

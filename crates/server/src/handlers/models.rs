@@ -1,7 +1,8 @@
 //! `GET /api/v1/models`, `/samplers`, `/schedules`: what the playground's pickers offer.
 
+use crate::error::{ApiError, Code};
 use crate::state::AppState;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::Json;
 use ld_core::models::ModelInfo;
 use ld_engine::sampler::SamplerKind;
@@ -31,4 +32,167 @@ pub async fn schedules() -> Json<Value> {
         "schedules": ScheduleKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>(),
         "default": "Karras",
     }))
+}
+
+/// The usable VRAM for catalog advice: the largest NVIDIA card when this build can use CUDA,
+/// else none (the CPU).
+fn usable_vram_gb(state: &AppState) -> Option<f64> {
+    if !crate::BUILD.cuda {
+        return None;
+    }
+    state
+        .gpu()
+        .probe()
+        .0
+        .iter()
+        .map(|g| g.vram_total_bytes as f64 / (1u64 << 30) as f64)
+        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))))
+}
+
+/// `GET /api/v1/catalog`: the recommended models, each with whether it fits this computer and is
+/// installed, and the one the guided setup suggests first.
+pub async fn catalog(State(state): State<AppState>) -> Json<Value> {
+    let body = tokio::task::spawn_blocking(move || {
+        let vram = usable_vram_gb(&state);
+        let installed: Vec<String> = state
+            .models()
+            .into_iter()
+            .filter_map(|m| m.catalog_id)
+            .collect();
+        let entries: Vec<Value> = ld_core::catalog::entries()
+            .into_iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(&e).unwrap_or_default();
+                v["fits"] = json!(ld_core::catalog::fits(&e, vram));
+                v["installed"] = json!(installed.contains(&e.id));
+                v
+            })
+            .collect();
+        json!({
+            "models": entries,
+            "suggested": ld_core::catalog::suggest(vram).id,
+            "vram_gb": vram,
+        })
+    })
+    .await
+    .unwrap_or_default();
+    Json(body)
+}
+
+/// `GET /api/v1/setup`: what the first-start guide needs: whether any model is installed, the
+/// suggestion, and downloads under way.
+pub async fn setup(State(state): State<AppState>) -> Json<Value> {
+    let s = state.clone();
+    let (has_model, vram) =
+        tokio::task::spawn_blocking(move || (!s.models().is_empty(), usable_vram_gb(&s)))
+            .await
+            .unwrap_or((false, None));
+    let suggested = ld_core::catalog::suggest(vram);
+    Json(json!({
+        "has_model": has_model,
+        "suggested": suggested,
+        "downloads": state.downloads().list(),
+        "offline_hint": "No internet? Put a model folder you already have under Settings > Folders with models.",
+    }))
+}
+
+#[derive(serde::Deserialize)]
+pub struct DownloadRequest {
+    id: String,
+}
+
+/// `POST /api/v1/downloads {id}` (UI-only): install a catalog model; progress comes as
+/// `download` events on `/api/v1/events`.
+pub async fn start_download(
+    State(state): State<AppState>,
+    body: Result<Json<DownloadRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<
+    (
+        axum::http::StatusCode,
+        Json<ld_core::download::manager::DownloadInfo>,
+    ),
+    ApiError,
+> {
+    let Json(req) = body.map_err(|e| ApiError::bad_json(&e, "Send {\"id\": \"sd-turbo\"}."))?;
+    let entry = ld_core::catalog::find(&req.id).ok_or_else(|| {
+        ApiError::new(
+            Code::NotFound,
+            format!(
+                "There is no catalog model '{}'.",
+                req.id.chars().take(60).collect::<String>()
+            ),
+            format!(
+                "Choose one of: {}.",
+                ld_core::catalog::entries()
+                    .iter()
+                    .map(|e| e.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    })?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(state.downloads().start(entry)),
+    ))
+}
+
+pub async fn downloads(
+    State(state): State<AppState>,
+) -> Json<Vec<ld_core::download::manager::DownloadInfo>> {
+    Json(state.downloads().list())
+}
+
+pub async fn cancel_download(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<ld_core::download::manager::DownloadInfo>, ApiError> {
+    state.downloads().cancel(&id).map(Json).ok_or_else(|| {
+        ApiError::new(
+            Code::NotFound,
+            "There is no such download.",
+            "Refresh the Models page.",
+        )
+    })
+}
+
+/// `DELETE /api/v1/models/{name}` (UI-only): only models we downloaded.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let models = state.models();
+        let model = models
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::NotFound,
+                    "There is no such model.",
+                    "Refresh the Models page.",
+                )
+            })?;
+        if !model.managed {
+            return Err(ApiError::new(
+                Code::Forbidden,
+                format!(
+                    "'{}' is in a folder you added ({}); Local Diffusers only deletes models it downloaded.",
+                    model.name,
+                    model.path.display()
+                ),
+                "Delete it with your file manager if you no longer want it, or remove its folder from Settings.",
+            ));
+        }
+        ld_core::models::delete_managed(model).map_err(|e| {
+            ApiError::new(
+                Code::Internal,
+                format!("The model could not be deleted: {e}"),
+                "Close other programs using it and try again.",
+            )
+        })?;
+        Ok(Json(json!({"deleted": model.name})))
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
