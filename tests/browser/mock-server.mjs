@@ -2,8 +2,9 @@
 // Rust server. It serves ui/dist the way ld-server does (session token injected into index.html,
 // the same strict Content Security Policy) and answers the few API routes the UI uses so far with
 // this machine's real facts, plus an in-memory stand-in for generation (jobs that "draw" a
-// plain-coloured PNG with A1111-style parameters in a few steps), the gallery, presets, models
-// and settings, so every page can be worked on. The real server is what the tests prove.
+// plain-coloured PNG with A1111-style parameters in a few steps), the gallery, presets, models,
+// settings, characters (with card import) and pictures from a chat (a crude trigger and prompt
+// writer), so every page can be worked on. The real server is what the tests prove.
 //
 // Run:  node tests/browser/mock-server.mjs [--port 7861] [--gpu]
 //   --gpu (or MOCK_GPU=1) pretends an NVIDIA card is present, to see that side of the UI.
@@ -150,7 +151,7 @@ export function makePng(width, height, rgb, parameters) {
   return Buffer.concat(parts);
 }
 
-function pngText(buf) {
+function pngText(buf, key = 'parameters') {
   if (buf.length < 8 || buf.readUInt32BE(0) !== 0x89504e47) return null;
   let at = 8;
   while (at + 8 <= buf.length) {
@@ -159,7 +160,7 @@ function pngText(buf) {
     if (type === 'tEXt') {
       const data = buf.subarray(at + 8, at + 8 + len).toString('latin1');
       const nul = data.indexOf('\0');
-      if (data.slice(0, nul) === 'parameters') return data.slice(nul + 1);
+      if (data.slice(0, nul) === key) return data.slice(nul + 1);
     }
     at += 12 + len;
   }
@@ -246,7 +247,9 @@ function createApp({ dataDir }) {
       low_vram: 'auto',
       allowed_origins: [],
       models_dirs: [],
+      chat_writer: { enabled: false, url: '', model: '', api_key: '', system_prompt: '', timeout_seconds: 30 },
     },
+    characters: [],
     models: [
       { name: 'tiny-sd1', family: 'SD1', path: path.resolve('models/tiny/sd1'), size_bytes: 3_200_000, format: 'diffusers', managed: false },
       { name: 'tiny-sd2', family: 'SD2', path: path.resolve('models/tiny/sd2'), size_bytes: 3_400_000, format: 'diffusers', managed: false },
@@ -511,6 +514,9 @@ async function handleApi(app, req, res, url, session) {
     return sendJson(res, 200, image), true;
   }
 
+  if (seg[0] === 'characters') return handleCharacters(app, req, res, seg, method, needSession, json);
+  if (pathname === '/api/v1/chat/illustrate' && method === 'POST') return illustrate(app, res, await json());
+
   if (seg[0] === 'presets') {
     const slug = (name) => name.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '') || 'preset';
     const fields = (b) => ({
@@ -565,6 +571,137 @@ async function handleApi(app, req, res, url, session) {
     return sendJson(res, 200, preset), true;
   }
   return false;
+}
+
+// ---- Characters and pictures from a chat (a rough stand-in for ld-core's characters and chat) ----
+
+const EAGERNESS = ['off', 'low', 'normal', 'high'];
+
+function characterFields(b) {
+  return {
+    name: String(b?.name ?? '').trim(),
+    appearance: String(b?.appearance ?? '').trim(),
+    style: b?.style ?? null,
+    negative_prompt: b?.negative_prompt ?? '',
+    seed: b?.seed ?? null,
+    model: b?.model ?? null,
+    avatar: b?.avatar ?? null,
+    eagerness: EAGERNESS.includes(b?.eagerness) ? b.eagerness : 'normal',
+  };
+}
+
+/** Name and look from a TavernAI/SillyTavern card: V1 at the top, V2/V3 under `data`. */
+function fromCard(card) {
+  const d = card?.data && typeof card.data === 'object' ? card.data : card;
+  return { name: d?.name, appearance: String(d?.description ?? '').replaceAll('{{char}}', d?.name ?? '').slice(0, 2000) };
+}
+
+async function handleCharacters(app, req, res, seg, method, needSession, json) {
+  const slug = (name) => name.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '') || 'character';
+  const create = (b) => {
+    const f = characterFields(b);
+    if (!f.name) return apiError(res, 400, 'invalid_request', 'the character\'s name is not valid: it is empty', 'Correct the character and try again.'), true;
+    if (f.avatar !== null && !app.images.some((i) => i.id === f.avatar)) return apiError(res, 400, 'invalid_request', 'The avatar is not an image in the gallery.', 'Choose the avatar from the character\'s portraits.'), true;
+    let id = slug(f.name);
+    for (let n = 2; app.characters.some((c) => c.id === id); n++) id = `${slug(f.name)}-${n}`;
+    const c = { id, ...f };
+    app.characters.push(c);
+    app.characters.sort((a, b) => a.name.toLowerCase().localeCompare(b.name.toLowerCase()));
+    return sendJson(res, 200, c), true;
+  };
+  if (seg.length === 1 && method === 'POST') return needSession() || create(await json());
+  if (seg.length === 1) return sendJson(res, 200, app.characters), true;
+  if (seg[1] === 'import' && method === 'POST') {
+    if (needSession()) return true;
+    const body = await readBody(req);
+    const refuse = () => apiError(res, 400, 'invalid_request', 'this PNG has no character card in it (no \'chara\' or \'ccv3\' text)', 'Import a character exported from Local Diffusers, or a SillyTavern/TavernAI card (PNG or JSON).');
+    try {
+      if (body.length >= 8 && body.readUInt32BE(0) === 0x89504e47) {
+        const text = pngText(body, 'ccv3') ?? pngText(body, 'chara');
+        if (!text) return refuse(), true;
+        return create(fromCard(JSON.parse(Buffer.from(text, 'base64').toString('utf8'))));
+      }
+      const v = JSON.parse(body.toString('utf8'));
+      return create(v.spec || v.data || v.description !== undefined ? { ...characterFields(v), ...fromCard(v) } : v);
+    } catch {
+      return refuse(), true;
+    }
+  }
+  const c = app.characters.find((x) => x.id === seg[1]);
+  if (!c) return apiError(res, 404, 'not_found', `there is no character "${seg[1]}"`, 'Refresh the list of characters.'), true;
+  if (seg[2] === 'export') {
+    res.writeHead(200, { 'Content-Type': 'application/json', 'Content-Disposition': `attachment; filename="${c.id}.json"` });
+    res.end(JSON.stringify(c, null, 2));
+    return true;
+  }
+  if (seg[2] === 'portrait' && method === 'POST') {
+    const opts = (await json()) ?? {};
+    const { job, error } = app.submit({
+      prompt: `portrait, ${c.name}, ${c.appearance}, looking at viewer`,
+      negative_prompt: c.negative_prompt || undefined,
+      preset: c.style ?? 'portrait',
+      model: opts.model ?? c.model ?? undefined,
+      seed: opts.seed ?? c.seed ?? undefined,
+      steps: opts.steps,
+      width: opts.width,
+      height: opts.height,
+    });
+    if (error) return apiError(res, ...error), true;
+    return sendJson(res, 202, { picture: true, mode: 'portrait', reason: `A portrait of ${c.name}.`, prompt: job.prompt, negative_prompt: job.negative_prompt, writer: 'built_in', note: null, job: publicJob(job) }), true;
+  }
+  if (method === 'PUT') {
+    if (needSession()) return true;
+    const f = characterFields(await json());
+    if (!f.name) return apiError(res, 400, 'invalid_request', 'the character\'s name is not valid: it is empty', 'Correct the character and try again.'), true;
+    if (f.avatar !== null && !app.images.some((i) => i.id === f.avatar)) return apiError(res, 400, 'invalid_request', 'The avatar is not an image in the gallery.', 'Choose the avatar from the character\'s portraits.'), true;
+    Object.assign(c, f);
+    return sendJson(res, 200, c), true;
+  }
+  if (method === 'DELETE') {
+    if (needSession()) return true;
+    app.characters = app.characters.filter((x) => x !== c);
+    return sendJson(res, 200, { deleted: c.id }), true;
+  }
+  return sendJson(res, 200, c), true;
+}
+
+async function illustrate(app, res, body) {
+  if (!body || !Array.isArray(body.messages)) return apiError(res, 400, 'invalid_request', 'Send {"messages": [...]}.', null), true;
+  const mode = body.mode ?? 'auto';
+  if (body.messages.length === 0 && mode !== 'portrait' && mode !== 'user') return apiError(res, 400, 'invalid_request', 'There are no messages to draw from.', 'Send the recent messages of the conversation.'), true;
+  const cast = [];
+  for (const r of body.characters ?? []) {
+    const name = typeof r === 'string' ? r : r.name;
+    const ours = app.characters.find((c) => c.id === name || c.name.toLowerCase() === String(name).toLowerCase());
+    if (!ours && typeof r === 'string') return apiError(res, 404, 'not_found', `There is no character called '${r}'.`, 'Create the character on the Characters page.'), true;
+    cast.push(ours ?? { name, appearance: r.appearance ?? '', style: null, eagerness: 'normal' });
+  }
+  const main = cast[0];
+  const last = body.messages.at(-1)?.text ?? '';
+  let used = mode;
+  let reason = 'Asked for.';
+  if (mode === 'auto') {
+    const asked = /send me a (picture|photo|selfie)|selfie|show me|\/imagine/i.exec(last);
+    if (!asked || main?.eagerness === 'off') {
+      return sendJson(res, 200, { picture: false, mode: null, reason: 'Nobody asked for a picture, and the last message describes little to see.', prompt: null, negative_prompt: null, writer: null, note: null, job: null }), true;
+    }
+    used = 'portrait';
+    reason = `The user asked for a picture ("${asked[0].toLowerCase()}").`;
+  }
+  const words = used === 'background' ? [last.replace(/"[^"]*"/g, '')] : [...cast.map((c) => `${c.name}, ${c.appearance}`), used === 'portrait' ? 'looking at viewer' : last.replace(/"[^"]*"/g, '')];
+  const w = app.settings.chat_writer;
+  const note = w.enabled ? `The chat server could not write the prompt (could not reach ${w.url}); the built-in writer was used.` : null;
+  const { job, error } = app.submit({
+    prompt: words.filter(Boolean).join(', '),
+    preset: body.preset ?? main?.style ?? (used === 'portrait' || used === 'user' ? 'portrait' : 'scene'),
+    model: body.model ?? main?.model ?? undefined,
+    width: body.width,
+    height: body.height,
+    steps: body.steps,
+    seed: body.seed ?? (used === 'portrait' ? main?.seed ?? undefined : undefined),
+  });
+  if (error) return apiError(res, ...error), true;
+  return sendJson(res, 202, { picture: true, mode: used, reason, prompt: job.prompt, negative_prompt: job.negative_prompt, writer: 'built_in', note, job: publicJob(job) }), true;
 }
 
 /**

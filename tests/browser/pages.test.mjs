@@ -1,6 +1,6 @@
 // Browser test of the Models and Settings pages against a running server (LD_URL): the installed
-// models are listed, settings are saved and kept, and the chat-app connection steps show this
-// server's address. Screenshots: tests/out/models.png, settings.png (and -dark).
+// models are listed, settings (also the optional prompt writer) are saved and kept, and the
+// chat-app connection steps show this server's address. Screenshots: tests/out/models.png, settings.png (and -dark).
 //
 //   LD_URL=http://127.0.0.1:7860 node --test tests/browser/pages.test.mjs
 
@@ -76,6 +76,45 @@ describe('Settings', { timeout: 60_000 }, () => {
     assert.equal(await page.evaluate(() => navigator.clipboard.readText()), h.baseUrl);
     await page.getByTestId('settings-data-dir').filter({ hasNotText: 'Loading' }).waitFor();
     await h.screenshots('settings');
+    await h.checkNoProblems();
+  });
+
+  test('the optional prompt writer is off by default, checked, saved and turned off again', async () => {
+    await h.goto('#/settings');
+    const enabled = page.getByTestId('chat-writer-enabled');
+    await enabled.waitFor();
+    assert.equal(await enabled.isChecked(), false, 'off by default');
+    const system = page.getByTestId('chat-writer-system-prompt');
+    assert.match((await system.getAttribute('placeholder')) ?? '', /You write prompts for an image generator/, 'the built-in instructions');
+
+    // Turned on without an address: explained, not saved.
+    await enabled.check();
+    await page.getByTestId('chat-writer-url').fill('');
+    await page.getByTestId('save-chat-writer').click();
+    await page.getByTestId('chat-writer-problem').filter({ hasText: 'address' }).waitFor();
+
+    await page.getByTestId('chat-writer-url').fill('http://127.0.0.1:11434/v1');
+    await page.getByTestId('chat-writer-model').fill('llama3.2');
+    await system.fill('Write short prompts.');
+    await page.getByTestId('save-chat-writer').click();
+    await page.getByTestId('toast').filter({ hasText: 'Settings saved' }).waitFor();
+    const token = await h.token();
+    const { body } = await h.api('GET', '/api/v1/settings', undefined, { 'X-LD-Session': token });
+    assert.deepEqual(
+      { ...body.chat_writer },
+      { enabled: true, url: 'http://127.0.0.1:11434/v1', model: 'llama3.2', api_key: '', system_prompt: 'Write short prompts.', timeout_seconds: 30 },
+    );
+
+    // Kept across a reload; then off again, for the other tests.
+    await h.goto('#/settings');
+    assert.equal(await page.getByTestId('chat-writer-enabled').isChecked(), true);
+    assert.equal(await page.getByTestId('chat-writer-url').inputValue(), 'http://127.0.0.1:11434/v1');
+    await page.getByTestId('chat-writer-enabled').uncheck();
+    await page.getByTestId('chat-writer-system-prompt').fill('');
+    await page.getByTestId('save-chat-writer').click();
+    await page.getByTestId('toast').filter({ hasText: 'Settings saved' }).first().waitFor();
+    const after = await h.api('GET', '/api/v1/settings', undefined, { 'X-LD-Session': token });
+    assert.equal(after.body.chat_writer.enabled, false);
     await h.checkNoProblems();
   });
 

@@ -205,6 +205,60 @@ describe('native API methods', () => {
     expect(fetch.mock.calls[2]?.[1]?.body).toBe('{"favourite":true}');
   });
 
+  it('call the character and chat routes', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, {}));
+    const c = createApiClient({ token: 't', fetch });
+    const mira = { name: 'Mira', appearance: 'red hair', style: null, negative_prompt: '', seed: null, model: null, avatar: null, eagerness: 'normal' as const };
+    await c.characters();
+    await c.character('mira');
+    await c.createCharacter(mira);
+    await c.updateCharacter('mi ra', { ...mira, avatar: 4 });
+    await c.deleteCharacter('mira');
+    await c.portrait('mira', { width: 64, height: 64, steps: 2 });
+    await c.portrait('mira');
+    await c.illustrate({ messages: [{ role: 'user', text: 'Send me a selfie!' }], characters: ['mira'], mode: 'auto' });
+    expect(fetch.mock.calls.map((call) => `${call[1]?.method} ${call[0]}`)).toEqual([
+      'GET /api/v1/characters',
+      'GET /api/v1/characters/mira',
+      'POST /api/v1/characters',
+      'PUT /api/v1/characters/mi%20ra',
+      'DELETE /api/v1/characters/mira',
+      'POST /api/v1/characters/mira/portrait',
+      'POST /api/v1/characters/mira/portrait',
+      'POST /api/v1/chat/illustrate',
+    ]);
+    expect(JSON.parse(String(fetch.mock.calls[3]?.[1]?.body))).toMatchObject({ name: 'Mira', avatar: 4 });
+    expect(fetch.mock.calls[5]?.[1]?.body).toBe('{"width":64,"height":64,"steps":2}');
+    expect(fetch.mock.calls[6]?.[1]?.body).toBe('{}');
+    expect(JSON.parse(String(fetch.mock.calls[7]?.[1]?.body))).toEqual({
+      messages: [{ role: 'user', text: 'Send me a selfie!' }],
+      characters: ['mira'],
+      mode: 'auto',
+    });
+    for (let i = 0; i < 8; i++) expect(headersOf(fetch, i).get(SESSION_HEADER)).toBe('t');
+    expect(c.characterExportUrl('mi ra')).toBe('/api/v1/characters/mi%20ra/export');
+  });
+
+  it('import a character card as the bytes given, with their type', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, { id: 'seraphina', name: 'Seraphina' }));
+    const c = createApiClient({ token: 't', fetch });
+    const png = new Uint8Array([137, 80, 78, 71]).buffer;
+    expect(await c.importCharacter(png, 'image/png')).toMatchObject({ id: 'seraphina' });
+    expect(fetch.mock.calls[0]?.[0]).toBe('/api/v1/characters/import');
+    expect(fetch.mock.calls[0]?.[1]?.method).toBe('POST');
+    expect(fetch.mock.calls[0]?.[1]?.body).toBe(png);
+    expect(headersOf(fetch).get('Content-Type')).toBe('image/png');
+  });
+
+  it('take both answers of illustrate: a queued picture (202) and "no picture" (200)', async () => {
+    const none = { picture: false, mode: null, reason: 'Nobody asked for a picture.', prompt: null, negative_prompt: null, writer: null, note: null, job: null };
+    const fetch = fakeFetch(() => jsonResponse(200, none));
+    expect(await createApiClient({ fetch }).illustrate({ messages: [{ role: 'user', text: 'How are you?' }] })).toEqual(none);
+    const queued = { ...none, picture: true, mode: 'portrait', reason: 'Asked for.', prompt: 'portrait, Mira', writer: 'built_in', job: { id: 'job-1' } };
+    const fetch2 = fakeFetch(() => jsonResponse(202, queued));
+    expect((await createApiClient({ fetch: fetch2 }).illustrate({ messages: [] })).job?.id).toBe('job-1');
+  });
+
   it('rename the sampler and schedule lists to one shape', async () => {
     const fetch = fakeFetch((url) =>
       jsonResponse(200, String(url).endsWith('samplers') ? { samplers: ['Euler'], default: 'Euler' } : { schedules: ['Karras'], default: 'Karras' }),

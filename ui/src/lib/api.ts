@@ -117,6 +117,23 @@ export interface EditableSettings {
   low_vram: LowVram;
   allowed_origins: string[];
   models_dirs: string[];
+  chat_writer: ChatWriterSettings;
+}
+
+/**
+ * An OpenAI-compatible chat server (llama.cpp, Ollama, LM Studio) that writes the prompts of chat
+ * pictures. Off by default: the built-in writer needs nothing. Any failure falls back to it.
+ */
+export interface ChatWriterSettings {
+  enabled: boolean;
+  /** Base address, e.g. http://127.0.0.1:11434/v1. */
+  url: string;
+  model: string;
+  /** Sent as a bearer token when set. */
+  api_key: string;
+  /** Empty: the built-in instructions. */
+  system_prompt: string;
+  timeout_seconds: number;
 }
 
 /** GET /api/v1/settings: the editable part plus read-only facts. */
@@ -300,6 +317,80 @@ export interface Inspected {
   raw?: unknown;
 }
 
+/** How readily "auto" draws a character during a chat. */
+export type Eagerness = 'off' | 'low' | 'normal' | 'high';
+
+export interface Character {
+  /** Given by the server from the name. */
+  id: string;
+  name: string;
+  /** What the character looks like. */
+  appearance: string;
+  /** A preset id; null: Portrait for portraits, Scene for scenes. */
+  style: string | null;
+  negative_prompt: string;
+  /** The same seed keeps the same face. */
+  seed: number | null;
+  model: string | null;
+  /** A gallery image id. */
+  avatar: number | null;
+  eagerness: Eagerness;
+}
+
+/** A character as sent to POST/PUT: the id is the server's business. */
+export type CharacterInput = Omit<Character, 'id'>;
+
+/** POST /api/v1/characters/{id}/portrait: optional overrides of the character's own settings. */
+export interface PortraitOptions {
+  model?: string;
+  seed?: number;
+  steps?: number;
+  width?: number;
+  height?: number;
+}
+
+/** "assistant" is what SillyTavern calls the character; the server takes both. */
+export type ChatRole = 'user' | 'character' | 'system' | 'assistant';
+
+export interface ChatMessage {
+  role: ChatRole;
+  name?: string;
+  text: string;
+}
+
+export type IllustrateMode = 'portrait' | 'user' | 'scene' | 'last_message' | 'background' | 'auto';
+
+/** A character in a chat request: one of ours by id or name, or described inline. */
+export type CharacterRef = string | { name: string; appearance?: string };
+
+export interface IllustrateRequest {
+  messages: ChatMessage[];
+  characters?: CharacterRef[];
+  /** The user's persona, for "user" mode. */
+  user?: CharacterRef;
+  mode?: IllustrateMode;
+  preset?: string;
+  model?: string;
+  width?: number;
+  height?: number;
+  steps?: number;
+  seed?: number;
+}
+
+/** What a portrait or illustrate request did: a queued picture (with its job) or why not. */
+export interface Illustrated {
+  picture: boolean;
+  mode: IllustrateMode | null;
+  /** Why (or why not), in plain words. */
+  reason: string;
+  prompt: string | null;
+  negative_prompt: string | null;
+  writer: 'built_in' | 'chat_server' | null;
+  /** Set when the chat server failed and the built-in writer was used. */
+  note: string | null;
+  job: JobInfo | null;
+}
+
 // ---- Client ----
 
 export interface ApiClientOptions {
@@ -448,6 +539,20 @@ export function createApiClient(options: ApiClientOptions = {}) {
     importPreset: (toml: string) =>
       request<Preset>('POST', '/api/v1/presets/import', { raw: { data: toml, type: 'application/toml' } }),
     presetExportUrl: (id: string) => `${baseUrl}/api/v1/presets/${enc(id)}/export`,
+
+    characters: (signal?: AbortSignal) => request<Character[]>('GET', '/api/v1/characters', { signal }),
+    character: (id: string) => request<Character>('GET', `/api/v1/characters/${enc(id)}`),
+    createCharacter: (c: CharacterInput) => request<Character>('POST', '/api/v1/characters', { body: c }),
+    updateCharacter: (id: string, c: CharacterInput) =>
+      request<Character>('PUT', `/api/v1/characters/${enc(id)}`, { body: c }),
+    deleteCharacter: (id: string) => request<unknown>('DELETE', `/api/v1/characters/${enc(id)}`),
+    /** Our exported JSON, a card's JSON, or a SillyTavern/TavernAI card PNG, sent as is. */
+    importCharacter: (data: Blob | ArrayBuffer, type: string) =>
+      request<Character>('POST', '/api/v1/characters/import', { raw: { data, type } }),
+    characterExportUrl: (id: string) => `${baseUrl}/api/v1/characters/${enc(id)}/export`,
+    portrait: (id: string, options: PortraitOptions = {}) =>
+      request<Illustrated>('POST', `/api/v1/characters/${enc(id)}/portrait`, { body: options }),
+    illustrate: (req: IllustrateRequest) => request<Illustrated>('POST', '/api/v1/chat/illustrate', { body: req }),
   };
 }
 

@@ -85,4 +85,22 @@ describe('generation', () => {
     expect(generation.current?.state).toBe('cancelled');
     await vi.waitFor(() => expect(generation.active).toEqual([]));
   });
+
+  it('follows a tracked job (a portrait) without making it the Playground’s', async () => {
+    const { generation } = await import('./generation.svelte');
+    generation.start();
+    await generation.submit({ prompt: 'a cat' });
+    const portrait = info({ id: 'job-2', prompt: 'portrait, Mira' });
+    generation.track(portrait);
+    expect(generation.currentId).toBe('job-1');
+    expect(generation.job('job-2')?.state).toBe('queued');
+    expect(generation.job(null)).toBeNull();
+
+    FakeEventSource.last!.emit({ type: 'progress', job: 'job-2', stage: 'sampling', image: 0, batch: 1, step: 1, steps: 2, progress: 0.5, eta_ms: 10 });
+    expect(generation.job('job-2')).toMatchObject({ state: 'running', step: 1 });
+    server = info({ id: 'job-2', state: 'done', stage: 'finished', progress: 1, images: [image] });
+    FakeEventSource.last!.emit({ type: 'done', job: 'job-2', images: [5] });
+    await vi.waitFor(() => expect(generation.job('job-2')?.images.map((i) => i.id)).toEqual([5]));
+    expect(generation.currentId).toBe('job-1');
+  });
 });

@@ -96,6 +96,18 @@ class Generation {
     return job;
   }
 
+  /**
+   * Follows a job queued elsewhere (a character's portrait, a chat picture) without making it the
+   * Playground's current one; its progress and pictures then arrive like any other job's.
+   */
+  track(job: JobInfo) {
+    this.#upsert(job);
+  }
+
+  job(id: string | null): JobInfo | null {
+    return id === null ? null : (this.jobs.find((j) => j.id === id) ?? null);
+  }
+
   async cancel(id: string) {
     try {
       const job = await api().cancelJob(id);

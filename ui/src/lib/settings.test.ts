@@ -1,6 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import type { Settings } from './api';
-import { chatApps, editable, parseLines } from './settings';
+import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, editable, parseLines } from './settings';
+
+const writer = { enabled: true, url: 'http://127.0.0.1:11434/v1', model: 'llama3.2', api_key: '', system_prompt: '', timeout_seconds: 20 };
 
 describe('editable', () => {
   it('keeps what PUT takes and drops read-only facts', () => {
@@ -13,6 +15,7 @@ describe('editable', () => {
       low_vram: 'on',
       allowed_origins: ['http://localhost:8000'],
       models_dirs: ['/models'],
+      chat_writer: writer,
       data_dir: '/data',
       warning: null,
     };
@@ -26,11 +29,47 @@ describe('editable', () => {
       low_vram: 'on',
       allowed_origins: ['http://localhost:8000'],
       models_dirs: ['/models'],
+      chat_writer: writer,
     });
     expect('data_dir' in e).toBe(false);
     // A copy: editing the form does not change what was loaded.
     e.models_dirs.push('/other');
     expect(s.models_dirs).toEqual(['/models']);
+    e.chat_writer.url = 'changed';
+    expect(s.chat_writer.url).toBe('http://127.0.0.1:11434/v1');
+  });
+
+  it('gives a server from before the prompt writer a writer that is off', () => {
+    const old = { default_model: null, prompt_prefix: '', prompt_suffix: '', negative_prompt: '', precision: 'auto', low_vram: 'auto', allowed_origins: [], models_dirs: [], data_dir: '/d' };
+    expect(editable(old as unknown as Settings).chat_writer).toEqual(CHAT_WRITER_DEFAULTS);
+    expect(CHAT_WRITER_DEFAULTS.enabled).toBe(false);
+  });
+});
+
+describe('prompt writer', () => {
+  it('is only checked when it is turned on', () => {
+    expect(chatWriterProblem({ ...CHAT_WRITER_DEFAULTS })).toBeNull();
+    expect(chatWriterProblem(writer)).toBeNull();
+    expect(chatWriterProblem({ ...writer, url: '  ' })).toMatch(/address/);
+    expect(chatWriterProblem({ ...writer, url: '127.0.0.1:11434' })).toMatch(/http:\/\//);
+    expect(chatWriterProblem({ ...writer, timeout_seconds: 0 })).toMatch(/seconds/);
+    expect(chatWriterProblem({ ...writer, timeout_seconds: null as unknown as number })).toMatch(/seconds/);
+  });
+
+  it('is trimmed for saving, with a usable wait when the field is empty', () => {
+    expect(cleanChatWriter({ ...writer, url: ' http://x/v1 ', model: ' m ', timeout_seconds: null as unknown as number })).toEqual({
+      ...writer,
+      url: 'http://x/v1',
+      model: 'm',
+      timeout_seconds: 30,
+    });
+    // The system prompt is the user's text, kept as typed.
+    expect(cleanChatWriter({ ...writer, system_prompt: ' Be brief.\n' }).system_prompt).toBe(' Be brief.\n');
+  });
+
+  it('shows the built-in instructions the server uses', () => {
+    expect(BUILT_IN_WRITER_INSTRUCTIONS).toMatch(/^You write prompts for an image generator/);
+    expect(BUILT_IN_WRITER_INSTRUCTIONS).toMatch(/No dialogue/);
   });
 });
 

@@ -1,7 +1,17 @@
 // Helpers of the Settings page: the editable part of the settings, and the connection steps for
 // chat apps, which speak the AUTOMATIC1111 API that Local Diffusers also serves.
 
-import type { EditableSettings, Settings } from './api';
+import type { ChatWriterSettings, EditableSettings, Settings } from './api';
+
+/** The prompt writer as the server starts: off, nothing filled in. */
+export const CHAT_WRITER_DEFAULTS: ChatWriterSettings = {
+  enabled: false,
+  url: '',
+  model: '',
+  api_key: '',
+  system_prompt: '',
+  timeout_seconds: 30,
+};
 
 /** The part of GET /api/v1/settings that PUT takes back (read-only facts left out). */
 export function editable(s: Settings): EditableSettings {
@@ -14,7 +24,34 @@ export function editable(s: Settings): EditableSettings {
     low_vram: s.low_vram ?? 'auto',
     allowed_origins: [...(s.allowed_origins ?? [])],
     models_dirs: [...(s.models_dirs ?? [])],
+    // A server from before the prompt writer has none: keep it off.
+    chat_writer: { ...CHAT_WRITER_DEFAULTS, ...(s.chat_writer ?? {}) },
   };
+}
+
+/**
+ * The instructions the server gives a chat server when the user leaves them empty; shown as the
+ * placeholder of the system-prompt field. Keep in step with DEFAULT_SYSTEM_PROMPT in
+ * crates/core/src/chat.rs.
+ */
+export const BUILT_IN_WRITER_INSTRUCTIONS =
+  'You write prompts for an image generator (Stable Diffusion). From the conversation and the characters given, ' +
+  'describe the picture asked for as one line of short comma-separated phrases: who is in it and how they look, ' +
+  'clothing, pose, place, lighting, mood. Only what can be seen. No dialogue, no story, no explanations, no quotes.';
+
+/**
+ * What is wrong with the prompt-writer settings, in words for the form; null when they can be
+ * saved. Only checked when it is turned on: a half-filled form that is off is fine.
+ */
+export function chatWriterProblem(w: ChatWriterSettings): string | null {
+  if (!w.enabled) return null;
+  const url = w.url.trim();
+  if (url === '') return 'Enter the chat server’s address, e.g. http://127.0.0.1:11434/v1.';
+  if (!/^https?:\/\/[^\s/]+/i.test(url)) return 'The address starts with http:// or https://, e.g. http://127.0.0.1:11434/v1.';
+  if (!Number.isInteger(w.timeout_seconds) || w.timeout_seconds < 1 || w.timeout_seconds > 300) {
+    return 'Wait between 1 and 300 seconds for an answer.';
+  }
+  return null;
 }
 
 /** Non-empty trimmed lines, without repeats. */
@@ -61,4 +98,17 @@ export function chatApps(address: string): ChatApp[] {
       ],
     },
   ];
+}
+
+/** The prompt writer as PUT takes it: trimmed, and a usable wait when the field was left empty. */
+export function cleanChatWriter(w: ChatWriterSettings): ChatWriterSettings {
+  const t = Number(w.timeout_seconds);
+  return {
+    enabled: Boolean(w.enabled),
+    url: (w.url ?? '').trim(),
+    model: (w.model ?? '').trim(),
+    api_key: (w.api_key ?? '').trim(),
+    system_prompt: w.system_prompt ?? '',
+    timeout_seconds: Number.isInteger(t) && t >= 1 && t <= 300 ? t : CHAT_WRITER_DEFAULTS.timeout_seconds,
+  };
 }
