@@ -3,7 +3,10 @@
 // (console errors, CSP violations, failed requests, HTTP errors), asserted empty by each test.
 
 import assert from 'node:assert/strict';
-import { mkdir } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -24,13 +27,16 @@ const CHROMIUM_ARGS = [
 export const TIMEOUT_MS = 20_000;
 
 /**
- * Starts everything; returns the harness. `allowHttpErrors` lists URL patterns whose 4xx answers
- * a test provokes on purpose.
+ * Starts everything; returns the harness. `baseUrl`: a server the test started itself (else
+ * LD_URL, else the mock). 4xx answers a test provokes on purpose are let through with
+ * `expectHttpErrors`.
  */
-export async function openApp() {
+export async function openApp({ baseUrl: ownUrl } = {}) {
   let baseUrl;
   let mock = null;
-  if (process.env.LD_URL) {
+  if (ownUrl) {
+    baseUrl = ownUrl.replace(/\/+$/, '');
+  } else if (process.env.LD_URL) {
     baseUrl = process.env.LD_URL.replace(/\/+$/, '');
   } else {
     const { startMockServer } = await import('./mock-server.mjs');
@@ -149,6 +155,54 @@ export async function openApp() {
     },
   };
   return h;
+}
+
+/** The server binary the tests start themselves (LD_BIN to change). */
+export const SERVER_BIN = process.env.LD_BIN || path.resolve(HERE, '../../target/debug/local-diffusers');
+export const hasServerBin = () => existsSync(SERVER_BIN);
+
+/**
+ * Starts `local-diffusers serve` on a free port with a fresh data folder (for tests that need a
+ * server of their own: no models, a fake hub through HF_ENDPOINT). Resolves to
+ * { url, dataDir, log(), close() }.
+ */
+export async function startServer({ args = [], env = {} } = {}) {
+  const dataDir = await mkdtemp(path.join(os.tmpdir(), 'ld-browser-'));
+  const child = spawn(SERVER_BIN, ['serve', '--port', '0', '--data-dir', dataDir, ...args], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout.on('data', (d) => (out += d));
+  child.stderr.on('data', (d) => (out += d));
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the server did not start:\n${out}`)), 20_000);
+    const look = () => {
+      const m = /Local Diffusers is running at (\S+)/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1].replace(/\/+$/, ''));
+      }
+    };
+    child.stdout.on('data', look);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`the server stopped (${code}):\n${out}`));
+    });
+  });
+  return {
+    url,
+    dataDir,
+    log: () => out,
+    async close() {
+      if (child.exitCode === null) {
+        const gone = new Promise((resolve) => child.once('exit', resolve));
+        child.kill('SIGTERM');
+        await gone;
+      }
+      await rm(dataDir, { recursive: true, force: true });
+    },
+  };
 }
 
 /** A word no other test run has used, for finding exactly our pictures. */

@@ -63,6 +63,31 @@ function tryRead(file) {
   }
 }
 
+/** A small GET /api/v1/diagnostics answer for a machine without a GPU (issue 8). */
+function mockDiagnostics(system) {
+  const { data_dir: dataDir, ...hardware } = system;
+  const reason = 'No graphics card this app can use was found.';
+  return {
+    version: '0.1.0',
+    system: hardware,
+    recommendation: {
+      device: { value: 'cpu', reason },
+      precision: { value: 'fp32', reason: 'Processors draw full precision fastest.' },
+      low_vram: { value: false, reason: 'Not needed on the processor.' },
+      strategies: [],
+      budget_bytes: 8 * 1024 ** 3,
+      families: [{ family: 'SD1', max_size: 1024, native_size: 512, needed_bytes: 5 * 1024 ** 3, reason: 'Fits.' }],
+      notes: [],
+    },
+    models: { count: 0, total_bytes: 0, families: [] },
+    disk: { path: dataDir, free_bytes: 10 * 1024 ** 3, total_bytes: 100 * 1024 ** 3 },
+    problems: [],
+    troubleshooting: [],
+    details_text: '\nRecommended settings\nDevice:    processor\n',
+    text: 'Local Diffusers diagnostics\n',
+  };
+}
+
 /** This machine's facts in the shape of GET /api/v1/system. */
 export function systemInfo({ gpu = false, dataDir = path.resolve('tmp') } = {}) {
   const cpuinfo = tryRead('/proc/cpuinfo');
@@ -235,6 +260,13 @@ function readBody(req) {
   });
 }
 
+// A few entries of models/catalog.toml (the real server builds the whole file in).
+const CATALOG = [
+  { id: 'sd-turbo', name: 'SD Turbo', repo: 'stabilityai/sd-turbo', revision: 'main', family: 'SD2', variant: 'fp16', size_gb: 2.6, min_vram_gb: 4, native_size: 512, cpu_ok: true, fast: true, style: ['general'], licence: 'Stability AI Non-Commercial Research Community License', description: 'Fast: a picture in 1 to 4 steps. The best start on a computer without a graphics card.' },
+  { id: 'sd-1.5', name: 'Stable Diffusion 1.5', repo: 'stable-diffusion-v1-5/stable-diffusion-v1-5', revision: 'main', family: 'SD1', variant: 'fp16', size_gb: 2.6, min_vram_gb: 4, native_size: 512, cpu_ok: true, fast: false, style: ['general'], licence: 'CreativeML Open RAIL-M', description: 'The classic all-rounder; most community styles and LoRAs are made for it.' },
+  { id: 'sdxl-base', name: 'Stable Diffusion XL 1.0', repo: 'stabilityai/stable-diffusion-xl-base-1.0', revision: 'main', family: 'SDXL', variant: 'fp16', size_gb: 6.9, min_vram_gb: 8, native_size: 1024, cpu_ok: false, fast: false, style: ['general', 'realistic'], licence: 'CreativeML Open RAIL++-M', description: 'High-quality 1024×1024 pictures; needs a graphics card with 8 GB or more.' },
+];
+
 /** The in-memory app behind the mock's API. */
 function createApp({ dataDir }) {
   const app = {
@@ -261,6 +293,7 @@ function createApp({ dataDir }) {
     nextJob: 1,
     nextImage: 1,
     clients: new Set(),
+    downloads: new Map(),
     dataDir,
   };
 
@@ -270,6 +303,35 @@ function createApp({ dataDir }) {
   };
 
   app.queued = () => app.jobs.filter((j) => j.state === 'queued');
+
+  /** A pretend catalog download: 40 MB in 20 steps of 100 ms, then the model is "installed". */
+  app.download = (entry) => {
+    const known = app.downloads.get(entry.id);
+    if (known?.state === 'downloading') return known;
+    const total = 40 * 1024 * 1024;
+    const d = { id: entry.id, name: entry.name, state: 'downloading', progress: known?.progress ?? null, error: null, cancel: false };
+    app.downloads.set(entry.id, d);
+    const send = () => app.emit({ type: 'download', ...publicDownload(d) });
+    send();
+    const tick = () => {
+      if (d.cancel) {
+        d.state = 'cancelled';
+        return send();
+      }
+      const done = Math.min(total, (d.progress?.bytes_done ?? 0) + total / 20);
+      d.progress = { file: done < total / 2 ? 'text_encoder/model.safetensors' : 'unet/diffusion_pytorch_model.safetensors', files_done: done < total / 2 ? 3 : 6, files_total: 12, bytes_done: done, bytes_total: total };
+      if (done >= total) {
+        d.state = 'done';
+        d.progress = { ...d.progress, file: '', files_done: 12 };
+        app.models.push({ name: entry.id, family: entry.family, path: path.join(app.dataDir, 'models', entry.id), size_bytes: total, format: 'diffusers', managed: true, catalog_id: entry.id });
+        return send();
+      }
+      send();
+      setTimeout(tick, 100);
+    };
+    setTimeout(tick, 100);
+    return d;
+  };
 
   app.pump = () => {
     if (app.jobs.some((j) => j.state === 'running')) return;
@@ -385,6 +447,11 @@ function createApp({ dataDir }) {
   return app;
 }
 
+function publicDownload(d) {
+  const { cancel: _cancel, ...rest } = d;
+  return rest;
+}
+
 function publicJob(job) {
   const { cancel: _cancel, ...rest } = job;
   return rest;
@@ -420,6 +487,44 @@ async function handleApi(app, req, res, url, session) {
     return sendJson(res, 200, { ...app.settings, data_dir: app.dataDir, warning: null }), true;
   }
   if (pathname === '/api/v1/models') return sendJson(res, 200, { models: app.models, default: app.settings.default_model ?? app.models[0]?.name ?? null }), true;
+  if (pathname === '/api/v1/catalog') {
+    const models = CATALOG.map((e) => ({ ...e, fits: e.cpu_ok, installed: app.models.some((m) => m.catalog_id === e.id) }));
+    return sendJson(res, 200, { models, suggested: 'sd-turbo', vram_gb: null }), true;
+  }
+  if (pathname === '/api/v1/setup') {
+    return sendJson(res, 200, {
+      has_model: app.models.length > 0,
+      suggested: CATALOG[0],
+      downloads: [...app.downloads.values()].map(publicDownload),
+      offline_hint: 'No internet? Put a model folder you already have under Settings > Folders with models.',
+    }), true;
+  }
+  if (seg[0] === 'downloads') {
+    if (seg.length === 1 && method === 'GET') return sendJson(res, 200, [...app.downloads.values()].map(publicDownload)), true;
+    if (needSession()) return true;
+    if (seg.length === 1 && method === 'POST') {
+      const body = await json();
+      const entry = CATALOG.find((e) => e.id === body?.id);
+      if (!entry) return apiError(res, 404, 'not_found', `There is no catalog model '${body?.id}'.`, `Choose one of: ${CATALOG.map((e) => e.id).join(', ')}.`), true;
+      return sendJson(res, 202, publicDownload(app.download(entry))), true;
+    }
+    const d = app.downloads.get(seg[1]);
+    if (!d || seg[2] !== 'cancel' || method !== 'POST') return apiError(res, 404, 'not_found', 'There is no such download.', 'Refresh the Models page.'), true;
+    d.cancel = true;
+    return sendJson(res, 200, publicDownload(d)), true;
+  }
+  if (seg[0] === 'models' && seg.length === 2 && method === 'DELETE') {
+    if (needSession()) return true;
+    const name = decodeURIComponent(seg[1]);
+    const model = app.models.find((m) => m.name === name);
+    if (!model) return apiError(res, 404, 'not_found', 'There is no such model.', 'Refresh the Models page.'), true;
+    if (!model.managed) {
+      return apiError(res, 403, 'forbidden', `'${name}' is in a folder you added (${model.path}); Local Diffusers only deletes models it downloaded.`, 'Delete it with your file manager if you no longer want it, or remove its folder from Settings.'), true;
+    }
+    app.models = app.models.filter((m) => m !== model);
+    app.downloads.delete(model.catalog_id);
+    return sendJson(res, 200, { deleted: name }), true;
+  }
   if (pathname === '/api/v1/samplers') return sendJson(res, 200, { samplers: ['Euler', 'Euler a', 'DPM++ 2M', 'DPM++ SDE', 'DDIM', 'UniPC'], default: 'DPM++ 2M' }), true;
   if (pathname === '/api/v1/schedules') return sendJson(res, 200, { schedules: ['Automatic', 'Uniform', 'Karras', 'Exponential'], default: 'Karras' }), true;
 
@@ -723,6 +828,10 @@ export async function startMockServer({ port = 0, gpu = false, token, dist = DEF
           return sendJson(res, 200, { status: 'ok', version: '0.1.0' });
         case '/api/v1/system':
           return sendJson(res, 200, system());
+        case '/api/v1/diagnostics':
+          return sendJson(res, 200, mockDiagnostics(system()));
+        case '/api/v1/diagnostics/self-test':
+          return sendJson(res, 200, { ok: true, model: 'tiny/sd1', device: 'cpu', load_ms: 40, steps: 4, step_ms: [9, 9, 9, 9], ms_per_step: 9, decode_ms: 12, total_ms: 90, error: null });
       }
       try {
         if (await handleApi(app, req, res, url, session)) return;

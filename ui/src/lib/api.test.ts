@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { ApiError, createApiClient, parseEvent, queryString, readSessionToken, SESSION_HEADER, toApiError } from './api';
+import { ApiError, createApiClient, parseDownloadEvent, parseEvent, queryString, readSessionToken, SESSION_HEADER, toApiError } from './api';
 
 type FetchArgs = Parameters<typeof fetch>;
 
@@ -269,6 +269,44 @@ describe('native API methods', () => {
   });
 });
 
+describe('models, catalog and downloads', () => {
+  it('use the right method, path and body', async () => {
+    const fetch = fakeFetch(() => jsonResponse(200, {}));
+    const c = createApiClient({ token: 't', fetch });
+    await c.catalog();
+    await c.setup();
+    await c.downloads();
+    await c.startDownload('sd-1.5');
+    await c.cancelDownload('sd 1.5');
+    await c.deleteModel('my model/x');
+    await c.selfTest();
+    expect(fetch.mock.calls.map((call) => `${call[1]?.method} ${call[0]}`)).toEqual([
+      'GET /api/v1/catalog',
+      'GET /api/v1/setup',
+      'GET /api/v1/downloads',
+      'POST /api/v1/downloads',
+      'POST /api/v1/downloads/sd%201.5/cancel',
+      'DELETE /api/v1/models/my%20model%2Fx',
+      'POST /api/v1/diagnostics/self-test',
+    ]);
+    expect(fetch.mock.calls[3]?.[1]?.body).toBe('{"id":"sd-1.5"}');
+    for (let i = 3; i < 7; i++) expect(headersOf(fetch, i).get(SESSION_HEADER)).toBe('t');
+  });
+
+  it('a refused delete of the user’s own model keeps the server’s words', async () => {
+    const message = "'mine' is in a folder you added (/m); Local Diffusers only deletes models it downloaded.";
+    const fetch = fakeFetch(() => jsonResponse(403, { code: 'forbidden', message, hint: 'Delete it with your file manager.' }));
+    const err = await caught(createApiClient({ fetch }).deleteModel('mine'));
+    expect([err.code, err.status, err.message, err.hint]).toEqual(['forbidden', 403, message, 'Delete it with your file manager.']);
+  });
+
+  it('a server without the self-test answers not_found', async () => {
+    const fetch = fakeFetch(() => jsonResponse(404, { code: 'not_found', message: 'There is nothing at this address.', hint: null }));
+    const err = await caught(createApiClient({ fetch }).selfTest());
+    expect(err.code).toBe('not_found');
+  });
+});
+
 describe('event stream', () => {
   function fakeSource() {
     const listeners = new Map<string, (e: MessageEvent) => void>();
@@ -308,6 +346,30 @@ describe('event stream', () => {
     expect(opened).toBe(1);
     close();
     expect(source.closed).toBe(true);
+  });
+
+  it('hands download events to onDownload, not to onEvent', () => {
+    const source = fakeSource();
+    const events: unknown[] = [];
+    const downloads: unknown[] = [];
+    createApiClient({ eventSource: () => source }).events({ onEvent: (e) => events.push(e), onDownload: (d) => downloads.push(d) });
+    // What ld-server sends: the DownloadInfo plus "type": "download".
+    const progress = { file: 'unet/x.safetensors', files_done: 1, files_total: 4, bytes_done: 10, bytes_total: 40 };
+    source.emit('download', JSON.stringify({ id: 'sd-turbo', name: 'SD Turbo', state: 'downloading', progress, error: null, type: 'download' }));
+    source.emit('download', '{"id":"sd-1.5","state":"failed","error":"the server answered 500"}');
+    source.emit('download', '{"state":"done"}');
+    expect(events).toEqual([]);
+    expect(downloads).toEqual([
+      { id: 'sd-turbo', name: 'SD Turbo', state: 'downloading', progress, error: null },
+      { id: 'sd-1.5', name: 'sd-1.5', state: 'failed', progress: null, error: 'the server answered 500' },
+    ]);
+  });
+
+  it('parseDownloadEvent refuses anything without an id and a state', () => {
+    expect(parseDownloadEvent('{"state":"done"}')).toBeNull();
+    expect(parseDownloadEvent('{"id":"x"}')).toBeNull();
+    expect(parseDownloadEvent('nope')).toBeNull();
+    expect(parseDownloadEvent(null)).toBeNull();
   });
 
   it('parseEvent refuses anything without a job id', () => {

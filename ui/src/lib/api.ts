@@ -150,9 +150,98 @@ export interface ModelInfo {
   family: ModelFamily;
   path: string;
   size_bytes: number;
+  /** "diffusers" (a model folder), "safetensors" (a single file) or "pickle" (never loaded). */
   format: string;
-  /** True for models in the app's own folder; false for folders the user pointed us at. */
+  /** Why the model cannot be used as it is, in words for the user; null or absent when it can. */
+  problem?: string | null;
+  /** True for models in the app's own folder (downloaded by us, so deletable); false for folders the user pointed us at. */
   managed: boolean;
+  /** The catalog entry it was downloaded from; null or absent for the user's own models. */
+  catalog_id?: string | null;
+}
+
+/** One recommended model of GET /api/v1/catalog (models/catalog.toml plus this computer's facts). */
+export interface CatalogEntry {
+  id: string;
+  name: string;
+  /** Hugging Face repository id. */
+  repo: string;
+  revision: string;
+  family: ModelFamily;
+  variant: string | null;
+  /** What lands on disk. */
+  size_gb: number;
+  /** The smallest NVIDIA card that runs it at its native size. */
+  min_vram_gb: number;
+  native_size: number;
+  /** Usable without a graphics card. */
+  cpu_ok: boolean;
+  /** Needs only a few steps (Turbo, LCM). */
+  fast: boolean;
+  style: string[];
+  licence: string;
+  description: string;
+  /** Runs well on this computer (GET /catalog only). */
+  fits?: boolean;
+  /** Already downloaded (GET /catalog only). */
+  installed?: boolean;
+}
+
+export interface CatalogList {
+  models: CatalogEntry[];
+  /** The id the guided setup suggests. */
+  suggested: string;
+  /** Graphics memory the app can use; null: none (the processor draws). */
+  vram_gb: number | null;
+}
+
+export type DownloadState = 'downloading' | 'done' | 'failed' | 'cancelled';
+
+export interface DownloadProgress {
+  /** The file being fetched ('' once all are in). */
+  file: string;
+  files_done: number;
+  files_total: number;
+  bytes_done: number;
+  bytes_total: number;
+}
+
+/** A catalog download (POST/GET /api/v1/downloads, and `download` events). */
+export interface DownloadInfo {
+  /** The catalog id. */
+  id: string;
+  name: string;
+  state: DownloadState;
+  progress: DownloadProgress | null;
+  /** What went wrong, in words for people; set when failed. */
+  error: string | null;
+}
+
+/** GET /api/v1/setup: what the first-start guide needs. */
+export interface SetupInfo {
+  has_model: boolean;
+  suggested: CatalogEntry;
+  downloads: DownloadInfo[];
+  offline_hint: string;
+}
+
+/**
+ * POST /api/v1/diagnostics/self-test: the built-in tiny model through the whole pipeline. Only
+ * `ok` is relied on; the rest is shown when present.
+ */
+export interface SelfTestResult {
+  ok: boolean;
+  model?: string;
+  /** "cpu", or the device the test ran on. */
+  device?: string;
+  load_ms?: number;
+  steps?: number;
+  step_ms?: number[];
+  ms_per_step?: number;
+  decode_ms?: number;
+  total_ms?: number;
+  /** Why it failed, with what to do. */
+  error?: ErrorBody | null;
 }
 
 export interface ModelList {
@@ -423,6 +512,8 @@ export type EventSourceFactory = (url: string) => EventSourceLike;
 
 export interface EventHandlers {
   onEvent: (event: JobEvent) => void;
+  /** A catalog download changed (`event: download`). */
+  onDownload?: (download: DownloadInfo) => void;
   /** Called on every (re)connection: a good moment to catch up with GET /jobs. */
   onOpen?: () => void;
   /** The stream dropped; EventSource reconnects by itself. */
@@ -489,6 +580,10 @@ export function createApiClient(options: ApiClientOptions = {}) {
         if (event) handlers.onEvent(event);
       });
     }
+    source.addEventListener('download', (message) => {
+      const download = parseDownloadEvent(message.data);
+      if (download) handlers.onDownload?.(download);
+    });
     source.onopen = () => handlers.onOpen?.();
     source.onerror = () => handlers.onError?.();
     return () => source.close();
@@ -503,6 +598,16 @@ export function createApiClient(options: ApiClientOptions = {}) {
     saveSettings: (settings: EditableSettings) => request<Settings>('PUT', '/api/v1/settings', { body: settings }),
 
     models: (signal?: AbortSignal) => request<ModelList>('GET', '/api/v1/models', { signal }),
+    /** Deletes a model Local Diffusers downloaded; the user's own files answer `forbidden`. */
+    deleteModel: (name: string) => request<{ deleted: string }>('DELETE', `/api/v1/models/${enc(name)}`),
+    catalog: (signal?: AbortSignal) => request<CatalogList>('GET', '/api/v1/catalog', { signal }),
+    setup: (signal?: AbortSignal) => request<SetupInfo>('GET', '/api/v1/setup', { signal }),
+    downloads: (signal?: AbortSignal) => request<DownloadInfo[]>('GET', '/api/v1/downloads', { signal }),
+    /** Starts a catalog download; starting one that failed or was cancelled resumes it. */
+    startDownload: (id: string) => request<DownloadInfo>('POST', '/api/v1/downloads', { body: { id } }),
+    cancelDownload: (id: string) => request<DownloadInfo>('POST', `/api/v1/downloads/${enc(id)}/cancel`),
+    /** Runs the whole pipeline on the built-in tiny model; `not_found` from a server without it. */
+    selfTest: () => request<SelfTestResult>('POST', '/api/v1/diagnostics/self-test'),
     samplers: async (signal?: AbortSignal): Promise<NameList> => {
       const r = await request<{ samplers: string[]; default: string | null }>('GET', '/api/v1/samplers', { signal });
       return { names: r.samplers, default: r.default };
@@ -574,6 +679,25 @@ export function parseEvent(type: string, data: unknown): JobEvent | null {
     const parsed = JSON.parse(data) as { type?: unknown; job?: unknown };
     if (typeof parsed !== 'object' || parsed === null || typeof parsed.job !== 'string') return null;
     return { ...parsed, type: (parsed.type as string | undefined) ?? type } as JobEvent;
+  } catch {
+    return null;
+  }
+}
+
+/** One `download` SSE message as a DownloadInfo; null when it is not one. */
+export function parseDownloadEvent(data: unknown): DownloadInfo | null {
+  if (typeof data !== 'string') return null;
+  try {
+    const parsed = JSON.parse(data) as Record<string, unknown> | null;
+    if (typeof parsed !== 'object' || parsed === null) return null;
+    if (typeof parsed.id !== 'string' || typeof parsed.state !== 'string') return null;
+    const { type: _type, ...info } = parsed;
+    return {
+      ...info,
+      name: typeof info.name === 'string' ? info.name : info.id,
+      progress: (info.progress as DownloadProgress | null | undefined) ?? null,
+      error: typeof info.error === 'string' ? info.error : null,
+    } as DownloadInfo;
   } catch {
     return null;
   }

@@ -3,6 +3,7 @@
 // the Playground and the header, and alive while the user looks at other pages.
 
 import { api, toApiError, type JobEvent, type JobInfo, type JobRequest } from './api';
+import { downloads } from './downloads.svelte';
 import { applyEvent, isActive, sortJobs } from './jobs';
 
 class Generation {
@@ -24,14 +25,19 @@ class Generation {
     return this.jobs.filter(isActive);
   }
 
-  /** Opens the event stream (once per page load) and loads the job list. */
+  /**
+   * Opens the event stream (once per page load) and loads the job list. The same stream carries
+   * the catalog downloads' progress, handed to downloads.svelte.ts: one connection for both.
+   */
   start() {
     if (this.#close) return;
     this.#close = api().events({
       onEvent: (e) => this.#onEvent(e),
+      onDownload: (d) => downloads.apply(d),
       onOpen: () => {
         this.connected = true;
         void this.refresh();
+        void downloads.refresh();
       },
       onError: () => (this.connected = false),
     });
