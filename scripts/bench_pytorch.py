@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Times diffusers/PyTorch on the shapes `local-diffusers bench` uses, for a side-by-side ratio.
 
-Dev-only (needs torch and diffusers from PyPI). Full-size SD1.5 UNet and VAE built from their
-configs with random weights: compute cost does not depend on the weight values.
+Dev-only (needs torch and diffusers from PyPI). Full-size SD1.5 (or, with --family sdxl, SDXL
+base) UNet and VAE built from their configs with random weights: compute cost does not depend on
+the weight values.
 
     python scripts/bench_pytorch.py --json
+    python scripts/bench_pytorch.py --family sdxl --json      # 1024x1024 unless --width/--height
 """
 import argparse
 import json
@@ -28,42 +30,69 @@ VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=512,
 )
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json values that shape the compute.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--no-vae", action="store_true")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    sdxl = a.family == "sdxl"
+    native = 1024 if sdxl else 512
+    a.width, a.height = a.width or native, a.height or native
+    unet_cfg, vae_cfg = (SDXL_UNET, SDXL_VAE) if sdxl else (UNET, VAE)
     torch.manual_seed(0)
     lh, lw = a.height // 8, a.width // 8
-    out = {"width": a.width, "height": a.height, "batch": a.batch,
+    out = {"family": a.family, "width": a.width, "height": a.height, "batch": a.batch,
            "threads": torch.get_num_threads(), "torch": torch.__version__}
     with torch.inference_mode():
         t = time.perf_counter()
-        unet = UNet2DConditionModel(**UNET).eval()
+        unet = UNet2DConditionModel(**unet_cfg).eval()
         out["unet_build_s"] = time.perf_counter() - t
         x = torch.randn(a.batch, 4, lh, lw)
-        ctx = torch.randn(a.batch, 77, 768)
+        ctx = torch.randn(a.batch, 77, 2048 if sdxl else 768)
+        added = None
+        if sdxl:
+            ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(a.batch, 1)
+            added = {"text_embeds": torch.randn(a.batch, 1280), "time_ids": ids}
         t = time.perf_counter()
-        unet(x, 999, encoder_hidden_states=ctx)
+        unet(x, 999, encoder_hidden_states=ctx, added_cond_kwargs=added)
         out["unet_step_s"] = time.perf_counter() - t
         del unet
-        t = time.perf_counter()
-        vae = AutoencoderKL(**VAE).eval()
-        out["vae_build_s"] = time.perf_counter() - t
-        z = torch.randn(1, 4, lh, lw)
-        t = time.perf_counter()
-        vae.decode(z)
-        out["vae_decode_s"] = time.perf_counter() - t
+    if not a.no_vae:
+        with torch.inference_mode():
+            vae_decode(a, vae_cfg, lh, lw, out)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if a.json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
             print(f"{k:<16} {v}")
+
+
+def vae_decode(a, vae_cfg, lh, lw, out):
+    t = time.perf_counter()
+    vae = AutoencoderKL(**vae_cfg).eval()
+    out["vae_build_s"] = time.perf_counter() - t
+    z = torch.randn(1, 4, lh, lw)
+    t = time.perf_counter()
+    vae.decode(z)
+    out["vae_decode_s"] = time.perf_counter() - t
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-//! Timings of the full-size SD1.5 UNet and VAE on random weights, for the `bench` command: how
-//! long one denoising step and one decode take on this machine, without downloading a model.
+//! Timings of the full-size SD1.5 or SDXL UNet and VAE on random weights, for the `bench`
+//! command: how long one denoising step and one decode take on this machine, without downloading
+//! a model.
 //!
 //! Compute cost does not depend on weight values, so the weights are a cheap repeating pattern
 //! of normal samples scaled like a real initialisation (no zeros or denormals to skew timings).
@@ -35,6 +36,53 @@ pub const SD15_VAE_CONFIG: &str = r#"{
   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
 }"#;
 
+/// stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json` (the keys that shape the compute):
+/// no attention in the first block, 1/2/10 transformer layers, linear proj_in, 2048-wide context
+/// (CLIP-L 768 + OpenCLIP-bigG 1280), "text_time" added embedding (1280 pooled + 6 x 256).
+pub const SDXL_UNET_CONFIG: &str = r#"{
+  "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+  "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+  "cross_attention_dim": 2048,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "in_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 4,
+  "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+  "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "use_linear_projection": true
+}"#;
+
+/// stabilityai/stable-diffusion-xl-base-1.0 `vae/config.json`: SD1.5's VAE shape, other scale.
+pub const SDXL_VAE_CONFIG: &str = r#"{
+  "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "force_upcast": true, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+  "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+/// 2048: SDXL's context width; 1280: its pooled text embedding (OpenCLIP-bigG projection).
+const SDXL_CONTEXT_DIM: usize = 2048;
+const SDXL_POOLED_DIM: usize = 1280;
+
+/// Which model's shapes to time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BenchFamily {
+    /// SD1.5 UNet and VAE (512x512 is its native size).
+    #[default]
+    Sd15,
+    /// SDXL base UNet (with its added conditions) and VAE (1024x1024 native).
+    Sdxl,
+}
+
+impl BenchFamily {
+    fn configs(self) -> (&'static str, &'static str, usize) {
+        match self {
+            BenchFamily::Sd15 => (SD15_UNET_CONFIG, SD15_VAE_CONFIG, SD15_CONTEXT_DIM),
+            BenchFamily::Sdxl => (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_CONTEXT_DIM),
+        }
+    }
+}
+
 /// 768: CLIP ViT-L/14 hidden size, SD1's `cross_attention_dim`.
 const SD15_CONTEXT_DIM: usize = 768;
 /// 77: CLIP's context length.
@@ -53,6 +101,7 @@ pub struct BenchOptions {
     pub unet: bool,
     pub vae: bool,
     pub attention: AttentionOptions,
+    pub family: BenchFamily,
 }
 
 impl Default for BenchOptions {
@@ -66,6 +115,7 @@ impl Default for BenchOptions {
             unet: true,
             vae: true,
             attention: AttentionOptions::default(),
+            family: BenchFamily::default(),
         }
     }
 }
@@ -107,23 +157,34 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
         vae_build: None,
         vae_decode: None,
     };
+    let (unet_config, vae_config, context_dim) = opts.family.configs();
     if opts.unet {
-        let cfg = UNetConfig::from_json(SD15_UNET_CONFIG)
+        let cfg = UNetConfig::from_json(unet_config)
             .map_err(|e| crate::EngineError::InvalidRequest(e.to_string()))?;
         let t = Instant::now();
         let mut unet = UNet2DConditionModel::load(random_weights(opts), &cfg)?;
         unet.set_attention_options(opts.attention);
         report.unet_build = Some(t.elapsed());
         let x = input(&[opts.batch, 4, lh, lw], opts)?;
-        let ctx = input(&[opts.batch, CONTEXT_TOKENS, SD15_CONTEXT_DIM], opts)?;
+        let ctx = input(&[opts.batch, CONTEXT_TOKENS, context_dim], opts)?;
+        // SDXL: pooled text and the (1024, 1024, 0, 0, 1024, 1024) size ids.
+        let added = match opts.family {
+            BenchFamily::Sd15 => None,
+            BenchFamily::Sdxl => Some(crate::unet::AddedConditions {
+                text_embeds: input(&[opts.batch, SDXL_POOLED_DIM], opts)?,
+                time_ids: Tensor::new(&[1024f32, 1024., 0., 0., 1024., 1024.], dev)?
+                    .unsqueeze(0)?
+                    .repeat((opts.batch, 1))?,
+            }),
+        };
         let t = Instant::now();
-        let out = unet.forward(&x, 999.0, &ctx)?;
+        let out = unet.forward_with(&x, 999.0, &ctx, added.as_ref())?;
         dev.synchronize()?;
         report.unet_forward = Some(t.elapsed());
         drop(out);
     }
     if opts.vae {
-        let cfg = VaeConfig::from_json(SD15_VAE_CONFIG)
+        let cfg = VaeConfig::from_json(vae_config)
             .map_err(|e| crate::EngineError::InvalidRequest(e.to_string()))?;
         let t = Instant::now();
         let mut vae = AutoencoderKL::load(random_weights(opts), &cfg)?;
@@ -231,6 +292,13 @@ mod tests {
             .validate()
             .unwrap();
         VaeConfig::from_json(SD15_VAE_CONFIG)
+            .unwrap()
+            .validate()
+            .unwrap();
+        let sdxl = UNetConfig::from_json(SDXL_UNET_CONFIG).unwrap();
+        sdxl.validate().unwrap();
+        assert!(sdxl.needs_added_conditions());
+        VaeConfig::from_json(SDXL_VAE_CONFIG)
             .unwrap()
             .validate()
             .unwrap();

@@ -9,6 +9,11 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::config::{read_json, ModelFolder};
+use crate::prompt::{
+    self, ChunkLayout, EmbeddingLookup, EmbeddingMatch, PromptChunk, PromptWarning, Segment,
+    TokenSegment,
+};
+use crate::textual_inversion::{Embedding as TextualInversion, EmbeddingWarning};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::Weights;
 use crate::{EngineError, Result};
@@ -515,6 +520,51 @@ fn pool_at_eos(hidden: &Tensor, ids: &Tensor, eos_id: u32) -> candle_core::Resul
 pub struct TextEncoder {
     tokenizer: ClipTokenizer,
     model: ClipTextModel,
+    embeddings: EmbeddingTable,
+}
+
+/// Textual-inversion embeddings usable by this encoder, found by their names' token ids.
+#[derive(Debug, Default)]
+struct EmbeddingTable {
+    embeddings: Vec<TextualInversion>,
+    /// (name token ids, embedding index), longest names first so "neg_v2" wins over "neg".
+    names: Vec<(Vec<u32>, usize)>,
+}
+
+impl EmbeddingLookup for EmbeddingTable {
+    fn find(&self, tokens: &[u32], at: usize) -> Option<EmbeddingMatch> {
+        self.names
+            .iter()
+            .find(|(ids, _)| tokens[at..].starts_with(ids))
+            .map(|(ids, index)| EmbeddingMatch {
+                index: *index,
+                consumed: ids.len(),
+                vectors: self.embeddings[*index].len(),
+            })
+    }
+}
+
+/// A prompt split into encoder rows, before the model runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptPlan {
+    /// One row per 75-token chunk (at least one).
+    pub chunks: Vec<PromptChunk>,
+    /// Prompt tokens used (embedding vectors count one each), without BOS/EOS/padding: A1111's
+    /// "N/75" counter.
+    pub token_count: usize,
+    /// Names of the textual-inversion embeddings the prompt uses, in first-use order.
+    pub embeddings: Vec<String>,
+    /// Extra-network tags (`<lora:...>`) found and taken out of the text.
+    pub networks: Vec<prompt::NetworkTag>,
+    pub warnings: Vec<PromptWarning>,
+}
+
+/// A prompt's conditioning and what went into it.
+#[derive(Debug, Clone)]
+pub struct EncodedPrompt {
+    /// `[1, 77 * chunks, hidden]` in the model's dtype: the chunks' hidden states side by side.
+    pub hidden: Tensor,
+    pub plan: PromptPlan,
 }
 
 impl TextEncoder {
@@ -527,7 +577,11 @@ impl TextEncoder {
                 model.config().max_position_embeddings
             )));
         }
-        Ok(Self { tokenizer, model })
+        Ok(Self {
+            tokenizer,
+            model,
+            embeddings: EmbeddingTable::default(),
+        })
     }
 
     /// Loads `text_encoder/` and `tokenizer/` of a diffusers folder.
@@ -558,8 +612,265 @@ impl TextEncoder {
         &self.model
     }
 
-    /// The prompt's conditioning, [1, 77, hidden] in the model's dtype and device. Prompts over
-    /// 75 tokens are truncated (see [`ClipTokenizer::encode`]).
+    /// Replaces the textual-inversion embeddings this encoder knows. Embeddings of another width
+    /// (an SD1 one on SD2), with more vectors than a chunk holds, or whose name is already taken
+    /// are skipped with a warning, as A1111 skips them.
+    pub fn set_embeddings(&mut self, embeddings: Vec<TextualInversion>) -> Vec<EmbeddingWarning> {
+        let width = self.model.hidden_size();
+        let capacity = self.tokenizer.chunk_capacity();
+        let mut warnings = Vec::new();
+        let mut table = EmbeddingTable::default();
+        for e in embeddings {
+            let skip = |message: String| EmbeddingWarning {
+                path: e.path().to_path_buf(),
+                message,
+            };
+            if e.width() != width {
+                warnings.push(skip(format!(
+                    "its vectors are {} wide but this model's text encoder takes {width}; it \
+                     was made for another model family",
+                    e.width()
+                )));
+                continue;
+            }
+            if e.len() > capacity {
+                warnings.push(skip(format!(
+                    "it has {} vectors, more than the {capacity} a prompt chunk holds",
+                    e.len()
+                )));
+                continue;
+            }
+            let ids = match self.tokenizer.tokenize(e.name()) {
+                Ok(ids) if !ids.is_empty() => ids,
+                _ => {
+                    warnings.push(skip(format!(
+                        "its name {:?} cannot be typed in a prompt",
+                        e.name()
+                    )));
+                    continue;
+                }
+            };
+            // Names are matched as tokens, which the tokenizer lowercases: "EasyNegative" and
+            // "easynegative" are the same name.
+            if let Some((_, other)) = table.names.iter().find(|(n, _)| *n == ids) {
+                warnings.push(skip(format!(
+                    "the name {:?} is already used by {}",
+                    e.name(),
+                    table.embeddings[*other].path().display()
+                )));
+                continue;
+            }
+            table.names.push((ids, table.embeddings.len()));
+            table.embeddings.push(e);
+        }
+        table
+            .names
+            .sort_by_key(|(ids, _)| std::cmp::Reverse(ids.len()));
+        self.embeddings = table;
+        warnings
+    }
+
+    /// The embeddings in use (after [`Self::set_embeddings`] filtered them).
+    pub fn embeddings(&self) -> &[TextualInversion] {
+        &self.embeddings.embeddings
+    }
+
+    /// The id of `,</w>`, for comma backtracking (CLIP's vocabulary has it; a toy one may not).
+    fn comma_id(&self) -> Option<u32> {
+        self.tokenizer.token_to_id(",</w>")
+    }
+
+    /// How [`Self::encode_prompt`] splits `prompt`: `<lora:...>` tags taken out, A1111 attention
+    /// syntax read, each piece tokenized on its own (as A1111 does), embeddings found by name,
+    /// then 75-token chunks with comma backtracking and BREAK. Runs no model.
+    pub fn plan_prompt(&self, prompt: &str) -> Result<PromptPlan> {
+        let networks = prompt::extract_networks(prompt);
+        let (_, mut warnings) = networks.loras();
+        let parsed = prompt::parse_attention(&networks.text);
+        warnings.extend(parsed.warnings);
+        let mut segments = Vec::with_capacity(parsed.segments.len());
+        for segment in &parsed.segments {
+            segments.push(match segment {
+                Segment::Break => TokenSegment::Break,
+                Segment::Text { text, weight } => TokenSegment::Tokens {
+                    ids: self.tokenizer.tokenize(text)?,
+                    weight: *weight,
+                },
+            });
+        }
+        let layout = ChunkLayout {
+            bos: self.tokenizer.bos_id(),
+            eos: self.tokenizer.eos_id(),
+            pad: self.tokenizer.pad_id(),
+            comma: self.comma_id(),
+            capacity: self.tokenizer.chunk_capacity(),
+            backtrack: prompt::COMMA_BACKTRACK,
+        };
+        let chunks = prompt::chunk_tokens(&segments, &layout, &self.embeddings);
+        let mut used: Vec<String> = Vec::new();
+        for (_, index) in chunks.iter().flat_map(|c| &c.embeddings) {
+            let name = self.embeddings.embeddings[*index].name();
+            if !used.iter().any(|u| u == name) {
+                used.push(name.to_string());
+            }
+        }
+        let token_count = chunks
+            .iter()
+            .map(|c| {
+                c.ids[1..]
+                    .iter()
+                    .position(|&id| id == layout.eos)
+                    .unwrap_or(layout.capacity)
+            })
+            .sum();
+        Ok(PromptPlan {
+            chunks,
+            token_count,
+            embeddings: used,
+            networks: networks.tags,
+            warnings,
+        })
+    }
+
+    /// The prompt's conditioning as A1111 computes it: every chunk of [`Self::plan_prompt`]
+    /// encoded as its own 77-token row (embedding vectors swapped in for their placeholder
+    /// tokens), weighted with A1111's "Original" emphasis (scale by the weights, restore the
+    /// chunk's mean), and the rows concatenated along the token axis: `[1, 77 * chunks, hidden]`.
+    /// `clip_skip` as in [`ClipTextModel::forward`].
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<EncodedPrompt> {
+        let plan = self.plan_prompt(prompt)?;
+        let hidden = self.encode_plan(&plan, clip_skip)?;
+        Ok(EncodedPrompt { hidden, plan })
+    }
+
+    /// Prompt and negative prompt with the same number of chunks, which batching them for CFG
+    /// needs: the shorter one gets encoded empty prompts appended, as A1111's
+    /// `pad_cond_uncond` option does.
+    pub fn encode_pair(
+        &self,
+        prompt: &str,
+        negative: &str,
+        clip_skip: usize,
+    ) -> Result<(EncodedPrompt, EncodedPrompt)> {
+        let mut cond = self.encode_prompt(prompt, clip_skip)?;
+        let mut uncond = self.encode_prompt(negative, clip_skip)?;
+        let (nc, nu) = (cond.plan.chunks.len(), uncond.plan.chunks.len());
+        if nc != nu {
+            let empty = self.encode_prompt("", clip_skip)?.hidden;
+            let short = if nc < nu { &mut cond } else { &mut uncond };
+            let mut parts = vec![short.hidden.clone()];
+            parts.extend(std::iter::repeat_n(empty, nc.abs_diff(nu)));
+            short.hidden = Tensor::cat(&parts, 1)?;
+        }
+        Ok((cond, uncond))
+    }
+
+    /// SDXL's reading of a prompt: like [`Self::encode_prompt`] (chunks, weights, embeddings),
+    /// but each chunk's hidden state at `layer` (SDXL: [`HiddenLayer::Raw`]`(2)`, the penultimate
+    /// layer without the final norm), plus the pooled output of the first chunk, through
+    /// `text_projection` when the model has one: `[1, projection_dim or hidden]`. A1111 and
+    /// ComfyUI pool the first chunk; diffusers truncates to one chunk, which is the same for
+    /// prompts up to 75 tokens.
+    pub fn encode_prompt_pooled(
+        &self,
+        prompt: &str,
+        layer: HiddenLayer,
+    ) -> Result<(EncodedPrompt, Tensor)> {
+        let plan = self.plan_prompt(prompt)?;
+        self.check_clip_skip(layer.skip())?;
+        let n = plan.chunks.len();
+        let len = self.tokenizer.max_len();
+        let ids: Vec<u32> = plan.chunks.iter().flat_map(|c| c.ids.clone()).collect();
+        let ids = Tensor::from_vec(ids, (n, len), self.model.device())?;
+        let mut embeds = self.model.embed_tokens(&ids)?;
+        if plan.chunks.iter().any(|c| !c.embeddings.is_empty()) {
+            let rows = plan
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| self.splice_embeddings(&embeds.get(i)?, c))
+                .collect::<Result<Vec<_>>>()?;
+            embeds = Tensor::stack(&rows, 0)?;
+        }
+        let out = self
+            .model
+            .forward_with_pooled(&embeds, &ids, self.tokenizer.eos_id(), layer)?;
+        let rows = plan
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| prompt::apply_emphasis(&out.hidden.get(i)?, &c.weights))
+            .collect::<Result<Vec<_>>>()?;
+        let hidden = Tensor::cat(&rows, 0)?.unsqueeze(0)?;
+        let pooled = out.projected.unwrap_or(out.pooled).narrow(0, 0, 1)?;
+        Ok((EncodedPrompt { hidden, plan }, pooled))
+    }
+
+    fn encode_plan(&self, plan: &PromptPlan, clip_skip: usize) -> Result<Tensor> {
+        self.check_clip_skip(clip_skip)?;
+        let n = plan.chunks.len();
+        let len = self.tokenizer.max_len();
+        let ids: Vec<u32> = plan.chunks.iter().flat_map(|c| c.ids.clone()).collect();
+        let ids = Tensor::from_vec(ids, (n, len), self.model.device())?;
+        let mut embeds = self.model.embed_tokens(&ids)?;
+        if plan.chunks.iter().any(|c| !c.embeddings.is_empty()) {
+            let rows = plan
+                .chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| self.splice_embeddings(&embeds.get(i)?, c))
+                .collect::<Result<Vec<_>>>()?;
+            embeds = Tensor::stack(&rows, 0)?;
+        }
+        // All chunks in one batch: rows do not interact (each has its own causal attention).
+        let hidden = self.model.forward_embeds(&embeds, clip_skip)?;
+        let rows = plan
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| prompt::apply_emphasis(&hidden.get(i)?, &c.weights))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?.unsqueeze(0)?)
+    }
+
+    /// Token embeddings `[77, hidden]` of one chunk with its embeddings' vectors in place.
+    fn splice_embeddings(&self, row: &Tensor, chunk: &PromptChunk) -> Result<Tensor> {
+        if chunk.embeddings.is_empty() {
+            return Ok(row.clone());
+        }
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for &(pos, index) in &chunk.embeddings {
+            let v = self.embeddings.embeddings[index]
+                .vectors()
+                .to_device(self.model.device())?
+                .to_dtype(row.dtype())?;
+            if pos > at {
+                parts.push(row.narrow(0, at, pos - at)?);
+            }
+            at = pos + v.dim(0)?;
+            parts.push(v);
+        }
+        let len = row.dim(0)?;
+        if at < len {
+            parts.push(row.narrow(0, at, len - at)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn check_clip_skip(&self, clip_skip: usize) -> Result<()> {
+        let layers = self.model.layers.len();
+        if clip_skip == 0 || clip_skip > layers {
+            return Err(EngineError::InvalidRequest(format!(
+                "clip skip must be between 1 and {layers} for this model, got {clip_skip}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The prompt's conditioning, [1, 77, hidden] in the model's dtype and device, read as plain
+    /// text (no weights, no embeddings). Prompts over 75 tokens are truncated (see
+    /// [`ClipTokenizer::encode`]); [`Self::encode_prompt`] is what generation uses.
     pub fn encode(&self, prompt: &str, clip_skip: usize) -> Result<Tensor> {
         let ids = self.tokenizer.encode(prompt)?;
         self.encode_ids(&ids, clip_skip)
@@ -567,12 +878,7 @@ impl TextEncoder {
 
     /// Conditioning for one row of ids (e.g. one 77-token chunk of a long prompt).
     pub fn encode_ids(&self, ids: &[u32], clip_skip: usize) -> Result<Tensor> {
-        let layers = self.model.layers.len();
-        if clip_skip == 0 || clip_skip > layers {
-            return Err(EngineError::InvalidRequest(format!(
-                "clip skip must be between 1 and {layers} for this model, got {clip_skip}"
-            )));
-        }
+        self.check_clip_skip(clip_skip)?;
         let ids = Tensor::from_slice(ids, (1, ids.len()), self.model.device())?;
         Ok(self.model.forward(&ids, clip_skip)?)
     }

@@ -3,18 +3,28 @@
 
 pub mod attention;
 pub mod bench;
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod denoiser;
 pub mod embeddings;
 pub mod error;
 mod kernels;
+pub mod ldm_names;
+pub mod lora;
+pub mod memory;
+pub mod model_defaults;
+pub mod pickle;
 pub mod pipeline;
 pub mod prompt;
+pub mod refiner;
 pub mod resnet;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod sdxl;
+pub mod single_file;
+pub mod textual_inversion;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -4,18 +4,23 @@
 
 use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::clip::TextEncoder;
+use crate::clip::{ClipConfig, ClipTextModel, PromptPlan, TextEncoder};
 use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::{Conditioning, Denoiser, NoisePredictor};
+use crate::lora::{LoraSet, LoraSpec, LoraTarget, LoraWarning};
+use crate::memory::MemoryOptions;
 use crate::rng::SeedSource;
 use crate::sampler::{self, Control, SampleContext, SamplerKind, StepInfo};
 use crate::schedule::{NoiseSchedule, ScheduleKind};
+use crate::textual_inversion::{self, Embedding, EmbeddingWarning};
+use crate::tokenizer::ClipTokenizer;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
-use crate::weights::Weights;
+use crate::weights::{LoadPatch, Weights};
 use crate::{EngineError, Result};
 
 /// Where and in what precision the model runs.
@@ -183,12 +188,31 @@ pub struct Pipeline {
     prediction: PredictionType,
     device: Device,
     dtype: DType,
+    /// The LoRAs merged into the weights, and what of them was not.
+    loras: Vec<LoraSpec>,
+    lora_warnings: Vec<LoraWarning>,
+    /// Low-memory strategies in use, and the VAE's files (to reload it on the CPU or in f32).
+    memory: MemoryOptions,
+    vae_files: Vec<std::path::PathBuf>,
+    /// SDXL's second text encoder, options and refiner (`None` for SD1/SD2; see [`crate::sdxl`]).
+    pub(crate) sdxl: Option<crate::sdxl::SdxlParts>,
+    /// Steps, CFG, sampler and size this model wants by default ([`crate::model_defaults`]).
+    pub(crate) defaults: crate::model_defaults::ModelDefaults,
 }
 
 impl Pipeline {
     /// Loads a diffusers folder: `model_index.json`, `scheduler/`, `text_encoder/`,
     /// `tokenizer/`, `unet/`, `vae/` (fp16 variant files are used when they are the only ones).
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_with_loras(dir, opts, &[])
+    }
+
+    /// [`Self::load`] with LoRAs merged into the UNet and text encoder weights as they load
+    /// (Kohya and diffusers/PEFT files, see [`crate::lora`]). A LoRA none of whose modules fit
+    /// the model is an error naming its file; modules that match nothing, or cannot be merged,
+    /// are in [`Self::lora_warnings`] (and logged). Changing the LoRA set means loading again:
+    /// callers cache pipelines keyed by (model, LoRA set).
+    pub fn load_with_loras(dir: &Path, opts: &LoadOptions, loras: &[LoraSpec]) -> Result<Self> {
         let folder = ModelFolder::open(dir)?;
         let index = folder.model_index()?;
         for component in ["scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
@@ -201,10 +225,23 @@ impl Pipeline {
         }
         let scheduler = folder.scheduler_config()?;
         let schedule = NoiseSchedule::from_config(&scheduler)?;
-        let text_encoder = TextEncoder::load(&folder, opts.dtype, &opts.device)?;
+        let mut lora_set = LoraSet::open(loras)?;
+        let text_encoder = {
+            let cfg = ClipConfig::from_file(folder.config_file("text_encoder")?)?;
+            let weights = Weights::open_all(&folder.weight_files("text_encoder")?)?;
+            let vb = patched_var_builder(
+                &weights,
+                lora_set.patch_for(LoraTarget::TextEncoder, &weights)?,
+                opts,
+            )?;
+            let model = ClipTextModel::load(vb, &cfg)?;
+            let tokenizer = ClipTokenizer::from_dir(folder.component_dir("tokenizer")?)?;
+            TextEncoder::new(tokenizer, model)?
+        };
+        let sdxl = crate::sdxl::SdxlParts::load(&folder, &index, opts, &mut lora_set)?;
 
         let unet_cfg = UNetConfig::from_file(&folder.config_file("unet")?)?;
-        if unet_cfg.needs_added_conditions() {
+        if unet_cfg.needs_added_conditions() && sdxl.is_none() {
             return Err(EngineError::Config {
                 path: folder.config_file("unet")?,
                 message: "SDXL-type UNets (added text/time conditions) need the SDXL pipeline"
@@ -212,12 +249,24 @@ impl Pipeline {
             });
         }
         let weights = Weights::open_all(&folder.weight_files("unet")?)?;
+        let patch = lora_set.patch_for(LoraTarget::Unet, &weights)?;
         let unet =
-            UNet2DConditionModel::load(weights.var_builder(opts.dtype, &opts.device)?, &unet_cfg)?;
+            UNet2DConditionModel::load(patched_var_builder(&weights, patch, opts)?, &unet_cfg)?;
+        let lora_warnings = lora_set.finish()?;
 
         let vae_cfg = VaeConfig::from_file(&folder.config_file("vae")?)?;
-        let weights = Weights::open_all(&folder.weight_files("vae")?)?;
-        let vae = AutoencoderKL::load(weights.var_builder(opts.dtype, &opts.device)?, &vae_cfg)?;
+        let vae_files = folder.weight_files("vae")?;
+        let weights = Weights::open_all(&vae_files)?;
+        // SDXL's VAE decodes in f32 under an f16 model unless it is the fp16-fix one.
+        let vae_dtype = crate::sdxl::vae_dtype(sdxl.is_some(), &vae_cfg, opts.dtype);
+        let vae = AutoencoderKL::load(weights.var_builder(vae_dtype, &opts.device)?, &vae_cfg)?;
+        let defaults = crate::model_defaults::ModelDefaults::from_configs(
+            &crate::model_defaults::model_name(dir),
+            &index,
+            &scheduler,
+            &unet_cfg,
+            &vae_cfg,
+        );
 
         Ok(Self {
             text_encoder,
@@ -227,7 +276,151 @@ impl Pipeline {
             prediction: scheduler.prediction_type,
             device: opts.device.clone(),
             dtype: opts.dtype,
+            loras: loras.to_vec(),
+            lora_warnings,
+            memory: MemoryOptions::default(),
+            vae_files,
+            sdxl,
+            defaults,
         })
+    }
+
+    /// Loads a diffusers folder or a single-file SD1/SD2 checkpoint (`.safetensors`, original
+    /// LDM names), with an optional config folder and separate VAE file; see
+    /// [`crate::single_file`]. LoRAs are not merged on this path yet.
+    pub fn load_source(
+        source: &crate::single_file::ModelSource,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let mut pipeline = if source.path.is_dir() {
+            Self::load(&source.path, opts)?
+        } else {
+            let p = crate::single_file::load(
+                &source.path,
+                source.config.as_deref(),
+                source.vae.as_deref(),
+                opts,
+            )?;
+            return Ok(Self {
+                // Before the fields below move out of `p`.
+                defaults: crate::model_defaults::ModelDefaults::for_unet(
+                    &crate::model_defaults::model_name(&source.path),
+                    p.unet.config(),
+                    p.prediction,
+                    p.vae.config(),
+                ),
+                sdxl: None,
+                text_encoder: p.text_encoder,
+                unet: p.unet,
+                vae: p.vae,
+                schedule: p.schedule,
+                prediction: p.prediction,
+                device: opts.device.clone(),
+                dtype: opts.dtype,
+                loras: Vec::new(),
+                lora_warnings: Vec::new(),
+                memory: MemoryOptions::default(),
+                vae_files: p.vae_files,
+            });
+        };
+        if let Some(vae) = &source.vae {
+            let cfg = pipeline.vae.config().clone();
+            let (model, files) = crate::single_file::load_vae_file(vae, &cfg, opts)?;
+            pipeline.vae = model;
+            pipeline.vae_files = files;
+        }
+        Ok(pipeline)
+    }
+
+    /// A single-file checkpoint; `config` is a diffusers folder describing its architecture
+    /// (diffusers' `from_single_file(config=...)`), else the embedded SD 1.5 / SD 2.1 configs.
+    pub fn load_single_file(
+        path: &Path,
+        opts: &LoadOptions,
+        config: Option<&Path>,
+    ) -> Result<Self> {
+        Self::load_source(
+            &crate::single_file::ModelSource {
+                path: path.to_path_buf(),
+                config: config.map(Path::to_path_buf),
+                vae: None,
+            },
+            opts,
+        )
+    }
+
+    /// The low-memory strategies in use.
+    pub fn memory_options(&self) -> MemoryOptions {
+        self.memory
+    }
+
+    /// Switches low-memory strategies (see [`crate::memory`]). Attention and batch splitting take
+    /// effect at once; moving the VAE to the CPU or to f32 reloads only the VAE's weights.
+    pub fn set_memory_options(&mut self, memory: MemoryOptions) -> Result<()> {
+        let vae_dtype = match &self.sdxl {
+            Some(_) => crate::sdxl::vae_dtype(true, self.vae.config(), self.dtype),
+            None => self.dtype,
+        };
+        let (device, dtype) = crate::memory::vae_placement(&memory, &self.device, vae_dtype);
+        if !self.vae.device().same_device(&device) || self.vae.dtype() != dtype {
+            let cfg = self.vae.config().clone();
+            // The VAE may come from a single file in LDM names (see `crate::single_file`).
+            let vb = crate::single_file::vae_var_builder(&self.vae_files, &cfg, dtype, &device)?;
+            self.vae = AutoencoderKL::load(vb, &cfg)?;
+        }
+        self.unet.set_attention_options(memory.attention());
+        self.vae.set_attention_options(memory.attention());
+        self.unet.set_max_batch(memory.split_batch.then_some(1));
+        self.memory = memory;
+        Ok(())
+    }
+
+    /// The LoRAs merged at load.
+    pub fn loras(&self) -> &[LoraSpec] {
+        &self.loras
+    }
+
+    /// What of the merged LoRAs was not applied (unknown layers, unsupported module kinds, ...).
+    pub fn lora_warnings(&self) -> &[LoraWarning] {
+        &self.lora_warnings
+    }
+
+    /// Replaces the textual-inversion embeddings prompts can use by name. Embeddings that do not
+    /// fit this model (another width, too many vectors, a name already taken) are skipped and
+    /// returned as warnings.
+    pub fn set_embeddings(&mut self, embeddings: Vec<Embedding>) -> Vec<EmbeddingWarning> {
+        self.text_encoder.set_embeddings(embeddings)
+    }
+
+    /// [`Self::set_embeddings`] with every `.safetensors` file under `dir` (subfolders too), named
+    /// by file stem. Unusable files are skipped with warnings; an unreadable `dir` is an error.
+    pub fn load_embeddings_dir(&mut self, dir: &Path) -> Result<Vec<EmbeddingWarning>> {
+        let (embeddings, mut warnings) = textual_inversion::load_dir(dir)?;
+        warnings.extend(self.set_embeddings(embeddings));
+        for w in &warnings {
+            tracing::warn!("embedding skipped: {w}");
+        }
+        Ok(warnings)
+    }
+
+    /// The embeddings prompts can use.
+    pub fn embeddings(&self) -> &[Embedding] {
+        self.text_encoder.embeddings()
+    }
+
+    /// How a prompt will be read, without running a model: its chunks and token count, the
+    /// embeddings it uses (for the infotext's "TI hashes"), its `<lora:...>` tags and syntax
+    /// warnings.
+    pub fn plan_prompt(&self, prompt: &str) -> Result<PromptPlan> {
+        self.text_encoder.plan_prompt(prompt)
+    }
+
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text_encoder
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
     }
 
     pub fn schedule(&self) -> &NoiseSchedule {
@@ -293,7 +486,10 @@ impl Pipeline {
         observer: &mut dyn Observer,
     ) -> Result<GeneratedImage> {
         let latents = self.sample_latents(req, observer, &mut |_, _| {})?;
-        let image = self.decode(&latents)?;
+        let image = match &self.sdxl {
+            Some(s) => self.decode_sdxl(s, &latents)?,
+            None => self.decode(&latents)?,
+        };
         Ok(GeneratedImage {
             width: req.width,
             height: req.height,
@@ -313,17 +509,26 @@ impl Pipeline {
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<Tensor> {
         self.validate(req)?;
+        if let Some(s) = &self.sdxl {
+            return self.sample_sdxl(s, req, observer, on_state);
+        }
         let guided = req.cfg_scale != 1.0;
+        // A1111 prompt syntax, long prompts in 75-token chunks, embeddings; `<lora:...>` tags are
+        // taken out here (the caller loads the LoRAs they name, see `load_with_loras`).
+        let (cond, uncond) = if guided {
+            let (c, u) =
+                self.text_encoder
+                    .encode_pair(&req.prompt, &req.negative_prompt, req.clip_skip)?;
+            (c.hidden, Some(u.hidden))
+        } else {
+            let c = self
+                .text_encoder
+                .encode_prompt(&req.prompt, req.clip_skip)?;
+            (c.hidden, None)
+        };
         let conditioning = Conditioning {
-            cond: self.text_encoder.encode(&req.prompt, req.clip_skip)?,
-            uncond: if guided {
-                Some(
-                    self.text_encoder
-                        .encode(&req.negative_prompt, req.clip_skip)?,
-                )
-            } else {
-                None
-            },
+            cond,
+            uncond,
             cfg_scale: req.cfg_scale,
         };
         let unet = UNetPredictor(&self.unet);
@@ -372,8 +577,29 @@ impl Pipeline {
 
     /// Latents (diffusers scale) -> image `[1, 3, H, W]`, f32, roughly in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let image = self.vae.decode_scaled(&latents.to_dtype(self.dtype)?)?;
+        // The VAE may live elsewhere than the UNet (low-memory mode, fp32 retry).
+        let z = latents
+            .to_device(self.vae.device())?
+            .to_dtype(self.vae.dtype())?;
+        let image = if self.memory.vae_tiling {
+            self.vae
+                .decode_scaled_tiled(&z, &crate::vae::TileOptions::default())?
+        } else {
+            self.vae.decode_scaled(&z)?
+        };
         Ok(image.to_dtype(DType::F32)?)
+    }
+}
+
+/// A `VarBuilder` over `weights`, with a LoRA patch when there is one.
+fn patched_var_builder(
+    weights: &Weights,
+    patch: Option<Arc<dyn LoadPatch>>,
+    opts: &LoadOptions,
+) -> Result<candle_nn::VarBuilder<'static>> {
+    match patch {
+        Some(p) => weights.var_builder_patched(opts.dtype, &opts.device, p),
+        None => weights.var_builder(opts.dtype, &opts.device),
     }
 }
 

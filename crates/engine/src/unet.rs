@@ -619,6 +619,7 @@ pub struct UNet2DConditionModel {
     dtype: DType,
     device: Device,
     attention: AttentionOptions,
+    max_batch: Option<usize>,
 }
 
 impl UNet2DConditionModel {
@@ -779,6 +780,7 @@ impl UNet2DConditionModel {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             attention: AttentionOptions::default(),
+            max_batch: None,
         })
     }
 
@@ -803,6 +805,16 @@ impl UNet2DConditionModel {
         self.attention = opts;
     }
 
+    /// Runs batches larger than `max` in parts of at most `max` samples (`None`: whole batches).
+    /// Low-memory mode uses 1, so the guidance pair runs one sample at a time.
+    pub fn set_max_batch(&mut self, max: Option<usize>) {
+        self.max_batch = max.map(|m| m.max(1));
+    }
+
+    pub fn max_batch(&self) -> Option<usize> {
+        self.max_batch
+    }
+
     /// Predicts noise (or v) for latents `x` `[batch, in_channels, h, w]` at `timestep`, with
     /// text embeddings `encoder_hidden_states` `[batch, tokens, cross_attention_dim]`.
     pub fn forward(
@@ -824,6 +836,42 @@ impl UNet2DConditionModel {
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
         self.check_inputs(x, encoder_hidden_states)?;
+        let batch = x.dim(0)?;
+        match self.max_batch {
+            // Low-memory mode: the guidance halves one after the other. Every sample of the batch
+            // is computed independently (group norms are per sample), so this changes no numbers.
+            Some(max) if batch > max => {
+                let mut outs = Vec::with_capacity(batch.div_ceil(max));
+                for start in (0..batch).step_by(max) {
+                    let n = max.min(batch - start);
+                    let part = added
+                        .map(|a| -> Result<AddedConditions> {
+                            Ok(AddedConditions {
+                                text_embeds: a.text_embeds.narrow(0, start, n)?,
+                                time_ids: a.time_ids.narrow(0, start, n)?,
+                            })
+                        })
+                        .transpose()?;
+                    outs.push(self.forward_batch(
+                        &x.narrow(0, start, n)?,
+                        timestep,
+                        &encoder_hidden_states.narrow(0, start, n)?,
+                        part.as_ref(),
+                    )?);
+                }
+                Tensor::cat(&outs, 0)
+            }
+            _ => self.forward_batch(x, timestep, encoder_hidden_states, added),
+        }
+    }
+
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
         if !timestep.is_finite() {
             candle_core::bail!("unet: timestep {timestep} is not a finite number");
         }

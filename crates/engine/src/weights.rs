@@ -31,6 +31,8 @@ struct Inner {
 struct Mapped {
     path: PathBuf,
     mmap: Mmap,
+    /// The header's `__metadata__` string map (LoRA files keep their alpha there).
+    metadata: HashMap<String, String>,
 }
 
 struct Entry {
@@ -70,7 +72,7 @@ impl Weights {
         for (file, path) in paths.iter().enumerate() {
             let path = path.as_ref();
             let mmap = map(path)?;
-            let entries = read_header(path, &mmap)?;
+            let (entries, metadata) = read_header(path, &mmap)?;
             for (name, entry) in entries {
                 let entry = Entry { file, ..entry };
                 if let Some(previous) = index.insert(name.clone(), entry) {
@@ -86,6 +88,7 @@ impl Weights {
             files.push(Mapped {
                 path: path.to_path_buf(),
                 mmap,
+                metadata,
             });
         }
         Ok(Self {
@@ -133,20 +136,103 @@ impl Weights {
         Ok(self.inner.load(name, None, dtype, device)?)
     }
 
+    /// The `__metadata__` strings of the first file (empty when it has none).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.inner.files[0].metadata
+    }
+
+    /// Like [`Self::var_builder`], with `patch` applied to every tensor it names as the tensor
+    /// loads: merged LoRA weights without a second copy of the model in memory.
+    pub fn var_builder_patched(
+        &self,
+        dtype: DType,
+        device: &Device,
+        patch: Arc<dyn LoadPatch>,
+    ) -> Result<VarBuilder<'static>> {
+        check_weight_dtype(dtype)?;
+        Ok(VarBuilder::from_backend(
+            Box::new(Patched {
+                inner: self.inner.clone(),
+                patch,
+            }),
+            dtype,
+            device.clone(),
+        ))
+    }
+
     /// A `VarBuilder` over these weights that yields tensors converted to `dtype` (f32, f16 or
     /// bf16) on `device`. fp16 files load as f32 when asked, and the other way round. Errors from
     /// it convert (`?`) to [`EngineError::Weights`] naming the tensor and file.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
-            return Err(EngineError::InvalidRequest(format!(
-                "weights can be loaded as f32, f16, bf16 or f64, not {dtype:?}"
-            )));
-        }
+        check_weight_dtype(dtype)?;
         Ok(VarBuilder::from_backend(
             Box::new(Backend(self.inner.clone())),
             dtype,
             device.clone(),
         ))
+    }
+}
+
+fn check_weight_dtype(dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+        return Err(EngineError::InvalidRequest(format!(
+            "weights can be loaded as f32, f16, bf16 or f64, not {dtype:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Changes some tensors as they load (LoRA merging: `W + delta`).
+pub trait LoadPatch: Send + Sync {
+    /// Whether `name` is changed.
+    fn touches(&self, name: &str) -> bool;
+    /// The changed tensor; `tensor` is the stored one in f32 on the target device.
+    fn apply(&self, name: &str, tensor: Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// The `VarBuilder` backend with a [`LoadPatch`].
+struct Patched {
+    inner: Arc<Inner>,
+    patch: Arc<dyn LoadPatch>,
+}
+
+impl Patched {
+    fn load(
+        &self,
+        name: &str,
+        expected: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if !self.patch.touches(name) {
+            return self.inner.load(name, expected, dtype, dev);
+        }
+        // Merge in f32 whatever the model's dtype: an f16 sum of a small delta loses bits.
+        let merged = self
+            .patch
+            .apply(name, self.inner.load(name, expected, DType::F32, dev)?)?;
+        merged.to_dtype(dtype)
+    }
+}
+
+impl SimpleBackend for Patched {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.load(name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.index.contains_key(name)
     }
 }
 
@@ -163,7 +249,10 @@ fn map(path: &Path) -> Result<Mmap> {
 
 /// Parses and validates the header with the `safetensors` crate (header size cap, UTF-8 JSON,
 /// contiguous offsets inside the file, byte spans matching shape x dtype, overflow checks).
-fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
+/// Tensor entries and the `__metadata__` strings of one file.
+type Header = (Vec<(String, Entry)>, HashMap<String, String>);
+
+fn read_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     let bad = |message: String| EngineError::Weights {
         path: path.to_path_buf(),
         message,
@@ -181,7 +270,8 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
         })
     })?;
     let data_start = 8 + header_len;
-    Ok(metadata
+    let strings = metadata.metadata().clone().unwrap_or_default();
+    let entries = metadata
         .tensors()
         .into_iter()
         .map(|(name, info)| {
@@ -194,7 +284,8 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
             };
             (name, entry)
         })
-        .collect())
+        .collect();
+    Ok((entries, strings))
 }
 
 impl Inner {

@@ -3,6 +3,9 @@
 mod models;
 mod noise;
 mod pipeline;
+mod prompting;
 mod samplers;
 mod sampling;
+mod sdxl;
+mod single_file;
 mod text;

@@ -3,15 +3,19 @@
 //! with `scripts/bench_pytorch.py`, which times diffusers on the same shapes.
 
 use clap::Args;
-use ld_engine::bench::{BenchOptions, BenchReport};
+use ld_engine::bench::{BenchFamily, BenchOptions, BenchReport};
 use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    #[arg(long, default_value_t = 512)]
-    pub height: usize,
+    /// Model shapes: sd15 or sdxl.
+    #[arg(long, default_value = "sd15")]
+    pub family: String,
+    /// Image width; the family's native size when left out (512 for sd15, 1024 for sdxl).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
     /// UNet batch; 2 is one step of one image with classifier-free guidance.
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
@@ -29,17 +33,26 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    let (family, native) = match args.family.to_ascii_lowercase().as_str() {
+        "sd15" | "sd1" | "sd1.5" => (BenchFamily::Sd15, 512),
+        "sdxl" => (BenchFamily::Sdxl, 1024),
+        other => anyhow::bail!("unknown --family {other:?}: use sd15 or sdxl"),
+    };
+    args.width.get_or_insert(native);
+    args.height.get_or_insert(native);
+    let (width, height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
     let device = super::pick_device()?;
     let dtype = super::pick_dtype(&args.precision, &device)?;
     let opts = BenchOptions {
         device,
         dtype,
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         batch: args.batch,
         unet: !args.no_unet,
         vae: !args.no_vae,
+        family,
         ..BenchOptions::default()
     };
     let report = ld_engine::bench::run(&opts)?;
@@ -47,7 +60,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
         let v = serde_json::json!({
-            "width": args.width, "height": args.height, "batch": args.batch,
+            "family": args.family, "width": width, "height": height, "batch": args.batch,
             "dtype": format!("{dtype:?}"),
             "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
             "unet_build_s": secs(report.unet_build),
@@ -69,9 +82,16 @@ fn print_text(args: &BenchArgs, r: &BenchReport, peak: Option<u64>) {
             println!("{label:<28} {:>8.2} s", d.as_secs_f64());
         }
     };
+    let label = if args.family.eq_ignore_ascii_case("sdxl") {
+        "SDXL"
+    } else {
+        "SD1.5"
+    };
     println!(
-        "SD1.5 sizes, random weights, {}x{}, UNet batch {}",
-        args.width, args.height, args.batch
+        "{label} sizes, random weights, {}x{}, UNet batch {}",
+        args.width.unwrap_or(0),
+        args.height.unwrap_or(0),
+        args.batch
     );
     show("UNet build", r.unet_build);
     show("UNet step", r.unet_forward);

@@ -1,0 +1,486 @@
+//! Memory: the low-memory strategies a pipeline can use ([`MemoryOptions`]) and a rough estimate
+//! of what one generation needs ([`estimate`]), so the app can pick strategies before a job runs
+//! instead of finding out from an out-of-memory error.
+//!
+//! # The estimate
+//!
+//! `device bytes = weights + max(UNet working set, VAE working set)`, where
+//!
+//! - weights = parameters x bytes per element (2 for f16, 4 for f32) of the text encoder(s), UNet
+//!   and VAE. Parameter counts come from the safetensors headers of the model
+//!   ([`ModelShape::from_folder`]) or, before a model is installed, from the published sizes of
+//!   each family ([`ModelShape::SD1`], ...).
+//! - UNet working set = `UNET_ACTIVATIONS x c0 x h x w x batch x bytes` + one block of attention
+//!   scores. `c0` is the UNet's first width (320 for SD), `h x w` the latent size (image / 8),
+//!   batch 2 with classifier-free guidance (1 when the halves run one at a time). Factor 20: the
+//!   skip connections kept for the up path are about 5.4 `c0 x h x w` (3 at full latent size, 3 x
+//!   2c0 at 1/4 of it, 3 x 4c0 at 1/16, ...), and the transformer at full latent size holds about
+//!   14 more (q, k, v, the GEGLU's 8 `c0`-wide halves, norms and residuals).
+//!   The score block is `heads x tokens x tokens` for plain attention and is capped by the
+//!   attention options otherwise (see [`crate::attention::AttentionOptions`]).
+//! - VAE working set = `VAE_ACTIVATIONS x c_vae x H x W x bytes` for an `H x W` image (or one tile),
+//!   with `c_vae` its first width (128 for SD). Factor 10: calibrated on the candle decode of a
+//!   512x512 SD1.5 VAE that peaked 1.3 GB above its weights (docs REFERENCE.md, "Performance
+//!   figures": 1.8 GB peak RSS with 0.33 GB of weights).
+//!
+//! Check against the one full-size measurement we have (REFERENCE.md: SD1.5 UNet, 512x512,
+//! batch 2, f32, plain attention, 5.6-5.8 GB peak RSS): weights 4.26 GB + UNet 0.2 GB + scores
+//! 1 GiB = 5.5 GB. It is a planning figure, not a promise: allocator caching and the CUDA context
+//! come on top (the caller keeps a reserve).
+
+use std::path::Path;
+
+use candle_core::DType;
+use serde::Serialize;
+
+use crate::attention::AttentionOptions;
+use crate::config::ModelFolder;
+use crate::weights::Weights;
+use crate::Result;
+
+/// Low-memory strategies of a loaded pipeline, cheapest in speed first. `Default` is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct MemoryOptions {
+    /// Sliced attention: one head at a time with at most this many scores per block (`None`: the
+    /// default chunked attention, see [`AttentionOptions::default`]).
+    pub attention_slice: Option<usize>,
+    /// Decode the latents in overlapping tiles (see [`crate::vae::TileOptions`]).
+    pub vae_tiling: bool,
+    /// Keep the VAE on the CPU in f32: frees its weights and its decode from the GPU.
+    pub vae_on_cpu: bool,
+    /// Decode in f32 even when the pipeline runs in f16 (what fixes black or NaN images: SD's VAE
+    /// overflows in f16, see diffusers' `force_upcast`).
+    pub vae_f32: bool,
+    /// Run the two halves of the guidance batch (negative and positive prompt) through the UNet
+    /// one after the other: half the UNet's working memory, a little slower.
+    pub split_batch: bool,
+}
+
+impl MemoryOptions {
+    /// The sliced-attention block used by low-VRAM mode: 1 Mi scores (4 MiB in f32).
+    pub const SLICED_SCORES: usize = 1 << 20;
+
+    /// The attention options these memory options give.
+    pub fn attention(&self) -> AttentionOptions {
+        match self.attention_slice {
+            Some(n) => AttentionOptions::sliced(n.max(1)),
+            None => AttentionOptions::default(),
+        }
+    }
+
+    /// Every strategy on: the least memory this engine can draw with.
+    pub fn lowest() -> Self {
+        Self {
+            attention_slice: Some(Self::SLICED_SCORES),
+            vae_tiling: true,
+            vae_on_cpu: true,
+            vae_f32: false,
+            split_batch: true,
+        }
+    }
+
+    /// The strategies in use, in words ("tiled VAE", ...), for job info and image metadata.
+    pub fn describe(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.vae_tiling {
+            v.push("tiled VAE");
+        }
+        if self.attention_slice.is_some() {
+            v.push("sliced attention");
+        }
+        if self.vae_on_cpu {
+            v.push("VAE on CPU");
+        }
+        if self.split_batch {
+            v.push("batch split");
+        }
+        if self.vae_f32 {
+            v.push("VAE in fp32");
+        }
+        v
+    }
+}
+
+/// Where the VAE runs under `memory` in a pipeline on `device` in `dtype`: the CPU in f32 when
+/// `vae_on_cpu` (half precision on the CPU is slower, not faster), f32 when `vae_f32`.
+pub fn vae_placement(
+    memory: &MemoryOptions,
+    device: &candle_core::Device,
+    dtype: DType,
+) -> (candle_core::Device, DType) {
+    if memory.vae_on_cpu {
+        (candle_core::Device::Cpu, DType::F32)
+    } else if memory.vae_f32 {
+        (device.clone(), DType::F32)
+    } else {
+        (device.clone(), dtype)
+    }
+}
+
+/// UNet feature-map factor (see the module docs for its derivation).
+pub const UNET_ACTIVATIONS: u64 = 20;
+/// VAE feature-map factor, calibrated on a measured candle decode (module docs).
+pub const VAE_ACTIVATIONS: u64 = 10;
+
+/// What the estimate needs to know about a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ModelShape {
+    pub text_params: u64,
+    pub unet_params: u64,
+    pub vae_params: u64,
+    /// The UNet's first width (`block_out_channels[0]`).
+    pub unet_channels: u64,
+    /// Heads of the first (largest) attention level and its downscale from the latent (1 when
+    /// the first block has attention, 2 for SDXL whose first block has none).
+    pub attention_heads: u64,
+    pub attention_downscale: u64,
+    /// The VAE's first width (`block_out_channels[0]`) and its size factor (8).
+    pub vae_channels: u64,
+    pub vae_factor: u64,
+}
+
+impl ModelShape {
+    /// SD 1.x: CLIP ViT-L 123 M, UNet 860 M, VAE 83.7 M parameters (the runwayml/
+    /// stable-diffusion-v1-5 safetensors); 8 heads at the first level.
+    pub const SD1: Self = Self {
+        text_params: 123_060_480,
+        unet_params: 859_520_964,
+        vae_params: 83_653_863,
+        unet_channels: 320,
+        attention_heads: 8,
+        attention_downscale: 1,
+        vae_channels: 128,
+        vae_factor: 8,
+    };
+    /// SD 2.x: OpenCLIP ViT-H text tower 340 M, UNet 866 M, the same VAE; head width 64 (5 heads).
+    pub const SD2: Self = Self {
+        text_params: 340_387_840,
+        unet_params: 865_910_724,
+        vae_params: 83_653_863,
+        unet_channels: 320,
+        attention_heads: 5,
+        attention_downscale: 1,
+        vae_channels: 128,
+        vae_factor: 8,
+    };
+    /// SDXL base: CLIP-L 123 M + OpenCLIP bigG 695 M, UNet 2.57 G, VAE 83.7 M; its first
+    /// attention level is the second block (640 channels, 10 heads, latent / 2).
+    pub const SDXL: Self = Self {
+        text_params: 817_844_480,
+        unet_params: 2_567_463_684,
+        vae_params: 83_653_863,
+        unet_channels: 320,
+        attention_heads: 10,
+        attention_downscale: 2,
+        vae_channels: 128,
+        vae_factor: 8,
+    };
+
+    /// Reads the parameter counts from the weight headers and the widths from the configs of a
+    /// diffusers folder. Cheap: no tensor data is read.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        let params = |component: &str| -> Result<u64> {
+            let mut total = 0u64;
+            for file in folder.weight_files(component)? {
+                let w = Weights::open(&file)?;
+                let names: Vec<String> = w.names().map(str::to_owned).collect();
+                for n in names {
+                    let count: usize = w.shape(&n).map_or(0, |s| s.iter().product());
+                    total += count as u64;
+                }
+            }
+            Ok(total)
+        };
+        let mut text_params = params("text_encoder")?;
+        if folder.root().join("text_encoder_2").is_dir() {
+            text_params += params("text_encoder_2")?;
+        }
+        let unet_params = params("unet")?;
+        let vae_params = params("vae")?;
+        let unet: serde_json::Value = folder.component_config("unet")?;
+        let vae: serde_json::Value = folder.component_config("vae")?;
+        let first = |v: &serde_json::Value, key: &str, default: u64| {
+            v.get(key)
+                .and_then(|x| {
+                    x.as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|x| x.as_u64())
+                })
+                .unwrap_or(default)
+        };
+        let unet_channels = first(&unet, "block_out_channels", 320);
+        let types: Vec<String> = unet
+            .get("down_block_types")
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default();
+        let level = types
+            .iter()
+            .position(|t| t.starts_with("CrossAttn"))
+            .unwrap_or(0);
+        // diffusers' naming quirk: `attention_head_dim` holds the head count when
+        // `num_attention_heads` is absent (SD1, SD2, SDXL configs).
+        let heads_at = |key: &str| -> Option<u64> {
+            match unet.get(key)? {
+                serde_json::Value::Number(n) => n.as_u64(),
+                serde_json::Value::Array(a) => a.get(level).and_then(|x| x.as_u64()),
+                _ => None,
+            }
+        };
+        let attention_heads = heads_at("num_attention_heads")
+            .or_else(|| heads_at("attention_head_dim"))
+            .unwrap_or(8)
+            .max(1);
+        let vae_blocks = vae
+            .get("block_out_channels")
+            .and_then(|b| b.as_array())
+            .map_or(4, |a| a.len());
+        Ok(Self {
+            text_params,
+            unet_params,
+            vae_params,
+            unet_channels,
+            attention_heads,
+            attention_downscale: 1 << level,
+            vae_channels: first(&vae, "block_out_channels", 128),
+            vae_factor: 1 << vae_blocks.saturating_sub(1),
+        })
+    }
+}
+
+/// Bytes per element of a dtype as the estimate counts it.
+fn bytes_of(dtype: DType) -> u64 {
+    dtype.size_in_bytes() as u64
+}
+
+/// One generation's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryEstimate {
+    /// Weights that live on the device (the VAE's are left out when it runs on the CPU).
+    pub weights: u64,
+    /// The UNet's working set during a step.
+    pub unet: u64,
+    /// The VAE's working set during the decode (on the CPU when `vae_on_cpu`).
+    pub vae: u64,
+    /// On the device at the worst moment: weights plus the larger working set there.
+    pub peak: u64,
+    /// On the host beyond that (the VAE on the CPU), 0 otherwise.
+    pub host: u64,
+}
+
+/// The size of one decode tile in image pixels when tiling is on (see [`crate::vae::TileOptions`]).
+fn vae_pixels(width: u64, height: u64, shape: &ModelShape, tiled: bool) -> u64 {
+    if !tiled {
+        return width * height;
+    }
+    let t = crate::vae::TileOptions::default();
+    let side = t.tile as u64 * shape.vae_factor;
+    width.min(side) * height.min(side)
+}
+
+/// Estimates one image of `width x height` with guidance (`guided`: batch 2 through the UNet),
+/// weights and activations in `dtype`, and `opts`. See the module docs for the formula.
+pub fn estimate(
+    shape: &ModelShape,
+    width: usize,
+    height: usize,
+    guided: bool,
+    dtype: DType,
+    opts: &MemoryOptions,
+) -> MemoryEstimate {
+    estimate_with_attention(shape, width, height, guided, dtype, opts, &opts.attention())
+}
+
+/// [`estimate`] with the attention options given explicitly (e.g. plain attention).
+pub fn estimate_with_attention(
+    shape: &ModelShape,
+    width: usize,
+    height: usize,
+    guided: bool,
+    dtype: DType,
+    opts: &MemoryOptions,
+    attn: &AttentionOptions,
+) -> MemoryEstimate {
+    let b = bytes_of(dtype);
+    let (w, h) = (width as u64, height as u64);
+    let latent = (w / shape.vae_factor.max(1)) * (h / shape.vae_factor.max(1));
+    let batch = if guided && !opts.split_batch { 2 } else { 1 };
+    let features = UNET_ACTIVATIONS * shape.unet_channels * latent * batch * b;
+    let tokens = latent / (shape.attention_downscale * shape.attention_downscale).max(1);
+    let full_scores = shape.attention_heads * tokens * tokens;
+    let heads_at_once = attn
+        .head_slice
+        .map_or(shape.attention_heads, |s| s as u64)
+        .min(shape.attention_heads);
+    let per_query_row = heads_at_once * tokens;
+    let rows = ((attn.max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
+    let block = (rows * per_query_row).min(full_scores);
+    // Scores and their softmax exist together; attention upcasts to f32 in half precision.
+    let scores = 2 * block * 4;
+    let unet = features + scores;
+
+    let vae_dtype = if opts.vae_on_cpu || opts.vae_f32 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let vae = VAE_ACTIVATIONS
+        * shape.vae_channels
+        * vae_pixels(w, h, shape, opts.vae_tiling)
+        * bytes_of(vae_dtype);
+    let vae_weights = shape.vae_params * bytes_of(vae_dtype);
+    let other_weights = (shape.text_params + shape.unet_params) * b;
+    let (weights, peak, host) = if opts.vae_on_cpu {
+        (other_weights, other_weights + unet, vae + vae_weights)
+    } else {
+        let weights = other_weights + vae_weights;
+        (weights, weights + unet.max(vae), 0)
+    };
+    MemoryEstimate {
+        weights,
+        unet,
+        vae,
+        peak,
+        host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn matches_the_measured_sd15_run_within_ten_percent() {
+        // REFERENCE.md: full-size SD1.5 at 512x512, batch 2, f32, plain attention: 5.6-5.8 GB
+        // peak RSS in PyTorch and candle. Plain attention = a score block as large as it gets.
+        let e = estimate_with_attention(
+            &ModelShape::SD1,
+            512,
+            512,
+            true,
+            DType::F32,
+            &MemoryOptions::default(),
+            &AttentionOptions::plain(),
+        );
+        let measured = 5.7e9;
+        let ratio = e.peak as f64 / measured;
+        assert!((0.9..1.1).contains(&ratio), "{e:?} vs {measured}");
+    }
+
+    #[test]
+    fn strategies_lower_the_estimate() {
+        let base = estimate(
+            &ModelShape::SD1,
+            1024,
+            1024,
+            true,
+            DType::F16,
+            &Default::default(),
+        );
+        let tiled = estimate(
+            &ModelShape::SD1,
+            1024,
+            1024,
+            true,
+            DType::F16,
+            &MemoryOptions {
+                vae_tiling: true,
+                ..Default::default()
+            },
+        );
+        assert!(tiled.vae < base.vae / 3, "{tiled:?} {base:?}");
+        let lowest = estimate(
+            &ModelShape::SD1,
+            1024,
+            1024,
+            true,
+            DType::F16,
+            &MemoryOptions::lowest(),
+        );
+        assert!(lowest.peak < base.peak, "{lowest:?} {base:?}");
+        assert!(lowest.host > 0 && lowest.weights < base.weights);
+        // fp16 weights of SD1.5 are about 2.1 GB.
+        assert!((1.9e9..2.3e9).contains(&(base.weights as f64)), "{base:?}");
+        // SDXL's weights alone are about 7 GB in fp16.
+        let xl = estimate(
+            &ModelShape::SDXL,
+            1024,
+            1024,
+            true,
+            DType::F16,
+            &Default::default(),
+        );
+        assert!(xl.weights > 6 * GIB && xl.weights < 8 * GIB, "{xl:?}");
+    }
+
+    #[test]
+    fn reads_the_tiny_model() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
+        let s = ModelShape::from_folder(&dir).unwrap();
+        assert_eq!((s.unet_channels, s.vae_channels, s.vae_factor), (32, 8, 8));
+        assert_eq!((s.attention_heads, s.attention_downscale), (8, 1));
+        assert!(s.unet_params > 10_000 && s.unet_params < 2_000_000, "{s:?}");
+        assert!(s.text_params > 0 && s.vae_params > 0);
+    }
+
+    #[test]
+    fn low_memory_pipeline_samples_the_same_latents() {
+        use crate::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
+        let mut p = Pipeline::load(&dir, &LoadOptions::default()).unwrap();
+        let req = GenerateRequest {
+            prompt: "a cat".into(),
+            steps: 3,
+            width: 64,
+            height: 64,
+            ..Default::default()
+        };
+        let plain = p
+            .sample_latents(&req, &mut NoObserver, &mut |_, _| {})
+            .unwrap();
+        let low = MemoryOptions {
+            attention_slice: Some(64),
+            split_batch: true,
+            vae_tiling: true,
+            ..Default::default()
+        };
+        p.set_memory_options(low).unwrap();
+        assert_eq!(p.memory_options(), low);
+        let sliced = p
+            .sample_latents(&req, &mut NoObserver, &mut |_, _| {})
+            .unwrap();
+        // Slicing and splitting change only the shapes of the matrix products, so the order of
+        // f32 sums: measured 1.6e-4 after 3 steps on latents of magnitude ~1; 1e-3 leaves margin
+        // and still fails on any real difference (a wrong head or batch half is O(1)).
+        let diff = (&plain - &sliced)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let max: f32 = diff.max(0).unwrap().to_scalar().unwrap();
+        assert!(max < 1e-3, "max {max}");
+        // 64x64 pixels fit one tile: the tiled decode is the plain one.
+        let a = p.decode(&sliced).unwrap();
+        // Same attention, tiling off: the only difference left is the tiling.
+        p.set_memory_options(MemoryOptions {
+            vae_tiling: false,
+            ..low
+        })
+        .unwrap();
+        let b = p.decode(&sliced).unwrap();
+        let d: f32 = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
+    }
+}

@@ -1,0 +1,306 @@
+//! Per-model generation defaults: the family's native size, and for distilled fast models (SD-Turbo
+//! / SDXL-Turbo, LCM, SDXL-Lightning) the few steps, low or no guidance and the sampler and
+//! timesteps they were distilled for. Read from the model's own configs and name, so the service
+//! can fill a request before the user overrides any field.
+
+use std::path::Path;
+
+use crate::config::{ModelFolder, ModelIndex, PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::sampler::SamplerKind;
+use crate::schedule::ScheduleKind;
+use crate::unet::UNetConfig;
+use crate::vae::VaeConfig;
+use crate::Result;
+
+/// Which architecture a model folder holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelFamily {
+    Sd1,
+    Sd2,
+    Sdxl,
+    /// An SDXL refiner folder (not generated from on its own).
+    SdxlRefiner,
+}
+
+/// How the model was distilled, which decides its sampling settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Distillation {
+    /// A regular model: 20-30 steps with guidance.
+    None,
+    /// Adversarial diffusion distillation (SD-Turbo, SDXL-Turbo): 1-4 steps, no guidance.
+    Turbo,
+    /// Latent consistency model (or an LCM-LoRA merge): 2-8 steps with the LCM sampler.
+    Lcm,
+    /// SDXL-Lightning: 2-8 steps, Euler on trailing timesteps, no guidance.
+    Lightning,
+}
+
+/// Settings a request for this model should start from; every field may be overridden.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    pub family: ModelFamily,
+    pub distillation: Distillation,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: SamplerKind,
+    pub schedule: ScheduleKind,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl ModelDefaults {
+    /// Reads a diffusers folder's configs (no weights) and decides. The folder name counts too
+    /// ("sdxl-turbo", "lcm-...", "...lightning-4step"); for a Hugging Face cache path
+    /// (`models--org--name/snapshots/<hash>`) the repository name is used.
+    pub fn detect(dir: &Path) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        let index = folder.model_index()?;
+        let scheduler = folder.scheduler_config()?;
+        let unet = UNetConfig::from_file(&folder.config_file("unet")?)?;
+        let vae = match folder.config_file("vae") {
+            Ok(p) => VaeConfig::from_file(&p)?,
+            // Every SD-family VAE downsamples by 8, as this one does.
+            Err(_) => sd_vae(),
+        };
+        Ok(Self::from_configs(
+            &model_name(dir),
+            &index,
+            &scheduler,
+            &unet,
+            &vae,
+        ))
+    }
+
+    /// The decision from parsed configs and a model name (case ignored).
+    pub fn from_configs(
+        name: &str,
+        index: &ModelIndex,
+        scheduler: &SchedulerConfig,
+        unet: &UNetConfig,
+        vae: &VaeConfig,
+    ) -> Self {
+        Self::decide(name, family(index, unet), scheduler, unet, vae)
+    }
+
+    /// For a model without `model_index.json` or scheduler config (a single-file checkpoint):
+    /// the family from the UNet, fast variants from the name only.
+    pub fn for_unet(
+        name: &str,
+        unet: &UNetConfig,
+        prediction: PredictionType,
+        vae: &VaeConfig,
+    ) -> Self {
+        let scheduler = SchedulerConfig {
+            prediction_type: prediction,
+            ..SchedulerConfig::default()
+        };
+        Self::decide(name, family_of_unet(unet), &scheduler, unet, vae)
+    }
+
+    fn decide(
+        name: &str,
+        family: ModelFamily,
+        scheduler: &SchedulerConfig,
+        unet: &UNetConfig,
+        vae: &VaeConfig,
+    ) -> Self {
+        let distillation = distillation(name, scheduler);
+        let native = unet
+            .sample_size
+            .map(|s| s * vae.downsampling_factor())
+            .unwrap_or(match family {
+                ModelFamily::Sd1 => 512,
+                ModelFamily::Sd2 if scheduler.prediction_type == PredictionType::VPrediction => 768,
+                ModelFamily::Sd2 => 512,
+                ModelFamily::Sdxl | ModelFamily::SdxlRefiner => 1024,
+            });
+        let native = native.clamp(crate::pipeline::MIN_SIZE, crate::pipeline::MAX_SIZE);
+        // SDXL-Turbo and SD-Turbo were distilled at 512x512 (model cards).
+        let size = if distillation == Distillation::Turbo {
+            native.min(512)
+        } else {
+            native
+        };
+        let (steps, cfg_scale, sampler, schedule) = match distillation {
+            // Model cards: "a single step", guidance_scale 0.0 (off, our 1); diffusers ships
+            // them with EulerAncestralDiscreteScheduler on trailing timesteps.
+            Distillation::Turbo => (1, 1.0, SamplerKind::EulerA, ScheduleKind::Trailing),
+            // diffusers LCM(-LoRA) docs: 4 steps, guidance 1 (off); LCM's own timesteps.
+            Distillation::Lcm => (4, 1.0, SamplerKind::Lcm, ScheduleKind::Automatic),
+            // ByteDance/SDXL-Lightning card: Euler, "trailing" timesteps, guidance 0.
+            Distillation::Lightning => (
+                lightning_steps(name).unwrap_or(4),
+                1.0,
+                SamplerKind::Euler,
+                ScheduleKind::Trailing,
+            ),
+            // SDXL: diffusers' guidance 5.0 default; 30 steps of DPM++ 2M Karras is the usual
+            // community setting (diffusers' 50 is slow on a CPU). SD1/SD2: A1111's 20 x CFG 7.
+            Distillation::None => match family {
+                ModelFamily::Sdxl | ModelFamily::SdxlRefiner => {
+                    (30, 5.0, SamplerKind::DpmPp2M, ScheduleKind::Automatic)
+                }
+                _ => (20, 7.0, SamplerKind::DpmPp2M, ScheduleKind::Automatic),
+            },
+        };
+        Self {
+            family,
+            distillation,
+            steps,
+            cfg_scale,
+            sampler,
+            schedule,
+            width: size,
+            height: size,
+        }
+    }
+
+    /// Whether this is a few-step model (the "Quick" preset's choice when installed).
+    pub fn is_fast(&self) -> bool {
+        self.distillation != Distillation::None
+    }
+
+    /// A request with these defaults and [`GenerateRequest::default`]'s other fields; override
+    /// what the user set with struct update syntax.
+    pub fn request(&self) -> GenerateRequest {
+        GenerateRequest {
+            steps: self.steps,
+            cfg_scale: self.cfg_scale,
+            sampler: self.sampler,
+            schedule: self.schedule,
+            width: self.width,
+            height: self.height,
+            ..GenerateRequest::default()
+        }
+    }
+}
+
+/// SD1.5's VAE config (factor 8), for folders without one.
+fn sd_vae() -> VaeConfig {
+    VaeConfig::from_json(crate::bench::SD15_VAE_CONFIG).expect("embedded config parses")
+}
+
+fn family(index: &ModelIndex, unet: &UNetConfig) -> ModelFamily {
+    match index.class_name.as_str() {
+        "StableDiffusionXLPipeline" => return ModelFamily::Sdxl,
+        "StableDiffusionXLImg2ImgPipeline" if !index.has_component("text_encoder") => {
+            return ModelFamily::SdxlRefiner
+        }
+        "StableDiffusionXLImg2ImgPipeline" => return ModelFamily::Sdxl,
+        _ => {}
+    }
+    family_of_unet(unet)
+}
+
+fn family_of_unet(unet: &UNetConfig) -> ModelFamily {
+    if unet.needs_added_conditions() {
+        ModelFamily::Sdxl
+    } else if unet.context_dim() == 1024 {
+        // 1024: OpenCLIP ViT-H, SD2's text encoder width.
+        ModelFamily::Sd2
+    } else {
+        ModelFamily::Sd1
+    }
+}
+
+fn distillation(name: &str, scheduler: &SchedulerConfig) -> Distillation {
+    let name = name.to_ascii_lowercase();
+    let class = scheduler.class_name.as_deref().unwrap_or("");
+    if class == "LCMScheduler" || has_word(&name, "lcm") {
+        Distillation::Lcm
+    } else if name.contains("lightning") {
+        Distillation::Lightning
+    } else if name.contains("turbo")
+        // stabilityai/sd-turbo and sdxl-turbo ship exactly this scheduler config.
+        || (class == "EulerAncestralDiscreteScheduler"
+            && scheduler.timestep_spacing == TimestepSpacing::Trailing)
+    {
+        Distillation::Turbo
+    } else {
+        Distillation::None
+    }
+}
+
+/// `lcm` as its own word ("lcm-lora-sdxl", "LCM_Dreamshaper"), not inside another one.
+fn has_word(name: &str, word: &str) -> bool {
+    name.split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|w| w == word)
+}
+
+/// "sdxl_lightning_4step" -> 4.
+fn lightning_steps(name: &str) -> Option<usize> {
+    let name = name.to_ascii_lowercase();
+    let at = name.find("step")?;
+    let digits: String = name[..at]
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().ok().filter(|n| (1..=8).contains(n))
+}
+
+/// The name a model folder is known by: its own name, or for a Hugging Face cache snapshot the
+/// repository's (`models--stabilityai--sdxl-turbo`).
+pub fn model_name(dir: &Path) -> String {
+    let parts: Vec<String> = dir
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if let Some(i) = parts.iter().rposition(|p| p == "snapshots") {
+        if i > 0 {
+            return parts[i - 1].clone();
+        }
+    }
+    parts.last().cloned().unwrap_or_default()
+}
+
+impl Pipeline {
+    /// This model's generation defaults (see [`ModelDefaults`]).
+    pub fn defaults(&self) -> &ModelDefaults {
+        &self.defaults
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(class: &str) -> ModelIndex {
+        serde_json::from_str(&format!(
+            r#"{{"_class_name": "{class}", "text_encoder": ["transformers", "CLIPTextModel"]}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn words_and_steps_from_names() {
+        assert!(has_word("lcm-lora-sdxl", "lcm"));
+        assert!(!has_word("alcmodel", "lcm"));
+        assert_eq!(lightning_steps("sdxl_lightning_2step_unet"), Some(2));
+        assert_eq!(lightning_steps("sdxl-lightning"), None);
+        assert_eq!(
+            model_name(Path::new(
+                "/c/models--stabilityai--sdxl-turbo/snapshots/abc"
+            )),
+            "models--stabilityai--sdxl-turbo"
+        );
+    }
+
+    #[test]
+    fn sd15_gets_a1111_defaults() {
+        let d = ModelDefaults::from_configs(
+            "v1-5",
+            &index("StableDiffusionPipeline"),
+            &SchedulerConfig::default(),
+            &UNetConfig::from_json(r#"{"sample_size": 64, "cross_attention_dim": 768}"#).unwrap(),
+            &sd_vae(),
+        );
+        assert_eq!(d.family, ModelFamily::Sd1);
+        assert_eq!((d.steps, d.cfg_scale, d.width), (20, 7.0, 512));
+        assert!(!d.is_fast());
+    }
+}

@@ -1,0 +1,276 @@
+//! The SDXL refiner: a second UNet that finishes the last part of the denoising (diffusers'
+//! "ensemble of expert denoisers": base with `denoising_end`, refiner with `denoising_start`).
+//! It reads the prompt with `text_encoder_2` only and is conditioned on an aesthetic score
+//! instead of the target size.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::clip::TextEncoder;
+use crate::config::{ModelFolder, PredictionType};
+use crate::lora::LoraSet;
+use crate::pipeline::{GenerateRequest, LoadOptions, Pipeline};
+use crate::schedule::NoiseSchedule;
+use crate::sdxl::{encode_pair, load_encoder_2, sdxl_layer, time_ids_tensor, SdxlOptions, Stage};
+use crate::unet::{UNet2DConditionModel, UNetConfig};
+use crate::weights::Weights;
+use crate::{EngineError, Result};
+
+/// When and how the refiner takes over. `Default`: switch at 80 % (diffusers' documented
+/// `high_noise_frac` 0.8, A1111's refiner default "Switch at 0.8"), aesthetic scores 6 and 2.5
+/// (diffusers `StableDiffusionXLImg2ImgPipeline` defaults, from the SDXL report).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RefinerOptions {
+    /// Fraction of the denoising (by training timestep, as diffusers' `denoising_end`) the base
+    /// model does; 1 leaves the refiner out.
+    pub switch_at: f64,
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+}
+
+impl Default for RefinerOptions {
+    fn default() -> Self {
+        Self {
+            switch_at: 0.8,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
+}
+
+impl RefinerOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.switch_at) {
+            return Err(EngineError::InvalidRequest(format!(
+                "refiner switch point must be between 0 and 1, got {}",
+                self.switch_at
+            )));
+        }
+        for (name, v) in [
+            ("aesthetic_score", self.aesthetic_score),
+            ("negative_aesthetic_score", self.negative_aesthetic_score),
+        ] {
+            if !v.is_finite() {
+                return Err(EngineError::InvalidRequest(format!(
+                    "refiner {name} must be a finite number, got {v}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A loaded SDXL refiner (`StableDiffusionXLImg2ImgPipeline` folder).
+#[derive(Debug)]
+pub struct Refiner {
+    encoder_2: TextEncoder,
+    unet: UNet2DConditionModel,
+    schedule: NoiseSchedule,
+    prediction: PredictionType,
+    /// Ids are (size, crop, aesthetic score) rather than (size, crop, target size).
+    aesthetic: bool,
+    force_zeros_for_empty_prompt: bool,
+}
+
+impl Refiner {
+    /// Loads a refiner folder: `model_index.json`, `scheduler/`, `text_encoder_2/`,
+    /// `tokenizer_2/`, `unet/` (its `vae/` is SDXL's, the base's is used).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        let index = folder.model_index()?;
+        let index_path = dir.join("model_index.json");
+        for component in ["scheduler", "text_encoder_2", "tokenizer_2", "unet"] {
+            if !index.has_component(component) {
+                return Err(EngineError::Config {
+                    path: index_path.clone(),
+                    message: format!("an SDXL refiner needs {component}"),
+                });
+            }
+        }
+        // `requires_aesthetics_score` is not in the typed index; read it from the raw JSON.
+        let raw: serde_json::Value = crate::config::read_json(&index_path)?;
+        let aesthetic = raw
+            .get("requires_aesthetics_score")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let scheduler = folder.scheduler_config()?;
+        let schedule = NoiseSchedule::from_config(&scheduler)?;
+        let mut no_loras = LoraSet::open(&[])?;
+        let encoder_2 = load_encoder_2(&folder, opts, &mut no_loras)?;
+        no_loras.finish()?;
+
+        let unet_path = folder.config_file("unet")?;
+        let unet_cfg = UNetConfig::from_file(&unet_path)?;
+        let ids = if aesthetic { 5 } else { 6 };
+        let pooled = encoder_2.model().config().projection_dim.unwrap_or(0);
+        // The add_embedding's input is pooled text plus one sinusoid per id; a mismatch means
+        // the index's `requires_aesthetics_score` does not fit this UNet.
+        let expected = unet_cfg.addition_time_embed_dim.map(|t| pooled + ids * t);
+        if !unet_cfg.needs_added_conditions()
+            || expected != unet_cfg.projection_class_embeddings_input_dim
+        {
+            return Err(EngineError::Config {
+                path: unet_path,
+                message: format!(
+                    "not an SDXL refiner UNet: expected added conditions of {} inputs \
+                     ({pooled} pooled + {ids} ids), config says {:?}",
+                    expected.unwrap_or(0),
+                    unet_cfg.projection_class_embeddings_input_dim
+                ),
+            });
+        }
+        if unet_cfg.context_dim() != encoder_2.model().hidden_size() {
+            return Err(EngineError::Config {
+                path: unet_path,
+                message: format!(
+                    "the refiner UNet's cross_attention_dim {} differs from text_encoder_2's \
+                     width {}",
+                    unet_cfg.context_dim(),
+                    encoder_2.model().hidden_size()
+                ),
+            });
+        }
+        let weights = Weights::open_all(&folder.weight_files("unet")?)?;
+        let unet =
+            UNet2DConditionModel::load(weights.var_builder(opts.dtype, &opts.device)?, &unet_cfg)?;
+        Ok(Self {
+            encoder_2,
+            unet,
+            schedule,
+            prediction: scheduler.prediction_type,
+            aesthetic,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+        })
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub fn prediction(&self) -> PredictionType {
+        self.prediction
+    }
+
+    pub fn encoder_2(&self) -> &TextEncoder {
+        &self.encoder_2
+    }
+
+    /// How many of the steps along `sigmas` the base model does: those whose training timestep
+    /// is at or above `round(N * (1 - switch_at))`, diffusers' `denoising_end` /
+    /// `denoising_start` rule (the base keeps `t >= cutoff`, the refiner takes `t < cutoff`).
+    pub fn switch_index(
+        &self,
+        schedule: &NoiseSchedule,
+        sigmas: &[f64],
+        options: &RefinerOptions,
+    ) -> usize {
+        let n = schedule.num_train_timesteps() as f64;
+        let cutoff = (n - options.switch_at * n).round();
+        let steps = sigmas.len().saturating_sub(1);
+        sigmas[..steps]
+            .iter()
+            .take_while(|&&s| schedule.sigma_to_t(s).round() >= cutoff)
+            .count()
+    }
+
+    /// The refiner's conditioning for `req`: text_encoder_2's penultimate states and pooled
+    /// output; time ids `[h, w, crop_top, crop_left, aesthetic score]` (negative score for the
+    /// negative prompt).
+    pub(crate) fn stage(&self, req: &GenerateRequest, options: &SdxlOptions) -> Result<Stage> {
+        let c = encode_pair(
+            &[&self.encoder_2],
+            &req.prompt,
+            &req.negative_prompt,
+            req.cfg_scale != 1.0,
+            self.force_zeros_for_empty_prompt,
+            sdxl_layer(req.clip_skip),
+        )?;
+        let device = self.unet.device();
+        let (ids, neg) = if self.aesthetic {
+            let size = &options.size;
+            let r = &options.refiner;
+            (
+                time_ids_tensor(
+                    &size.aesthetic_time_ids(req.height, req.width, r.aesthetic_score),
+                    device,
+                )?,
+                time_ids_tensor(
+                    &size.aesthetic_time_ids(req.height, req.width, r.negative_aesthetic_score),
+                    device,
+                )?,
+            )
+        } else {
+            let ids = time_ids_tensor(&options.size.time_ids(req.height, req.width), device)?;
+            (ids.clone(), ids)
+        };
+        Stage::new(c, req.cfg_scale, &ids, &neg, self.unet.dtype())
+    }
+
+    /// The refiner's conditioning as its UNet gets it (for tests and tools).
+    pub fn conditioning(
+        &self,
+        req: &GenerateRequest,
+        options: &SdxlOptions,
+    ) -> Result<(crate::denoiser::Conditioning, crate::unet::AddedConditions)> {
+        let s = self.stage(req, options)?;
+        Ok((s.conditioning, s.added))
+    }
+}
+
+impl Pipeline {
+    /// Loads an SDXL refiner and uses it for the following generations (from
+    /// [`RefinerOptions::switch_at`], see [`Pipeline::set_sdxl_options`]). Only for SDXL base
+    /// models.
+    pub fn load_refiner(&mut self, dir: &Path, opts: &LoadOptions) -> Result<()> {
+        if self.sdxl.is_none() {
+            return Err(EngineError::InvalidRequest(
+                "a refiner needs an SDXL base model".into(),
+            ));
+        }
+        let refiner = Arc::new(Refiner::load(dir, opts)?);
+        self.set_refiner(Some(refiner))
+    }
+
+    /// Uses `refiner` (shared between pipelines, it is read-only) or none.
+    pub fn set_refiner(&mut self, refiner: Option<Arc<Refiner>>) -> Result<()> {
+        match &mut self.sdxl {
+            Some(s) => {
+                s.refiner = refiner;
+                Ok(())
+            }
+            None if refiner.is_none() => Ok(()),
+            None => Err(EngineError::InvalidRequest(
+                "a refiner needs an SDXL base model".into(),
+            )),
+        }
+    }
+
+    /// The refiner in use.
+    pub fn refiner(&self) -> Option<&Arc<Refiner>> {
+        self.sdxl.as_ref().and_then(|s| s.refiner.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked() {
+        RefinerOptions::default().validate().unwrap();
+        let bad = RefinerOptions {
+            switch_at: 1.5,
+            ..RefinerOptions::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = RefinerOptions {
+            aesthetic_score: f64::NAN,
+            ..RefinerOptions::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

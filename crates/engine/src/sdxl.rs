@@ -1,0 +1,598 @@
+//! SDXL conditioning and sampling: the two text encoders (CLIP-L and OpenCLIP-bigG, penultimate
+//! hidden states side by side), the pooled text embedding through `text_projection`, the size and
+//! crop micro-conditioning (`add_time_ids`) the UNet's `add_embedding` takes, and an SDXL VAE
+//! decode that never returns a black image. The refiner stage is in [`crate::refiner`].
+//!
+//! Reference: diffusers `StableDiffusionXLPipeline` (`encode_prompt`, `_get_add_time_ids`,
+//! the `force_upcast` decode), proven on tests/fixtures/refs/sdxl.safetensors.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::clip::{ClipConfig, ClipTextModel, HiddenLayer, TextEncoder};
+use crate::config::{ModelFolder, ModelIndex};
+use crate::denoiser::{Conditioning, Denoiser, NoisePredictor};
+use crate::lora::{LoraSet, LoraTarget};
+use crate::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Preview, Progress};
+use crate::refiner::{Refiner, RefinerOptions};
+use crate::sampler::{self, SampleContext, StepInfo};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{AddedConditions, UNet2DConditionModel};
+use crate::vae::{AutoencoderKL, VaeConfig};
+use crate::weights::Weights;
+use crate::{EngineError, Result};
+
+/// The `_class_name` of an SDXL base model's `model_index.json`.
+pub const SDXL_PIPELINE: &str = "StableDiffusionXLPipeline";
+
+/// Size and crop micro-conditioning (SDXL paper, section 2.2). `None` sizes mean the generated
+/// image's own size, diffusers' default; the crop defaults to (0, 0), "not cropped".
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SizeConditioning {
+    /// (height, width) the training image "originally" had; larger looks sharper.
+    pub original: Option<(usize, usize)>,
+    /// (top, left) of the crop.
+    pub crop_top_left: (usize, usize),
+    /// (height, width) of the intended result.
+    pub target: Option<(usize, usize)>,
+}
+
+impl SizeConditioning {
+    /// diffusers' `add_time_ids`: `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]` for
+    /// an image of `height` x `width`.
+    pub fn time_ids(&self, height: usize, width: usize) -> [f32; 6] {
+        let (oh, ow) = self.original.unwrap_or((height, width));
+        let (ct, cl) = self.crop_top_left;
+        let (th, tw) = self.target.unwrap_or((height, width));
+        [oh, ow, ct, cl, th, tw].map(|v| v as f32)
+    }
+
+    /// The refiner's ids: `[orig_h, orig_w, crop_top, crop_left, aesthetic_score]` (diffusers
+    /// `StableDiffusionXLImg2ImgPipeline._get_add_time_ids` with `requires_aesthetics_score`).
+    pub fn aesthetic_time_ids(&self, height: usize, width: usize, score: f64) -> [f32; 5] {
+        let (oh, ow) = self.original.unwrap_or((height, width));
+        let (ct, cl) = self.crop_top_left;
+        [oh as f32, ow as f32, ct as f32, cl as f32, score as f32]
+    }
+}
+
+/// SDXL settings that are not part of [`GenerateRequest`] (kept on the pipeline, so that the
+/// request type, built field by field in other crates, stays as it is). `Default` is diffusers'
+/// behaviour: sizes from the request, no crop, the refiner (when loaded) from 80 %.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SdxlOptions {
+    pub size: SizeConditioning,
+    pub refiner: RefinerOptions,
+}
+
+/// What an SDXL base pipeline holds beyond an SD1/SD2 one.
+#[derive(Debug)]
+pub struct SdxlParts {
+    /// OpenCLIP bigG (`text_encoder_2` / `tokenizer_2`), whose pooled output is projected.
+    pub(crate) encoder_2: TextEncoder,
+    /// `model_index.json`: an empty negative prompt means zero conditioning.
+    pub(crate) force_zeros_for_empty_prompt: bool,
+    pub(crate) options: SdxlOptions,
+    pub(crate) refiner: Option<Arc<Refiner>>,
+    /// The VAE's files and config, to decode again in f32 if an f16 decode overflows.
+    vae_files: Vec<PathBuf>,
+    vae_config: VaeConfig,
+}
+
+/// Whether `index` describes an SDXL base pipeline.
+pub fn is_sdxl(index: &ModelIndex) -> bool {
+    index.class_name == SDXL_PIPELINE
+}
+
+/// The dtype the VAE should be loaded in: f32 when the model runs in f16 and the VAE's config
+/// says `force_upcast` (SDXL's VAE overflows to inf/NaN in f16, which gives black images;
+/// diffusers upcasts the same way). The "fp16-fix" VAE (madebyollin/sdxl-vae-fp16-fix) says
+/// `"force_upcast": false` and stays in f16. Only SDXL pipelines do this, as in diffusers.
+pub fn vae_dtype(sdxl: bool, cfg: &VaeConfig, dtype: DType) -> DType {
+    if sdxl && cfg.force_upcast && dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// Loads `text_encoder_2` / `tokenizer_2`, with the LoRAs' modules for it merged.
+pub(crate) fn load_encoder_2(
+    folder: &ModelFolder,
+    opts: &LoadOptions,
+    loras: &mut LoraSet,
+) -> Result<TextEncoder> {
+    let cfg = ClipConfig::from_file(folder.config_file("text_encoder_2")?)?;
+    let weights = Weights::open_all(&folder.weight_files("text_encoder_2")?)?;
+    let vb = match loras.patch_for(LoraTarget::TextEncoder2, &weights)? {
+        Some(p) => weights.var_builder_patched(opts.dtype, &opts.device, p)?,
+        None => weights.var_builder(opts.dtype, &opts.device)?,
+    };
+    let model = ClipTextModel::load(vb, &cfg)?;
+    if !model.has_projection() {
+        return Err(EngineError::Config {
+            path: folder.config_file("text_encoder_2")?,
+            message: "SDXL's second text encoder needs text_projection.weight \
+                      (CLIPTextModelWithProjection)"
+                .into(),
+        });
+    }
+    let tokenizer = ClipTokenizer::from_dir(folder.component_dir("tokenizer_2")?)?;
+    TextEncoder::new(tokenizer, model)
+}
+
+impl SdxlParts {
+    /// The SDXL extras of `folder` when its index says `StableDiffusionXLPipeline`, else `None`.
+    pub(crate) fn load(
+        folder: &ModelFolder,
+        index: &ModelIndex,
+        opts: &LoadOptions,
+        loras: &mut LoraSet,
+    ) -> Result<Option<Self>> {
+        if !is_sdxl(index) {
+            return Ok(None);
+        }
+        for component in ["text_encoder_2", "tokenizer_2"] {
+            if !index.has_component(component) {
+                return Err(EngineError::Config {
+                    path: folder.root().join("model_index.json"),
+                    message: format!("an SDXL pipeline needs {component}"),
+                });
+            }
+        }
+        Ok(Some(Self {
+            encoder_2: load_encoder_2(folder, opts, loras)?,
+            // diffusers' SDXL default (its `__init__` argument) when the index does not say.
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+            options: SdxlOptions::default(),
+            refiner: None,
+            vae_files: folder.weight_files("vae")?,
+            vae_config: VaeConfig::from_file(&folder.config_file("vae")?)?,
+        }))
+    }
+
+    pub fn encoder_2(&self) -> &TextEncoder {
+        &self.encoder_2
+    }
+}
+
+/// A prompt pair encoded for SDXL's UNet.
+#[derive(Debug, Clone)]
+pub struct SdxlConditioning {
+    /// `[1, 77 * chunks, context_dim]`.
+    pub cond: Tensor,
+    /// Negative prompt's embeddings, when guidance is on.
+    pub uncond: Option<Tensor>,
+    /// `[1, pooled_dim]`.
+    pub pooled: Tensor,
+    pub uncond_pooled: Option<Tensor>,
+}
+
+/// The HiddenLayer SDXL conditions on for A1111 clip skip `clip_skip`: 1 (no skip) is
+/// `hidden_states[-2]`, as diffusers' `clip_skip=None`; each further skip goes one layer back
+/// (diffusers' `clip_skip=n` is `hidden_states[-(n + 2)]`, i.e. our `n + 1`).
+pub fn sdxl_layer(clip_skip: usize) -> HiddenLayer {
+    HiddenLayer::Raw(clip_skip.max(1) + 1)
+}
+
+/// One prompt through every encoder, hidden states concatenated along the feature axis, the last
+/// encoder's projected pooled output. Chunk counts are evened out with encoded empty prompts
+/// (they differ when an embedding is known to one encoder only).
+fn encode_one(
+    encoders: &[&TextEncoder],
+    prompt: &str,
+    layer: HiddenLayer,
+) -> Result<(Tensor, Tensor)> {
+    let mut hidden = Vec::with_capacity(encoders.len());
+    let mut pooled = None;
+    for enc in encoders {
+        let (e, p) = enc.encode_prompt_pooled(prompt, layer)?;
+        hidden.push(e.hidden);
+        pooled = Some(p);
+    }
+    let tokens = hidden
+        .iter()
+        .map(|h| h.dim(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let max = tokens.iter().copied().max().unwrap_or(0);
+    for (i, enc) in encoders.iter().enumerate() {
+        if tokens[i] < max {
+            hidden[i] = pad_with_empty(enc, &hidden[i], max, layer)?;
+        }
+    }
+    let pooled = pooled.ok_or_else(|| EngineError::InvalidRequest("no text encoder".into()))?;
+    Ok((Tensor::cat(&hidden, 2)?, pooled))
+}
+
+/// `hidden` `[1, t, d]` extended to `[1, tokens, d]` with encoded empty chunks (A1111's
+/// `pad_cond_uncond`).
+fn pad_with_empty(
+    enc: &TextEncoder,
+    hidden: &Tensor,
+    tokens: usize,
+    layer: HiddenLayer,
+) -> Result<Tensor> {
+    let (empty, _) = enc.encode_prompt_pooled("", layer)?;
+    let mut parts = vec![hidden.clone()];
+    let mut have = hidden.dim(1)?;
+    while have < tokens {
+        parts.push(empty.hidden.clone());
+        have += empty.hidden.dim(1)?;
+    }
+    Ok(Tensor::cat(&parts, 1)?.narrow(1, 0, tokens)?)
+}
+
+/// Prompt and (when `guided`) negative prompt for SDXL-type encoders. With
+/// `zero_empty_negative`, an empty negative prompt is all-zero embeddings and pooled output, as
+/// diffusers' `force_zeros_for_empty_prompt` and A1111's SDXL conditioning do.
+pub fn encode_pair(
+    encoders: &[&TextEncoder],
+    prompt: &str,
+    negative: &str,
+    guided: bool,
+    zero_empty_negative: bool,
+    layer: HiddenLayer,
+) -> Result<SdxlConditioning> {
+    let (mut cond, pooled) = encode_one(encoders, prompt, layer)?;
+    if !guided {
+        return Ok(SdxlConditioning {
+            cond,
+            uncond: None,
+            pooled,
+            uncond_pooled: None,
+        });
+    }
+    let (mut uncond, uncond_pooled) = if zero_empty_negative && negative.trim().is_empty() {
+        (cond.zeros_like()?, pooled.zeros_like()?)
+    } else {
+        encode_one(encoders, negative, layer)?
+    };
+    // CFG batches the pair, so both need the same number of tokens.
+    let (tc, tu) = (cond.dim(1)?, uncond.dim(1)?);
+    if tc != tu {
+        let zero = zero_empty_negative && negative.trim().is_empty();
+        let short = if tc < tu { &mut cond } else { &mut uncond };
+        *short = if zero {
+            Tensor::zeros(
+                (1, tc.max(tu), short.dim(2)?),
+                short.dtype(),
+                short.device(),
+            )?
+        } else {
+            pad_pair(encoders, short, tc.max(tu), layer)?
+        };
+    }
+    Ok(SdxlConditioning {
+        cond,
+        uncond: Some(uncond),
+        pooled,
+        uncond_pooled: Some(uncond_pooled),
+    })
+}
+
+fn pad_pair(
+    encoders: &[&TextEncoder],
+    short: &Tensor,
+    tokens: usize,
+    layer: HiddenLayer,
+) -> Result<Tensor> {
+    let (empty, _) = encode_one(encoders, "", layer)?;
+    let mut parts = vec![short.clone()];
+    let mut have = short.dim(1)?;
+    while have < tokens {
+        parts.push(empty.clone());
+        have += empty.dim(1)?;
+    }
+    Ok(Tensor::cat(&parts, 1)?.narrow(1, 0, tokens)?)
+}
+
+/// `[1, n]` f32 tensor of time ids.
+pub fn time_ids_tensor(ids: &[f32], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(ids, (1, ids.len()), device)?)
+}
+
+/// One UNet with its SDXL conditioning, ready for the sampler: the added conditions are batched
+/// like the text (`[uncond; cond]` when guided).
+pub(crate) struct Stage {
+    pub conditioning: Conditioning,
+    pub added: AddedConditions,
+}
+
+impl Stage {
+    /// Builds the stage from encoded prompts and the cond/uncond time ids.
+    pub fn new(
+        c: SdxlConditioning,
+        cfg_scale: f64,
+        time_ids: &Tensor,
+        uncond_time_ids: &Tensor,
+        dtype: DType,
+    ) -> Result<Self> {
+        let guided = cfg_scale != 1.0;
+        let added = match (&c.uncond_pooled, guided) {
+            (Some(up), true) => AddedConditions {
+                text_embeds: Tensor::cat(&[up, &c.pooled], 0)?.to_dtype(dtype)?,
+                time_ids: Tensor::cat(&[uncond_time_ids, time_ids], 0)?,
+            },
+            _ => AddedConditions {
+                text_embeds: c.pooled.to_dtype(dtype)?,
+                time_ids: time_ids.clone(),
+            },
+        };
+        Ok(Self {
+            conditioning: Conditioning {
+                cond: c.cond,
+                uncond: c.uncond,
+                cfg_scale,
+            },
+            added,
+        })
+    }
+}
+
+/// The UNet with fixed added conditions, as the denoiser's network.
+pub(crate) struct SdxlPredictor<'a> {
+    pub unet: &'a UNet2DConditionModel,
+    pub added: &'a AddedConditions,
+}
+
+impl NoisePredictor for SdxlPredictor<'_> {
+    fn predict(&self, x_in: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .unet
+            .forward_with(x_in, timestep, context, Some(self.added))?)
+    }
+}
+
+/// SDXL latent -> RGB linear map for the cheap preview, one row per latent channel (A1111
+/// `sd_vae_approx.cheap_approximation`, the SDXL coefficients).
+const SDXL_LATENT_RGB: [[f32; 3]; 4] = [
+    [0.3651, 0.4232, 0.4341],
+    [-0.2533, -0.0042, 0.1068],
+    [0.1076, 0.1111, -0.0362],
+    [-0.3165, -0.2492, -0.2188],
+];
+
+/// A cheap preview of an SDXL clean-latent estimate `[1, 4, h, w]`, one pixel per latent.
+pub fn latent_preview(denoised: &Tensor) -> Result<Option<Preview>> {
+    let (c, h, w) = match denoised.dims() {
+        &[1, c, h, w] => (c, h, w),
+        _ => return Ok(None),
+    };
+    if c != SDXL_LATENT_RGB.len() {
+        return Ok(None);
+    }
+    let v = denoised
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let plane = h * w;
+    let mut pixels = Vec::with_capacity(plane * 3);
+    for i in 0..plane {
+        let mut rgb = [0f32; 3];
+        for (ch, row) in SDXL_LATENT_RGB.iter().enumerate() {
+            for (acc, coef) in rgb.iter_mut().zip(row) {
+                *acc += v[ch * plane + i] * coef;
+            }
+        }
+        pixels.extend(rgb.map(|x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8));
+    }
+    Ok(Some(Preview {
+        width: w,
+        height: h,
+        pixels,
+    }))
+}
+
+impl Pipeline {
+    /// The SDXL parts, when this is an SDXL base model.
+    pub fn sdxl(&self) -> Option<&SdxlParts> {
+        self.sdxl.as_ref()
+    }
+
+    /// Whether this is an SDXL base model (two text encoders, added conditions).
+    pub fn is_sdxl(&self) -> bool {
+        self.sdxl.is_some()
+    }
+
+    /// SDXL micro-conditioning and refiner settings; `None` for SD1/SD2.
+    pub fn sdxl_options(&self) -> Option<SdxlOptions> {
+        self.sdxl.as_ref().map(|s| s.options)
+    }
+
+    /// Sets the SDXL options used by the next generations. An error on SD1/SD2 models or for a
+    /// switch point outside [0, 1].
+    pub fn set_sdxl_options(&mut self, options: SdxlOptions) -> Result<()> {
+        options.refiner.validate()?;
+        match &mut self.sdxl {
+            Some(s) => {
+                s.options = options;
+                Ok(())
+            }
+            None => Err(EngineError::InvalidRequest(
+                "SDXL options need an SDXL model".into(),
+            )),
+        }
+    }
+
+    /// The SDXL encoders, the request's conditioning, the base stage.
+    fn sdxl_stage(&self, s: &SdxlParts, req: &GenerateRequest) -> Result<Stage> {
+        let guided = req.cfg_scale != 1.0;
+        let c = encode_pair(
+            &[self.text_encoder(), &s.encoder_2],
+            &req.prompt,
+            &req.negative_prompt,
+            guided,
+            s.force_zeros_for_empty_prompt,
+            sdxl_layer(req.clip_skip),
+        )?;
+        let ids = s.options.size.time_ids(req.height, req.width);
+        let ids = time_ids_tensor(&ids, self.device())?;
+        Stage::new(c, req.cfg_scale, &ids, &ids, self.unet().dtype())
+    }
+
+    /// The SDXL conditioning of `req` (encoders, pooled output, time ids), as the UNet gets it.
+    pub fn sdxl_conditioning(
+        &self,
+        req: &GenerateRequest,
+    ) -> Result<(Conditioning, AddedConditions)> {
+        let s = self.sdxl.as_ref().ok_or_else(not_sdxl)?;
+        let stage = self.sdxl_stage(s, req)?;
+        Ok((stage.conditioning, stage.added))
+    }
+
+    /// [`Pipeline::sample_latents`] for SDXL: the base model, then the refiner (when loaded and
+    /// its switch point is below 1) for the steps after the switch.
+    pub(crate) fn sample_sdxl(
+        &self,
+        s: &SdxlParts,
+        req: &GenerateRequest,
+        observer: &mut dyn Observer,
+        on_state: &mut dyn FnMut(&Tensor, f64),
+    ) -> Result<Tensor> {
+        let base = self.sdxl_stage(s, req)?;
+        let sampler = req.sampler.sampler();
+        let sigmas = sampler.sigmas(self.schedule(), req.schedule, req.steps);
+        let total = sigmas.len() - 1;
+        let switch = match &s.refiner {
+            Some(r) => r.switch_index(self.schedule(), &sigmas, &s.options.refiner),
+            None => total,
+        };
+        let mut rng = req.seed_source.generator(req.seed);
+        let noise = rng.randn_tensor(&self.latent_shape(req), self.device())?;
+        let mut x = (noise * sampler.initial_noise_scale(&sigmas))?;
+        on_state(&x, sigmas[0]);
+
+        let every = observer.preview_every();
+        let mut run = |x: Tensor,
+                       part: &[f64],
+                       offset: usize,
+                       denoiser: &dyn crate::denoiser::Denoise,
+                       rng: &mut dyn crate::rng::NoiseSource|
+         -> Result<Tensor> {
+            let mut step_observer = |info: &StepInfo<'_>| {
+                on_state(info.x, info.sigma_next);
+                let done = offset + info.step + 1;
+                let preview = match every {
+                    Some(n) if done.is_multiple_of(n.get()) || done == total => {
+                        // A failed preview must not fail the image.
+                        latent_preview(info.denoised).ok().flatten()
+                    }
+                    _ => None,
+                };
+                observer.on_progress(&Progress {
+                    step: done,
+                    total,
+                    preview: preview.as_ref(),
+                })
+            };
+            let mut ctx = SampleContext {
+                denoiser,
+                noise: rng,
+                observer: &mut step_observer,
+            };
+            sampler.sample(x, part, &mut ctx)
+        };
+
+        if switch > 0 {
+            let unet = SdxlPredictor {
+                unet: self.unet(),
+                added: &base.added,
+            };
+            let denoiser = Denoiser::new(
+                &unet,
+                self.schedule(),
+                self.prediction(),
+                &base.conditioning,
+                self.unet().dtype(),
+            )?;
+            x = run(x, &sigmas[..=switch], 0, &denoiser, rng.as_mut())?;
+        }
+        if switch < total {
+            let r = s.refiner.as_ref().ok_or_else(not_sdxl)?;
+            let stage = r.stage(req, &s.options)?;
+            let unet = SdxlPredictor {
+                unet: r.unet(),
+                added: &stage.added,
+            };
+            let denoiser = Denoiser::new(
+                &unet,
+                r.schedule(),
+                r.prediction(),
+                &stage.conditioning,
+                r.unet().dtype(),
+            )?;
+            // The refiner may live on another device or dtype than the base.
+            let xr = x.to_device(r.unet().device())?;
+            x = run(xr, &sigmas[switch..], switch, &denoiser, rng.as_mut())?
+                .to_device(self.device())?;
+        }
+        sampler::to_diffusers_latents(&x, sigmas[total])
+    }
+
+    /// [`Pipeline::decode`] that never returns a black image for SDXL: when an f16 decode gives
+    /// inf/NaN (SDXL's VAE overflows in f16 unless it is the fp16-fix one), decode again with an
+    /// f32 copy of the VAE.
+    pub(crate) fn decode_sdxl(&self, s: &SdxlParts, latents: &Tensor) -> Result<Tensor> {
+        let image = self.decode(latents)?;
+        if all_finite(&image)? || !all_finite(latents)? {
+            return Ok(image);
+        }
+        tracing::warn!("the VAE overflowed in half precision; decoding again in f32");
+        let device = self.device().clone();
+        let weights = Weights::open_all(&s.vae_files)?;
+        let vae = AutoencoderKL::load(weights.var_builder(DType::F32, &device)?, &s.vae_config)?;
+        let z = latents.to_device(&device)?.to_dtype(DType::F32)?;
+        Ok(vae.decode_scaled(&z)?)
+    }
+}
+
+fn not_sdxl() -> EngineError {
+    EngineError::InvalidRequest("this needs an SDXL model".into())
+}
+
+/// Whether every value of `t` is finite.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().all(|x| x.is_finite()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_ids_default_to_the_image_size() {
+        // diffusers: list(original_size + crops_coords_top_left + target_size).
+        let s = SizeConditioning::default();
+        assert_eq!(s.time_ids(768, 1024), [768., 1024., 0., 0., 768., 1024.]);
+        let s = SizeConditioning {
+            original: Some((2048, 2048)),
+            crop_top_left: (16, 32),
+            target: None,
+        };
+        assert_eq!(s.time_ids(512, 640), [2048., 2048., 16., 32., 512., 640.]);
+        assert_eq!(
+            s.aesthetic_time_ids(512, 640, 6.0),
+            [2048., 2048., 16., 32., 6.0]
+        );
+    }
+
+    #[test]
+    fn clip_skip_maps_to_diffusers_layers() {
+        assert_eq!(sdxl_layer(1), HiddenLayer::Raw(2));
+        assert_eq!(sdxl_layer(2), HiddenLayer::Raw(3));
+    }
+
+    #[test]
+    fn vae_upcasts_only_sdxl_in_f16() {
+        let mut cfg = VaeConfig::default();
+        assert_eq!(vae_dtype(true, &cfg, DType::F16), DType::F32);
+        assert_eq!(vae_dtype(false, &cfg, DType::F16), DType::F16);
+        assert_eq!(vae_dtype(true, &cfg, DType::BF16), DType::BF16);
+        cfg.force_upcast = false; // the fp16-fix VAE
+        assert_eq!(vae_dtype(true, &cfg, DType::F16), DType::F16);
+    }
+}
