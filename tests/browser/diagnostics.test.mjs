@@ -171,6 +171,27 @@ describe('Diagnostics page', { timeout: 60_000 }, () => {
     assert.ok(copied.includes(`Processor: ${body.cpu.name}`), `report names the processor:\n${copied}`);
     await checkNoProblems();
   });
+
+  test('shows the server recommendation and runs the self-test (issue 8)', async () => {
+    const { status, body } = await getJson('/api/v1/diagnostics');
+    assert.equal(status, 200);
+    await page.goto(`${baseUrl}/#/diagnostics`);
+    const rec = page.getByTestId('recommendation');
+    await rec.waitFor();
+    const device = { cpu: 'Processor', cuda: 'Graphics card (NVIDIA)', metal: 'Graphics (Apple)' }[body.recommendation.device.value];
+    assert.ok((await rec.textContent()).includes(device), 'the recommended device is shown');
+    await page.getByTestId('self-test').click();
+    const result = page.getByTestId('self-test-result');
+    await result.waitFor({ timeout: 60_000 });
+    assert.equal(await result.getAttribute('data-ok'), 'true', await result.textContent());
+    assert.match(await result.textContent(), /ms per step/);
+    await page.getByTestId('copy-report').click();
+    await page.getByTestId('copy-status').filter({ hasText: 'copied' }).waitFor();
+    const copied = await page.evaluate(() => navigator.clipboard.readText());
+    assert.match(copied, /Recommended settings/);
+    assert.match(copied, /Self-test passed/);
+    await checkNoProblems();
+  });
 });
 
 describe('Navigation', { timeout: 60_000 }, () => {

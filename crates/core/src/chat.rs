@@ -323,203 +323,23 @@ pub fn sentences(text: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Words for what can be seen: looks, clothing, places, light and weather, poses.
-const VISUAL: &[&str] = &[
-    // colours and looks
-    "red",
-    "blue",
-    "green",
-    "black",
-    "white",
-    "silver",
-    "golden",
-    "gold",
-    "blonde",
-    "brown",
-    "pink",
-    "purple",
-    "grey",
-    "gray",
-    "auburn",
-    "pale",
-    "tanned",
-    "freckles",
-    "hair",
-    "eyes",
-    "skin",
-    "face",
-    "lips",
-    "smile",
-    "beard",
-    "ears",
-    "tail",
-    "wings",
-    "horns",
-    "tall",
-    "short",
-    "slender",
-    "muscular",
-    "curly",
-    "long",
-    "braid",
-    "ponytail",
-    "scar",
-    "tattoo",
-    "glasses",
-    // clothing
-    "dress",
-    "shirt",
-    "cloak",
-    "armor",
-    "armour",
-    "jacket",
-    "coat",
-    "skirt",
-    "boots",
-    "hat",
-    "hood",
-    "robe",
-    "gown",
-    "uniform",
-    "apron",
-    "scarf",
-    "gloves",
-    "necklace",
-    "earrings",
-    "ring",
-    "crown",
-    "sweater",
-    "hoodie",
-    "jeans",
-    "kimono",
-    "bikini",
-    "suit",
-    "tie",
-    "cape",
-    // places and things
-    "room",
-    "forest",
-    "woods",
-    "beach",
-    "street",
-    "city",
-    "castle",
-    "tavern",
-    "inn",
-    "kitchen",
-    "bedroom",
-    "garden",
-    "mountain",
-    "mountains",
-    "river",
-    "lake",
-    "sea",
-    "ocean",
-    "sky",
-    "window",
-    "door",
-    "bed",
-    "table",
-    "chair",
-    "fireplace",
-    "fire",
-    "candle",
-    "candles",
-    "lamp",
-    "library",
-    "shelves",
-    "books",
-    "field",
-    "meadow",
-    "cave",
-    "ruins",
-    "temple",
-    "market",
-    "ship",
-    "train",
-    "cafe",
-    "office",
-    "balcony",
-    "rooftop",
-    "bridge",
-    "tower",
-    "hall",
-    "throne",
-    "flowers",
-    "trees",
-    "grass",
-    "stars",
-    "moon",
-    "sun",
-    "clouds",
-    "waves",
-    "sand",
-    "snow",
-    "rain",
-    "fog",
-    "mist",
-    "storm",
-    // light and time
-    "light",
-    "sunlight",
-    "moonlight",
-    "candlelight",
-    "dark",
-    "darkness",
-    "shadow",
-    "shadows",
-    "glow",
-    "glowing",
-    "sunset",
-    "sunrise",
-    "dusk",
-    "dawn",
-    "night",
-    "morning",
-    "evening",
-    "bright",
-    "dim",
-    "lit",
-    "neon",
-    "lantern",
-    // poses and actions
-    "sitting",
-    "sits",
-    "standing",
-    "stands",
-    "walking",
-    "walks",
-    "running",
-    "lying",
-    "lies",
-    "leaning",
-    "leans",
-    "holding",
-    "holds",
-    "wearing",
-    "wears",
-    "smiling",
-    "smiles",
-    "dancing",
-    "reading",
-    "sleeping",
-    "kneeling",
-    "kneels",
-    "looking",
-    "gazing",
-    "waving",
-    "hugging",
-    "laughing",
-    "crying",
-    "blushing",
-    "blushes",
-    "sword",
-    "staff",
-    "cup",
-    "book",
+/// Words for a visible person or thing: looks, clothing, poses, what they hold.
+const PERSON: &[&str] = &[
+    "red", "blue", "green", "black", "white", "silver", "golden", "gold", "blonde", "brown",
+    "pink", "purple", "grey", "gray", "auburn", "pale", "tanned", "freckles", "hair", "eyes",
+    "skin", "face", "lips", "smile", "beard", "ears", "tail", "wings", "horns", "tall", "short",
+    "slender", "muscular", "curly", "long", "braid", "ponytail", "scar", "tattoo", "glasses",
+    "dress", "shirt", "cloak", "armor", "armour", "jacket", "coat", "skirt", "boots", "hat",
+    "hood", "robe", "gown", "uniform", "apron", "scarf", "gloves", "necklace", "earrings", "ring",
+    "crown", "sweater", "hoodie", "jeans", "kimono", "bikini", "suit", "tie", "cape", "door",
+    "bed", "table", "chair", "books", "train", "throne", "darkness", "shadow", "glowing", "bright",
+    "dim", "lit", "sitting", "sits", "standing", "stands", "walking", "walks", "running", "lying",
+    "lies", "leaning", "leans", "holding", "holds", "wearing", "wears", "smiling", "smiles",
+    "dancing", "reading", "sleeping", "kneeling", "kneels", "looking", "gazing", "waving",
+    "hugging", "laughing", "crying", "blushing", "blushes", "sword", "staff", "cup", "book",
 ];
 
-/// Words about the place, for `background`.
+/// Words for the place, light and weather (all `background` keeps).
 const PLACE: &[&str] = &[
     "room",
     "forest",
@@ -594,6 +414,11 @@ const PLACE: &[&str] = &[
     "lantern",
 ];
 
+/// Whether a word names something a picture can show.
+fn is_visual(w: &str) -> bool {
+    PERSON.contains(&w) || PLACE.contains(&w)
+}
+
 /// Filler at the start of a clause that a picture cannot show.
 const FILLER: &[&str] = &[
     "i", "me", "my", "you", "your", "she", "he", "her", "his", "they", "them", "their", "we",
@@ -609,26 +434,30 @@ fn words(s: &str) -> impl Iterator<Item = String> + '_ {
 
 /// How many visible details a text names.
 pub fn visual_score(text: &str) -> usize {
-    words(text).filter(|w| VISUAL.contains(&w.as_str())).count()
+    words(text).filter(|w| is_visual(w)).count()
 }
 
 /// The clauses of `text` (speech and markup removed) that name something visible, in order,
 /// trimmed of leading filler, at most `max_words` words. `places_only` keeps place/light clauses.
 fn visual_clauses(text: &str, max_words: usize, places_only: bool) -> String {
     let clean = strip_markup(text);
-    let vocab = if places_only { PLACE } else { VISUAL };
+    let wanted = |w: &str| {
+        if places_only {
+            PLACE.contains(&w)
+        } else {
+            is_visual(w)
+        }
+    };
     let mut kept: Vec<String> = Vec::new();
     let mut used = 0;
     for clause in clean.split([',', '.', '!', '?', ';', '\n', ':']) {
         let ws: Vec<String> = words(clause).collect();
-        if !ws.iter().any(|w| vocab.contains(&w.as_str())) {
+        if !ws.iter().any(|w| wanted(w)) {
             continue;
         }
         // For the place alone, a clause about a person ("leans against the window") gives only
         // its place words ("window").
-        let about_person = ws
-            .iter()
-            .any(|w| VISUAL.contains(&w.as_str()) && !PLACE.contains(&w.as_str()));
+        let about_person = ws.iter().any(|w| PERSON.contains(&w.as_str()));
         let phrase: Vec<&str> = if places_only && about_person {
             ws.iter()
                 .map(String::as_str)

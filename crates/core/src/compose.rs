@@ -5,6 +5,7 @@
 use crate::models::{self, Family, ModelInfo};
 use crate::presets::Preset;
 use crate::settings::Settings;
+use ld_engine::lora::LoraSpec;
 use ld_engine::pipeline::GenerateRequest;
 use ld_engine::rng::SeedSource;
 use ld_engine::sampler::{parse_sampler, SamplerKind};
@@ -46,10 +47,21 @@ pub struct GenerationInput {
     pub ignore_affixes: bool,
 }
 
+/// The LoRA and embedding files a prompt may name.
+#[derive(Debug, Clone, Default)]
+pub struct Networks {
+    pub loras: Vec<crate::models::NetworkFile>,
+    pub embedding_dirs: Vec<std::path::PathBuf>,
+}
+
 /// A request ready for the queue: the model and one engine request per image.
 #[derive(Debug, Clone)]
 pub struct ComposedJob {
     pub model: ModelInfo,
+    /// The `<lora:...>` tags of the prompt, resolved to files (the worker merges them at load).
+    pub loras: Vec<LoraSpec>,
+    /// Folders of textual-inversion embeddings the prompt may use by name.
+    pub embedding_dirs: Vec<std::path::PathBuf>,
     /// One per image of the batch; seeds count up from the first, as in A1111.
     pub images: Vec<GenerateRequest>,
     pub preset: Option<String>,
@@ -86,6 +98,7 @@ pub fn compose(
     settings: &Settings,
     presets: &[Preset],
     library: &[ModelInfo],
+    networks: &Networks,
 ) -> Result<ComposedJob, ComposeError> {
     let preset = match input
         .preset
@@ -112,7 +125,18 @@ pub fn compose(
                 })?,
         ),
     };
-    let model = choose_model(input.model.as_deref(), settings, library)?;
+    // "Quick" with no model named draws with an installed few-step model when there is one.
+    let quick_model = (input.model.as_deref().is_none_or(|m| m.trim().is_empty())
+        && preset.is_some_and(|p| p.id == "quick"))
+    .then(|| library.iter().find(|m| m.fast && m.problem.is_none()))
+    .flatten();
+    let model = match quick_model {
+        Some(m) => m,
+        None => choose_model(input.model.as_deref(), settings, library)?,
+    };
+    // A Turbo/LCM model needs its own few steps and low CFG: a preset's "30 steps, CFG 7" would
+    // spoil its pictures, so for these only the caller's own values override the model's.
+    let sampling_preset = preset.filter(|_| !model.fast);
 
     if input.prompt.chars().count() > MAX_PROMPT_CHARS {
         return Err(invalid(
@@ -129,6 +153,7 @@ pub fn compose(
         }
     }
 
+    let defaults = model.defaults;
     let default_size = match model.family {
         Family::Sdxl => 1024,
         _ => 512,
@@ -136,25 +161,36 @@ pub fn compose(
     let width = input
         .width
         .or(preset.and_then(|p| p.width))
+        .or(defaults.map(|d| d.width))
         .unwrap_or(default_size);
     let height = input
         .height
         .or(preset.and_then(|p| p.height))
+        .or(defaults.map(|d| d.height))
         .unwrap_or(default_size);
-    let steps = input.steps.or(preset.and_then(|p| p.steps)).unwrap_or(20);
+    let steps = input
+        .steps
+        .or(sampling_preset.and_then(|p| p.steps))
+        .or(defaults.map(|d| d.steps))
+        .unwrap_or(20);
     let cfg_scale = input
         .cfg_scale
-        .or(preset.and_then(|p| p.cfg_scale))
+        .or(sampling_preset.and_then(|p| p.cfg_scale))
+        .or(defaults.map(|d| d.cfg_scale))
         .unwrap_or(7.0);
 
     // A sampler the caller names wins together with the schedule its fused name implies; the
     // preset's schedule only applies to the preset's own sampler.
+    let model_sampler = match defaults {
+        Some(d) if model.fast => (d.sampler, Some(d.schedule)),
+        _ => (SamplerKind::DpmPp2M, Some(ScheduleKind::Karras)),
+    };
     let (sampler, fused_schedule) = match input.sampler.as_deref().filter(|s| !s.trim().is_empty())
     {
         Some(name) => sampler_of(name)?,
-        None => match preset.and_then(|p| p.sampler.as_deref()) {
+        None => match sampling_preset.and_then(|p| p.sampler.as_deref()) {
             Some(name) => sampler_of(name)?,
-            None => (SamplerKind::DpmPp2M, Some(ScheduleKind::Karras)),
+            None => model_sampler,
         },
     };
     let schedule = match input.schedule.as_deref().filter(|s| !s.trim().is_empty()) {
@@ -162,7 +198,7 @@ pub fn compose(
         None => match (
             fused_schedule,
             input.sampler.is_some(),
-            preset.and_then(|p| p.schedule.as_deref()),
+            sampling_preset.and_then(|p| p.schedule.as_deref()),
         ) {
             (Some(s), _, _) => s,
             (None, false, Some(name)) => schedule_of(name)?,
@@ -238,7 +274,7 @@ pub fn compose(
         seed: first_seed,
         sampler,
         schedule,
-        clip_skip: input.clip_skip.unwrap_or(1),
+        clip_skip: input.clip_skip.unwrap_or(settings.clip_skip.max(1)),
         seed_source,
     };
     base.validate().map_err(|e| {
@@ -250,6 +286,7 @@ pub fn compose(
             "Change the value and try again.",
         )
     })?;
+    let loras = resolve_loras(&base.prompt, &networks.loras)?;
     let images = (0..batch as u64)
         .map(|i| GenerateRequest {
             seed: first_seed.wrapping_add(i),
@@ -258,9 +295,57 @@ pub fn compose(
         .collect();
     Ok(ComposedJob {
         model: model.clone(),
+        loras,
+        embedding_dirs: networks.embedding_dirs.clone(),
         images,
         preset: preset.map(|p| p.id.clone()),
     })
+}
+
+/// The files behind the prompt's `<lora:NAME:w>` tags. An unknown name is an error that lists
+/// the installed LoRAs: a LoRA silently left out gives a picture that looks wrong for no reason.
+fn resolve_loras(
+    prompt: &str,
+    installed: &[crate::models::NetworkFile],
+) -> Result<Vec<LoraSpec>, ComposeError> {
+    let (tags, warnings) = ld_engine::prompt::extract_networks(prompt).loras();
+    if let Some(w) = warnings.first() {
+        return Err(invalid(
+            format!("A LoRA tag in the prompt is not valid: {w}."),
+            "Write LoRA tags as <lora:NAME:0.8>.",
+        ));
+    }
+    let mut specs: Vec<LoraSpec> = Vec::new();
+    for tag in tags {
+        let file = installed
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case(&tag.name))
+            .ok_or_else(|| {
+                invalid(
+                    format!("There is no LoRA called '{}'.", tag.name),
+                    if installed.is_empty() {
+                        "No LoRAs are installed: put .safetensors LoRA files in the data folder's \
+                         loras folder, or add your A1111/ComfyUI folder under Settings."
+                            .to_owned()
+                    } else {
+                        format!(
+                            "Installed LoRAs: {}.",
+                            installed
+                                .iter()
+                                .map(|f| f.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
+                )
+            })?;
+        specs.push(LoraSpec {
+            path: file.path.clone(),
+            unet_weight: tag.unet_weight,
+            text_encoder_weight: tag.text_encoder_weight,
+        });
+    }
+    Ok(specs)
 }
 
 /// The model a request names, else the default from settings, else the first installed one.
@@ -278,7 +363,15 @@ pub fn choose_model<'a>(
     }
     let explicit = wanted.map(str::trim).filter(|w| !w.is_empty());
     if let Some(name) = explicit {
-        return models::find(library, name).ok_or_else(|| ComposeError {
+        let found = models::find(library, name);
+        if let Some(problem) = found.and_then(|m| m.problem.as_ref()) {
+            return Err(ComposeError {
+                kind: ComposeErrorKind::Invalid,
+                message: format!("The model '{name}' cannot draw: {problem}"),
+                hint: "Choose another model in the model picker.".into(),
+            });
+        }
+        return found.ok_or_else(|| ComposeError {
             kind: ComposeErrorKind::UnknownModel,
             message: format!("There is no model called '{name}'."),
             hint: format!(
@@ -291,11 +384,20 @@ pub fn choose_model<'a>(
             ),
         });
     }
-    Ok(settings
+    // Only models that can draw are picked without being asked for.
+    let usable = |m: &&ModelInfo| m.problem.is_none();
+    settings
         .default_model
         .as_deref()
         .and_then(|d| models::find(library, d))
-        .unwrap_or(&library[0]))
+        .filter(usable)
+        .or_else(|| library.iter().find(usable))
+        .ok_or_else(|| ComposeError {
+            kind: ComposeErrorKind::NoModel,
+            message: "None of the installed models can draw.".into(),
+            hint: "Open Models to see what is wrong with each, or install one from the catalog."
+                .into(),
+        })
 }
 
 fn sampler_of(name: &str) -> Result<(SamplerKind, Option<ScheduleKind>), ComposeError> {
@@ -336,8 +438,11 @@ mod tests {
                 path: PathBuf::from(n),
                 size_bytes: 1,
                 format: "diffusers",
+                problem: None,
                 managed: true,
                 catalog_id: None,
+                fast: false,
+                defaults: None,
             })
             .collect()
     }
@@ -379,7 +484,14 @@ mod tests {
 
     #[test]
     fn defaults_are_dpmpp_2m_karras_on_the_first_model() {
-        let job = compose(&input("a cat"), &Settings::default(), &[], &library()).unwrap();
+        let job = compose(
+            &input("a cat"),
+            &Settings::default(),
+            &[],
+            &library(),
+            &Networks::default(),
+        )
+        .unwrap();
         let r = &job.images[0];
         assert_eq!(
             (r.sampler, r.schedule),
@@ -399,7 +511,14 @@ mod tests {
         i.preset = Some("Portrait".into());
         i.steps = Some(12);
         i.negative_prompt = Some("blurry".into());
-        let job = compose(&i, &settings(), &[preset()], &library()).unwrap();
+        let job = compose(
+            &i,
+            &settings(),
+            &[preset()],
+            &library(),
+            &Networks::default(),
+        )
+        .unwrap();
         let r = &job.images[0];
         assert_eq!(
             (r.width, r.height, r.steps, r.cfg_scale),
@@ -415,7 +534,14 @@ mod tests {
         assert_eq!(job.preset.as_deref(), Some("portrait"));
 
         i.ignore_affixes = true;
-        let job = compose(&i, &settings(), &[preset()], &library()).unwrap();
+        let job = compose(
+            &i,
+            &settings(),
+            &[preset()],
+            &library(),
+            &Networks::default(),
+        )
+        .unwrap();
         assert_eq!(job.images[0].prompt, "a knight");
     }
 
@@ -423,30 +549,154 @@ mod tests {
     fn a_fused_sampler_name_brings_its_schedule_and_an_explicit_schedule_wins() {
         let mut i = input("x");
         i.sampler = Some("DPM++ 2M Karras".into());
-        let r = &compose(&i, &settings(), &[], &library()).unwrap().images[0];
+        let r = &compose(&i, &settings(), &[], &library(), &Networks::default())
+            .unwrap()
+            .images[0];
         assert_eq!(
             (r.sampler, r.schedule),
             (SamplerKind::DpmPp2M, ScheduleKind::Karras)
         );
         i.sampler = Some("Euler".into());
-        let r = &compose(&i, &settings(), &[preset()], &library())
-            .unwrap()
-            .images[0];
+        let r = &compose(
+            &i,
+            &settings(),
+            &[preset()],
+            &library(),
+            &Networks::default(),
+        )
+        .unwrap()
+        .images[0];
         assert_eq!(
             r.schedule,
             ScheduleKind::Automatic,
             "a bare sampler means its own schedule"
         );
         i.schedule = Some("exponential".into());
-        let r = &compose(&i, &settings(), &[], &library()).unwrap().images[0];
+        let r = &compose(&i, &settings(), &[], &library(), &Networks::default())
+            .unwrap()
+            .images[0];
         assert_eq!(r.schedule, ScheduleKind::Exponential);
+    }
+
+    fn turbo() -> ModelInfo {
+        use ld_engine::model_defaults::{Distillation, ModelDefaults, ModelFamily};
+        ModelInfo {
+            name: "turbo".into(),
+            fast: true,
+            defaults: Some(ModelDefaults {
+                family: ModelFamily::Sd2,
+                distillation: Distillation::Turbo,
+                steps: 1,
+                cfg_scale: 1.0,
+                sampler: SamplerKind::EulerA,
+                schedule: ScheduleKind::Trailing,
+                width: 512,
+                height: 512,
+            }),
+            ..library()[0].clone()
+        }
+    }
+
+    #[test]
+    fn fast_models_keep_their_own_steps_cfg_and_sampler_unless_the_caller_sets_them() {
+        let mut lib = library();
+        lib.push(turbo());
+        let mut i = input("a fox");
+        i.model = Some("turbo".into());
+        i.preset = Some("portrait".into());
+        let r = &compose(&i, &settings(), &[preset()], &lib, &Networks::default())
+            .unwrap()
+            .images[0];
+        assert_eq!(
+            (r.steps, r.cfg_scale),
+            (1, 1.0),
+            "not the preset's 30 steps"
+        );
+        assert_eq!(
+            (r.sampler, r.schedule),
+            (SamplerKind::EulerA, ScheduleKind::Trailing)
+        );
+        assert_eq!(
+            (r.width, r.height),
+            (512, 768),
+            "the preset's size still applies"
+        );
+        i.steps = Some(4);
+        let r = &compose(&i, &settings(), &[preset()], &lib, &Networks::default())
+            .unwrap()
+            .images[0];
+        assert_eq!(r.steps, 4);
+    }
+
+    #[test]
+    fn the_quick_preset_picks_an_installed_fast_model() {
+        let quick = Preset {
+            id: "quick".into(),
+            name: "Quick".into(),
+            ..preset()
+        };
+        let mut lib = library();
+        let mut i = input("x");
+        i.preset = Some("quick".into());
+        let job = compose(
+            &i,
+            &settings(),
+            std::slice::from_ref(&quick),
+            &lib,
+            &Networks::default(),
+        )
+        .unwrap();
+        assert_eq!(job.model.name, "alpha", "no fast model: the usual one");
+        lib.push(turbo());
+        let job = compose(
+            &i,
+            &settings(),
+            std::slice::from_ref(&quick),
+            &lib,
+            &Networks::default(),
+        )
+        .unwrap();
+        assert_eq!(job.model.name, "turbo");
+        i.model = Some("beta".into());
+        let job = compose(&i, &settings(), &[quick], &lib, &Networks::default()).unwrap();
+        assert_eq!(job.model.name, "beta", "a named model wins");
+    }
+
+    #[test]
+    fn models_with_a_problem_are_not_picked_and_explain_themselves() {
+        let mut lib = library();
+        lib[0].problem = Some("it is a refiner".into());
+        let job = compose(&input("x"), &settings(), &[], &lib, &Networks::default()).unwrap();
+        assert_eq!(job.model.name, "beta");
+        let mut i = input("x");
+        i.model = Some("alpha".into());
+        let e = compose(&i, &settings(), &[], &lib, &Networks::default()).unwrap_err();
+        assert!(e.message.contains("refiner"), "{e:?}");
+    }
+
+    #[test]
+    fn clip_skip_comes_from_the_request_else_the_settings() {
+        let mut s = settings();
+        s.clip_skip = 2;
+        let r = &compose(&input("x"), &s, &[], &library(), &Networks::default())
+            .unwrap()
+            .images[0];
+        assert_eq!(r.clip_skip, 2);
+        let i = GenerationInput {
+            clip_skip: Some(1),
+            ..input("x")
+        };
+        let r = &compose(&i, &s, &[], &library(), &Networks::default())
+            .unwrap()
+            .images[0];
+        assert_eq!(r.clip_skip, 1);
     }
 
     #[test]
     fn batches_count_seeds_up_and_random_seeds_are_u32() {
         let mut i = input("x");
         i.batch_size = Some(3);
-        let seeds: Vec<u64> = compose(&i, &settings(), &[], &library())
+        let seeds: Vec<u64> = compose(&i, &settings(), &[], &library(), &Networks::default())
             .unwrap()
             .images
             .iter()
@@ -454,7 +704,9 @@ mod tests {
             .collect();
         assert_eq!(seeds, [7, 8, 9]);
         i.seed = Some(-1);
-        let r = &compose(&i, &settings(), &[], &library()).unwrap().images[0];
+        let r = &compose(&i, &settings(), &[], &library(), &Networks::default())
+            .unwrap()
+            .images[0];
         assert!(r.seed <= u32::MAX as u64);
     }
 
@@ -463,7 +715,7 @@ mod tests {
         let mut s = settings();
         s.default_model = Some("beta".into());
         assert_eq!(
-            compose(&input("x"), &s, &[], &library())
+            compose(&input("x"), &s, &[], &library(), &Networks::default())
                 .unwrap()
                 .model
                 .name,
@@ -472,14 +724,17 @@ mod tests {
         let mut i = input("x");
         i.model = Some("ALPHA".into());
         assert_eq!(
-            compose(&i, &s, &[], &library()).unwrap().model.name,
+            compose(&i, &s, &[], &library(), &Networks::default())
+                .unwrap()
+                .model
+                .name,
             "alpha"
         );
         i.model = Some("gamma".into());
-        let e = compose(&i, &s, &[], &library()).unwrap_err();
+        let e = compose(&i, &s, &[], &library(), &Networks::default()).unwrap_err();
         assert_eq!(e.kind, ComposeErrorKind::UnknownModel);
         assert!(e.hint.contains("alpha, beta"), "{}", e.hint);
-        let e = compose(&input("x"), &s, &[], &[]).unwrap_err();
+        let e = compose(&input("x"), &s, &[], &[], &Networks::default()).unwrap_err();
         assert_eq!(e.kind, ComposeErrorKind::NoModel);
     }
 
@@ -513,7 +768,7 @@ mod tests {
             input(&"x".repeat(MAX_PROMPT_CHARS + 1)),
         ];
         for i in bad {
-            let e = compose(&i, &settings(), &[], &library()).unwrap_err();
+            let e = compose(&i, &settings(), &[], &library(), &Networks::default()).unwrap_err();
             assert_eq!(e.kind, ComposeErrorKind::Invalid, "{i:?}");
             assert!(!e.message.is_empty() && !e.hint.is_empty());
         }
@@ -525,9 +780,60 @@ mod tests {
             &settings(),
             &[preset()],
             &library(),
+            &Networks::default(),
         )
         .unwrap_err();
         assert_eq!(e.kind, ComposeErrorKind::UnknownPreset);
         assert!(e.hint.contains("portrait"));
+    }
+
+    #[test]
+    fn lora_tags_resolve_to_files_and_unknown_names_are_errors() {
+        let nets = Networks {
+            loras: vec![crate::models::NetworkFile {
+                name: "Pastel".into(),
+                path: PathBuf::from("/loras/Pastel.safetensors"),
+                size_bytes: 1,
+            }],
+            embedding_dirs: vec![PathBuf::from("/emb")],
+        };
+        let job = compose(
+            &input("a cat <lora:pastel:0.6> <lora:Pastel:0.5:0.9>"),
+            &settings(),
+            &[],
+            &library(),
+            &nets,
+        )
+        .unwrap();
+        let got: Vec<_> = job
+            .loras
+            .iter()
+            .map(|l| (l.path.clone(), l.text_encoder_weight, l.unet_weight))
+            .collect();
+        let p = PathBuf::from("/loras/Pastel.safetensors");
+        assert_eq!(got, [(p.clone(), 0.6, 0.6), (p, 0.5, 0.9)]);
+        assert_eq!(job.embedding_dirs, [PathBuf::from("/emb")]);
+        let e = compose(
+            &input("<lora:missing:1>"),
+            &settings(),
+            &[],
+            &library(),
+            &nets,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ComposeErrorKind::Invalid);
+        assert!(
+            e.message.contains("missing") && e.hint.contains("Pastel"),
+            "{e:?}"
+        );
+        let e = compose(
+            &input("<lora:missing:1>"),
+            &settings(),
+            &[],
+            &library(),
+            &Networks::default(),
+        )
+        .unwrap_err();
+        assert!(e.hint.contains("loras folder"), "{}", e.hint);
     }
 }

@@ -45,6 +45,8 @@ impl DataDir {
             dir.logs(),
             dir.presets(),
             dir.characters(),
+            dir.loras(),
+            dir.embeddings(),
         ] {
             std::fs::create_dir_all(&sub).map_err(|source| DataDirError::Create {
                 path: sub.clone(),
@@ -68,6 +70,14 @@ impl DataDir {
     }
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
+    }
+    /// LoRA files (`<lora:name:weight>` in prompts).
+    pub fn loras(&self) -> PathBuf {
+        self.root.join("loras")
+    }
+    /// Textual-inversion embeddings, used by name in prompts.
+    pub fn embeddings(&self) -> PathBuf {
+        self.root.join("embeddings")
     }
     /// The user's characters, one JSON file each.
     pub fn characters(&self) -> PathBuf {

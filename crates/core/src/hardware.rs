@@ -298,6 +298,276 @@ impl SystemReport {
     }
 }
 
+/// One choice of the recommendation, with its reason in plain words.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Choice<T> {
+    pub value: T,
+    pub reason: String,
+}
+
+/// Where pictures are drawn.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+/// The largest square picture one model family can draw here.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FamilyLimit {
+    pub family: crate::models::Family,
+    /// Side in pixels of the largest safe square size; `None`: the family does not fit at all.
+    pub max_size: Option<usize>,
+    /// The family's usual size (512 for SD1, 768 for SD2, 1024 for SDXL).
+    pub native_size: usize,
+    /// Estimated memory at the usual size, with the recommended low-VRAM strategies.
+    pub needed_bytes: u64,
+    pub reason: String,
+}
+
+/// What this computer should use, each choice with its reason. Settings set to "Auto" follow it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Recommendation {
+    pub device: Choice<DeviceKind>,
+    pub precision: Choice<crate::settings::Precision>,
+    /// Low-VRAM mode and the strategies it turns on.
+    pub low_vram: Choice<bool>,
+    pub strategies: Vec<&'static str>,
+    /// Memory the estimates are measured against (VRAM or RAM, less a reserve).
+    pub budget_bytes: u64,
+    pub families: Vec<FamilyLimit>,
+    /// Anything else worth knowing (an old driver, a build without GPU support).
+    pub notes: Vec<String>,
+}
+
+/// Oldest CUDA driver API the `cuda` build runs on: candle's CUDA kernels are built with CUDA 12
+/// (driver 525 or newer).
+const MIN_CUDA: (u32, u32) = (12, 0);
+/// Kept free on a GPU for the CUDA context, cuBLAS workspace and allocator slack (typically
+/// 300-600 MB on current drivers).
+pub const GPU_RESERVE: u64 = 768 << 20;
+/// At most this share of system RAM is planned for on the CPU: the OS and the browser need
+/// the rest.
+const RAM_SHARE: f64 = 0.7;
+/// Cards with this much VRAM or less get low-VRAM mode (the issue: "6 GB cards and below").
+const LOW_VRAM_MAX: u64 = 6 << 30;
+/// Headroom on top of the estimate before a size counts as safe.
+const SAFETY: f64 = 1.15;
+/// Square sizes tried for the largest safe resolution, smallest first.
+const SIZES: [usize; 8] = [512, 640, 768, 896, 1024, 1280, 1536, 2048];
+
+fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.split('.');
+    Some((
+        it.next()?.trim().parse().ok()?,
+        it.next().unwrap_or("0").trim().parse().ok()?,
+    ))
+}
+
+fn gb(b: u64) -> String {
+    format!("{:.1} GB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The low-memory strategies low-VRAM mode turns on for a card with `vram` bytes: slicing,
+/// batch splitting and tiling always; the VAE on the CPU at 4 GB and below, where even its
+/// weights and one tile are too much next to the UNet.
+pub fn low_vram_options(vram: u64) -> ld_engine::memory::MemoryOptions {
+    ld_engine::memory::MemoryOptions {
+        attention_slice: Some(ld_engine::memory::MemoryOptions::SLICED_SCORES),
+        vae_tiling: true,
+        vae_on_cpu: vram <= 4 << 30,
+        vae_f32: false,
+        split_batch: true,
+    }
+}
+
+/// Decides device, precision, low-VRAM mode and size limits from the report.
+pub fn recommend(report: &SystemReport) -> Recommendation {
+    use crate::models::Family;
+    use crate::settings::Precision;
+    use ld_engine::memory::{estimate, MemoryOptions, ModelShape};
+    let mut notes = Vec::new();
+    let gpu = report.gpus.iter().max_by_key(|g| g.vram_total_bytes);
+    let old_driver = gpu
+        .and_then(|g| g.cuda_version.as_deref())
+        .and_then(parse_version)
+        .filter(|v| *v < MIN_CUDA);
+    let device = match gpu {
+        Some(g) if report.gpu_status.available && report.build.cuda && old_driver.is_none() => {
+            Choice {
+                value: DeviceKind::Cuda,
+                reason: format!(
+                    "{} is many times faster than the processor for drawing.",
+                    g.name
+                ),
+            }
+        }
+        Some(g) if report.gpu_status.available && report.build.cuda => {
+            let (maj, min) = old_driver.unwrap_or_default();
+            notes.push(format!(
+                "Update the NVIDIA driver (version 525 or newer) to use {}; it supports CUDA {maj}.{min}, this app needs CUDA 12.",
+                g.name
+            ));
+            Choice {
+                value: DeviceKind::Cpu,
+                reason: format!(
+                    "The NVIDIA driver ({}) is too old for this app, so the processor draws until it is updated.",
+                    g.driver_version.as_deref().unwrap_or("unknown version")
+                ),
+            }
+        }
+        Some(g) if report.gpu_status.available => {
+            notes.push("Download the NVIDIA (CUDA) version of Local Diffusers to use the graphics card.".into());
+            Choice {
+                value: DeviceKind::Cpu,
+                reason: format!(
+                    "{} was found, but this version of the app was built without NVIDIA support.",
+                    g.name
+                ),
+            }
+        }
+        _ if report.build.metal && cfg!(target_os = "macos") => Choice {
+            value: DeviceKind::Metal,
+            reason: "The Apple graphics chip draws faster than the processor.".into(),
+        },
+        _ => Choice {
+            value: DeviceKind::Cpu,
+            reason: match &report.gpu_status.reason {
+                Some(r) => format!("No graphics card this app can use ({r}). The processor works, only slower: expect a minute or more per picture."),
+                None => "No graphics card this app can use was found. The processor works, only slower: expect a minute or more per picture.".into(),
+            },
+        },
+    };
+    let on_gpu = device.value == DeviceKind::Cuda;
+    let vram = gpu.map_or(0, |g| g.vram_total_bytes);
+    let budget = if on_gpu {
+        vram.saturating_sub(GPU_RESERVE)
+    } else {
+        (report.memory.total_bytes as f64 * RAM_SHARE) as u64
+    };
+    let precision = if on_gpu || device.value == DeviceKind::Metal {
+        Choice {
+            value: Precision::Fp16,
+            reason: "Half precision needs half the memory and is faster on graphics cards; the picture looks the same.".into(),
+        }
+    } else {
+        Choice {
+            value: Precision::Fp32,
+            reason:
+                "Processors draw full precision fastest; half precision would only be slower here."
+                    .into(),
+        }
+    };
+    let low = on_gpu && vram <= LOW_VRAM_MAX;
+    let low_vram = Choice {
+        value: low,
+        reason: if !on_gpu {
+            "Not needed on the processor: it uses system memory.".into()
+        } else if low {
+            format!("{} has {} of graphics memory, so it saves memory (a little slower) to avoid running out.", gpu.map_or("The card", |g| g.name.as_str()), gb(vram))
+        } else {
+            format!("{} of graphics memory is enough for the usual sizes; it turns on by itself only for a picture that would not fit.", gb(vram))
+        },
+    };
+    let opts = if low {
+        low_vram_options(vram)
+    } else {
+        MemoryOptions::default()
+    };
+    let dtype = if precision.value == Precision::Fp16 {
+        candle_core::DType::F16
+    } else {
+        candle_core::DType::F32
+    };
+    let families = [
+        (Family::Sd1, ModelShape::SD1, 512),
+        (Family::Sd2, ModelShape::SD2, 768),
+        (Family::Sdxl, ModelShape::SDXL, 1024),
+    ]
+    .into_iter()
+    .map(|(family, shape, native)| {
+        // When a size does not fit plainly, the job service turns the strategies on by itself
+        // (low-VRAM "Auto"), so the limit is the size that fits with all of them.
+        // 15% headroom: the estimate is a planning figure (see ld_engine::memory).
+        let fits = |size: usize, o: &MemoryOptions| {
+            estimate(&shape, size, size, true, dtype, o).peak as f64 * SAFETY <= budget as f64
+        };
+        let lowest = if on_gpu { MemoryOptions::lowest() } else { MemoryOptions { vae_on_cpu: false, ..MemoryOptions::lowest() } };
+        let max_size = SIZES.iter().copied().filter(|&s| fits(s, &lowest)).max();
+        let needed = estimate(&shape, native, native, true, dtype, &opts).peak;
+        let memory = if on_gpu { "graphics memory" } else { "memory" };
+        let reason = match max_size {
+            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(estimate(&shape, native, native, true, dtype, &lowest).peak), gb(budget)),
+            Some(m) if m < native => format!("Fits only below its usual {native}×{native} (about {} needed, {} of {memory} to use); pictures will look worse.", gb(needed), gb(budget)),
+            Some(m) => format!("Up to {m}×{m} fits in {} of {memory} (about {} at {native}×{native}).", gb(budget), gb(needed)),
+        };
+        FamilyLimit { family, max_size, native_size: native, needed_bytes: needed, reason }
+    })
+    .collect::<Vec<_>>();
+    if !on_gpu
+        && families
+            .iter()
+            .any(|f| f.family == Family::Sdxl && f.max_size.is_some())
+    {
+        notes.push("SDXL works on the processor but takes several minutes per picture; SD 1.5 at 512×512 is the quick choice.".into());
+    }
+    Recommendation {
+        strategies: opts.describe(),
+        device,
+        precision,
+        low_vram,
+        budget_bytes: budget,
+        families,
+        notes,
+    }
+}
+
+impl Recommendation {
+    /// Plain-text lines for the report and `doctor`.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let device = match self.device.value {
+            DeviceKind::Cpu => "processor",
+            DeviceKind::Cuda => "NVIDIA graphics card (CUDA)",
+            DeviceKind::Metal => "Apple graphics (Metal)",
+        };
+        let precision = match self.precision.value {
+            crate::settings::Precision::Fp16 => "fp16",
+            _ => "fp32",
+        };
+        s.push_str(&format!("Device:    {device} — {}\n", self.device.reason));
+        s.push_str(&format!(
+            "Precision: {precision} — {}\n",
+            self.precision.reason
+        ));
+        s.push_str(&format!(
+            "Low VRAM:  {} — {}\n",
+            if self.low_vram.value {
+                format!("on ({})", self.strategies.join(", "))
+            } else {
+                "off".into()
+            },
+            self.low_vram.reason
+        ));
+        for f in &self.families {
+            let size = f
+                .max_size
+                .map_or("does not fit".to_owned(), |m| format!("up to {m}×{m}"));
+            s.push_str(&format!(
+                "{:<5}      {size} — {}\n",
+                f.family.label(),
+                f.reason
+            ));
+        }
+        for n in &self.notes {
+            s.push_str(&format!("Note:      {n}\n"));
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +590,171 @@ mod tests {
                 },
             )
         }
+    }
+
+    const GB: u64 = 1 << 30;
+
+    /// A machine as the tests want it: RAM, and a GPU answer.
+    fn machine(
+        ram_gb: u64,
+        gpu: Option<(u64, &str)>,
+        reason: Option<&str>,
+        cuda_build: bool,
+    ) -> SystemReport {
+        let gpus: Vec<GpuInfo> = gpu
+            .map(|(vram, cuda)| GpuInfo {
+                name: format!("NVIDIA Test {vram} GB"),
+                vram_total_bytes: vram * GB,
+                vram_free_bytes: vram * GB - GB / 2,
+                driver_version: Some(if cuda.starts_with("11") {
+                    "470.82".into()
+                } else {
+                    "550.54".into()
+                }),
+                cuda_version: Some(cuda.into()),
+                compute_capability: Some("8.6".into()),
+            })
+            .into_iter()
+            .collect();
+        SystemReport {
+            os: OsInfo {
+                name: "Linux".into(),
+                version: "13".into(),
+                kernel: "6".into(),
+                arch: "x86_64".into(),
+            },
+            cpu: CpuInfo {
+                name: "CPU".into(),
+                physical_cores: Some(8),
+                logical_cores: 16,
+                features: vec![],
+            },
+            memory: MemoryInfo {
+                total_bytes: ram_gb * GB,
+                available_bytes: ram_gb * GB / 2,
+            },
+            gpu_status: GpuStatus {
+                available: !gpus.is_empty(),
+                reason: reason.map(str::to_owned),
+            },
+            gpus,
+            build: BuildInfo {
+                cuda: cuda_build,
+                metal: false,
+            },
+        }
+    }
+
+    fn max_size(r: &Recommendation, f: crate::models::Family) -> Option<usize> {
+        r.families.iter().find(|x| x.family == f).unwrap().max_size
+    }
+
+    use crate::models::Family::{Sd1, Sd2, Sdxl};
+    use crate::settings::Precision;
+
+    #[test]
+    fn profiles_get_the_expected_recommendation() {
+        // (profile, VRAM GB, device, precision, low VRAM, largest SD1, SDXL fits)
+        // Sizes follow the estimate with every saving on (ld_engine::memory), plus 15% headroom.
+        // SDXL's fp16 weights alone are 6.8 GB and this engine keeps its text encoders on the
+        // GPU, so 8 GB is not enough for it.
+        type Case = (
+            &'static str,
+            u64,
+            DeviceKind,
+            Precision,
+            bool,
+            Option<usize>,
+            bool,
+        );
+        #[rustfmt::skip]
+        let cases: [Case; 5] = [
+            ("4 GB", 4, DeviceKind::Cuda, Precision::Fp16, true, Some(2048), false),
+            ("6 GB", 6, DeviceKind::Cuda, Precision::Fp16, true, Some(2048), false),
+            ("8 GB", 8, DeviceKind::Cuda, Precision::Fp16, false, Some(2048), false),
+            ("12 GB", 12, DeviceKind::Cuda, Precision::Fp16, false, Some(2048), true),
+            ("24 GB", 24, DeviceKind::Cuda, Precision::Fp16, false, Some(2048), true),
+        ];
+        for (name, vram, device, precision, low, sd1, xl) in cases {
+            let r = recommend(&machine(32, Some((vram, "12.4")), None, true));
+            assert_eq!(r.device.value, device, "{name}");
+            assert_eq!(r.precision.value, precision, "{name}");
+            assert_eq!(r.low_vram.value, low, "{name}: {}", r.low_vram.reason);
+            assert_eq!(max_size(&r, Sd1), sd1, "{name}: {}", r.to_text());
+            assert_eq!(max_size(&r, Sdxl).is_some(), xl, "{name}: {}", r.to_text());
+            assert!(r.budget_bytes < vram * GB, "{name}: a reserve is kept");
+            assert!(r.families.iter().all(|f| !f.reason.is_empty()));
+        }
+        // SD2 sizes grow with the card (1536 at 4 GB).
+        let sizes: Vec<_> = [4, 6, 8, 12, 24]
+            .map(|v| {
+                max_size(&recommend(&machine(32, Some((v, "12.4")), None, true)), Sd2).unwrap_or(0)
+            })
+            .to_vec();
+        assert_eq!(sizes, [1536, 2048, 2048, 2048, 2048]);
+        // 4 GB cards also move the VAE to the processor; 6 GB cards keep it.
+        let four = recommend(&machine(32, Some((4, "12.4")), None, true));
+        assert!(
+            four.strategies.contains(&"VAE on CPU"),
+            "{:?}",
+            four.strategies
+        );
+        let six = recommend(&machine(32, Some((6, "12.4")), None, true));
+        assert!(!six.strategies.contains(&"VAE on CPU") && six.strategies.contains(&"tiled VAE"));
+        assert!(
+            six.low_vram.reason.contains("6.0 GB"),
+            "{}",
+            six.low_vram.reason
+        );
+    }
+
+    #[test]
+    fn without_a_gpu_the_processor_draws_in_full_precision() {
+        let r = recommend(&machine(
+            16,
+            None,
+            Some("No NVIDIA GPU found: the NVIDIA driver library (libnvidia-ml) is not installed."),
+            false,
+        ));
+        assert_eq!(r.device.value, DeviceKind::Cpu);
+        assert_eq!(r.precision.value, Precision::Fp32);
+        assert!(!r.low_vram.value);
+        assert!(
+            r.device.reason.contains("libnvidia-ml"),
+            "the library's absence is the reason: {}",
+            r.device.reason
+        );
+        // 16 GB of RAM x 0.7: SD1 and SD2 fit at their usual size.
+        assert!(max_size(&r, Sd1).unwrap() >= 512);
+        assert!(max_size(&r, Sd2).unwrap() >= 768);
+        // 12 GB of RAM: SD1 fits, SDXL (13.5 GB of fp32 weights) does not.
+        let small = recommend(&machine(12, None, Some("none"), false));
+        assert!(max_size(&small, Sdxl).is_none(), "{}", small.to_text());
+        assert!(max_size(&small, Sd1).is_some(), "{}", small.to_text());
+    }
+
+    #[test]
+    fn an_old_driver_or_a_build_without_cuda_falls_back_with_the_reason() {
+        let old = recommend(&machine(32, Some((12, "11.4")), None, true));
+        assert_eq!(old.device.value, DeviceKind::Cpu);
+        assert!(
+            old.device.reason.contains("too old"),
+            "{}",
+            old.device.reason
+        );
+        assert!(
+            old.notes.iter().any(|n| n.contains("525")),
+            "{:?}",
+            old.notes
+        );
+        let no_cuda = recommend(&machine(32, Some((12, "12.4")), None, false));
+        assert_eq!(no_cuda.device.value, DeviceKind::Cpu);
+        assert!(no_cuda.device.reason.contains("without NVIDIA support"));
+        let text = old.to_text();
+        assert!(
+            text.contains("Device:    processor") && text.contains("SDXL"),
+            "{text}"
+        );
     }
 
     #[test]

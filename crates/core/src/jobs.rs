@@ -5,12 +5,20 @@
 //! Jobs report through two channels: a `watch` per job (its latest [`JobInfo`], what a caller
 //! waiting for its own job reads) and one `broadcast` of [`JobEvent`]s for every listener (the
 //! UI's event stream). Neither needs an async runtime to send, so the worker is a plain thread.
+//!
+//! Memory: before a job runs, its memory is estimated ([`ld_engine::memory`]) against what is
+//! free, and low-VRAM strategies are turned on until it fits (or the job fails saying why). An
+//! out-of-memory error while drawing walks the recovery chain (tiled VAE, sliced attention, VAE on
+//! the CPU, batch split); a NaN or black picture is decoded again in fp32. What was changed is in
+//! the job's `notes` and the image's parameters text.
 
 use crate::compose::ComposedJob;
 use crate::gallery::{Gallery, ImageRecord, NewImage};
 use crate::infotext::Infotext;
 use base64::Engine as _;
-use candle_core::DType;
+use candle_core::{DType, Tensor};
+use ld_engine::lora::LoraSpec;
+use ld_engine::memory::{MemoryOptions, ModelShape};
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Progress};
 use ld_engine::rng::SeedSource;
 use ld_engine::sampler::Control;
@@ -94,6 +102,9 @@ pub struct JobInfo {
     pub eta_ms: Option<u64>,
     pub images: Vec<ImageRecord>,
     pub error: Option<JobError>,
+    /// What the app changed to make the picture fit or look right ("Out of memory: retried with
+    /// tiled VAE"), in words for the user.
+    pub notes: Vec<String>,
     /// Unix milliseconds.
     pub created_at: i64,
     pub started_at: Option<i64>,
@@ -154,6 +165,9 @@ pub struct ServiceConfig {
     /// Jobs that may wait behind the running one.
     pub capacity: usize,
     pub load: LoadOptions,
+    /// Where file hashes are cached (for the infotext's model, LoRA and embedding hashes);
+    /// `None` keeps them in memory only.
+    pub hash_cache: Option<PathBuf>,
 }
 
 impl Default for ServiceConfig {
@@ -161,6 +175,48 @@ impl Default for ServiceConfig {
         Self {
             capacity: 16,
             load: LoadOptions::default(),
+            hash_cache: None,
+        }
+    }
+}
+
+/// Where the worker may fail on purpose (tests): before sampling or before decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    Sampling,
+    Decoding,
+}
+
+/// A test hook the worker asks before each stage. Compiled always so the recovery code that tests
+/// exercise is the code that ships; only tests install one ([`JobService::set_fault_injector`]).
+pub trait FaultInjector: Send + Sync {
+    /// An error to raise at `point` instead of running it, given the strategies now in use.
+    fn fail(&self, point: FaultPoint, memory: &MemoryOptions) -> Option<EngineError>;
+    /// Whether to treat the decoded picture as broken (NaN), as an fp16 VAE overflow gives.
+    fn corrupt_output(&self, _memory: &MemoryOptions) -> bool {
+        false
+    }
+}
+
+/// Free memory, asked before each job (VRAM of the GPU drawing, or RAM on the CPU).
+pub type FreeMemory = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// How the worker manages memory; from the settings' "Low-VRAM mode" and the hardware.
+#[derive(Clone)]
+pub struct MemoryPolicy {
+    pub low_vram: crate::settings::LowVram,
+    /// The strategies "On" uses (see [`crate::hardware::low_vram_options`]).
+    pub low_options: MemoryOptions,
+    /// `None`: unknown, so no estimate is made before the job.
+    pub free: Option<FreeMemory>,
+}
+
+impl Default for MemoryPolicy {
+    fn default() -> Self {
+        Self {
+            low_vram: crate::settings::LowVram::Auto,
+            low_options: MemoryOptions::lowest(),
+            free: None,
         }
     }
 }
@@ -194,6 +250,9 @@ struct Shared {
     events: broadcast::Sender<JobEvent>,
     gallery: Arc<Gallery>,
     config: ServiceConfig,
+    policy: Mutex<MemoryPolicy>,
+    faults: Mutex<Option<Arc<dyn FaultInjector>>>,
+    hashes: crate::hashes::HashCache,
 }
 
 impl Shared {
@@ -225,7 +284,13 @@ impl JobService {
             wake: Condvar::new(),
             events,
             gallery,
+            hashes: match &config.hash_cache {
+                Some(file) => crate::hashes::HashCache::open(file),
+                None => crate::hashes::HashCache::in_memory(),
+            },
             config,
+            policy: Mutex::new(MemoryPolicy::default()),
+            faults: Mutex::new(None),
         });
         let worker = shared.clone();
         std::thread::Builder::new()
@@ -238,6 +303,16 @@ impl JobService {
 
     pub fn gallery(&self) -> &Arc<Gallery> {
         &self.shared.gallery
+    }
+
+    /// Sets how the next jobs manage memory (the server calls it at start and when settings change).
+    pub fn set_memory_policy(&self, policy: MemoryPolicy) {
+        *self.shared.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// Installs a fault injector (tests only; see [`FaultInjector`]).
+    pub fn set_fault_injector(&self, faults: Option<Arc<dyn FaultInjector>>) {
+        *self.shared.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
     }
 
     /// Queues a job; refuses when `capacity` jobs already wait.
@@ -286,6 +361,7 @@ impl JobService {
             eta_ms: None,
             images: Vec::new(),
             error: None,
+            notes: Vec::new(),
             created_at: now_ms(),
             started_at: None,
             finished_at: None,
@@ -462,10 +538,13 @@ fn finish(job: &Job, state: JobState, error: Option<JobError>) {
     });
 }
 
-/// The model the worker holds, so back-to-back jobs on one model skip the load.
+/// The model the worker holds, so back-to-back jobs on one model skip the load. Keyed by the
+/// LoRA set too: LoRAs are merged into the weights at load.
 struct Loaded {
     path: PathBuf,
     dtype: DType,
+    loras: Vec<LoraSpec>,
+    embedding_dirs: Vec<PathBuf>,
     pipeline: Pipeline,
 }
 
@@ -558,23 +637,47 @@ enum Outcome {
 fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
     let model = &job.spec.model;
     let dtype = shared.config.load.dtype;
-    let hit = matches!(cache, Some(l) if l.path == model.path && l.dtype == dtype);
+    let hit = matches!(cache, Some(l) if l.path == model.path && l.dtype == dtype
+        && l.loras == job.spec.loras && l.embedding_dirs == job.spec.embedding_dirs);
     if !hit {
         set_stage(shared, job, Stage::LoadingModel);
         // Free the old model before loading the new one: two at once may not fit.
         *cache = None;
-        match Pipeline::load(&model.path, &shared.config.load) {
+    }
+    let policy = shared
+        .policy
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let faults = shared
+        .faults
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut memory = match plan_memory(job, &policy, dtype, hit) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Failed(e),
+    };
+    if !hit {
+        match load_pipeline(shared, job) {
             Ok(pipeline) => {
                 *cache = Some(Loaded {
                     path: model.path.clone(),
                     dtype,
+                    loras: job.spec.loras.clone(),
+                    embedding_dirs: job.spec.embedding_dirs.clone(),
                     pipeline,
                 })
             }
             Err(e) => return Outcome::Failed(explain(&e, &model.name)),
         }
     }
-    let pipeline = &cache.as_ref().expect("loaded above").pipeline;
+    let pipeline = &mut cache.as_mut().expect("loaded above").pipeline;
+    if let Err(e) = pipeline.set_memory_options(memory) {
+        return Outcome::Failed(explain(&e, &model.name));
+    }
+    // Recovery is the app's "Auto"; "Off" means the user wants plain runs and plain errors.
+    let recover = policy.low_vram != crate::settings::LowVram::Off;
     let batch = job.spec.images.len();
     let started = Instant::now();
     let mut any_done = false;
@@ -588,25 +691,130 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
             i.step = 0;
             i.stage = Stage::Sampling;
         });
-        let mut observer = JobObserver {
-            shared,
-            job,
-            index,
-            batch,
-            started,
+        let mut recovered: Vec<String> = Vec::new();
+        let mut tried: Vec<&'static str> = Vec::new();
+        let latents = loop {
+            let mut observer = JobObserver {
+                shared,
+                job,
+                index,
+                batch,
+                started,
+            };
+            let result = match faults
+                .as_ref()
+                .and_then(|f| f.fail(FaultPoint::Sampling, &memory))
+            {
+                Some(e) => Err(e),
+                None => pipeline.sample_latents(req, &mut observer, &mut |_, _| {}),
+            };
+            match result {
+                Ok(l) => break Some(l),
+                // Skipped by the user (A1111 "Skip"): go on with the next image.
+                Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => break None,
+                Err(EngineError::Cancelled) => return Outcome::Cancelled,
+                Err(e) if recover && is_oom(&e) => {
+                    match escalate(&mut memory, FaultPoint::Sampling) {
+                        Some(step) => {
+                            tried.push(step);
+                            note(shared, job, &mut recovered, step, "drawing");
+                            free_held(job);
+                            if let Err(e) = pipeline.set_memory_options(memory) {
+                                return Outcome::Failed(explain(&e, &model.name));
+                            }
+                        }
+                        None => return Outcome::Failed(out_of_memory_after(&tried)),
+                    }
+                }
+                Err(e) => return Outcome::Failed(explain(&e, &model.name)),
+            }
         };
-        let image = match pipeline.generate(req, &mut observer) {
-            Ok(image) => image,
-            Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => continue,
-            Err(EngineError::Cancelled) => return Outcome::Cancelled,
+        let Some(latents) = latents else {
+            continue;
+        };
+        // Kept in host memory while the VAE (re)tries, so a failed decode cannot cost the steps.
+        let latents = match latents.to_device(&candle_core::Device::Cpu) {
+            Ok(l) => l,
+            Err(e) => return Outcome::Failed(explain(&e.into(), &model.name)),
+        };
+        let mut upcast_tried = false;
+        let image = loop {
+            set_stage(shared, job, Stage::Decoding);
+            let result = match faults
+                .as_ref()
+                .and_then(|f| f.fail(FaultPoint::Decoding, &memory))
+            {
+                Some(e) => Err(e),
+                None => pipeline.decode(&latents),
+            };
+            let broken = faults.as_ref().is_some_and(|f| f.corrupt_output(&memory));
+            match result {
+                Ok(img) if !upcast_tried && (broken || is_broken_image(&img)) => {
+                    // SD's VAE overflows in fp16 (NaN, then a black picture): diffusers'
+                    // `force_upcast` and A1111's "--no-half-vae" decode in fp32 instead.
+                    upcast_tried = true;
+                    memory.vae_f32 = true;
+                    let text = "The picture came out black (the VAE overflowed in half precision), so it was decoded again in full precision (fp32).";
+                    recovered.push("black image: VAE in fp32".into());
+                    push_note(job, text);
+                    if let Err(e) = pipeline.set_memory_options(memory) {
+                        return Outcome::Failed(explain(&e, &model.name));
+                    }
+                }
+                Ok(img) => break img,
+                Err(e) if recover && is_oom(&e) => {
+                    match escalate(&mut memory, FaultPoint::Decoding) {
+                        Some(step) => {
+                            tried.push(step);
+                            note(
+                                shared,
+                                job,
+                                &mut recovered,
+                                step,
+                                "turning the picture into pixels",
+                            );
+                            free_held(job);
+                            if let Err(e) = pipeline.set_memory_options(memory) {
+                                return Outcome::Failed(explain(&e, &model.name));
+                            }
+                        }
+                        None => return Outcome::Failed(out_of_memory_after(&tried)),
+                    }
+                }
+                Err(e) => return Outcome::Failed(explain(&e, &model.name)),
+            }
+        };
+        let pixels = match ld_engine::pipeline::to_rgb8(&image) {
+            Ok(p) => p,
             Err(e) => return Outcome::Failed(explain(&e, &model.name)),
         };
         set_stage(shared, job, Stage::Saving);
+        let mut infotext = infotext_for(req, &model.name);
+        add_hashes(shared, job, pipeline, req, &mut infotext);
+        // Recorded so a picture can be told apart (and reproduced) when a strategy changed it:
+        // tiled decoding is close to, not identical with, the plain decode.
+        let used: Vec<&str> = pipeline
+            .memory_options()
+            .describe()
+            .into_iter()
+            .filter(|d| *d != "VAE in fp32")
+            .collect();
+        if !used.is_empty() {
+            infotext.extra.push(("Low VRAM".into(), used.join(" + ")));
+        }
+        if pipeline.memory_options().vae_f32 {
+            infotext.extra.push(("VAE precision".into(), "fp32".into()));
+        }
+        if !recovered.is_empty() {
+            infotext
+                .extra
+                .push(("Recovered".into(), recovered.join(" + ")));
+        }
         let new = NewImage {
-            rgb: image.pixels,
-            width: image.width as u32,
-            height: image.height as u32,
-            infotext: infotext_for(req, &model.name),
+            rgb: pixels,
+            width: req.width as u32,
+            height: req.height as u32,
+            infotext,
         };
         match shared.gallery.save(new) {
             Ok(record) => {
@@ -628,6 +836,195 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
     Outcome::Done
 }
 
+/// The strategies a job starts with: the policy's, then (in "Auto" with a known budget) more of
+/// the recovery chain until the estimate fits. Fails when even every strategy is not enough.
+fn plan_memory(
+    job: &Job,
+    policy: &MemoryPolicy,
+    dtype: DType,
+    loaded: bool,
+) -> Result<MemoryOptions, JobError> {
+    use crate::settings::LowVram;
+    let mut memory = match policy.low_vram {
+        LowVram::On => policy.low_options,
+        _ => MemoryOptions::default(),
+    };
+    let free = match (&policy.free, policy.low_vram) {
+        (Some(f), LowVram::Auto | LowVram::On) => f(),
+        _ => None,
+    };
+    let Some(free) = free else {
+        return Ok(memory);
+    };
+    let shape = match ModelShape::from_folder(&job.spec.model.path) {
+        Ok(s) => s,
+        // Unreadable here means the load will fail with its own, better message.
+        Err(_) => return Ok(memory),
+    };
+    let req = &job.spec.images[0];
+    let need = |m: &MemoryOptions| {
+        let e = ld_engine::memory::estimate(
+            &shape,
+            req.width,
+            req.height,
+            req.cfg_scale != 1.0,
+            dtype,
+            m,
+        );
+        // A loaded model's weights are already out of the free figure.
+        if loaded {
+            e.peak - e.weights
+        } else {
+            e.peak
+        }
+    };
+    let first = need(&memory);
+    let mut turned_on = Vec::new();
+    while need(&memory) > free {
+        match escalate(&mut memory, FaultPoint::Sampling)
+            .or_else(|| escalate(&mut memory, FaultPoint::Decoding))
+        {
+            Some(step) => turned_on.push(step),
+            None => {
+                return Err(JobError {
+                    code: "out_of_memory",
+                    message: format!(
+                        "This picture needs about {} of memory even with every memory saving on, but only {} is free.",
+                        gib(need(&memory)),
+                        gib(free)
+                    ),
+                    hint: "Choose a smaller size or a smaller model (SD 1.5), or close other programs that use the graphics card.".into(),
+                })
+            }
+        }
+    }
+    if !turned_on.is_empty() {
+        push_note(
+            job,
+            &format!(
+                "Turned on {} before starting: the picture needs about {} and {} is free.",
+                turned_on.join(", "),
+                gib(first),
+                gib(free)
+            ),
+        );
+    }
+    Ok(memory)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1} GB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The recovery chain, cheapest first, as the issue orders it. Each entry: its name, whether it
+/// is on, how to turn it on, and whether it helps sampling / decoding.
+type Step = (
+    &'static str,
+    fn(&MemoryOptions) -> bool,
+    fn(&mut MemoryOptions),
+    bool,
+    bool,
+);
+const CHAIN: [Step; 4] = [
+    (
+        "tiled VAE",
+        |m| m.vae_tiling,
+        |m| m.vae_tiling = true,
+        false,
+        true,
+    ),
+    (
+        "sliced attention",
+        |m| m.attention_slice.is_some(),
+        |m| m.attention_slice = Some(MemoryOptions::SLICED_SCORES),
+        true,
+        true,
+    ),
+    // Frees the VAE's weights from the GPU, so it helps sampling too.
+    (
+        "VAE on CPU",
+        |m| m.vae_on_cpu,
+        |m| m.vae_on_cpu = true,
+        true,
+        true,
+    ),
+    // The guidance pair one sample at a time: our "smaller batch" (jobs already draw their
+    // images one by one).
+    (
+        "smaller batch",
+        |m| m.split_batch,
+        |m| m.split_batch = true,
+        true,
+        false,
+    ),
+];
+
+/// Turns on the next strategy of the chain that helps `at`; `None` when all are on.
+fn escalate(memory: &mut MemoryOptions, at: FaultPoint) -> Option<&'static str> {
+    let (name, _, on, _, _) = CHAIN.iter().find(|(_, is_on, _, sampling, decoding)| {
+        !is_on(memory)
+            && match at {
+                FaultPoint::Sampling => *sampling,
+                FaultPoint::Decoding => *decoding,
+            }
+    })?;
+    on(memory);
+    Some(name)
+}
+
+fn note(_shared: &Shared, job: &Job, recovered: &mut Vec<String>, step: &str, stage: &str) {
+    tracing::warn!(job = %job.id, step, "out of memory while {stage}; retrying");
+    recovered.push(format!("out of memory: {step}"));
+    push_note(
+        job,
+        &format!("Ran out of memory while {stage}; retried with {step}."),
+    );
+}
+
+fn push_note(job: &Job, text: &str) {
+    job.info.send_modify(|i| i.notes.push(text.to_owned()));
+}
+
+/// Drops what the job holds besides the model: the preview picture. (The failed attempt's
+/// tensors were freed when its error returned; the latents wait in host memory.)
+fn free_held(job: &Job) {
+    *job.preview.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+fn out_of_memory_after(tried: &[&str]) -> JobError {
+    JobError {
+        code: "out_of_memory",
+        message: if tried.is_empty() {
+            "There was not enough memory to draw this picture.".into()
+        } else {
+            format!(
+                "There was not enough memory to draw this picture, even after retrying with {}.",
+                tried.join(", ")
+            )
+        },
+        hint: "Choose a smaller size or a smaller model (SD 1.5), or close other programs that use the graphics card.".into(),
+    }
+}
+
+fn is_oom(e: &EngineError) -> bool {
+    matches!(e, EngineError::Candle(inner) if is_out_of_memory(&inner.to_string()))
+}
+
+/// NaN/inf anywhere, or every pixel black: what an overflowing fp16 VAE gives.
+fn is_broken_image(img: &Tensor) -> bool {
+    let stats = || -> candle_core::Result<(f32, f32)> {
+        let flat = img.flatten_all()?.to_dtype(DType::F32)?;
+        let sum: f32 = flat.sum_all()?.to_scalar()?;
+        let max: f32 = flat.max(0)?.to_scalar()?;
+        Ok((sum, max))
+    };
+    match stats() {
+        // -1 is black; a picture whose brightest pixel rounds to 0 of 255 is all black.
+        Ok((sum, max)) => !sum.is_finite() || max <= -0.996,
+        Err(_) => false,
+    }
+}
+
 fn set_stage(shared: &Shared, job: &Job, stage: Stage) {
     job.info.send_modify(|i| i.stage = stage);
     let i = job.snapshot();
@@ -641,6 +1038,102 @@ fn set_stage(shared: &Shared, job: &Job, stage: Stage) {
         progress: i.progress,
         eta_ms: i.eta_ms,
     });
+}
+
+/// Loads the job's model with its LoRAs merged and the embeddings its prompt may use. LoRA and
+/// embedding problems that do not stop the picture (a layer the LoRA names that the model lacks,
+/// an embedding of another model family) become notes on the job.
+fn load_pipeline(shared: &Shared, job: &Job) -> ld_engine::Result<Pipeline> {
+    let spec = &job.spec;
+    let mut pipeline = if spec.model.path.is_file() {
+        if !spec.loras.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "LoRAs work with diffusers model folders only in this version; remove the \
+                 <lora:...> tags or use the model's diffusers folder"
+                    .into(),
+            ));
+        }
+        let source = ld_engine::single_file::ModelSource {
+            path: spec.model.path.clone(),
+            config: None,
+            vae: None,
+        };
+        Pipeline::load_source(&source, &shared.config.load)?
+    } else {
+        Pipeline::load_with_loras(&spec.model.path, &shared.config.load, &spec.loras)?
+    };
+    let mut notes: Vec<String> = pipeline
+        .lora_warnings()
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    for dir in &spec.embedding_dirs {
+        notes.extend(
+            pipeline
+                .load_embeddings_dir(dir)?
+                .iter()
+                .map(|w| w.to_string()),
+        );
+    }
+    if !notes.is_empty() {
+        for n in &notes {
+            tracing::warn!(job = %job.id, "{n}");
+        }
+        job.info.send_modify(|i| i.notes.extend(notes));
+    }
+    Ok(pipeline)
+}
+
+/// A1111's hashes in the infotext, so Civitai links the picture to its model, LoRAs and
+/// embeddings: "Model hash" (AutoV2) for single-file checkpoints, "Lora hashes", "TI hashes".
+fn add_hashes(
+    shared: &Shared,
+    job: &Job,
+    pipeline: &Pipeline,
+    req: &GenerateRequest,
+    infotext: &mut Infotext,
+) {
+    let hashes = &shared.hashes;
+    if job.spec.model.path.is_file() {
+        if let Ok(h) = hashes.sha256(&job.spec.model.path) {
+            infotext.model_hash = Some(crate::hashes::autov2(&h));
+        }
+    }
+    let stem = |p: &std::path::Path| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let loras: Vec<String> = job
+        .spec
+        .loras
+        .iter()
+        .filter_map(|l| {
+            let h = hashes.addnet(&l.path).ok()?;
+            Some(format!("{}: {}", stem(&l.path), crate::hashes::short(&h)))
+        })
+        .collect();
+    if !loras.is_empty() {
+        infotext
+            .extra
+            .push(("Lora hashes".into(), loras.join(", ")));
+    }
+    let used = pipeline
+        .plan_prompt(&req.prompt)
+        .map(|p| p.embeddings)
+        .unwrap_or_default();
+    let tis: Vec<String> = pipeline
+        .embeddings()
+        .iter()
+        .filter(|e| used.iter().any(|u| u.eq_ignore_ascii_case(e.name())))
+        .filter_map(|e| {
+            let h = hashes.sha256(e.path()).ok()?;
+            Some(format!("{}: {}", e.name(), crate::hashes::short(&h)))
+        })
+        .collect();
+    if !tis.is_empty() {
+        infotext.extra.push(("TI hashes".into(), tis.join(", ")));
+    }
 }
 
 /// The A1111 parameters text saved in the PNG.
@@ -785,4 +1278,216 @@ pub fn explain(e: &EngineError, model: &str) -> JobError {
 fn is_out_of_memory(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     t.contains("out of memory") || t.contains("cuda_error_out_of_memory") || t.contains("alloc")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::LowVram;
+    use std::sync::atomic::AtomicUsize;
+
+    fn tiny_model() -> crate::models::ModelInfo {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
+        crate::models::scan(&dir, &[]).remove(0)
+    }
+
+    fn service(dir: &tempfile::TempDir) -> JobService {
+        let (gallery, _) = Gallery::open(&dir.path().join("g"), &dir.path().join("g.db")).unwrap();
+        JobService::new(Arc::new(gallery), ServiceConfig::default())
+    }
+
+    fn run(svc: &JobService) -> JobInfo {
+        let spec = ComposedJob {
+            model: tiny_model(),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            images: vec![GenerateRequest {
+                prompt: "a red fox".into(),
+                steps: 2,
+                width: 64,
+                height: 64,
+                ..Default::default()
+            }],
+            preset: None,
+        };
+        let id = svc.submit(spec).unwrap().id;
+        for _ in 0..1200 {
+            let info = svc.get(&id).unwrap();
+            if info.state.is_finished() {
+                return info;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("job did not finish");
+    }
+
+    fn oom() -> EngineError {
+        // The text candle's CUDA backend gives (cudarc's DriverError).
+        EngineError::Candle(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ))
+    }
+
+    /// Out of memory while sampling until the guidance batch is split, and while decoding until
+    /// the VAE is tiled; counts the calls.
+    struct Tight(AtomicUsize);
+    impl FaultInjector for Tight {
+        fn fail(&self, point: FaultPoint, m: &MemoryOptions) -> Option<EngineError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let short = match point {
+                FaultPoint::Sampling => !m.split_batch,
+                FaultPoint::Decoding => !m.vae_tiling,
+            };
+            short.then(oom)
+        }
+    }
+
+    #[test]
+    fn out_of_memory_walks_the_chain_and_says_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let tight = Arc::new(Tight(AtomicUsize::new(0)));
+        svc.set_fault_injector(Some(tight.clone()));
+        let info = run(&svc);
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        // Sampling: sliced attention, VAE on CPU, smaller batch (tiled VAE does not help it);
+        // decoding: tiled VAE. 4 sampling calls + 2 decoding calls.
+        assert_eq!(
+            info.notes,
+            [
+                "Ran out of memory while drawing; retried with sliced attention.",
+                "Ran out of memory while drawing; retried with VAE on CPU.",
+                "Ran out of memory while drawing; retried with smaller batch.",
+                "Ran out of memory while turning the picture into pixels; retried with tiled VAE.",
+            ]
+        );
+        assert_eq!(tight.0.load(Ordering::SeqCst), 6);
+        let params = &info.images[0].parameters;
+        assert!(
+            params.contains("Low VRAM: tiled VAE + sliced attention + VAE on CPU + batch split"),
+            "{params}"
+        );
+        assert!(
+            params.contains("Recovered: \"out of memory: sliced attention + out of memory: VAE on CPU + out of memory: smaller batch + out of memory: tiled VAE\""),
+            "{params}"
+        );
+    }
+
+    struct Always;
+    impl FaultInjector for Always {
+        fn fail(&self, _: FaultPoint, _: &MemoryOptions) -> Option<EngineError> {
+            Some(oom())
+        }
+    }
+
+    #[test]
+    fn out_of_memory_after_every_strategy_fails_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        svc.set_fault_injector(Some(Arc::new(Always)));
+        let info = run(&svc);
+        assert_eq!(info.state, JobState::Failed);
+        let e = info.error.unwrap();
+        assert_eq!(e.code, "out_of_memory");
+        assert_eq!(
+            e.message,
+            "There was not enough memory to draw this picture, even after retrying with sliced attention, VAE on CPU, smaller batch."
+        );
+        assert!(e.hint.contains("smaller size"), "{}", e.hint);
+    }
+
+    #[test]
+    fn low_vram_off_means_no_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        svc.set_memory_policy(MemoryPolicy {
+            low_vram: LowVram::Off,
+            ..Default::default()
+        });
+        let tight = Arc::new(Tight(AtomicUsize::new(0)));
+        svc.set_fault_injector(Some(tight.clone()));
+        let info = run(&svc);
+        assert_eq!(info.error.unwrap().code, "out_of_memory");
+        assert_eq!(tight.0.load(Ordering::SeqCst), 1);
+        assert!(info.notes.is_empty());
+    }
+
+    struct Black;
+    impl FaultInjector for Black {
+        fn fail(&self, _: FaultPoint, _: &MemoryOptions) -> Option<EngineError> {
+            None
+        }
+        fn corrupt_output(&self, m: &MemoryOptions) -> bool {
+            !m.vae_f32
+        }
+    }
+
+    #[test]
+    fn a_black_picture_is_decoded_again_in_fp32() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        svc.set_fault_injector(Some(Arc::new(Black)));
+        let info = run(&svc);
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        assert!(
+            info.notes[0].contains("decoded again in full precision (fp32)"),
+            "{:?}",
+            info.notes
+        );
+        let params = &info.images[0].parameters;
+        assert!(params.contains("VAE precision: fp32"), "{params}");
+        assert!(
+            params.contains("Recovered: \"black image: VAE in fp32\""),
+            "{params}"
+        );
+    }
+
+    #[test]
+    fn the_estimate_turns_strategies_on_or_refuses_before_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let model = tiny_model();
+        let shape = ModelShape::from_folder(&model.path).unwrap();
+        let need = |m: &MemoryOptions| {
+            ld_engine::memory::estimate(&shape, 64, 64, true, DType::F32, m).peak
+        };
+        // Just less than the plain run needs, enough for every strategy.
+        let free = need(&MemoryOptions::default()) - 1;
+        assert!(need(&MemoryOptions::lowest()) < free);
+        svc.set_memory_policy(MemoryPolicy {
+            free: Some(Arc::new(move || Some(free))),
+            ..Default::default()
+        });
+        let info = run(&svc);
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        assert!(
+            info.notes[0].starts_with("Turned on sliced attention"),
+            "{:?}",
+            info.notes
+        );
+
+        svc.set_memory_policy(MemoryPolicy {
+            free: Some(Arc::new(|| Some(1024))),
+            ..Default::default()
+        });
+        let info = run(&svc);
+        let e = info.error.unwrap();
+        assert_eq!(e.code, "out_of_memory");
+        assert!(
+            e.message
+                .contains("even with every memory saving on, but only 0.0 GB is free"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn broken_images_are_told_apart() {
+        let dev = candle_core::Device::Cpu;
+        let black = Tensor::full(-1f32, (1, 3, 4, 4), &dev).unwrap();
+        let nan = Tensor::new(&[0f32, f32::NAN], &dev).unwrap();
+        let fine = Tensor::new(&[-1f32, 0.2], &dev).unwrap();
+        assert!(is_broken_image(&black) && is_broken_image(&nan));
+        assert!(!is_broken_image(&fine));
+    }
 }

@@ -1,6 +1,7 @@
-//! The installed-model library as the service sees it: diffusers model folders found in the data
-//! folder's `models/` and in the folders the user added, each with a stable name and its family.
-//! (Single-file checkpoints, the catalog and downloads build on this in the models issue.)
+//! The installed-model library: diffusers model folders and single-file checkpoints found in the
+//! data folder's `models/` and in the folders the user added, used in place, never copied. A
+//! folder the user adds may be a model folder, a folder of models, an A1111 or ComfyUI install
+//! (their `models/Stable-diffusion` / `models/checkpoints` are found), or the Hugging Face cache.
 
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -38,40 +39,31 @@ pub struct ModelInfo {
     pub path: PathBuf,
     /// Bytes on disk of its weight files.
     pub size_bytes: u64,
-    /// "diffusers" for a model folder (the only kind this version loads).
+    /// "diffusers" (a model folder), "safetensors" (a single-file checkpoint) or "pickle" (a
+    /// `.ckpt`/`.pt`/`.bin` file, which is never opened: it can run code).
     pub format: &'static str,
+    /// Why the model cannot be used as it is, in words for the user.
+    pub problem: Option<String>,
     /// Whether it lives in our data folder (so we may delete it) or in a folder the user added.
     pub managed: bool,
     /// The catalog entry it was downloaded from.
     pub catalog_id: Option<String>,
+    /// A few-step model (Turbo, LCM, Lightning): the "Quick" preset's choice.
+    pub fast: bool,
+    /// What a request for it starts from (steps, CFG, sampler, size), read from its configs.
+    #[serde(skip)]
+    pub defaults: Option<ld_engine::model_defaults::ModelDefaults>,
 }
 
-/// Every model under `roots`: a root that is itself a model folder, or model folders one level
-/// below it. Sorted by name; names made unique with a " (2)" suffix in root order.
+/// Every model under `roots`. Sorted by name; names made unique with a " (2)" suffix in root order.
 pub fn scan(managed_root: &Path, user_roots: &[PathBuf]) -> Vec<ModelInfo> {
     let mut found = Vec::new();
     let roots = std::iter::once((managed_root, true))
         .chain(user_roots.iter().map(|r| (r.as_path(), false)));
     for (root, managed) in roots {
-        if is_model_folder(root) {
-            found.push(describe(root, managed));
-            continue;
+        for dir in checkpoint_dirs(root) {
+            scan_dir(&dir, managed, &mut found);
         }
-        let Ok(entries) = std::fs::read_dir(root) else {
-            continue;
-        };
-        let mut dirs: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            // Hidden folders are ours in progress (a download's staging folder).
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
-            .filter(|p| is_model_folder(p))
-            .collect();
-        dirs.sort();
-        found.extend(dirs.iter().map(|d| describe(d, managed)));
     }
     let mut seen = std::collections::HashMap::<String, usize>::new();
     for m in &mut found {
@@ -96,11 +88,164 @@ pub fn find<'a>(models: &'a [ModelInfo], wanted: &str) -> Option<&'a ModelInfo> 
         .or_else(|| models.iter().find(|m| m.name.eq_ignore_ascii_case(bare)))
 }
 
+/// The folders of a root that hold checkpoints: the root itself, plus what A1111 and ComfyUI
+/// installs keep them in, plus the snapshots of a Hugging Face cache.
+fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+    if is_model_folder(root) {
+        return vec![root.to_path_buf()];
+    }
+    let mut dirs = vec![root.to_path_buf()];
+    for sub in [
+        "models/Stable-diffusion",
+        "Stable-diffusion",
+        "models/checkpoints",
+        "checkpoints",
+        "models/diffusers",
+    ] {
+        let d = root.join(sub);
+        if d.is_dir() {
+            dirs.push(d);
+        }
+    }
+    // Hugging Face cache: models--org--name/snapshots/<revision>/ (the revision refs/main names).
+    for hub_root in [root.to_path_buf(), root.join("hub")] {
+        let Ok(entries) = std::fs::read_dir(&hub_root) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("models--") {
+                continue;
+            }
+            let repo = e.path();
+            let rev = std::fs::read_to_string(repo.join("refs/main")).unwrap_or_default();
+            let snapshot = repo.join("snapshots").join(rev.trim());
+            if !rev.trim().is_empty() && is_model_folder(&snapshot) {
+                dirs.push(snapshot);
+            }
+        }
+    }
+    dirs
+}
+
+/// Adds the models in `dir`: the folder itself when it is one, else the model folders and
+/// checkpoint files directly in it.
+fn scan_dir(dir: &Path, managed: bool, found: &mut Vec<ModelInfo>) {
+    if is_model_folder(dir) {
+        if !found.iter().any(|m| m.path == dir) {
+            let mut m = describe(dir, managed);
+            // A Hugging Face snapshot folder is named by its revision: use the repository name.
+            if let Some(repo) = hf_repo_name(dir) {
+                m.name = repo;
+            }
+            found.push(m);
+        }
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        // Hidden entries are ours in progress (a download's staging folder, a .part file).
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    for p in paths {
+        if found.iter().any(|m| m.path == p) {
+            continue;
+        }
+        if is_model_folder(&p) {
+            found.push(describe(&p, managed));
+        } else if p.is_file() {
+            if let Some(m) = describe_file(&p) {
+                found.push(m);
+            }
+        }
+    }
+}
+
+fn hf_repo_name(snapshot: &Path) -> Option<String> {
+    let repo_dir = snapshot.parent()?.parent()?;
+    let name = repo_dir.file_name()?.to_string_lossy();
+    let rest = name.strip_prefix("models--")?;
+    Some(rest.rsplit("--").next()?.to_owned())
+}
+
+/// A checkpoint file: `.safetensors` (family and problems from its header, read without loading
+/// anything), or a pickle (listed so the user sees it, with what to do). LoRA, embedding and VAE
+/// files are not models.
+fn describe_file(p: &Path) -> Option<ModelInfo> {
+    use ld_engine::checkpoint::{CheckpointKind, ModelFamily as Ckpt};
+    let ext = p.extension()?.to_string_lossy().to_ascii_lowercase();
+    let size = std::fs::metadata(p).ok()?.len();
+    let name = p.file_stem()?.to_string_lossy().into_owned();
+    let (format, family, problem) = match ext.as_str() {
+        "safetensors" => match ld_engine::checkpoint::inspect(p) {
+            Ok(info) => {
+                if info.kind != CheckpointKind::Checkpoint {
+                    return None;
+                }
+                let family = match info.family {
+                    Some(Ckpt::Sd1) => Family::Sd1,
+                    Some(Ckpt::Sd2) => Family::Sd2,
+                    Some(Ckpt::SdxlBase | Ckpt::SdxlRefiner) => Family::Sdxl,
+                    None => Family::Unknown,
+                };
+                let problem = (!info.loadable).then(|| {
+                    info.note
+                        .clone()
+                        .unwrap_or_else(|| "This checkpoint cannot be loaded yet.".to_owned())
+                });
+                ("safetensors", family, problem)
+            }
+            // Small unreadable files are stray LoRAs or downloads in progress: not worth a row.
+            Err(_) if size < 500_000_000 => return None,
+            Err(e) => (
+                "safetensors",
+                Family::Unknown,
+                Some(format!(
+                    "{e}. Download the file again; it may be damaged or incomplete."
+                )),
+            ),
+        },
+        "ckpt" | "pt" | "pth" | "bin" if size >= 500_000_000 => (
+            "pickle",
+            Family::Unknown,
+            Some(
+                "This is a pickle file (.ckpt), which can run hidden code when opened, so it is \
+                 never loaded. Download the .safetensors version of this model instead."
+                    .to_owned(),
+            ),
+        ),
+        _ => return None,
+    };
+    Some(ModelInfo {
+        name,
+        family,
+        path: p.to_path_buf(),
+        size_bytes: size,
+        format,
+        problem,
+        managed: false,
+        catalog_id: None,
+        fast: false,
+        defaults: None,
+    })
+}
+
 fn is_model_folder(p: &Path) -> bool {
     p.join("model_index.json").is_file() && p.join("unet").is_dir()
 }
 
 fn describe(dir: &Path, managed: bool) -> ModelInfo {
+    let defaults = ld_engine::model_defaults::ModelDefaults::detect(dir).ok();
+    let refiner =
+        defaults.is_some_and(|d| d.family == ld_engine::model_defaults::ModelFamily::SdxlRefiner);
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -111,6 +256,13 @@ fn describe(dir: &Path, managed: bool) -> ModelInfo {
         path: dir.to_path_buf(),
         size_bytes: folder_size(dir, 3),
         format: "diffusers",
+        problem: refiner.then(|| {
+            "This is an SDXL refiner: it finishes pictures of an SDXL model and cannot draw on \
+             its own."
+                .to_owned()
+        }),
+        fast: defaults.is_some_and(|d| d.is_fast()),
+        defaults,
         // Only what we downloaded (it carries our marker) counts as ours to delete.
         managed: managed && dir.join(crate::download::MARKER).is_file(),
         catalog_id: std::fs::read_to_string(dir.join(crate::download::MARKER))
@@ -188,21 +340,120 @@ mod tests {
     #[test]
     fn finds_the_tiny_models_with_their_families() {
         let t = tempfile::tempdir().unwrap();
+        // sd1 is named twice (as a root and inside models/tiny): listed once.
         let models = scan(
             t.path(),
             &[tiny("sd1"), tiny("sd2").parent().unwrap().to_path_buf()],
         );
         let names: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.family)).collect();
-        // sd1 is found twice (as a root and inside models/tiny): the second gets a suffix.
+        assert_eq!(names[..2], [("sd1", Family::Sd1), ("sd2", Family::Sd2)]);
+        // The SDXL test models, when present, are told apart by their pipeline class.
+        assert!(names[2..]
+            .iter()
+            .all(|(n, f)| n.starts_with("sdxl") && *f == Family::Sdxl));
+        assert!(models.iter().all(|m| !m.managed && m.size_bytes > 10_000));
+        // Another folder that happens to have the same name gets a suffix.
+        let other = tempfile::tempdir().unwrap();
+        fake_model(&other.path().join("sd1"));
+        let models = scan(t.path(), &[tiny("sd1"), other.path().into()]);
+        let names: Vec<_> = models.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["sd1", "sd1 (2)"]);
+    }
+
+    fn fake_model(dir: &Path) {
+        std::fs::create_dir_all(dir.join("unet")).unwrap();
+        std::fs::write(dir.join("model_index.json"), "{}").unwrap();
+    }
+
+    fn sparse(path: &Path, len: u64) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::File::create(path).unwrap().set_len(len).unwrap();
+    }
+
+    #[test]
+    fn a1111_comfyui_and_hugging_face_layouts_are_found_in_place() {
+        let a1111 = tempfile::tempdir().unwrap();
+        sparse(
+            &a1111
+                .path()
+                .join("models/Stable-diffusion/dreamy.safetensors"),
+            2_000_000_000,
+        );
+        sparse(
+            &a1111.path().join("models/Stable-diffusion/old.ckpt"),
+            2_000_000_000,
+        );
+        // Small files next to checkpoints are LoRAs or embeddings, not models.
+        sparse(
+            &a1111
+                .path()
+                .join("models/Stable-diffusion/tiny-lora.safetensors"),
+            10_000,
+        );
+        let comfy = tempfile::tempdir().unwrap();
+        sparse(
+            &comfy
+                .path()
+                .join("models/checkpoints/juggernaut.safetensors"),
+            6_000_000_000,
+        );
+        let hf = tempfile::tempdir().unwrap();
+        let repo = hf.path().join("hub/models--stabilityai--sd-turbo");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        fake_model(&repo.join("snapshots/abc123"));
+        fake_model(&repo.join("snapshots/old999"));
+        let managed = tempfile::tempdir().unwrap();
+        // A download in progress is hidden.
+        fake_model(&managed.path().join(".sd-1.5.partial"));
+
+        let models = scan(
+            managed.path(),
+            &[a1111.path().into(), comfy.path().into(), hf.path().into()],
+        );
+        let got: Vec<(&str, &str)> = models.iter().map(|m| (m.name.as_str(), m.format)).collect();
         assert_eq!(
-            names,
+            got,
             [
-                ("sd1", Family::Sd1),
-                ("sd1 (2)", Family::Sd1),
-                ("sd2", Family::Sd2)
+                ("dreamy", "safetensors"),
+                ("juggernaut", "safetensors"),
+                ("old", "pickle"),
+                ("sd-turbo", "diffusers"),
             ]
         );
-        assert!(models.iter().all(|m| !m.managed && m.size_bytes > 10_000));
+        let old = models.iter().find(|m| m.name == "old").unwrap();
+        assert!(old
+            .problem
+            .as_deref()
+            .unwrap()
+            .contains(".safetensors version"));
+        assert!(models.iter().all(|m| !m.managed));
+        let snap = models.iter().find(|m| m.name == "sd-turbo").unwrap();
+        assert!(
+            snap.path.ends_with("snapshots/abc123"),
+            "the revision refs/main names"
+        );
+    }
+
+    #[test]
+    fn loras_and_embeddings_are_found_in_known_folders() {
+        let data = tempfile::tempdir().unwrap();
+        let a1111 = tempfile::tempdir().unwrap();
+        sparse(&data.path().join("loras/mine.safetensors"), 10);
+        sparse(
+            &a1111.path().join("models/Lora/style/Pastel.safetensors"),
+            10,
+        );
+        sparse(&a1111.path().join("models/Lora/readme.txt"), 10);
+        sparse(
+            &a1111.path().join("embeddings/EasyNegative.safetensors"),
+            10,
+        );
+        let loras = network_files(&lora_dirs(data.path(), &[a1111.path().into()]));
+        let names: Vec<_> = loras.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["mine", "Pastel"]);
+        let emb = network_files(&embedding_dirs(data.path(), &[a1111.path().into()]));
+        assert_eq!(emb[0].name, "EasyNegative");
     }
 
     #[test]
@@ -216,4 +467,84 @@ mod tests {
             "not downloaded by us: never ours to delete"
         );
     }
+}
+
+/// A LoRA or a textual-inversion embedding file, named by its file stem as prompts use it
+/// (`<lora:NAME:0.8>`, or the embedding's name in the text).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NetworkFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+}
+
+/// Where LoRAs live: the data folder's `loras/`, and in each added folder its own `Lora`/`loras`
+/// folders (A1111: `models/Lora`, ComfyUI: `models/loras`).
+pub fn lora_dirs(data_root: &Path, user_roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs = vec![data_root.join("loras")];
+    for r in user_roots {
+        for sub in [
+            "models/Lora",
+            "Lora",
+            "models/loras",
+            "loras",
+            "models/LyCORIS",
+        ] {
+            dirs.push(r.join(sub));
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// Where embeddings live: the data folder's `embeddings/`, A1111's `embeddings/`, ComfyUI's
+/// `models/embeddings`.
+pub fn embedding_dirs(data_root: &Path, user_roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs = vec![data_root.join("embeddings")];
+    for r in user_roots {
+        for sub in ["embeddings", "models/embeddings"] {
+            dirs.push(r.join(sub));
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
+}
+
+/// The `.safetensors` files under `dirs` (and their subfolders), first name wins, sorted by name.
+pub fn network_files(dirs: &[PathBuf]) -> Vec<NetworkFile> {
+    fn walk(dir: &Path, depth: usize, out: &mut Vec<NetworkFile>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            if p.is_dir() && depth > 0 {
+                walk(&p, depth - 1, out);
+            } else if p
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+            {
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if out.iter().any(|n| n.name.eq_ignore_ascii_case(&name)) {
+                    continue;
+                }
+                let size_bytes = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                out.push(NetworkFile {
+                    name,
+                    path: p,
+                    size_bytes,
+                });
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for d in dirs {
+        walk(d, 3, &mut out);
+    }
+    out.sort_by_key(|n| n.name.to_lowercase());
+    out
 }

@@ -38,6 +38,9 @@ pub struct Settings {
     pub models_dirs: Vec<std::path::PathBuf>,
     /// An optional language model that writes prompts for chat pictures.
     pub chat_writer: ChatWriterSettings,
+    /// A1111's "Clip skip" for requests that do not set one: 1 = the text encoder's last layer,
+    /// 2 = the one before (what many anime models expect).
+    pub clip_skip: usize,
 }
 
 /// An OpenAI-compatible chat server (llama.cpp, Ollama, LM Studio, ...) that writes image prompts
@@ -81,6 +84,7 @@ impl Default for Settings {
             allowed_origins: Vec::new(),
             models_dirs: Vec::new(),
             chat_writer: ChatWriterSettings::default(),
+            clip_skip: 1,
         }
     }
 }

@@ -1,19 +1,29 @@
-//! Which device and precision the generation worker loads models with, from what this binary was
-//! built with and what the machine has.
+//! Which device and precision the generation worker loads models with, and how it manages memory,
+//! from what this binary was built with, what the machine has and the user's settings.
 
 use candle_core::{DType, Device};
+use ld_core::hardware::{low_vram_options, GpuProbe, GPU_RESERVE};
+use ld_core::jobs::MemoryPolicy;
+use ld_core::settings::{Precision, Settings};
 use ld_engine::pipeline::LoadOptions;
+use std::sync::Arc;
 
-/// A GPU in half precision when this build has one and it answers; else the CPU in f32 (half
-/// precision on the CPU is slower, not faster).
-pub fn load_options() -> LoadOptions {
+/// A GPU when this build has one and it answers, else the CPU. Precision "Auto": half on a GPU,
+/// f32 on the CPU (half precision on the CPU is slower, not faster); fp16/fp32 as the user chose.
+pub fn load_options_with(precision: Precision) -> LoadOptions {
+    let pick = |gpu: bool| match precision {
+        Precision::Fp16 => DType::F16,
+        Precision::Fp32 => DType::F32,
+        Precision::Auto if gpu => DType::F16,
+        Precision::Auto => DType::F32,
+    };
     #[cfg(feature = "cuda")]
     {
         match Device::new_cuda(0) {
             Ok(device) => {
                 return LoadOptions {
                     device,
-                    dtype: DType::F16,
+                    dtype: pick(true),
                 }
             }
             Err(e) => tracing::warn!("no usable CUDA GPU, drawing on the CPU: {e}"),
@@ -25,7 +35,7 @@ pub fn load_options() -> LoadOptions {
             Ok(device) => {
                 return LoadOptions {
                     device,
-                    dtype: DType::F16,
+                    dtype: pick(true),
                 }
             }
             Err(e) => tracing::warn!("no usable Metal GPU, drawing on the CPU: {e}"),
@@ -33,6 +43,32 @@ pub fn load_options() -> LoadOptions {
     }
     LoadOptions {
         device: Device::Cpu,
-        dtype: DType::F32,
+        dtype: pick(false),
+    }
+}
+
+/// How the worker manages memory under `settings`. On an NVIDIA GPU each job is estimated against
+/// the free VRAM (asked through `gpu` before the job, less a reserve); on the CPU no limit is
+/// set before the job (system memory can swap: slow, not fatal), only the recovery chain acts.
+pub fn memory_policy(settings: &Settings, gpu: Arc<dyn GpuProbe>) -> MemoryPolicy {
+    // The worker draws on the GPU exactly when this is a CUDA build and NVML sees a card.
+    let on_gpu = crate::BUILD.cuda;
+    let vram = if on_gpu {
+        gpu.probe().0.first().map(|g| g.vram_total_bytes)
+    } else {
+        None
+    };
+    let free: Option<ld_core::jobs::FreeMemory> = vram.map(|_| {
+        Arc::new(move || {
+            gpu.probe()
+                .0
+                .first()
+                .map(|g| g.vram_free_bytes.saturating_sub(GPU_RESERVE))
+        }) as ld_core::jobs::FreeMemory
+    });
+    MemoryPolicy {
+        low_vram: settings.low_vram,
+        low_options: low_vram_options(vram.unwrap_or(u64::MAX)),
+        free,
     }
 }

@@ -39,8 +39,13 @@ enum Command {
         #[arg(long = "models-dir", value_name = "DIR")]
         models_dirs: Vec<PathBuf>,
     },
-    /// Print what this computer has for image generation (CPU, memory, GPU).
-    Doctor,
+    /// Print what this computer has for image generation (CPU, memory, GPU), the recommended
+    /// settings, installed models and free disk space.
+    Doctor {
+        /// Also draw a picture with the built-in tiny model and time each step.
+        #[arg(long)]
+        self_test: bool,
+    },
     /// Make one image from a prompt and save it as a PNG.
     Generate(commands::generate::GenerateArgs),
     /// List, browse and download models.
@@ -78,19 +83,54 @@ fn run() -> anyhow::Result<()> {
             api_key,
             models_dirs,
         } => serve(data, host, port, api_key, models_dirs),
-        Command::Doctor => {
-            let report = ld_core::hardware::system_report(
-                &ld_core::hardware::NvmlProbe::default(),
-                ld_server::BUILD,
-            );
-            print!("{}", report.to_text());
-            println!("Data:    {}", data.root().display());
-            Ok(())
-        }
+        Command::Doctor { self_test } => doctor(&data, self_test),
         Command::Generate(args) => commands::generate::run(args, &data),
         Command::Bench(args) => commands::bench::run(args),
         Command::Models(cmd) => commands::models::run(cmd, &data),
     }
+}
+
+/// The diagnostics report as text; recent failures are only known to a running app.
+fn doctor(data: &DataDir, self_test: bool) -> anyhow::Result<()> {
+    use ld_core::diagnostics;
+    let settings = ld_core::settings::load(&data.settings_file()).settings;
+    let models = ld_core::models::scan(&data.models(), &settings.models_dirs);
+    let report = diagnostics::Report::new(
+        ld_core::hardware::system_report(
+            &ld_core::hardware::NvmlProbe::default(),
+            ld_server::BUILD,
+        ),
+        diagnostics::summarize_models(&models),
+        diagnostics::disk_for(data.root()),
+        Vec::new(),
+    );
+    print!("{}", report.text);
+    if self_test {
+        let Some(tiny) = diagnostics::find_tiny_model(data.root()) else {
+            anyhow::bail!(
+                "the built-in test model (models/tiny/sd1) was not found; looked in:\n{}",
+                diagnostics::tiny_model_candidates(data.root())
+                    .iter()
+                    .map(|p| format!("  {}", p.display()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        };
+        let load = ld_engine::pipeline::LoadOptions {
+            device: commands::pick_device()?,
+            ..Default::default()
+        };
+        let load = ld_engine::pipeline::LoadOptions {
+            dtype: commands::pick_dtype("auto", &load.device)?,
+            ..load
+        };
+        let result = diagnostics::self_test(&tiny, &load);
+        print!("\n{}", result.to_text());
+        if !result.ok {
+            anyhow::bail!("the self-test failed");
+        }
+    }
+    Ok(())
 }
 
 fn serve(

@@ -4,7 +4,7 @@
 use crate::error::{ApiError, Code};
 use crate::guard::{localhost_guard, require_session};
 use crate::handlers::{
-    a1111, characters, health, images, jobs, models, openai, presets, settings, system,
+    a1111, characters, diagnostics, health, images, jobs, models, openai, presets, settings, system,
 };
 use crate::state::AppState;
 use crate::static_ui;
@@ -61,6 +61,11 @@ pub fn app(state: AppState) -> Router {
     let native = Router::new()
         .route("/api/v1/health", get(health::get))
         .route("/api/v1/system", get(system::get))
+        .route("/api/v1/diagnostics", get(diagnostics::get))
+        .route(
+            "/api/v1/diagnostics/self-test",
+            post(diagnostics::self_test),
+        )
         .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
@@ -87,6 +92,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/chat/illustrate", post(characters::illustrate))
         .route("/api/v1/models", get(models::list))
         .route("/api/v1/catalog", get(models::catalog))
+        .route("/api/v1/networks", get(models::networks))
         .route("/api/v1/setup", get(models::setup))
         .route("/api/v1/downloads", get(models::downloads))
         .route("/api/v1/samplers", get(models::samplers))

@@ -112,9 +112,14 @@ impl AppState {
             Arc::new(gallery),
             ServiceConfig {
                 capacity: opts.queue_capacity,
-                load: crate::device::load_options(),
+                load: crate::device::load_options_with(loaded.settings.precision),
+                hash_cache: Some(opts.data.root().join("hashes.json")),
             },
         );
+        jobs.set_memory_policy(crate::device::memory_policy(
+            &loaded.settings,
+            opts.gpu.clone(),
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 session_token: new_token(),
@@ -178,6 +183,10 @@ impl AppState {
         self.inner.settings_warning.as_deref()
     }
     pub fn set_settings(&self, s: Settings) {
+        // Low-VRAM mode applies from the next job; precision from the next start.
+        self.inner
+            .jobs
+            .set_memory_policy(crate::device::memory_policy(&s, self.gpu()));
         *self
             .inner
             .settings
@@ -187,9 +196,30 @@ impl AppState {
 
     /// Every installed model: the data folder's, the command line's folders, the settings' folders.
     pub fn models(&self) -> Vec<ModelInfo> {
+        ld_core::models::scan(&self.inner.data.models(), &self.user_roots())
+    }
+
+    /// Every folder the user added (command line and settings).
+    pub fn user_roots(&self) -> Vec<PathBuf> {
         let mut dirs = self.inner.models_dirs.clone();
         dirs.extend(self.settings().models_dirs);
-        ld_core::models::scan(&self.inner.data.models(), &dirs)
+        dirs
+    }
+
+    /// LoRA files by name.
+    pub fn loras(&self) -> Vec<ld_core::models::NetworkFile> {
+        ld_core::models::network_files(&ld_core::models::lora_dirs(
+            self.inner.data.root(),
+            &self.user_roots(),
+        ))
+    }
+
+    /// Textual-inversion embeddings by name.
+    pub fn embeddings(&self) -> Vec<ld_core::models::NetworkFile> {
+        ld_core::models::network_files(&ld_core::models::embedding_dirs(
+            self.inner.data.root(),
+            &self.user_roots(),
+        ))
     }
 
     /// The model new jobs use when they name none.
@@ -208,7 +238,20 @@ impl AppState {
     /// call from `spawn_blocking` or accept the few milliseconds).
     pub fn compose(&self, input: &GenerationInput) -> Result<ComposedJob, ComposeError> {
         let models = self.models();
-        compose::compose(input, &self.settings(), &self.all_presets(), &models)
+        let networks = compose::Networks {
+            loras: self.loras(),
+            embedding_dirs: ld_core::models::embedding_dirs(
+                self.inner.data.root(),
+                &self.user_roots(),
+            ),
+        };
+        compose::compose(
+            input,
+            &self.settings(),
+            &self.all_presets(),
+            &models,
+            &networks,
+        )
     }
 }
 

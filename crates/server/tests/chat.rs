@@ -2,60 +2,21 @@
 //! model path against a real local HTTP server speaking the OpenAI chat API. Pins issue #10.
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use base64::Engine as _;
-use http_body_util::BodyExt;
 use ld_core::datadir::DataDir;
-use ld_server::{app, AppState, StateOptions};
+use ld_server::{AppState, StateOptions};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::time::Duration;
-use tower::ServiceExt;
 
-const PORT: u16 = 7860;
+use crate::support::{call, call_json, tiny_models, PORT};
 
 fn state(dir: &tempfile::TempDir) -> AppState {
     AppState::open(StateOptions {
-        models_dirs: vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny")],
+        models_dirs: vec![tiny_models()],
         ..StateOptions::new(DataDir::open(Some(dir.path())).unwrap(), PORT)
     })
     .unwrap()
-}
-
-async fn call(
-    s: &AppState,
-    method: &str,
-    path: &str,
-    body: Body,
-    ui: bool,
-) -> (StatusCode, Vec<u8>) {
-    let mut r = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{PORT}"))
-        .header("content-type", "application/json");
-    if ui {
-        r = r.header("x-ld-session", s.session_token());
-    }
-    let res = app(s.clone()).oneshot(r.body(body).unwrap()).await.unwrap();
-    let status = res.status();
-    (
-        status,
-        res.into_body().collect().await.unwrap().to_bytes().to_vec(),
-    )
-}
-
-async fn call_json(
-    s: &AppState,
-    method: &str,
-    path: &str,
-    body: Value,
-    ui: bool,
-) -> (StatusCode, Value) {
-    let (status, bytes) = call(s, method, path, Body::from(body.to_string()), ui).await;
-    let v = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
-    (status, v)
 }
 
 async fn wait_done(s: &AppState, id: &str) -> ld_core::jobs::JobInfo {

@@ -3,5 +3,7 @@
 mod api;
 mod chat;
 mod cli;
+mod diagnostics;
 mod models;
 mod service;
+mod support;

@@ -14,12 +14,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tower::ServiceExt;
 
-const PORT: u16 = 7860;
+use crate::support::{call_json, tiny_models, PORT};
 
 fn tiny(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../models/tiny")
-        .join(name)
+    tiny_models().join("../../models/tiny").join(name)
 }
 
 /// Serves models/tiny/sd1 as any repository: the file list and the files (no resume; the
@@ -74,35 +72,6 @@ fn files(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-async fn call(
-    s: &AppState,
-    method: &str,
-    path: &str,
-    body: Value,
-    ui: bool,
-) -> (StatusCode, Value) {
-    let mut r = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{PORT}"))
-        .header("content-type", "application/json");
-    if ui {
-        r = r.header("x-ld-session", s.session_token());
-    }
-    let body = if body.is_null() {
-        Body::empty()
-    } else {
-        Body::from(body.to_string())
-    };
-    let res = app(s.clone()).oneshot(r.body(body).unwrap()).await.unwrap();
-    let status = res.status();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_setup_download_use_and_delete() {
     let hub = fake_hub().await;
@@ -114,7 +83,7 @@ async fn catalog_setup_download_use_and_delete() {
     })
     .unwrap();
 
-    let (status, catalog) = call(&s, "GET", "/api/v1/catalog", Value::Null, false).await;
+    let (status, catalog) = call_json(&s, "GET", "/api/v1/catalog", Value::Null, false).await;
     assert_eq!(status, StatusCode::OK);
     // This build has no GPU back end: the suggestion is the fast CPU model.
     assert_eq!(catalog["suggested"], "sd-turbo");
@@ -135,12 +104,12 @@ async fn catalog_setup_download_use_and_delete() {
         .find(|m| m["id"] == "sdxl-base")
         .unwrap();
     assert_eq!(xl["fits"], false);
-    let (_, setup) = call(&s, "GET", "/api/v1/setup", Value::Null, false).await;
+    let (_, setup) = call_json(&s, "GET", "/api/v1/setup", Value::Null, false).await;
     assert_eq!(setup["has_model"], true, "the sd2 folder counts");
     assert_eq!(setup["suggested"]["id"], "sd-turbo");
 
     // The user's own folder is never ours to delete.
-    let (status, err) = call(&s, "DELETE", "/api/v1/models/sd2", Value::Null, true).await;
+    let (status, err) = call_json(&s, "DELETE", "/api/v1/models/sd2", Value::Null, true).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{err}");
     assert!(err["message"]
         .as_str()
@@ -148,7 +117,7 @@ async fn catalog_setup_download_use_and_delete() {
         .contains("only deletes models it downloaded"));
     assert!(tiny("sd2").join("model_index.json").exists());
 
-    let (status, _) = call(
+    let (status, _) = call_json(
         &s,
         "POST",
         "/api/v1/downloads",
@@ -161,7 +130,8 @@ async fn catalog_setup_download_use_and_delete() {
         StatusCode::UNAUTHORIZED,
         "downloads are for our window"
     );
-    let (status, err) = call(&s, "POST", "/api/v1/downloads", json!({"id": "nope"}), true).await;
+    let (status, err) =
+        call_json(&s, "POST", "/api/v1/downloads", json!({"id": "nope"}), true).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(err["hint"].as_str().unwrap().contains("sd-turbo"));
 
@@ -177,7 +147,7 @@ async fn catalog_setup_download_use_and_delete() {
         .await
         .unwrap();
     let mut events = events.into_body();
-    let (status, started) = call(
+    let (status, started) = call_json(
         &s,
         "POST",
         "/api/v1/downloads",
@@ -201,7 +171,7 @@ async fn catalog_setup_download_use_and_delete() {
     assert!(text.contains("event: download"), "{text}");
     assert!(text.contains("\"state\":\"done\""), "{text}");
 
-    let (_, models) = call(&s, "GET", "/api/v1/models", Value::Null, false).await;
+    let (_, models) = call_json(&s, "GET", "/api/v1/models", Value::Null, false).await;
     let turbo = models["models"]
         .as_array()
         .unwrap()
@@ -211,7 +181,7 @@ async fn catalog_setup_download_use_and_delete() {
     assert_eq!(turbo["managed"], true);
     assert_eq!(turbo["catalog_id"], "sd-turbo");
     // It draws.
-    let (status, job) = call(
+    let (status, job) = call_json(
         &s,
         "POST",
         "/api/v1/jobs",
@@ -223,7 +193,7 @@ async fn catalog_setup_download_use_and_delete() {
     let done = s.jobs().wait(job["id"].as_str().unwrap()).await.unwrap();
     assert_eq!(done.images.len(), 1, "{:?}", done.error);
     // And, being ours, it can be deleted.
-    let (status, _) = call(&s, "DELETE", "/api/v1/models/sd-turbo", Value::Null, true).await;
+    let (status, _) = call_json(&s, "DELETE", "/api/v1/models/sd-turbo", Value::Null, true).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!dir.path().join("models/sd-turbo").exists());
 }
@@ -286,4 +256,135 @@ async fn the_command_line_lists_downloads_and_generates_by_name() {
     let (ok, _, err) =
         tokio::task::block_in_place(|| run(&["generate", "a cat", "--model", "missing-model"]));
     assert!(!ok && err.contains("installed: sd-1.5"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loras_and_embeddings_are_listed_from_our_folder_and_a1111_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let a1111 = tempfile::tempdir().unwrap();
+    let refs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs");
+    let data = DataDir::open(Some(dir.path())).unwrap();
+    std::fs::copy(
+        refs.join("lora_kohya.safetensors"),
+        data.loras().join("kohya-style.safetensors"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(a1111.path().join("models/Lora/sub")).unwrap();
+    std::fs::copy(
+        refs.join("lora_peft.safetensors"),
+        a1111.path().join("models/Lora/sub/peft.safetensors"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(a1111.path().join("embeddings")).unwrap();
+    std::fs::copy(
+        refs.join("tinyemb.safetensors"),
+        a1111.path().join("embeddings/tinyemb.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        a1111.path().join("embeddings/broken.safetensors"),
+        b"not a tensor file",
+    )
+    .unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![a1111.path().to_path_buf()],
+        ..StateOptions::new(data, PORT)
+    })
+    .unwrap();
+    let (status, loras) = call_json(&s, "GET", "/sdapi/v1/loras", Value::Null, false).await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<_> = loras
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["kohya-style", "peft"]);
+    let (_, emb) = call_json(&s, "GET", "/sdapi/v1/embeddings", Value::Null, false).await;
+    assert!(
+        emb["loaded"]["tinyemb"]["vectors"].as_u64().unwrap() >= 1,
+        "{emb}"
+    );
+    assert!(emb["skipped"]["broken"].is_object(), "{emb}");
+    let (_, networks) = call_json(&s, "GET", "/api/v1/networks", Value::Null, false).await;
+    assert_eq!(networks["loras"].as_array().unwrap().len(), 2);
+    assert_eq!(networks["embeddings"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_with_a_lora_and_an_embedding_draws_with_them_and_records_their_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs");
+    let data = DataDir::open(Some(dir.path())).unwrap();
+    std::fs::copy(
+        refs.join("lora_kohya.safetensors"),
+        data.loras().join("kohya.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        refs.join("tinyemb.safetensors"),
+        data.embeddings().join("tinyemb.safetensors"),
+    )
+    .unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![tiny("sd1")],
+        ..StateOptions::new(data, PORT)
+    })
+    .unwrap();
+    let draw = |prompt: &str| {
+        let s = s.clone();
+        let body = json!({"prompt": prompt, "width": 64, "height": 64, "steps": 2, "seed": 5, "negative_prompt": ""});
+        async move {
+            let (status, job) = call_json(&s, "POST", "/api/v1/jobs", body, false).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+            let done = s.jobs().wait(job["id"].as_str().unwrap()).await.unwrap();
+            assert_eq!(done.images.len(), 1, "{:?}", done.error);
+            let rec = &done.images[0];
+            let pixels = image::open(s.gallery().file_path(rec))
+                .unwrap()
+                .to_rgb8()
+                .into_raw();
+            (rec.parameters.clone(), pixels)
+        }
+    };
+    let (plain_params, plain) = draw("a cat").await;
+    assert!(!plain_params.contains("Lora hashes"));
+    let (params, with_lora) = draw("a cat <lora:kohya:0.7> tinyemb").await;
+    assert_ne!(
+        plain, with_lora,
+        "the LoRA and the embedding change the picture"
+    );
+    assert!(
+        params.contains("<lora:kohya:0.7>"),
+        "the prompt is kept as written: {params}"
+    );
+    let lora_hash = regex_like(&params, "Lora hashes: \"kohya: ");
+    let ti_hash = regex_like(&params, "TI hashes: \"tinyemb: ");
+    assert_eq!((lora_hash.len(), ti_hash.len()), (12, 12), "{params}");
+    // Back without them: the model is reloaded plain, the same picture as the first.
+    let (_, again) = draw("a cat").await;
+    assert_eq!(plain, again);
+
+    let (status, err) = call_json(
+        &s,
+        "POST",
+        "/api/v1/jobs",
+        json!({"prompt": "<lora:nope:1> x"}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(err["hint"].as_str().unwrap().contains("kohya"), "{err}");
+}
+
+/// The 12 hex digits after `prefix` in `text`.
+fn regex_like(text: &str, prefix: &str) -> String {
+    let start = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no '{prefix}' in {text}"))
+        + prefix.len();
+    text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect()
 }

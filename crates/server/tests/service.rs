@@ -579,7 +579,9 @@ async fn sillytavern_connects_switches_model_draws_and_polls() {
         .iter()
         .map(|m| m["title"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(titles, ["sd1", "sd2"]);
+    for want in ["sd1", "sd2"] {
+        assert!(titles.contains(&want.to_owned()), "{titles:?}");
+    }
     let (_, samplers) = get_json(&s, "/sdapi/v1/samplers").await;
     let names: Vec<_> = samplers
         .as_array()

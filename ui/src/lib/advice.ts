@@ -1,9 +1,78 @@
-// What to expect on this computer and which settings suit it, with the reason in plain words,
-// from the facts of GET /api/v1/system. A rule of thumb for the Diagnostics page until the
-// server reports its own recommendation (ld-core's hardware module decides what is actually used).
+// The server's diagnostics (GET /api/v1/diagnostics) and self-test (POST
+// /api/v1/diagnostics/self-test), and the recommendation turned into rows for the Diagnostics
+// page. The recommendation is decided by ld-core (the same rules pick the settings "Auto" uses),
+// so the page shows what will actually happen instead of guessing.
 
-import type { SystemInfo } from './api';
+import { api, type ApiClient, type SystemInfo } from './api';
 import { formatBytes } from './format';
+
+export interface Choice<T> {
+  value: T;
+  reason: string;
+}
+
+export interface FamilyLimit {
+  family: 'SD1' | 'SD2' | 'SDXL';
+  /** Side of the largest safe square size; null when the family does not fit. */
+  max_size: number | null;
+  native_size: number;
+  needed_bytes: number;
+  reason: string;
+}
+
+export interface Recommendation {
+  device: Choice<'cpu' | 'cuda' | 'metal'>;
+  precision: Choice<'auto' | 'fp16' | 'fp32'>;
+  low_vram: Choice<boolean>;
+  strategies: string[];
+  budget_bytes: number;
+  families: FamilyLimit[];
+  notes: string[];
+}
+
+export interface Problem {
+  job: string;
+  at: number;
+  topic: string;
+  title: string;
+  message: string;
+  cause: string;
+  fix: string;
+}
+
+export interface Diagnostics {
+  version: string;
+  system: Omit<SystemInfo, 'data_dir'>;
+  recommendation: Recommendation;
+  models: { count: number; total_bytes: number; families: string[] };
+  disk: { path: string; free_bytes: number | null; total_bytes: number | null };
+  problems: Problem[];
+  troubleshooting: { id: string; title: string; cause: string; fix: string }[];
+  /** The report without the hardware part, as plain text. */
+  details_text: string;
+  text: string;
+}
+
+export interface SelfTest {
+  ok: boolean;
+  model: string;
+  device: string;
+  load_ms: number;
+  steps: number;
+  step_ms: number[];
+  ms_per_step: number;
+  decode_ms: number;
+  total_ms: number;
+  error: { code: string; message: string; hint: string } | null;
+}
+
+export function loadDiagnostics(signal?: AbortSignal, client: ApiClient = api()): Promise<Diagnostics> {
+  return client.request<Diagnostics>('GET', '/api/v1/diagnostics', { signal });
+}
+
+export function runSelfTest(client: ApiClient = api()): Promise<SelfTest> {
+  return client.request<SelfTest>('POST', '/api/v1/diagnostics/self-test');
+}
 
 export interface Advice {
   /** Short label, e.g. "Model size". */
@@ -14,37 +83,50 @@ export interface Advice {
   why: string;
 }
 
-const GB = 1024 ** 3;
+const DEVICE: Record<Recommendation['device']['value'], string> = {
+  cpu: 'Processor',
+  cuda: 'Graphics card (NVIDIA)',
+  metal: 'Graphics (Apple)',
+};
 
-export function adviceFor(system: SystemInfo): Advice[] {
-  const gpu = system.gpu_status.available ? system.gpus[0] : undefined;
-  if (gpu) {
-    const vram = gpu.vram_total_bytes;
-    const name = `${gpu.name} has ${formatBytes(vram)} of graphics memory`;
-    return [
-      { topic: 'Where pictures are made', value: 'Graphics card', why: `${gpu.name} is many times faster than the processor.` },
-      {
-        topic: 'Models',
-        value: vram >= 10 * GB ? 'SD 1.5, SD 2 and SDXL' : vram >= 6 * GB ? 'SD 1.5 and SD 2; SDXL with low-memory mode' : 'SD 1.5',
-        why: `${name}; SDXL needs about 8 GB, SD 1.5 about 4 GB.`,
-      },
-      { topic: 'Precision', value: 'Automatic (half precision)', why: 'Half precision needs half the memory and is faster on NVIDIA cards.' },
-      {
-        topic: 'Low graphics-memory mode',
-        value: vram < 6 * GB ? 'On' : 'Automatic',
-        why: vram < 6 * GB ? `${name}, so it has to save memory at some cost in speed.` : `${name}, enough for normal sizes.`,
-      },
-    ];
-  }
-  const ram = system.memory.total_bytes;
-  return [
-    { topic: 'Where pictures are made', value: 'Processor', why: 'No graphics card Local Diffusers can use was found. It works, only slower: expect a minute or more per picture.' },
+const FAMILY: Record<FamilyLimit['family'], string> = { SD1: 'SD 1.5', SD2: 'SD 2', SDXL: 'SDXL' };
+
+/** The server's recommendation as rows: device, precision, low-memory mode, one per model family. */
+export function adviceFor(rec: Recommendation): Advice[] {
+  const rows: Advice[] = [
+    { topic: 'Where pictures are made', value: DEVICE[rec.device.value], why: rec.device.reason },
     {
-      topic: 'Models',
-      value: ram >= 16 * GB ? 'SD 1.5 and SD 2; SDXL is very slow' : 'SD 1.5',
-      why: `This computer has ${formatBytes(ram)} of memory; SD 1.5 needs about 4 GB, SDXL about 10 GB.`,
+      topic: 'Precision',
+      value: rec.precision.value === 'fp16' ? 'Half (fp16)' : 'Full (fp32)',
+      why: rec.precision.reason,
     },
-    { topic: 'Size', value: '512×512, 20 steps or fewer', why: 'Time grows with pixels and steps; the “Quick” preset is a good start.' },
-    { topic: 'Precision', value: 'Automatic (full precision)', why: 'Processors compute full precision fastest.' },
+    {
+      topic: 'Low graphics-memory mode',
+      value: rec.low_vram.value ? `On: ${rec.strategies.join(', ')}` : 'Off (turns on by itself when needed)',
+      why: rec.low_vram.reason,
+    },
   ];
+  for (const f of rec.families) {
+    rows.push({
+      topic: `${FAMILY[f.family]} models`,
+      value: f.max_size === null ? 'Does not fit' : `Up to ${f.max_size}×${f.max_size}`,
+      why: f.reason,
+    });
+  }
+  for (const [i, note] of rec.notes.entries()) {
+    rows.push({ topic: i === 0 ? 'Worth knowing' : '', value: '', why: note });
+  }
+  return rows;
+}
+
+/** The self-test result in one line, for the page and the copied report. */
+export function describeSelfTest(t: SelfTest): string {
+  if (!t.ok) return `Self-test failed: ${t.error?.message ?? 'unknown error'} ${t.error?.hint ?? ''}`.trim();
+  return `Self-test passed on the ${t.device === 'cpu' ? 'processor' : t.device}: ${t.steps} steps at ${Math.round(t.ms_per_step)} ms per step, decoding ${t.decode_ms} ms, ${t.total_ms} ms in all.`;
+}
+
+/** "12.0 GB free of 500.0 GB", or "unknown". */
+export function describeDisk(d: Diagnostics['disk']): string {
+  if (d.free_bytes === null) return 'unknown';
+  return d.total_bytes === null ? `${formatBytes(d.free_bytes)} free` : `${formatBytes(d.free_bytes)} free of ${formatBytes(d.total_bytes)}`;
 }

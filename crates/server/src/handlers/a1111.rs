@@ -421,8 +421,20 @@ pub async fn sd_vae() -> Json<Value> {
     Json(json!([]))
 }
 
-pub async fn loras() -> Json<Value> {
-    Json(json!([]))
+/// A1111's LoRA list: `[{name, alias, path, metadata}]`; the name is what `<lora:NAME:w>` takes.
+pub async fn loras(State(state): State<AppState>) -> Json<Value> {
+    let loras = tokio::task::spawn_blocking(move || state.loras())
+        .await
+        .unwrap_or_default();
+    Json(Value::Array(
+        loras
+            .iter()
+            .map(|l| {
+                json!({"name": l.name, "alias": l.name, "path": l.path.display().to_string(),
+                       "metadata": {}})
+            })
+            .collect(),
+    ))
 }
 
 pub async fn upscalers() -> Json<Value> {
@@ -432,8 +444,32 @@ pub async fn upscalers() -> Json<Value> {
     )
 }
 
-pub async fn embeddings() -> Json<Value> {
-    Json(json!({"loaded": {}, "skipped": {}}))
+/// A1111's embedding list: `{loaded: {name: {shape, vectors, ...}}, skipped: {name: ...}}`.
+pub async fn embeddings(State(state): State<AppState>) -> Json<Value> {
+    let (loaded, skipped) = tokio::task::spawn_blocking(move || {
+        let mut loaded = Map::new();
+        let mut skipped = Map::new();
+        for e in state.embeddings() {
+            match ld_engine::textual_inversion::Embedding::load(&e.path) {
+                Ok(emb) => {
+                    loaded.insert(
+                        e.name.clone(),
+                        json!({"step": Value::Null, "sd_checkpoint": Value::Null,
+                               "sd_checkpoint_name": Value::Null,
+                               "shape": emb.vectors().dims().last().copied().unwrap_or(0),
+                               "vectors": emb.len()}),
+                    );
+                }
+                Err(err) => {
+                    skipped.insert(e.name.clone(), json!({"error": err.to_string()}));
+                }
+            }
+        }
+        (loaded, skipped)
+    })
+    .await
+    .unwrap_or_default();
+    Json(json!({"loaded": loaded, "skipped": skipped}))
 }
 
 /// Flags as A1111 reports them; never paths or keys.

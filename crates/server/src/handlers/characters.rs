@@ -2,6 +2,7 @@
 //! PNG, export) and `/api/v1/chat/illustrate`: pictures from a conversation.
 
 use crate::error::{ApiError, Code};
+use crate::handlers::blocking;
 use crate::handlers::jobs::submit;
 use crate::state::AppState;
 use axum::body::Bytes;
@@ -31,14 +32,6 @@ fn character_error(e: CharacterError) -> ApiError {
         _ => (Code::InvalidRequest, "Correct the character and try again."),
     };
     ApiError::new(code, e.to_string(), hint)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
 }
 
 pub async fn list(State(state): State<AppState>) -> Json<Vec<Character>> {
@@ -211,16 +204,13 @@ pub async fn portrait(
     let job = submit(&state, input).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(Illustrated {
-            picture: true,
-            mode: Some(Mode::Portrait),
-            reason: format!("A portrait of {}.", c.name),
-            prompt: Some(job.prompt.clone()),
-            negative_prompt: Some(job.negative_prompt.clone()),
-            writer: Some("built_in"),
-            note: None,
-            job: Some(job),
-        }),
+        Json(Illustrated::queued(
+            Mode::Portrait,
+            format!("A portrait of {}.", c.name),
+            "built_in",
+            None,
+            job,
+        )),
     ))
 }
 
@@ -279,6 +269,28 @@ pub struct Illustrated {
     /// Set when the chat server failed and the built-in writer was used.
     pub note: Option<String>,
     pub job: Option<JobInfo>,
+}
+
+impl Illustrated {
+    /// A picture was queued; the prompt shown is the one the job really uses (with affixes).
+    fn queued(
+        mode: Mode,
+        reason: String,
+        writer: &'static str,
+        note: Option<String>,
+        job: JobInfo,
+    ) -> Self {
+        Self {
+            picture: true,
+            mode: Some(mode),
+            reason,
+            prompt: Some(job.prompt.clone()),
+            negative_prompt: Some(job.negative_prompt.clone()),
+            writer: Some(writer),
+            note,
+            job: Some(job),
+        }
+    }
 }
 
 /// Most messages we read; chat apps may send the whole history.
@@ -448,15 +460,6 @@ pub async fn illustrate(
     let job = submit(&state, input).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(Illustrated {
-            picture: true,
-            mode: Some(mode),
-            reason,
-            prompt: Some(job.prompt.clone()),
-            negative_prompt: Some(job.negative_prompt.clone()),
-            writer: Some(writer),
-            note,
-            job: Some(job),
-        }),
+        Json(Illustrated::queued(mode, reason, writer, note, job)),
     ))
 }

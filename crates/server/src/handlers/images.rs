@@ -2,6 +2,7 @@
 //! an id comes from the index, never from anything in the request, so no id can name a path.
 
 use crate::error::{ApiError, Code};
+use crate::handlers::blocking;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
@@ -33,15 +34,6 @@ fn gallery_error(e: impl std::fmt::Display) -> ApiError {
         format!("The gallery could not do this: {e}"),
         "Check that the disk is not full and the data folder is writable.",
     )
-}
-
-/// Runs gallery work (SQLite, files) off the async runtime.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
 }
 
 fn parse_id(raw: &str) -> Result<i64, ApiError> {

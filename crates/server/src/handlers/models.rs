@@ -20,6 +20,15 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"models": models, "default": default}))
 }
 
+/// `GET /api/v1/networks`: the LoRAs and embeddings the prompt box offers.
+pub async fn networks(State(state): State<AppState>) -> Json<Value> {
+    let (loras, embeddings) =
+        tokio::task::spawn_blocking(move || (state.loras(), state.embeddings()))
+            .await
+            .unwrap_or_default();
+    Json(json!({"loras": loras, "embeddings": embeddings}))
+}
+
 pub async fn samplers() -> Json<Value> {
     Json(json!({
         "samplers": SamplerKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>(),

@@ -2,6 +2,7 @@
 //! import and export as TOML). Changes are UI-only.
 
 use crate::error::{ApiError, Code};
+use crate::handlers::blocking;
 use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -28,14 +29,6 @@ fn preset_error(e: PresetError) -> ApiError {
         _ => "Correct the preset and try again.",
     };
     ApiError::new(code, e.to_string(), hint)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
 }
 
 pub async fn list(State(state): State<AppState>) -> Json<Vec<Preset>> {
