@@ -279,6 +279,7 @@ function createApp({ dataDir }) {
       low_vram: 'auto',
       allowed_origins: [],
       models_dirs: [],
+      clip_skip: 1,
       chat_writer: { enabled: false, url: '', model: '', api_key: '', system_prompt: '', timeout_seconds: 30 },
     },
     characters: [],
@@ -527,6 +528,7 @@ async function handleApi(app, req, res, url, session) {
   }
   if (pathname === '/api/v1/samplers') return sendJson(res, 200, { samplers: ['Euler', 'Euler a', 'DPM++ 2M', 'DPM++ SDE', 'DDIM', 'UniPC'], default: 'DPM++ 2M' }), true;
   if (pathname === '/api/v1/schedules') return sendJson(res, 200, { schedules: ['Automatic', 'Uniform', 'Karras', 'Exponential'], default: 'Karras' }), true;
+  if (pathname === '/api/v1/networks') return sendJson(res, 200, { loras: [], embeddings: [] }), true;
 
   if (pathname === '/api/v1/events') {
     res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store', Connection: 'keep-alive' });

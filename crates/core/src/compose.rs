@@ -45,6 +45,10 @@ pub struct GenerationInput {
     /// Leave out the settings' and the preset's prompt prefix and suffix (Voxta's
     /// `IgnoreAffixes`): for callers that write the whole prompt themselves.
     pub ignore_affixes: bool,
+    /// An SDXL refiner model (by name) that finishes the last part of the steps.
+    pub refiner: Option<String>,
+    /// Fraction of the denoising the base model does before the refiner takes over (0.8).
+    pub refiner_switch: Option<f64>,
 }
 
 /// The LoRA and embedding files a prompt may name.
@@ -62,9 +66,19 @@ pub struct ComposedJob {
     pub loras: Vec<LoraSpec>,
     /// Folders of textual-inversion embeddings the prompt may use by name.
     pub embedding_dirs: Vec<std::path::PathBuf>,
+    /// The SDXL refiner and where it takes over.
+    pub refiner: Option<Refiner>,
     /// One per image of the batch; seeds count up from the first, as in A1111.
     pub images: Vec<GenerateRequest>,
     pub preset: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refiner {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    /// 0..1: the fraction of the denoising the base model does.
+    pub switch_at: f64,
 }
 
 /// Why a request cannot run; `message` and `hint` are for the user.
@@ -287,6 +301,15 @@ pub fn compose(
         )
     })?;
     let loras = resolve_loras(&base.prompt, &networks.loras)?;
+    let refiner = match input
+        .refiner
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+    {
+        None => None,
+        Some(name) => Some(resolve_refiner(name, input.refiner_switch, model, library)?),
+    };
     let images = (0..batch as u64)
         .map(|i| GenerateRequest {
             seed: first_seed.wrapping_add(i),
@@ -297,8 +320,57 @@ pub fn compose(
         model: model.clone(),
         loras,
         embedding_dirs: networks.embedding_dirs.clone(),
+        refiner,
         images,
         preset: preset.map(|p| p.id.clone()),
+    })
+}
+
+/// The refiner a request names: an SDXL refiner folder, for an SDXL base model.
+fn resolve_refiner(
+    name: &str,
+    switch: Option<f64>,
+    model: &ModelInfo,
+    library: &[ModelInfo],
+) -> Result<Refiner, ComposeError> {
+    use ld_engine::model_defaults::ModelFamily as F;
+    let is_refiner = |m: &ModelInfo| m.defaults.is_some_and(|d| d.family == F::SdxlRefiner);
+    let found = models::find(library, name).filter(|m| is_refiner(m));
+    let Some(found) = found else {
+        let refiners: Vec<&str> = library
+            .iter()
+            .filter(|m| is_refiner(m))
+            .map(|m| m.name.as_str())
+            .collect();
+        return Err(invalid(
+            format!("There is no SDXL refiner called '{name}'."),
+            if refiners.is_empty() {
+                "No refiner is installed; leave the refiner empty.".to_owned()
+            } else {
+                format!("Installed refiners: {}.", refiners.join(", "))
+            },
+        ));
+    };
+    if model.family != Family::Sdxl {
+        return Err(invalid(
+            format!(
+                "A refiner works with SDXL models; '{}' is not one.",
+                model.name
+            ),
+            "Choose an SDXL model, or leave the refiner empty.",
+        ));
+    }
+    let switch_at = switch.unwrap_or(0.8);
+    if !(0.0..=1.0).contains(&switch_at) {
+        return Err(invalid(
+            format!("refiner_switch must be between 0 and 1, got {switch_at}."),
+            "0.8 lets the base model do 80% of the work, as A1111 does by default.",
+        ));
+    }
+    Ok(Refiner {
+        name: found.name.clone(),
+        path: found.path.clone(),
+        switch_at,
     })
 }
 
@@ -442,6 +514,7 @@ mod tests {
                 managed: true,
                 catalog_id: None,
                 fast: false,
+                refiner: false,
                 defaults: None,
             })
             .collect()

@@ -545,6 +545,7 @@ struct Loaded {
     dtype: DType,
     loras: Vec<LoraSpec>,
     embedding_dirs: Vec<PathBuf>,
+    refiner: Option<PathBuf>,
     pipeline: Pipeline,
 }
 
@@ -638,7 +639,8 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
     let model = &job.spec.model;
     let dtype = shared.config.load.dtype;
     let hit = matches!(cache, Some(l) if l.path == model.path && l.dtype == dtype
-        && l.loras == job.spec.loras && l.embedding_dirs == job.spec.embedding_dirs);
+        && l.loras == job.spec.loras && l.embedding_dirs == job.spec.embedding_dirs
+        && l.refiner == job.spec.refiner.as_ref().map(|r| r.path.clone()));
     if !hit {
         set_stage(shared, job, Stage::LoadingModel);
         // Free the old model before loading the new one: two at once may not fit.
@@ -666,6 +668,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
                     dtype,
                     loras: job.spec.loras.clone(),
                     embedding_dirs: job.spec.embedding_dirs.clone(),
+                    refiner: job.spec.refiner.as_ref().map(|r| r.path.clone()),
                     pipeline,
                 })
             }
@@ -673,6 +676,14 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         }
     }
     let pipeline = &mut cache.as_mut().expect("loaded above").pipeline;
+    // The switch point may change from job to job without reloading the refiner.
+    if let Some(r) = &job.spec.refiner {
+        let mut options = pipeline.sdxl_options().unwrap_or_default();
+        options.refiner.switch_at = r.switch_at;
+        if let Err(e) = pipeline.set_sdxl_options(options) {
+            return Outcome::Failed(explain(&e, &model.name));
+        }
+    }
     if let Err(e) = pipeline.set_memory_options(memory) {
         return Outcome::Failed(explain(&e, &model.name));
     }
@@ -791,6 +802,12 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         set_stage(shared, job, Stage::Saving);
         let mut infotext = infotext_for(req, &model.name);
         add_hashes(shared, job, pipeline, req, &mut infotext);
+        if let Some(r) = &job.spec.refiner {
+            infotext.extra.push(("Refiner".into(), r.name.clone()));
+            infotext
+                .extra
+                .push(("Refiner switch at".into(), r.switch_at.to_string()));
+        }
         // Recorded so a picture can be told apart (and reproduced) when a strategy changed it:
         // tiled decoding is close to, not identical with, the plain decode.
         let used: Vec<&str> = pipeline
@@ -1301,6 +1318,7 @@ mod tests {
             model: tiny_model(),
             loras: Vec::new(),
             embedding_dirs: Vec::new(),
+            refiner: None,
             images: vec![GenerateRequest {
                 prompt: "a red fox".into(),
                 steps: 2,

@@ -50,6 +50,8 @@ pub struct ModelInfo {
     pub catalog_id: Option<String>,
     /// A few-step model (Turbo, LCM, Lightning): the "Quick" preset's choice.
     pub fast: bool,
+    /// An SDXL refiner: offered as a refiner for SDXL models, never drawn with alone.
+    pub refiner: bool,
     /// What a request for it starts from (steps, CFG, sampler, size), read from its configs.
     #[serde(skip)]
     pub defaults: Option<ld_engine::model_defaults::ModelDefaults>,
@@ -234,6 +236,7 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
         managed: false,
         catalog_id: None,
         fast: false,
+        refiner: false,
         defaults: None,
     })
 }
@@ -262,6 +265,7 @@ fn describe(dir: &Path, managed: bool) -> ModelInfo {
                 .to_owned()
         }),
         fast: defaults.is_some_and(|d| d.is_fast()),
+        refiner,
         defaults,
         // Only what we downloaded (it carries our marker) counts as ours to delete.
         managed: managed && dir.join(crate::download::MARKER).is_file(),

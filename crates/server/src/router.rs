@@ -39,6 +39,7 @@ pub fn app(state: AppState) -> Router {
             put(presets::update).delete(presets::delete),
         )
         .route("/api/v1/downloads", post(models::start_download))
+        .route("/api/v1/models/convert", post(models::convert))
         .route(
             "/api/v1/downloads/{id}/cancel",
             post(models::cancel_download),

@@ -388,3 +388,126 @@ fn regex_like(text: &str, prefix: &str) -> String {
         .take_while(|c| c.is_ascii_hexdigit())
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pickles_are_converted_without_running_them_and_never_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let pickles =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs/pickles");
+    let run = |args: &[&str]| {
+        let out = bin()
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ckpt = dir.path().join("vae.ckpt");
+    std::fs::copy(pickles.join("sd1_vae_ldm.ckpt"), &ckpt).unwrap();
+    let (ok, text, err) = run(&["models", "convert", ckpt.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(text.contains("tensors"), "{text}");
+    let converted = dir.path().join("vae.safetensors");
+    let info = ld_engine::checkpoint::inspect(&converted).expect("a valid safetensors file");
+    assert!(info.has_vae, "{info:?}");
+
+    // A pickle that would run a command is refused, and nothing is written.
+    let marker = dir.path().join("pwned");
+    let evil = dir.path().join("evil.ckpt");
+    std::fs::copy(pickles.join("malicious_system.ckpt"), &evil).unwrap();
+    let (ok, _, err) = run(&["models", "convert", evil.to_str().unwrap()]);
+    assert!(!ok && err.contains("posix.system"), "{err}");
+    assert!(!dir.path().join("evil.safetensors").exists() && !marker.exists());
+    // generate never opens a pickle.
+    let (ok, _, err) = run(&["generate", "x", "--model", ckpt.to_str().unwrap()]);
+    assert!(!ok && err.contains("models convert"), "{err}");
+
+    // The API's converter is for our window only, and names what it can convert.
+    let s = AppState::open(StateOptions::new(
+        DataDir::open(Some(dir.path())).unwrap(),
+        PORT,
+    ))
+    .unwrap();
+    let (status, _) = call_json(
+        &s,
+        "POST",
+        "/api/v1/models/convert",
+        json!({"name": "x"}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, err) = call_json(
+        &s,
+        "POST",
+        "/api/v1/models/convert",
+        json!({"name": "x"}),
+        true,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdxl_draws_with_its_refiner_and_the_refiner_alone_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![tiny_models()],
+        ..StateOptions::new(DataDir::open(Some(dir.path())).unwrap(), PORT)
+    })
+    .unwrap();
+    let job = json!({"prompt": "a lighthouse", "model": "sdxl", "refiner": "sdxl-refiner",
+                     "refiner_switch": 0.5, "width": 64, "height": 64, "steps": 4, "seed": 3});
+    let (status, queued) = call_json(&s, "POST", "/api/v1/jobs", job, false).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let done = s.jobs().wait(queued["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(done.images.len(), 1, "{:?}", done.error);
+    let params = &done.images[0].parameters;
+    assert!(
+        params.contains("Model: sdxl") && params.contains("Refiner: sdxl-refiner"),
+        "{params}"
+    );
+    assert!(params.contains("Refiner switch at: 0.5"), "{params}");
+
+    // The same through A1111's fields.
+    let body = json!({"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64,
+                      "override_settings": {"sd_model_checkpoint": "sdxl"},
+                      "refiner_checkpoint": "sdxl-refiner", "refiner_switch_at": 0.7});
+    let (status, answer) = call_json(&s, "POST", "/sdapi/v1/txt2img", body, false).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+    assert!(
+        info["infotexts"][0]
+            .as_str()
+            .unwrap()
+            .contains("Refiner switch at: 0.7"),
+        "{info}"
+    );
+
+    let bad = [
+        (
+            json!({"prompt": "x", "model": "sd1", "refiner": "sdxl-refiner"}),
+            "SDXL",
+        ),
+        (
+            json!({"prompt": "x", "model": "sdxl", "refiner": "sd2"}),
+            "sdxl-refiner",
+        ),
+        (
+            json!({"prompt": "x", "model": "sdxl", "refiner": "sdxl-refiner", "refiner_switch": 2.0}),
+            "between 0 and 1",
+        ),
+        (json!({"prompt": "x", "model": "sdxl-refiner"}), "refiner"),
+    ];
+    for (body, needle) in bad {
+        let (status, err) = call_json(&s, "POST", "/api/v1/jobs", body.clone(), false).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {err}");
+        let text = format!("{} {}", err["message"], err["hint"]);
+        assert!(text.contains(needle), "{body}: '{needle}' not in {text}");
+    }
+}

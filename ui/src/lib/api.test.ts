@@ -280,6 +280,7 @@ describe('models, catalog and downloads', () => {
     await c.cancelDownload('sd 1.5');
     await c.deleteModel('my model/x');
     await c.selfTest();
+    await c.convertModel('old one');
     expect(fetch.mock.calls.map((call) => `${call[1]?.method} ${call[0]}`)).toEqual([
       'GET /api/v1/catalog',
       'GET /api/v1/setup',
@@ -288,9 +289,21 @@ describe('models, catalog and downloads', () => {
       'POST /api/v1/downloads/sd%201.5/cancel',
       'DELETE /api/v1/models/my%20model%2Fx',
       'POST /api/v1/diagnostics/self-test',
+      'POST /api/v1/models/convert',
     ]);
     expect(fetch.mock.calls[3]?.[1]?.body).toBe('{"id":"sd-1.5"}');
+    expect(fetch.mock.calls[7]?.[1]?.body).toBe('{"name":"old one"}');
+    expect(headersOf(fetch, 7).get(SESSION_HEADER)).toBe('t');
     for (let i = 3; i < 7; i++) expect(headersOf(fetch, i).get(SESSION_HEADER)).toBe('t');
+  });
+
+  it('list the LoRAs and embeddings', async () => {
+    const list = { loras: [{ name: 'detail', path: '/m/loras/detail.safetensors', size_bytes: 10 }], embeddings: [] };
+    const fetch = fakeFetch(() => jsonResponse(200, list));
+    expect(await createApiClient({ token: 't', fetch }).networks()).toEqual(list);
+    expect(fetch.mock.calls[0]?.[0]).toBe('/api/v1/networks');
+    expect(fetch.mock.calls[0]?.[1]?.method).toBe('GET');
+    expect(headersOf(fetch).get(SESSION_HEADER)).toBe('t');
   });
 
   it('a refused delete of the user’s own model keeps the server’s words', async () => {

@@ -118,6 +118,8 @@ export interface EditableSettings {
   allowed_origins: string[];
   models_dirs: string[];
   chat_writer: ChatWriterSettings;
+  /** CLIP layers to skip when a job does not say (1 = none; 2 suits many anime models). */
+  clip_skip: number;
 }
 
 /**
@@ -158,6 +160,23 @@ export interface ModelInfo {
   managed: boolean;
   /** The catalog entry it was downloaded from; null or absent for the user's own models. */
   catalog_id?: string | null;
+  /** An SDXL refiner: offered as the Playground's "Refiner", not as a model of its own. */
+  refiner: boolean;
+  /** A few-step model (Turbo, Lightning, LCM). */
+  fast: boolean;
+}
+
+/** One LoRA or textual-inversion embedding of GET /api/v1/networks. */
+export interface NetworkFile {
+  name: string;
+  path: string;
+  size_bytes: number;
+}
+
+/** GET /api/v1/networks: the LoRAs and embeddings a prompt can use. */
+export interface NetworkList {
+  loras: NetworkFile[];
+  embeddings: NetworkFile[];
 }
 
 /** One recommended model of GET /api/v1/catalog (models/catalog.toml plus this computer's facts). */
@@ -346,6 +365,10 @@ export interface JobRequest {
   batch_size?: number;
   clip_skip?: number;
   ignore_affixes?: boolean;
+  /** An SDXL refiner model's name; it finishes the last steps. */
+  refiner?: string;
+  /** Where the refiner takes over, 0..1 of the steps (server default 0.8). */
+  refiner_switch?: number;
 }
 
 /** Server-Sent Events of GET /api/v1/events; `type` is also the SSE event name. */
@@ -600,6 +623,11 @@ export function createApiClient(options: ApiClientOptions = {}) {
     models: (signal?: AbortSignal) => request<ModelList>('GET', '/api/v1/models', { signal }),
     /** Deletes a model Local Diffusers downloaded; the user's own files answer `forbidden`. */
     deleteModel: (name: string) => request<{ deleted: string }>('DELETE', `/api/v1/models/${enc(name)}`),
+    /** Converts a pickle (.ckpt) model to .safetensors in the app's models folder, without running it. */
+    convertModel: (name: string) =>
+      request<{ path: string; tensors: number; bytes: number }>('POST', '/api/v1/models/convert', { body: { name } }),
+    /** The LoRAs and embeddings in the models folders. */
+    networks: (signal?: AbortSignal) => request<NetworkList>('GET', '/api/v1/networks', { signal }),
     catalog: (signal?: AbortSignal) => request<CatalogList>('GET', '/api/v1/catalog', { signal }),
     setup: (signal?: AbortSignal) => request<SetupInfo>('GET', '/api/v1/setup', { signal }),
     downloads: (signal?: AbortSignal) => request<DownloadInfo[]>('GET', '/api/v1/downloads', { signal }),

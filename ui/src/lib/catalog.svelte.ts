@@ -50,14 +50,25 @@ class Catalog {
     this.defaultModel = models.default;
   }
 
+  /** The models a picture can be made with: SDXL refiners only finish another model's pictures. */
+  get pickable(): ModelInfo[] {
+    return this.models.filter((m) => !m.refiner);
+  }
+
+  /** SDXL refiners, offered under the Playground's Advanced settings. */
+  get refiners(): ModelInfo[] {
+    return this.models.filter((m) => m.refiner);
+  }
+
   model(name: string): ModelInfo | null {
     const wanted = name || this.defaultModel || '';
-    return this.models.find((m) => m.name === wanted) ?? this.models[0] ?? null;
+    const models = this.pickable;
+    return models.find((m) => m.name === wanted) ?? models[0] ?? null;
   }
 
   known() {
     return {
-      models: this.models.map((m) => m.name),
+      models: this.pickable.map((m) => m.name),
       samplers: this.samplers.names,
       schedules: this.schedules.names,
     };

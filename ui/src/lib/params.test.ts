@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { ImageRecord, Inspected, Preset } from './api';
-import { applyPreset, DEFAULT_DRAFT, hasParameters, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
+import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, hasParameters, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
 
 const draft = (over: Partial<Draft> = {}): Draft => ({ ...DEFAULT_DRAFT, prompt: 'a cat', ...over });
 
@@ -39,6 +39,27 @@ describe('toJobRequest', () => {
   it('turns an empty or broken seed field into random', () => {
     expect(toJobRequest(draft({ seed: null as unknown as number })).seed).toBe(-1);
     expect(toJobRequest(draft({ seed: 1.5 })).seed).toBe(-1);
+  });
+
+  it('sends clip skip only when set, as a whole number from 1 to 12', () => {
+    expect('clip_skip' in toJobRequest(draft())).toBe(false);
+    expect('clip_skip' in toJobRequest(draft({ clip_skip: Number.NaN }))).toBe(false);
+    expect(toJobRequest(draft({ clip_skip: 2 })).clip_skip).toBe(2);
+    expect(toJobRequest(draft({ clip_skip: 30 })).clip_skip).toBe(12);
+    expect(toJobRequest(draft({ clip_skip: 0 })).clip_skip).toBe(1);
+    expect(cleanClipSkip('')).toBeNull();
+    expect(cleanClipSkip(undefined)).toBeNull();
+    expect(cleanClipSkip('3')).toBe(3);
+  });
+
+  it('sends the refiner and where it takes over only when one is chosen', () => {
+    const none = toJobRequest(draft({ refiner_switch: 0.6 }));
+    expect('refiner' in none).toBe(false);
+    expect('refiner_switch' in none).toBe(false);
+    expect(toJobRequest(draft({ refiner: 'sdxl-refiner' }))).toMatchObject({ refiner: 'sdxl-refiner', refiner_switch: 0.8 });
+    expect(toJobRequest(draft({ refiner: 'r', refiner_switch: 0.7 })).refiner_switch).toBe(0.7);
+    expect(toJobRequest(draft({ refiner: 'r', refiner_switch: 0.1 })).refiner_switch).toBe(0.5);
+    expect(toJobRequest(draft({ refiner: 'r', refiner_switch: Number.NaN })).refiner_switch).toBe(0.8);
   });
 });
 
@@ -109,5 +130,13 @@ describe('parseDraft', () => {
     expect(parseDraft(null)).toEqual(DEFAULT_DRAFT);
     expect(parseDraft('{not json')).toEqual(DEFAULT_DRAFT);
     expect(parseDraft(JSON.stringify({ prompt: 'x', steps: 'many' }))).toEqual({ ...DEFAULT_DRAFT, prompt: 'x' });
+  });
+
+  it('keeps clip skip and the refiner, and reads a draft from before them', () => {
+    expect(DEFAULT_DRAFT).toMatchObject({ clip_skip: null, refiner: '', refiner_switch: 0.8 });
+    expect(parseDraft(JSON.stringify({ prompt: 'x' }))).toMatchObject({ clip_skip: null, refiner: '', refiner_switch: 0.8 });
+    expect(parseDraft(JSON.stringify({ clip_skip: 2, refiner: 'r', refiner_switch: 0.65 }))).toMatchObject({ clip_skip: 2, refiner: 'r', refiner_switch: 0.65 });
+    expect(parseDraft(JSON.stringify({ clip_skip: 'two' })).clip_skip).toBeNull();
+    expect(parseDraft(JSON.stringify({ clip_skip: {} })).clip_skip).toBeNull();
   });
 });

@@ -24,6 +24,12 @@ export interface Draft {
   /** -1: a new random seed for every picture. */
   seed: number;
   batch_size: number;
+  /** CLIP layers to skip, 1..12; null for the app's setting. */
+  clip_skip: number | null;
+  /** SDXL refiner model's name; '' for none. */
+  refiner: string;
+  /** Where the refiner takes over, as a share of the steps. */
+  refiner_switch: number;
 }
 
 export const DEFAULT_DRAFT: Draft = {
@@ -40,6 +46,9 @@ export const DEFAULT_DRAFT: Draft = {
   schedule: '',
   seed: -1,
   batch_size: 1,
+  clip_skip: null,
+  refiner: '',
+  refiner_switch: 0.8,
 };
 
 export const LIMITS = {
@@ -47,7 +56,16 @@ export const LIMITS = {
   cfg_scale: { min: 1, max: 30 },
   batch_size: { min: 1, max: 8 },
   side: { min: 64, max: 2048 },
+  clip_skip: { min: 1, max: 12 },
+  refiner_switch: { min: 0.5, max: 1 },
 } as const;
+
+/** A usable clip skip (a whole number 1..12), or null for "the app's setting". */
+export function cleanClipSkip(v: unknown): number | null {
+  const n = typeof v === 'string' && v.trim() !== '' ? Number(v) : v;
+  if (typeof n !== 'number' || !Number.isFinite(n)) return null;
+  return Math.round(clamp(n, LIMITS.clip_skip.min, LIMITS.clip_skip.max, 1));
+}
 
 function clamp(n: number, min: number, max: number, fallback: number): number {
   if (!Number.isFinite(n)) return fallback;
@@ -70,6 +88,13 @@ export function toJobRequest(d: Draft): JobRequest {
   if (d.model) req.model = d.model;
   if (d.sampler) req.sampler = d.sampler;
   if (d.schedule) req.schedule = d.schedule;
+  const clipSkip = cleanClipSkip(d.clip_skip);
+  if (clipSkip !== null) req.clip_skip = clipSkip;
+  if (d.refiner) {
+    req.refiner = d.refiner;
+    const sw = clamp(d.refiner_switch, LIMITS.refiner_switch.min, LIMITS.refiner_switch.max, DEFAULT_DRAFT.refiner_switch);
+    req.refiner_switch = Math.round(sw * 100) / 100;
+  }
   return req;
 }
 
@@ -195,6 +220,8 @@ export function parseDraft(text: string | null): Draft {
       const value = raw[key];
       if (typeof value === typeof DEFAULT_DRAFT[key]) (out as unknown as Record<string, unknown>)[key] = value;
     }
+    // The one field that may be null: anything but a usable number means "the app's setting".
+    out.clip_skip = cleanClipSkip(raw.clip_skip);
     return out;
   } catch {
     return { ...DEFAULT_DRAFT };

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { Settings } from './api';
-import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, editable, parseLines } from './settings';
+import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, DEFAULT_CLIP_SKIP, editable, parseLines, settingsClipSkip } from './settings';
 
 const writer = { enabled: true, url: 'http://127.0.0.1:11434/v1', model: 'llama3.2', api_key: '', system_prompt: '', timeout_seconds: 20 };
 
@@ -16,6 +16,7 @@ describe('editable', () => {
       allowed_origins: ['http://localhost:8000'],
       models_dirs: ['/models'],
       chat_writer: writer,
+      clip_skip: 2,
       data_dir: '/data',
       warning: null,
     };
@@ -30,6 +31,7 @@ describe('editable', () => {
       allowed_origins: ['http://localhost:8000'],
       models_dirs: ['/models'],
       chat_writer: writer,
+      clip_skip: 2,
     });
     expect('data_dir' in e).toBe(false);
     // A copy: editing the form does not change what was loaded.
@@ -43,6 +45,16 @@ describe('editable', () => {
     const old = { default_model: null, prompt_prefix: '', prompt_suffix: '', negative_prompt: '', precision: 'auto', low_vram: 'auto', allowed_origins: [], models_dirs: [], data_dir: '/d' };
     expect(editable(old as unknown as Settings).chat_writer).toEqual(CHAT_WRITER_DEFAULTS);
     expect(CHAT_WRITER_DEFAULTS.enabled).toBe(false);
+    expect(editable(old as unknown as Settings).clip_skip).toBe(DEFAULT_CLIP_SKIP);
+  });
+
+  it('keeps clip skip a whole number from 1 to 12', () => {
+    expect(DEFAULT_CLIP_SKIP).toBe(1);
+    expect(settingsClipSkip(2)).toBe(2);
+    expect(settingsClipSkip(null)).toBe(1);
+    expect(settingsClipSkip('')).toBe(1);
+    expect(settingsClipSkip(99)).toBe(12);
+    expect(settingsClipSkip(2.4)).toBe(2);
   });
 });
 

@@ -2,6 +2,15 @@
 // chat apps, which speak the AUTOMATIC1111 API that Local Diffusers also serves.
 
 import type { ChatWriterSettings, EditableSettings, Settings } from './api';
+import { cleanClipSkip } from './params';
+
+/** The app's clip skip when nothing was set: no layers skipped. */
+export const DEFAULT_CLIP_SKIP = 1;
+
+/** The clip skip as PUT takes it: a whole number 1..12; an empty or broken field is the default. */
+export function settingsClipSkip(v: unknown): number {
+  return cleanClipSkip(v) ?? DEFAULT_CLIP_SKIP;
+}
 
 /** The prompt writer as the server starts: off, nothing filled in. */
 export const CHAT_WRITER_DEFAULTS: ChatWriterSettings = {
@@ -26,6 +35,8 @@ export function editable(s: Settings): EditableSettings {
     models_dirs: [...(s.models_dirs ?? [])],
     // A server from before the prompt writer has none: keep it off.
     chat_writer: { ...CHAT_WRITER_DEFAULTS, ...(s.chat_writer ?? {}) },
+    // A server from before clip skip has none: 1 skips nothing.
+    clip_skip: settingsClipSkip(s.clip_skip),
   };
 }
 

@@ -16,7 +16,8 @@ use std::time::Instant;
 pub struct GenerateArgs {
     /// What to draw.
     pub prompt: String,
-    /// A diffusers model folder, or the name of an installed model (see `models list`).
+    /// A diffusers model folder, a .safetensors checkpoint, or the name of an installed model
+    /// (see `models list`).
     #[arg(long, value_name = "DIR_OR_NAME")]
     pub model: PathBuf,
     /// Another folder of models to look in by name; repeatable.
@@ -114,8 +115,18 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let dtype = super::pick_dtype(&args.precision, &device)?;
     let t0 = Instant::now();
     eprintln!("Loading {} ...", model_dir.display());
-    let pipeline = Pipeline::load(&model_dir, &LoadOptions { device, dtype })
-        .with_context(|| format!("could not load the model in {}", model_dir.display()))?;
+    let opts = LoadOptions { device, dtype };
+    let pipeline = if model_dir.is_file() {
+        let source = ld_engine::single_file::ModelSource {
+            path: model_dir.clone(),
+            config: None,
+            vae: None,
+        };
+        Pipeline::load_source(&source, &opts)
+    } else {
+        Pipeline::load(&model_dir, &opts)
+    }
+    .with_context(|| format!("could not load the model in {}", model_dir.display()))?;
     pipeline.validate(&req)?;
     eprintln!("Loaded in {:.1}s. Seed {seed}.", t0.elapsed().as_secs_f64());
 
@@ -178,8 +189,19 @@ fn resolve_model(
     extra: &[PathBuf],
     data: &DataDir,
 ) -> anyhow::Result<PathBuf> {
-    if wanted.is_dir() {
+    let is_checkpoint = wanted
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if wanted.is_dir() || (wanted.is_file() && is_checkpoint) {
         return Ok(wanted.to_path_buf());
+    }
+    if wanted.is_file() && ld_engine::pickle::is_pickle_path(wanted) {
+        bail!(
+            "{} is a pickle file, which can run code when opened, so it is never loaded; convert \
+             it first with `local-diffusers models convert {}`",
+            wanted.display(),
+            wanted.display()
+        );
     }
     let mut dirs = extra.to_vec();
     dirs.extend(

@@ -18,6 +18,15 @@ pub enum ModelsCommand {
     },
     /// The recommended models you can download.
     Catalog,
+    /// Convert a pickle checkpoint (.ckpt/.pt/.bin) to .safetensors without running it: only
+    /// tensor data is read; anything else in the file is refused.
+    Convert {
+        /// The pickle file.
+        file: PathBuf,
+        /// Where to write (default: beside it, with .safetensors).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Download a model from the catalog (resumes an interrupted download).
     Download {
         /// A catalog id, e.g. sd-turbo (see `models catalog`).
@@ -48,6 +57,21 @@ pub fn run(cmd: ModelsCommand, data: &DataDir) -> anyhow::Result<()> {
                     m.path.display()
                 );
             }
+            Ok(())
+        }
+        ModelsCommand::Convert { file, out } => {
+            let out = out.unwrap_or_else(|| file.with_extension("safetensors"));
+            if out == file {
+                bail!("the output would overwrite {}; pass --out", file.display());
+            }
+            let done = ld_engine::pickle::convert_to_safetensors(&file, &out)
+                .with_context(|| format!("could not convert {}", file.display()))?;
+            println!(
+                "Wrote {} ({} tensors, {:.2} GB)",
+                done.path.display(),
+                done.tensors,
+                done.bytes as f64 / 1e9
+            );
             Ok(())
         }
         ModelsCommand::Catalog => {

@@ -39,6 +39,9 @@ pub struct Txt2Img {
     pub clip_skip: Option<usize>,
     pub send_images: bool,
     pub save_images: bool,
+    /// A1111 1.6+: the SDXL refiner and where it takes over.
+    pub refiner_checkpoint: Option<String>,
+    pub refiner_switch_at: Option<f64>,
 }
 
 impl Default for Txt2Img {
@@ -60,6 +63,8 @@ impl Default for Txt2Img {
             clip_skip: None,
             send_images: true,
             save_images: false,
+            refiner_checkpoint: None,
+            refiner_switch_at: None,
         }
     }
 }
@@ -101,6 +106,12 @@ impl Txt2Img {
             seed: Some(self.seed),
             batch_size: Some(self.batch_size.max(1) * self.n_iter.max(1)),
             clip_skip,
+            // A1111 sends "None" (the text) for no refiner.
+            refiner: self
+                .refiner_checkpoint
+                .clone()
+                .filter(|r| !r.trim().is_empty() && r != "None"),
+            refiner_switch: self.refiner_switch_at,
             ..Default::default()
         }
     }

@@ -205,3 +205,57 @@ pub async fn delete(
     .await
     .map_err(ApiError::internal)?
 }
+
+#[derive(serde::Deserialize)]
+pub struct ConvertRequest {
+    name: String,
+}
+
+/// `POST /api/v1/models/convert {name}` (UI-only): a pickle checkpoint from the library becomes
+/// a `.safetensors` file in our models folder, read without running anything in it. The
+/// original stays where the user keeps it.
+pub async fn convert(
+    State(state): State<AppState>,
+    body: Result<Json<ConvertRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad_json(&e, "Send {\"name\": \"model\"}."))?;
+    crate::handlers::blocking(move || {
+        let models = state.models();
+        let model = models
+            .iter()
+            .find(|m| m.name == req.name && m.format == "pickle")
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::NotFound,
+                    "There is no pickle checkpoint by that name.",
+                    "Only .ckpt/.pt/.bin models listed on the Models page can be converted.",
+                )
+            })?;
+        let stem = model
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "converted".into());
+        let dst = state.data().models().join(format!("{stem}.safetensors"));
+        if dst.exists() {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("{} already exists.", dst.display()),
+                "It was converted before; use that model.",
+            ));
+        }
+        let done = ld_engine::pickle::convert_to_safetensors(&model.path, &dst).map_err(|e| {
+            ApiError::new(
+                Code::InvalidRequest,
+                format!("The file could not be converted: {e}"),
+                "Download the .safetensors version of this model instead.",
+            )
+        })?;
+        Ok(Json(json!({
+            "path": done.path.display().to_string(),
+            "tensors": done.tensors,
+            "bytes": done.bytes,
+        })))
+    })
+    .await
+}
