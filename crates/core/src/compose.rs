@@ -515,6 +515,8 @@ mod tests {
                 catalog_id: None,
                 fast: false,
                 refiner: false,
+                sha256: None,
+                short_hash: None,
                 defaults: None,
             })
             .collect()

@@ -55,6 +55,23 @@ impl HashCache {
         }
     }
 
+    /// The sha256 of the whole file if it is already known (cached and the file unchanged);
+    /// never reads the file itself.
+    pub fn peek_sha256(&self, path: &Path) -> Option<String> {
+        let meta = std::fs::metadata(path).ok()?;
+        let mtime_ms = meta
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis();
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(path.to_string_lossy().as_ref())
+            .filter(|e| e.size == meta.len() && e.mtime_ms == mtime_ms)
+            .and_then(|e| e.sha256.clone())
+    }
+
     /// The sha256 of the whole file, lower-case hex.
     pub fn sha256(&self, path: &Path) -> std::io::Result<String> {
         self.get(path, Kind::Whole)
@@ -186,6 +203,12 @@ mod tests {
 
         // Cached: a reopened cache answers from the file without reading the model.
         let reopened = HashCache::open(&t.path().join("hashes.json"));
+        assert_eq!(reopened.peek_sha256(&f), Some(whole.clone()));
+        assert_eq!(
+            HashCache::in_memory().peek_sha256(&f),
+            None,
+            "peek never hashes"
+        );
         assert_eq!(reopened.sha256(&f).unwrap(), whole);
         // Changed file (other size): hashed again.
         bytes.extend_from_slice(b"more");

@@ -396,6 +396,12 @@ impl JobService {
             .collect()
     }
 
+    /// The hashes of files the worker has met (models, LoRAs, embeddings), shared with the
+    /// library so it can show a checkpoint's hash without reading it again.
+    pub fn hashes(&self) -> &crate::hashes::HashCache {
+        &self.shared.hashes
+    }
+
     /// The running job, if any (what A1111's `/progress` reports).
     pub fn current(&self) -> Option<JobInfo> {
         self.shared.lock().running.as_ref().map(|j| j.snapshot())

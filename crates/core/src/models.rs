@@ -52,6 +52,10 @@ pub struct ModelInfo {
     pub fast: bool,
     /// An SDXL refiner: offered as a refiner for SDXL models, never drawn with alone.
     pub refiner: bool,
+    /// A single file's sha256 once known (hashed when first used, or on request), and the
+    /// 10-digit AutoV2 hash Civitai shows.
+    pub sha256: Option<String>,
+    pub short_hash: Option<String>,
     /// What a request for it starts from (steps, CFG, sampler, size), read from its configs.
     #[serde(skip)]
     pub defaults: Option<ld_engine::model_defaults::ModelDefaults>,
@@ -237,6 +241,8 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
         catalog_id: None,
         fast: false,
         refiner: false,
+        sha256: None,
+        short_hash: None,
         defaults: None,
     })
 }
@@ -266,6 +272,8 @@ fn describe(dir: &Path, managed: bool) -> ModelInfo {
         }),
         fast: defaults.is_some_and(|d| d.is_fast()),
         refiner,
+        sha256: None,
+        short_hash: None,
         defaults,
         // Only what we downloaded (it carries our marker) counts as ours to delete.
         managed: managed && dir.join(crate::download::MARKER).is_file(),

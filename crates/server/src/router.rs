@@ -94,6 +94,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/models", get(models::list))
         .route("/api/v1/catalog", get(models::catalog))
         .route("/api/v1/networks", get(models::networks))
+        .route("/api/v1/models/hash", post(models::hash))
         .route("/api/v1/setup", get(models::setup))
         .route("/api/v1/downloads", get(models::downloads))
         .route("/api/v1/samplers", get(models::samplers))

@@ -196,7 +196,12 @@ impl AppState {
 
     /// Every installed model: the data folder's, the command line's folders, the settings' folders.
     pub fn models(&self) -> Vec<ModelInfo> {
-        ld_core::models::scan(&self.inner.data.models(), &self.user_roots())
+        let mut models = ld_core::models::scan(&self.inner.data.models(), &self.user_roots());
+        for m in models.iter_mut().filter(|m| m.path.is_file()) {
+            m.sha256 = self.jobs().hashes().peek_sha256(&m.path);
+            m.short_hash = m.sha256.as_deref().map(ld_core::hashes::autov2);
+        }
+        models
     }
 
     /// Every folder the user added (command line and settings).

@@ -511,3 +511,63 @@ async fn sdxl_draws_with_its_refiner_and_the_refiner_alone_is_refused() {
         assert!(text.contains(needle), "{body}: '{needle}' not in {text}");
     }
 }
+
+/// A minimal single-file checkpoint: the key names that mark an SD1 file, tiny tensors.
+fn fake_checkpoint(path: &std::path::Path) {
+    let names = [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "first_stage_model.decoder.conv_in.weight",
+    ];
+    let mut header = serde_json::Map::new();
+    for (i, n) in names.iter().enumerate() {
+        header.insert(
+            (*n).into(),
+            json!({"dtype": "F32", "shape": [1], "data_offsets": [i * 4, i * 4 + 4]}),
+        );
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&[0u8; 12]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_files_hash_is_computed_on_request_and_then_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(Some(dir.path())).unwrap();
+    fake_checkpoint(&data.models().join("mini.safetensors"));
+    let s = AppState::open(StateOptions::new(data, PORT)).unwrap();
+    let (_, models) = call_json(&s, "GET", "/api/v1/models", Value::Null, false).await;
+    let mini = &models["models"][0];
+    assert_eq!(mini["name"], "mini", "{models}");
+    assert_eq!(mini["format"], "safetensors");
+    assert!(
+        mini["short_hash"].is_null(),
+        "not hashed until asked or used"
+    );
+    let (status, h) = call_json(
+        &s,
+        "POST",
+        "/api/v1/models/hash",
+        json!({"name": "mini"}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    let sha = h["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(sha.len(), 64);
+    assert_eq!(h["short_hash"].as_str().unwrap(), &sha[..10]);
+    let (_, models) = call_json(&s, "GET", "/api/v1/models", Value::Null, false).await;
+    assert_eq!(models["models"][0]["sha256"], sha.as_str());
+    let (status, _) = call_json(
+        &s,
+        "POST",
+        "/api/v1/models/hash",
+        json!({"name": "nope"}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}

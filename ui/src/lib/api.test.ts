@@ -281,6 +281,7 @@ describe('models, catalog and downloads', () => {
     await c.deleteModel('my model/x');
     await c.selfTest();
     await c.convertModel('old one');
+    await c.hashModel('mini');
     expect(fetch.mock.calls.map((call) => `${call[1]?.method} ${call[0]}`)).toEqual([
       'GET /api/v1/catalog',
       'GET /api/v1/setup',
@@ -290,6 +291,7 @@ describe('models, catalog and downloads', () => {
       'DELETE /api/v1/models/my%20model%2Fx',
       'POST /api/v1/diagnostics/self-test',
       'POST /api/v1/models/convert',
+      'POST /api/v1/models/hash',
     ]);
     expect(fetch.mock.calls[3]?.[1]?.body).toBe('{"id":"sd-1.5"}');
     expect(fetch.mock.calls[7]?.[1]?.body).toBe('{"name":"old one"}');

@@ -164,6 +164,9 @@ export interface ModelInfo {
   refiner: boolean;
   /** A few-step model (Turbo, Lightning, LCM). */
   fast: boolean;
+  /** A single file's sha256 and Civitai's 10-digit AutoV2 hash, once computed. */
+  sha256?: string | null;
+  short_hash?: string | null;
 }
 
 /** One LoRA or textual-inversion embedding of GET /api/v1/networks. */
@@ -623,6 +626,9 @@ export function createApiClient(options: ApiClientOptions = {}) {
     models: (signal?: AbortSignal) => request<ModelList>('GET', '/api/v1/models', { signal }),
     /** Deletes a model Local Diffusers downloaded; the user's own files answer `forbidden`. */
     deleteModel: (name: string) => request<{ deleted: string }>('DELETE', `/api/v1/models/${enc(name)}`),
+    /** Computes a single-file model's sha256 and AutoV2 hash (reads the whole file). */
+    hashModel: (name: string) =>
+      request<{ name: string; sha256: string; short_hash: string }>('POST', '/api/v1/models/hash', { body: { name } }),
     /** Converts a pickle (.ckpt) model to .safetensors in the app's models folder, without running it. */
     convertModel: (name: string) =>
       request<{ path: string; tensors: number; bytes: number }>('POST', '/api/v1/models/convert', { body: { name } }),

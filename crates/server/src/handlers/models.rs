@@ -259,3 +259,36 @@ pub async fn convert(
     })
     .await
 }
+
+/// `POST /api/v1/models/hash {name}`: computes (and caches) a single-file checkpoint's sha256 and
+/// AutoV2 hash, as Civitai shows them. Reads the whole file: seconds for a few gigabytes.
+pub async fn hash(
+    State(state): State<AppState>,
+    body: Result<Json<ConvertRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::bad_json(&e, "Send {\"name\": \"model\"}."))?;
+    crate::handlers::blocking(move || {
+        let models = state.models();
+        let model = models
+            .iter()
+            .find(|m| m.name == req.name && m.path.is_file())
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::NotFound,
+                    "There is no single-file model by that name.",
+                    "Hashes are shown for .safetensors checkpoints; model folders have none.",
+                )
+            })?;
+        let sha = state
+            .jobs()
+            .hashes()
+            .sha256(&model.path)
+            .map_err(ApiError::internal)?;
+        Ok(Json(json!({
+            "name": model.name,
+            "sha256": sha,
+            "short_hash": ld_core::hashes::autov2(&sha),
+        })))
+    })
+    .await
+}
