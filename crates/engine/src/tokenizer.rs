@@ -270,11 +270,13 @@ fn clip_bpe(vocab: &Path, merges: &Path, extra_specials: &[&str]) -> Result<Toke
         " ",
     )
     .map_err(|e| err(e.to_string()))?;
-    tokenizer.with_normalizer(Some(NormalizerSequence::new(vec![
-        NFC.into(),
-        whitespace.into(),
-        Lowercase.into(),
-    ])));
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])))
+        .map_err(|e| err(e.to_string()))?;
     let split = Split::new(
         SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
         SplitDelimiterBehavior::Removed,
@@ -297,7 +299,9 @@ fn clip_bpe(vocab: &Path, merges: &Path, extra_specials: &[&str]) -> Result<Toke
         .into_iter()
         .map(|name| AddedToken::from(name, true))
         .collect();
-    tokenizer.add_special_tokens(&specials);
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| err(e.to_string()))?;
     Ok(tokenizer)
 }
 
