@@ -638,14 +638,20 @@ const LATENT_RGB: [[f32; 3]; 4] = [
     [-0.184, -0.271, -0.473],
 ];
 
-/// A cheap preview of a clean-latent estimate `[1, 4, h, w]`: a 4x3 linear map per latent pixel,
-/// so h x w pixels; `None` for latent spaces the map does not fit (channels other than 4).
+/// A cheap preview of an SD1/SD2 clean-latent estimate `[1, 4, h, w]`: a 4x3 linear map per
+/// latent pixel, so h x w pixels; `None` for latent spaces the map does not fit.
 pub fn latent_preview(denoised: &Tensor) -> Result<Option<Preview>> {
+    latent_preview_with(denoised, &LATENT_RGB)
+}
+
+/// The preview with a model family's latent -> RGB map, one row per latent channel; `None`
+/// when the latent's channels do not match the map.
+pub fn latent_preview_with(denoised: &Tensor, map: &[[f32; 3]]) -> Result<Option<Preview>> {
     let (c, h, w) = match denoised.dims() {
         &[1, c, h, w] => (c, h, w),
         _ => return Ok(None),
     };
-    if c != LATENT_RGB.len() {
+    if c != map.len() {
         return Ok(None);
     }
     let v = denoised
@@ -657,7 +663,7 @@ pub fn latent_preview(denoised: &Tensor) -> Result<Option<Preview>> {
     let mut pixels = Vec::with_capacity(plane * 3);
     for i in 0..plane {
         let mut rgb = [0f32; 3];
-        for (ch, row) in LATENT_RGB.iter().enumerate() {
+        for (ch, row) in map.iter().enumerate() {
             let z = v[ch * plane + i];
             for (acc, coef) in rgb.iter_mut().zip(row) {
                 *acc += z * coef;

@@ -356,34 +356,7 @@ const SDXL_LATENT_RGB: [[f32; 3]; 4] = [
 
 /// A cheap preview of an SDXL clean-latent estimate `[1, 4, h, w]`, one pixel per latent.
 pub fn latent_preview(denoised: &Tensor) -> Result<Option<Preview>> {
-    let (c, h, w) = match denoised.dims() {
-        &[1, c, h, w] => (c, h, w),
-        _ => return Ok(None),
-    };
-    if c != SDXL_LATENT_RGB.len() {
-        return Ok(None);
-    }
-    let v = denoised
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let plane = h * w;
-    let mut pixels = Vec::with_capacity(plane * 3);
-    for i in 0..plane {
-        let mut rgb = [0f32; 3];
-        for (ch, row) in SDXL_LATENT_RGB.iter().enumerate() {
-            for (acc, coef) in rgb.iter_mut().zip(row) {
-                *acc += v[ch * plane + i] * coef;
-            }
-        }
-        pixels.extend(rgb.map(|x| ((x / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8));
-    }
-    Ok(Some(Preview {
-        width: w,
-        height: h,
-        pixels,
-    }))
+    crate::pipeline::latent_preview_with(denoised, &SDXL_LATENT_RGB)
 }
 
 impl Pipeline {
