@@ -326,7 +326,7 @@ pub fn compose(
     })
 }
 
-/// The refiner a request names: an SDXL refiner folder, for an SDXL base model.
+/// The refiner a request names: an SDXL refiner folder or single file, for an SDXL base model.
 fn resolve_refiner(
     name: &str,
     switch: Option<f64>,
@@ -334,7 +334,9 @@ fn resolve_refiner(
     library: &[ModelInfo],
 ) -> Result<Refiner, ComposeError> {
     use ld_engine::model_defaults::ModelFamily as F;
-    let is_refiner = |m: &ModelInfo| m.defaults.is_some_and(|d| d.family == F::SdxlRefiner);
+    // Folders and single files alike (`refiner` is set from the header for a file).
+    let is_refiner =
+        |m: &ModelInfo| m.refiner || m.defaults.is_some_and(|d| d.family == F::SdxlRefiner);
     let found = models::find(library, name).filter(|m| is_refiner(m));
     let Some(found) = found else {
         let refiners: Vec<&str> = library

@@ -1068,23 +1068,14 @@ fn set_stage(shared: &Shared, job: &Job, stage: Stage) {
 /// an embedding of another model family) become notes on the job.
 fn load_pipeline(shared: &Shared, job: &Job) -> ld_engine::Result<Pipeline> {
     let spec = &job.spec;
-    let mut pipeline = if spec.model.path.is_file() {
-        if !spec.loras.is_empty() {
-            return Err(EngineError::InvalidRequest(
-                "LoRAs work with diffusers model folders only in this version; remove the \
-                 <lora:...> tags or use the model's diffusers folder"
-                    .into(),
-            ));
-        }
-        let source = ld_engine::single_file::ModelSource {
-            path: spec.model.path.clone(),
-            config: None,
-            vae: None,
-        };
-        Pipeline::load_source(&source, &shared.config.load)?
-    } else {
-        Pipeline::load_with_loras(&spec.model.path, &shared.config.load, &spec.loras)?
-    };
+    let load = &shared.config.load;
+    // A folder or a single file (SD1, SD2 or SDXL, original LDM names); LoRAs merge into either.
+    let source = ld_engine::single_file::ModelSource::new(spec.model.path.clone());
+    let mut pipeline = Pipeline::load_source_with_loras(&source, load, &spec.loras)?;
+    if let Some(r) = &spec.refiner {
+        // A refiner folder or a single-file refiner checkpoint.
+        pipeline.load_refiner(&r.path, load)?;
+    }
     let mut notes: Vec<String> = pipeline
         .lora_warnings()
         .iter()
@@ -1307,6 +1298,7 @@ fn is_out_of_memory(text: &str) -> bool {
 mod tests {
     use super::*;
     use crate::settings::LowVram;
+    use std::collections::HashMap;
     use std::sync::atomic::AtomicUsize;
 
     fn tiny_model() -> crate::models::ModelInfo {
@@ -1320,11 +1312,28 @@ mod tests {
     }
 
     fn run(svc: &JobService) -> JobInfo {
+        run_with(svc, tiny_model(), Vec::new())
+    }
+
+    fn run_with(
+        svc: &JobService,
+        model: crate::models::ModelInfo,
+        loras: Vec<LoraSpec>,
+    ) -> JobInfo {
+        run_refined(svc, model, loras, None)
+    }
+
+    fn run_refined(
+        svc: &JobService,
+        model: crate::models::ModelInfo,
+        loras: Vec<LoraSpec>,
+        refiner: Option<crate::compose::Refiner>,
+    ) -> JobInfo {
         let spec = ComposedJob {
-            model: tiny_model(),
-            loras: Vec::new(),
+            model,
+            loras,
             embedding_dirs: Vec::new(),
-            refiner: None,
+            refiner,
             images: vec![GenerateRequest {
                 prompt: "a red fox".into(),
                 steps: 2,
@@ -1394,6 +1403,104 @@ mod tests {
         assert!(
             params.contains("Recovered: \"out of memory: sliced attention + out of memory: VAE on CPU + out of memory: smaller batch + out of memory: tiled VAE\""),
             "{params}"
+        );
+    }
+
+    /// tests/fixtures/refs/single_file_recipe.json's SD1 checkpoint (LDM names), rebuilt from
+    /// models/tiny/sd1 (ld-engine's tests/single_file.rs checks it is the file diffusers read).
+    fn sd1_single_file(dir: &std::path::Path) -> PathBuf {
+        use candle_core::{DType, Device};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let recipe: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(root.join("tests/fixtures/refs/single_file_recipe.json")).unwrap(),
+        )
+        .unwrap();
+        let comp = |c: &str| {
+            let files =
+                ld_engine::config::weight_files_in(&root.join("models/tiny/sd1").join(c)).unwrap();
+            ld_engine::weights::Weights::open_all(&files).unwrap()
+        };
+        let comps: HashMap<&str, _> = ["unet", "vae", "text_encoder"]
+            .into_iter()
+            .map(|c| (c, comp(c)))
+            .collect();
+        let mut out = HashMap::new();
+        for e in recipe["sd1"]["entries"].as_array().unwrap() {
+            let src = e[2][0].as_str().unwrap();
+            let t = comps[e[1].as_str().unwrap()]
+                .load(src, DType::F32, &Device::Cpu)
+                .unwrap();
+            let t = match e[3].as_str().unwrap() {
+                "copy" => t,
+                "conv1x1" => {
+                    let (o, i) = t.dims2().unwrap();
+                    t.reshape((o, i, 1, 1)).unwrap()
+                }
+                other => panic!("sd1 recipe op {other}"),
+            };
+            out.insert(e[0].as_str().unwrap().to_string(), t);
+        }
+        let path = dir.join("tiny-sd1.safetensors");
+        candle_core::safetensors::save(&out, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_refiner_is_loaded_and_used() {
+        // The job names a refiner; the worker must load it (it did not before), so a broken
+        // refiner path fails the job and a real one runs and is in the infotext.
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
+        let base = crate::models::scan(&tiny.join("sdxl"), &[]).remove(0);
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let refiner = |path: PathBuf| crate::compose::Refiner {
+            name: "sdxl-refiner".into(),
+            path,
+            switch_at: 0.5,
+        };
+        let info = run_refined(
+            &svc,
+            base.clone(),
+            Vec::new(),
+            Some(refiner(dir.path().join("missing"))),
+        );
+        assert_eq!(info.state, JobState::Failed);
+        let info = run_refined(
+            &svc,
+            base,
+            Vec::new(),
+            Some(refiner(tiny.join("sdxl-refiner"))),
+        );
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        assert!(info.images[0].parameters.contains("Refiner: sdxl-refiner"));
+    }
+
+    #[test]
+    fn single_file_models_with_loras_go_to_the_engine() {
+        // Single-file models used to refuse LoRAs here; the engine now merges them through the
+        // LDM renaming (ld-engine tests/single_file.rs: the same image as the folder with the
+        // LoRA, SD1 and SDXL). The service loads single files with the embedded real-size
+        // configs, which the tiny file does not fit: the job reaches the engine's single-file
+        // loader with its LoRA and fails there, naming the file's own tensor.
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        sd1_single_file(&models);
+        let model = crate::models::scan(&models, &[]).remove(0);
+        assert_eq!(
+            (model.format, model.problem.as_deref()),
+            ("safetensors", None)
+        );
+        let lora = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/refs/lora_kohya.safetensors");
+        let svc = service(&dir);
+        let info = run_with(&svc, model, vec![LoraSpec::new(lora, 0.7)]);
+        assert_eq!(info.state, JobState::Failed);
+        let message = info.error.unwrap().message;
+        assert!(!message.contains("LoRA"), "{message}");
+        assert!(
+            message.contains("cond_stage_model.transformer.text_model.embeddings"),
+            "{message}"
         );
     }
 

@@ -190,6 +190,8 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
     let ext = p.extension()?.to_string_lossy().to_ascii_lowercase();
     let size = std::fs::metadata(p).ok()?.len();
     let name = p.file_stem()?.to_string_lossy().into_owned();
+    let mut refiner = false;
+    let mut defaults = None;
     let (format, family, problem) = match ext.as_str() {
         "safetensors" => match ld_engine::checkpoint::inspect(p) {
             Ok(info) => {
@@ -202,11 +204,18 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
                     Some(Ckpt::SdxlBase | Ckpt::SdxlRefiner) => Family::Sdxl,
                     None => Family::Unknown,
                 };
-                let problem = (!info.loadable).then(|| {
-                    info.note
-                        .clone()
-                        .unwrap_or_else(|| "This checkpoint cannot be loaded yet.".to_owned())
-                });
+                // The family's embedded configs give the native size, steps and CFG.
+                defaults = ld_engine::model_defaults::ModelDefaults::for_checkpoint(&name, &info);
+                refiner = info.family == Some(Ckpt::SdxlRefiner);
+                let problem = if refiner {
+                    Some(REFINER_PROBLEM.to_owned())
+                } else {
+                    (!info.loadable).then(|| {
+                        info.note
+                            .clone()
+                            .unwrap_or_else(|| "This checkpoint cannot be loaded yet.".to_owned())
+                    })
+                };
                 ("safetensors", family, problem)
             }
             // Small unreadable files are stray LoRAs or downloads in progress: not worth a row.
@@ -239,17 +248,21 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
         problem,
         managed: false,
         catalog_id: None,
-        fast: false,
-        refiner: false,
+        fast: defaults.is_some_and(|d| d.is_fast()),
+        refiner,
         sha256: None,
         short_hash: None,
-        defaults: None,
+        defaults,
     })
 }
 
 fn is_model_folder(p: &Path) -> bool {
     p.join("model_index.json").is_file() && p.join("unet").is_dir()
 }
+
+/// Why a refiner (folder or single file) is not offered as a model to draw with.
+const REFINER_PROBLEM: &str =
+    "This is an SDXL refiner: it finishes pictures of an SDXL model and cannot draw on its own.";
 
 fn describe(dir: &Path, managed: bool) -> ModelInfo {
     let defaults = ld_engine::model_defaults::ModelDefaults::detect(dir).ok();
@@ -265,11 +278,7 @@ fn describe(dir: &Path, managed: bool) -> ModelInfo {
         path: dir.to_path_buf(),
         size_bytes: folder_size(dir, 3),
         format: "diffusers",
-        problem: refiner.then(|| {
-            "This is an SDXL refiner: it finishes pictures of an SDXL model and cannot draw on \
-             its own."
-                .to_owned()
-        }),
+        problem: refiner.then(|| REFINER_PROBLEM.to_owned()),
         fast: defaults.is_some_and(|d| d.is_fast()),
         refiner,
         sha256: None,
@@ -358,9 +367,16 @@ mod tests {
             &[tiny("sd1"), tiny("sd2").parent().unwrap().to_path_buf()],
         );
         let names: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.family)).collect();
-        assert_eq!(names[..2], [("sd1", Family::Sd1), ("sd2", Family::Sd2)]);
+        assert_eq!(
+            names[..3],
+            [
+                ("sd1", Family::Sd1),
+                ("sd1-lcm", Family::Sd1),
+                ("sd2", Family::Sd2)
+            ]
+        );
         // The SDXL test models, when present, are told apart by their pipeline class.
-        assert!(names[2..]
+        assert!(names[3..]
             .iter()
             .all(|(n, f)| n.starts_with("sdxl") && *f == Family::Sdxl));
         assert!(models.iter().all(|m| !m.managed && m.size_bytes > 10_000));
@@ -444,6 +460,53 @@ mod tests {
         assert!(
             snap.path.ends_with("snapshots/abc123"),
             "the revision refs/main names"
+        );
+    }
+
+    #[test]
+    fn sdxl_single_files_are_listed_as_usable() {
+        use candle_core::{DType, Device, Tensor};
+        // Header names as in real SDXL files (diffusers CHECKPOINT_KEY_NAMES "xl_base" /
+        // "xl_refiner"); the tensors are tiny, the header is all the listing reads.
+        let save = |path: &Path, names: &[&str]| {
+            let t = Tensor::zeros(4, DType::F16, &Device::Cpu).unwrap();
+            let map: std::collections::HashMap<String, Tensor> =
+                names.iter().map(|n| (n.to_string(), t.clone())).collect();
+            candle_core::safetensors::save(&map, path).unwrap();
+        };
+        let t = tempfile::tempdir().unwrap();
+        save(
+            &t.path().join("xl-base.safetensors"),
+            &[
+                "model.diffusion_model.out.2.bias",
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+                "first_stage_model.encoder.conv_in.weight",
+                "first_stage_model.decoder.conv_in.weight",
+                "first_stage_model.decoder.up.0.block.0.conv1.weight",
+            ],
+        );
+        save(
+            &t.path().join("xl-refiner.safetensors"),
+            &[
+                "model.diffusion_model.out.2.bias",
+                "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
+            ],
+        );
+        let models = scan(t.path(), &[]);
+        let base = models.iter().find(|m| m.name == "xl-base").unwrap();
+        assert_eq!((base.family, base.problem.as_deref()), (Family::Sdxl, None));
+        assert!(!base.refiner);
+        let d = base.defaults.unwrap();
+        assert_eq!(d.family, ld_engine::model_defaults::ModelFamily::Sdxl);
+        // SDXL 1.0's native 1024x1024 (unet sample_size 128 x 8), 30 steps at CFG 5.
+        assert_eq!((d.width, d.steps, d.cfg_scale), (1024, 30, 5.0));
+        let refiner = models.iter().find(|m| m.name == "xl-refiner").unwrap();
+        assert!(refiner.refiner && refiner.family == Family::Sdxl);
+        assert!(refiner.problem.as_deref().unwrap().contains("refiner"));
+        assert_eq!(
+            refiner.defaults.unwrap().family,
+            ld_engine::model_defaults::ModelFamily::SdxlRefiner
         );
     }
 

@@ -296,10 +296,11 @@ pub struct CheckpointInfo {
     /// step says SD2-base (a `.ckpt`-only field), and we do the same. A `v_pred` marker tensor
     /// (ComfyUI) or SAI `modelspec.prediction_type` metadata wins over that guess.
     pub prediction: Option<Prediction>,
-    /// Whether this engine can load it as a model or VAE today (SD1/SD2 checkpoints, VAEs); LoRAs
-    /// and embeddings are used through their own loaders.
+    /// Whether this engine can load it as a model, refiner or VAE (SD1/SD2/SDXL checkpoints with
+    /// a VAE inside, SDXL refiners, VAEs); LoRAs and embeddings are used through their own
+    /// loaders.
     pub loadable: bool,
-    /// Why not, or anything the user should know (e.g. SDXL: detected, not loadable yet).
+    /// Why not, or anything the user should know (e.g. an SDXL refiner is loaded as a refiner).
     pub note: Option<String>,
 }
 
@@ -426,13 +427,23 @@ pub fn classify(header: &Header) -> CheckpointInfo {
                         .to_string()
                 }),
             ),
-            Some(ModelFamily::SdxlBase) | Some(ModelFamily::SdxlRefiner) => (
+            Some(ModelFamily::SdxlBase) if !(xl_0 && xl_1) => (
                 false,
                 Some(
-                    "SDXL checkpoints are recognised but the SDXL pipeline is not there yet"
+                    "the file lacks one of SDXL's two text encoders (`conditioner.embedders.0/1.*`)"
                         .to_string(),
                 ),
             ),
+            Some(ModelFamily::SdxlBase) => (true, None),
+            // A refiner decodes with the base model's VAE, so its own is not needed.
+            Some(ModelFamily::SdxlRefiner) => {
+                info.note = Some(
+                    "SDXL refiner: it finishes pictures of an SDXL model; choose it as the refiner"
+                        .to_string(),
+                );
+                info.loadable = true;
+                return info;
+            }
             None => (
                 false,
                 Some("the UNet's cross-attention width matches no SD1/SD2/SDXL model".to_string()),
@@ -735,15 +746,41 @@ mod tests {
             ),
         ]);
         let i = inspect_bytes(&xl).unwrap();
+        // Loadable but for its missing VAE.
         assert_eq!((i.family, i.loadable), (Some(ModelFamily::SdxlBase), false));
+        assert!(i.note.unwrap().contains("VAE"));
+        let mut with_vae: Vec<(&str, &[usize])> = vec![
+            (XL_BASE_PROBE, &[1280]),
+            (
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                &[768],
+            ),
+            ("model.diffusion_model.out.2.bias", &[4]),
+            ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+            (
+                "first_stage_model.decoder.up.0.block.0.conv1.weight",
+                &[128, 256, 3, 3],
+            ),
+        ];
+        let i = inspect_bytes(&file(&with_vae)).unwrap();
+        assert_eq!(
+            (i.family, i.loadable, i.note),
+            (Some(ModelFamily::SdxlBase), true, None)
+        );
+        // Without CLIP-L it is not a whole SDXL model.
+        with_vae.remove(1);
+        let i = inspect_bytes(&file(&with_vae)).unwrap();
+        assert!(!i.loadable && i.note.unwrap().contains("text encoders"));
         let refiner = file(&[
             (XL_REFINER_PROBE, &[1280]),
             ("model.diffusion_model.out.2.bias", &[4]),
         ]);
+        let i = inspect_bytes(&refiner).unwrap();
         assert_eq!(
-            inspect_bytes(&refiner).unwrap().family,
-            Some(ModelFamily::SdxlRefiner)
+            (i.family, i.loadable),
+            (Some(ModelFamily::SdxlRefiner), true)
         );
+        assert!(i.note.unwrap().contains("refiner"));
 
         let vae = file(&[
             ("encoder.conv_in.weight", &[128, 3, 3, 3]),

@@ -35,6 +35,19 @@ where
     }
 }
 
+/// The classifier-free guidance scale the [`Denoiser`] should apply for a requested
+/// `guidance_scale`. Guidance-embedded models (full LCMs, see
+/// [`crate::unet::UNetConfig::guidance_embedded`]) take the scale as an input instead
+/// ([`crate::unet::UNet2DConditionModel::guidance_embedding`]) and run without CFG, as diffusers
+/// runs them: 1, a single pass on the prompt alone (their negative prompt goes unused).
+pub fn cfg_scale_for(guidance_scale: f64, guidance_embedded: bool) -> f64 {
+    if guidance_embedded {
+        1.0
+    } else {
+        guidance_scale
+    }
+}
+
 /// The text conditioning of one generation.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
@@ -215,6 +228,13 @@ mod tests {
         let x = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
         d.denoise(&x, 1.0).unwrap();
         assert_eq!(batches.get(), 1);
+    }
+
+    #[test]
+    fn guidance_embedded_models_run_without_cfg() {
+        assert_eq!(cfg_scale_for(7.5, false), 7.5);
+        assert_eq!(cfg_scale_for(8.0, true), 1.0);
+        assert_eq!(cfg_scale_for(1.0, true), 1.0);
     }
 
     #[test]

@@ -14,8 +14,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use crate::lora::LayerIndex;
 use crate::unet::{OneOrMany, UNetConfig};
-use crate::weights::{TensorError, TensorProblem, Weights};
+use crate::weights::{LoadPatch, TensorError, TensorProblem, Weights};
 use crate::Result;
 
 /// How a diffusers tensor is made from what is stored.
@@ -49,6 +50,14 @@ impl Source {
 /// Maps a diffusers name (relative to one component) to its source in the file.
 pub trait NameMap: Send + Sync {
     fn source(&self, name: &str) -> Option<Source>;
+
+    /// The diffusers names a stored tensor may serve (the other direction, for LoRA matching,
+    /// which needs the component's names up front). Only a proposal: [`MappedNames`] keeps those
+    /// whose [`NameMap::source`] is that tensor, so the forward map stays the one authority.
+    /// Empty for maps LoRAs never target (the VAE).
+    fn candidates(&self, _stored: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// UNet: diffusers `UNet2DConditionModel` names -> `model.diffusion_model.*`.
@@ -167,10 +176,106 @@ impl UnetNames {
     }
 }
 
+impl UnetNames {
+    /// The LDM name of a diffusers UNet name, without the checkpoint prefix.
+    pub fn ldm_name(&self, name: &str) -> Option<String> {
+        self.ldm(name)
+    }
+
+    /// The diffusers name an LDM name (without prefix) comes from; see [`NameMap::candidates`].
+    fn diffusers(&self, ldm: &str) -> Option<String> {
+        let p: Vec<&str> = ldm.split('.').collect();
+        let idx = |s: &str| s.parse::<usize>().ok();
+        let rest = |k: usize| p[k..].join(".");
+        let fixed = [
+            ("time_embed.0.", "time_embedding.linear_1."),
+            ("time_embed.2.", "time_embedding.linear_2."),
+            ("input_blocks.0.0.", "conv_in."),
+            ("out.0.", "conv_norm_out."),
+            ("out.2.", "conv_out."),
+            ("label_emb.0.0.", "add_embedding.linear_1."),
+            ("label_emb.0.2.", "add_embedding.linear_2."),
+        ];
+        for (l, d) in fixed {
+            if let Some(tail) = ldm.strip_prefix(l) {
+                return Some(format!("{d}{tail}"));
+            }
+        }
+        match p.as_slice() {
+            ["input_blocks", b, slot, ..] => {
+                let b = idx(b)?;
+                let i = (0..self.down_start.len()).find(|&i| {
+                    b >= self.down_start[i] && b <= self.down_start[i] + self.down_layers[i]
+                })?;
+                let j = b - self.down_start[i];
+                match (*slot, j == self.down_layers[i]) {
+                    ("0", true) => Some(format!("down_blocks.{i}.downsamplers.0.conv.{}", rest(4))),
+                    ("0", false) => Some(format!(
+                        "down_blocks.{i}.resnets.{j}.{}",
+                        resnet_diffusers(&rest(3))?
+                    )),
+                    ("1", false) => Some(format!("down_blocks.{i}.attentions.{j}.{}", rest(3))),
+                    _ => None,
+                }
+            }
+            ["middle_block", "0" | "2", ..] => {
+                let j = if p[1] == "0" { 0 } else { 1 };
+                Some(format!(
+                    "mid_block.resnets.{j}.{}",
+                    resnet_diffusers(&rest(2))?
+                ))
+            }
+            ["middle_block", "1", ..] => Some(format!("mid_block.attentions.0.{}", rest(2))),
+            ["output_blocks", b, slot, ..] => {
+                let b = idx(b)?;
+                let i = (0..self.up_start.len())
+                    .find(|&i| b >= self.up_start[i] && b < self.up_start[i] + self.up_layers[i])?;
+                let j = b - self.up_start[i];
+                let last = j + 1 == self.up_layers[i];
+                match (*slot, self.up_attn[i]) {
+                    ("0", _) => Some(format!(
+                        "up_blocks.{i}.resnets.{j}.{}",
+                        resnet_diffusers(&rest(3))?
+                    )),
+                    ("1", true) => Some(format!("up_blocks.{i}.attentions.{j}.{}", rest(3))),
+                    ("1", false) | ("2", true) if last => {
+                        Some(format!("up_blocks.{i}.upsamplers.0.{}", rest(3)))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 impl NameMap for UnetNames {
     fn source(&self, name: &str) -> Option<Source> {
         Some(Source::Copy(format!("{}{}", self.prefix, self.ldm(name)?)))
     }
+
+    fn candidates(&self, stored: &str) -> Vec<String> {
+        stored
+            .strip_prefix(&self.prefix)
+            .and_then(|l| self.diffusers(l))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// [`resnet`] the other way: an LDM resnet sub-name -> diffusers.
+fn resnet_diffusers(tail: &str) -> Option<String> {
+    let (module, param) = tail.rsplit_once('.')?;
+    let d = match module {
+        "in_layers.0" => "norm1",
+        "in_layers.2" => "conv1",
+        "emb_layers.1" => "time_emb_proj",
+        "out_layers.0" => "norm2",
+        "out_layers.3" => "conv2",
+        "skip_connection" => "conv_shortcut",
+        _ => return None,
+    };
+    Some(format!("{d}.{param}"))
 }
 
 /// A UNet resnet's diffusers sub-name -> LDM (`convert_ldm_unet_checkpoint`'s renames).
@@ -288,6 +393,14 @@ impl NameMap for ClipNames {
     fn source(&self, name: &str) -> Option<Source> {
         Some(Source::Copy(format!("{}{name}", self.prefix)))
     }
+
+    fn candidates(&self, stored: &str) -> Vec<String> {
+        stored
+            .strip_prefix(&self.prefix)
+            .map(str::to_string)
+            .into_iter()
+            .collect()
+    }
 }
 
 /// SD2's OpenCLIP-H (`cond_stage_model.model.*`) and SDXL's bigG (`conditioner.embedders.1.model.*`).
@@ -351,6 +464,47 @@ impl NameMap for OpenClipNames {
         };
         Some(Source::Copy(format!("{block}.{renamed}.{param}")))
     }
+
+    fn candidates(&self, stored: &str) -> Vec<String> {
+        let Some(tail) = stored.strip_prefix(&self.prefix) else {
+            return Vec::new();
+        };
+        let fixed = match tail {
+            "token_embedding.weight" => Some("text_model.embeddings.token_embedding.weight"),
+            "positional_embedding" => Some("text_model.embeddings.position_embedding.weight"),
+            "ln_final.weight" => Some("text_model.final_layer_norm.weight"),
+            "ln_final.bias" => Some("text_model.final_layer_norm.bias"),
+            "text_projection" => Some("text_projection.weight"),
+            _ => None,
+        };
+        if let Some(f) = fixed {
+            return vec![f.to_string()];
+        }
+        let Some(rest) = tail.strip_prefix("transformer.resblocks.") else {
+            return Vec::new();
+        };
+        let Some((layer, module)) = rest.split_once('.') else {
+            return Vec::new();
+        };
+        let layer = format!("text_model.encoder.layers.{layer}");
+        if let Some(param) = module.strip_prefix("attn.in_proj_") {
+            return ["q_proj", "k_proj", "v_proj"]
+                .map(|m| format!("{layer}.self_attn.{m}.{param}"))
+                .to_vec();
+        }
+        let Some((module, param)) = module.rsplit_once('.') else {
+            return Vec::new();
+        };
+        let renamed = match module {
+            "attn.out_proj" => "self_attn.out_proj",
+            "ln_1" => "layer_norm1",
+            "ln_2" => "layer_norm2",
+            "mlp.c_fc" => "mlp.fc1",
+            "mlp.c_proj" => "mlp.fc2",
+            _ => return Vec::new(),
+        };
+        vec![format!("{layer}.{renamed}.{param}")]
+    }
 }
 
 /// A `VarBuilder` over a single file whose tensor names differ from our model code's.
@@ -360,21 +514,134 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
+    var_builder_patched(weights, names, dtype, device, None)
+}
+
+/// [`var_builder`] with a [`LoadPatch`] (merged LoRA weights) applied to the tensors it names,
+/// by their diffusers names, as `Weights::var_builder_patched` does for a diffusers folder.
+pub fn var_builder_patched(
+    weights: &Weights,
+    names: Arc<dyn NameMap>,
+    dtype: DType,
+    device: &Device,
+    patch: Option<Arc<dyn LoadPatch>>,
+) -> Result<VarBuilder<'static>> {
     // Reuse weights.rs's dtype check by building (and dropping) its own builder.
     weights.var_builder(dtype, device)?;
     Ok(VarBuilder::from_backend(
         Box::new(Mapped {
             weights: weights.clone(),
             names,
+            patch,
         }),
         dtype,
         device.clone(),
     ))
 }
 
+/// A single file's tensors under the diffusers names a [`NameMap`] gives them, with the shapes
+/// the model gets (after splits and transposes): what LoRA matching needs
+/// ([`crate::lora::LayerIndex`]).
+pub struct MappedNames {
+    names: Arc<dyn NameMap>,
+    /// diffusers name -> shape.
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+    /// The checkpoint prefix of the component (`model.diffusion_model.`), stripped for
+    /// [`crate::lora::LayerIndex::ldm_name`].
+    prefix: String,
+}
+
+impl MappedNames {
+    pub fn new(weights: &Weights, names: Arc<dyn NameMap>, prefix: &str) -> Self {
+        let mut shapes = std::collections::HashMap::new();
+        for stored in weights.names() {
+            for name in names.candidates(stored) {
+                let Some(source) = names.source(&name) else {
+                    continue;
+                };
+                if source.name() != stored {
+                    continue;
+                }
+                if let Some(shape) = produced_shape(&source, weights.shape(stored).unwrap_or(&[])) {
+                    shapes.insert(name, shape);
+                }
+            }
+        }
+        Self {
+            names,
+            shapes,
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+impl LayerIndex for MappedNames {
+    fn layer_names(&self) -> Vec<String> {
+        self.shapes.keys().cloned().collect()
+    }
+
+    fn layer_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+
+    fn ldm_name(&self, name: &str) -> Option<String> {
+        let source = self.names.source(name)?;
+        source.name().strip_prefix(&self.prefix).map(str::to_string)
+    }
+}
+
+/// A diffusers folder's UNet weights, which also know each tensor's LDM name, so Kohya SDXL
+/// LoRAs (`lora_unet_input_blocks_4_1_...`) find their layers in folders as in single files.
+pub struct FolderUnetNames<'a> {
+    weights: &'a Weights,
+    names: UnetNames,
+}
+
+impl<'a> FolderUnetNames<'a> {
+    pub fn new(weights: &'a Weights, cfg: &UNetConfig) -> Self {
+        Self {
+            weights,
+            names: UnetNames::new(cfg, ""),
+        }
+    }
+}
+
+impl LayerIndex for FolderUnetNames<'_> {
+    fn layer_names(&self) -> Vec<String> {
+        self.weights.layer_names()
+    }
+
+    fn layer_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.weights.layer_shape(name)
+    }
+
+    fn ldm_name(&self, name: &str) -> Option<String> {
+        self.names.ldm_name(name)
+    }
+}
+
+/// The shape the model gets from a stored tensor of shape `stored`; `None` when it cannot.
+fn produced_shape(source: &Source, stored: &[usize]) -> Option<Vec<usize>> {
+    match source {
+        Source::Copy(_) => Some(stored.to_vec()),
+        Source::Transpose(_) => (stored.len() == 2).then(|| vec![stored[1], stored[0]]),
+        Source::Conv1x1(_) => (stored.len() >= 2).then(|| stored[..2].to_vec()),
+        Source::Part { parts, .. } => {
+            let rows = *stored.first()?;
+            if rows == 0 || rows % parts != 0 {
+                return None;
+            }
+            let mut s = stored.to_vec();
+            s[0] = rows / parts;
+            Some(s)
+        }
+    }
+}
+
 struct Mapped {
     weights: Weights,
     names: Arc<dyn NameMap>,
+    patch: Option<Arc<dyn LoadPatch>>,
 }
 
 impl Mapped {
@@ -393,7 +660,24 @@ impl Mapped {
         }
     }
 
+    /// [`Self::load_unpatched`], merged with the patch when it names `name` (in f32, as
+    /// weights.rs does: an f16 sum of a small delta loses bits).
     fn load(
+        &self,
+        name: &str,
+        expected: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match &self.patch {
+            Some(p) if p.touches(name) => p
+                .apply(name, self.load_unpatched(name, expected, DType::F32, dev)?)?
+                .to_dtype(dtype),
+            _ => self.load_unpatched(name, expected, dtype, dev),
+        }
+    }
+
+    fn load_unpatched(
         &self,
         name: &str,
         expected: Option<&Shape>,

@@ -7,14 +7,18 @@
 //!   `alpha`; the module name is the diffusers/transformers path with `.` written as `_`
 //!   (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`). LoCon conv
 //!   layers (`down` `[r, in, k, k]`, `up` `[out, r, 1, 1]`, 3x3 included) merge the same way.
+//!   sd-scripts' SDXL LoRAs name UNet layers by their original LDM path instead
+//!   (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`); those are matched through
+//!   [`crate::ldm_names`] ([`LayerIndex::ldm_name`]).
 //! - diffusers / PEFT: `unet.<path>.lora_A.weight` / `lora_B.weight` (also `lora.down/up` and
 //!   `lora_down/up`) and `text_encoder.<path>...`, alpha from the file's
 //!   `lora_adapter_metadata` (diffusers `save_lora_weights`), from `<path>.alpha` keys, or else
 //!   equal to the rank (scale 1), as diffusers assumes.
 //!
-//! Module names are matched against the names the model's weights actually have, so nothing is
-//! guessed; whatever matches nothing is reported in [`LoraWarning`]s, and a file that matches
-//! nothing at all (a LoRA for another model family) is an error.
+//! Module names are matched against the names the model's weights actually have (for a
+//! single-file checkpoint, the diffusers names its LDM tensors serve), so nothing is guessed;
+//! whatever matches nothing is reported in [`LoraWarning`]s, and a file that matches nothing at
+//! all (a LoRA for another model family) is an error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -432,6 +436,33 @@ struct Delta {
     scale: f64,
 }
 
+/// The tensors of one model component as LoRA matching sees them: diffusers/transformers names
+/// and the shapes the model gets. A diffusers folder's [`Weights`] are one; a single-file
+/// checkpoint is seen through its LDM renaming ([`crate::ldm_names::MappedNames`]), so a LoRA
+/// merges the same way into either.
+pub trait LayerIndex {
+    /// Every tensor name, as the model code asks for it.
+    fn layer_names(&self) -> Vec<String>;
+    /// The shape the model gets for `name`; `None` when there is no such tensor.
+    fn layer_shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The original-LDM name of `name` (no checkpoint prefix) when known. Kohya's SDXL LoRAs name
+    /// UNet layers that way (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`),
+    /// since sd-scripts trains SDXL on the original model code.
+    fn ldm_name(&self, _name: &str) -> Option<String> {
+        None
+    }
+}
+
+impl LayerIndex for Weights {
+    fn layer_names(&self) -> Vec<String> {
+        self.names().map(str::to_string).collect()
+    }
+
+    fn layer_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shape(name).map(<[usize]>::to_vec)
+    }
+}
+
 /// The updates for one component, by weight name.
 struct Deltas(HashMap<String, Vec<Delta>>);
 
@@ -523,7 +554,7 @@ impl LoraSet {
     pub fn patch_for(
         &mut self,
         target: LoraTarget,
-        weights: &Weights,
+        weights: &dyn LayerIndex,
     ) -> Result<Option<Arc<dyn LoadPatch>>> {
         self.resolved.push(target);
         let names = LayerNames::new(weights, target);
@@ -548,7 +579,7 @@ impl LoraSet {
                 };
                 let down = file.weights.load(down, DType::F32, &Device::Cpu)?;
                 let up = file.weights.load(up, DType::F32, &Device::Cpu)?;
-                let layer = weights.shape(&weight_name).unwrap_or(&[]).to_vec();
+                let layer = weights.layer_shape(&weight_name).unwrap_or_default();
                 let Some((up, down)) = factor_shapes(&up, &down, &layer)? else {
                     self.warnings.push(LoraWarning::ShapeMismatch {
                         path: file.path.clone(),
@@ -663,9 +694,10 @@ fn factor_shapes(up: &Tensor, down: &Tensor, layer: &[usize]) -> Result<Option<(
 ///
 /// CLIP layers are named with or without transformers' `text_model.` level depending on who
 /// saved them (transformers 5 drops it, Kohya and older diffusers files keep it), in the model
-/// and in the LoRA alike, so text encoder names are compared without it.
+/// and in the LoRA alike, so text encoder names are compared without it. UNet layers are also
+/// findable by their underscored LDM path when the index knows it (Kohya SDXL LoRAs).
 struct LayerNames<'a> {
-    weights: &'a Weights,
+    index: &'a dyn LayerIndex,
     /// Underscored layer path (without `text_model_` for text encoders) -> weight name; `None`
     /// when two layers collide.
     underscored: HashMap<String, Option<String>>,
@@ -673,10 +705,20 @@ struct LayerNames<'a> {
 }
 
 impl<'a> LayerNames<'a> {
-    fn new(weights: &'a Weights, target: LoraTarget) -> Self {
+    fn new(index: &'a dyn LayerIndex, target: LoraTarget) -> Self {
         let text_encoder = target != LoraTarget::Unet;
         let mut underscored: HashMap<String, Option<String>> = HashMap::new();
-        for name in weights.names() {
+        let mut insert = |key: String, name: &str| {
+            underscored
+                .entry(key)
+                .and_modify(|v| {
+                    if v.as_deref() != Some(name) {
+                        *v = None;
+                    }
+                })
+                .or_insert_with(|| Some(name.to_string()));
+        };
+        for name in index.layer_names() {
             let Some(layer) = name.strip_suffix(".weight") else {
                 continue;
             };
@@ -685,13 +727,17 @@ impl<'a> LayerNames<'a> {
             } else {
                 layer
             };
-            underscored
-                .entry(layer.replace('.', "_"))
-                .and_modify(|v| *v = None)
-                .or_insert_with(|| Some(name.to_string()));
+            insert(layer.replace('.', "_"), &name);
+            if !text_encoder {
+                if let Some(ldm) = index.ldm_name(&name) {
+                    if let Some(l) = ldm.strip_suffix(".weight") {
+                        insert(l.replace('.', "_"), &name);
+                    }
+                }
+            }
         }
         Self {
-            weights,
+            index,
             underscored,
             text_encoder,
         }
@@ -715,7 +761,9 @@ impl<'a> LayerNames<'a> {
                         None => candidates.push(format!("text_model.{}.weight", m.layer)),
                     }
                 }
-                candidates.into_iter().find(|n| self.weights.contains(n))
+                candidates
+                    .into_iter()
+                    .find(|n| self.index.layer_shape(n).is_some())
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Per-model generation defaults: the family's native size, and for distilled fast models (SD-Turbo
 //! / SDXL-Turbo, LCM, SDXL-Lightning) the few steps, low or no guidance and the sampler and
 //! timesteps they were distilled for. Read from the model's own configs and name, so the service
-//! can fill a request before the user overrides any field.
+//! can fill a request before the user overrides any field. A full LCM (a UNet with
+//! `time_cond_proj_dim`) is told by its UNet config alone: its guidance scale is a model input.
 
 use std::path::Path;
 
@@ -30,7 +31,9 @@ pub enum Distillation {
     None,
     /// Adversarial diffusion distillation (SD-Turbo, SDXL-Turbo): 1-4 steps, no guidance.
     Turbo,
-    /// Latent consistency model (or an LCM-LoRA merge): 2-8 steps with the LCM sampler.
+    /// Latent consistency model (or an LCM-LoRA merge): 2-8 steps with the LCM sampler. A full
+    /// LCM whose UNet embeds the guidance scale (`time_cond_proj_dim`, see
+    /// [`UNetConfig::guidance_embedded`]) takes guidance ~8 as an input, without CFG.
     Lcm,
     /// SDXL-Lightning: 2-8 steps, Euler on trailing timesteps, no guidance.
     Lightning,
@@ -98,6 +101,34 @@ impl ModelDefaults {
         Self::decide(name, family_of_unet(unet), &scheduler, unet, vae)
     }
 
+    /// For a single-file checkpoint, from what its header tells ([`crate::checkpoint::inspect`]:
+    /// family, prediction type) and the embedded configs of its family, fast variants from the
+    /// name. `None` when the family is unknown.
+    pub fn for_checkpoint(name: &str, info: &crate::checkpoint::CheckpointInfo) -> Option<Self> {
+        use crate::checkpoint::{ModelFamily as F, Prediction};
+        let prediction = match info.prediction {
+            Some(Prediction::VPrediction) => PredictionType::VPrediction,
+            _ => PredictionType::Epsilon,
+        };
+        let family = info.family?;
+        let (unet, vae) = match family {
+            F::Sd1 | F::Sd2 => {
+                let c = crate::single_file::family_configs(family).ok()?;
+                (c.unet, c.vae)
+            }
+            F::SdxlBase | F::SdxlRefiner => {
+                let c = crate::single_file::sdxl_configs(family == F::SdxlRefiner).ok()?;
+                (c.unet, c.vae)
+            }
+        };
+        let mut d = Self::for_unet(name, &unet, prediction, &vae);
+        // The refiner's UNet has added conditions like the base's; the header tells them apart.
+        if family == F::SdxlRefiner {
+            d.family = ModelFamily::SdxlRefiner;
+        }
+        Some(d)
+    }
+
     fn decide(
         name: &str,
         family: ModelFamily,
@@ -105,7 +136,13 @@ impl ModelDefaults {
         unet: &UNetConfig,
         vae: &VaeConfig,
     ) -> Self {
-        let distillation = distillation(name, scheduler);
+        // A UNet that takes the guidance scale as an input was distilled for LCM, whatever its
+        // name and scheduler say (LCM_Dreamshaper_v7, lcm-sdxl).
+        let distillation = if unet.guidance_embedded() {
+            Distillation::Lcm
+        } else {
+            distillation(name, scheduler)
+        };
         let native = unet
             .sample_size
             .map(|s| s * vae.downsampling_factor())
@@ -126,8 +163,15 @@ impl ModelDefaults {
             // Model cards: "a single step", guidance_scale 0.0 (off, our 1); diffusers ships
             // them with EulerAncestralDiscreteScheduler on trailing timesteps.
             Distillation::Turbo => (1, 1.0, SamplerKind::EulerA, ScheduleKind::Trailing),
-            // diffusers LCM(-LoRA) docs: 4 steps, guidance 1 (off); LCM's own timesteps.
-            Distillation::Lcm => (4, 1.0, SamplerKind::Lcm, ScheduleKind::Automatic),
+            // Full LCMs: the LCM_Dreamshaper_v7 and lcm-sdxl cards' 4 steps at guidance 8 (the
+            // embedded guidance; CFG stays off). LCM-LoRA merges: the diffusers LCM-LoRA docs'
+            // 4 steps, guidance 1 (off). Both on LCM's own timesteps.
+            Distillation::Lcm => (
+                4,
+                if unet.guidance_embedded() { 8.0 } else { 1.0 },
+                SamplerKind::Lcm,
+                ScheduleKind::Automatic,
+            ),
             // ByteDance/SDXL-Lightning card: Euler, "trailing" timesteps, guidance 0.
             Distillation::Lightning => (
                 lightning_steps(name).unwrap_or(4),
@@ -302,5 +346,43 @@ mod tests {
         assert_eq!(d.family, ModelFamily::Sd1);
         assert_eq!((d.steps, d.cfg_scale, d.width), (20, 7.0, 512));
         assert!(!d.is_fast());
+    }
+
+    #[test]
+    fn guidance_embedded_unet_is_a_full_lcm_whatever_the_name() {
+        // SimianLuo/LCM_Dreamshaper_v7's unet config has time_cond_proj_dim 256; a neutral
+        // name and a PNDM scheduler config must not hide it.
+        let unet = UNetConfig::from_json(
+            r#"{"sample_size": 96, "cross_attention_dim": 768, "time_cond_proj_dim": 256}"#,
+        )
+        .unwrap();
+        let d = ModelDefaults::from_configs(
+            "dreamshaper",
+            &index("StableDiffusionPipeline"),
+            &SchedulerConfig::default(),
+            &unet,
+            &sd_vae(),
+        );
+        assert_eq!(d.family, ModelFamily::Sd1);
+        assert_eq!(d.distillation, Distillation::Lcm);
+        assert_eq!(
+            (d.steps, d.cfg_scale, d.sampler, d.schedule, d.width),
+            (4, 8.0, SamplerKind::Lcm, ScheduleKind::Automatic, 768)
+        );
+        // Same for a single-file checkpoint whose config folder says so.
+        let d = ModelDefaults::for_unet("x", &unet, PredictionType::Epsilon, &sd_vae());
+        assert_eq!((d.distillation, d.cfg_scale), (Distillation::Lcm, 8.0));
+        // An LCM-LoRA merge (plain UNet, LCMScheduler) keeps guidance 1.
+        let lora = ModelDefaults::from_configs(
+            "merged",
+            &index("StableDiffusionPipeline"),
+            &serde_json::from_str(r#"{"_class_name": "LCMScheduler"}"#).unwrap(),
+            &UNetConfig::from_json(r#"{"cross_attention_dim": 768}"#).unwrap(),
+            &sd_vae(),
+        );
+        assert_eq!(
+            (lora.distillation, lora.cfg_scale),
+            (Distillation::Lcm, 1.0)
+        );
     }
 }

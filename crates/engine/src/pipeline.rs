@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::clip::{ClipConfig, ClipTextModel, PromptPlan, TextEncoder};
 use crate::config::{ModelFolder, PredictionType};
-use crate::denoiser::{Conditioning, Denoiser, NoisePredictor};
+use crate::denoiser::{cfg_scale_for, Conditioning, Denoiser, NoisePredictor};
 use crate::lora::{LoraSet, LoraSpec, LoraTarget, LoraWarning};
 use crate::memory::MemoryOptions;
 use crate::rng::SeedSource;
@@ -178,7 +178,8 @@ impl Observer for NoObserver {
     }
 }
 
-/// A loaded Stable Diffusion (SD1.x / SD2.x) diffusers model.
+/// A loaded Stable Diffusion model (SD1.x / SD2.x / SDXL), from a diffusers folder or a single
+/// file.
 #[derive(Debug)]
 pub struct Pipeline {
     text_encoder: TextEncoder,
@@ -249,7 +250,10 @@ impl Pipeline {
             });
         }
         let weights = Weights::open_all(&folder.weight_files("unet")?)?;
-        let patch = lora_set.patch_for(LoraTarget::Unet, &weights)?;
+        let patch = lora_set.patch_for(
+            LoraTarget::Unet,
+            &crate::ldm_names::FolderUnetNames::new(&weights, &unet_cfg),
+        )?;
         let unet =
             UNet2DConditionModel::load(patched_var_builder(&weights, patch, opts)?, &unet_cfg)?;
         let lora_warnings = lora_set.finish()?;
@@ -285,22 +289,38 @@ impl Pipeline {
         })
     }
 
-    /// Loads a diffusers folder or a single-file SD1/SD2 checkpoint (`.safetensors`, original
-    /// LDM names), with an optional config folder and separate VAE file; see
-    /// [`crate::single_file`]. LoRAs are not merged on this path yet.
+    /// Loads a diffusers folder or a single-file checkpoint (`.safetensors`, original LDM names:
+    /// SD1, SD2 or SDXL base), with an optional config folder and separate VAE file; see
+    /// [`crate::single_file`].
     pub fn load_source(
         source: &crate::single_file::ModelSource,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        Self::load_source_with_loras(source, opts, &[])
+    }
+
+    /// [`Self::load_source`] with LoRAs merged as in [`Self::load_with_loras`]: a single file's
+    /// layers get the same updates as the diffusers folder's (matched through the LDM renaming).
+    pub fn load_source_with_loras(
+        source: &crate::single_file::ModelSource,
+        opts: &LoadOptions,
+        loras: &[LoraSpec],
+    ) -> Result<Self> {
+        use crate::single_file;
         let mut pipeline = if source.path.is_dir() {
-            Self::load(&source.path, opts)?
+            Self::load_with_loras(&source.path, opts, loras)?
+        } else if single_file::is_sdxl_file(&source.path)? {
+            return Self::load_sdxl_file(source, opts, loras);
         } else {
-            let p = crate::single_file::load(
+            let mut lora_set = LoraSet::open(loras)?;
+            let p = single_file::load(
                 &source.path,
                 source.config.as_deref(),
                 source.vae.as_deref(),
                 opts,
+                &mut lora_set,
             )?;
+            let lora_warnings = lora_set.finish()?;
             return Ok(Self {
                 // Before the fields below move out of `p`.
                 defaults: crate::model_defaults::ModelDefaults::for_unet(
@@ -317,23 +337,85 @@ impl Pipeline {
                 prediction: p.prediction,
                 device: opts.device.clone(),
                 dtype: opts.dtype,
-                loras: Vec::new(),
-                lora_warnings: Vec::new(),
+                loras: loras.to_vec(),
+                lora_warnings,
                 memory: MemoryOptions::default(),
                 vae_files: p.vae_files,
             });
         };
         if let Some(vae) = &source.vae {
             let cfg = pipeline.vae.config().clone();
-            let (model, files) = crate::single_file::load_vae_file(vae, &cfg, opts)?;
+            let dtype = match &pipeline.sdxl {
+                Some(_) => crate::sdxl::vae_dtype(true, &cfg, opts.dtype),
+                None => opts.dtype,
+            };
+            let vae_opts = LoadOptions {
+                dtype,
+                ..opts.clone()
+            };
+            let (model, files) = crate::single_file::load_vae_file(vae, &cfg, &vae_opts)?;
+            if let Some(s) = &mut pipeline.sdxl {
+                s.set_vae_files(files.clone());
+            }
             pipeline.vae = model;
             pipeline.vae_files = files;
         }
         Ok(pipeline)
     }
 
+    /// An SDXL base single file (a refiner file is refused with what to do instead).
+    fn load_sdxl_file(
+        source: &crate::single_file::ModelSource,
+        opts: &LoadOptions,
+        loras: &[LoraSpec],
+    ) -> Result<Self> {
+        let mut lora_set = LoraSet::open(loras)?;
+        let p = crate::single_file::load_sdxl(
+            &source.path,
+            source.config.as_deref(),
+            source.vae.as_deref(),
+            opts,
+            &mut lora_set,
+        )?;
+        let lora_warnings = lora_set.finish()?;
+        let (Some(text_encoder), Some(vae)) = (p.text_encoder, p.vae) else {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} is an SDXL refiner: it finishes pictures of an SDXL base model and cannot                  draw on its own; choose it as the refiner",
+                source.path.display()
+            )));
+        };
+        let defaults = crate::model_defaults::ModelDefaults::for_unet(
+            &crate::model_defaults::model_name(&source.path),
+            p.unet.config(),
+            p.prediction,
+            vae.config(),
+        );
+        let sdxl = crate::sdxl::SdxlParts::new(
+            p.encoder_2,
+            p.force_zeros_for_empty_prompt,
+            p.vae_files.clone(),
+            p.vae_config,
+        );
+        Ok(Self {
+            text_encoder,
+            unet: p.unet,
+            vae,
+            schedule: p.schedule,
+            prediction: p.prediction,
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+            loras: loras.to_vec(),
+            lora_warnings,
+            memory: MemoryOptions::default(),
+            vae_files: p.vae_files,
+            sdxl: Some(sdxl),
+            defaults,
+        })
+    }
+
     /// A single-file checkpoint; `config` is a diffusers folder describing its architecture
-    /// (diffusers' `from_single_file(config=...)`), else the embedded SD 1.5 / SD 2.1 configs.
+    /// (diffusers' `from_single_file(config=...)`), else the embedded SD 1.5 / SD 2.1 / SDXL 1.0
+    /// configs.
     pub fn load_single_file(
         path: &Path,
         opts: &LoadOptions,
@@ -512,7 +594,9 @@ impl Pipeline {
         if let Some(s) = &self.sdxl {
             return self.sample_sdxl(s, req, observer, on_state);
         }
-        let guided = req.cfg_scale != 1.0;
+        // Guidance-embedded models (full LCMs) take the scale as an input, without CFG.
+        let cfg_scale = cfg_scale_for(req.cfg_scale, self.unet.config().guidance_embedded());
+        let guided = cfg_scale != 1.0;
         // A1111 prompt syntax, long prompts in 75-token chunks, embeddings; `<lora:...>` tags are
         // taken out here (the caller loads the LoRAs they name, see `load_with_loras`).
         let (cond, uncond) = if guided {
@@ -529,9 +613,12 @@ impl Pipeline {
         let conditioning = Conditioning {
             cond,
             uncond,
-            cfg_scale: req.cfg_scale,
+            cfg_scale,
         };
-        let unet = UNetPredictor(&self.unet);
+        let unet = UNetPredictor {
+            unet: &self.unet,
+            timestep_cond: self.unet.guidance_embedding(req.cfg_scale)?,
+        };
         let denoiser = Denoiser::new(
             &unet,
             &self.schedule,
@@ -603,12 +690,19 @@ fn patched_var_builder(
     }
 }
 
-/// The UNet as the denoiser's network.
-struct UNetPredictor<'a>(&'a UNet2DConditionModel);
+/// The UNet as the denoiser's network, with the guidance embedding of guidance-embedded models
+/// (the same on every call, so the samplers never see it).
+struct UNetPredictor<'a> {
+    unet: &'a UNet2DConditionModel,
+    timestep_cond: Option<Tensor>,
+}
 
 impl NoisePredictor for UNetPredictor<'_> {
     fn predict(&self, x_in: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        Ok(self.0.forward(x_in, timestep, context)?)
+        let cond = self.timestep_cond.as_ref();
+        Ok(self
+            .unet
+            .forward_cond(x_in, timestep, context, None, cond)?)
     }
 }
 

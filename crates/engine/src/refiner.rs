@@ -12,6 +12,7 @@ use crate::lora::LoraSet;
 use crate::pipeline::{GenerateRequest, LoadOptions, Pipeline};
 use crate::schedule::NoiseSchedule;
 use crate::sdxl::{encode_pair, load_encoder_2, sdxl_layer, time_ids_tensor, SdxlOptions, Stage};
+use crate::single_file::ModelSource;
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::weights::Weights;
 use crate::{EngineError, Result};
@@ -101,35 +102,7 @@ impl Refiner {
 
         let unet_path = folder.config_file("unet")?;
         let unet_cfg = UNetConfig::from_file(&unet_path)?;
-        let ids = if aesthetic { 5 } else { 6 };
-        let pooled = encoder_2.model().config().projection_dim.unwrap_or(0);
-        // The add_embedding's input is pooled text plus one sinusoid per id; a mismatch means
-        // the index's `requires_aesthetics_score` does not fit this UNet.
-        let expected = unet_cfg.addition_time_embed_dim.map(|t| pooled + ids * t);
-        if !unet_cfg.needs_added_conditions()
-            || expected != unet_cfg.projection_class_embeddings_input_dim
-        {
-            return Err(EngineError::Config {
-                path: unet_path,
-                message: format!(
-                    "not an SDXL refiner UNet: expected added conditions of {} inputs \
-                     ({pooled} pooled + {ids} ids), config says {:?}",
-                    expected.unwrap_or(0),
-                    unet_cfg.projection_class_embeddings_input_dim
-                ),
-            });
-        }
-        if unet_cfg.context_dim() != encoder_2.model().hidden_size() {
-            return Err(EngineError::Config {
-                path: unet_path,
-                message: format!(
-                    "the refiner UNet's cross_attention_dim {} differs from text_encoder_2's \
-                     width {}",
-                    unet_cfg.context_dim(),
-                    encoder_2.model().hidden_size()
-                ),
-            });
-        }
+        check_unet(&unet_cfg, &encoder_2, aesthetic, &unet_path)?;
         let weights = Weights::open_all(&folder.weight_files("unet")?)?;
         let unet =
             UNet2DConditionModel::load(weights.var_builder(opts.dtype, &opts.device)?, &unet_cfg)?;
@@ -140,6 +113,44 @@ impl Refiner {
             prediction: scheduler.prediction_type,
             aesthetic,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(false),
+        })
+    }
+
+    /// Loads a refiner folder, or a single-file refiner checkpoint (original LDM names,
+    /// `conditioner.embedders.0.model.*` = OpenCLIP-bigG) described by the embedded
+    /// stable-diffusion-xl-refiner-1.0 configs or by `source.config`.
+    pub fn load_source(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        if source.path.is_dir() {
+            return Self::load(&source.path, opts);
+        }
+        let mut no_loras = LoraSet::open(&[])?;
+        let p = crate::single_file::load_sdxl(
+            &source.path,
+            source.config.as_deref(),
+            None,
+            opts,
+            &mut no_loras,
+        )?;
+        no_loras.finish()?;
+        if !p.refiner {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} is an SDXL base model, not a refiner",
+                source.path.display()
+            )));
+        }
+        check_unet(
+            p.unet.config(),
+            &p.encoder_2,
+            p.requires_aesthetics_score,
+            &source.path,
+        )?;
+        Ok(Self {
+            encoder_2: p.encoder_2,
+            unet: p.unet,
+            schedule: p.schedule,
+            prediction: p.prediction,
+            aesthetic: p.requires_aesthetics_score,
+            force_zeros_for_empty_prompt: p.force_zeros_for_empty_prompt,
         })
     }
 
@@ -185,7 +196,7 @@ impl Refiner {
             &[&self.encoder_2],
             &req.prompt,
             &req.negative_prompt,
-            req.cfg_scale != 1.0,
+            crate::sdxl::stage_guided(&self.unet, req.cfg_scale),
             self.force_zeros_for_empty_prompt,
             sdxl_layer(req.clip_skip),
         )?;
@@ -207,7 +218,7 @@ impl Refiner {
             let ids = time_ids_tensor(&options.size.time_ids(req.height, req.width), device)?;
             (ids.clone(), ids)
         };
-        Stage::new(c, req.cfg_scale, &ids, &neg, self.unet.dtype())
+        Stage::new(c, req.cfg_scale, &ids, &neg, &self.unet)
     }
 
     /// The refiner's conditioning as its UNet gets it (for tests and tools).
@@ -221,17 +232,62 @@ impl Refiner {
     }
 }
 
+/// Checks that `unet_cfg` is a refiner UNet fitting `encoder_2` and the time ids (`aesthetic`).
+fn check_unet(
+    unet_cfg: &UNetConfig,
+    encoder_2: &TextEncoder,
+    aesthetic: bool,
+    path: &Path,
+) -> Result<()> {
+    let ids = if aesthetic { 5 } else { 6 };
+    let pooled = encoder_2.model().config().projection_dim.unwrap_or(0);
+    // The add_embedding's input is pooled text plus one sinusoid per id; a mismatch means
+    // the index's `requires_aesthetics_score` does not fit this UNet.
+    let expected = unet_cfg.addition_time_embed_dim.map(|t| pooled + ids * t);
+    if !unet_cfg.needs_added_conditions()
+        || expected != unet_cfg.projection_class_embeddings_input_dim
+    {
+        return Err(EngineError::Config {
+            path: path.to_path_buf(),
+            message: format!(
+                "not an SDXL refiner UNet: expected added conditions of {} inputs \
+                 ({pooled} pooled + {ids} ids), config says {:?}",
+                expected.unwrap_or(0),
+                unet_cfg.projection_class_embeddings_input_dim
+            ),
+        });
+    }
+    if unet_cfg.context_dim() != encoder_2.model().hidden_size() {
+        return Err(EngineError::Config {
+            path: path.to_path_buf(),
+            message: format!(
+                "the refiner UNet's cross_attention_dim {} differs from text_encoder_2's \
+                 width {}",
+                unet_cfg.context_dim(),
+                encoder_2.model().hidden_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Pipeline {
     /// Loads an SDXL refiner and uses it for the following generations (from
     /// [`RefinerOptions::switch_at`], see [`Pipeline::set_sdxl_options`]). Only for SDXL base
     /// models.
-    pub fn load_refiner(&mut self, dir: &Path, opts: &LoadOptions) -> Result<()> {
+    /// `path` is a refiner folder or a single-file refiner checkpoint (embedded configs).
+    pub fn load_refiner(&mut self, path: &Path, opts: &LoadOptions) -> Result<()> {
+        self.load_refiner_source(&ModelSource::new(path), opts)
+    }
+
+    /// [`Self::load_refiner`] from a [`ModelSource`] (a single file with a config folder).
+    pub fn load_refiner_source(&mut self, source: &ModelSource, opts: &LoadOptions) -> Result<()> {
         if self.sdxl.is_none() {
             return Err(EngineError::InvalidRequest(
                 "a refiner needs an SDXL base model".into(),
             ));
         }
-        let refiner = Arc::new(Refiner::load(dir, opts)?);
+        let refiner = Arc::new(Refiner::load_source(source, opts)?);
         self.set_refiner(Some(refiner))
     }
 

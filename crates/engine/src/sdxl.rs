@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::clip::{ClipConfig, ClipTextModel, HiddenLayer, TextEncoder};
 use crate::config::{ModelFolder, ModelIndex};
-use crate::denoiser::{Conditioning, Denoiser, NoisePredictor};
+use crate::denoiser::{cfg_scale_for, Conditioning, Denoiser, NoisePredictor};
 use crate::lora::{LoraSet, LoraTarget};
 use crate::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Preview, Progress};
 use crate::refiner::{Refiner, RefinerOptions};
@@ -151,6 +151,28 @@ impl SdxlParts {
             vae_files: folder.weight_files("vae")?,
             vae_config: VaeConfig::from_file(&folder.config_file("vae")?)?,
         }))
+    }
+
+    /// The parts of an SDXL base single file (see [`crate::single_file::load_sdxl`]).
+    pub(crate) fn new(
+        encoder_2: TextEncoder,
+        force_zeros_for_empty_prompt: bool,
+        vae_files: Vec<PathBuf>,
+        vae_config: VaeConfig,
+    ) -> Self {
+        Self {
+            encoder_2,
+            force_zeros_for_empty_prompt,
+            options: SdxlOptions::default(),
+            refiner: None,
+            vae_files,
+            vae_config,
+        }
+    }
+
+    /// The VAE was replaced by a separate file: the f32 retry must decode with that one.
+    pub(crate) fn set_vae_files(&mut self, files: Vec<PathBuf>) {
+        self.vae_files = files;
     }
 
     pub fn encoder_2(&self) -> &TextEncoder {
@@ -298,17 +320,28 @@ pub fn time_ids_tensor(ids: &[f32], device: &Device) -> Result<Tensor> {
 pub(crate) struct Stage {
     pub conditioning: Conditioning,
     pub added: AddedConditions,
+    /// The guidance embedding of a guidance-embedded UNet (lcm-sdxl), else `None`.
+    pub timestep_cond: Option<Tensor>,
+}
+
+/// Whether a stage for `unet` at the requested scale runs classifier-free guidance (and so
+/// needs the negative prompt encoded).
+pub(crate) fn stage_guided(unet: &UNet2DConditionModel, guidance_scale: f64) -> bool {
+    cfg_scale_for(guidance_scale, unet.config().guidance_embedded()) != 1.0
 }
 
 impl Stage {
-    /// Builds the stage from encoded prompts and the cond/uncond time ids.
+    /// Builds the stage for `unet` from encoded prompts, the requested guidance scale and the
+    /// cond/uncond time ids. Guidance-embedded UNets get the scale as `timestep_cond` and no CFG.
     pub fn new(
         c: SdxlConditioning,
-        cfg_scale: f64,
+        guidance_scale: f64,
         time_ids: &Tensor,
         uncond_time_ids: &Tensor,
-        dtype: DType,
+        unet: &UNet2DConditionModel,
     ) -> Result<Self> {
+        let dtype = unet.dtype();
+        let cfg_scale = cfg_scale_for(guidance_scale, unet.config().guidance_embedded());
         let guided = cfg_scale != 1.0;
         let added = match (&c.uncond_pooled, guided) {
             (Some(up), true) => AddedConditions {
@@ -327,21 +360,37 @@ impl Stage {
                 cfg_scale,
             },
             added,
+            timestep_cond: unet.guidance_embedding(guidance_scale)?,
         })
     }
 }
 
-/// The UNet with fixed added conditions, as the denoiser's network.
+/// The UNet with fixed added conditions (and guidance embedding), as the denoiser's network.
 pub(crate) struct SdxlPredictor<'a> {
     pub unet: &'a UNet2DConditionModel,
     pub added: &'a AddedConditions,
+    pub timestep_cond: Option<&'a Tensor>,
+}
+
+impl<'a> SdxlPredictor<'a> {
+    pub fn new(unet: &'a UNet2DConditionModel, stage: &'a Stage) -> Self {
+        Self {
+            unet,
+            added: &stage.added,
+            timestep_cond: stage.timestep_cond.as_ref(),
+        }
+    }
 }
 
 impl NoisePredictor for SdxlPredictor<'_> {
     fn predict(&self, x_in: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .unet
-            .forward_with(x_in, timestep, context, Some(self.added))?)
+        Ok(self.unet.forward_cond(
+            x_in,
+            timestep,
+            context,
+            Some(self.added),
+            self.timestep_cond,
+        )?)
     }
 }
 
@@ -392,7 +441,7 @@ impl Pipeline {
 
     /// The SDXL encoders, the request's conditioning, the base stage.
     fn sdxl_stage(&self, s: &SdxlParts, req: &GenerateRequest) -> Result<Stage> {
-        let guided = req.cfg_scale != 1.0;
+        let guided = stage_guided(self.unet(), req.cfg_scale);
         let c = encode_pair(
             &[self.text_encoder(), &s.encoder_2],
             &req.prompt,
@@ -403,7 +452,7 @@ impl Pipeline {
         )?;
         let ids = s.options.size.time_ids(req.height, req.width);
         let ids = time_ids_tensor(&ids, self.device())?;
-        Stage::new(c, req.cfg_scale, &ids, &ids, self.unet().dtype())
+        Stage::new(c, req.cfg_scale, &ids, &ids, self.unet())
     }
 
     /// The SDXL conditioning of `req` (encoders, pooled output, time ids), as the UNet gets it.
@@ -470,10 +519,7 @@ impl Pipeline {
         };
 
         if switch > 0 {
-            let unet = SdxlPredictor {
-                unet: self.unet(),
-                added: &base.added,
-            };
+            let unet = SdxlPredictor::new(self.unet(), &base);
             let denoiser = Denoiser::new(
                 &unet,
                 self.schedule(),
@@ -486,10 +532,7 @@ impl Pipeline {
         if switch < total {
             let r = s.refiner.as_ref().ok_or_else(not_sdxl)?;
             let stage = r.stage(req, &s.options)?;
-            let unet = SdxlPredictor {
-                unet: r.unet(),
-                added: &stage.added,
-            };
+            let unet = SdxlPredictor::new(r.unet(), &stage);
             let denoiser = Denoiser::new(
                 &unet,
                 r.schedule(),
@@ -515,8 +558,10 @@ impl Pipeline {
         }
         tracing::warn!("the VAE overflowed in half precision; decoding again in f32");
         let device = self.device().clone();
-        let weights = Weights::open_all(&s.vae_files)?;
-        let vae = AutoencoderKL::load(weights.var_builder(DType::F32, &device)?, &s.vae_config)?;
+        // The VAE may be a folder's, a single file's `first_stage_model.*` or a VAE file.
+        let vb =
+            crate::single_file::vae_var_builder(&s.vae_files, &s.vae_config, DType::F32, &device)?;
+        let vae = AutoencoderKL::load(vb, &s.vae_config)?;
         let z = latents.to_device(&device)?.to_dtype(DType::F32)?;
         Ok(vae.decode_scaled(&z)?)
     }

@@ -1,7 +1,8 @@
-//! Loading SD1/SD2 single-file checkpoints (original LDM names) and separate VAE files into our
-//! model code: the architecture comes from embedded SD 1.5 / SD 2.1 configs (or a diffusers
-//! folder's configs, like diffusers' `from_single_file(config=...)`), the weights through
-//! [`crate::ldm_names`]'s renaming `VarBuilder` over the memory-mapped file.
+//! Loading single-file checkpoints (original LDM names: SD1, SD2, SDXL base and refiner) and
+//! separate VAE files into our model code: the architecture comes from embedded SD 1.5 / SD 2.1 /
+//! SDXL 1.0 configs (or a diffusers folder's configs, like diffusers'
+//! `from_single_file(config=...)`), the weights through [`crate::ldm_names`]'s renaming
+//! `VarBuilder` over the memory-mapped file, with LoRAs merged as they load.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -10,12 +11,13 @@ use std::sync::Arc;
 use candle_nn::VarBuilder;
 
 use crate::checkpoint::{
-    self, CheckpointKind, ModelFamily, Prediction, VaeLayout, LDM_CLIP_PREFIX,
-    LDM_OPEN_CLIP_PREFIX, LDM_UNET_PREFIX,
+    self, CheckpointInfo, CheckpointKind, ModelFamily, Prediction, VaeLayout, LDM_CLIP_PREFIX,
+    LDM_OPEN_CLIP_PREFIX, LDM_UNET_PREFIX, SDXL_EMBEDDER_0, SDXL_EMBEDDER_1,
 };
 use crate::clip::{ClipConfig, ClipTextModel, TextEncoder};
 use crate::config::{ModelFolder, PredictionType, SchedulerConfig};
-use crate::ldm_names::{self, ClipNames, OpenClipNames, UnetNames, VaeNames};
+use crate::ldm_names::{self, ClipNames, MappedNames, NameMap, OpenClipNames, UnetNames, VaeNames};
+use crate::lora::{LoraSet, LoraTarget};
 use crate::pipeline::LoadOptions;
 use crate::schedule::NoiseSchedule;
 use crate::tokenizer::ClipTokenizer;
@@ -34,6 +36,16 @@ const SD21_VAE: &str = include_str!("../assets/sd21/vae.json");
 const SD21_TEXT: &str = include_str!("../assets/sd21/text_encoder.json");
 const SD21_SCHEDULER: &str = include_str!("../assets/sd21/scheduler.json");
 const SD21_TOKENIZER: &str = include_str!("../assets/sd21/tokenizer_config.json");
+const SDXL_UNET: &str = include_str!("../assets/sdxl-base/unet.json");
+const SDXL_VAE: &str = include_str!("../assets/sdxl-base/vae.json");
+const SDXL_TEXT: &str = include_str!("../assets/sdxl-base/text_encoder.json");
+const SDXL_TEXT_2: &str = include_str!("../assets/sdxl-base/text_encoder_2.json");
+const SDXL_SCHEDULER: &str = include_str!("../assets/sdxl-base/scheduler.json");
+const SDXL_TOKENIZER: &str = include_str!("../assets/sdxl-base/tokenizer_config.json");
+const SDXL_TOKENIZER_2: &str = include_str!("../assets/sdxl-base/tokenizer_2_config.json");
+/// The refiner's own UNet; its VAE, OpenCLIP-bigG, tokenizer and scheduler configs are the
+/// base's (the same values in stabilityai/stable-diffusion-xl-refiner-1.0).
+const SDXL_REFINER_UNET: &str = include_str!("../assets/sdxl-refiner/unet.json");
 /// The CLIP BPE files (gzip; see `assets/README.md` for where they come from).
 const CLIP_VOCAB_GZ: &[u8] = include_bytes!("../assets/clip/vocab.json.gz");
 const CLIP_MERGES_GZ: &[u8] = include_bytes!("../assets/clip/merges.txt.gz");
@@ -68,28 +80,325 @@ pub struct FamilyConfigs {
     pub scheduler: SchedulerConfig,
 }
 
-/// SD 1.5's or SD 2.1's diffusers configs (embedded). SDXL has none here yet.
+/// SD 1.5's or SD 2.1's diffusers configs (embedded); SDXL's are [`sdxl_configs`].
 pub fn family_configs(family: ModelFamily) -> Result<FamilyConfigs> {
     let (unet, vae, text, scheduler) = match family {
         ModelFamily::Sd1 => (SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULER),
         ModelFamily::Sd2 => (SD21_UNET, SD21_VAE, SD21_TEXT, SD21_SCHEDULER),
         other => {
             return Err(EngineError::InvalidRequest(format!(
-                "{other:?} checkpoints cannot be loaded yet"
+                "{other:?} checkpoints have two text encoders; see sdxl_configs"
             )))
         }
     };
-    // The assets are ours and covered by tests; a parse failure here is a build defect.
-    let bad = |what: &str, e: String| EngineError::Config {
-        path: PathBuf::from(format!("<embedded {family:?} {what} config>")),
-        message: e,
-    };
+    let bad = embedded_error(family);
     Ok(FamilyConfigs {
         unet: UNetConfig::from_json(unet).map_err(|e| bad("unet", e.to_string()))?,
         vae: VaeConfig::from_json(vae).map_err(|e| bad("vae", e.to_string()))?,
         text_encoder: serde_json::from_str(text).map_err(|e| bad("text_encoder", e.to_string()))?,
         scheduler: serde_json::from_str(scheduler).map_err(|e| bad("scheduler", e.to_string()))?,
     })
+}
+
+// The assets are ours and covered by tests; a parse failure here is a build defect.
+fn embedded_error(family: ModelFamily) -> impl Fn(&str, String) -> EngineError {
+    move |what: &str, e: String| EngineError::Config {
+        path: PathBuf::from(format!("<embedded {family:?} {what} config>")),
+        message: e,
+    }
+}
+
+/// The configs of an SDXL base or refiner (`StableDiffusionXLPipeline` /
+/// `StableDiffusionXLImg2ImgPipeline`), embedded or from a diffusers folder.
+#[derive(Debug, Clone)]
+pub struct SdxlConfigs {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    /// CLIP-L; `None` for a refiner, which has only the second encoder.
+    pub text_encoder: Option<ClipConfig>,
+    /// OpenCLIP-bigG with its projection.
+    pub text_encoder_2: ClipConfig,
+    pub scheduler: SchedulerConfig,
+    /// `model_index.json`: an empty negative prompt is zero conditioning (base: true).
+    pub force_zeros_for_empty_prompt: bool,
+    /// `model_index.json` `requires_aesthetics_score` (refiner: true): time ids carry an
+    /// aesthetic score instead of the target size.
+    pub requires_aesthetics_score: bool,
+}
+
+/// stabilityai/stable-diffusion-xl-base-1.0's configs, or -refiner-1.0's (`refiner`).
+pub fn sdxl_configs(refiner: bool) -> Result<SdxlConfigs> {
+    let family = if refiner {
+        ModelFamily::SdxlRefiner
+    } else {
+        ModelFamily::SdxlBase
+    };
+    let bad = embedded_error(family);
+    let unet = if refiner {
+        SDXL_REFINER_UNET
+    } else {
+        SDXL_UNET
+    };
+    Ok(SdxlConfigs {
+        unet: UNetConfig::from_json(unet).map_err(|e| bad("unet", e.to_string()))?,
+        vae: VaeConfig::from_json(SDXL_VAE).map_err(|e| bad("vae", e.to_string()))?,
+        text_encoder: if refiner {
+            None
+        } else {
+            Some(serde_json::from_str(SDXL_TEXT).map_err(|e| bad("text_encoder", e.to_string()))?)
+        },
+        text_encoder_2: serde_json::from_str(SDXL_TEXT_2)
+            .map_err(|e| bad("text_encoder_2", e.to_string()))?,
+        scheduler: serde_json::from_str(SDXL_SCHEDULER)
+            .map_err(|e| bad("scheduler", e.to_string()))?,
+        // model_index.json of the two repositories.
+        force_zeros_for_empty_prompt: !refiner,
+        requires_aesthetics_score: refiner,
+    })
+}
+
+/// [`SdxlConfigs`] from a diffusers folder (`from_single_file(config=...)`).
+fn sdxl_folder_configs(dir: &Path, refiner: bool) -> Result<(SdxlConfigs, SdxlTokenizers)> {
+    let folder = ModelFolder::open(dir)?;
+    let index = folder.model_index()?;
+    let index_path = dir.join("model_index.json");
+    let raw: serde_json::Value = crate::config::read_json(&index_path)?;
+    let aesthetic = raw
+        .get("requires_aesthetics_score")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let te = |c: &str| ClipConfig::from_file(folder.config_file(c)?);
+    let configs = SdxlConfigs {
+        unet: UNetConfig::from_file(&folder.config_file("unet")?)?,
+        // The refiner folder's VAE is SDXL's; a folder without one gets the embedded config.
+        vae: match folder.config_file("vae") {
+            Ok(p) => VaeConfig::from_file(&p)?,
+            Err(_) => sdxl_configs(refiner)?.vae,
+        },
+        text_encoder: if refiner {
+            None
+        } else {
+            Some(te("text_encoder")?)
+        },
+        text_encoder_2: te("text_encoder_2")?,
+        scheduler: folder.scheduler_config()?,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(!refiner),
+        requires_aesthetics_score: aesthetic,
+    };
+    let tokenizers = SdxlTokenizers {
+        first: if refiner {
+            None
+        } else {
+            Some(ClipTokenizer::from_dir(folder.component_dir("tokenizer")?)?)
+        },
+        second: ClipTokenizer::from_dir(folder.component_dir("tokenizer_2")?)?,
+    };
+    Ok((configs, tokenizers))
+}
+
+struct SdxlTokenizers {
+    first: Option<ClipTokenizer>,
+    second: ClipTokenizer,
+}
+
+/// What [`load_sdxl`] builds; `Pipeline::load_source` (base) and `Refiner::load_source`
+/// (refiner) put it together.
+#[derive(Debug)]
+pub struct SdxlLoadedParts {
+    /// A refiner file (`conditioner.embedders.0` is OpenCLIP-bigG).
+    pub refiner: bool,
+    /// CLIP-L (`None` for a refiner).
+    pub text_encoder: Option<TextEncoder>,
+    /// OpenCLIP-bigG, with `text_projection`.
+    pub encoder_2: TextEncoder,
+    pub unet: UNet2DConditionModel,
+    /// The VAE (`None` for a refiner: SDXL pipelines decode with the base's VAE).
+    pub vae: Option<AutoencoderKL>,
+    pub vae_files: Vec<PathBuf>,
+    pub vae_config: VaeConfig,
+    pub schedule: NoiseSchedule,
+    pub prediction: PredictionType,
+    pub force_zeros_for_empty_prompt: bool,
+    pub requires_aesthetics_score: bool,
+}
+
+/// Loads an SDXL base or refiner single-file checkpoint, with `loras` merged into the UNet and
+/// text encoders (a refiner gets none: `loras` should then be empty). `config` is an optional
+/// diffusers folder (base or refiner) describing it; `vae` an optional separate VAE file.
+pub fn load_sdxl(
+    path: &Path,
+    config: Option<&Path>,
+    vae: Option<&Path>,
+    opts: &LoadOptions,
+    loras: &mut LoraSet,
+) -> Result<SdxlLoadedParts> {
+    let info = check_checkpoint(path)?;
+    let refiner = match info.family {
+        Some(ModelFamily::SdxlBase) => false,
+        Some(ModelFamily::SdxlRefiner) => true,
+        other => {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} is not an SDXL checkpoint ({other:?})",
+                path.display()
+            )))
+        }
+    };
+    if !refiner && !info.has_vae && vae.is_none() {
+        return Err(no_vae(path));
+    }
+    let (cfg, tokenizers) = match config {
+        Some(dir) => sdxl_folder_configs(dir, refiner)?,
+        None => (
+            sdxl_configs(refiner)?,
+            SdxlTokenizers {
+                first: if refiner {
+                    None
+                } else {
+                    Some(embedded_tokenizer(ModelFamily::SdxlBase)?)
+                },
+                second: embedded_tokenizer(ModelFamily::SdxlRefiner)?,
+            },
+        ),
+    };
+    if !cfg.unet.needs_added_conditions() {
+        return Err(EngineError::InvalidRequest(
+            "the config describes an SD1/SD2-type UNet, not SDXL's".into(),
+        ));
+    }
+    let mut scheduler = cfg.scheduler.clone();
+    if config.is_none() {
+        // As for SD1/SD2: a marker tensor or model-spec metadata beats the family default
+        // (v-prediction SDXL fine-tunes say so).
+        if let Some(p) = info.prediction {
+            scheduler.prediction_type = match p {
+                Prediction::Epsilon => PredictionType::Epsilon,
+                Prediction::VPrediction => PredictionType::VPrediction,
+            };
+        }
+    }
+    let schedule = NoiseSchedule::from_config(&scheduler)?;
+    let weights = Weights::open(path)?;
+
+    let (te1, te2_prefix) = if refiner {
+        (None, SDXL_EMBEDDER_0)
+    } else {
+        (Some(SDXL_EMBEDDER_0), SDXL_EMBEDDER_1)
+    };
+    let text_encoder = match (te1, &cfg.text_encoder, tokenizers.first) {
+        (Some(embedder), Some(clip_cfg), Some(tokenizer)) => {
+            let prefix = format!("{embedder}transformer.");
+            let names: Arc<dyn NameMap> = Arc::new(ClipNames::new(&prefix));
+            let model = load_clip(
+                &weights,
+                names,
+                &prefix,
+                clip_cfg,
+                LoraTarget::TextEncoder,
+                opts,
+                loras,
+            )?;
+            Some(TextEncoder::new(tokenizer, model)?)
+        }
+        _ => None,
+    };
+    let prefix = format!("{te2_prefix}model.");
+    let names: Arc<dyn NameMap> = Arc::new(OpenClipNames::new(&prefix, true));
+    let model_2 = load_clip(
+        &weights,
+        names,
+        &prefix,
+        &cfg.text_encoder_2,
+        LoraTarget::TextEncoder2,
+        opts,
+        loras,
+    )?;
+    if !model_2.has_projection() {
+        return Err(EngineError::Weights {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{prefix}text_projection` is missing; SDXL's second text encoder needs it"
+            ),
+        });
+    }
+    let encoder_2 = TextEncoder::new(tokenizers.second, model_2)?;
+    let unet = load_unet(&weights, &cfg.unet, opts, loras)?;
+
+    let vae_files = vec![vae.unwrap_or(path).to_path_buf()];
+    let vae = if refiner {
+        None
+    } else {
+        // SDXL's VAE runs in f32 under an f16 model unless its config says otherwise.
+        let dtype = crate::sdxl::vae_dtype(true, &cfg.vae, opts.dtype);
+        Some(AutoencoderKL::load(
+            vae_var_builder(&vae_files, &cfg.vae, dtype, &opts.device)?,
+            &cfg.vae,
+        )?)
+    };
+    Ok(SdxlLoadedParts {
+        refiner,
+        text_encoder,
+        encoder_2,
+        unet,
+        vae,
+        vae_files,
+        vae_config: cfg.vae,
+        schedule,
+        prediction: scheduler.prediction_type,
+        force_zeros_for_empty_prompt: cfg.force_zeros_for_empty_prompt,
+        requires_aesthetics_score: cfg.requires_aesthetics_score,
+    })
+}
+
+/// A text encoder of a single file under `prefix`, with the LoRA modules for `target` merged.
+fn load_clip(
+    weights: &Weights,
+    names: Arc<dyn NameMap>,
+    prefix: &str,
+    cfg: &ClipConfig,
+    target: LoraTarget,
+    opts: &LoadOptions,
+    loras: &mut LoraSet,
+) -> Result<ClipTextModel> {
+    let patch = if loras.is_empty() {
+        None
+    } else {
+        loras.patch_for(target, &MappedNames::new(weights, names.clone(), prefix))?
+    };
+    ClipTextModel::load(
+        ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?,
+        cfg,
+    )
+}
+
+/// The UNet of a single file (`model.diffusion_model.*`) with the LoRAs' UNet modules merged.
+fn load_unet(
+    weights: &Weights,
+    cfg: &UNetConfig,
+    opts: &LoadOptions,
+    loras: &mut LoraSet,
+) -> Result<UNet2DConditionModel> {
+    let names: Arc<dyn NameMap> = Arc::new(UnetNames::new(cfg, LDM_UNET_PREFIX));
+    let patch = if loras.is_empty() {
+        None
+    } else {
+        loras.patch_for(
+            LoraTarget::Unet,
+            &MappedNames::new(weights, names.clone(), LDM_UNET_PREFIX),
+        )?
+    };
+    Ok(UNet2DConditionModel::load(
+        ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?,
+        cfg,
+    )?)
+}
+
+fn no_vae(path: &Path) -> EngineError {
+    EngineError::Weights {
+        path: path.to_path_buf(),
+        message:
+            "the checkpoint has no VAE inside (`first_stage_model.*`); choose a separate VAE file"
+                .into(),
+    }
 }
 
 /// What [`load`] builds; `Pipeline::load_source` puts it together.
@@ -104,14 +413,21 @@ pub struct LoadedParts {
     pub vae_files: Vec<PathBuf>,
 }
 
-/// Loads an SD1/SD2 single-file checkpoint. `config` is an optional diffusers folder whose
-/// configs and tokenizer describe the architecture; `vae` an optional separate VAE file.
-pub fn load(
-    path: &Path,
-    config: Option<&Path>,
-    vae: Option<&Path>,
-    opts: &LoadOptions,
-) -> Result<LoadedParts> {
+/// Whether the file at `path` is an SDXL single-file checkpoint (base or refiner), from its
+/// header; `Pipeline::load_source` picks the SDXL path with it.
+pub fn is_sdxl_file(path: &Path) -> Result<bool> {
+    if crate::pickle::is_pickle_path(path) {
+        return Ok(false);
+    }
+    Ok(matches!(
+        checkpoint::inspect(path)?.family,
+        Some(ModelFamily::SdxlBase | ModelFamily::SdxlRefiner)
+    ))
+}
+
+/// Refuses what is not a whole, usable checkpoint (pickles, VAEs, LoRAs, embeddings, inpainting
+/// models, files without UNet or text encoder), each with what to do instead.
+fn check_checkpoint(path: &Path) -> Result<CheckpointInfo> {
     if crate::pickle::is_pickle_path(path) {
         return Err(EngineError::PickleRefused {
             path: path.to_path_buf(),
@@ -146,22 +462,41 @@ pub fn load(
             ))
         }
     }
+    if info.family.is_none() {
+        return Err(refuse(info.note.clone().unwrap_or_else(|| {
+            "this checkpoint's model family is not supported".into()
+        })));
+    }
+    if info.inpainting || !info.has_unet || !info.has_text_encoder {
+        return Err(refuse(info.note.clone().unwrap_or_else(|| {
+            "the checkpoint lacks its UNet or text encoder".into()
+        })));
+    }
+    Ok(info)
+}
+
+/// Loads an SD1/SD2 single-file checkpoint with `loras` merged into its UNet and text encoder.
+/// `config` is an optional diffusers folder whose configs and tokenizer describe the
+/// architecture; `vae` an optional separate VAE file.
+pub fn load(
+    path: &Path,
+    config: Option<&Path>,
+    vae: Option<&Path>,
+    opts: &LoadOptions,
+    loras: &mut LoraSet,
+) -> Result<LoadedParts> {
+    let info = check_checkpoint(path)?;
     let family = match info.family {
         Some(f @ (ModelFamily::Sd1 | ModelFamily::Sd2)) => f,
-        _ => {
-            return Err(refuse(info.note.clone().unwrap_or_else(|| {
-                "this checkpoint's model family is not supported".into()
-            })))
+        other => {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} is an {other:?} checkpoint; SDXL files load through load_sdxl",
+                path.display()
+            )))
         }
     };
-    if info.inpainting || !info.has_unet || !info.has_text_encoder {
-        return Err(refuse(info.note.clone().unwrap_or_default()));
-    }
     if !info.has_vae && vae.is_none() {
-        return Err(refuse(
-            "the checkpoint has no VAE inside (`first_stage_model.*`); choose a separate VAE file"
-                .into(),
-        ));
+        return Err(no_vae(path));
     }
 
     let (unet_cfg, vae_cfg, clip_cfg, mut scheduler, tokenizer) = match config {
@@ -205,21 +540,24 @@ pub fn load(
     let schedule = NoiseSchedule::from_config(&scheduler)?;
     let weights = Weights::open(path)?;
 
-    let text_names: Arc<dyn ldm_names::NameMap> = match family {
-        ModelFamily::Sd1 => Arc::new(ClipNames::new(LDM_CLIP_PREFIX)),
-        _ => Arc::new(OpenClipNames::new(LDM_OPEN_CLIP_PREFIX, false)),
+    let (text_names, text_prefix): (Arc<dyn NameMap>, &str) = match family {
+        ModelFamily::Sd1 => (Arc::new(ClipNames::new(LDM_CLIP_PREFIX)), LDM_CLIP_PREFIX),
+        _ => (
+            Arc::new(OpenClipNames::new(LDM_OPEN_CLIP_PREFIX, false)),
+            LDM_OPEN_CLIP_PREFIX,
+        ),
     };
-    let model = ClipTextModel::load(
-        ldm_names::var_builder(&weights, text_names, opts.dtype, &opts.device)?,
+    let model = load_clip(
+        &weights,
+        text_names,
+        text_prefix,
         &clip_cfg,
+        LoraTarget::TextEncoder,
+        opts,
+        loras,
     )?;
     let text_encoder = TextEncoder::new(tokenizer, model)?;
-
-    let unet_names = Arc::new(UnetNames::new(&unet_cfg, LDM_UNET_PREFIX));
-    let unet = UNet2DConditionModel::load(
-        ldm_names::var_builder(&weights, unet_names, opts.dtype, &opts.device)?,
-        &unet_cfg,
-    )?;
+    let unet = load_unet(&weights, &unet_cfg, opts, loras)?;
 
     let vae_files = vec![vae.unwrap_or(path).to_path_buf()];
     let vae = AutoencoderKL::load(
@@ -295,13 +633,17 @@ pub fn load_vae_file(
     Ok((vae, files))
 }
 
-/// The CLIP tokenizer for a family, from the embedded files. `ClipTokenizer` reads only from a
-/// folder, so they are written to a fresh private temporary folder (created with `create_dir`,
-/// which fails rather than reuse a folder someone else made) and removed after reading.
+/// The CLIP tokenizer for a family, from the embedded files: SD1 and SDXL's first encoder pad
+/// with `<|endoftext|>`, SD2 and SDXL's OpenCLIP-bigG (`SdxlRefiner` here: the refiner has only
+/// that one) with `"!"`. `ClipTokenizer` reads only from a folder, so they are written to a
+/// fresh private temporary folder (created with `create_dir`, which fails rather than reuse a
+/// folder someone else made) and removed after reading.
 pub fn embedded_tokenizer(family: ModelFamily) -> Result<ClipTokenizer> {
     let config = match family {
+        ModelFamily::Sd1 => SD15_TOKENIZER,
         ModelFamily::Sd2 => SD21_TOKENIZER,
-        _ => SD15_TOKENIZER,
+        ModelFamily::SdxlBase => SDXL_TOKENIZER,
+        ModelFamily::SdxlRefiner => SDXL_TOKENIZER_2,
     };
     let dir = private_temp_dir()?;
     let result = (|| {
@@ -382,6 +724,93 @@ mod tests {
     }
 
     #[test]
+    fn embedded_sdxl_configs_describe_the_real_models() {
+        let base = sdxl_configs(false).unwrap();
+        // The same architecture the benchmark builds (bench.rs, from the same repository).
+        let bench = UNetConfig::from_json(crate::bench::SDXL_UNET_CONFIG).unwrap();
+        assert_eq!(base.unet.block_out_channels, bench.block_out_channels);
+        assert_eq!(base.unet.down_block_types, bench.down_block_types);
+        assert_eq!(base.unet.up_block_types, bench.up_block_types);
+        assert_eq!(
+            base.unet.transformer_layers_per_block,
+            bench.transformer_layers_per_block
+        );
+        assert_eq!(base.unet.attention_head_dim, bench.attention_head_dim);
+        assert_eq!(
+            base.unet.projection_class_embeddings_input_dim,
+            bench.projection_class_embeddings_input_dim
+        );
+        assert_eq!(
+            base.vae,
+            VaeConfig::from_json(crate::bench::SDXL_VAE_CONFIG).unwrap()
+        );
+        let te1 = base.text_encoder.clone().unwrap();
+        assert_eq!(te1, ClipConfig::clip_vit_l_14());
+        assert_eq!(base.text_encoder_2, ClipConfig::open_clip_vit_bigg_14());
+        // Context = CLIP-L 768 + bigG 1280; add_embedding input = pooled 1280 + 6 ids x 256.
+        assert_eq!(base.unet.context_dim(), 768 + 1280);
+        assert_eq!(
+            base.unet.projection_class_embeddings_input_dim,
+            Some(1280 + 6 * 256)
+        );
+        assert!(base.unet.needs_added_conditions() && base.unet.use_linear_projection);
+        assert_eq!(base.unet.sample_size, Some(128));
+        assert!(base.force_zeros_for_empty_prompt && !base.requires_aesthetics_score);
+        assert_eq!(base.scheduler.prediction_type, PredictionType::Epsilon);
+        NoiseSchedule::from_config(&base.scheduler).unwrap();
+        base.unet.validate().unwrap();
+        base.vae.validate().unwrap();
+
+        let refiner = sdxl_configs(true).unwrap();
+        assert!(refiner.text_encoder.is_none());
+        assert_eq!(refiner.unet.block_out_channels, [384, 768, 1536, 1536]);
+        // bigG only: context 1280; pooled 1280 + 5 ids (size, crop, aesthetic score) x 256.
+        assert_eq!(refiner.unet.context_dim(), 1280);
+        assert_eq!(
+            refiner.unet.projection_class_embeddings_input_dim,
+            Some(1280 + 5 * 256)
+        );
+        assert!(!refiner.force_zeros_for_empty_prompt && refiner.requires_aesthetics_score);
+        refiner.unet.validate().unwrap();
+
+        // Real SDXL files' tensor names (as in sd_xl_base_1.0.safetensors) from these configs:
+        // down block 2's 10-deep transformer at input_blocks.7/8, upsamplers after attention.
+        let names = UnetNames::new(&base.unet, LDM_UNET_PREFIX);
+        for (d, l) in [
+            (
+                "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k.weight",
+                "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight",
+            ),
+            (
+                "down_blocks.1.downsamplers.0.conv.weight",
+                "input_blocks.6.0.op.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.2.conv.weight",
+            ),
+            (
+                "up_blocks.2.resnets.2.conv2.bias",
+                "output_blocks.8.0.out_layers.3.bias",
+            ),
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+        ] {
+            assert_eq!(
+                names.source(d),
+                Some(ldm_names::Source::Copy(format!("{LDM_UNET_PREFIX}{l}"))),
+                "{d}"
+            );
+        }
+        let names = UnetNames::new(&refiner.unet, LDM_UNET_PREFIX);
+        assert_eq!(
+            names.source("up_blocks.2.upsamplers.0.conv.weight"),
+            Some(ldm_names::Source::Copy(format!(
+                "{LDM_UNET_PREFIX}output_blocks.8.2.conv.weight"
+            )))
+        );
+    }
+
+    #[test]
     fn embedded_tokenizer_is_clip() {
         let t = embedded_tokenizer(ModelFamily::Sd1).unwrap();
         // tests/fixtures/README.md: "a photo of a cat" -> [49406, 320, 1125, 539, 320, 2368, 49407].
@@ -391,5 +820,17 @@ mod tests {
         );
         assert_eq!(t.pad_id(), 49407);
         assert_eq!(embedded_tokenizer(ModelFamily::Sd2).unwrap().pad_id(), 0);
+        // SDXL: CLIP-L pads with <|endoftext|>, OpenCLIP-bigG with "!" (id 0), as the tiny
+        // fixtures' tokenizer (../sd1/tokenizer) and tokenizer_2 (../sd2/tokenizer).
+        assert_eq!(
+            embedded_tokenizer(ModelFamily::SdxlBase).unwrap().pad_id(),
+            49407
+        );
+        assert_eq!(
+            embedded_tokenizer(ModelFamily::SdxlRefiner)
+                .unwrap()
+                .pad_id(),
+            0
+        );
     }
 }

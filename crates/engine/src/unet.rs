@@ -1,6 +1,7 @@
 //! The denoising UNet (diffusers `UNet2DConditionModel`) for SD1.x, SD2.x and, through
-//! `addition_embed_type = "text_time"`, SDXL. The architecture comes from the model's own
-//! `unet/config.json`, so tiny test models and full-size models run through the same code.
+//! `addition_embed_type = "text_time"`, SDXL; with `time_cond_proj_dim`, the guidance-embedded
+//! UNets of full LCMs. The architecture comes from the model's own `unet/config.json`, so tiny
+//! test models and full-size models run through the same code.
 
 use std::path::Path;
 
@@ -138,6 +139,8 @@ pub struct UNetConfig {
     pub time_embedding_type: String,
     #[serde(default)]
     pub time_embedding_dim: Option<usize>,
+    /// Width of the guidance embedding guidance-distilled UNets (LCM) take as `timestep_cond`
+    /// through `time_embedding.cond_proj`; `None` for regular UNets.
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
@@ -272,6 +275,13 @@ impl UNetConfig {
         self.addition_embed_type.is_some()
     }
 
+    /// Whether the guidance scale is an input of the model (`time_cond_proj_dim`: full LCMs such
+    /// as LCM_Dreamshaper_v7 and lcm-sdxl) rather than classifier-free guidance around it.
+    /// diffusers runs such models without CFG, one UNet pass per step on the prompt alone.
+    pub fn guidance_embedded(&self) -> bool {
+        self.time_cond_proj_dim.is_some()
+    }
+
     fn groups(&self) -> Result<usize> {
         self.norm_num_groups
             .ok_or_else(|| candle_core::Error::Msg("unet config: norm_num_groups is null".into()))
@@ -314,8 +324,11 @@ impl UNetConfig {
                 );
             }
         }
-        if self.time_cond_proj_dim.is_some() {
-            unsupported("time_cond_proj_dim (guidance-distilled UNets)")?;
+        if let Some(d) = self.time_cond_proj_dim {
+            // diffusers' guidance embedding divides by half the width minus one.
+            if d < 4 {
+                candle_core::bail!("unet config: time_cond_proj_dim {d} is below 4");
+            }
         }
         if self.encoder_hid_dim.is_some() {
             unsupported("encoder_hid_dim")?;
@@ -768,7 +781,12 @@ impl UNet2DConditionModel {
         Ok(Self {
             config: cfg.clone(),
             time_proj,
-            time_embedding: TimestepEmbedding::load(vb.pp("time_embedding"), boc[0], temb_dim)?,
+            time_embedding: TimestepEmbedding::load_with_cond(
+                vb.pp("time_embedding"),
+                boc[0],
+                temb_dim,
+                cfg.time_cond_proj_dim,
+            )?,
             add_embedding,
             conv_in: conv2d(vb.pp("conv_in"), cfg.in_channels, boc[0], 3, 1, 1)?,
             down_blocks,
@@ -835,8 +853,42 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
+        self.forward_cond(x, timestep, encoder_hidden_states, added, None)
+    }
+
+    /// The guidance embedding a guidance-embedded UNet takes for `guidance_scale` (see
+    /// [`UNetConfig::guidance_embedded`]): diffusers' `get_guidance_scale_embedding(
+    /// guidance_scale - 1)`, `[1, time_cond_proj_dim]` in the model's dtype. The "- 1": diffusers'
+    /// LCM and SDXL pipelines use the Imagen CFG form `u + g (c - u)`, whose scale is one more
+    /// than the LCM paper's `w`. `None` for regular UNets.
+    pub fn guidance_embedding(&self, guidance_scale: f64) -> Result<Option<Tensor>> {
+        let Some(dim) = self.config.time_cond_proj_dim else {
+            return Ok(None);
+        };
+        if !guidance_scale.is_finite() {
+            candle_core::bail!("unet: guidance scale {guidance_scale} is not a finite number");
+        }
+        let e = crate::embeddings::guidance_embedding(guidance_scale - 1.0, dim, &self.device)?;
+        Ok(Some(e.to_dtype(self.dtype)?))
+    }
+
+    /// [`forward_with`](Self::forward_with) with `timestep_cond` `[1 or batch,
+    /// time_cond_proj_dim]`, the condition guidance-embedded UNets add to the timestep
+    /// embedding (see [`Self::guidance_embedding`]). Without it such a UNet runs as diffusers
+    /// runs it then: as if `cond_proj` were absent.
+    pub fn forward_cond(
+        &self,
+        x: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        timestep_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
         self.check_inputs(x, encoder_hidden_states)?;
         let batch = x.dim(0)?;
+        if let Some(c) = timestep_cond {
+            self.check_timestep_cond(c, batch)?;
+        }
         match self.max_batch {
             // Low-memory mode: the guidance halves one after the other. Every sample of the batch
             // is computed independently (group norms are per sample), so this changes no numbers.
@@ -852,16 +904,22 @@ impl UNet2DConditionModel {
                             })
                         })
                         .transpose()?;
+                    // One condition row is shared by the whole batch; per-sample rows split.
+                    let cond = match timestep_cond {
+                        Some(c) if c.dim(0)? == batch => Some(c.narrow(0, start, n)?),
+                        other => other.cloned(),
+                    };
                     outs.push(self.forward_batch(
                         &x.narrow(0, start, n)?,
                         timestep,
                         &encoder_hidden_states.narrow(0, start, n)?,
                         part.as_ref(),
+                        cond.as_ref(),
                     )?);
                 }
                 Tensor::cat(&outs, 0)
             }
-            _ => self.forward_batch(x, timestep, encoder_hidden_states, added),
+            _ => self.forward_batch(x, timestep, encoder_hidden_states, added, timestep_cond),
         }
     }
 
@@ -871,6 +929,7 @@ impl UNet2DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditions>,
+        timestep_cond: Option<&Tensor>,
     ) -> Result<Tensor> {
         if !timestep.is_finite() {
             candle_core::bail!("unet: timestep {timestep} is not a finite number");
@@ -879,7 +938,7 @@ impl UNet2DConditionModel {
         let t = self
             .time_proj
             .embed(&[timestep], &self.device, self.dtype)?;
-        let mut emb = self.time_embedding.forward(&t)?;
+        let mut emb = self.time_embedding.forward_cond(&t, timestep_cond)?;
         if let Some(add) = &self.add_embedding {
             let a = added.ok_or_else(|| {
                 candle_core::Error::Msg(
@@ -937,6 +996,24 @@ impl UNet2DConditionModel {
             .reshape((batch, n_ids * add.time_proj.dim))?;
         let input = Tensor::cat(&[&a.text_embeds.to_dtype(self.dtype)?, &time], 1)?;
         add.embedding.forward(&input)
+    }
+
+    fn check_timestep_cond(&self, c: &Tensor, batch: usize) -> Result<()> {
+        let Some(dim) = self.config.time_cond_proj_dim else {
+            candle_core::bail!(
+                "unet: timestep_cond given, but the model has no time_cond_proj_dim"
+            );
+        };
+        match c.dims() {
+            &[b, d] if (b == 1 || b == batch) && d == dim => {}
+            d => candle_core::bail!(
+                "unet: timestep_cond must be [1 or {batch}, {dim}] (time_cond_proj_dim), got {d:?}"
+            ),
+        }
+        if !c.device().same_device(&self.device) {
+            candle_core::bail!("unet: timestep_cond is on a different device than the model");
+        }
+        Ok(())
     }
 
     /// Shape, dtype and device checks with messages a user can act on, instead of a deep

@@ -304,7 +304,8 @@ fn unknown_and_unsupported_lora_modules_are_reported() {
     let dev = Device::Cpu;
     let z = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev).unwrap();
     // One real module (proj_in of the first attention: 32 -> 32, 1x1 conv), one for a layer
-    // the tiny UNet lacks, a LoHa module, a text-encoder-2 module and a mis-shaped one.
+    // the tiny UNet lacks (input_blocks.9: Kohya's LDM naming, which is understood, but the tiny
+    // UNet's input blocks end at 3), a LoHa module, a text-encoder-2 module and a mis-shaped one.
     let path = dir.path().join("mixed.safetensors");
     save(
         &path,
@@ -318,11 +319,11 @@ fn unknown_and_unsupported_lora_modules_are_reported() {
                 z(&[32, 2, 1, 1]),
             ),
             (
-                "lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
+                "lora_unet_input_blocks_9_1_proj_in.lora_down.weight",
                 z(&[2, 32, 1, 1]),
             ),
             (
-                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight",
+                "lora_unet_input_blocks_9_1_proj_in.lora_up.weight",
                 z(&[32, 2, 1, 1]),
             ),
             (
@@ -357,7 +358,7 @@ fn unknown_and_unsupported_lora_modules_are_reported() {
     let has = |f: &dyn Fn(&LoraWarning) -> bool| w.iter().any(f);
     assert!(
         has(
-            &|w| matches!(w, LoraWarning::UnknownTargets { modules, .. } if modules == &["lora_unet_input_blocks_1_1_proj_in"])
+            &|w| matches!(w, LoraWarning::UnknownTargets { modules, .. } if modules == &["lora_unet_input_blocks_9_1_proj_in"])
         ),
         "{w:?}"
     );

@@ -46,9 +46,10 @@ fn fnv1a64(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Rebuilds the LDM checkpoint of `model` (`sd1`/`sd2`) in `tag` (`fp32`/`fp16`) from the
-/// recipe, leaving out names for which `keep` is false, and checks it is byte-identical to the
-/// file the fixture script validated with diffusers (when nothing is left out).
+/// Rebuilds the LDM checkpoint of `model` (`sd1`/`sd2` in `fp32`/`fp16`, `sdxl`/`sdxl_refiner`
+/// in `fp16`) from the recipe, leaving out names for which `keep` is false, and checks it is
+/// byte-identical to the file the fixture script validated with diffusers (when nothing is left
+/// out).
 fn build(model: &str, tag: &str, dir: &Path, keep: impl Fn(&str) -> bool) -> PathBuf {
     let recipe: serde_json::Value =
         serde_json::from_slice(&std::fs::read(refs().join("single_file_recipe.json")).unwrap())
@@ -59,10 +60,12 @@ fn build(model: &str, tag: &str, dir: &Path, keep: impl Fn(&str) -> bool) -> Pat
     } else {
         DType::F32
     };
-    let comps: HashMap<&str, Weights> = ["unet", "vae", "text_encoder"]
+    let folder = tiny(&model.replace('_', "-"));
+    let comps: HashMap<&str, Weights> = ["unet", "vae", "text_encoder", "text_encoder_2"]
         .into_iter()
+        .filter(|c| folder.join(c).is_dir())
         .map(|c| {
-            let files = weight_files_in(&tiny(model).join(c)).unwrap();
+            let files = weight_files_in(&folder.join(c)).unwrap();
             (c, Weights::open_all(&files).unwrap())
         })
         .collect();
@@ -92,6 +95,8 @@ fn build(model: &str, tag: &str, dir: &Path, keep: impl Fn(&str) -> bool) -> Pat
                 src[0].reshape((o, i, 1, 1)).unwrap()
             }
             "cat" => Tensor::cat(&src, 0).unwrap(),
+            // OpenCLIP's `x @ P` matrix is the Linear weight transposed.
+            "transpose" => src[0].t().unwrap().contiguous().unwrap(),
             z if z.starts_with("zeros:") => {
                 let dims: Vec<usize> = z[6..].split(',').map(|d| d.parse().unwrap()).collect();
                 Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap()
@@ -657,5 +662,480 @@ mod fuzz {
         eprintln!(
             "fuzz_long: {n} iterations, seed {seed}: {a} valid safetensors, {b} valid pickles"
         );
+    }
+}
+
+// ---- SDXL base and refiner single files (tests/fixtures/refs/single_file_recipe.json "sdxl",
+// "sdxl_refiner"; diffusers' StableDiffusionXL(Img2Img)Pipeline.from_single_file read them back
+// exactly). The tiny folders hold f16 weights and so do the files: the single file and the
+// folder run the same numbers (tolerance 0), and both match diffusers' references with
+// tests/sdxl.rs's tolerances (text 1e-4, latents 2e-4 x max(1, |ref|), image 1e-3).
+
+fn sdxl_refs() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(refs().join("sdxl.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// refs/sdxl.json's run (see tests/sdxl.rs `request`).
+fn sdxl_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: "blurry, lowres".into(),
+        steps: 4,
+        cfg_scale: 5.0,
+        width: 64,
+        height: 64,
+        seed: 42,
+        sampler: ld_engine::sampler::SamplerKind::Euler,
+        schedule: ld_engine::schedule::ScheduleKind::Leading,
+        ..GenerateRequest::default()
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Checks `got` against `want` within `tol`, returning the measured difference.
+fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let d = max_diff(&got.to_dtype(DType::F32).unwrap(), want);
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+    d
+}
+
+fn sdxl_source(model: &str, path: PathBuf) -> ModelSource {
+    ModelSource {
+        path,
+        config: Some(tiny(model)),
+        vae: None,
+    }
+}
+
+#[test]
+fn sdxl_single_file_matches_the_folder_and_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build("sdxl", "fp16", dir.path(), |_| true);
+    let single = Pipeline::load_source(&sdxl_source("sdxl", path), &opts()).unwrap();
+    let folder = Pipeline::load(&tiny("sdxl"), &opts()).unwrap();
+    assert!(single.is_sdxl());
+    let r = sdxl_refs();
+    let req = sdxl_request();
+
+    let (cond, added) = single.sdxl_conditioning(&req).unwrap();
+    let (fcond, fadded) = folder.sdxl_conditioning(&req).unwrap();
+    assert_eq!(max_diff(&cond.cond, &fcond.cond), 0.0);
+    assert_eq!(max_diff(&added.text_embeds, &fadded.text_embeds), 0.0);
+    let mut report = vec![];
+    report.push(close(
+        "prompt_embeds",
+        &cond.cond,
+        &r["prompt_embeds"],
+        1e-4,
+    ));
+    report.push(close(
+        "negative prompt_embeds",
+        cond.uncond.as_ref().unwrap(),
+        &r["neg_prompt_embeds"],
+        1e-4,
+    ));
+    let pooled = Tensor::cat(&[&r["neg_pooled"], &r["pooled"]], 0).unwrap();
+    report.push(close("pooled", &added.text_embeds, &pooled, 1e-4));
+
+    // The first noise prediction, as tests/sdxl.rs computes it.
+    let sigmas = single
+        .schedule()
+        .sigmas(ld_engine::schedule::ScheduleKind::Leading, req.steps);
+    let s = sigmas[0];
+    let x = (&r["noise"] * (s / (s * s + 1.0).sqrt())).unwrap();
+    let x = Tensor::cat(&[&x, &x], 0).unwrap();
+    let ctx = Tensor::cat(&[cond.uncond.as_ref().unwrap(), &cond.cond], 0).unwrap();
+    let t = single.schedule().sigma_to_t(s);
+    let eps = single
+        .unet()
+        .forward_with(&x, t, &ctx, Some(&added))
+        .unwrap();
+    let feps = folder
+        .unet()
+        .forward_with(&x, t, &ctx, Some(&fadded))
+        .unwrap();
+    assert_eq!(max_diff(&eps, &feps), 0.0);
+    report.push(close("first eps", &eps, &r["first_eps"], 1e-4));
+
+    let mut states = Vec::new();
+    let latents = single
+        .sample_latents(&req, &mut NoObserver, &mut |x, _| states.push(x.clone()))
+        .unwrap();
+    assert_eq!(states.len(), 5);
+    for (i, st) in states.iter().enumerate() {
+        let w = r["latents"].get(i).unwrap();
+        let tol = 2e-4 * max_abs(&w).max(1.0);
+        report.push(close(&format!("latents {i}"), st, &w, tol));
+    }
+    let image = single.decode(&latents).unwrap();
+    report.push(close("image", &image, &r["image"], 1e-3));
+    assert_eq!(
+        single.generate(&req, &mut NoObserver).unwrap().pixels,
+        folder.generate(&req, &mut NoObserver).unwrap().pixels
+    );
+    eprintln!("sdxl single file vs diffusers, max abs diffs: {report:?}");
+}
+
+#[test]
+fn sdxl_refiner_single_file_finishes_like_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = build("sdxl", "fp16", dir.path(), |_| true);
+    let refiner = build("sdxl_refiner", "fp16", dir.path(), |_| true);
+    let mut p = Pipeline::load_source(&sdxl_source("sdxl", base.clone()), &opts()).unwrap();
+    p.load_refiner_source(&sdxl_source("sdxl-refiner", refiner.clone()), &opts())
+        .unwrap();
+    let options = ld_engine::sdxl::SdxlOptions {
+        refiner: ld_engine::refiner::RefinerOptions {
+            switch_at: 0.5,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    p.set_sdxl_options(options).unwrap();
+    let r = sdxl_refs();
+    let req = sdxl_request();
+    let (cond, added) = p.refiner().unwrap().conditioning(&req, &options).unwrap();
+    let mut report = vec![close(
+        "refiner prompt_embeds",
+        &cond.cond,
+        &r["refiner/prompt_embeds"],
+        1e-4,
+    )];
+    let pooled = Tensor::cat(&[&r["refiner/neg_pooled"], &r["refiner/pooled"]], 0).unwrap();
+    report.push(close("refiner pooled", &added.text_embeds, &pooled, 1e-4));
+    // Aesthetic score ids: the file's index-less refiner gets requires_aesthetics_score from the
+    // config folder here, and from the embedded refiner configs without one.
+    assert_eq!(max_diff(&added.time_ids, &r["refiner/add_time_ids"]), 0.0);
+    let mut states = Vec::new();
+    let latents = p
+        .sample_latents(&req, &mut NoObserver, &mut |x, _| states.push(x.clone()))
+        .unwrap();
+    for i in 1..3 {
+        let w = r["refiner/refiner_latents"].get(i).unwrap();
+        let tol = 2e-4 * max_abs(&w).max(1.0);
+        report.push(close(
+            &format!("refiner latents {i}"),
+            &states[2 + i],
+            &w,
+            tol,
+        ));
+    }
+    let image = p.decode(&latents).unwrap();
+    report.push(close("refined image", &image, &r["refiner/image"], 1e-3));
+    eprintln!("sdxl refiner single file vs diffusers, max abs diffs: {report:?}");
+
+    // A refiner file is not a model to draw with, nor a base file a refiner.
+    let err = Pipeline::load_source(&sdxl_source("sdxl-refiner", refiner), &opts()).unwrap_err();
+    assert!(err.to_string().contains("refiner"), "{err}");
+    let err = p
+        .load_refiner_source(&sdxl_source("sdxl", base), &opts())
+        .unwrap_err();
+    assert!(err.to_string().contains("not a refiner"), "{err}");
+}
+
+#[test]
+fn sdxl_files_are_detected_and_bad_tensors_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = build("sdxl", "fp16", dir.path(), |_| true);
+    let i = checkpoint::inspect(&base).unwrap();
+    assert_eq!(
+        (i.family, i.loadable, i.has_vae),
+        (Some(ModelFamily::SdxlBase), true, true)
+    );
+    let refiner = build("sdxl_refiner", "fp16", dir.path(), |_| true);
+    let i = checkpoint::inspect(&refiner).unwrap();
+    assert_eq!(
+        (i.family, i.loadable),
+        (Some(ModelFamily::SdxlRefiner), true)
+    );
+
+    // The embedded configs describe the real SDXL: the tiny file's first tensor does not fit,
+    // and the message names it in the file's own (LDM) spelling.
+    let err = Pipeline::load_single_file(&base, &opts(), None).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("conditioner.embedders.0.transformer.text_model.embeddings"),
+        "{text}"
+    );
+    assert!(text.contains("shape"), "{text}");
+
+    for (gone, asked) in [
+        (
+            "model.diffusion_model.label_emb.0.2.weight",
+            "add_embedding.linear_2.weight",
+        ),
+        (
+            "model.diffusion_model.input_blocks.8.1.transformer_blocks.1.attn2.to_k.weight",
+            "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k.weight",
+        ),
+        (
+            "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
+            "text_model.encoder.layers.2.self_attn.q_proj.weight",
+        ),
+    ] {
+        let path = build("sdxl", "fp16", dir.path(), |n| n != gone);
+        let err = Pipeline::load_source(&sdxl_source("sdxl", path), &opts()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(gone) && text.contains(asked) && text.contains("missing"),
+            "{text}"
+        );
+    }
+    // Without its VAE: refused with advice, then loaded with the folder's VAE file (diffusers
+    // names), which decodes exactly like the folder.
+    let no_vae = build("sdxl", "fp16", dir.path(), |n| {
+        !n.starts_with("first_stage_model.")
+    });
+    let err = Pipeline::load_source(&sdxl_source("sdxl", no_vae.clone()), &opts()).unwrap_err();
+    assert!(err.to_string().contains("separate VAE"), "{err}");
+    let source = ModelSource {
+        vae: Some(tiny("sdxl").join("vae/diffusion_pytorch_model.safetensors")),
+        ..sdxl_source("sdxl", no_vae)
+    };
+    let p = Pipeline::load_source(&source, &opts()).unwrap();
+    let folder = Pipeline::load(&tiny("sdxl"), &opts()).unwrap();
+    let z = ramp(&[1, 4, 8, 8], 2.0);
+    assert_eq!(
+        max_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()),
+        0.0
+    );
+
+    // Without OpenCLIP's projection there is no pooled output.
+    let path = build("sdxl", "fp16", dir.path(), |n| {
+        n != "conditioner.embedders.1.model.text_projection"
+    });
+    let err = Pipeline::load_source(&sdxl_source("sdxl", path), &opts()).unwrap_err();
+    assert!(err.to_string().contains("text_projection"), "{err}");
+}
+
+// ---- LoRAs on single-file models: the same layers get the same updates as in the folder.
+
+#[test]
+fn loras_merge_into_a_single_file_like_into_the_folder() {
+    use ld_engine::lora::LoraSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let path = build("sd1", "fp32", dir.path(), |_| true);
+    let source = ModelSource {
+        path,
+        config: Some(tiny("sd1")),
+        vae: None,
+    };
+    let plain = outputs(&Pipeline::load_source(&source, &opts()).unwrap());
+    // diffusers/PEFT names (`unet.down_blocks...lora_A`) and Kohya names (`lora_unet_down_...`)
+    // of the same adapters (tests/fixtures/make_prompt_refs.py).
+    for file in ["lora_peft.safetensors", "lora_kohya.safetensors"] {
+        let spec = vec![LoraSpec::new(refs().join(file), 0.7)];
+        let folder = Pipeline::load_with_loras(&tiny("sd1"), &opts(), &spec).unwrap();
+        let single = Pipeline::load_source_with_loras(&source, &opts(), &spec).unwrap();
+        assert!(
+            single.lora_warnings().is_empty(),
+            "{:?}",
+            single.lora_warnings()
+        );
+        assert_eq!(single.loras(), &spec[..]);
+        let (f, s) = (outputs(&folder), outputs(&single));
+        // Same weights, same f32 merge: bit-identical.
+        assert_same(&f, &s);
+        // And the LoRA did something (UNet and text encoder alike).
+        assert!(max_diff(&s.unet, &plain.unet) > 1e-2, "{file}");
+        assert!(max_diff(&s.text, &plain.text) > 1e-2, "{file}");
+    }
+}
+
+/// A rank-2 LoRA for the tiny SDXL, written twice: diffusers/PEFT names, and Kohya names as
+/// sd-scripts writes SDXL LoRAs (UNet layers by their original LDM path, both text encoders by
+/// transformers path). The LDM paths are spelled out here by hand from the SDXL layout (tiny:
+/// 2 layers per block, so down block 1 starts at input_blocks.4; up block 0 is output_blocks
+/// 0-2; the mid attention is middle_block.1), not derived from the engine's map.
+fn sdxl_loras(dir: &Path) -> (PathBuf, PathBuf) {
+    let modules = [
+        // (component, diffusers layer, kohya name)
+        (
+            "unet",
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        ),
+        (
+            "unet",
+            "up_blocks.0.resnets.1.conv1",
+            "lora_unet_output_blocks_1_0_in_layers_2",
+        ),
+        (
+            "unet",
+            "mid_block.attentions.0.proj_in",
+            "lora_unet_middle_block_1_proj_in",
+        ),
+        ("unet", "add_embedding.linear_1", "lora_unet_label_emb_0_0"),
+        (
+            "text_encoder",
+            "text_model.encoder.layers.0.self_attn.q_proj",
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        ),
+        (
+            "text_encoder_2",
+            "text_model.encoder.layers.1.self_attn.k_proj",
+            "lora_te2_text_model_encoder_layers_1_self_attn_k_proj",
+        ),
+    ];
+    let mut dotted = HashMap::new();
+    let mut kohya = HashMap::new();
+    for (k, (comp, layer, kname)) in modules.iter().enumerate() {
+        let w = Weights::open_all(&weight_files_in(&tiny("sdxl").join(comp)).unwrap()).unwrap();
+        let stored = layer
+            .strip_prefix("text_model.")
+            .filter(|_| *comp == "text_encoder");
+        let shape = w
+            .shape(&format!("{}.weight", stored.unwrap_or(layer)))
+            .unwrap_or_else(|| panic!("{comp} {layer}"))
+            .to_vec();
+        let rest: usize = shape[1..].iter().product();
+        let mut down_shape = vec![2];
+        down_shape.extend_from_slice(&shape[1..]);
+        let mut up_shape = vec![shape[0], 2];
+        up_shape.extend(std::iter::repeat_n(1, shape.len() - 2));
+        let down = ramp(&[2, rest], 0.4 + 0.1 * k as f64)
+            .reshape(down_shape)
+            .unwrap();
+        let up = ramp(&[shape[0], 2], 0.5).reshape(up_shape).unwrap();
+        dotted.insert(format!("{comp}.{layer}.lora_A.weight"), down.clone());
+        dotted.insert(format!("{comp}.{layer}.lora_B.weight"), up.clone());
+        kohya.insert(format!("{kname}.lora_down.weight"), down);
+        kohya.insert(format!("{kname}.lora_up.weight"), up);
+        // alpha = rank: scale 1, what diffusers assumes for the alpha-less dotted file.
+        kohya.insert(
+            format!("{kname}.alpha"),
+            Tensor::new(2f32, &Device::Cpu).unwrap(),
+        );
+    }
+    let (a, b) = (
+        dir.join("xl_peft.safetensors"),
+        dir.join("xl_kohya.safetensors"),
+    );
+    candle_core::safetensors::save(&dotted, &a).unwrap();
+    candle_core::safetensors::save(&kohya, &b).unwrap();
+    (a, b)
+}
+
+#[test]
+fn sdxl_loras_in_both_namings_merge_into_folder_and_file_alike() {
+    use ld_engine::lora::LoraSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let file = build("sdxl", "fp16", dir.path(), |_| true);
+    let source = sdxl_source("sdxl", file);
+    let (peft, kohya) = sdxl_loras(dir.path());
+    let req = sdxl_request();
+    let probe = |p: &Pipeline| {
+        let (c, a) = p.sdxl_conditioning(&req).unwrap();
+        let x = ramp(&[2, 4, 8, 8], 1.0);
+        let ctx = Tensor::cat(&[c.uncond.as_ref().unwrap(), &c.cond], 0).unwrap();
+        let eps = p.unet().forward_with(&x, 500.0, &ctx, Some(&a)).unwrap();
+        (c.cond, a.text_embeds, eps)
+    };
+    let plain = probe(&Pipeline::load_source(&source, &opts()).unwrap());
+    let mut runs = Vec::new();
+    for lora in [&peft, &kohya] {
+        let spec = vec![LoraSpec::new(lora, 1.0)];
+        let folder = Pipeline::load_with_loras(&tiny("sdxl"), &opts(), &spec).unwrap();
+        let single = Pipeline::load_source_with_loras(&source, &opts(), &spec).unwrap();
+        for p in [&folder, &single] {
+            assert!(
+                p.lora_warnings().is_empty(),
+                "{lora:?}: {:?}",
+                p.lora_warnings()
+            );
+        }
+        runs.push(probe(&folder));
+        runs.push(probe(&single));
+    }
+    for r in &runs[1..] {
+        assert_eq!(max_diff(&r.0, &runs[0].0), 0.0);
+        assert_eq!(max_diff(&r.1, &runs[0].1), 0.0);
+        assert_eq!(max_diff(&r.2, &runs[0].2), 0.0);
+    }
+    // Every encoder and the UNet changed: te1 and te2 states, the pooled output (te2), eps.
+    let (c, pooled, eps) = &runs[0];
+    assert!(
+        max_diff(
+            &c.narrow(2, 0, 8).unwrap(),
+            &plain.0.narrow(2, 0, 8).unwrap()
+        ) > 1e-3
+    );
+    assert!(
+        max_diff(
+            &c.narrow(2, 8, 12).unwrap(),
+            &plain.0.narrow(2, 8, 12).unwrap()
+        ) > 1e-3
+    );
+    assert!(max_diff(pooled, &plain.1) > 1e-3);
+    assert!(max_diff(eps, &plain.2) > 1e-3);
+}
+
+#[test]
+fn mapped_names_of_a_single_file_are_the_folder_names() {
+    // LoRA matching sees a single file through the inverse of the LDM renaming; it must give
+    // exactly the diffusers folder's tensor names and shapes, or LoRA modules would be dropped.
+    use ld_engine::ldm_names::{ClipNames, MappedNames, NameMap, OpenClipNames, UnetNames};
+    use ld_engine::lora::LayerIndex;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, &str); 2] = [
+        ("sdxl", "sdxl", "conditioner.embedders.1.model."),
+        (
+            "sdxl_refiner",
+            "sdxl-refiner",
+            "conditioner.embedders.0.model.",
+        ),
+    ];
+    for (model, folder, bigg) in cases {
+        let file = Weights::open(build(model, "fp16", dir.path(), |_| true)).unwrap();
+        let cfg =
+            ld_engine::unet::UNetConfig::from_file(&tiny(folder).join("unet/config.json")).unwrap();
+        let prefix = "model.diffusion_model.";
+        let mut maps: Vec<(&str, Arc<dyn NameMap>, String)> = vec![
+            (
+                "unet",
+                Arc::new(UnetNames::new(&cfg, prefix)),
+                prefix.into(),
+            ),
+            (
+                "text_encoder_2",
+                Arc::new(OpenClipNames::new(bigg, true)),
+                bigg.into(),
+            ),
+        ];
+        if model == "sdxl" {
+            let p = "conditioner.embedders.0.transformer.";
+            maps.push(("text_encoder", Arc::new(ClipNames::new(p)), p.into()));
+        }
+        for (comp, names, prefix) in maps {
+            let index = MappedNames::new(&file, names, &prefix);
+            let want =
+                Weights::open_all(&weight_files_in(&tiny(folder).join(comp)).unwrap()).unwrap();
+            // transformers 5 saved the tiny CLIP-L without `text_model.`; LDM files have it.
+            let norm = |n: &str| n.strip_prefix("text_model.").unwrap_or(n).to_string();
+            let mut got: Vec<(String, Vec<usize>)> = index
+                .layer_names()
+                .into_iter()
+                .map(|n| (norm(&n), index.layer_shape(&n).unwrap()))
+                .collect();
+            let mut expected: Vec<(String, Vec<usize>)> = want
+                .names()
+                .map(|n| (norm(n), want.shape(n).unwrap().to_vec()))
+                .collect();
+            got.sort();
+            expected.sort();
+            assert_eq!(got, expected, "{model} {comp}");
+        }
     }
 }
