@@ -879,10 +879,22 @@ fn plan_memory(
     let Some(free) = free else {
         return Ok(memory);
     };
-    let shape = match ModelShape::from_folder(&job.spec.model.path) {
-        Ok(s) => s,
-        // Unreadable here means the load will fail with its own, better message.
-        Err(_) => return Ok(memory),
+    let model = &job.spec.model;
+    let shape = if model.path.is_file() {
+        // A single-file checkpoint: the published sizes of its family (checkpoints of a family
+        // share the architecture; only their weights differ).
+        match model.family {
+            crate::models::Family::Sd1 => ModelShape::SD1,
+            crate::models::Family::Sd2 => ModelShape::SD2,
+            crate::models::Family::Sdxl => ModelShape::SDXL,
+            crate::models::Family::Unknown => return Ok(memory),
+        }
+    } else {
+        match ModelShape::from_folder(&model.path) {
+            Ok(s) => s,
+            // Unreadable here means the load will fail with its own, better message.
+            Err(_) => return Ok(memory),
+        }
     };
     let req = &job.spec.images[0];
     let need = |m: &MemoryOptions| {
@@ -948,7 +960,7 @@ type Step = (
     bool,
     bool,
 );
-const CHAIN: [Step; 4] = [
+const CHAIN: [Step; 5] = [
     (
         "tiled VAE",
         |m| m.vae_tiling,
@@ -968,6 +980,14 @@ const CHAIN: [Step; 4] = [
         "VAE on CPU",
         |m| m.vae_on_cpu,
         |m| m.vae_on_cpu = true,
+        true,
+        true,
+    ),
+    // The same for the text encoder(s), which run once per picture, so it costs a second or two.
+    (
+        "text encoder on CPU",
+        |m| m.text_encoder_on_cpu,
+        |m| m.text_encoder_on_cpu = true,
         true,
         true,
     ),
@@ -1383,25 +1403,26 @@ mod tests {
         svc.set_fault_injector(Some(tight.clone()));
         let info = run(&svc);
         assert_eq!(info.state, JobState::Done, "{:?}", info.error);
-        // Sampling: sliced attention, VAE on CPU, smaller batch (tiled VAE does not help it);
-        // decoding: tiled VAE. 4 sampling calls + 2 decoding calls.
+        // Sampling: sliced attention, VAE on CPU, text encoder on CPU, smaller batch (tiled VAE
+        // does not help it); decoding: tiled VAE. 5 sampling calls + 2 decoding calls.
         assert_eq!(
             info.notes,
             [
                 "Ran out of memory while drawing; retried with sliced attention.",
                 "Ran out of memory while drawing; retried with VAE on CPU.",
+                "Ran out of memory while drawing; retried with text encoder on CPU.",
                 "Ran out of memory while drawing; retried with smaller batch.",
                 "Ran out of memory while turning the picture into pixels; retried with tiled VAE.",
             ]
         );
-        assert_eq!(tight.0.load(Ordering::SeqCst), 6);
+        assert_eq!(tight.0.load(Ordering::SeqCst), 7);
         let params = &info.images[0].parameters;
         assert!(
-            params.contains("Low VRAM: tiled VAE + sliced attention + VAE on CPU + batch split"),
+            params.contains("Low VRAM: tiled VAE + sliced attention + VAE on CPU + batch split + text encoder on CPU"),
             "{params}"
         );
         assert!(
-            params.contains("Recovered: \"out of memory: sliced attention + out of memory: VAE on CPU + out of memory: smaller batch + out of memory: tiled VAE\""),
+            params.contains("Recovered: \"out of memory: sliced attention + out of memory: VAE on CPU + out of memory: text encoder on CPU + out of memory: smaller batch + out of memory: tiled VAE\""),
             "{params}"
         );
     }
@@ -1522,7 +1543,7 @@ mod tests {
         assert_eq!(e.code, "out_of_memory");
         assert_eq!(
             e.message,
-            "There was not enough memory to draw this picture, even after retrying with sliced attention, VAE on CPU, smaller batch."
+            "There was not enough memory to draw this picture, even after retrying with sliced attention, VAE on CPU, text encoder on CPU, smaller batch."
         );
         assert!(e.hint.contains("smaller size"), "{}", e.hint);
     }

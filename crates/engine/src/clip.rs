@@ -2,7 +2,9 @@
 //! encoders), on transformers' `CLIPTextModel` key names, and [`TextEncoder`], which pairs it with
 //! its tokenizer to turn a prompt into UNet conditioning.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
@@ -307,6 +309,54 @@ pub struct ClipTextModel {
     config: ClipConfig,
     device: Device,
     dtype: DType,
+    /// Every tensor the model took at load, by the name it asked for (the same storage as the
+    /// layers', so no extra memory), and the load's prefix: what [`Self::to_device`] rebuilds
+    /// from, whatever file layout, renaming or LoRA merge produced them.
+    loaded: HashMap<String, Tensor>,
+    prefix: String,
+}
+
+/// A `VarBuilder` backend that hands out another builder's tensors and keeps a copy of the
+/// handle of each (see [`ClipTextModel::to_device`]).
+struct Recorder<'a> {
+    inner: VarBuilder<'a>,
+    seen: Arc<Mutex<HashMap<String, Tensor>>>,
+}
+
+impl Recorder<'_> {
+    fn keep(&self, name: &str, t: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        let t = t?;
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(name.to_owned(), t.clone());
+        }
+        Ok(t)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Recorder<'_> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.keep(name, self.inner.get_with_hints_dtype(s, name, h, dtype))
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.keep(name, self.inner.get_unchecked_dtype(name, dtype))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
 }
 
 impl std::fmt::Debug for ClipTextModel {
@@ -327,6 +377,44 @@ impl ClipTextModel {
     /// too. A missing or mis-shaped tensor is [`EngineError::Weights`] naming it.
     pub fn load(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
         cfg.validate().map_err(EngineError::InvalidRequest)?;
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let prefix = vb.prefix();
+        let recorder = Recorder {
+            inner: vb.root(),
+            seen: seen.clone(),
+        };
+        let root = VarBuilder::from_backend(Box::new(recorder), vb.dtype(), vb.device().clone());
+        let vb = if prefix.is_empty() {
+            root
+        } else {
+            root.push_prefix(&prefix)
+        };
+        let mut model = Self::load_from(vb, cfg)?;
+        model.loaded = std::mem::take(&mut *seen.lock().map_err(|_| {
+            EngineError::InvalidRequest("text encoder load was interrupted".into())
+        })?);
+        model.prefix = prefix;
+        Ok(model)
+    }
+
+    /// The same model on `device` in `dtype` (the low-VRAM "text encoder on the CPU"): its
+    /// weights are copied over and the layers built again from them; `self` is left as it was.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let moved = self
+            .loaded
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<HashMap<_, _>>>()?;
+        let vb = VarBuilder::from_tensors(moved, dtype, device);
+        let vb = if self.prefix.is_empty() {
+            vb
+        } else {
+            vb.push_prefix(&self.prefix)
+        };
+        Self::load(vb, &self.config)
+    }
+
+    fn load_from(vb: VarBuilder, cfg: &ClipConfig) -> Result<Self> {
         let h = cfg.hidden_size;
         let tm = if !vb.contains_tensor("text_model.embeddings.token_embedding.weight")
             && vb.contains_tensor("embeddings.token_embedding.weight")
@@ -374,6 +462,8 @@ impl ClipTextModel {
             config: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            loaded: HashMap::new(),
+            prefix: String::new(),
         })
     }
 
@@ -521,6 +611,9 @@ pub struct TextEncoder {
     tokenizer: ClipTokenizer,
     model: ClipTextModel,
     embeddings: EmbeddingTable,
+    /// Where the conditioning goes when the model runs elsewhere (see [`Self::place`]):
+    /// the UNet's device and dtype. `None`: the model's own.
+    output: Option<(Device, DType)>,
 }
 
 /// Textual-inversion embeddings usable by this encoder, found by their names' token ids.
@@ -581,6 +674,36 @@ impl TextEncoder {
             tokenizer,
             model,
             embeddings: EmbeddingTable::default(),
+            output: None,
+        })
+    }
+
+    /// Runs the model on `device` in `dtype` from now on, handing its conditioning over on
+    /// `output_device` in `output_dtype` (the UNet's), so callers see no difference. Used to keep
+    /// the text encoder on the CPU in low-VRAM mode; a no-op when it is already there.
+    pub fn place(
+        &mut self,
+        device: &Device,
+        dtype: DType,
+        output_device: &Device,
+        output_dtype: DType,
+    ) -> Result<()> {
+        if !self.model.device().same_device(device) || self.model.dtype() != dtype {
+            self.model = self.model.to_device(device, dtype)?;
+        }
+        self.output = if output_device.same_device(device) && output_dtype == dtype {
+            None
+        } else {
+            Some((output_device.clone(), output_dtype))
+        };
+        Ok(())
+    }
+
+    /// Conditioning moved to where the UNet wants it (see [`Self::place`]).
+    fn handed_over(&self, t: Tensor) -> Result<Tensor> {
+        Ok(match &self.output {
+            Some((device, dtype)) => t.to_device(device)?.to_dtype(*dtype)?,
+            None => t,
         })
     }
 
@@ -739,7 +862,7 @@ impl TextEncoder {
     /// `clip_skip` as in [`ClipTextModel::forward`].
     pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<EncodedPrompt> {
         let plan = self.plan_prompt(prompt)?;
-        let hidden = self.encode_plan(&plan, clip_skip)?;
+        let hidden = self.handed_over(self.encode_plan(&plan, clip_skip)?)?;
         Ok(EncodedPrompt { hidden, plan })
     }
 
@@ -801,8 +924,8 @@ impl TextEncoder {
             .enumerate()
             .map(|(i, c)| prompt::apply_emphasis(&out.hidden.get(i)?, &c.weights))
             .collect::<Result<Vec<_>>>()?;
-        let hidden = Tensor::cat(&rows, 0)?.unsqueeze(0)?;
-        let pooled = out.projected.unwrap_or(out.pooled).narrow(0, 0, 1)?;
+        let hidden = self.handed_over(Tensor::cat(&rows, 0)?.unsqueeze(0)?)?;
+        let pooled = self.handed_over(out.projected.unwrap_or(out.pooled).narrow(0, 0, 1)?)?;
         Ok((EncodedPrompt { hidden, plan }, pooled))
     }
 
@@ -880,7 +1003,7 @@ impl TextEncoder {
     pub fn encode_ids(&self, ids: &[u32], clip_skip: usize) -> Result<Tensor> {
         self.check_clip_skip(clip_skip)?;
         let ids = Tensor::from_slice(ids, (1, ids.len()), self.model.device())?;
-        Ok(self.model.forward(&ids, clip_skip)?)
+        self.handed_over(self.model.forward(&ids, clip_skip)?)
     }
 }
 

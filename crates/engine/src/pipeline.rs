@@ -437,7 +437,8 @@ impl Pipeline {
     }
 
     /// Switches low-memory strategies (see [`crate::memory`]). Attention and batch splitting take
-    /// effect at once; moving the VAE to the CPU or to f32 reloads only the VAE's weights.
+    /// effect at once; moving the VAE to the CPU or to f32 reloads only the VAE's weights, and
+    /// moving the text encoders copies theirs. An SDXL refiner keeps its encoder where it is.
     pub fn set_memory_options(&mut self, memory: MemoryOptions) -> Result<()> {
         let vae_dtype = match &self.sdxl {
             Some(_) => crate::sdxl::vae_dtype(true, self.vae.config(), self.dtype),
@@ -449,6 +450,17 @@ impl Pipeline {
             // The VAE may come from a single file in LDM names (see `crate::single_file`).
             let vb = crate::single_file::vae_var_builder(&self.vae_files, &cfg, dtype, &device)?;
             self.vae = AutoencoderKL::load(vb, &cfg)?;
+        }
+        // The text encoders move as a whole (their weights are copied, not read from disk again,
+        // so LoRA merges and single-file renaming carry over); the conditioning comes back to
+        // the UNet's device and dtype.
+        let (device, dtype) =
+            crate::memory::text_encoder_placement(&memory, &self.device, self.dtype);
+        self.text_encoder
+            .place(&device, dtype, &self.device, self.dtype)?;
+        if let Some(s) = &mut self.sdxl {
+            s.encoder_2
+                .place(&device, dtype, &self.device, self.dtype)?;
         }
         self.unet.set_attention_options(memory.attention());
         self.vae.set_attention_options(memory.attention());
