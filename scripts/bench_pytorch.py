@@ -49,9 +49,13 @@ def main():
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--no-vae", action="store_true")
+    p.add_argument("--no-unet", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     sdxl = a.family == "sdxl"
     native = 1024 if sdxl else 512
     a.width, a.height = a.width or native, a.height or native
@@ -61,19 +65,8 @@ def main():
     out = {"family": a.family, "width": a.width, "height": a.height, "batch": a.batch,
            "threads": torch.get_num_threads(), "torch": torch.__version__}
     with torch.inference_mode():
-        t = time.perf_counter()
-        unet = UNet2DConditionModel(**unet_cfg).eval()
-        out["unet_build_s"] = time.perf_counter() - t
-        x = torch.randn(a.batch, 4, lh, lw)
-        ctx = torch.randn(a.batch, 77, 2048 if sdxl else 768)
-        added = None
-        if sdxl:
-            ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(a.batch, 1)
-            added = {"text_embeds": torch.randn(a.batch, 1280), "time_ids": ids}
-        t = time.perf_counter()
-        unet(x, 999, encoder_hidden_states=ctx, added_cond_kwargs=added)
-        out["unet_step_s"] = time.perf_counter() - t
-        del unet
+        if not a.no_unet:
+            unet_step(a, unet_cfg, sdxl, lh, lw, out)
     if not a.no_vae:
         with torch.inference_mode():
             vae_decode(a, vae_cfg, lh, lw, out)
@@ -83,6 +76,21 @@ def main():
     else:
         for k, v in out.items():
             print(f"{k:<16} {v}")
+
+
+def unet_step(a, unet_cfg, sdxl, lh, lw, out):
+    t = time.perf_counter()
+    unet = UNet2DConditionModel(**unet_cfg).eval()
+    out["unet_build_s"] = time.perf_counter() - t
+    x = torch.randn(a.batch, 4, lh, lw)
+    ctx = torch.randn(a.batch, 77, 2048 if sdxl else 768)
+    added = None
+    if sdxl:
+        ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(a.batch, 1)
+        added = {"text_embeds": torch.randn(a.batch, 1280), "time_ids": ids}
+    t = time.perf_counter()
+    unet(x, 999, encoder_hidden_states=ctx, added_cond_kwargs=added)
+    out["unet_step_s"] = time.perf_counter() - t
 
 
 def vae_decode(a, vae_cfg, lh, lw, out):

@@ -7,6 +7,9 @@
 //! [`AttentionOptions::max_scores`] elements. Softmax is taken per query row, so chunking the
 //! queries gives exactly the same numbers as full attention. At 512x512 SD1.5 the full score tensor
 //! is `2 x 8 x 4096 x 4096` f32 = 1 GiB; chunked it is 16 MiB.
+//!
+//! On the CPU in f32 the default is `fused_attention` instead: tiles with an online softmax, one
+//! 128 x 256 score tile per thread and no transposed copies (see [`AttentionOptions::fused`]).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
@@ -27,6 +30,10 @@ pub struct AttentionOptions {
     /// Sliced attention: process this many heads at a time (`None`: all heads together). With
     /// `Some(1)` the query chunk grows by the head count for the same `max_scores`.
     pub head_slice: Option<usize>,
+    /// On the CPU in f32: tiled attention with an online softmax (`fused_attention`), which
+    /// never holds more than one small score tile per thread, so it also meets any
+    /// `max_scores`/`head_slice` bound. Off: the chunked matrix products below.
+    pub fused: bool,
 }
 
 impl AttentionOptions {
@@ -39,6 +46,7 @@ impl AttentionOptions {
         Self {
             max_scores: usize::MAX,
             head_slice: None,
+            fused: false,
         }
     }
 
@@ -47,6 +55,7 @@ impl AttentionOptions {
         Self {
             max_scores,
             head_slice: Some(1),
+            fused: true,
         }
     }
 }
@@ -56,6 +65,7 @@ impl Default for AttentionOptions {
         Self {
             max_scores: Self::DEFAULT_MAX_SCORES,
             head_slice: None,
+            fused: true,
         }
     }
 }
@@ -93,6 +103,11 @@ pub fn scaled_dot_product_attention(
     }
     if sq == 0 || sk == 0 || b == 0 {
         candle_core::bail!("attention: empty input q {:?}, k {:?}", q.dims(), k.dims());
+    }
+    if opts.fused {
+        if let Some(out) = crate::fused_attention::attention(q, k, v, heads, scale) {
+            return out;
+        }
     }
     let d = inner / heads;
     let slice = opts.head_slice.map_or(heads, |n| n.clamp(1, heads));
@@ -484,11 +499,13 @@ mod tests {
             AttentionOptions {
                 max_scores: 50,
                 head_slice: None,
+                fused: false,
             },
             AttentionOptions::sliced(100),
             AttentionOptions {
                 max_scores: 200,
                 head_slice: Some(2),
+                fused: false,
             },
         ] {
             let got = scaled_dot_product_attention(&q, &k, &v, 3, 0.35, false, &opts).unwrap();

@@ -200,6 +200,168 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
     Ok(report)
 }
 
+/// One timed operation of [`run_ops`]: a name shared with `scripts/bench_ops_pytorch.py` and
+/// the closure that runs it once on prepared inputs.
+pub struct OpCase {
+    pub name: &'static str,
+    run: Box<dyn Fn() -> candle_core::Result<Tensor>>,
+}
+
+/// The single layers that make up an SD1.5 UNet step at 512x512 batch 2 and a VAE decode, each
+/// run through the same code the models use, so a per-op comparison with PyTorch shows which
+/// ones lose. Keep names and shapes in step with `scripts/bench_ops_pytorch.py`.
+///
+/// `attention` picks the attention path (fused or chunked) the attention cases use.
+pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<OpCase>> {
+    type Make = fn(AttentionOptions) -> OpFn;
+    let table: [(&'static str, Make); 20] = [
+        ("unet conv3x3 320->320 64x64 b2", |_| {
+            conv_case(320, 320, 3, 64, 2)
+        }),
+        ("unet conv3x3 960->320 64x64 b2", |_| {
+            conv_case(960, 320, 3, 64, 2)
+        }),
+        ("unet conv3x3 640->640 32x32 b2", |_| {
+            conv_case(640, 640, 3, 32, 2)
+        }),
+        ("unet conv3x3 1280->1280 16x16 b2", |_| {
+            conv_case(1280, 1280, 3, 16, 2)
+        }),
+        ("unet conv3x3 2560->1280 8x8 b2", |_| {
+            conv_case(2560, 1280, 3, 8, 2)
+        }),
+        ("unet conv1x1 960->320 64x64 b2", |_| {
+            conv_case(960, 320, 1, 64, 2)
+        }),
+        ("unet self-attn 4096 tok 8x40 b2", |o| {
+            attn_case(4096, 4096, 8, 40, 2, o)
+        }),
+        ("unet cross-attn 4096x77 8x40 b2", |o| {
+            attn_case(4096, 77, 8, 40, 2, o)
+        }),
+        ("unet self-attn 1024 tok 8x80 b2", |o| {
+            attn_case(1024, 1024, 8, 80, 2, o)
+        }),
+        ("unet linear 320->320 4096 tok b2", |_| {
+            linear_case(4096, 320, 320, 2)
+        }),
+        ("unet linear 320->2560 4096 tok b2", |_| {
+            linear_case(4096, 320, 2560, 2)
+        }),
+        ("unet linear 1280->320 4096 tok b2", |_| {
+            linear_case(4096, 1280, 320, 2)
+        }),
+        ("unet groupnorm+silu 320 64x64 b2", |_| {
+            group_norm_case(320, 64, 2)
+        }),
+        ("unet layernorm 320 4096 tok b2", |_| {
+            layer_norm_case(4096, 320, 2)
+        }),
+        ("unet geglu 1280 4096 tok b2", |_| geglu_case(4096, 1280, 2)),
+        ("vae conv3x3 512->512 64x64", |_| {
+            conv_case(512, 512, 3, 64, 1)
+        }),
+        ("vae conv3x3 512->512 128x128", |_| {
+            conv_case(512, 512, 3, 128, 1)
+        }),
+        ("vae conv3x3 256->256 256x256", |_| {
+            conv_case(256, 256, 3, 256, 1)
+        }),
+        ("vae conv3x3 128->128 512x512", |_| {
+            conv_case(128, 128, 3, 512, 1)
+        }),
+        ("vae self-attn 4096 tok 1x512", |o| {
+            attn_case(4096, 4096, 1, 512, 1, o)
+        }),
+    ];
+    let mut cases = Vec::new();
+    for (name, make) in table {
+        if name.contains(filter) {
+            cases.push(OpCase {
+                name,
+                run: make(attention)?,
+            });
+        }
+    }
+    Ok(cases)
+}
+
+/// Runs each case once to warm up, then `repeats` times; returns each case's median.
+pub fn run_ops(cases: &[OpCase], repeats: usize) -> crate::Result<Vec<(&'static str, Duration)>> {
+    let mut out = Vec::with_capacity(cases.len());
+    for case in cases {
+        drop((case.run)()?);
+        let mut times = Vec::with_capacity(repeats.max(1));
+        for _ in 0..repeats.max(1) {
+            let t = Instant::now();
+            drop((case.run)()?);
+            times.push(t.elapsed());
+        }
+        times.sort();
+        out.push((case.name, times[times.len() / 2]));
+    }
+    Ok(out)
+}
+
+type OpFn = candle_core::Result<Box<dyn Fn() -> candle_core::Result<Tensor>>>;
+
+fn cpu_weights() -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights::new()), DType::F32, Device::Cpu)
+}
+
+fn randn(shape: &[usize]) -> candle_core::Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+}
+
+fn conv_case(cin: usize, cout: usize, k: usize, hw: usize, batch: usize) -> OpFn {
+    let conv = crate::resnet::Conv2d::load(cpu_weights(), cin, cout, k, 1, k / 2)?;
+    let x = randn(&[batch, cin, hw, hw])?;
+    Ok(Box::new(move || candle_core::Module::forward(&conv, &x)))
+}
+
+fn attn_case(
+    tokens: usize,
+    keys: usize,
+    heads: usize,
+    dim: usize,
+    batch: usize,
+    opts: AttentionOptions,
+) -> OpFn {
+    let q = randn(&[batch, tokens, heads * dim])?;
+    let k = randn(&[batch, keys, heads * dim])?;
+    let v = randn(&[batch, keys, heads * dim])?;
+    let scale = 1.0 / (dim as f64).sqrt();
+    Ok(Box::new(move || {
+        crate::attention::scaled_dot_product_attention(&q, &k, &v, heads, scale, false, &opts)
+    }))
+}
+
+fn linear_case(rows: usize, cin: usize, cout: usize, batch: usize) -> OpFn {
+    let lin = candle_nn::linear(cin, cout, cpu_weights())?;
+    let x = randn(&[batch, rows, cin])?;
+    Ok(Box::new(move || candle_core::Module::forward(&lin, &x)))
+}
+
+fn group_norm_case(c: usize, hw: usize, batch: usize) -> OpFn {
+    let norm = crate::resnet::GroupNorm::load(cpu_weights(), 32, c, 1e-5)?;
+    let x = randn(&[batch, c, hw, hw])?;
+    Ok(Box::new(move || norm.forward_silu(&x)))
+}
+
+fn layer_norm_case(rows: usize, c: usize, batch: usize) -> OpFn {
+    let norm = candle_nn::layer_norm(c, 1e-5, cpu_weights())?;
+    let x = randn(&[batch, rows, c])?;
+    Ok(Box::new(move || candle_core::Module::forward(&norm, &x)))
+}
+
+fn geglu_case(rows: usize, c: usize, batch: usize) -> OpFn {
+    let h = randn(&[batch, rows, c])?;
+    let g = randn(&[batch, rows, c])?;
+    // The fused kernel works in place, so each run starts from a fresh copy of `h`, as the
+    // model's fresh projection output would be (the copy is timed too; torch's chunk is free).
+    Ok(Box::new(move || crate::kernels::mul_gelu(h.copy()?, &g)))
+}
+
 fn input(shape: &[usize], opts: &BenchOptions) -> crate::Result<Tensor> {
     let t = Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?;
     Ok(t.to_dtype(opts.dtype)?.to_device(&opts.device)?)

@@ -108,7 +108,7 @@ where
     });
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{what}: expects a contiguous f32 tensor"),
@@ -160,6 +160,43 @@ simd_dispatch!(softmax_rows(part: &mut [f32], n: usize) {
         softmax_row(row)
     }
 });
+
+simd_dispatch!(online_softmax_rows(
+    s: &mut [f32],
+    keys: usize,
+    max: &mut [f32],
+    sum: &mut [f32],
+    alpha: &mut [f32],
+    changed: &mut bool
+) {
+    for (((row, m), l), a) in s.chunks_exact_mut(keys).zip(max).zip(sum).zip(alpha) {
+        let m_new = lane_max(row).max(*m);
+        for v in row.iter_mut() {
+            *v = exp_f32(*v - m_new);
+        }
+        // exp(-inf) = 0 for the first tile: the empty accumulator needs no weight.
+        *a = exp_f32(*m - m_new);
+        *changed |= *a != 1.0;
+        *l = *l * *a + lane_sum(row, |v| v) as f32;
+        *m = m_new;
+    }
+});
+
+/// One key tile of an online softmax (see `fused_attention`): turns the scores `s`
+/// (`[rows, keys]`) into `exp(score - running max)` in place, updates each row's running
+/// maximum and sum, and stores in `alpha` the factor each row's accumulated output must be
+/// multiplied by. Returns whether any such factor differs from 1.
+pub(crate) fn online_softmax_tile(
+    s: &mut [f32],
+    keys: usize,
+    max: &mut [f32],
+    sum: &mut [f32],
+    alpha: &mut [f32],
+) -> bool {
+    let mut changed = false;
+    online_softmax_rows(s, keys, max, sum, alpha, &mut changed);
+    changed
+}
 
 struct SoftmaxLastDim;
 
@@ -411,6 +448,148 @@ impl CustomOp1 for Im2Col3x3 {
 /// See [`Im2Col3x3`]; `x` must be a contiguous f32 CPU tensor.
 pub(crate) fn im2col_3x3(x: &Tensor, b: usize, y0: usize, y1: usize) -> Result<Tensor> {
     x.apply_op1_no_bwd(&Im2Col3x3 { b, y0, y1 })
+}
+
+/// Fills rows `y0..y1` of image plane set `image` (`[c, h, w]`) into `dst` as the 3x3 im2col
+/// block `[9 * c, (y1 - y0) * w]` (row `(kh * 3 + kw) * c + ci`), in parallel over rows.
+fn im2col_block(
+    image: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    y0: usize,
+    y1: usize,
+    dst: &mut [f32],
+) {
+    let n = (y1 - y0) * w;
+    par_units(dst, None, n, |part, _, first| {
+        for (i, row) in part.chunks_exact_mut(n).enumerate() {
+            let r = first + i;
+            let (tap, ci) = (r / c, r % c);
+            let (kh, kw) = (tap / 3, tap % 3);
+            let plane = &image[ci * h * w..(ci + 1) * h * w];
+            for (y, out) in (y0..y1).zip(row.chunks_exact_mut(w)) {
+                // Input row y + kh - 1; outside the image it is the zero padding.
+                let Some(sy) = (y + kh).checked_sub(1).filter(|&sy| sy < h) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let src = &plane[sy * w..(sy + 1) * w];
+                match kw {
+                    0 => {
+                        out[0] = 0.0;
+                        out[1..].copy_from_slice(&src[..w - 1]);
+                    }
+                    1 => out.copy_from_slice(src),
+                    _ => {
+                        out[..w - 1].copy_from_slice(&src[1..]);
+                        out[w - 1] = 0.0;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// A 3x3, stride 1, padding 1 convolution with bias, as blocks of im2col rows times the packed
+/// weights `[c_out, 9 * c_in]` (taps in (kh, kw, c_in) order). Each block's product is written
+/// by the matrix kernel straight into its place in the NCHW output, which starts as the bias:
+/// no per-block result tensors, no concatenation copies, and one im2col buffer reused for every
+/// block instead of a fresh allocation each.
+struct Conv3x3 {
+    bias: Vec<f32>,
+    /// Most elements of the im2col buffer.
+    block: usize,
+}
+
+impl candle_core::CustomOp2 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "ld-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let wt = contiguous_f32(s2, l2, self.name())?;
+        let (batch, c, h, w) = l1.shape().dims4()?;
+        let (cout, kdim) = l2.shape().dims2()?;
+        if kdim != 9 * c || self.bias.len() != cout || h == 0 || w == 0 {
+            candle_core::bail!(
+                "{}: weights {:?} and bias {} do not fit input {:?}",
+                self.name(),
+                l2.dims(),
+                self.bias.len(),
+                l1.dims()
+            );
+        }
+        let hw = h * w;
+        let mut out = vec![0f32; batch * cout * hw];
+        for (plane, &b) in out.chunks_exact_mut(hw).zip(self.bias.iter().cycle()) {
+            plane.fill(b);
+        }
+        let rows = (self.block / (kdim * w).max(1)).clamp(1, h);
+        let mut col = vec![0f32; kdim * rows * w];
+        let threads = candle_core::utils::get_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        for b in 0..batch {
+            let image = &x[b * c * hw..(b + 1) * c * hw];
+            for y0 in (0..h).step_by(rows) {
+                let y1 = (y0 + rows).min(h);
+                let n = (y1 - y0) * w;
+                let col = &mut col[..kdim * n];
+                im2col_block(image, c, h, w, y0, y1, col);
+                let dst = &mut out[b * cout * hw + y0 * w..];
+                // SAFETY: dst rows are `hw` apart and each holds `n` columns inside `out`
+                // (`y0 * w + n <= hw`); lhs is `cout x kdim` packed, rhs `kdim x n` packed.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        n,
+                        kdim,
+                        dst.as_mut_ptr(),
+                        1,
+                        hw as isize,
+                        true,
+                        wt.as_ptr(),
+                        1,
+                        kdim as isize,
+                        col.as_ptr(),
+                        1,
+                        n as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((batch, cout, h, w))))
+    }
+}
+
+/// 3x3/stride 1/padding 1 convolution of `x` (`[batch, c, h, w]`, contiguous f32 CPU) with
+/// `weight` `[c_out, 9 * c]` (taps in (kh, kw, c) order) and `bias`; im2col blocks of at most
+/// `block` elements.
+pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], block: usize) -> Result<Tensor> {
+    x.apply_op2_no_bwd(
+        weight,
+        &Conv3x3 {
+            bias: bias.to_vec(),
+            block,
+        },
+    )
 }
 
 /// Whether `x` can use [`im2col_3x3`] (and the other fused CPU kernels).

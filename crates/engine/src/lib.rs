@@ -9,6 +9,7 @@ pub mod config;
 pub mod denoiser;
 pub mod embeddings;
 pub mod error;
+mod fused_attention;
 mod kernels;
 pub mod ldm_names;
 pub mod lora;

@@ -76,6 +76,10 @@ impl GroupNorm {
 /// folded in as an extra weight column; 1x1 convolutions run as a plain matrix product. candle
 /// 0.11's own CPU convolution transposes the input on one thread and scatters its output, which
 /// made it reach about half the throughput of its matrix product here.
+///
+/// The 3x3 path writes each im2col block's product straight into the output (which starts as the
+/// bias) through `kernels::conv3x3`; `LD_CONV=blocks` keeps the older product-per-block-then-
+/// concatenate path, for comparisons.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     kind: ConvKind,
@@ -86,6 +90,9 @@ pub struct Conv2d {
 enum ConvKind {
     /// `[c_out, 9 * c_in + 1]`: taps in (kh, kw, c_in) order, then the bias.
     Packed3x3(Tensor),
+    /// `[c_out, 9 * c_in]` weights (taps in (kh, kw, c_in) order) and the bias, for
+    /// `kernels::conv3x3`, which writes each block's product straight into the output.
+    Direct3x3(Tensor, Vec<f32>),
     /// 1x1: `[c_out, c_in]` weight and the bias as `[c_out, 1]`.
     Pointwise(Tensor, Tensor),
     /// Anything else: candle's convolution.
@@ -108,6 +115,27 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        Self::load_with(
+            vb,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            direct_conv(),
+        )
+    }
+
+    /// [`Conv2d::load`] with the 3x3 path chosen by `direct` (see [`direct_conv`]).
+    fn load_with(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        direct: bool,
+    ) -> Result<Self> {
         let w = vb.get_with_hints(
             (out_channels, in_channels, kernel, kernel),
             "weight",
@@ -120,7 +148,11 @@ impl Conv2d {
                 let w = w
                     .permute((0, 2, 3, 1))?
                     .reshape((out_channels, 9 * in_channels))?;
-                ConvKind::Packed3x3(Tensor::cat(&[&w, &b.reshape((out_channels, 1))?], 1)?)
+                if direct {
+                    ConvKind::Direct3x3(w.contiguous()?, b.to_vec1::<f32>()?)
+                } else {
+                    ConvKind::Packed3x3(Tensor::cat(&[&w, &b.reshape((out_channels, 1))?], 1)?)
+                }
             }
             (1, 1, 0) if cpu_f32 => ConvKind::Pointwise(
                 w.reshape((out_channels, in_channels))?,
@@ -171,19 +203,28 @@ impl Module for Conv2d {
                     Tensor::cat(&images, 0)
                 }
             }
+            ConvKind::Direct3x3(w, bias) if kernels::cpu_f32(x) => {
+                kernels::conv3x3(x, w, bias, IM2COL_BLOCK)
+            }
             ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => {
                 let (batch, c, h, width) = x.dims4()?;
                 let x = x.reshape((batch, c, h * width))?;
                 let y = w.broadcast_left(batch)?.matmul(&x)?.broadcast_add(bias)?;
                 y.reshape((batch, self.out_channels, h, width))
             }
-            ConvKind::Packed3x3(_) | ConvKind::Pointwise(..) => {
+            ConvKind::Packed3x3(_) | ConvKind::Direct3x3(..) | ConvKind::Pointwise(..) => {
                 // Loaded for the CPU fast path but given another input (non-contiguous, say):
                 candle_core::bail!("conv2d: expects a contiguous f32 CPU input")
             }
             ConvKind::General(c) => c.forward(x),
         }
     }
+}
+
+/// Whether 3x3 convolutions load for `kernels::conv3x3` (the default) or for the older
+/// im2col-blocks-then-concatenate path; `LD_CONV=blocks` picks the latter, for comparisons.
+fn direct_conv() -> bool {
+    std::env::var("LD_CONV").map_or(true, |v| v != "blocks")
 }
 
 pub(crate) fn conv2d(
@@ -349,18 +390,50 @@ mod tests {
             DType::F32,
             &dev,
         );
-        let ours = Conv2d::load(vb, cin, cout, k, stride, pad).unwrap();
+        let direct = Conv2d::load_with(vb.clone(), cin, cout, k, stride, pad, true).unwrap();
+        let blocks = Conv2d::load_with(vb, cin, cout, k, stride, pad, false).unwrap();
         let x = Tensor::randn(0f32, 1., x, &dev).unwrap();
         let want = x
             .conv2d(&w, pad, stride, 1, 1)
             .unwrap()
             .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
             .unwrap();
-        let got = ours.forward(&x).unwrap();
-        assert_eq!(got.dims(), want.dims());
-        // f32 sums of up to 9 * 64 products: differences are summation order only.
-        let d = max_abs_diff(&got, &want);
-        assert!(d < 1e-4, "conv {cin}->{cout} k{k}: {d}");
+        for (path, ours) in [("direct", &direct), ("blocks", &blocks)] {
+            let got = ours.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            // f32 sums of up to 9 * 64 products: differences are summation order only.
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-4, "{path} conv {cin}->{cout} k{k}: {d}");
+        }
+    }
+
+    #[test]
+    fn direct_3x3_kernel_with_one_row_blocks_matches_candle() {
+        // A block smaller than one im2col row still makes progress one output row at a time,
+        // and every block lands at its own rows of the output.
+        let dev = Device::Cpu;
+        let (cin, cout) = (6, 5);
+        let w = Tensor::randn(0f32, 0.2, (cout, cin, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, cin, 7, 11), &dev).unwrap();
+        let packed = w
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .reshape((cout, 9 * cin))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let bias = b.to_vec1::<f32>().unwrap();
+        let want = x
+            .conv2d(&w, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+            .unwrap();
+        for block in [1, 9 * cin * 11 * 3, 1 << 20] {
+            let got = kernels::conv3x3(&x, &packed, &bias, block).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-5, "block {block}: {d}");
+        }
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! `local-diffusers bench`: times the full-size SD1.5 UNet and VAE with random weights (compute
-//! cost does not depend on weight values), so speed can be measured without a download. Compare
-//! with `scripts/bench_pytorch.py`, which times diffusers on the same shapes.
+//! cost does not depend on weight values), so speed can be measured without a download. With a
+//! Python that has torch (and diffusers), it runs `scripts/bench_pytorch.py` (or, with `--ops`,
+//! `scripts/bench_ops_pytorch.py`) in the same run, on the same threads, and prints each figure
+//! beside PyTorch's with the ratio: the machine's load changes between runs, a ratio measured
+//! side by side much less.
 
 use clap::Args;
+use ld_engine::attention::AttentionOptions;
 use ld_engine::bench::{BenchFamily, BenchOptions, BenchReport};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 #[derive(Args, Debug)]
@@ -31,9 +38,43 @@ pub struct BenchArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Time the single layers of an SD1.5 512x512 step (convolutions, attention, linear layers,
+    /// norms) instead of whole models (CPU, f32).
+    #[arg(long)]
+    pub ops: bool,
+    /// With --ops: only the cases whose name contains this.
+    #[arg(long, default_value = "")]
+    pub filter: String,
+    /// With --ops: timed runs per case (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Alternate ours and PyTorch this many times; each figure is the median over rounds.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Compute threads for both sides (RAYON_NUM_THREADS here, torch.set_num_threads there);
+    /// 0: this machine's default.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Python with torch and diffusers for the side-by-side figures.
+    #[arg(long, env = "LD_BENCH_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Our attention as chunked matrix products instead of the fused tiled kernel (to compare).
+    #[arg(long)]
+    pub chunked_attention: bool,
+    /// Skip PyTorch even when a Python is given.
+    #[arg(long)]
+    pub no_torch: bool,
 }
 
 pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    if args.threads > 0 {
+        // Read by candle (and the kernels) on every call; set before any compute starts, while
+        // this process has only this thread.
+        std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
+    }
+    if args.ops {
+        return run_ops(&args);
+    }
     let (family, native) = match args.family.to_ascii_lowercase().as_str() {
         "sd15" | "sd1" | "sd1.5" => (BenchFamily::Sd15, 512),
         "sdxl" => (BenchFamily::Sdxl, 1024),
@@ -53,53 +94,253 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         unet: !args.no_unet,
         vae: !args.no_vae,
         family,
-        ..BenchOptions::default()
+        attention: attention(&args),
     };
-    let report = ld_engine::bench::run(&opts)?;
+    let torch_args = {
+        let mut a = vec![
+            "--json".to_string(),
+            "--family".into(),
+            args.family.to_ascii_lowercase(),
+            "--width".into(),
+            width.to_string(),
+            "--height".into(),
+            height.to_string(),
+            "--batch".into(),
+            args.batch.to_string(),
+            "--threads".into(),
+            threads(&args).to_string(),
+        ];
+        if args.no_vae {
+            a.push("--no-vae".into());
+        }
+        if args.no_unet {
+            a.push("--no-unet".into());
+        }
+        a
+    };
+    let python = torch_python(&args);
+    let mut ours: Vec<BenchReport> = Vec::new();
+    let mut theirs: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        ours.push(ld_engine::bench::run(&opts)?);
+        if let Some(py) = &python {
+            theirs.push(run_script(py, "bench_pytorch.py", &torch_args)?);
+        }
+    }
     let peak = peak_rss_bytes();
+    let med = |f: fn(&BenchReport) -> Option<Duration>| {
+        median(ours.iter().filter_map(f).map(|d| d.as_secs_f64()).collect())
+    };
+    let torch = |key: &str| median(theirs.iter().filter_map(|v| v[key].as_f64()).collect());
+    let rows = [
+        ("UNet build", med(|r| r.unet_build), torch("unet_build_s")),
+        ("UNet step", med(|r| r.unet_forward), torch("unet_step_s")),
+        ("VAE build", med(|r| r.vae_build), torch("vae_build_s")),
+        ("VAE decode", med(|r| r.vae_decode), torch("vae_decode_s")),
+    ];
+    let torch_peak = median(
+        theirs
+            .iter()
+            .filter_map(|v| v["peak_rss_bytes"].as_f64())
+            .collect(),
+    );
     if args.json {
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        let secs = |v: Option<f64>| serde_json::json!(v);
         let v = serde_json::json!({
             "family": args.family, "width": width, "height": height, "batch": args.batch,
             "dtype": format!("{dtype:?}"),
-            "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
-            "unet_build_s": secs(report.unet_build),
-            "unet_step_s": secs(report.unet_forward),
-            "vae_build_s": secs(report.vae_build),
-            "vae_decode_s": secs(report.vae_decode),
+            "threads": threads(&args),
+            "rounds": args.rounds.max(1),
+            "unet_build_s": secs(rows[0].1),
+            "unet_step_s": secs(rows[1].1),
+            "vae_build_s": secs(rows[2].1),
+            "vae_decode_s": secs(rows[3].1),
             "peak_rss_bytes": peak,
+            "torch": theirs,
         });
         println!("{v}");
-    } else {
-        print_text(&args, &report, peak);
+        return Ok(());
     }
-    Ok(())
-}
-
-fn print_text(args: &BenchArgs, r: &BenchReport, peak: Option<u64>) {
-    let show = |label: &str, d: Option<Duration>| {
-        if let Some(d) = d {
-            println!("{label:<28} {:>8.2} s", d.as_secs_f64());
-        }
-    };
-    let label = if args.family.eq_ignore_ascii_case("sdxl") {
+    let label = if family == BenchFamily::Sdxl {
         "SDXL"
     } else {
         "SD1.5"
     };
     println!(
-        "{label} sizes, random weights, {}x{}, UNet batch {}",
-        args.width.unwrap_or(0),
-        args.height.unwrap_or(0),
-        args.batch
+        "{label} sizes, random weights, {width}x{height}, UNet batch {}, {} threads, median of {} round(s)",
+        args.batch,
+        threads(&args),
+        args.rounds.max(1)
     );
-    show("UNet build", r.unet_build);
-    show("UNet step", r.unet_forward);
-    show("VAE build", r.vae_build);
-    show("VAE decode", r.vae_decode);
-    if let Some(p) = peak {
-        println!("{:<28} {:>8.2} GB", "Peak memory (RSS)", p as f64 / 1e9);
+    print_header(python.is_some());
+    for (name, o, t) in rows {
+        if let Some(o) = o {
+            print_row(name, o, t);
+        }
     }
+    if let Some(p) = peak {
+        let t = torch_peak.map_or(String::new(), |t| format!("{:>10.2} GB", t / 1e9));
+        println!("{:<36} {:>8.2} GB {t}", "Peak memory (RSS)", p as f64 / 1e9);
+    }
+    if python.is_none() && !args.no_torch {
+        how_to_compare("bench_pytorch.py", &torch_args);
+    }
+    Ok(())
+}
+
+/// `--ops`: each layer case, ours beside torch's.
+fn run_ops(args: &BenchArgs) -> anyhow::Result<()> {
+    let cases = ld_engine::bench::op_cases(&args.filter, attention(args))?;
+    let torch_args = |filter: &str| {
+        vec![
+            "--threads".to_string(),
+            threads(args).to_string(),
+            "--repeats".into(),
+            args.repeats.to_string(),
+            "--filter".into(),
+            filter.to_string(),
+        ]
+    };
+    let python = torch_python(args);
+    let mut ours: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut theirs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // Case by case, ours then PyTorch's: the load on a shared machine drifts within seconds, and
+    // a ratio is only fair when both sides ran under the same load.
+    for _ in 0..args.rounds.max(1) {
+        for case in &cases {
+            for (name, d) in ld_engine::bench::run_ops(std::slice::from_ref(case), args.repeats)? {
+                ours.entry(name).or_default().push(d.as_secs_f64());
+            }
+            let Some(py) = &python else { continue };
+            let v = run_script(py, "bench_ops_pytorch.py", &torch_args(case.name))?;
+            if let Some(t) = v["median_s"][case.name].as_f64() {
+                theirs.entry(case.name.to_string()).or_default().push(t);
+            }
+        }
+    }
+    let rows: Vec<(&str, f64, Option<f64>)> = cases
+        .iter()
+        .filter_map(|c| {
+            let o = median(ours.get(c.name)?.clone())?;
+            Some((
+                c.name,
+                o,
+                theirs.get(c.name).and_then(|t| median(t.clone())),
+            ))
+        })
+        .collect();
+    if args.json {
+        let v: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(n, o, t)| {
+                let r = serde_json::json!({"ours_s": o, "torch_s": t, "ratio": t.map(|t| o / t)});
+                (n.to_string(), r)
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(v));
+        return Ok(());
+    }
+    println!(
+        "Single layers, f32 CPU, {} threads, median of {} runs x {} round(s)",
+        threads(args),
+        args.repeats,
+        args.rounds.max(1)
+    );
+    print_header(python.is_some());
+    for (name, o, t) in rows {
+        print_row(name, o, t);
+    }
+    if python.is_none() && !args.no_torch {
+        how_to_compare("bench_ops_pytorch.py", &torch_args(&args.filter));
+    }
+    Ok(())
+}
+
+fn attention(args: &BenchArgs) -> AttentionOptions {
+    AttentionOptions {
+        fused: !args.chunked_attention,
+        ..AttentionOptions::default()
+    }
+}
+
+fn threads(args: &BenchArgs) -> usize {
+    if args.threads > 0 {
+        args.threads
+    } else {
+        candle_core::utils::get_num_threads()
+    }
+}
+
+fn print_header(torch: bool) {
+    if torch {
+        println!("{:<36} {:>11} {:>11} {:>7}", "", "ours", "PyTorch", "ratio");
+    }
+}
+
+fn print_row(name: &str, ours: f64, torch: Option<f64>) {
+    match torch {
+        Some(t) => println!("{name:<36} {:>9.3} s {:>9.3} s {:>7.2}", ours, t, ours / t),
+        None => println!("{name:<36} {ours:>9.3} s"),
+    }
+}
+
+/// The Python to run PyTorch with: `--python`/`LD_BENCH_PYTHON`, unless `--no-torch`.
+fn torch_python(args: &BenchArgs) -> Option<PathBuf> {
+    if args.no_torch {
+        return None;
+    }
+    args.python.clone()
+}
+
+/// Where the PyTorch scripts are: `./scripts` when run from the repository, else the
+/// repository this binary was built from.
+fn script_path(name: &str) -> PathBuf {
+    let here = PathBuf::from("scripts").join(name);
+    if here.is_file() {
+        return here;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(name)
+}
+
+/// Runs a PyTorch bench script and parses the JSON line it prints last.
+fn run_script(python: &PathBuf, name: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(python)
+        .arg(script_path(name))
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {} {name}: {e}", python.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{name} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    serde_json::from_str(last).map_err(|e| anyhow::anyhow!("{name} printed no JSON ({e}): {text}"))
+}
+
+fn how_to_compare(script: &str, args: &[String]) {
+    println!(
+        "\nFor PyTorch's figures beside these, pass --python (or set LD_BENCH_PYTHON) to a Python \
+         with torch and diffusers, or run: python scripts/{script} {}",
+        args.join(" ")
+    );
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
 
 /// Peak resident memory of this process, from /proc (Linux only).
