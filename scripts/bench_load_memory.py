@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Load time and peak memory of one 512x512 SD1.5 generation: ours beside diffusers, same folder.
+
+Dev-only (needs torch, diffusers and transformers from PyPI, e.g. /opt/refvenv). Issue 12 asks
+for "load to first step <= 0.5 of diffusers" and "peak RSS <= 0.7 of diffusers"; this measures
+both on a full-size SD1.5 diffusers folder with random weights (load and memory costs do not
+depend on the weight values), which it writes once from our embedded SD1.5 configs
+(crates/engine/assets/sd15) and CLIP vocabulary.
+
+Each side runs in a fresh process: ours is `local-diffusers generate` (built beforehand), timed
+by the lines it prints and measured by /usr/bin/time; diffusers runs a child of this script that
+reports its own timings and `ru_maxrss`. Both use float32 on the CPU, the same sampler family,
+steps, size, CFG and thread count; the file cache is warmed first so neither side pays for the
+first read from disk.
+
+    cargo build --release -p ld-server
+    /opt/refvenv/bin/python scripts/bench_load_memory.py --ours target/release/local-diffusers
+"""
+import argparse
+import gzip
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "crates/engine/assets"
+
+
+def make_folder(dest: Path) -> None:
+    """A full-size SD1.5 diffusers folder with seeded random weights, fp32 safetensors."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
+    torch.manual_seed(0)
+
+    def cfg(name):
+        c = json.loads((ASSETS / "sd15" / name).read_text())
+        return {k: v for k, v in c.items() if not k.startswith("_")}
+
+    UNet2DConditionModel(**cfg("unet.json")).save_pretrained(tmp / "unet")
+    AutoencoderKL(**cfg("vae.json")).save_pretrained(tmp / "vae")
+    CLIPTextModel(CLIPTextConfig(**cfg("text_encoder.json"))).save_pretrained(tmp / "text_encoder")
+    PNDMScheduler.from_config(cfg("scheduler.json")).save_pretrained(tmp / "scheduler")
+    with tempfile.TemporaryDirectory() as t:
+        vocab, merges = Path(t) / "vocab.json", Path(t) / "merges.txt"
+        vocab.write_bytes(gzip.decompress((ASSETS / "clip/vocab.json.gz").read_bytes()))
+        merges.write_bytes(gzip.decompress((ASSETS / "clip/merges.txt.gz").read_bytes()))
+        CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77).save_pretrained(tmp / "tokenizer")
+    (tmp / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }, indent=2))
+    # Renamed only when complete, so an interrupted run never leaves a half folder to reuse.
+    tmp.rename(dest)
+
+
+def warm_cache(folder: Path) -> None:
+    for f in folder.rglob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def diffusers_child(folder: str, steps: int, size: int, threads: int) -> None:
+    """Runs in its own process: load, time to the first step, whole generation, peak RSS."""
+    t0 = time.perf_counter()
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    torch.set_num_threads(threads)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = time.perf_counter() - t0
+    first = {}
+
+    def on_step(p, i, t, kw):
+        first.setdefault("step", time.perf_counter() - t0)
+        return kw
+
+    pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
+         generator=torch.Generator().manual_seed(1), callback_on_step_end=on_step)
+    total = time.perf_counter() - t0
+    print(json.dumps({"load_s": loaded, "first_step_s": first["step"], "total_s": total,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_diffusers(folder: Path, a) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(a.steps),
+                          "--size", str(a.size), "--threads", str(a.threads)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_ours(folder: Path, a) -> dict:
+    with tempfile.TemporaryDirectory() as t:
+        cmd = ["/usr/bin/time", "-f", "MAXRSS %M", a.ours, "--data-dir", t, "generate",
+               "a photo of a cat", "--model", str(folder), "--steps", str(a.steps), "--cfg", "7",
+               "--width", str(a.size), "--height", str(a.size), "--seed", "1",
+               "--precision", "fp32", "--out", str(Path(t) / "out.png")]
+        env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        total = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"local-diffusers failed:\n{r.stderr}")
+    loaded = float(re.search(r"Loaded in ([0-9.]+)s", r.stderr).group(1))
+    rss = int(re.search(r"MAXRSS (\d+)", r.stderr).group(1)) / 1024
+    # Ours prints no per-step time; one step is (total - load - decode) / steps, so report the
+    # whole run beside diffusers' and the load time, which is what the goal names.
+    return {"load_s": loaded, "total_s": total, "peak_rss_mb": rss}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ours", help="the local-diffusers binary to measure")
+    p.add_argument("--folder", type=Path, default=Path.home() / ".cache/local-diffusers-bench/sd15-random")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--child")
+    a = p.parse_args()
+    if a.child:
+        return diffusers_child(a.child, a.steps, a.size, a.threads)
+    if not a.ours:
+        sys.exit("--ours PATH (a built local-diffusers binary) is required")
+    if not a.folder.exists():
+        a.folder.parent.mkdir(parents=True, exist_ok=True)
+        print(f"writing a random-weight SD1.5 folder to {a.folder} (once) ...", file=sys.stderr)
+        make_folder(a.folder)
+    warm_cache(a.folder)
+    rows = []
+    # Interleaved, so a burst of load on the machine hits both sides alike.
+    for i in range(a.repeat):
+        d, o = run_diffusers(a.folder, a), run_ours(a.folder, a)
+        print(f"run {i + 1}: diffusers {d}\n       ours      {o}", file=sys.stderr)
+        rows.append((d, o))
+
+    def med(side, key):
+        v = sorted(r[side][key] for r in rows)
+        return v[len(v) // 2]
+
+    load_d, load_o = med(0, "load_s"), med(1, "load_s")
+    rss_d, rss_o = med(0, "peak_rss_mb"), med(1, "peak_rss_mb")
+    tot_d, tot_o = med(0, "total_s"), med(1, "total_s")
+    print(f"SD1.5 {a.size}x{a.size}, {a.steps} steps, CFG 7, fp32 CPU, {a.threads} threads, "
+          f"median of {a.repeat} (load average {os.getloadavg()[0]:.1f})")
+    print(f"{'':22}{'ours':>10}{'diffusers':>12}{'ratio':>8}")
+    print(f"{'load (s)':22}{load_o:10.1f}{load_d:12.1f}{load_o / load_d:8.2f}")
+    print(f"{'peak RSS (MB)':22}{rss_o:10.0f}{rss_d:12.0f}{rss_o / rss_d:8.2f}")
+    print(f"{'whole run (s)':22}{tot_o:10.1f}{tot_d:12.1f}{tot_o / tot_d:8.2f}")
+    print(f"(diffusers' time to its first step: {med(0, 'first_step_s'):.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
