@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::support::{max_abs, max_abs_diff, values};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::model_defaults::{Distillation, ModelDefaults, ModelFamily};
 use ld_engine::pipeline::{to_rgb8, GenerateRequest, LoadOptions, NoObserver, Pipeline};
@@ -62,30 +63,8 @@ fn request() -> GenerateRequest {
     }
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    values(t).into_iter().fold(0.0, |m, v| m.max(v.abs()))
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    values(a)
-        .iter()
-        .zip(&values(b))
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    let diff = max_diff(got, want);
+    let diff = max_abs_diff(got, want);
     eprintln!("{what}: max abs diff {diff:.3e} (tolerance {tol:.1e})");
     assert!(diff <= tol, "{what}: max abs diff {diff} > {tol}");
 }
@@ -110,7 +89,7 @@ fn guidance_embedding_matches_diffusers() {
         assert_close(&format!("{prefix} w_embedding_g1"), &w1, want1, 1e-6);
         // The embedding of the scale itself (no "- 1") would be far off.
         let wrong = unet.guidance_embedding(9.0).unwrap().unwrap();
-        assert!(max_diff(&wrong, want) > 0.1);
+        assert!(max_abs_diff(&wrong, want) > 0.1);
     }
     // Regular UNets have none.
     assert!(load_sd1().unet().guidance_embedding(8.0).unwrap().is_none());
@@ -158,8 +137,8 @@ fn first_noise_prediction_matches_diffusers() {
         assert_close(&format!("sd1 {key}"), &eps, &r[&format!("sd1/{key}")], 1e-4);
     }
     // The references differ enough for the checks to catch a wrong embedding.
-    assert!(max_diff(&r["sd1/first_eps"], &r["sd1/first_eps_g1"]) > 0.1);
-    assert!(max_diff(&r["sd1/first_eps"], &r["sd1/first_eps_no_cond"]) > 0.1);
+    assert!(max_abs_diff(&r["sd1/first_eps"], &r["sd1/first_eps_g1"]) > 0.1);
+    assert!(max_abs_diff(&r["sd1/first_eps"], &r["sd1/first_eps_no_cond"]) > 0.1);
 }
 
 /// Runs `req` and compares the initial noise, every step's latents (in diffusers' scale) and
@@ -223,7 +202,7 @@ fn sd1_lcm_run_matches_diffusers() {
         p.sample_latents(&g1, &mut NoObserver, &mut |_, _| {})
             .unwrap(),
     );
-    assert!(max_diff(&a, &b) > 0.1);
+    assert!(max_abs_diff(&a, &b) > 0.1);
 }
 
 #[test]

@@ -9,4 +9,5 @@ mod samplers;
 mod sampling;
 mod sdxl;
 mod single_file;
+mod support;
 mod text;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
+use crate::support::{max_abs, max_abs_diff, values};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::pipeline::{
     to_rgb8, GenerateRequest, LoadOptions, NoObserver, Observer, Pipeline, Progress,
@@ -47,28 +48,6 @@ fn request(sampler: SamplerKind) -> GenerateRequest {
         sampler,
         ..GenerateRequest::default()
     }
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    values(t).into_iter().fold(0.0, |m, v| m.max(v.abs()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let (a, b) = (values(a), values(b));
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Runs the sampler part and returns the states before and after each step, and the final

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::support::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
 use ld_engine::clip::TextEncoder;
 use ld_engine::config::ModelFolder;
@@ -50,18 +51,6 @@ fn summary() -> serde_json::Value {
 
 fn prompt(key: &str) -> String {
     summary()["prompts"][key].as_str().unwrap().to_string()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// [`TOL_HIDDEN`], widened for chunks whose states average near zero: the emphasis rescales by

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::support::{max_abs, values};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::model_defaults::{Distillation, ModelDefaults, ModelFamily};
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
@@ -59,19 +60,6 @@ fn request() -> GenerateRequest {
         schedule: ScheduleKind::Leading,
         ..GenerateRequest::default()
     }
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    values(t).into_iter().fold(0.0, |m, v| m.max(v.abs()))
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {

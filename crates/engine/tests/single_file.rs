@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::support::{max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::checkpoint::{
     self, CheckpointKind, ModelFamily, Prediction, VaeLayout, WeightDtype,
@@ -130,19 +131,6 @@ fn ramp(shape: &[usize], scale: f64) -> Tensor {
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 struct Outputs {
     text: Tensor,
     unet: Tensor,
@@ -179,9 +167,9 @@ fn outputs(p: &Pipeline) -> Outputs {
 
 /// The same weights through the same code: everything must be bit-identical (tolerance 0).
 fn assert_same(a: &Outputs, b: &Outputs) {
-    assert_eq!(max_diff(&a.text, &b.text), 0.0);
-    assert_eq!(max_diff(&a.unet, &b.unet), 0.0);
-    assert_eq!(max_diff(&a.image, &b.image), 0.0);
+    assert_eq!(max_abs_diff(&a.text, &b.text), 0.0);
+    assert_eq!(max_abs_diff(&a.unet, &b.unet), 0.0);
+    assert_eq!(max_abs_diff(&a.image, &b.image), 0.0);
     assert_eq!(a.pixels, b.pixels);
 }
 
@@ -199,9 +187,9 @@ fn sd1_single_file_matches_the_diffusers_folder() {
     // far below a wrong mapping (outputs change by O(1)).
     let path = build("sd1", "fp16", dir.path(), |_| true);
     let half = outputs(&Pipeline::load_single_file(&path, &opts(), Some(&tiny("sd1"))).unwrap());
-    assert!(max_diff(&folder.text, &half.text) < 2e-2);
-    assert!(max_diff(&folder.unet, &half.unet) < 2e-2);
-    assert!(max_diff(&folder.image, &half.image) < 2e-2);
+    assert!(max_abs_diff(&folder.text, &half.text) < 2e-2);
+    assert!(max_abs_diff(&folder.unet, &half.unet) < 2e-2);
+    assert!(max_abs_diff(&folder.image, &half.image) < 2e-2);
 }
 
 #[test]
@@ -335,7 +323,7 @@ fn separate_vae_files_in_both_layouts() {
         vae: Some(refs().join("sd1_vae_ldm.safetensors")),
     };
     let p = Pipeline::load_source(&source, &opts()).unwrap();
-    assert_eq!(max_diff(&p.decode(&z).unwrap(), &want), 0.0);
+    assert_eq!(max_abs_diff(&p.decode(&z).unwrap(), &want), 0.0);
 
     // A diffusers folder with an LDM VAE file, and a single file with a diffusers-layout VAE.
     let source = ModelSource {
@@ -344,7 +332,7 @@ fn separate_vae_files_in_both_layouts() {
         vae: Some(refs().join("sd1_vae_ldm.safetensors")),
     };
     let p = Pipeline::load_source(&source, &opts()).unwrap();
-    assert_eq!(max_diff(&p.decode(&z).unwrap(), &want), 0.0);
+    assert_eq!(max_abs_diff(&p.decode(&z).unwrap(), &want), 0.0);
     // Reloading the VAE in another precision (memory options) goes through the same mapping:
     // an f16 pipeline whose VAE is switched to f32 decodes exactly like the f32 folder.
     let half = LoadOptions {
@@ -355,7 +343,7 @@ fn separate_vae_files_in_both_layouts() {
     let mut mem = p.memory_options();
     mem.vae_f32 = true;
     p.set_memory_options(mem).unwrap();
-    assert_eq!(max_diff(&p.decode(&z).unwrap(), &want), 0.0);
+    assert_eq!(max_abs_diff(&p.decode(&z).unwrap(), &want), 0.0);
 
     let source = ModelSource {
         path: build("sd1", "fp16", dir.path(), |n| {
@@ -365,7 +353,7 @@ fn separate_vae_files_in_both_layouts() {
         vae: Some(tiny("sd1").join("vae/diffusion_pytorch_model.safetensors")),
     };
     let p = Pipeline::load_source(&source, &opts()).unwrap();
-    assert_eq!(max_diff(&p.decode(&z).unwrap(), &want), 0.0);
+    assert_eq!(max_abs_diff(&p.decode(&z).unwrap(), &want), 0.0);
 
     // Not a VAE.
     let source = ModelSource {
@@ -497,7 +485,7 @@ fn pickle_checkpoint_converts_to_a_usable_vae() {
     .unwrap();
     let z = ramp(&[1, 4, 8, 8], 2.0);
     // fp16-rounded VAE weights: see the fp16 tolerance note above.
-    assert!(max_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()) < 2e-2);
+    assert!(max_abs_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()) < 2e-2);
 }
 
 #[test]
@@ -691,21 +679,10 @@ fn sdxl_request() -> GenerateRequest {
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Checks `got` against `want` within `tol`, returning the measured difference.
 fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) -> f32 {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let d = max_diff(&got.to_dtype(DType::F32).unwrap(), want);
+    let d = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), want);
     assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
     d
 }
@@ -730,8 +707,8 @@ fn sdxl_single_file_matches_the_folder_and_diffusers() {
 
     let (cond, added) = single.sdxl_conditioning(&req).unwrap();
     let (fcond, fadded) = folder.sdxl_conditioning(&req).unwrap();
-    assert_eq!(max_diff(&cond.cond, &fcond.cond), 0.0);
-    assert_eq!(max_diff(&added.text_embeds, &fadded.text_embeds), 0.0);
+    assert_eq!(max_abs_diff(&cond.cond, &fcond.cond), 0.0);
+    assert_eq!(max_abs_diff(&added.text_embeds, &fadded.text_embeds), 0.0);
     let mut report = vec![];
     report.push(close(
         "prompt_embeds",
@@ -765,7 +742,7 @@ fn sdxl_single_file_matches_the_folder_and_diffusers() {
         .unet()
         .forward_with(&x, t, &ctx, Some(&fadded))
         .unwrap();
-    assert_eq!(max_diff(&eps, &feps), 0.0);
+    assert_eq!(max_abs_diff(&eps, &feps), 0.0);
     report.push(close("first eps", &eps, &r["first_eps"], 1e-4));
 
     let mut states = Vec::new();
@@ -816,7 +793,10 @@ fn sdxl_refiner_single_file_finishes_like_diffusers() {
     report.push(close("refiner pooled", &added.text_embeds, &pooled, 1e-4));
     // Aesthetic score ids: the file's index-less refiner gets requires_aesthetics_score from the
     // config folder here, and from the embedded refiner configs without one.
-    assert_eq!(max_diff(&added.time_ids, &r["refiner/add_time_ids"]), 0.0);
+    assert_eq!(
+        max_abs_diff(&added.time_ids, &r["refiner/add_time_ids"]),
+        0.0
+    );
     let mut states = Vec::new();
     let latents = p
         .sample_latents(&req, &mut NoObserver, &mut |x, _| states.push(x.clone()))
@@ -907,7 +887,7 @@ fn sdxl_files_are_detected_and_bad_tensors_named() {
     let folder = Pipeline::load(&tiny("sdxl"), &opts()).unwrap();
     let z = ramp(&[1, 4, 8, 8], 2.0);
     assert_eq!(
-        max_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()),
+        max_abs_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()),
         0.0
     );
 
@@ -948,8 +928,8 @@ fn loras_merge_into_a_single_file_like_into_the_folder() {
         // Same weights, same f32 merge: bit-identical.
         assert_same(&f, &s);
         // And the LoRA did something (UNet and text encoder alike).
-        assert!(max_diff(&s.unet, &plain.unet) > 1e-2, "{file}");
-        assert!(max_diff(&s.text, &plain.text) > 1e-2, "{file}");
+        assert!(max_abs_diff(&s.unet, &plain.unet) > 1e-2, "{file}");
+        assert!(max_abs_diff(&s.text, &plain.text) > 1e-2, "{file}");
     }
 }
 
@@ -1059,26 +1039,26 @@ fn sdxl_loras_in_both_namings_merge_into_folder_and_file_alike() {
         runs.push(probe(&single));
     }
     for r in &runs[1..] {
-        assert_eq!(max_diff(&r.0, &runs[0].0), 0.0);
-        assert_eq!(max_diff(&r.1, &runs[0].1), 0.0);
-        assert_eq!(max_diff(&r.2, &runs[0].2), 0.0);
+        assert_eq!(max_abs_diff(&r.0, &runs[0].0), 0.0);
+        assert_eq!(max_abs_diff(&r.1, &runs[0].1), 0.0);
+        assert_eq!(max_abs_diff(&r.2, &runs[0].2), 0.0);
     }
     // Every encoder and the UNet changed: te1 and te2 states, the pooled output (te2), eps.
     let (c, pooled, eps) = &runs[0];
     assert!(
-        max_diff(
+        max_abs_diff(
             &c.narrow(2, 0, 8).unwrap(),
             &plain.0.narrow(2, 0, 8).unwrap()
         ) > 1e-3
     );
     assert!(
-        max_diff(
+        max_abs_diff(
             &c.narrow(2, 8, 12).unwrap(),
             &plain.0.narrow(2, 8, 12).unwrap()
         ) > 1e-3
     );
-    assert!(max_diff(pooled, &plain.1) > 1e-3);
-    assert!(max_diff(eps, &plain.2) > 1e-3);
+    assert!(max_abs_diff(pooled, &plain.1) > 1e-3);
+    assert!(max_abs_diff(eps, &plain.2) > 1e-3);
 }
 
 #[test]

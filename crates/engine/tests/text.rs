@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::support::max_abs_diff;
 use candle_core::{DType, Device, Tensor};
 use ld_engine::clip::{ClipConfig, ClipTextModel, HiddenLayer, TextEncoder};
 use ld_engine::config::ModelFolder;
@@ -64,18 +65,6 @@ fn ref_ids(r: &HashMap<String, Tensor>, key: &str) -> Vec<u32> {
         .squeeze(0)
         .unwrap()
         .to_vec1()
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
         .unwrap()
 }
 
