@@ -20,6 +20,7 @@ use tauri::{AppHandle, Manager, RunEvent};
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
 fn main() -> ExitCode {
+    ld_server::keep_freed_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -12,9 +12,10 @@
 //! 128 x 256 score tile per thread and no transposed copies (see [`AttentionOptions::fused`]).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::kernels;
+use crate::linear::Linear;
 use crate::resnet::GroupNorm;
 
 /// Initialisation hint for weights we fetch by hand. Real checkpoints ignore it; random-weight
@@ -197,10 +198,10 @@ impl CrossAttention {
         let inner = heads * dim_head;
         let ctx = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(ctx, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(ctx, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::load_no_bias(vb.pp("to_q"), query_dim, inner)?,
+            to_k: Linear::load_no_bias(vb.pp("to_k"), ctx, inner)?,
+            to_v: Linear::load_no_bias(vb.pp("to_v"), ctx, inner)?,
+            to_out: Linear::load(vb.pp("to_out.0"), inner, query_dim)?,
             heads,
             scale: 1.0 / (dim_head as f64).sqrt(),
             upcast,
@@ -246,7 +247,7 @@ impl FeedForward {
         Ok(Self {
             hidden: Linear::new(half(&w, 0)?, Some(half(&bias, 0)?)),
             gate: Linear::new(half(&w, 1)?, Some(half(&bias, 1)?)),
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            out: Linear::load(vb.pp("net.2"), inner, dim)?,
         })
     }
 
@@ -351,7 +352,7 @@ impl SpatialTransformer {
         // layers acting on tokens; both variants then share one code path.
         let proj = |name: &str, i: usize, o: usize| -> Result<Linear> {
             if cfg.use_linear_projection {
-                candle_nn::linear(i, o, vb.pp(name))
+                Linear::load(vb.pp(name), i, o)
             } else {
                 let p = vb.pp(name);
                 let w = p.get_with_hints((o, i, 1, 1), "weight", WEIGHT_INIT)?;
@@ -421,7 +422,7 @@ impl SpatialSelfAttention {
         // renames them on load, so we accept both.
         let old = vb.contains_tensor("query.weight");
         let name = |new: &'static str, legacy: &'static str| if old { legacy } else { new };
-        let lin = |n: &str| candle_nn::linear(channels, channels, vb.pp(n));
+        let lin = |n: &str| Linear::load(vb.pp(n), channels, channels);
         Ok(Self {
             group_norm: GroupNorm::load(vb.pp("group_norm"), groups, channels, eps)?,
             to_q: lin(name("to_q", "query"))?,

@@ -337,7 +337,7 @@ fn attn_case(
 }
 
 fn linear_case(rows: usize, cin: usize, cout: usize, batch: usize) -> OpFn {
-    let lin = candle_nn::linear(cin, cout, cpu_weights())?;
+    let lin = crate::linear::Linear::load(cpu_weights(), cin, cout)?;
     let x = randn(&[batch, rows, cin])?;
     Ok(Box::new(move || candle_core::Module::forward(&lin, &x)))
 }

@@ -34,6 +34,7 @@ macro_rules! simd_dispatch {
         }
     };
 }
+pub(crate) use simd_dispatch;
 
 /// `exp(x)` in f32: Cephes' `expf` polynomial (about 1 ulp), written without branches so loops
 /// over it vectorise. Inputs below -87.3 give 0 (the true value is below f32's normal range).
@@ -500,6 +501,8 @@ struct Conv3x3 {
     bias: Vec<f32>,
     /// Most elements of the im2col buffer.
     block: usize,
+    /// A 1x1 convolution instead: weights `[c_out, c_in]`, the image is the right-hand matrix.
+    pointwise: bool,
 }
 
 impl candle_core::CustomOp2 for Conv3x3 {
@@ -518,7 +521,9 @@ impl candle_core::CustomOp2 for Conv3x3 {
         let wt = contiguous_f32(s2, l2, self.name())?;
         let (batch, c, h, w) = l1.shape().dims4()?;
         let (cout, kdim) = l2.shape().dims2()?;
-        if kdim != 9 * c || self.bias.len() != cout || h == 0 || w == 0 {
+        let pointwise = self.pointwise;
+        let taps = if pointwise { 1 } else { 9 };
+        if kdim != taps * c || self.bias.len() != cout || h == 0 || w == 0 {
             candle_core::bail!(
                 "{}: weights {:?} and bias {} do not fit input {:?}",
                 self.name(),
@@ -533,7 +538,11 @@ impl candle_core::CustomOp2 for Conv3x3 {
             plane.fill(b);
         }
         let rows = (self.block / (kdim * w).max(1)).clamp(1, h);
-        let mut col = vec![0f32; kdim * rows * w];
+        let mut col = if pointwise {
+            Vec::new()
+        } else {
+            vec![0f32; kdim * rows * w]
+        };
         let threads = candle_core::utils::get_num_threads();
         let par = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -542,6 +551,35 @@ impl candle_core::CustomOp2 for Conv3x3 {
         };
         for b in 0..batch {
             let image = &x[b * c * hw..(b + 1) * c * hw];
+            if pointwise {
+                // A 1x1 convolution: the image itself is the `[c, hw]` right-hand matrix.
+                // SAFETY: dst is image b's `cout x hw` block of `out`; lhs is `cout x c`
+                // packed, rhs `c x hw` packed.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        hw,
+                        kdim,
+                        out[b * cout * hw..].as_mut_ptr(),
+                        1,
+                        hw as isize,
+                        true,
+                        wt.as_ptr(),
+                        1,
+                        kdim as isize,
+                        image.as_ptr(),
+                        1,
+                        hw as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+                continue;
+            }
             for y0 in (0..h).step_by(rows) {
                 let y1 = (y0 + rows).min(h);
                 let n = (y1 - y0) * w;
@@ -588,6 +626,20 @@ pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], block: usize) -
         &Conv3x3 {
             bias: bias.to_vec(),
             block,
+            pointwise: false,
+        },
+    )
+}
+
+/// 1x1 convolution of `x` (`[batch, c, h, w]`, contiguous f32 CPU) with `weight` `[c_out, c]`
+/// and `bias`: one product per image, written into an output that starts as the bias.
+pub(crate) fn conv1x1(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
+    x.apply_op2_no_bwd(
+        weight,
+        &Conv3x3 {
+            bias: bias.to_vec(),
+            block: 0,
+            pointwise: true,
         },
     )
 }

@@ -12,6 +12,7 @@ pub mod error;
 mod fused_attention;
 mod kernels;
 pub mod ldm_names;
+pub mod linear;
 pub mod lora;
 pub mod memory;
 pub mod model_defaults;
@@ -30,6 +31,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+mod winograd;
 
 pub use error::{EngineError, Result};
 

@@ -4,7 +4,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder};
 
-use crate::kernels;
+use crate::{kernels, winograd};
 
 /// Group normalisation with affine parameters (torch `nn.GroupNorm`), run by the fused CPU
 /// kernel where it applies; the SiLU that follows almost every norm in SD is fused in too.
@@ -93,8 +93,9 @@ enum ConvKind {
     /// `[c_out, 9 * c_in]` weights (taps in (kh, kw, c_in) order) and the bias, for
     /// `kernels::conv3x3`, which writes each block's product straight into the output.
     Direct3x3(Tensor, Vec<f32>),
-    /// 1x1: `[c_out, c_in]` weight and the bias as `[c_out, 1]`.
-    Pointwise(Tensor, Tensor),
+    /// 1x1: `[c_out, c_in]` weight and the bias, for `kernels::conv1x1` (the output starts as
+    /// the bias, so no second pass adds it).
+    Pointwise(Tensor, Vec<f32>),
     /// Anything else: candle's convolution.
     General(candle_nn::Conv2d),
 }
@@ -155,8 +156,8 @@ impl Conv2d {
                 }
             }
             (1, 1, 0) if cpu_f32 => ConvKind::Pointwise(
-                w.reshape((out_channels, in_channels))?,
-                b.reshape((out_channels, 1))?,
+                w.reshape((out_channels, in_channels))?.contiguous()?,
+                b.to_vec1::<f32>()?,
             ),
             _ => {
                 let cfg = Conv2dConfig {
@@ -204,14 +205,15 @@ impl Module for Conv2d {
                 }
             }
             ConvKind::Direct3x3(w, bias) if kernels::cpu_f32(x) => {
-                kernels::conv3x3(x, w, bias, IM2COL_BLOCK)
+                let (batch, _, h, width) = x.dims4()?;
+                match conv_path() {
+                    ConvPath::Winograd(tile) if winograd::worth_it(batch, h, width) => {
+                        winograd::conv3x3(x, w, bias, tile)
+                    }
+                    _ => kernels::conv3x3(x, w, bias, IM2COL_BLOCK),
+                }
             }
-            ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => {
-                let (batch, c, h, width) = x.dims4()?;
-                let x = x.reshape((batch, c, h * width))?;
-                let y = w.broadcast_left(batch)?.matmul(&x)?.broadcast_add(bias)?;
-                y.reshape((batch, self.out_channels, h, width))
-            }
+            ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => kernels::conv1x1(x, w, bias),
             ConvKind::Packed3x3(_) | ConvKind::Direct3x3(..) | ConvKind::Pointwise(..) => {
                 // Loaded for the CPU fast path but given another input (non-contiguous, say):
                 candle_core::bail!("conv2d: expects a contiguous f32 CPU input")
@@ -225,6 +227,26 @@ impl Module for Conv2d {
 /// im2col-blocks-then-concatenate path; `LD_CONV=blocks` picks the latter, for comparisons.
 fn direct_conv() -> bool {
     std::env::var("LD_CONV").map_or(true, |v| v != "blocks")
+}
+
+/// How large 3x3 convolutions run on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConvPath {
+    /// `winograd::conv3x3` where [`winograd::worth_it`], else im2col (the default: F(4x4, 3x3)).
+    Winograd(winograd::Tile),
+    /// Always the im2col product.
+    Im2col,
+}
+
+/// `LD_CONV=direct` (or `blocks`) keeps every 3x3 convolution on the im2col path and
+/// `LD_CONV=winograd2` picks F(2x2, 3x3), for comparisons; read once.
+fn conv_path() -> ConvPath {
+    static PATH: std::sync::OnceLock<ConvPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("LD_CONV").as_deref() {
+        Ok("direct" | "blocks") => ConvPath::Im2col,
+        Ok("winograd2") => ConvPath::Winograd(winograd::Tile::Two),
+        _ => ConvPath::Winograd(winograd::Tile::Four),
+    })
 }
 
 pub(crate) fn conv2d(

@@ -10,6 +10,8 @@ pub mod serve;
 pub mod state;
 mod static_ui;
 
+/// For the desktop app's `main`, which links the engine only through this crate.
+pub use ld_engine::memory::keep_freed_buffers;
 pub use router::app;
 pub use serve::{bind, ServeOptions, Server};
 pub use state::{AppState, StateOptions};
