@@ -373,24 +373,16 @@ impl SpatialTransformer {
 
     /// `x`: `[batch, channels, h, w]`; `context`: `[batch, tokens, context_dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
-        let mut t = self.proj_in.forward(&to_tokens(&self.norm.forward(x)?)?)?;
+        // Channels to tokens and back happen inside the projections' products (no transposing
+        // copies on the CPU): `[b, c, h, w]` -> `[b, h*w, inner]` -> `x + [b, c, h, w]`.
+        let mut t = self
+            .proj_in
+            .forward_channels_to_tokens(&self.norm.forward(x)?)?;
         for block in &self.blocks {
             t = block.forward(&t, context, opts)?;
         }
-        add_tokens(x, &self.proj_out.forward(&t)?)
+        self.proj_out.forward_tokens_to_channels_add(&t, x)
     }
-}
-
-/// `[b, c, h, w]` -> contiguous `[b, h*w, c]` (one transposing copy, so the layer norms and
-/// linear layers that follow run on packed rows).
-fn to_tokens(x: &Tensor) -> Result<Tensor> {
-    x.flatten_from(2)?.transpose(1, 2)?.contiguous()
-}
-
-/// `residual + tokens` back in `[b, c, h, w]`: the residual add does the transposing copy.
-fn add_tokens(residual: &Tensor, tokens: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = residual.dims4()?;
-    (residual.flatten_from(2)? + tokens.transpose(1, 2)?)?.reshape((b, c, h, w))
 }
 
 /// The VAE mid-block attention (diffusers `Attention` with `group_norm`, residual connection,
@@ -435,12 +427,13 @@ impl SpatialSelfAttention {
     }
 
     pub fn forward(&self, x: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
-        let t = to_tokens(&self.group_norm.forward(x)?)?;
-        let q = self.to_q.forward(&t)?;
-        let k = self.to_k.forward(&t)?;
-        let v = self.to_v.forward(&t)?;
+        // Each projection reads the normed channels as tokens in place (see `Linear`).
+        let n = self.group_norm.forward(x)?;
+        let q = self.to_q.forward_channels_to_tokens(&n)?;
+        let k = self.to_k.forward_channels_to_tokens(&n)?;
+        let v = self.to_v.forward_channels_to_tokens(&n)?;
         let o = scaled_dot_product_attention(&q, &k, &v, self.heads, self.scale, true, opts)?;
-        add_tokens(x, &self.to_out.forward(&o)?)
+        self.to_out.forward_tokens_to_channels_add(&o, x)
     }
 }
 

@@ -132,11 +132,24 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         median(ours.iter().filter_map(f).map(|d| d.as_secs_f64()).collect())
     };
     let torch = |key: &str| median(theirs.iter().filter_map(|v| v[key].as_f64()).collect());
+    // The ratio is the median of each round's own ratio: a round's two figures were measured
+    // a minute apart, under much the same load from the rest of the machine.
+    let paired = |f: fn(&BenchReport) -> Option<Duration>, key: &str| {
+        median(
+            ours.iter()
+                .zip(&theirs)
+                .filter_map(|(o, t)| Some(f(o)?.as_secs_f64() / t[key].as_f64()?))
+                .collect(),
+        )
+    };
+    let row = |name, f: fn(&BenchReport) -> Option<Duration>, key: &str| {
+        (name, med(f), torch(key), paired(f, key))
+    };
     let rows = [
-        ("UNet build", med(|r| r.unet_build), torch("unet_build_s")),
-        ("UNet step", med(|r| r.unet_forward), torch("unet_step_s")),
-        ("VAE build", med(|r| r.vae_build), torch("vae_build_s")),
-        ("VAE decode", med(|r| r.vae_decode), torch("vae_decode_s")),
+        row("UNet build", |r| r.unet_build, "unet_build_s"),
+        row("UNet step", |r| r.unet_forward, "unet_step_s"),
+        row("VAE build", |r| r.vae_build, "vae_build_s"),
+        row("VAE decode", |r| r.vae_decode, "vae_decode_s"),
     ];
     let torch_peak = median(
         theirs
@@ -167,15 +180,15 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         "SD1.5"
     };
     println!(
-        "{label} sizes, random weights, {width}x{height}, UNet batch {}, {} threads, median of {} round(s)",
+        "{label} sizes, random weights, {width}x{height}, UNet batch {}, {} threads, median of {} round(s) (ratio: median of the rounds' ratios)",
         args.batch,
         threads(&args),
         args.rounds.max(1)
     );
     print_header(python.is_some());
-    for (name, o, t) in rows {
+    for (name, o, t, ratio) in rows {
         if let Some(o) = o {
-            print_row(name, o, t);
+            print_row(name, o, t, ratio);
         }
     }
     if let Some(p) = peak {
@@ -248,7 +261,7 @@ fn run_ops(args: &BenchArgs) -> anyhow::Result<()> {
     );
     print_header(python.is_some());
     for (name, o, t) in rows {
-        print_row(name, o, t);
+        print_row(name, o, t, t.map(|t| o / t));
     }
     if python.is_none() && !args.no_torch {
         how_to_compare("bench_ops_pytorch.py", &torch_args(&args.filter));
@@ -277,10 +290,10 @@ fn print_header(torch: bool) {
     }
 }
 
-fn print_row(name: &str, ours: f64, torch: Option<f64>) {
-    match torch {
-        Some(t) => println!("{name:<36} {:>9.3} s {:>9.3} s {:>7.2}", ours, t, ours / t),
-        None => println!("{name:<36} {ours:>9.3} s"),
+fn print_row(name: &str, ours: f64, torch: Option<f64>, ratio: Option<f64>) {
+    match (torch, ratio) {
+        (Some(t), Some(r)) => println!("{name:<36} {ours:>9.3} s {t:>9.3} s {r:>7.2}"),
+        _ => println!("{name:<36} {ours:>9.3} s"),
     }
 }
 
