@@ -388,7 +388,7 @@ simd_dispatch!(norm_groups(p: &NormParams, d: &mut [f32], xs: &[f32], first: usi
 
 /// Builds the im2col matrix of a 3x3, stride 1, padding 1 convolution for image `b` of
 /// `x` (`[batch, c, h, w]`), output rows `y0..y1`: `[9 * c + 1, (y1 - y0) * w]`, row
-/// `(kh * 3 + kw) * c + ci` holding the input pixel each output pixel sees through tap (kh, kw),
+/// `ci * 9 + kh * 3 + kw` holding the input pixel each output pixel sees through tap (kh, kw),
 /// and a final row of ones that multiplies the bias column of the packed weights.
 ///
 /// Channel-major like this, `weights [c_out, 9c+1] @ im2col` lands directly in NCHW order, and
@@ -425,7 +425,7 @@ impl CustomOp1 for Im2Col3x3 {
                     row.fill(1.0);
                     continue;
                 }
-                let (tap, ci) = (r / c, r % c);
+                let (ci, tap) = (r / 9, r % 9);
                 let (kh, kw) = (tap / 3, tap % 3);
                 let plane = &image[ci * h * w..(ci + 1) * h * w];
                 for (y, out) in (y0..y1).zip(row.chunks_exact_mut(w)) {
@@ -451,22 +451,14 @@ pub(crate) fn im2col_3x3(x: &Tensor, b: usize, y0: usize, y1: usize) -> Result<T
     x.apply_op1_no_bwd(&Im2Col3x3 { b, y0, y1 })
 }
 
-/// Fills rows `y0..y1` of image plane set `image` (`[c, h, w]`) into `dst` as the 3x3 im2col
-/// block `[9 * c, (y1 - y0) * w]` (row `(kh * 3 + kw) * c + ci`), in parallel over rows.
-fn im2col_block(
-    image: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    y0: usize,
-    y1: usize,
-    dst: &mut [f32],
-) {
+/// Fills rows `y0..y1` of image plane set `image` (`[c, h, w]`, c = `dst` rows / 9) into `dst`
+/// as the 3x3 im2col block `[9 * c, (y1 - y0) * w]` (row `ci * 9 + kh * 3 + kw`), in parallel over rows.
+fn im2col_block(image: &[f32], h: usize, w: usize, y0: usize, y1: usize, dst: &mut [f32]) {
     let n = (y1 - y0) * w;
     par_units(dst, None, n, |part, _, first| {
         for (i, row) in part.chunks_exact_mut(n).enumerate() {
             let r = first + i;
-            let (tap, ci) = (r / c, r % c);
+            let (ci, tap) = (r / 9, r % 9);
             let (kh, kw) = (tap / 3, tap % 3);
             let plane = &image[ci * h * w..(ci + 1) * h * w];
             for (y, out) in (y0..y1).zip(row.chunks_exact_mut(w)) {
@@ -493,7 +485,7 @@ fn im2col_block(
 }
 
 /// A 3x3, stride 1, padding 1 convolution with bias, as blocks of im2col rows times the packed
-/// weights `[c_out, 9 * c_in]` (taps in (kh, kw, c_in) order). Each block's product is written
+/// weights `[c_out, 9 * c_in]` (torch's `[c_out, c_in, 3, 3]` as it is stored). Each block's product is written
 /// by the matrix kernel straight into its place in the NCHW output, which starts as the bias:
 /// no per-block result tensors, no concatenation copies, and one im2col buffer reused for every
 /// block instead of a fresh allocation each.
@@ -584,7 +576,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
                 let y1 = (y0 + rows).min(h);
                 let n = (y1 - y0) * w;
                 let col = &mut col[..kdim * n];
-                im2col_block(image, c, h, w, y0, y1, col);
+                im2col_block(image, h, w, y0, y1, col);
                 let dst = &mut out[b * cout * hw + y0 * w..];
                 // SAFETY: dst rows are `hw` apart and each holds `n` columns inside `out`
                 // (`y0 * w + n <= hw`); lhs is `cout x kdim` packed, rhs `kdim x n` packed.
@@ -618,7 +610,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
 }
 
 /// 3x3/stride 1/padding 1 convolution of `x` (`[batch, c, h, w]`, contiguous f32 CPU) with
-/// `weight` `[c_out, 9 * c]` (taps in (kh, kw, c) order) and `bias`; im2col blocks of at most
+/// `weight` `[c_out, 9 * c]` (torch's `[c_out, c, 3, 3]` flattened) and `bias`; im2col blocks of at most
 /// `block` elements.
 pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], block: usize) -> Result<Tensor> {
     x.apply_op2_no_bwd(

@@ -88,9 +88,9 @@ pub struct Conv2d {
 
 #[derive(Debug, Clone)]
 enum ConvKind {
-    /// `[c_out, 9 * c_in + 1]`: taps in (kh, kw, c_in) order, then the bias.
+    /// `[c_out, 9 * c_in + 1]`: torch's `[c_out, c_in, 3, 3]` flattened, then the bias.
     Packed3x3(Tensor),
-    /// `[c_out, 9 * c_in]` weights (taps in (kh, kw, c_in) order) and the bias, for
+    /// `[c_out, 9 * c_in]` weights (torch's layout flattened: no copy at load) and the bias, for
     /// `kernels::conv3x3`, which writes each block's product straight into the output.
     Direct3x3(Tensor, Vec<f32>),
     /// 1x1: `[c_out, c_in]` weight and the bias, for `kernels::conv1x1` (the output starts as
@@ -146,9 +146,9 @@ impl Conv2d {
         let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
         let kind = match (kernel, stride, padding) {
             (3, 1, 1) if cpu_f32 => {
-                let w = w
-                    .permute((0, 2, 3, 1))?
-                    .reshape((out_channels, 9 * in_channels))?;
+                // Flattened as stored (a view): the im2col rows and Winograd's filter transform
+                // both read taps in torch's (c_in, kh, kw) order, so no reordering copy.
+                let w = w.reshape((out_channels, 9 * in_channels))?;
                 if direct {
                     ConvKind::Direct3x3(w.contiguous()?, b.to_vec1::<f32>()?)
                 } else {
@@ -438,13 +438,7 @@ mod tests {
         let w = Tensor::randn(0f32, 0.2, (cout, cin, 3, 3), &dev).unwrap();
         let b = Tensor::randn(0f32, 1., cout, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (2, cin, 7, 11), &dev).unwrap();
-        let packed = w
-            .permute((0, 2, 3, 1))
-            .unwrap()
-            .reshape((cout, 9 * cin))
-            .unwrap()
-            .contiguous()
-            .unwrap();
+        let packed = w.reshape((cout, 9 * cin)).unwrap();
         let bias = b.to_vec1::<f32>().unwrap();
         let want = x
             .conv2d(&w, 1, 1, 1, 1)

@@ -97,7 +97,7 @@ pub(crate) fn worth_it(batch: usize, h: usize, w: usize) -> bool {
 const CHUNK_TILES: usize = 256;
 
 /// `x` (`[batch, c, h, w]`, contiguous f32 on the CPU) convolved with `weight` `[c_out, 9 * c]`
-/// (taps in (kh, kw, c) order, as `resnet::Conv2d` packs them), padding 1, plus `bias`.
+/// (torch's `[c_out, c, 3, 3]` flattened, as `resnet::Conv2d` holds it), padding 1, plus `bias`.
 pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> Result<Tensor> {
     x.apply_op2_no_bwd(
         weight,
@@ -285,20 +285,22 @@ fn filters_impl<const M: usize, const A: usize>(
     k1: usize,
     u: SendPtr,
 ) {
+    // Work arrays live outside the loops: returned by value they were copied each time.
+    let mut g = [[[0f32; L]; 3]; 3];
+    let mut gt = [[[0f32; L]; 3]; A];
+    let mut ut = [[[0f32; L]; A]; A];
     for k in k0..k1 {
         let row = &wt[k * 9 * c..(k + 1) * 9 * c];
         for c0 in (0..c).step_by(L) {
             let lanes = L.min(c - c0);
-            let mut g = [[[0f32; L]; 3]; 3];
-            for (tap, gv) in g.iter_mut().flatten().enumerate() {
-                let at = tap * c + c0;
-                if lanes == L {
-                    gv.copy_from_slice(&row[at..at + L]);
-                } else {
-                    gv[..lanes].copy_from_slice(&row[at..at + lanes]);
+            // Channel c's nine taps are `row[9 * c..9 * c + 9]`: lane l takes channel c0 + l.
+            for (l, taps) in row[9 * c0..9 * (c0 + lanes)].chunks_exact(9).enumerate() {
+                for (gv, &t) in g.iter_mut().flatten().zip(taps) {
+                    gv[l] = t;
                 }
             }
-            let ut = mul_right_t(&mul_left(&tr.g, &g), &tr.g);
+            mul_left(&tr.g, &g, &mut gt);
+            mul_right_t(&gt, &tr.g, &mut ut);
             for (p, v) in ut.iter().flatten().enumerate() {
                 let at = (p * cout + k) * c + c0;
                 // SAFETY: `at..at + lanes` lies in row k of point p, which this thread owns.
@@ -474,16 +476,19 @@ fn input_row_impl<const M: usize, const A: usize>(
     v: &mut [f32],
 ) {
     let stride = phase_stride(tw);
+    let mut d = [[[0f32; L]; A]; A];
+    let mut t = [[[0f32; L]; A]; A];
+    let mut vt = [[[0f32; L]; A]; A];
     for tx0 in (0..tw).step_by(L) {
         let lanes = L.min(tw - tx0);
-        let mut d = [[[0f32; L]; A]; A];
         for (i, di) in d.iter_mut().enumerate() {
             for (j, dij) in di.iter_mut().enumerate() {
                 let at = (i * M + j % M) * stride + tx0 + j / M;
                 dij.copy_from_slice(&rows[at..at + L]);
             }
         }
-        let vt = mul_right_t(&mul_left(&tr.bt, &d), &tr.bt);
+        mul_left(&tr.bt, &d, &mut t);
+        mul_right_t(&t, &tr.bt, &mut vt);
         for (p, vals) in vt.iter().flatten().enumerate() {
             let at = (p * c + ch) * tiles + t0 + tx0;
             if lanes == L {
@@ -561,9 +566,11 @@ fn output_row_impl<const M: usize, const A: usize>(
     let (h, w) = (sh.h, sh.w);
     let tw = w.div_ceil(M);
     let cout = sh.cout;
+    let mut mt = [[[0f32; L]; A]; A];
+    let mut t = [[[0f32; L]; A]; M];
+    let mut y = [[[0f32; L]; M]; M];
     for tx0 in (0..tw).step_by(L) {
         let lanes = L.min(tw - tx0);
-        let mut mt = [[[0f32; L]; A]; A];
         for (p, vals) in mt.iter_mut().flatten().enumerate() {
             let at = (p * cout + k) * tiles + t0 + tx0;
             if lanes == L {
@@ -572,7 +579,8 @@ fn output_row_impl<const M: usize, const A: usize>(
                 vals[..lanes].copy_from_slice(&m[at..at + lanes]);
             }
         }
-        let y = mul_right_t(&mul_left(&tr.at, &mt), &tr.at);
+        mul_left(&tr.at, &mt, &mut t);
+        mul_right_t(&t, &tr.at, &mut y);
         for (a, ya) in y.iter().enumerate() {
             let oy = ty * M + a;
             if oy >= h {
@@ -591,43 +599,41 @@ fn output_row_impl<const M: usize, const A: usize>(
     }
 }
 
-/// `mat x X` where `X`'s elements are lane vectors. The matrices are constants, so once this is
-/// inlined and unrolled the zero and ±1 entries cost nothing or a plain add.
+/// `Y = mat x X` where `X`'s elements are lane vectors. The matrices are constants, so once this
+/// is inlined and unrolled the zero and ±1 entries cost nothing or a plain add. Each element is
+/// summed in registers and stored once.
 #[inline(always)]
 fn mul_left<const R: usize, const K: usize, const C: usize>(
     mat: &[[f32; K]; R],
     x: &[[Lanes; C]; K],
-) -> [[Lanes; C]; R] {
-    let mut y = [[[0f32; L]; C]; R];
-    for (r, yr) in y.iter_mut().enumerate() {
-        for (k, xk) in x.iter().enumerate() {
-            axpy_row(mat[r][k], xk, yr);
+    y: &mut [[Lanes; C]; R],
+) {
+    for (yr, mr) in y.iter_mut().zip(mat) {
+        for (c, yc) in yr.iter_mut().enumerate() {
+            let mut acc = [0f32; L];
+            for (xk, &f) in x.iter().zip(mr) {
+                axpy(f, &xk[c], &mut acc);
+            }
+            *yc = acc;
         }
     }
-    y
 }
 
-/// `X x matᵀ` where `X`'s elements are lane vectors.
+/// `Y = X x matᵀ` where `X`'s elements are lane vectors.
 #[inline(always)]
 fn mul_right_t<const R: usize, const K: usize, const C: usize>(
     x: &[[Lanes; K]; R],
     mat: &[[f32; K]; C],
-) -> [[Lanes; C]; R] {
-    let mut y = [[[0f32; L]; C]; R];
+    y: &mut [[Lanes; C]; R],
+) {
     for (xr, yr) in x.iter().zip(y.iter_mut()) {
-        for (yc, mc) in yr.iter_mut().zip(mat.iter()) {
-            for (xk, &f) in xr.iter().zip(mc.iter()) {
-                axpy(f, xk, yc);
+        for (yc, mc) in yr.iter_mut().zip(mat) {
+            let mut acc = [0f32; L];
+            for (xk, &f) in xr.iter().zip(mc) {
+                axpy(f, xk, &mut acc);
             }
+            *yc = acc;
         }
-    }
-    y
-}
-
-#[inline(always)]
-fn axpy_row<const C: usize>(f: f32, x: &[Lanes; C], y: &mut [Lanes; C]) {
-    for (xc, yc) in x.iter().zip(y.iter_mut()) {
-        axpy(f, xc, yc);
     }
 }
 
@@ -680,13 +686,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let packed = wt
-            .permute((0, 2, 3, 1))
-            .unwrap()
-            .reshape((cout, 9 * c))
-            .unwrap()
-            .contiguous()
-            .unwrap();
+        let packed = wt.reshape((cout, 9 * c)).unwrap();
         let got = conv3x3(&x, &packed, &bias, tile).unwrap();
         assert_eq!(got.dims(), want.dims());
         let scale = want
