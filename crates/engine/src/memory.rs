@@ -388,7 +388,11 @@ pub fn estimate_with_attention(
 /// reused. Peak RSS stays about the same (the same buffers are live at the peak); memory freed
 /// after a generation stays with the process, which keeps its model loaded anyway. Call once,
 /// first thing in `main`, before other threads start. Other platforms' allocators: no-op.
+/// `LD_KEEP_FREED=0` leaves glibc's defaults, for comparisons.
 pub fn keep_freed_buffers() {
+    if std::env::var_os("LD_KEEP_FREED").is_some_and(|v| v == "0") {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const ONE_GIB: libc::c_int = 1 << 30;
