@@ -902,7 +902,7 @@ fn plan_memory(
             &shape,
             req.width,
             req.height,
-            req.cfg_scale != 1.0,
+            req.cfg_scale != 1.0 && !shape.guidance_embedded,
             dtype,
             m,
         );
@@ -1628,6 +1628,42 @@ mod tests {
         assert!(
             e.message
                 .contains("even with every memory saving on, but only 0.0 GB is free"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn single_files_are_planned_from_their_familys_sizes() {
+        // A single file has no folder to read sizes from: the planner takes its family's
+        // published sizes (full SD 1.5, GBs), not the tiny file's (well under 0.1 GB). With
+        // too little free memory it refuses before loading, quoting the full-size figure.
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        sd1_single_file(&models);
+        let model = crate::models::scan(&models, &[]).remove(0);
+        assert_eq!(model.family, crate::models::Family::Sd1);
+        let svc = service(&dir);
+        svc.set_memory_policy(MemoryPolicy {
+            free: Some(Arc::new(|| Some(1 << 30))),
+            ..Default::default()
+        });
+        let info = run_with(&svc, model, Vec::new());
+        let e = info.error.unwrap();
+        assert_eq!(e.code, "out_of_memory", "{}", e.message);
+        let full = ld_engine::memory::estimate(
+            &ModelShape::SD1,
+            64,
+            64,
+            true,
+            DType::F32,
+            &MemoryOptions::lowest(),
+        );
+        assert!(full.peak > 1 << 30);
+        assert!(
+            e.message
+                .contains(&format!("needs about {}", gib(full.peak))),
             "{}",
             e.message
         );

@@ -159,6 +159,9 @@ pub struct ModelShape {
     /// The VAE's first width (`block_out_channels[0]`) and its size factor (8).
     pub vae_channels: u64,
     pub vae_factor: u64,
+    /// The UNet takes the guidance scale as an input (`time_cond_proj_dim`: full LCMs), so one
+    /// image is one UNet pass per step however high the CFG scale, never a guidance pair.
+    pub guidance_embedded: bool,
 }
 
 impl ModelShape {
@@ -173,6 +176,7 @@ impl ModelShape {
         attention_downscale: 1,
         vae_channels: 128,
         vae_factor: 8,
+        guidance_embedded: false,
     };
     /// SD 2.x: OpenCLIP ViT-H text tower 340 M, UNet 866 M, the same VAE; head width 64 (5 heads).
     pub const SD2: Self = Self {
@@ -184,6 +188,7 @@ impl ModelShape {
         attention_downscale: 1,
         vae_channels: 128,
         vae_factor: 8,
+        guidance_embedded: false,
     };
     /// SDXL base: CLIP-L 123 M + OpenCLIP bigG 695 M, UNet 2.57 G, VAE 83.7 M; its first
     /// attention level is the second block (640 channels, 10 heads, latent / 2).
@@ -196,6 +201,7 @@ impl ModelShape {
         attention_downscale: 2,
         vae_channels: 128,
         vae_factor: 8,
+        guidance_embedded: false,
     };
 
     /// Reads the parameter counts from the weight headers and the widths from the configs of a
@@ -266,6 +272,7 @@ impl ModelShape {
             attention_downscale: 1 << level,
             vae_channels: first(&vae, "block_out_channels", 128),
             vae_factor: 1 << vae_blocks.saturating_sub(1),
+            guidance_embedded: unet.get("time_cond_proj_dim").is_some_and(|v| !v.is_null()),
         })
     }
 }
@@ -498,6 +505,10 @@ mod tests {
         assert_eq!((s.attention_heads, s.attention_downscale), (8, 1));
         assert!(s.unet_params > 10_000 && s.unet_params < 2_000_000, "{s:?}");
         assert!(s.text_params > 0 && s.vae_params > 0);
+        assert!(!s.guidance_embedded);
+        // The full-LCM fixture: its UNet embeds the guidance scale, so no guidance pair.
+        let lcm = ModelShape::from_folder(&dir.with_file_name("sd1-lcm")).unwrap();
+        assert!(lcm.guidance_embedded, "{lcm:?}");
     }
 
     fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
