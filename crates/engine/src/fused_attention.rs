@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::kernels;
+use crate::kernels::{self, SendPtr};
 
 /// Queries per tile. 128 rows keep one tile's scores (128 x 256 f32 = 128 KiB) and its output
 /// rows in L2 while giving the products enough rows to run at full speed.
@@ -94,13 +94,6 @@ impl CustomOp3 for FusedAttention {
         Ok((CpuStorage::F32(out), Shape::from((b, sq, inner))))
     }
 }
-
-/// A pointer the worker threads share; see the SAFETY note where it is written through.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: threads write disjoint elements only (see `cpu_fwd`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Sizes one attention call shares.
 struct Dims {

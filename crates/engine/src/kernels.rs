@@ -123,6 +123,24 @@ fn contiguous_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Resu
     }
 }
 
+/// A pointer worker threads share to write one output buffer; every user writes a disjoint set of
+/// elements through it (see the SAFETY notes where it is written through).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: threads never write the same element through it (each user's contract).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// The `gemm` crate's parallelism for one large product on this process's compute threads.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
 /// Whether a tensor can take the fused CPU path.
 fn fast_path(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
@@ -535,12 +553,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
         } else {
             vec![0f32; kdim * rows * w]
         };
-        let threads = candle_core::utils::get_num_threads();
-        let par = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let par = gemm_parallelism();
         for b in 0..batch {
             let image = &x[b * c * hw..(b + 1) * c * hw];
             if pointwise {

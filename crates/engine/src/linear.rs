@@ -1,13 +1,15 @@
-//! Linear layers (torch `nn.Linear`) for the UNet's transformers. On the CPU in f32 the forward
-//! pass is one matrix product over all rows of the batch, written into an output that already
-//! holds the bias: candle's `Linear` runs a product per batch item and then adds the bias in a
-//! second pass over a second output, which for the feed-forward layers (a 84 MB output at
-//! 512x512) cost about a third of the layer's time here. Other devices and dtypes use candle's.
+//! Linear layers (torch `nn.Linear`) for the UNet's transformers and the VAE's attention. On the
+//! CPU in f32 the forward pass is one matrix product over all rows of the batch, written into an
+//! output that already holds the bias (candle's `Linear` runs a product per batch item, then a
+//! second pass over a second output adds the bias), and the transformer projections read
+//! `[b, c, h, w]` channels as tokens, and write tokens back as channels, inside the product
+//! instead of through transposing copies (serial in candle). Other devices and dtypes use
+//! candle's `Linear`.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::kernels::contiguous_f32;
+use crate::kernels::{contiguous_f32, cpu_f32, gemm_parallelism};
 
 /// `y = x Wᵀ + b` with `W`: `[out, in]`.
 #[derive(Debug, Clone)]
@@ -21,27 +23,17 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `weight` `[out, in]` and `bias` `[out]` under `vb`, with candle's initialisation hints
-    /// (used only by random-weight models: tests and the benchmark).
+    /// `weight` `[out, in]` and `bias` `[out]` under `vb`, as `candle_nn::linear` loads them
+    /// (with its initialisation hints for random-weight models: tests and the benchmark).
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let mut lin = Self::load_no_bias(vb.clone(), in_dim, out_dim)?;
-        let bound = 1.0 / (in_dim as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
-        lin.bias = Some(vb.get_with_hints(out_dim, "bias", init)?);
-        Ok(lin)
+        let l = candle_nn::linear(in_dim, out_dim, vb)?;
+        Ok(Self::new(l.weight().clone(), l.bias().cloned()))
     }
 
     /// [`Linear::load`] without a bias.
     pub fn load_no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = vb.get_with_hints(
-            (out_dim, in_dim),
-            "weight",
-            candle_nn::init::DEFAULT_KAIMING_NORMAL,
-        )?;
-        Ok(Self::new(weight, None))
+        let l = candle_nn::linear_no_bias(in_dim, out_dim, vb)?;
+        Ok(Self::new(l.weight().clone(), None))
     }
 }
 
@@ -51,7 +43,7 @@ impl Linear {
     /// the transposing copy (serial in candle, 10-40 MB per transformer at 512x512) is skipped.
     pub fn forward_channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        if fast(x) && fast(&self.weight) {
+        if cpu_f32(x) && cpu_f32(&self.weight) {
             let bias = self.bias_values()?;
             return x.apply_op2_no_bwd(&self.weight, &ChannelsToTokens { bias });
         }
@@ -64,7 +56,7 @@ impl Linear {
     /// transposed result straight into a copy of the residual that already holds the bias.
     pub fn forward_tokens_to_channels_add(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = residual.dims4()?;
-        if fast(t) && fast(&self.weight) && fast(residual) {
+        if cpu_f32(t) && cpu_f32(&self.weight) && cpu_f32(residual) {
             let bias = self.bias_values()?;
             return t.apply_op3_no_bwd(&self.weight, residual, &TokensToChannelsAdd { bias });
         }
@@ -74,20 +66,6 @@ impl Linear {
 
     fn bias_values(&self) -> Result<Option<Vec<f32>>> {
         self.bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()
-    }
-}
-
-/// Whether a tensor can take the CPU fast path.
-fn fast(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
-}
-
-fn parallelism() -> gemm::Parallelism {
-    let threads = candle_core::utils::get_num_threads();
-    if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
     }
 }
 
@@ -147,7 +125,7 @@ impl CustomOp2 for ChannelsToTokens {
                     false,
                     false,
                     false,
-                    parallelism(),
+                    gemm_parallelism(),
                 );
             }
         }
@@ -222,7 +200,7 @@ impl CustomOp3 for TokensToChannelsAdd {
                     false,
                     false,
                     false,
-                    parallelism(),
+                    gemm_parallelism(),
                 );
             }
         }
@@ -232,7 +210,7 @@ impl CustomOp3 for TokensToChannelsAdd {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fast(x) && fast(&self.weight) && self.bias.as_ref().is_none_or(fast) {
+        if cpu_f32(x) && cpu_f32(&self.weight) && self.bias.as_ref().is_none_or(cpu_f32) {
             return match &self.bias {
                 Some(b) => x.apply_op3_no_bwd(&self.weight, b, &LinearOp),
                 None => x.apply_op2_no_bwd(&self.weight, &LinearOp),
@@ -274,7 +252,7 @@ impl LinearOp {
             }
             None => vec![0f32; rows * out_dim],
         };
-        let par = parallelism();
+        let par = gemm_parallelism();
         if rows > 0 && out_dim > 0 {
             // SAFETY: dst is `rows x out_dim` row-major in `out`; lhs `rows x in_dim` row-major
             // in `xs`; rhs is Wᵀ (`in_dim x out_dim`), read from `ws` (`[out, in]` row-major)

@@ -16,7 +16,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::kernels::{contiguous_f32, simd_dispatch};
+use crate::kernels::{contiguous_f32, simd_dispatch, SendPtr};
 
 /// Tiles (or channels) transformed together, one per SIMD lane (8 f32 = one AVX2 register).
 const L: usize = 8;
@@ -161,13 +161,6 @@ struct ConvShape {
     h: usize,
     w: usize,
 }
-
-/// A pointer the worker threads share; each writes a disjoint set of elements through it.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see the SAFETY notes where it is written through: threads never write the same element.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Runs `f(thread, threads)` on `threads` scoped threads (or inline for one).
 fn on_threads(threads: usize, f: impl Fn(usize, usize) + Sync) {
