@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::support::{max_abs, max_abs_diff, values};
+use crate::support::{self, max_abs, max_abs_diff, values};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::model_defaults::{Distillation, ModelDefaults, ModelFamily};
 use ld_engine::pipeline::{to_rgb8, GenerateRequest, LoadOptions, NoObserver, Pipeline};
@@ -32,7 +32,7 @@ fn tiny(name: &str) -> PathBuf {
 
 fn opts() -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
+        device: support::device(),
         dtype: DType::F32,
     }
 }
@@ -124,7 +124,7 @@ fn first_noise_prediction_matches_diffusers() {
         );
     }
     // LCMScheduler's scale_model_input is the identity: the UNet sees the noise itself.
-    let x = &r["sd1/noise"];
+    let x = &r["sd1/noise"].to_device(&support::device()).unwrap();
     for (g, key) in [
         (Some(8.0), "first_eps"),
         (Some(1.0), "first_eps_g1"),
@@ -218,7 +218,13 @@ fn sdxl_lcm_run_matches_diffusers() {
     let w = p.unet().guidance_embedding(8.0).unwrap().unwrap();
     let eps = p
         .unet()
-        .forward_cond(&r["sdxl/noise"], 999.0, &cond.cond, Some(&added), Some(&w))
+        .forward_cond(
+            &r["sdxl/noise"].to_device(&support::device()).unwrap(),
+            999.0,
+            &cond.cond,
+            Some(&added),
+            Some(&w),
+        )
         .unwrap();
     assert_close("sdxl first_eps", &eps, &r["sdxl/first_eps"], 1e-4);
     check_run(&p, "sdxl", &req);
@@ -313,9 +319,11 @@ fn missing_cond_proj_weights_are_named() {
 #[test]
 fn timestep_cond_is_checked() {
     let lcm = load("sd1-lcm");
-    let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
-    let ctx = Tensor::zeros((1, 77, 32), DType::F32, &Device::Cpu).unwrap();
-    let wrong = Tensor::zeros((1, 7), DType::F32, &Device::Cpu).unwrap();
+    // On the model's device, so that the errors are the checks' and not a device mismatch.
+    let dev = support::device();
+    let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
+    let ctx = Tensor::zeros((1, 77, 32), DType::F32, &dev).unwrap();
+    let wrong = Tensor::zeros((1, 7), DType::F32, &dev).unwrap();
     let msg = lcm
         .unet()
         .forward_cond(&x, 999.0, &ctx, None, Some(&wrong))

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::support::{max_abs, max_abs_diff};
+use crate::support::{self, max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use ld_engine::attention::AttentionOptions;
@@ -326,12 +326,18 @@ fn weights_file(dir: &Path) -> PathBuf {
     panic!("no weights in {}", dir.display());
 }
 
-/// f32 VarBuilder over a component folder; fp16 files are upcast on load, as the pipeline's f32
-/// mode does.
+/// f32 VarBuilder over a component folder on the test device ([`support::device`]); fp16 files
+/// are upcast on load, as the pipeline's f32 mode does.
 fn f32_weights(dir: &Path) -> VarBuilder<'static> {
     let file = weights_file(dir);
+    let dev = support::device();
     // SAFETY: the fixture files are not modified while the tests run.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu).unwrap() }
+    unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &dev).unwrap() }
+}
+
+/// `t` (a reference input, loaded on the CPU) on the test device.
+fn on_device(t: &Tensor) -> Tensor {
+    t.to_device(&support::device()).unwrap()
 }
 
 fn refs(model: &str) -> HashMap<String, Tensor> {
@@ -346,9 +352,9 @@ fn unet_matches_diffusers(model: &str) -> f32 {
     let unet = UNet2DConditionModel::load(f32_weights(&dir), &cfg).unwrap();
     let r = refs(model);
     let t: Vec<f32> = r["euler_t0"].to_vec1().unwrap();
-    let ctx = Tensor::cat(&[&r["text_neg"], &r["text_pos"]], 0).unwrap();
+    let ctx = on_device(&Tensor::cat(&[&r["text_neg"], &r["text_pos"]], 0).unwrap());
     let out = unet
-        .forward(&r["euler_unet_in"], t[0] as f64, &ctx)
+        .forward(&on_device(&r["euler_unet_in"]), t[0] as f64, &ctx)
         .unwrap();
     let d = max_abs_diff(&out, &r["euler_unet_out"]);
     eprintln!(
@@ -363,9 +369,9 @@ fn vae_matches_diffusers(model: &str) -> (f32, f32) {
     let cfg = VaeConfig::from_file(&dir.join("config.json")).unwrap();
     let vae = AutoencoderKL::load(f32_weights(&dir), &cfg).unwrap();
     let r = refs(model);
-    let mean = vae.encode(&r["vae_enc_in"]).unwrap().mean;
+    let mean = vae.encode(&on_device(&r["vae_enc_in"])).unwrap().mean;
     let enc = max_abs_diff(&mean, &r["vae_enc_mean"]);
-    let img = vae.decode(&r["vae_dec_in"]).unwrap();
+    let img = vae.decode(&on_device(&r["vae_dec_in"])).unwrap();
     let dec = max_abs_diff(&img, &r["vae_dec_out"]);
     eprintln!("{model} vae: encoder mean max abs error {enc:e}, decoder {dec:e}");
     (enc, dec)
@@ -412,9 +418,9 @@ fn odd_latent_sizes_match_diffusers() {
         let dir = repo_root().join("models/tiny").join(model).join("unet");
         let cfg = UNetConfig::from_file(&dir.join("config.json")).unwrap();
         let unet = UNet2DConditionModel::load(f32_weights(&dir), &cfg).unwrap();
-        let ctx = &refs(model)["text_pos"];
+        let ctx = on_device(&refs(model)["text_pos"]);
         let out = unet
-            .forward(&odd[&format!("{model}_in")], 500.0, ctx)
+            .forward(&on_device(&odd[&format!("{model}_in")]), 500.0, &ctx)
             .unwrap();
         let err = max_abs_diff(&out, &odd[&format!("{model}_out")]);
         assert!(err < PARITY_TOL, "{model}: max abs error {err}");

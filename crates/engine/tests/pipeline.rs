@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
-use crate::support::{max_abs, max_abs_diff, values};
+use crate::support::{self, max_abs, max_abs_diff, values};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::pipeline::{
     to_rgb8, GenerateRequest, LoadOptions, NoObserver, Observer, Pipeline, Progress,
@@ -24,7 +24,7 @@ fn root() -> PathBuf {
 
 fn load(model: &str) -> Pipeline {
     let opts = LoadOptions {
-        device: Device::Cpu,
+        device: support::device(),
         dtype: DType::F32,
     };
     Pipeline::load(&root().join("models/tiny").join(model), &opts).expect("tiny model loads")

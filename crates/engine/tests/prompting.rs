@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::support::max_abs_diff;
+use crate::support::{self, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::clip::TextEncoder;
 use ld_engine::config::ModelFolder;
@@ -72,7 +72,15 @@ fn hidden_tolerance(model: &str, case: &str) -> f32 {
 
 fn encoder(name: &str) -> TextEncoder {
     let folder = ModelFolder::open(model_dir(name)).unwrap();
-    TextEncoder::load(&folder, DType::F32, &Device::Cpu).unwrap()
+    TextEncoder::load(&folder, DType::F32, &support::device()).unwrap()
+}
+
+/// f32 on the test device ([`support::device`]), for the pipelines compared with references.
+fn opts() -> LoadOptions {
+    LoadOptions {
+        device: support::device(),
+        dtype: DType::F32,
+    }
 }
 
 fn tinyemb() -> Embedding {
@@ -213,11 +221,17 @@ fn embeddings_of_another_width_or_name_clash_are_skipped() {
     assert_eq!(sd1.embeddings().len(), 1);
 }
 
+/// The references' UNet input, context and token ids, on the test device.
 fn lora_inputs(r: &HashMap<String, Tensor>) -> (Tensor, Tensor, Tensor) {
+    let dev = support::device();
     (
-        r["lora/unet_in"].clone(),
-        r["lora/context"].clone(),
-        r["lora/ids"].to_dtype(DType::U32).unwrap(),
+        r["lora/unet_in"].to_device(&dev).unwrap(),
+        r["lora/context"].to_device(&dev).unwrap(),
+        r["lora/ids"]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap(),
     )
 }
 
@@ -232,18 +246,14 @@ fn lora_outputs(p: &Pipeline, r: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
 fn peft_and_kohya_loras_merge_like_diffusers_fuse_lora() {
     let r = refs();
     let scale = summary()["lora"]["lora_scale"].as_f64().unwrap();
-    let base = Pipeline::load(&model_dir("sd1"), &LoadOptions::default()).unwrap();
+    let base = Pipeline::load(&model_dir("sd1"), &opts()).unwrap();
     let (bu, bt) = lora_outputs(&base, &r);
     assert!(max_abs_diff(&bu, &r["lora/base/unet_out"]) < TOL_LORA);
     assert!(max_abs_diff(&bt, &r["lora/base/te_out"]) < TOL_LORA);
     for file in ["lora_peft.safetensors", "lora_kohya.safetensors"] {
         let spec = LoraSpec::new(fixture(file), scale);
-        let p = Pipeline::load_with_loras(
-            &model_dir("sd1"),
-            &LoadOptions::default(),
-            std::slice::from_ref(&spec),
-        )
-        .unwrap();
+        let p = Pipeline::load_with_loras(&model_dir("sd1"), &opts(), std::slice::from_ref(&spec))
+            .unwrap();
         assert!(
             p.lora_warnings().is_empty(),
             "{file}: {:?}",
@@ -260,7 +270,7 @@ fn peft_and_kohya_loras_merge_like_diffusers_fuse_lora() {
     }
     // Multiplier 0 on both: the base model exactly.
     let zero = LoraSpec::new(fixture("lora_kohya.safetensors"), 0.0);
-    let p = Pipeline::load_with_loras(&model_dir("sd1"), &LoadOptions::default(), &[zero]).unwrap();
+    let p = Pipeline::load_with_loras(&model_dir("sd1"), &opts(), &[zero]).unwrap();
     let (u, _) = lora_outputs(&p, &r);
     assert_eq!(max_abs_diff(&u, &bu), 0.0);
 }
@@ -273,7 +283,7 @@ fn lora_text_encoder_and_unet_multipliers_are_separate() {
         unet_weight: 0.0,
         text_encoder_weight: summary()["lora"]["lora_scale"].as_f64().unwrap(),
     };
-    let p = Pipeline::load_with_loras(&model_dir("sd1"), &LoadOptions::default(), &[spec]).unwrap();
+    let p = Pipeline::load_with_loras(&model_dir("sd1"), &opts(), &[spec]).unwrap();
     let (u, t) = lora_outputs(&p, &r);
     assert!(max_abs_diff(&u, &r["lora/base/unet_out"]) < TOL_LORA);
     assert!(max_abs_diff(&t, &r["lora/fused/te_out"]) < TOL_LORA);

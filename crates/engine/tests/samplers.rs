@@ -308,7 +308,7 @@ fn every_sampler_matches_the_references_on_the_tiny_unet() {
     let p = Pipeline::load(
         &root().join("models/tiny/sd1"),
         &LoadOptions {
-            device: Device::Cpu,
+            device: crate::support::device(),
             dtype: DType::F32,
         },
     )

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::support::{max_abs, values};
+use crate::support::{self, max_abs, values};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::model_defaults::{Distillation, ModelDefaults, ModelFamily};
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
@@ -31,7 +31,7 @@ fn tiny(name: &str) -> PathBuf {
 
 fn opts(dtype: DType) -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
+        device: support::device(),
         dtype,
     }
 }
@@ -121,7 +121,10 @@ fn first_noise_prediction_matches_diffusers() {
     // diffusers' scale_model_input: x / sqrt(sigma^2 + 1), with x = noise * sigma_max.
     let s = sigmas[0];
     let x = (&r["noise"] * (s / (s * s + 1.0).sqrt())).unwrap();
-    let x = Tensor::cat(&[&x, &x], 0).unwrap();
+    let x = Tensor::cat(&[&x, &x], 0)
+        .unwrap()
+        .to_device(&support::device())
+        .unwrap();
     let ctx = Tensor::cat(&[cond.uncond.as_ref().unwrap(), &cond.cond], 0).unwrap();
     let t = p.schedule().sigma_to_t(s);
     assert!((t - 751.0).abs() < 1e-6, "{t}");

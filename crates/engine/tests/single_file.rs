@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::support::{max_abs, max_abs_diff};
+use crate::support::{self, max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::checkpoint::{
     self, CheckpointKind, ModelFamily, Prediction, VaeLayout, WeightDtype,
@@ -31,9 +31,10 @@ fn tiny(model: &str) -> PathBuf {
     root().join("models/tiny").join(model)
 }
 
+/// f32 on the test device ([`support::device`]).
 fn opts() -> LoadOptions {
     LoadOptions {
-        device: Device::Cpu,
+        device: support::device(),
         dtype: DType::F32,
     }
 }
@@ -131,6 +132,11 @@ fn ramp(shape: &[usize], scale: f64) -> Tensor {
         .unwrap()
 }
 
+/// [`ramp`] on the test device: an input for the models.
+fn ramp_on_device(shape: &[usize], scale: f64) -> Tensor {
+    ramp(shape, scale).to_device(&support::device()).unwrap()
+}
+
 struct Outputs {
     text: Tensor,
     unet: Tensor,
@@ -144,9 +150,9 @@ fn outputs(p: &Pipeline) -> Outputs {
         .encode_prompt("a photo of a cat", 1)
         .unwrap()
         .hidden;
-    let x = ramp(&[1, 4, 8, 8], 1.0);
+    let x = ramp_on_device(&[1, 4, 8, 8], 1.0);
     let unet = p.unet().forward(&x, 500.0, &text).unwrap();
-    let image = p.decode(&ramp(&[1, 4, 8, 8], 2.0)).unwrap();
+    let image = p.decode(&ramp_on_device(&[1, 4, 8, 8], 2.0)).unwrap();
     let req = GenerateRequest {
         prompt: "a photo of a cat".into(),
         negative_prompt: "blurry".into(),
@@ -308,7 +314,7 @@ fn detection_on_each_fixture() {
 fn separate_vae_files_in_both_layouts() {
     let dir = tempfile::tempdir().unwrap();
     let folder = Pipeline::load(&tiny("sd1"), &opts()).unwrap();
-    let z = ramp(&[1, 4, 8, 8], 2.0);
+    let z = ramp_on_device(&[1, 4, 8, 8], 2.0);
     let want = folder.decode(&z).unwrap();
 
     // A checkpoint without its VAE: refused with advice, then loaded with an LDM-layout VAE file.
@@ -483,7 +489,7 @@ fn pickle_checkpoint_converts_to_a_usable_vae() {
         &opts(),
     )
     .unwrap();
-    let z = ramp(&[1, 4, 8, 8], 2.0);
+    let z = ramp_on_device(&[1, 4, 8, 8], 2.0);
     // fp16-rounded VAE weights: see the fp16 tolerance note above.
     assert!(max_abs_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()) < 2e-2);
 }
@@ -731,7 +737,10 @@ fn sdxl_single_file_matches_the_folder_and_diffusers() {
         .sigmas(ld_engine::schedule::ScheduleKind::Leading, req.steps);
     let s = sigmas[0];
     let x = (&r["noise"] * (s / (s * s + 1.0).sqrt())).unwrap();
-    let x = Tensor::cat(&[&x, &x], 0).unwrap();
+    let x = Tensor::cat(&[&x, &x], 0)
+        .unwrap()
+        .to_device(&support::device())
+        .unwrap();
     let ctx = Tensor::cat(&[cond.uncond.as_ref().unwrap(), &cond.cond], 0).unwrap();
     let t = single.schedule().sigma_to_t(s);
     let eps = single
@@ -885,7 +894,7 @@ fn sdxl_files_are_detected_and_bad_tensors_named() {
     };
     let p = Pipeline::load_source(&source, &opts()).unwrap();
     let folder = Pipeline::load(&tiny("sdxl"), &opts()).unwrap();
-    let z = ramp(&[1, 4, 8, 8], 2.0);
+    let z = ramp_on_device(&[1, 4, 8, 8], 2.0);
     assert_eq!(
         max_abs_diff(&p.decode(&z).unwrap(), &folder.decode(&z).unwrap()),
         0.0
@@ -1017,7 +1026,7 @@ fn sdxl_loras_in_both_namings_merge_into_folder_and_file_alike() {
     let req = sdxl_request();
     let probe = |p: &Pipeline| {
         let (c, a) = p.sdxl_conditioning(&req).unwrap();
-        let x = ramp(&[2, 4, 8, 8], 1.0);
+        let x = ramp_on_device(&[2, 4, 8, 8], 1.0);
         let ctx = Tensor::cat(&[c.uncond.as_ref().unwrap(), &c.cond], 0).unwrap();
         let eps = p.unet().forward_with(&x, 500.0, &ctx, Some(&a)).unwrap();
         (c.cond, a.text_embeds, eps)

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::support::max_abs_diff;
+use crate::support::{self, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use ld_engine::clip::{ClipConfig, ClipTextModel, HiddenLayer, TextEncoder};
 use ld_engine::config::ModelFolder;
@@ -142,7 +142,7 @@ fn special_tokens_and_padding() {
 
 fn check_embeddings(name: &str) -> (f32, f32, f32) {
     let folder = ModelFolder::open(model_dir(name)).unwrap();
-    let enc = TextEncoder::load(&folder, DType::F32, &Device::Cpu).unwrap();
+    let enc = TextEncoder::load(&folder, DType::F32, &support::device()).unwrap();
     let r = refs(name);
     let p = prompts();
     let pos = enc.encode(p["prompt"].as_str().unwrap(), 1).unwrap();
@@ -180,7 +180,7 @@ fn sd2_text_embeddings_match_transformers() {
 #[test]
 fn sd2_runs_in_f16() {
     let folder = ModelFolder::open(model_dir("sd2")).unwrap();
-    let enc = TextEncoder::load(&folder, DType::F16, &Device::Cpu).unwrap();
+    let enc = TextEncoder::load(&folder, DType::F16, &support::device()).unwrap();
     let out = enc
         .encode(prompts()["prompt"].as_str().unwrap(), 1)
         .unwrap();
@@ -194,10 +194,11 @@ fn sd2_runs_in_f16() {
 #[test]
 fn pooled_output_is_the_eos_state() {
     let folder = ModelFolder::open(model_dir("sd1")).unwrap();
-    let enc = TextEncoder::load(&folder, DType::F32, &Device::Cpu).unwrap();
+    let dev = support::device();
+    let enc = TextEncoder::load(&folder, DType::F32, &dev).unwrap();
     let tok = enc.tokenizer();
     let ids = tok.encode("a photo of a cat").unwrap();
-    let ids_t = Tensor::from_slice(&ids, (1, 77), &Device::Cpu).unwrap();
+    let ids_t = Tensor::from_slice(&ids, (1, 77), &dev).unwrap();
     let model = enc.model();
     let out = model
         .forward_with_pooled(
