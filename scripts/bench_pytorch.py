@@ -7,6 +7,7 @@ the weight values.
 
     python scripts/bench_pytorch.py --json
     python scripts/bench_pytorch.py --family sdxl --json      # 1024x1024 unless --width/--height
+    python scripts/bench_pytorch.py --device cuda --precision fp16 --repeats 10
 """
 import argparse
 import json
@@ -53,7 +54,12 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs, median reported; above 1 an untimed warm-up goes first")
     a = p.parse_args()
+    a.dtype = torch.float16 if a.precision == "fp16" else torch.float32
     if a.threads:
         torch.set_num_threads(a.threads)
     sdxl = a.family == "sdxl"
@@ -71,6 +77,9 @@ def main():
         with torch.inference_mode():
             vae_decode(a, vae_cfg, lh, lw, out)
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if a.device == "cuda":
+        out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        out["gpu"] = torch.cuda.get_device_name()
     if a.json:
         print(json.dumps(out))
     else:
@@ -78,29 +87,53 @@ def main():
             print(f"{k:<16} {v}")
 
 
+def timed(a, f):
+    """Median of a.repeats runs of f (after a warm-up when there are several), each waited for:
+    GPU work is queued, so a clock read without a synchronize would time only the queueing."""
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    if a.repeats > 1:
+        f()
+        sync()
+    times = []
+    for _ in range(max(a.repeats, 1)):
+        t = time.perf_counter()
+        f()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def build(a, cls, cfg):
+    # Built on the target device directly: random initialisation of 2.6 B SDXL weights on the
+    # CPU would take longer than the whole GPU benchmark.
+    with torch.device(a.device):
+        return cls(**cfg).to(a.dtype).eval()
+
+
+def inp(a, *shape):
+    return torch.randn(*shape).to(a.device, a.dtype)
+
+
 def unet_step(a, unet_cfg, sdxl, lh, lw, out):
     t = time.perf_counter()
-    unet = UNet2DConditionModel(**unet_cfg).eval()
+    unet = build(a, UNet2DConditionModel, unet_cfg)
     out["unet_build_s"] = time.perf_counter() - t
-    x = torch.randn(a.batch, 4, lh, lw)
-    ctx = torch.randn(a.batch, 77, 2048 if sdxl else 768)
+    x = inp(a, a.batch, 4, lh, lw)
+    ctx = inp(a, a.batch, 77, 2048 if sdxl else 768)
     added = None
     if sdxl:
-        ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(a.batch, 1)
-        added = {"text_embeds": torch.randn(a.batch, 1280), "time_ids": ids}
-    t = time.perf_counter()
-    unet(x, 999, encoder_hidden_states=ctx, added_cond_kwargs=added)
-    out["unet_step_s"] = time.perf_counter() - t
+        ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(a.batch, 1).to(a.device, a.dtype)
+        added = {"text_embeds": inp(a, a.batch, 1280), "time_ids": ids}
+    out["unet_step_s"] = timed(
+        a, lambda: unet(x, 999, encoder_hidden_states=ctx, added_cond_kwargs=added))
 
 
 def vae_decode(a, vae_cfg, lh, lw, out):
     t = time.perf_counter()
-    vae = AutoencoderKL(**vae_cfg).eval()
+    vae = build(a, AutoencoderKL, vae_cfg)
     out["vae_build_s"] = time.perf_counter() - t
-    z = torch.randn(1, 4, lh, lw)
-    t = time.perf_counter()
-    vae.decode(z)
-    out["vae_decode_s"] = time.perf_counter() - t
+    z = inp(a, 1, 4, lh, lw)
+    out["vae_decode_s"] = timed(a, lambda: vae.decode(z))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::kernels;
 use crate::linear::Linear;
+use crate::profile;
 use crate::resnet::GroupNorm;
 
 /// Initialisation hint for weights we fetch by hand. Real checkpoints ignore it; random-weight
@@ -39,8 +40,22 @@ pub struct AttentionOptions {
 
 impl AttentionOptions {
     /// 4 Mi scores (16 MiB in f32) per block: small enough to stay in a desktop CPU's last-level
-    /// cache and trivial on a GPU, large enough that each matrix product is still efficient.
+    /// cache, large enough that each matrix product is still efficient.
     pub const DEFAULT_MAX_SCORES: usize = 1 << 22;
+    /// What the default becomes on a GPU: 64 Mi scores (128 MiB in f16). At the CPU's block size
+    /// an SD1.5 self-attention layer at 512x512 is 64 blocks of five kernel launches each, and
+    /// the GPU waits on launches; at this size it is 4 blocks, and a block's scores still fit
+    /// beside the model on a 4 GB card.
+    pub const GPU_DEFAULT_MAX_SCORES: usize = 1 << 26;
+
+    /// The score budget actually used on `dev`: the GPU one where the CPU default was left.
+    pub fn max_scores_on(&self, dev: &candle_core::Device) -> usize {
+        if !dev.is_cpu() && self.max_scores == Self::DEFAULT_MAX_SCORES {
+            Self::GPU_DEFAULT_MAX_SCORES
+        } else {
+            self.max_scores
+        }
+    }
 
     /// Plain attention: the whole score tensor at once (for tests and comparisons).
     pub fn plain() -> Self {
@@ -88,6 +103,20 @@ pub fn scaled_dot_product_attention(
     upcast: bool,
     opts: &AttentionOptions,
 ) -> Result<Tensor> {
+    profile::scope("attention core", q.device(), || {
+        attention_core(q, k, v, heads, scale, upcast, opts)
+    })
+}
+
+fn attention_core(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+    opts: &AttentionOptions,
+) -> Result<Tensor> {
     let (b, sq, inner) = q.dims3()?;
     let (bk, sk, inner_k) = k.dims3()?;
     let (bv, sv, inner_v) = v.dims3()?;
@@ -112,7 +141,7 @@ pub fn scaled_dot_product_attention(
     }
     let d = inner / heads;
     let slice = opts.head_slice.map_or(heads, |n| n.clamp(1, heads));
-    let chunk = (opts.max_scores / slice.saturating_mul(sk)).clamp(1, sq);
+    let chunk = (opts.max_scores_on(q.device()) / slice.saturating_mul(sk)).clamp(1, sq);
 
     // [b, s, heads*d] -> [b, heads, s, d] as a view. CUDA/Metal matmuls want tightly packed
     // operands, so only there the view is copied.
@@ -252,7 +281,8 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = kernels::mul_gelu(self.hidden.forward(x)?, &self.gate.forward(x)?)?;
+        let (hidden, gate) = (self.hidden.forward(x)?, self.gate.forward(x)?);
+        let h = profile::scope("geglu", x.device(), || kernels::mul_gelu(hidden, &gate))?;
         self.out.forward(&h)
     }
 }
@@ -305,12 +335,14 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
         let ctx1 = self.only_cross_attention.then_some(context);
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, ctx1, opts)? + x)?;
+        let ln =
+            |n: &LayerNorm, x: &Tensor| profile::scope("layer norm", x.device(), || n.forward(x));
+        let x = (self.attn1.forward(&ln(&self.norm1, x)?, ctx1, opts)? + x)?;
         let x = (self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context), opts)?
+            .forward(&ln(&self.norm2, &x)?, Some(context), opts)?
             + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        self.ff.forward(&ln(&self.norm3, &x)?)? + x
     }
 }
 

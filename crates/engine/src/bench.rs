@@ -102,6 +102,9 @@ pub struct BenchOptions {
     pub vae: bool,
     pub attention: AttentionOptions,
     pub family: BenchFamily,
+    /// Timed runs of each part. Above 1, an untimed warm-up run goes first (a GPU's first call
+    /// loads its kernels and picks convolution algorithms) and the median run is reported.
+    pub repeats: usize,
 }
 
 impl Default for BenchOptions {
@@ -116,6 +119,7 @@ impl Default for BenchOptions {
             vae: true,
             attention: AttentionOptions::default(),
             family: BenchFamily::default(),
+            repeats: 1,
         }
     }
 }
@@ -130,7 +134,14 @@ pub struct BenchReport {
     pub vae_build: Option<Duration>,
     /// One VAE decode of a single 4 x h/8 x w/8 latent.
     pub vae_decode: Option<Duration>,
+    /// With `LD_LAYER_TIMES=1`: time per layer kind in one UNet forward / one decode (the mean of
+    /// the timed runs) and how many times each ran; empty otherwise.
+    pub unet_profile: Vec<ProfileRow>,
+    pub vae_profile: Vec<ProfileRow>,
 }
+
+/// A layer kind, its time in one run and its count in one run.
+pub type ProfileRow = (&'static str, Duration, u64);
 
 /// Runs the benchmark. Takes about a minute per timed part on a 2-core CPU at 512x512.
 pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
@@ -156,6 +167,8 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
         unet_forward: None,
         vae_build: None,
         vae_decode: None,
+        unet_profile: Vec::new(),
+        vae_profile: Vec::new(),
     };
     let (unet_config, vae_config, context_dim) = opts.family.configs();
     if opts.unet {
@@ -177,11 +190,8 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
                     .repeat((opts.batch, 1))?,
             }),
         };
-        let t = Instant::now();
-        let out = unet.forward_with(&x, 999.0, &ctx, added.as_ref())?;
-        dev.synchronize()?;
-        report.unet_forward = Some(t.elapsed());
-        drop(out);
+        let (t, profile) = timed(opts, || unet.forward_with(&x, 999.0, &ctx, added.as_ref()))?;
+        (report.unet_forward, report.unet_profile) = (Some(t), profile);
     }
     if opts.vae {
         let cfg = VaeConfig::from_json(vae_config)
@@ -191,13 +201,41 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
         vae.set_attention_options(opts.attention);
         report.vae_build = Some(t.elapsed());
         let z = input(&[1, 4, lh, lw], opts)?;
-        let t = Instant::now();
-        let img = vae.decode(&z)?;
-        dev.synchronize()?;
-        report.vae_decode = Some(t.elapsed());
-        drop(img);
+        let (t, profile) = timed(opts, || vae.decode(&z))?;
+        (report.vae_decode, report.vae_profile) = (Some(t), profile);
     }
     Ok(report)
+}
+
+/// The median of `opts.repeats` timed runs of `f` (after one warm-up when there are several),
+/// each waiting for the device to finish: GPU work is queued, so a clock read without waiting
+/// would time only the queueing.
+/// Also returns the `LD_LAYER_TIMES` table of the timed runs, per run.
+fn timed(
+    opts: &BenchOptions,
+    mut f: impl FnMut() -> candle_core::Result<Tensor>,
+) -> crate::Result<(Duration, Vec<ProfileRow>)> {
+    let repeats = opts.repeats.max(1);
+    if repeats > 1 {
+        drop(f()?);
+        opts.device.synchronize()?;
+    }
+    crate::profile::take();
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        let out = f()?;
+        opts.device.synchronize()?;
+        times.push(t.elapsed());
+        drop(out);
+    }
+    times.sort();
+    let n = repeats as u32;
+    let profile = crate::profile::take()
+        .into_iter()
+        .map(|(name, d, count)| (name, d / n, count / u64::from(n)))
+        .collect();
+    Ok((times[times.len() / 2], profile))
 }
 
 /// One timed operation of [`run_ops`]: a name shared with `scripts/bench_ops_pytorch.py` and

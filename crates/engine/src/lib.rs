@@ -18,6 +18,7 @@ pub mod memory;
 pub mod model_defaults;
 pub mod pickle;
 pub mod pipeline;
+pub mod profile;
 pub mod prompt;
 pub mod refiner;
 pub mod resnet;

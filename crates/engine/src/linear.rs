@@ -42,25 +42,35 @@ impl Linear {
     /// `[b, h*w, out]`. On the CPU in f32 the matrix product reads `x` transposed in place, so
     /// the transposing copy (serial in candle, 10-40 MB per transformer at 512x512) is skipped.
     pub fn forward_channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        crate::profile::scope("linear", x.device(), || self.channels_to_tokens(x))
+    }
+
+    fn channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if cpu_f32(x) && cpu_f32(&self.weight) {
             let bias = self.bias_values()?;
             return x.apply_op2_no_bwd(&self.weight, &ChannelsToTokens { bias });
         }
         let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        self.forward(&tokens)
+        self.plain(&tokens)
     }
 
     /// `residual + layer(t)` with tokens `t` `[b, h*w, in]` written back as channels: the
     /// result has `residual`'s shape `[b, c, h, w]`. On the CPU in f32 the product writes its
     /// transposed result straight into a copy of the residual that already holds the bias.
     pub fn forward_tokens_to_channels_add(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        crate::profile::scope("linear", t.device(), || {
+            self.tokens_to_channels_add(t, residual)
+        })
+    }
+
+    fn tokens_to_channels_add(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = residual.dims4()?;
         if cpu_f32(t) && cpu_f32(&self.weight) && cpu_f32(residual) {
             let bias = self.bias_values()?;
             return t.apply_op3_no_bwd(&self.weight, residual, &TokensToChannelsAdd { bias });
         }
-        let y = self.forward(t)?.transpose(1, 2)?;
+        let y = self.plain(t)?.transpose(1, 2)?;
         (residual.reshape((b, c, h * w))? + y)?.reshape((b, c, h, w))
     }
 
@@ -210,6 +220,12 @@ impl CustomOp3 for TokensToChannelsAdd {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::profile::scope("linear", x.device(), || self.plain(x))
+    }
+}
+
+impl Linear {
+    fn plain(&self, x: &Tensor) -> Result<Tensor> {
         if cpu_f32(x) && cpu_f32(&self.weight) && self.bias.as_ref().is_none_or(cpu_f32) {
             return match &self.bias {
                 Some(b) => x.apply_op3_no_bwd(&self.weight, b, &LinearOp),

@@ -343,7 +343,15 @@ pub fn estimate_with_attention(
         .map_or(shape.attention_heads, |s| s as u64)
         .min(shape.attention_heads);
     let per_query_row = heads_at_once * tokens;
-    let rows = ((attn.max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
+    // Half precision means a GPU here (the CPU runs f32), where the default block is larger.
+    let max_scores = if matches!(dtype, DType::F16 | DType::BF16)
+        && attn.max_scores == AttentionOptions::DEFAULT_MAX_SCORES
+    {
+        AttentionOptions::GPU_DEFAULT_MAX_SCORES
+    } else {
+        attn.max_scores
+    };
+    let rows = ((max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
     let block = (rows * per_query_row).min(full_scores);
     // Scores and their softmax exist together; attention upcasts to f32 in half precision.
     let scores = 2 * block * 4;

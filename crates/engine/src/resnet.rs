@@ -31,41 +31,31 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        kernels::group_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.groups,
-            self.eps,
-            None,
-            false,
-        )
+        self.run(x, None, false)
+    }
+
+    fn run(&self, x: &Tensor, shift: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+        crate::profile::scope("group norm", x.device(), || {
+            kernels::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                shift,
+                silu,
+            )
+        })
     }
 
     /// `silu(norm(x))`.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        kernels::group_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.groups,
-            self.eps,
-            None,
-            true,
-        )
+        self.run(x, None, true)
     }
 
     /// `silu(norm(x + shift))` with `shift` `[batch or 1, channels]` added per channel.
     pub fn forward_shifted_silu(&self, x: &Tensor, shift: &Tensor) -> Result<Tensor> {
-        kernels::group_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.groups,
-            self.eps,
-            Some(shift),
-            true,
-        )
+        self.run(x, Some(shift), true)
     }
 }
 
@@ -84,6 +74,8 @@ impl GroupNorm {
 pub struct Conv2d {
     kind: ConvKind,
     out_channels: usize,
+    /// The kind of layer, for `LD_LAYER_TIMES`'s table.
+    label: &'static str,
 }
 
 #[derive(Debug, Clone)]
@@ -163,17 +155,34 @@ impl Conv2d {
                 let cfg = Conv2dConfig {
                     padding,
                     stride,
+                    cudnn_fwd_algo: cudnn_algorithm(),
                     ..Default::default()
                 };
                 ConvKind::General(candle_nn::Conv2d::new(w, Some(b), cfg))
             }
         };
-        Ok(Self { kind, out_channels })
+        let label = match (kernel, stride) {
+            (3, 1) => "conv 3x3",
+            (1, 1) => "conv 1x1",
+            (3, 2) => "conv 3x3 stride 2",
+            _ => "conv other",
+        };
+        Ok(Self {
+            kind,
+            out_channels,
+            label,
+        })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        crate::profile::scope(self.label, x.device(), || self.run(x))
+    }
+}
+
+impl Conv2d {
+    fn run(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kind {
             ConvKind::Packed3x3(w) if kernels::cpu_f32(x) => {
                 let (batch, c, h, width) = x.dims4()?;
@@ -221,6 +230,24 @@ impl Module for Conv2d {
             ConvKind::General(c) => c.forward(x),
         }
     }
+}
+
+/// cuDNN's convolution algorithm, for comparisons on a GPU: `LD_CUDNN_ALGO=implicit-precomp`
+/// (or `implicit`, `gemm`, `winograd`, `winograd-nonfused`, `fft`, `fft-tiling`, `direct`);
+/// unset, cuDNN's heuristic picks one per layer shape.
+fn cudnn_algorithm() -> Option<candle_core::conv::CudnnFwdAlgo> {
+    use candle_core::conv::CudnnFwdAlgo as A;
+    Some(match std::env::var("LD_CUDNN_ALGO").ok()?.as_str() {
+        "implicit" => A::ImplicitGemm,
+        "implicit-precomp" => A::ImplicitPrecompGemm,
+        "gemm" => A::Gemm,
+        "direct" => A::Direct,
+        "fft" => A::Fft,
+        "fft-tiling" => A::FftTiling,
+        "winograd" => A::Winograd,
+        "winograd-nonfused" => A::WinogradNonFused,
+        _ => return None,
+    })
 }
 
 /// Whether 3x3 convolutions load for `kernels::conv3x3` (the default) or for the older
@@ -384,7 +411,8 @@ impl Upsample2D {
     /// way down round up, so each up block must land on its skip connection's size (diffusers'
     /// `forward_upsample_size`).
     pub fn forward_to(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-        self.conv.forward(&x.upsample_nearest2d(h, w)?)
+        let up = crate::profile::scope("upsample", x.device(), || x.upsample_nearest2d(h, w))?;
+        self.conv.forward(&up)
     }
 }
 

@@ -45,9 +45,10 @@ pub struct BenchArgs {
     /// With --ops: only the cases whose name contains this.
     #[arg(long, default_value = "")]
     pub filter: String,
-    /// With --ops: timed runs per case (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    pub repeats: usize,
+    /// Timed runs of each part, the median reported; above 1, an untimed warm-up run goes first.
+    /// Default: 5 per layer with --ops; for whole models 1 on the CPU, 10 on a GPU.
+    #[arg(long)]
+    pub repeats: Option<usize>,
     /// Alternate ours and PyTorch this many times; each figure is the median over rounds.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
@@ -85,7 +86,11 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     let (width, height) = (args.width.unwrap_or(native), args.height.unwrap_or(native));
     let device = super::pick_device()?;
     let dtype = super::pick_dtype(&args.precision, &device)?;
+    // A GPU step takes tens of milliseconds and its first call loads kernels: time many.
+    let repeats = args.repeats.unwrap_or(if device.is_cpu() { 1 } else { 10 });
+    let on_gpu = !device.is_cpu();
     let opts = BenchOptions {
+        repeats,
         device,
         dtype,
         width,
@@ -109,7 +114,19 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
             args.batch.to_string(),
             "--threads".into(),
             threads(&args).to_string(),
+            "--repeats".into(),
+            repeats.to_string(),
+            "--precision".into(),
+            if dtype == candle_core::DType::F16 {
+                "fp16"
+            } else {
+                "fp32"
+            }
+            .into(),
         ];
+        if on_gpu {
+            a.extend(["--device".into(), "cuda".into()]);
+        }
         if args.no_vae {
             a.push("--no-vae".into());
         }
@@ -179,26 +196,83 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     } else {
         "SD1.5"
     };
+    let on = if on_gpu {
+        "GPU".to_string()
+    } else {
+        format!("CPU, {} threads", threads(&args))
+    };
     println!(
-        "{label} sizes, random weights, {width}x{height}, UNet batch {}, {} threads, median of {} round(s) (ratio: median of the rounds' ratios)",
+        "{label} sizes, random weights, {width}x{height}, UNet batch {}, {dtype:?}, {on}, median of {repeats} run(s) x {} round(s) (ratio: median of the rounds' ratios)",
         args.batch,
-        threads(&args),
         args.rounds.max(1)
     );
     print_header(python.is_some());
+    let step = (rows[1].1, rows[1].2);
     for (name, o, t, ratio) in rows {
         if let Some(o) = o {
             print_row(name, o, t, ratio);
         }
     }
+    // Steps per second, the figure GPU users compare (one step here is one CFG pair).
+    if let (true, Some(o)) = (on_gpu, step.0) {
+        let t = step
+            .1
+            .map_or(String::new(), |t| format!("{:>10.2} it/s", 1.0 / t));
+        println!("{:<36} {:>8.2} it/s {t}", "UNet steps per second", 1.0 / o);
+    }
+    let torch_vram = median(
+        theirs
+            .iter()
+            .filter_map(|v| v["peak_vram_bytes"].as_f64())
+            .collect(),
+    );
+    if let Some(v) = torch_vram {
+        println!(
+            "{:<36} {:>11} {:>10.2} GB   (PyTorch's allocator; measure both with nvidia-smi)",
+            "Peak GPU memory allocated",
+            "-",
+            v / 1e9
+        );
+    }
     if let Some(p) = peak {
         let t = torch_peak.map_or(String::new(), |t| format!("{:>10.2} GB", t / 1e9));
         println!("{:<36} {:>8.2} GB {t}", "Peak memory (RSS)", p as f64 / 1e9);
+    }
+    if let Some(last) = ours.last() {
+        print_profile("UNet step", last.unet_forward, &last.unet_profile);
+        print_profile("VAE decode", last.vae_decode, &last.vae_profile);
     }
     if python.is_none() && !args.no_torch {
         how_to_compare("bench_pytorch.py", &torch_args);
     }
     Ok(())
+}
+
+/// The `LD_LAYER_TIMES=1` table of one part: time per layer kind in one run, its share, and the
+/// rest of the run (adds, copies, concatenations, embeddings) as "other".
+fn print_profile(part: &str, total: Option<Duration>, rows: &[ld_engine::bench::ProfileRow]) {
+    let Some(total) = total.filter(|_| !rows.is_empty()) else {
+        return;
+    };
+    let total = total.as_secs_f64();
+    println!("\n{part}, time per layer kind in one run (LD_LAYER_TIMES; waits after each layer):");
+    let mut counted = 0.0;
+    for (name, d, n) in rows {
+        let s = d.as_secs_f64();
+        counted += s;
+        println!(
+            "  {name:<24} {:>9.2} ms {:>5.1}% {n:>6}x",
+            s * 1e3,
+            100.0 * s / total
+        );
+    }
+    let other = (total - counted).max(0.0);
+    println!(
+        "  {:<24} {:>9.2} ms {:>5.1}%",
+        "other",
+        other * 1e3,
+        100.0 * other / total
+    );
 }
 
 /// `--ops`: each layer case, ours beside torch's.
@@ -209,7 +283,7 @@ fn run_ops(args: &BenchArgs) -> anyhow::Result<()> {
             "--threads".to_string(),
             threads(args).to_string(),
             "--repeats".into(),
-            args.repeats.to_string(),
+            ops_repeats(args).to_string(),
             "--filter".into(),
             filter.to_string(),
         ]
@@ -221,7 +295,9 @@ fn run_ops(args: &BenchArgs) -> anyhow::Result<()> {
     // a ratio is only fair when both sides ran under the same load.
     for _ in 0..args.rounds.max(1) {
         for case in &cases {
-            for (name, d) in ld_engine::bench::run_ops(std::slice::from_ref(case), args.repeats)? {
+            for (name, d) in
+                ld_engine::bench::run_ops(std::slice::from_ref(case), ops_repeats(args))?
+            {
                 ours.entry(name).or_default().push(d.as_secs_f64());
             }
             let Some(py) = &python else { continue };
@@ -256,7 +332,7 @@ fn run_ops(args: &BenchArgs) -> anyhow::Result<()> {
     println!(
         "Single layers, f32 CPU, {} threads, median of {} runs x {} round(s)",
         threads(args),
-        args.repeats,
+        ops_repeats(args),
         args.rounds.max(1)
     );
     print_header(python.is_some());
@@ -276,6 +352,10 @@ fn attention(args: &BenchArgs) -> AttentionOptions {
     }
 }
 
+fn ops_repeats(args: &BenchArgs) -> usize {
+    args.repeats.unwrap_or(5)
+}
+
 fn threads(args: &BenchArgs) -> usize {
     if args.threads > 0 {
         args.threads
@@ -292,8 +372,8 @@ fn print_header(torch: bool) {
 
 fn print_row(name: &str, ours: f64, torch: Option<f64>, ratio: Option<f64>) {
     match (torch, ratio) {
-        (Some(t), Some(r)) => println!("{name:<36} {ours:>9.3} s {t:>9.3} s {r:>7.2}"),
-        _ => println!("{name:<36} {ours:>9.3} s"),
+        (Some(t), Some(r)) => println!("{name:<36} {ours:>9.4} s {t:>9.4} s {r:>7.2}"),
+        _ => println!("{name:<36} {ours:>9.4} s"),
     }
 }
 
