@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# GPU check for a `cuda`/`cudnn` build, run on a machine with an NVIDIA GPU, torch and (from
+# wheels in $WHEELS) diffusers: the engine's reference tests on the GPU, a tiny-model generation,
+# then UNet/VAE timings beside diffusers on the same card and each side's peak GPU memory as
+# nvidia-smi sees it (the same measure for both: CUDA context, allocator caches, everything).
+#
+#   scripts/gpu_check.sh BIN TESTBIN OUTDIR
+#
+# BIN: local-diffusers built with --features cudnn; TESTBIN: the ld-engine integration-test
+# binary built with the same features (may be "-" to skip). Results go to OUTDIR: tests.log,
+# bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
+# STAGES picks parts (default: all): tests generate bench vram profile algos.
+# The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
+# convolutions in TF32 on Ampere and later, about 1e-3 relative, and the references are f32.
+set -uo pipefail
+BIN=$1 TESTBIN=$2 OUT=$3
+STAGES=${STAGES:-tests generate bench vram profile algos}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+WHEELS=${WHEELS:-.gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+
+# CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC, cuDNN, cudart) come from torch's wheels.
+site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+libdirs=$(find "$site" /usr/local/cuda*/lib64 -name 'libcublas.so.*' -o -name 'libcudnn.so.9' \
+    -o -name 'libcurand.so.*' -o -name 'libnvrtc.so.*' -o -name 'libcudart.so.*' 2>/dev/null |
+    xargs -n1 dirname | sort -u | tr '\n' ':')
+export LD_LIBRARY_PATH="${libdirs}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+for lib in $(ldd "$BIN" | awk '/not found/ {print $1}'); do
+    found=$(find / -name "$lib" -not -path '/proc/*' 2>/dev/null | head -1)
+    [ -n "$found" ] && LD_LIBRARY_PATH="$(dirname "$found"):$LD_LIBRARY_PATH"
+done
+if ldd "$BIN" | grep 'not found'; then echo "missing libraries (above)"; exit 1; fi
+
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+python3 -c 'import diffusers, torch; print("diffusers", diffusers.__version__, "torch", torch.__version__)'
+
+if [ "$TESTBIN" != "-" ] && want tests; then
+    echo "== engine reference tests on the GPU (f32 and f16 tiny models), TF32 off"
+    NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 150 "$TESTBIN" --test-threads 4 2>&1 | tee "$OUT/tests.log" | grep -E '^test .*(FAILED|ok)$|test result|panicked' | tail -60
+fi
+
+if want generate; then
+echo "== tiny SD1 generation on the GPU, fp32 (compare with the CPU's image)"
+NVIDIA_TF32_OVERRIDE=0 timeout 60 "$BIN" generate "a red cube on a table" --model models/tiny/sd1 --steps 8 --seed 42 \
+    --width 64 --height 64 --precision fp32 --out "$OUT/tiny_sd1_gpu_fp32.png" 2>&1 | tail -3
+timeout 60 "$BIN" generate "a red cube on a table" --model models/tiny/sd1 --steps 8 --seed 42 \
+    --width 64 --height 64 --precision fp16 --out "$OUT/tiny_sd1_gpu_fp16.png" 2>&1 | tail -3
+fi
+
+# Peak GPU memory of one command, sampled every 20 ms, minus what was in use before it.
+vram_peak() {
+    local log=$1; shift
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 20 >"$log" &
+    local smi=$!
+    sleep 0.5
+    "$@"
+    local rc=$?
+    sleep 0.3
+    kill $smi
+    echo "rc=$rc peak_mib=$(sort -n "$log" | tail -1) idle_mib=$(head -1 "$log")"
+}
+
+for fam in sd15 sdxl; do
+    if want bench; then
+        echo "== $fam fp16 side by side (median of 10 after a warm-up)"
+        timeout 200 "$BIN" bench --family $fam --precision fp16 --python python3 --repeats 10 --rounds 1 \
+            2>&1 | tee "$OUT/bench_$fam.txt"
+    fi
+    if want vram; then
+        echo "== $fam peak GPU memory, ours"
+        vram_peak "/tmp/vram_ours_$fam.log" timeout 120 "$BIN" bench --family $fam --precision fp16 \
+            --no-torch --repeats 2 --json
+        echo "== $fam peak GPU memory, diffusers"
+        vram_peak "/tmp/vram_torch_$fam.log" timeout 120 python3 scripts/bench_pytorch.py --family $fam \
+            --device cuda --precision fp16 --repeats 2 --json
+    fi
+    if want profile; then
+        echo "== $fam fp16 time per layer kind, ours"
+        LD_LAYER_TIMES=1 timeout 120 "$BIN" bench --family $fam --precision fp16 --no-torch --repeats 3 \
+            2>&1 | tee "$OUT/profile_$fam.txt"
+    fi
+done
+if want algos; then
+    for algo in implicit-precomp implicit winograd-nonfused; do
+        echo "== sd15 fp16 with LD_CUDNN_ALGO=$algo"
+        LD_CUDNN_ALGO=$algo timeout 60 "$BIN" bench --family sd15 --precision fp16 --no-torch \
+            --repeats 5 2>&1 | grep -E "step|decode"
+    done
+fi
