@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 
-def conv(cin, cout, k, hw, batch):
+def conv(cin, cout, k, hw, batch, stride=1):
     x = torch.randn(batch, cin, hw, hw)
     w = torch.randn(cout, cin, k, k) * (cin * k * k) ** -0.5
     b = torch.randn(cout) * 0.02
-    return lambda: F.conv2d(x, w, b, padding=k // 2)
+    return lambda: F.conv2d(x, w, b, stride=stride, padding=k // 2)
 
 
 def attn(tokens, keys, heads, dim, batch):
@@ -72,6 +72,7 @@ CASES = [
     ("unet conv3x3 1280->1280 16x16 b2", lambda: conv(1280, 1280, 3, 16, 2)),
     ("unet conv3x3 2560->1280 8x8 b2", lambda: conv(2560, 1280, 3, 8, 2)),
     ("unet conv1x1 960->320 64x64 b2", lambda: conv(960, 320, 1, 64, 2)),
+    ("unet conv3x3 stride 2 320->320 64x64 b2", lambda: conv(320, 320, 3, 64, 2, stride=2)),
     ("unet self-attn 4096 tok 8x40 b2", lambda: attn(4096, 4096, 8, 40, 2)),
     ("unet cross-attn 4096x77 8x40 b2", lambda: attn(4096, 77, 8, 40, 2)),
     ("unet self-attn 1024 tok 8x80 b2", lambda: attn(1024, 1024, 8, 80, 2)),

@@ -252,7 +252,7 @@ pub struct OpCase {
 /// `attention` picks the attention path (fused or chunked) the attention cases use.
 pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<OpCase>> {
     type Make = fn(AttentionOptions) -> OpFn;
-    let table: [(&'static str, Make); 20] = [
+    let table: [(&'static str, Make); 21] = [
         ("unet conv3x3 320->320 64x64 b2", |_| {
             conv_case(320, 320, 3, 64, 2)
         }),
@@ -270,6 +270,9 @@ pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<
         }),
         ("unet conv1x1 960->320 64x64 b2", |_| {
             conv_case(960, 320, 1, 64, 2)
+        }),
+        ("unet conv3x3 stride 2 320->320 64x64 b2", |_| {
+            strided_conv_case(320, 64, 2)
         }),
         ("unet self-attn 4096 tok 8x40 b2", |o| {
             attn_case(4096, 4096, 8, 40, 2, o)
@@ -354,6 +357,13 @@ fn randn(shape: &[usize]) -> candle_core::Result<Tensor> {
 fn conv_case(cin: usize, cout: usize, k: usize, hw: usize, batch: usize) -> OpFn {
     let conv = crate::resnet::Conv2d::load(cpu_weights(), cin, cout, k, 1, k / 2)?;
     let x = randn(&[batch, cin, hw, hw])?;
+    Ok(Box::new(move || candle_core::Module::forward(&conv, &x)))
+}
+
+/// The UNet's first downsampling convolution: 3x3, stride 2, padding 1.
+fn strided_conv_case(c: usize, hw: usize, batch: usize) -> OpFn {
+    let conv = crate::resnet::Conv2d::load(cpu_weights(), c, c, 3, 2, 1)?;
+    let x = randn(&[batch, c, hw, hw])?;
     Ok(Box::new(move || candle_core::Module::forward(&conv, &x)))
 }
 

@@ -469,9 +469,21 @@ pub(crate) fn im2col_3x3(x: &Tensor, b: usize, y0: usize, y1: usize) -> Result<T
     x.apply_op1_no_bwd(&Im2Col3x3 { b, y0, y1 })
 }
 
-/// Fills rows `y0..y1` of image plane set `image` (`[c, h, w]`, c = `dst` rows / 9) into `dst`
-/// as the 3x3 im2col block `[9 * c, (y1 - y0) * w]` (row `ci * 9 + kh * 3 + kw`), in parallel over rows.
-fn im2col_block(image: &[f32], h: usize, w: usize, y0: usize, y1: usize, dst: &mut [f32]) {
+/// Fills output rows `y0..y1` of a 3x3 convolution with padding 1 and `stride` (1 or 2) over
+/// image plane set `image` (`[c, h, w]`, c = `dst` rows / 9) into `dst` as the im2col block
+/// `[9 * c, (y1 - y0) * ow]` (row `ci * 9 + kh * 3 + kw`; `ow` output columns), in parallel
+/// over rows.
+fn im2col_block(
+    image: &[f32],
+    (h, w): (usize, usize),
+    (stride, ow): (usize, usize),
+    y0: usize,
+    y1: usize,
+    dst: &mut [f32],
+) {
+    if stride != 1 {
+        return im2col_block_strided(image, (h, w), (stride, ow), y0, y1, dst);
+    }
     let n = (y1 - y0) * w;
     par_units(dst, None, n, |part, _, first| {
         for (i, row) in part.chunks_exact_mut(n).enumerate() {
@@ -502,7 +514,42 @@ fn im2col_block(image: &[f32], h: usize, w: usize, y0: usize, y1: usize, dst: &m
     });
 }
 
-/// A 3x3, stride 1, padding 1 convolution with bias, as blocks of im2col rows times the packed
+/// [`im2col_block`] for strides above 1: each output column gathers every `stride`-th input.
+fn im2col_block_strided(
+    image: &[f32],
+    (h, w): (usize, usize),
+    (stride, ow): (usize, usize),
+    y0: usize,
+    y1: usize,
+    dst: &mut [f32],
+) {
+    let n = (y1 - y0) * ow;
+    par_units(dst, None, n, |part, _, first| {
+        for (i, row) in part.chunks_exact_mut(n).enumerate() {
+            let r = first + i;
+            let (ci, tap) = (r / 9, r % 9);
+            let (kh, kw) = (tap / 3, tap % 3);
+            let plane = &image[ci * h * w..(ci + 1) * h * w];
+            for (y, out) in (y0..y1).zip(row.chunks_exact_mut(ow)) {
+                // Input row y * stride + kh - 1; outside the image it is the zero padding.
+                let Some(sy) = (y * stride + kh).checked_sub(1).filter(|&sy| sy < h) else {
+                    out.fill(0.0);
+                    continue;
+                };
+                let src = &plane[sy * w..(sy + 1) * w];
+                for (x, o) in out.iter_mut().enumerate() {
+                    *o = (x * stride + kw)
+                        .checked_sub(1)
+                        .and_then(|sx| src.get(sx))
+                        .copied()
+                        .unwrap_or(0.0);
+                }
+            }
+        }
+    });
+}
+
+/// A 3x3, stride 1 or 2, padding 1 convolution with bias, as blocks of im2col rows times the packed
 /// weights `[c_out, 9 * c_in]` (torch's `[c_out, c_in, 3, 3]` as it is stored). Each block's product is written
 /// by the matrix kernel straight into its place in the NCHW output, which starts as the bias:
 /// no per-block result tensors, no concatenation copies, and one im2col buffer reused for every
@@ -513,6 +560,8 @@ struct Conv3x3 {
     block: usize,
     /// A 1x1 convolution instead: weights `[c_out, c_in]`, the image is the right-hand matrix.
     pointwise: bool,
+    /// 1, or 2 for the UNet's downsampling convolutions (3x3 only).
+    stride: usize,
 }
 
 impl candle_core::CustomOp2 for Conv3x3 {
@@ -533,7 +582,14 @@ impl candle_core::CustomOp2 for Conv3x3 {
         let (cout, kdim) = l2.shape().dims2()?;
         let pointwise = self.pointwise;
         let taps = if pointwise { 1 } else { 9 };
-        if kdim != taps * c || self.bias.len() != cout || h == 0 || w == 0 {
+        let stride = self.stride;
+        if kdim != taps * c
+            || self.bias.len() != cout
+            || h == 0
+            || w == 0
+            || stride == 0
+            || (pointwise && stride != 1)
+        {
             candle_core::bail!(
                 "{}: weights {:?} and bias {} do not fit input {:?}",
                 self.name(),
@@ -543,15 +599,18 @@ impl candle_core::CustomOp2 for Conv3x3 {
             );
         }
         let hw = h * w;
-        let mut out = vec![0f32; batch * cout * hw];
-        for (plane, &b) in out.chunks_exact_mut(hw).zip(self.bias.iter().cycle()) {
+        // Output size with padding 1: (h + 2 - 3) / stride + 1.
+        let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let ohw = oh * ow;
+        let mut out = vec![0f32; batch * cout * ohw];
+        for (plane, &b) in out.chunks_exact_mut(ohw).zip(self.bias.iter().cycle()) {
             plane.fill(b);
         }
-        let rows = (self.block / (kdim * w).max(1)).clamp(1, h);
+        let rows = (self.block / (kdim * ow).max(1)).clamp(1, oh);
         let mut col = if pointwise {
             Vec::new()
         } else {
-            vec![0f32; kdim * rows * w]
+            vec![0f32; kdim * rows * ow]
         };
         let par = gemm_parallelism();
         for b in 0..batch {
@@ -585,14 +644,14 @@ impl candle_core::CustomOp2 for Conv3x3 {
                 }
                 continue;
             }
-            for y0 in (0..h).step_by(rows) {
-                let y1 = (y0 + rows).min(h);
-                let n = (y1 - y0) * w;
+            for y0 in (0..oh).step_by(rows) {
+                let y1 = (y0 + rows).min(oh);
+                let n = (y1 - y0) * ow;
                 let col = &mut col[..kdim * n];
-                im2col_block(image, h, w, y0, y1, col);
-                let dst = &mut out[b * cout * hw + y0 * w..];
-                // SAFETY: dst rows are `hw` apart and each holds `n` columns inside `out`
-                // (`y0 * w + n <= hw`); lhs is `cout x kdim` packed, rhs `kdim x n` packed.
+                im2col_block(image, (h, w), (stride, ow), y0, y1, col);
+                let dst = &mut out[b * cout * ohw + y0 * ow..];
+                // SAFETY: dst rows are `ohw` apart and each holds `n` columns inside `out`
+                // (`y0 * ow + n <= ohw`); lhs is `cout x kdim` packed, rhs `kdim x n` packed.
                 unsafe {
                     gemm::gemm(
                         cout,
@@ -600,7 +659,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
                         kdim,
                         dst.as_mut_ptr(),
                         1,
-                        hw as isize,
+                        ohw as isize,
                         true,
                         wt.as_ptr(),
                         1,
@@ -618,7 +677,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((batch, cout, h, w))))
+        Ok((CpuStorage::F32(out), Shape::from((batch, cout, oh, ow))))
     }
 }
 
@@ -626,12 +685,25 @@ impl candle_core::CustomOp2 for Conv3x3 {
 /// `weight` `[c_out, 9 * c]` (torch's `[c_out, c, 3, 3]` flattened) and `bias`; im2col blocks of at most
 /// `block` elements.
 pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], block: usize) -> Result<Tensor> {
+    conv3x3_strided(x, weight, bias, block, 1)
+}
+
+/// [`conv3x3`] with `stride` (1 or 2; padding stays 1): the output is `(h - 1) / stride + 1`
+/// by `(w - 1) / stride + 1`, as torch's.
+pub(crate) fn conv3x3_strided(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &[f32],
+    block: usize,
+    stride: usize,
+) -> Result<Tensor> {
     x.apply_op2_no_bwd(
         weight,
         &Conv3x3 {
             bias: bias.to_vec(),
             block,
             pointwise: false,
+            stride,
         },
     )
 }
@@ -645,6 +717,7 @@ pub(crate) fn conv1x1(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tenso
             bias: bias.to_vec(),
             block: 0,
             pointwise: true,
+            stride: 1,
         },
     )
 }
