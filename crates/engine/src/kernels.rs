@@ -472,50 +472,8 @@ pub(crate) fn im2col_3x3(x: &Tensor, b: usize, y0: usize, y1: usize) -> Result<T
 /// Fills output rows `y0..y1` of a 3x3 convolution with padding 1 and `stride` (1 or 2) over
 /// image plane set `image` (`[c, h, w]`, c = `dst` rows / 9) into `dst` as the im2col block
 /// `[9 * c, (y1 - y0) * ow]` (row `ci * 9 + kh * 3 + kw`; `ow` output columns), in parallel
-/// over rows.
+/// over rows. Stride 1 copies shifted input rows; a larger stride gathers every `stride`-th value.
 fn im2col_block(
-    image: &[f32],
-    (h, w): (usize, usize),
-    (stride, ow): (usize, usize),
-    y0: usize,
-    y1: usize,
-    dst: &mut [f32],
-) {
-    if stride != 1 {
-        return im2col_block_strided(image, (h, w), (stride, ow), y0, y1, dst);
-    }
-    let n = (y1 - y0) * w;
-    par_units(dst, None, n, |part, _, first| {
-        for (i, row) in part.chunks_exact_mut(n).enumerate() {
-            let r = first + i;
-            let (ci, tap) = (r / 9, r % 9);
-            let (kh, kw) = (tap / 3, tap % 3);
-            let plane = &image[ci * h * w..(ci + 1) * h * w];
-            for (y, out) in (y0..y1).zip(row.chunks_exact_mut(w)) {
-                // Input row y + kh - 1; outside the image it is the zero padding.
-                let Some(sy) = (y + kh).checked_sub(1).filter(|&sy| sy < h) else {
-                    out.fill(0.0);
-                    continue;
-                };
-                let src = &plane[sy * w..(sy + 1) * w];
-                match kw {
-                    0 => {
-                        out[0] = 0.0;
-                        out[1..].copy_from_slice(&src[..w - 1]);
-                    }
-                    1 => out.copy_from_slice(src),
-                    _ => {
-                        out[..w - 1].copy_from_slice(&src[1..]);
-                        out[w - 1] = 0.0;
-                    }
-                }
-            }
-        }
-    });
-}
-
-/// [`im2col_block`] for strides above 1: each output column gathers every `stride`-th input.
-fn im2col_block_strided(
     image: &[f32],
     (h, w): (usize, usize),
     (stride, ow): (usize, usize),
@@ -537,12 +495,25 @@ fn im2col_block_strided(
                     continue;
                 };
                 let src = &plane[sy * w..(sy + 1) * w];
-                for (x, o) in out.iter_mut().enumerate() {
-                    *o = (x * stride + kw)
-                        .checked_sub(1)
-                        .and_then(|sx| src.get(sx))
-                        .copied()
-                        .unwrap_or(0.0);
+                match (stride, kw) {
+                    (1, 0) => {
+                        out[0] = 0.0;
+                        out[1..].copy_from_slice(&src[..w - 1]);
+                    }
+                    (1, 1) => out.copy_from_slice(src),
+                    (1, _) => {
+                        out[..w - 1].copy_from_slice(&src[1..]);
+                        out[w - 1] = 0.0;
+                    }
+                    _ => {
+                        for (x, o) in out.iter_mut().enumerate() {
+                            *o = (x * stride + kw)
+                                .checked_sub(1)
+                                .and_then(|sx| src.get(sx))
+                                .copied()
+                                .unwrap_or(0.0);
+                        }
+                    }
                 }
             }
         }
