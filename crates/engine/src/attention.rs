@@ -103,87 +103,76 @@ pub fn scaled_dot_product_attention(
     upcast: bool,
     opts: &AttentionOptions,
 ) -> Result<Tensor> {
+    // Timed as one layer kind for LD_LAYER_TIMES (the early returns leave the closure).
     profile::scope("attention core", q.device(), || {
-        attention_core(q, k, v, heads, scale, upcast, opts)
-    })
-}
-
-fn attention_core(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    upcast: bool,
-    opts: &AttentionOptions,
-) -> Result<Tensor> {
-    let (b, sq, inner) = q.dims3()?;
-    let (bk, sk, inner_k) = k.dims3()?;
-    let (bv, sv, inner_v) = v.dims3()?;
-    if bk != b || bv != b || sv != sk || inner_k != inner || inner_v != inner {
-        candle_core::bail!(
-            "attention: q {:?}, k {:?} and v {:?} do not fit together",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if heads == 0 || !inner.is_multiple_of(heads) {
-        candle_core::bail!("attention: width {inner} is not divisible into {heads} heads");
-    }
-    if sq == 0 || sk == 0 || b == 0 {
-        candle_core::bail!("attention: empty input q {:?}, k {:?}", q.dims(), k.dims());
-    }
-    if opts.fused {
-        if let Some(out) = crate::fused_attention::attention(q, k, v, heads, scale) {
-            return out;
+        let (b, sq, inner) = q.dims3()?;
+        let (bk, sk, inner_k) = k.dims3()?;
+        let (bv, sv, inner_v) = v.dims3()?;
+        if bk != b || bv != b || sv != sk || inner_k != inner || inner_v != inner {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?} and v {:?} do not fit together",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
         }
-    }
-    let d = inner / heads;
-    let slice = opts.head_slice.map_or(heads, |n| n.clamp(1, heads));
-    let chunk = (opts.max_scores_on(q.device()) / slice.saturating_mul(sk)).clamp(1, sq);
-
-    // [b, s, heads*d] -> [b, heads, s, d] as a view. CUDA/Metal matmuls want tightly packed
-    // operands, so only there the view is copied.
-    let split = |t: &Tensor, s: usize| -> Result<Tensor> {
-        let t = t.reshape((b, s, heads, d))?.transpose(1, 2)?;
-        if t.device().is_cpu() {
-            Ok(t)
-        } else {
-            t.contiguous()
+        if heads == 0 || !inner.is_multiple_of(heads) {
+            candle_core::bail!("attention: width {inner} is not divisible into {heads} heads");
         }
-    };
-    // Scaling q (queries x width) is cheaper than scaling the scores (queries x keys).
-    let q = split(&q.affine(scale, 0.0)?, sq)?;
-    let k = split(k, sk)?;
-    let v = split(v, sk)?;
-
-    let mut rows = Vec::with_capacity(b * sq.div_ceil(chunk));
-    for bi in 0..b {
-        let (qb, kb, vb) = (q.get(bi)?, k.get(bi)?, v.get(bi)?);
-        for start in (0..sq).step_by(chunk) {
-            let qc = qb.narrow(1, start, chunk.min(sq - start))?;
-            let mut parts = Vec::with_capacity(heads.div_ceil(slice));
-            for h0 in (0..heads).step_by(slice) {
-                let n = slice.min(heads - h0);
-                let o = attend(
-                    &qc.narrow(0, h0, n)?,
-                    &kb.narrow(0, h0, n)?,
-                    &vb.narrow(0, h0, n)?,
-                    upcast,
-                )?;
-                // [n, rows, d] -> [rows, n, d], so rows concatenate into [.., heads, d].
-                parts.push(o.transpose(0, 1)?);
+        if sq == 0 || sk == 0 || b == 0 {
+            candle_core::bail!("attention: empty input q {:?}, k {:?}", q.dims(), k.dims());
+        }
+        if opts.fused {
+            if let Some(out) = crate::fused_attention::attention(q, k, v, heads, scale) {
+                return out;
             }
-            rows.push(if parts.len() == 1 {
-                parts.swap_remove(0)
-            } else {
-                Tensor::cat(&parts, 1)?
-            });
         }
-    }
-    // One copy assembles all chunks in [b * queries, heads, d] order.
-    Tensor::cat(&rows, 0)?.reshape((b, sq, inner))
+        let d = inner / heads;
+        let slice = opts.head_slice.map_or(heads, |n| n.clamp(1, heads));
+        let chunk = (opts.max_scores_on(q.device()) / slice.saturating_mul(sk)).clamp(1, sq);
+
+        // [b, s, heads*d] -> [b, heads, s, d] as a view. CUDA/Metal matmuls want tightly packed
+        // operands, so only there the view is copied.
+        let split = |t: &Tensor, s: usize| -> Result<Tensor> {
+            let t = t.reshape((b, s, heads, d))?.transpose(1, 2)?;
+            if t.device().is_cpu() {
+                Ok(t)
+            } else {
+                t.contiguous()
+            }
+        };
+        // Scaling q (queries x width) is cheaper than scaling the scores (queries x keys).
+        let q = split(&q.affine(scale, 0.0)?, sq)?;
+        let k = split(k, sk)?;
+        let v = split(v, sk)?;
+
+        let mut rows = Vec::with_capacity(b * sq.div_ceil(chunk));
+        for bi in 0..b {
+            let (qb, kb, vb) = (q.get(bi)?, k.get(bi)?, v.get(bi)?);
+            for start in (0..sq).step_by(chunk) {
+                let qc = qb.narrow(1, start, chunk.min(sq - start))?;
+                let mut parts = Vec::with_capacity(heads.div_ceil(slice));
+                for h0 in (0..heads).step_by(slice) {
+                    let n = slice.min(heads - h0);
+                    let o = attend(
+                        &qc.narrow(0, h0, n)?,
+                        &kb.narrow(0, h0, n)?,
+                        &vb.narrow(0, h0, n)?,
+                        upcast,
+                    )?;
+                    // [n, rows, d] -> [rows, n, d], so rows concatenate into [.., heads, d].
+                    parts.push(o.transpose(0, 1)?);
+                }
+                rows.push(if parts.len() == 1 {
+                    parts.swap_remove(0)
+                } else {
+                    Tensor::cat(&parts, 1)?
+                });
+            }
+        }
+        // One copy assembles all chunks in [b * queries, heads, d] order.
+        Tensor::cat(&rows, 0)?.reshape((b, sq, inner))
+    })
 }
 
 /// One block of attention: `q` `[n, rows, d]`, `k`/`v` `[n, keys, d]` -> `[n, rows, d]`.
