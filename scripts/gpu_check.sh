@@ -9,12 +9,12 @@
 # BIN: local-diffusers built with --features cudnn; TESTBIN: the ld-engine integration-test
 # binary built with the same features (may be "-" to skip). Results go to OUTDIR: tests.log,
 # bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
-# STAGES picks parts (default: all): tests generate bench vram profile algos.
+# STAGES picks parts (default: all): tests generate bench vram profile variants.
 # The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
 # convolutions in TF32 on Ampere and later, about 1e-3 relative, and the references are f32.
 set -uo pipefail
 BIN=$1 TESTBIN=$2 OUT=$3
-STAGES=${STAGES:-tests generate bench vram profile algos}
+STAGES=${STAGES:-tests generate bench vram profile variants}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 WHEELS=${WHEELS:-.gpu}
 mkdir -p "$OUT"
@@ -85,10 +85,11 @@ for fam in sd15 sdxl; do
             2>&1 | tee "$OUT/profile_$fam.txt"
     fi
 done
-if want algos; then
-    for algo in implicit-precomp implicit winograd-nonfused; do
-        echo "== sd15 fp16 with LD_CUDNN_ALGO=$algo"
-        LD_CUDNN_ALGO=$algo timeout 60 "$BIN" bench --family sd15 --precision fp16 --no-torch \
+if want variants; then
+    # Our GPU layers against candle's own, and cuDNN's algorithm fixed instead of measured.
+    for v in ${VARIANTS:-LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=implicit-precomp}; do
+        echo "== sd15 fp16 with $v"
+        env "$v" timeout 60 "$BIN" bench --family sd15 --precision fp16 --no-torch \
             --repeats 5 2>&1 | grep -E "step|decode"
     done
 fi

@@ -10,6 +10,10 @@ pub mod denoiser;
 pub mod embeddings;
 pub mod error;
 mod fused_attention;
+#[cfg(feature = "cudnn")]
+mod gpu_conv;
+#[cfg(feature = "cuda")]
+mod gpu_norm;
 mod kernels;
 pub mod ldm_names;
 pub mod linear;

@@ -14,6 +14,9 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    /// On CUDA devices: `[weight; bias]` in f32, for `gpu_norm`'s kernels.
+    #[cfg(feature = "cuda")]
+    affine: Option<Tensor>,
 }
 
 impl GroupNorm {
@@ -22,11 +25,21 @@ impl GroupNorm {
         if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("group norm: {channels} channels do not split into {groups} groups");
         }
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        #[cfg(feature = "cuda")]
+        let affine = if weight.device().is_cuda() {
+            Some(Tensor::cat(&[&weight, &bias], 0)?.to_dtype(candle_core::DType::F32)?)
+        } else {
+            None
+        };
         Ok(Self {
-            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            weight,
+            bias,
             groups,
             eps,
+            #[cfg(feature = "cuda")]
+            affine,
         })
     }
 
@@ -36,6 +49,19 @@ impl GroupNorm {
 
     fn run(&self, x: &Tensor, shift: Option<&Tensor>, silu: bool) -> Result<Tensor> {
         crate::profile::scope("group norm", x.device(), || {
+            #[cfg(feature = "cuda")]
+            if let Some(affine) = &self.affine {
+                if x.device().is_cuda() && crate::gpu_norm::enabled() {
+                    return crate::gpu_norm::group_norm(
+                        x,
+                        affine,
+                        self.groups,
+                        self.eps,
+                        shift,
+                        silu,
+                    );
+                }
+            }
             kernels::group_norm(
                 x,
                 &self.weight,
@@ -89,6 +115,10 @@ enum ConvKind {
     /// 1x1: `[c_out, c_in]` weight and the bias, for `kernels::conv1x1` (the output starts as
     /// the bias, so no second pass adds it).
     Pointwise(Tensor, Vec<f32>),
+    /// On CUDA devices: weight, bias, stride and padding for `gpu_conv::conv2d` (cuDNN with
+    /// a measured, cached algorithm and f32 accumulation).
+    #[cfg(feature = "cudnn")]
+    Cudnn(Tensor, Tensor, usize, usize),
     /// Anything else: candle's convolution.
     General(candle_nn::Conv2d),
 }
@@ -137,6 +167,14 @@ impl Conv2d {
         )?;
         let b = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
         let cpu_f32 = vb.device().is_cpu() && vb.dtype() == candle_core::DType::F32;
+        #[cfg(feature = "cudnn")]
+        if w.device().is_cuda() && crate::gpu_conv::enabled() {
+            return Ok(Self {
+                kind: ConvKind::Cudnn(w, b, stride, padding),
+                out_channels,
+                label: conv_label(kernel, stride),
+            });
+        }
         let kind = match (kernel, stride, padding) {
             (3, 1, 1) if cpu_f32 => {
                 // Flattened as stored (a view): the im2col rows and Winograd's filter transform
@@ -169,17 +207,21 @@ impl Conv2d {
                 ConvKind::General(candle_nn::Conv2d::new(w, Some(b), cfg))
             }
         };
-        let label = match (kernel, stride) {
-            (3, 1) => "conv 3x3",
-            (1, 1) => "conv 1x1",
-            (3, 2) => "conv 3x3 stride 2",
-            _ => "conv other",
-        };
         Ok(Self {
             kind,
             out_channels,
-            label,
+            label: conv_label(kernel, stride),
         })
+    }
+}
+
+/// The kind of convolution, for `LD_LAYER_TIMES`'s table.
+fn conv_label(kernel: usize, stride: usize) -> &'static str {
+    match (kernel, stride) {
+        (3, 1) => "conv 3x3",
+        (1, 1) => "conv 1x1",
+        (3, 2) => "conv 3x3 stride 2",
+        _ => "conv other",
     }
 }
 
@@ -237,6 +279,10 @@ impl Conv2d {
             ConvKind::Packed3x3(_) | ConvKind::Direct3x3(..) | ConvKind::Pointwise(..) => {
                 // Loaded for the CPU fast path but given another input (non-contiguous, say):
                 candle_core::bail!("conv2d: expects a contiguous f32 CPU input")
+            }
+            #[cfg(feature = "cudnn")]
+            ConvKind::Cudnn(w, b, stride, padding) => {
+                crate::gpu_conv::conv2d(x, w, b, *stride, *padding)
             }
             ConvKind::General(c) => c.forward(x),
         }
