@@ -493,14 +493,14 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
         // (low-VRAM "Auto"), so the limit is the size that fits with all of them.
         // 15% headroom: the estimate is a planning figure (see ld_engine::memory).
         let fits = |size: usize, o: &MemoryOptions| {
-            estimate(&shape, size, size, true, dtype, o).peak as f64 * SAFETY <= budget as f64
+            estimate(&shape, size, size, true, dtype, on_gpu, o).peak as f64 * SAFETY <= budget as f64
         };
         let lowest = if on_gpu { MemoryOptions::lowest() } else { MemoryOptions { vae_on_cpu: false, text_encoder_on_cpu: false, ..MemoryOptions::lowest() } };
         let max_size = SIZES.iter().copied().filter(|&s| fits(s, &lowest)).max();
-        let needed = estimate(&shape, native, native, true, dtype, &opts).peak;
+        let needed = estimate(&shape, native, native, true, dtype, on_gpu, &opts).peak;
         let memory = if on_gpu { "graphics memory" } else { "memory" };
         let reason = match max_size {
-            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(estimate(&shape, native, native, true, dtype, &lowest).peak), gb(budget)),
+            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(estimate(&shape, native, native, true, dtype, on_gpu, &lowest).peak), gb(budget)),
             Some(m) if m < native => format!("Fits only below its usual {native}×{native} (about {} needed, {} of {memory} to use); pictures will look worse.", gb(needed), gb(budget)),
             Some(m) => format!("Up to {m}×{m} fits in {} of {memory} (about {} at {native}×{native}).", gb(budget), gb(needed)),
         };

@@ -904,6 +904,8 @@ fn plan_memory(
             req.height,
             req.cfg_scale != 1.0 && !shape.guidance_embedded,
             dtype,
+            // Planned only against a GPU's free memory (`policy.free` is `None` on the CPU).
+            true,
             m,
         );
         // A loaded model's weights are already out of the free figure.
@@ -1601,7 +1603,7 @@ mod tests {
         let model = tiny_model();
         let shape = ModelShape::from_folder(&model.path).unwrap();
         let need = |m: &MemoryOptions| {
-            ld_engine::memory::estimate(&shape, 64, 64, true, DType::F32, m).peak
+            ld_engine::memory::estimate(&shape, 64, 64, true, DType::F32, true, m).peak
         };
         // Just less than the plain run needs, enough for every strategy.
         let free = need(&MemoryOptions::default()) - 1;
@@ -1658,6 +1660,7 @@ mod tests {
             64,
             true,
             DType::F32,
+            true,
             &MemoryOptions::lowest(),
         );
         assert!(full.peak > 1 << 30);

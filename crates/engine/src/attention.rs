@@ -50,7 +50,13 @@ impl AttentionOptions {
 
     /// The score budget actually used on `dev`: the GPU one where the CPU default was left.
     pub fn max_scores_on(&self, dev: &candle_core::Device) -> usize {
-        if !dev.is_cpu() && self.max_scores == Self::DEFAULT_MAX_SCORES {
+        self.max_scores_for(!dev.is_cpu())
+    }
+
+    /// [`AttentionOptions::max_scores_on`] for a GPU (`gpu`) or the CPU, without a device (for
+    /// memory plans made before one is opened).
+    pub fn max_scores_for(&self, gpu: bool) -> usize {
+        if gpu && self.max_scores == Self::DEFAULT_MAX_SCORES {
             Self::GPU_DEFAULT_MAX_SCORES
         } else {
             self.max_scores

@@ -309,19 +309,24 @@ fn vae_pixels(width: u64, height: u64, shape: &ModelShape, tiled: bool) -> u64 {
 }
 
 /// Estimates one image of `width x height` with guidance (`guided`: batch 2 through the UNet),
-/// weights and activations in `dtype`, and `opts`. See the module docs for the formula.
+/// weights and activations in `dtype`, on a GPU (`gpu`, where attention works in larger
+/// blocks) or the CPU, and `opts`. See the module docs for the formula.
 pub fn estimate(
     shape: &ModelShape,
     width: usize,
     height: usize,
     guided: bool,
     dtype: DType,
+    gpu: bool,
     opts: &MemoryOptions,
 ) -> MemoryEstimate {
-    estimate_with_attention(shape, width, height, guided, dtype, opts, &opts.attention())
+    let mut attn = opts.attention();
+    attn.max_scores = attn.max_scores_for(gpu);
+    estimate_with_attention(shape, width, height, guided, dtype, opts, &attn)
 }
 
-/// [`estimate`] with the attention options given explicitly (e.g. plain attention).
+/// [`estimate`] with the attention options given explicitly (e.g. plain attention), their score
+/// block taken as it is.
 pub fn estimate_with_attention(
     shape: &ModelShape,
     width: usize,
@@ -343,15 +348,7 @@ pub fn estimate_with_attention(
         .map_or(shape.attention_heads, |s| s as u64)
         .min(shape.attention_heads);
     let per_query_row = heads_at_once * tokens;
-    // Half precision means a GPU here (the CPU runs f32), where the default block is larger.
-    let max_scores = if matches!(dtype, DType::F16 | DType::BF16)
-        && attn.max_scores == AttentionOptions::DEFAULT_MAX_SCORES
-    {
-        AttentionOptions::GPU_DEFAULT_MAX_SCORES
-    } else {
-        attn.max_scores
-    };
-    let rows = ((max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
+    let rows = ((attn.max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
     let block = (rows * per_query_row).min(full_scores);
     // Scores and their softmax exist together; attention upcasts to f32 in half precision.
     let scores = 2 * block * 4;
@@ -451,6 +448,7 @@ mod tests {
             1024,
             true,
             DType::F16,
+            true,
             &Default::default(),
         );
         let tiled = estimate(
@@ -459,6 +457,7 @@ mod tests {
             1024,
             true,
             DType::F16,
+            true,
             &MemoryOptions {
                 vae_tiling: true,
                 ..Default::default()
@@ -471,6 +470,7 @@ mod tests {
             1024,
             true,
             DType::F16,
+            true,
             &MemoryOptions::lowest(),
         );
         assert!(lowest.peak < base.peak, "{lowest:?} {base:?}");
@@ -484,6 +484,7 @@ mod tests {
             1024,
             true,
             DType::F16,
+            true,
             &Default::default(),
         );
         assert!(xl.weights > 6 * GIB && xl.weights < 8 * GIB, "{xl:?}");
@@ -495,6 +496,7 @@ mod tests {
             1024,
             true,
             DType::F16,
+            true,
             &MemoryOptions {
                 text_encoder_on_cpu: true,
                 ..Default::default()
@@ -503,6 +505,39 @@ mod tests {
         assert_eq!(xl.weights - xl_cpu_text.weights, 817_844_480 * 2);
         assert_eq!(xl_cpu_text.host, 817_844_480 * 4);
         assert_eq!(xl.peak - xl_cpu_text.peak, 817_844_480 * 2);
+    }
+
+    #[test]
+    fn gpu_attention_blocks_are_counted_larger_in_any_dtype() {
+        // The GPU's default score block is 16x the CPU's; fp32 on a GPU counts it too.
+        let at = |dtype, gpu| {
+            estimate(
+                &ModelShape::SDXL,
+                1024,
+                1024,
+                true,
+                dtype,
+                gpu,
+                &Default::default(),
+            )
+            .unet
+        };
+        assert!(at(DType::F32, true) > at(DType::F32, false));
+        assert!(at(DType::F16, true) > at(DType::F16, false));
+        // An explicit (sliced) block is used as given on either.
+        let sliced = MemoryOptions::lowest();
+        let with = |gpu| {
+            estimate(
+                &ModelShape::SDXL,
+                1024,
+                1024,
+                true,
+                DType::F32,
+                gpu,
+                &sliced,
+            )
+        };
+        assert_eq!(with(true).unet, with(false).unet);
     }
 
     #[test]
