@@ -108,12 +108,14 @@ def run_diffusers(folder: Path, a) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_ours(folder: Path, a) -> dict:
+def run_ours(folder: Path, a, low_memory: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as t:
         cmd = ["/usr/bin/time", "-f", "MAXRSS %M", a.ours, "--data-dir", t, "generate",
                "a photo of a cat", "--model", str(folder), "--steps", str(a.steps), "--cfg", "7",
                "--width", str(a.size), "--height", str(a.size), "--seed", "1",
                "--precision", "fp32", "--out", str(Path(t) / "out.png")]
+        if low_memory:
+            cmd.append("--low-memory")
         env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -135,6 +137,8 @@ def main():
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--low-memory", action="store_true",
+                   help="also run ours with --low-memory (f16 weight storage), interleaved")
     p.add_argument("--child")
     a = p.parse_args()
     if a.child:
@@ -150,8 +154,11 @@ def main():
     # Interleaved, so a burst of load on the machine hits both sides alike.
     for i in range(a.repeat):
         d, o = run_diffusers(a.folder, a), run_ours(a.folder, a)
+        low = run_ours(a.folder, a, low_memory=True) if a.low_memory else None
         print(f"run {i + 1}: diffusers {d}\n       ours      {o}", file=sys.stderr)
-        rows.append((d, o))
+        if low:
+            print(f"       ours low  {low}", file=sys.stderr)
+        rows.append((d, o, low))
 
     def med(side, key):
         v = sorted(r[side][key] for r in rows)
@@ -166,6 +173,12 @@ def main():
     print(f"{'load (s)':22}{load_o:10.1f}{load_d:12.1f}{load_o / load_d:8.2f}")
     print(f"{'peak RSS (MB)':22}{rss_o:10.0f}{rss_d:12.0f}{rss_o / rss_d:8.2f}")
     print(f"{'whole run (s)':22}{tot_o:10.1f}{tot_d:12.1f}{tot_o / tot_d:8.2f}")
+    if a.low_memory:
+        rss_l, tot_l, load_l = med(2, "peak_rss_mb"), med(2, "total_s"), med(2, "load_s")
+        print(f"{'--low-memory:':22}")
+        print(f"{'  load (s)':22}{load_l:10.1f}{load_d:12.1f}{load_l / load_d:8.2f}")
+        print(f"{'  peak RSS (MB)':22}{rss_l:10.0f}{rss_d:12.0f}{rss_l / rss_d:8.2f}")
+        print(f"{'  whole run (s)':22}{tot_l:10.1f}{tot_d:12.1f}{tot_l / tot_d:8.2f}")
     print(f"(diffusers' time to its first step: {med(0, 'first_step_s'):.1f} s)")
 
 

@@ -105,6 +105,8 @@ pub struct BenchOptions {
     /// Timed runs of each part. Above 1, an untimed warm-up run goes first (a GPU's first call
     /// loads its kernels and picks convolution algorithms) and the median run is reported.
     pub repeats: usize,
+    /// The UNet's weights in f16 storage, widened per layer (`LoadOptions::half_weights`).
+    pub half_weights: bool,
 }
 
 impl Default for BenchOptions {
@@ -120,6 +122,7 @@ impl Default for BenchOptions {
             attention: AttentionOptions::default(),
             family: BenchFamily::default(),
             repeats: 1,
+            half_weights: false,
         }
     }
 }
@@ -175,7 +178,12 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
         let cfg = UNetConfig::from_json(unet_config)
             .map_err(|e| crate::EngineError::InvalidRequest(e.to_string()))?;
         let t = Instant::now();
-        let mut unet = UNet2DConditionModel::load(random_weights(opts), &cfg)?;
+        let load = crate::pipeline::LoadOptions {
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+            half_weights: opts.half_weights,
+        };
+        let mut unet = load.load_unet(|| UNet2DConditionModel::load(random_weights(opts), &cfg))?;
         unet.set_attention_options(opts.attention);
         report.unet_build = Some(t.elapsed());
         let x = input(&[opts.batch, 4, lh, lw], opts)?;

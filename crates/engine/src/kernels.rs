@@ -694,6 +694,62 @@ pub(crate) fn conv1x1(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tenso
 }
 
 /// Whether `x` can use [`im2col_3x3`] (and the other fused CPU kernels).
+/// A CPU f32 tensor stored as f16 (half-precision weight storage, see
+/// `LoadOptions::half_weights`), converted on all compute threads.
+pub(crate) fn narrow_f16(t: &Tensor) -> Result<Tensor> {
+    t.contiguous()?.apply_op1_no_bwd(&Convert(DType::F16))
+}
+
+/// The f32 tensor a [`narrow_f16`] one stands for, for the layer about to use it: one pass on all
+/// compute threads (`half` converts with the CPU's F16C instructions where present), where
+/// candle's `to_dtype` converts element by element on one thread.
+pub(crate) fn widen_f16(t: &Tensor) -> Result<Tensor> {
+    t.contiguous()?.apply_op1_no_bwd(&Convert(DType::F32))
+}
+
+/// f32 <-> f16 conversion of a contiguous CPU tensor, to the dtype held.
+struct Convert(DType);
+
+impl CustomOp1 for Convert {
+    fn name(&self) -> &'static str {
+        "ld-convert-f16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use half::f16;
+        use half::slice::HalfFloatSliceExt;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{}: expects a contiguous tensor", self.name());
+        };
+        let threads = candle_core::utils::get_num_threads().max(1);
+        let per = (b - a).div_ceil(threads).max(1 << 16);
+        let out = match (s, self.0) {
+            (CpuStorage::F16(v), DType::F32) => {
+                let src = &v[a..b];
+                let mut dst = vec![0f32; src.len()];
+                std::thread::scope(|sc| {
+                    for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                        sc.spawn(move || s.convert_to_f32_slice(d));
+                    }
+                });
+                CpuStorage::F32(dst)
+            }
+            (CpuStorage::F32(v), DType::F16) => {
+                let src = &v[a..b];
+                let mut dst = vec![f16::ZERO; src.len()];
+                std::thread::scope(|sc| {
+                    for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                        sc.spawn(move || d.convert_from_f32_slice(s));
+                    }
+                });
+                CpuStorage::F16(dst)
+            }
+            _ => candle_core::bail!("{}: converts f16 <-> f32 only", self.name()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
 pub(crate) fn cpu_f32(x: &Tensor) -> bool {
     fast_path(x)
 }
@@ -827,6 +883,48 @@ mod tests {
         let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
         let got = softmax_last_dim(x.copy().unwrap()).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6);
+    }
+
+    #[test]
+    fn f16_storage_round_trips_like_candles_conversion() {
+        let dev = Device::Cpu;
+        // Several threads' worth with a tail; values past f16's precision (up to ~1.4e4).
+        let x = (Tensor::randn(0f32, 3., 300_001, &dev).unwrap() * 1e3).unwrap();
+        let half = narrow_f16(&x).unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        let want = x.to_dtype(DType::F16).unwrap();
+        assert_eq!(
+            max_abs_diff(
+                &half.to_dtype(DType::F32).unwrap(),
+                &want.to_dtype(DType::F32).unwrap()
+            ),
+            0.0
+        );
+        let wide = widen_f16(&half).unwrap();
+        assert_eq!(wide.dtype(), DType::F32);
+        assert_eq!(
+            max_abs_diff(&wide, &want.to_dtype(DType::F32).unwrap()),
+            0.0
+        );
+        // A 2-D view that is not contiguous converts in its logical order.
+        let m = x
+            .narrow(0, 0, 300_000)
+            .unwrap()
+            .reshape((600, 500))
+            .unwrap()
+            .t()
+            .unwrap();
+        let got = widen_f16(&narrow_f16(&m).unwrap()).unwrap();
+        assert_eq!(
+            max_abs_diff(
+                &got,
+                &m.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+            ),
+            0.0
+        );
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! second pass over a second output adds the bias), and the transformer projections read
 //! `[b, c, h, w]` channels as tokens, and write tokens back as channels, inside the product
 //! instead of through transposing copies (serial in candle). Other devices and dtypes use
-//! candle's `Linear`.
+//! candle's `Linear`. Under half-precision storage (`LoadOptions::half_weights`) the weight is
+//! kept in f16 and widened to f32 each time the layer runs on f32 input.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::kernels::{contiguous_f32, cpu_f32, gemm_parallelism};
@@ -19,8 +20,29 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Stores `weight` in f16 if half-precision storage is on while it is built (CPU f32 only).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let weight = if crate::weights::half_storage() && cpu_f32(&weight) {
+            // Stays f32 if it cannot be converted (it is only a memory saving).
+            crate::kernels::narrow_f16(&weight).unwrap_or(weight)
+        } else {
+            weight
+        };
         Self { weight, bias }
+    }
+
+    /// The weight in `x`'s dtype: an f16-stored weight widened for f32 input, else as held.
+    fn weight_for(&self, x: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
+        if self.weight.dtype() == DType::F16
+            && x.dtype() == DType::F32
+            && self.weight.device().is_cpu()
+        {
+            Ok(std::borrow::Cow::Owned(crate::kernels::widen_f16(
+                &self.weight,
+            )?))
+        } else {
+            Ok(std::borrow::Cow::Borrowed(&self.weight))
+        }
     }
 
     /// `weight` `[out, in]` and `bias` `[out]` under `vb`, as `candle_nn::linear` loads them
@@ -47,9 +69,10 @@ impl Linear {
 
     fn channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        if cpu_f32(x) && cpu_f32(&self.weight) {
+        let weight = self.weight_for(x)?;
+        if cpu_f32(x) && cpu_f32(&weight) {
             let bias = self.bias_values()?;
-            return x.apply_op2_no_bwd(&self.weight, &ChannelsToTokens { bias });
+            return x.apply_op2_no_bwd(&weight, &ChannelsToTokens { bias });
         }
         let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         self.plain(&tokens)
@@ -66,9 +89,10 @@ impl Linear {
 
     fn tokens_to_channels_add(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = residual.dims4()?;
-        if cpu_f32(t) && cpu_f32(&self.weight) && cpu_f32(residual) {
+        let weight = self.weight_for(t)?;
+        if cpu_f32(t) && cpu_f32(&weight) && cpu_f32(residual) {
             let bias = self.bias_values()?;
-            return t.apply_op3_no_bwd(&self.weight, residual, &TokensToChannelsAdd { bias });
+            return t.apply_op3_no_bwd(&weight, residual, &TokensToChannelsAdd { bias });
         }
         let y = self.plain(t)?.transpose(1, 2)?;
         (residual.reshape((b, c, h * w))? + y)?.reshape((b, c, h, w))
@@ -226,13 +250,14 @@ impl Module for Linear {
 
 impl Linear {
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        if cpu_f32(x) && cpu_f32(&self.weight) && self.bias.as_ref().is_none_or(cpu_f32) {
+        let weight = self.weight_for(x)?;
+        if cpu_f32(x) && cpu_f32(&weight) && self.bias.as_ref().is_none_or(cpu_f32) {
             return match &self.bias {
-                Some(b) => x.apply_op3_no_bwd(&self.weight, b, &LinearOp),
-                None => x.apply_op2_no_bwd(&self.weight, &LinearOp),
+                Some(b) => x.apply_op3_no_bwd(&weight, b, &LinearOp),
+                None => x.apply_op2_no_bwd(&weight, &LinearOp),
             };
         }
-        candle_nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(x)
+        candle_nn::Linear::new(weight.into_owned(), self.bias.clone()).forward(x)
     }
 }
 

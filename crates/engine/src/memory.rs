@@ -676,4 +676,90 @@ mod tests {
         let b = p.decode(&sliced).unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
     }
+
+    #[test]
+    fn half_weight_storage_equals_weights_rounded_to_f16() {
+        use crate::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
+        // A copy whose UNet file holds the weights half storage keeps in f16 rounded to f16:
+        // convolution kernels and the transformers' linear layers, not the biases, norms or
+        // time-embedding layers (small, and kept in f32).
+        let tmp = tempfile::tempdir().unwrap();
+        let copy = tmp.path().join("sd1");
+        copy_dir(&src, &copy);
+        let unet_file = copy.join("unet/diffusion_pytorch_model.safetensors");
+        let tensors =
+            candle_core::safetensors::load(&unet_file, &candle_core::Device::Cpu).unwrap();
+        let rounded: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| {
+                let stored = k.ends_with(".weight")
+                    && (t.rank() == 4
+                        || t.rank() == 2
+                            && !k.starts_with("time_embedding")
+                            && !k.contains("time_emb_proj"));
+                let t = if stored {
+                    t.to_dtype(DType::F16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                } else {
+                    t
+                };
+                (k, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&rounded, &unet_file).unwrap();
+
+        let req = GenerateRequest {
+            prompt: "a cat".into(),
+            steps: 3,
+            width: 64,
+            height: 64,
+            ..Default::default()
+        };
+        let latents = |dir: &Path, half_weights: bool| {
+            let opts = LoadOptions {
+                half_weights,
+                ..Default::default()
+            };
+            Pipeline::load(dir, &opts)
+                .unwrap()
+                .sample_latents(&req, &mut NoObserver, &mut |_, _| {})
+                .unwrap()
+        };
+        let full = latents(&src, false);
+        let half = latents(&src, true);
+        let rounded = latents(&copy, false);
+        // Stored in f16 and widened per layer = computing in f32 with f16-rounded weights,
+        // exactly (same kernels, same values).
+        assert_eq!(max_abs_diff(&half, &rounded), 0.0);
+        // And the rounding is real (the tiny model's weights are not f16 values) but small:
+        // measured 0.06 on latents up to 47 after 3 steps at CFG 7 (1.3e-3 of their scale).
+        let d = max_abs_diff(&full, &half);
+        let scale = full
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d > 0.0 && d < 1e-2 * scale,
+            "f32 vs f16-stored weights: {d} (latents up to {scale})"
+        );
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let dest = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &dest);
+            } else {
+                std::fs::copy(e.path(), dest).unwrap();
+            }
+        }
+    }
 }

@@ -104,8 +104,8 @@ impl Refiner {
         let unet_cfg = UNetConfig::from_file(&unet_path)?;
         check_unet(&unet_cfg, &encoder_2, aesthetic, &unet_path)?;
         let weights = Weights::open_all(&folder.weight_files("unet")?)?;
-        let unet =
-            UNet2DConditionModel::load(weights.var_builder(opts.dtype, &opts.device)?, &unet_cfg)?;
+        let vb = weights.var_builder(opts.dtype, &opts.device)?;
+        let unet = opts.load_unet(|| UNet2DConditionModel::load(vb, &unet_cfg))?;
         Ok(Self {
             encoder_2,
             unet,

@@ -181,7 +181,7 @@ impl Conv2d {
                 // both read taps in torch's (c_in, kh, kw) order, so no reordering copy.
                 let w = w.reshape((out_channels, 9 * in_channels))?;
                 if direct {
-                    ConvKind::Direct3x3(w.contiguous()?, b.to_vec1::<f32>()?, 1)
+                    ConvKind::Direct3x3(stored(w)?, b.to_vec1::<f32>()?, 1)
                 } else {
                     ConvKind::Packed3x3(Tensor::cat(&[&w, &b.reshape((out_channels, 1))?], 1)?)
                 }
@@ -189,12 +189,12 @@ impl Conv2d {
             // The UNet's downsampling convolutions: candle's generic CPU convolution was ~2x
             // slower than the same im2col product (7% of a step at 128x128).
             (3, 2, 1) if cpu_f32 => ConvKind::Direct3x3(
-                w.reshape((out_channels, 9 * in_channels))?.contiguous()?,
+                stored(w.reshape((out_channels, 9 * in_channels))?)?,
                 b.to_vec1::<f32>()?,
                 2,
             ),
             (1, 1, 0) if cpu_f32 => ConvKind::Pointwise(
-                w.reshape((out_channels, in_channels))?.contiguous()?,
+                stored(w.reshape((out_channels, in_channels))?)?,
                 b.to_vec1::<f32>()?,
             ),
             _ => {
@@ -213,6 +213,26 @@ impl Conv2d {
             label: conv_label(kernel, stride),
         })
     }
+}
+
+/// A CPU f32 weight as the layer keeps it: contiguous, in f16 under half-precision storage
+/// (`LoadOptions::half_weights`; widened again by [`widened`] each time the layer runs).
+fn stored(w: Tensor) -> Result<Tensor> {
+    let w = w.contiguous()?;
+    if crate::weights::half_storage() {
+        kernels::narrow_f16(&w)
+    } else {
+        Ok(w)
+    }
+}
+
+/// The f32 weight of a [`stored`] one.
+fn widened(w: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
+    Ok(if w.dtype() == candle_core::DType::F16 {
+        std::borrow::Cow::Owned(kernels::widen_f16(w)?)
+    } else {
+        std::borrow::Cow::Borrowed(w)
+    })
 }
 
 /// The kind of convolution, for `LD_LAYER_TIMES`'s table.
@@ -264,6 +284,8 @@ impl Conv2d {
                 }
             }
             ConvKind::Direct3x3(w, bias, stride) if kernels::cpu_f32(x) => {
+                let wide = widened(w)?;
+                let w: &Tensor = &wide;
                 let (batch, _, h, width) = x.dims4()?;
                 if *stride != 1 {
                     return kernels::conv3x3_strided(x, w, bias, IM2COL_BLOCK, *stride);
@@ -275,7 +297,9 @@ impl Conv2d {
                     _ => kernels::conv3x3(x, w, bias, IM2COL_BLOCK),
                 }
             }
-            ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => kernels::conv1x1(x, w, bias),
+            ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => {
+                kernels::conv1x1(x, &*widened(w)?, bias)
+            }
             ConvKind::Packed3x3(_) | ConvKind::Direct3x3(..) | ConvKind::Pointwise(..) => {
                 // Loaded for the CPU fast path but given another input (non-contiguous, say):
                 candle_core::bail!("conv2d: expects a contiguous f32 CPU input")

@@ -386,10 +386,8 @@ fn load_unet(
             &MappedNames::new(weights, names.clone(), LDM_UNET_PREFIX),
         )?
     };
-    Ok(UNet2DConditionModel::load(
-        ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?,
-        cfg,
-    )?)
+    let vb = ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?;
+    Ok(opts.load_unet(|| UNet2DConditionModel::load(vb, cfg))?)
 }
 
 fn no_vae(path: &Path) -> EngineError {

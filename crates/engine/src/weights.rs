@@ -592,3 +592,23 @@ mod tests {
         ));
     }
 }
+
+thread_local! {
+    static HALF_STORAGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `load` with half-precision weight storage on (`on`) for the layers it builds on this
+/// thread: CPU f32 convolutions and linear layers then keep their weights in f16 and widen them
+/// as each layer runs (`LoadOptions::half_weights`). A thread-local switch rather than a
+/// parameter through every model constructor: only the UNet's loaders set it.
+pub(crate) fn with_half_storage<T>(on: bool, load: impl FnOnce() -> T) -> T {
+    let before = HALF_STORAGE.with(|h| h.replace(on));
+    let out = load();
+    HALF_STORAGE.with(|h| h.set(before));
+    out
+}
+
+/// Whether layers being built now store their large weights in f16 (see [`with_half_storage`]).
+pub(crate) fn half_storage() -> bool {
+    HALF_STORAGE.with(std::cell::Cell::get)
+}

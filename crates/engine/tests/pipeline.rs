@@ -26,6 +26,7 @@ fn load(model: &str) -> Pipeline {
     let opts = LoadOptions {
         device: support::device(),
         dtype: DType::F32,
+        ..Default::default()
     };
     Pipeline::load(&root().join("models/tiny").join(model), &opts).expect("tiny model loads")
 }

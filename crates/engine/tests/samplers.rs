@@ -310,6 +310,7 @@ fn every_sampler_matches_the_references_on_the_tiny_unet() {
         &LoadOptions {
             device: crate::support::device(),
             dtype: DType::F32,
+            ..Default::default()
         },
     )
     .unwrap();

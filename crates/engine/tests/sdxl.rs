@@ -33,6 +33,7 @@ fn opts(dtype: DType) -> LoadOptions {
     LoadOptions {
         device: support::device(),
         dtype,
+        ..Default::default()
     }
 }
 

@@ -36,6 +36,7 @@ fn opts() -> LoadOptions {
     LoadOptions {
         device: support::device(),
         dtype: DType::F32,
+        ..Default::default()
     }
 }
 

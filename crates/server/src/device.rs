@@ -24,6 +24,7 @@ pub fn load_options_with(precision: Precision) -> LoadOptions {
                 return LoadOptions {
                     device,
                     dtype: pick(true),
+                    ..Default::default()
                 }
             }
             Err(e) => tracing::warn!("no usable CUDA GPU, drawing on the CPU: {e}"),
@@ -36,6 +37,7 @@ pub fn load_options_with(precision: Precision) -> LoadOptions {
                 return LoadOptions {
                     device,
                     dtype: pick(true),
+                    ..Default::default()
                 }
             }
             Err(e) => tracing::warn!("no usable Metal GPU, drawing on the CPU: {e}"),
@@ -44,6 +46,7 @@ pub fn load_options_with(precision: Precision) -> LoadOptions {
     LoadOptions {
         device: Device::Cpu,
         dtype: pick(false),
+        ..Default::default()
     }
 }
 

@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// Skip PyTorch even when a Python is given.
     #[arg(long)]
     pub no_torch: bool,
+    /// Our UNet's weights in f16 storage, widened layer by layer (the low-memory mode of
+    /// `generate --low-memory`; CPU, fp32).
+    #[arg(long)]
+    pub half_weights: bool,
 }
 
 pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
@@ -100,6 +104,7 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
         vae: !args.no_vae,
         family,
         attention: attention(&args),
+        half_weights: args.half_weights,
     };
     let torch_args = {
         let mut a = vec![

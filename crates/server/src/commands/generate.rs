@@ -60,6 +60,11 @@ pub struct GenerateArgs {
     /// Where to save the PNG (default: the gallery folder in the data folder).
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Low-memory mode on the CPU (fp32): keep the UNet's weights in half precision and widen
+    /// them layer by layer as they run (1.7 GB less for SD 1.5, a few percent slower; images
+    /// differ from full-precision weights only by the weights' rounding).
+    #[arg(long)]
+    pub low_memory: bool,
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
@@ -115,7 +120,11 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let dtype = super::pick_dtype(&args.precision, &device)?;
     let t0 = Instant::now();
     eprintln!("Loading {} ...", model_dir.display());
-    let opts = LoadOptions { device, dtype };
+    let opts = LoadOptions {
+        device,
+        dtype,
+        half_weights: args.low_memory,
+    };
     let pipeline = if model_dir.is_file() {
         let source = ld_engine::single_file::ModelSource {
             path: model_dir.clone(),
