@@ -178,12 +178,10 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
         let cfg = UNetConfig::from_json(unet_config)
             .map_err(|e| crate::EngineError::InvalidRequest(e.to_string()))?;
         let t = Instant::now();
-        let load = crate::pipeline::LoadOptions {
-            device: opts.device.clone(),
-            dtype: opts.dtype,
-            half_weights: opts.half_weights,
-        };
-        let mut unet = load.load_unet(|| UNet2DConditionModel::load(random_weights(opts), &cfg))?;
+        let half = opts.half_weights && opts.device.is_cpu() && opts.dtype == DType::F32;
+        let mut unet = crate::weights::with_half_storage(half, || {
+            UNet2DConditionModel::load(random_weights(opts), &cfg)
+        })?;
         unet.set_attention_options(opts.attention);
         report.unet_build = Some(t.elapsed());
         let x = input(&[opts.batch, 4, lh, lw], opts)?;

@@ -679,7 +679,7 @@ mod tests {
 
     #[test]
     fn half_weight_storage_equals_weights_rounded_to_f16() {
-        use crate::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
+        use crate::pipeline::{GenerateRequest, HalfWeights, LoadOptions, NoObserver, Pipeline};
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
         // A copy whose UNet file holds the weights half storage keeps in f16 rounded to f16:
         // convolution kernels and the transformers' linear layers, not the biases, norms or
@@ -718,7 +718,7 @@ mod tests {
             height: 64,
             ..Default::default()
         };
-        let latents = |dir: &Path, half_weights: bool| {
+        let latents_with = |dir: &Path, half_weights: HalfWeights| {
             let opts = LoadOptions {
                 half_weights,
                 ..Default::default()
@@ -727,6 +727,16 @@ mod tests {
                 .unwrap()
                 .sample_latents(&req, &mut NoObserver, &mut |_, _| {})
                 .unwrap()
+        };
+        let latents = |dir: &Path, on: bool| {
+            latents_with(
+                dir,
+                if on {
+                    HalfWeights::On
+                } else {
+                    HalfWeights::Off
+                },
+            )
         };
         let full = latents(&src, false);
         let half = latents(&src, true);
@@ -748,6 +758,54 @@ mod tests {
             d > 0.0 && d < 1e-2 * scale,
             "f32 vs f16-stored weights: {d} (latents up to {scale})"
         );
+
+        // A UNet file stored in f16: the default (f16 storage when lossless) takes it and
+        // draws exactly what full f32 weights of the same values draw.
+        let f16_copy = tmp.path().join("sd1-f16");
+        copy_dir(&src, &f16_copy);
+        let file = f16_copy.join("unet/diffusion_pytorch_model.safetensors");
+        let tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+        let f16: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&f16, &file).unwrap();
+        assert!(crate::weights::Weights::open(&file).unwrap().all_f16());
+        assert_eq!(
+            max_abs_diff(
+                &latents_with(&f16_copy, HalfWeights::WhenLossless),
+                &latents_with(&f16_copy, HalfWeights::Off)
+            ),
+            0.0
+        );
+    }
+
+    #[test]
+    fn half_storage_only_where_asked_on_the_cpu_in_f32() {
+        use crate::pipeline::{HalfWeights, LoadOptions};
+        let with = |half_weights, dtype| LoadOptions {
+            half_weights,
+            dtype,
+            ..Default::default()
+        };
+        for (h, f16_file, want) in [
+            (HalfWeights::Off, true, false),
+            (HalfWeights::WhenLossless, false, false),
+            (HalfWeights::WhenLossless, true, true),
+            (HalfWeights::On, false, true),
+        ] {
+            assert_eq!(
+                with(h, DType::F32).stores_half(f16_file),
+                want,
+                "{h:?} {f16_file}"
+            );
+            // A half-precision pipeline has f16 weights already.
+            assert!(!with(h, DType::F16).stores_half(f16_file));
+        }
+        // The tiny model's UNet file is f32.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1/unet");
+        let w = crate::weights::Weights::open(dir.join("diffusion_pytorch_model.safetensors"));
+        assert!(!w.unwrap().all_f16());
     }
 
     fn copy_dir(from: &Path, to: &Path) {

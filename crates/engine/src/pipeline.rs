@@ -30,11 +30,24 @@ pub struct LoadOptions {
     /// Weights and activations of the text encoder, UNet and VAE. Noise, sampler state and the
     /// output are always f32.
     pub dtype: DType,
-    /// Low-memory mode on the CPU in f32: the UNet's convolution and linear weights are kept in
-    /// f16 and widened to f32 layer by layer as they run. Halves their memory (1.7 GB for SD
-    /// 1.5, 5 GB for SDXL) for a few percent of step time; the maths stays f32, so images differ
-    /// from full f32 weights only by the weights' rounding. Ignored on GPUs and in f16.
-    pub half_weights: bool,
+    /// On the CPU in f32: whether the UNet's convolution and linear weights are kept in f16 and
+    /// widened to f32 layer by layer as they run. Halves their memory (1.7 GB for SD 1.5,
+    /// 5 GB for SDXL); the step time stayed within noise. Ignored on GPUs and in f16.
+    pub half_weights: HalfWeights,
+}
+
+/// See [`LoadOptions::half_weights`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HalfWeights {
+    /// Weights in the pipeline's dtype.
+    Off,
+    /// When the UNet's file stores f16 already (most published checkpoints): the same values,
+    /// so the images are identical, in half the memory.
+    #[default]
+    WhenLossless,
+    /// Always (low-memory mode): f32 files' weights are rounded to f16, which changes images
+    /// by that rounding only (the maths stays f32).
+    On,
 }
 
 impl Default for LoadOptions {
@@ -42,17 +55,32 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
-            half_weights: false,
+            half_weights: HalfWeights::default(),
         }
     }
 }
 
 impl LoadOptions {
-    /// Loads a UNet with `load`, its weights in f16 storage when [`LoadOptions::half_weights`]
-    /// applies (the CPU in f32).
-    pub(crate) fn load_unet<T>(&self, load: impl FnOnce() -> T) -> T {
-        let on = self.half_weights && self.device.is_cpu() && self.dtype == DType::F32;
-        crate::weights::with_half_storage(on, load)
+    /// Whether a UNet whose file stores only f16 (`f16_file`) gets f16 weight storage.
+    pub fn stores_half(&self, f16_file: bool) -> bool {
+        let wanted = match self.half_weights {
+            HalfWeights::Off => false,
+            HalfWeights::WhenLossless => f16_file,
+            HalfWeights::On => true,
+        };
+        wanted && self.device.is_cpu() && self.dtype == DType::F32
+    }
+
+    /// Loads the UNet of `weights` with `load`, in f16 storage when [`LoadOptions::stores_half`];
+    /// `merged`: LoRAs are merged into it (their sums are no f16 values, so not lossless).
+    pub(crate) fn load_unet<T>(
+        &self,
+        weights: &crate::weights::Weights,
+        merged: bool,
+        load: impl FnOnce() -> T,
+    ) -> T {
+        let lossless = weights.all_f16() && !merged;
+        crate::weights::with_half_storage(self.stores_half(lossless), load)
     }
 }
 
@@ -269,8 +297,11 @@ impl Pipeline {
             LoraTarget::Unet,
             &crate::ldm_names::FolderUnetNames::new(&weights, &unet_cfg),
         )?;
+        let merged = patch.is_some();
         let vb = patched_var_builder(&weights, patch, opts)?;
-        let unet = opts.load_unet(|| UNet2DConditionModel::load(vb, &unet_cfg))?;
+        let unet = opts.load_unet(&weights, merged, || {
+            UNet2DConditionModel::load(vb, &unet_cfg)
+        })?;
         let lora_warnings = lora_set.finish()?;
 
         let vae_cfg = VaeConfig::from_file(&folder.config_file("vae")?)?;

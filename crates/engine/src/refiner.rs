@@ -105,7 +105,9 @@ impl Refiner {
         check_unet(&unet_cfg, &encoder_2, aesthetic, &unet_path)?;
         let weights = Weights::open_all(&folder.weight_files("unet")?)?;
         let vb = weights.var_builder(opts.dtype, &opts.device)?;
-        let unet = opts.load_unet(|| UNet2DConditionModel::load(vb, &unet_cfg))?;
+        let unet = opts.load_unet(&weights, false, || {
+            UNet2DConditionModel::load(vb, &unet_cfg)
+        })?;
         Ok(Self {
             encoder_2,
             unet,

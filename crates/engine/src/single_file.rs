@@ -386,8 +386,11 @@ fn load_unet(
             &MappedNames::new(weights, names.clone(), LDM_UNET_PREFIX),
         )?
     };
+    // The whole file must be f16 for f16 storage to be lossless (conservative for files whose
+    // VAE or text encoder alone is f32).
+    let merged = patch.is_some();
     let vb = ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?;
-    Ok(opts.load_unet(|| UNet2DConditionModel::load(vb, cfg))?)
+    Ok(opts.load_unet(weights, merged, || UNet2DConditionModel::load(vb, cfg))?)
 }
 
 fn no_vae(path: &Path) -> EngineError {

@@ -131,6 +131,19 @@ impl Weights {
             .and_then(|e| DType::try_from(e.dtype).ok())
     }
 
+    /// Whether every floating-point tensor is stored in f16 (so f16 storage in memory loses
+    /// nothing; see `LoadOptions::half_weights`). Read from the headers.
+    pub fn all_f16(&self) -> bool {
+        use safetensors::Dtype as D;
+        let mut floats = self
+            .inner
+            .index
+            .values()
+            .filter(|e| matches!(e.dtype, D::F16 | D::BF16 | D::F32 | D::F64))
+            .peekable();
+        floats.peek().is_some() && floats.all(|e| e.dtype == D::F16)
+    }
+
     /// Loads one tensor, converted to `dtype`, on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         Ok(self.inner.load(name, None, dtype, device)?)

@@ -123,7 +123,11 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let opts = LoadOptions {
         device,
         dtype,
-        half_weights: args.low_memory,
+        half_weights: if args.low_memory {
+            ld_engine::pipeline::HalfWeights::On
+        } else {
+            ld_engine::pipeline::HalfWeights::WhenLossless
+        },
     };
     let pipeline = if model_dir.is_file() {
         let source = ld_engine::single_file::ModelSource {
