@@ -422,6 +422,17 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// "a cat" at 64x64 in `steps` steps, for the tiny models.
+    fn small_request(steps: usize) -> crate::pipeline::GenerateRequest {
+        crate::pipeline::GenerateRequest {
+            prompt: "a cat".into(),
+            steps,
+            width: 64,
+            height: 64,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn matches_the_measured_sd15_run_within_ten_percent() {
         // REFERENCE.md: full-size SD1.5 at 512x512, batch 2, f32, plain attention: 5.6-5.8 GB
@@ -571,7 +582,7 @@ mod tests {
 
     #[test]
     fn text_encoders_move_to_f32_on_the_cpu_and_back() {
-        use crate::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
+        use crate::pipeline::{LoadOptions, NoObserver, Pipeline};
         let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
         let f16 = LoadOptions {
             dtype: DType::F16,
@@ -622,13 +633,7 @@ mod tests {
             let dp = max_abs_diff(&pooled, &want_pooled);
             assert!(d < 2e-2 && dp < 2e-2, "hidden {d}, pooled {dp}");
         }
-        let req = GenerateRequest {
-            prompt: "a cat".into(),
-            steps: 2,
-            width: 64,
-            height: 64,
-            ..Default::default()
-        };
+        let req = small_request(2);
         p.generate(&req, &mut NoObserver).unwrap();
         p.set_memory_options(MemoryOptions::default()).unwrap();
         assert_eq!(encoders(&p), [DType::F16; 2]);
@@ -636,16 +641,10 @@ mod tests {
 
     #[test]
     fn low_memory_pipeline_samples_the_same_latents() {
-        use crate::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
+        use crate::pipeline::{LoadOptions, NoObserver, Pipeline};
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
         let mut p = Pipeline::load(&dir, &LoadOptions::default()).unwrap();
-        let req = GenerateRequest {
-            prompt: "a cat".into(),
-            steps: 3,
-            width: 64,
-            height: 64,
-            ..Default::default()
-        };
+        let req = small_request(3);
         let plain = p
             .sample_latents(&req, &mut NoObserver, &mut |_, _| {})
             .unwrap();
@@ -679,7 +678,7 @@ mod tests {
 
     #[test]
     fn half_weight_storage_equals_weights_rounded_to_f16() {
-        use crate::pipeline::{GenerateRequest, HalfWeights, LoadOptions, NoObserver, Pipeline};
+        use crate::pipeline::{HalfWeights, LoadOptions, NoObserver, Pipeline};
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
         // A copy whose UNet file holds the weights half storage keeps in f16 rounded to f16:
         // convolution kernels and the transformers' linear layers, not the biases, norms or
@@ -711,13 +710,7 @@ mod tests {
             .collect();
         candle_core::safetensors::save(&rounded, &unet_file).unwrap();
 
-        let req = GenerateRequest {
-            prompt: "a cat".into(),
-            steps: 3,
-            width: 64,
-            height: 64,
-            ..Default::default()
-        };
+        let req = small_request(3);
         let latents_with = |dir: &Path, half_weights: HalfWeights| {
             let opts = LoadOptions {
                 half_weights,
