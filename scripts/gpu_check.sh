@@ -86,8 +86,8 @@ for fam in sd15 sdxl; do
     fi
 done
 if want variants; then
-    # Our GPU layers against candle's own, and cuDNN's algorithm fixed instead of measured.
-    for v in ${VARIANTS:-LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=implicit-precomp}; do
+    # Our GPU layers against candle's own, and cuDNN's algorithm measured per shape instead of fixed.
+    for v in ${VARIANTS:-LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
         echo "== sd15 fp16 with $v"
         env "$v" timeout 60 "$BIN" bench --family sd15 --precision fp16 --no-torch \
             --repeats 5 2>&1 | grep -E "step|decode"

@@ -694,8 +694,29 @@ pub(crate) fn conv1x1(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tenso
 }
 
 /// Whether `x` can use [`im2col_3x3`] (and the other fused CPU kernels).
-/// A CPU f32 tensor stored as f16 (half-precision weight storage, see
-/// `LoadOptions::half_weights`), converted on all compute threads.
+/// A CPU f32 layer weight as the layer keeps it: in f16 while half-precision storage is on
+/// (`crate::weights::with_half_storage`, `LoadOptions::half_weights`), else as given.
+pub(crate) fn stored_weight(w: Tensor) -> Result<Tensor> {
+    if crate::weights::half_storage() && cpu_f32(&w) {
+        narrow_f16(&w)
+    } else {
+        Ok(w)
+    }
+}
+
+/// The weight a layer computes `x` with: a [`stored_weight`] kept in f16 widened for f32 input
+/// on the CPU, else the weight as held (an f16 pipeline's weights stay f16).
+pub(crate) fn weight_for<'a>(w: &'a Tensor, x: &Tensor) -> Result<std::borrow::Cow<'a, Tensor>> {
+    Ok(
+        if w.dtype() == DType::F16 && x.dtype() == DType::F32 && w.device().is_cpu() {
+            std::borrow::Cow::Owned(widen_f16(w)?)
+        } else {
+            std::borrow::Cow::Borrowed(w)
+        },
+    )
+}
+
+/// A CPU f32 tensor stored as f16, converted on all compute threads.
 pub(crate) fn narrow_f16(t: &Tensor) -> Result<Tensor> {
     t.contiguous()?.apply_op1_no_bwd(&Convert(DType::F16))
 }

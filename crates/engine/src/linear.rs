@@ -7,10 +7,10 @@
 //! candle's `Linear`. Under half-precision storage (`LoadOptions::half_weights`) the weight is
 //! kept in f16 and widened to f32 each time the layer runs on f32 input.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::{contiguous_f32, cpu_f32, gemm_parallelism};
+use crate::kernels::{contiguous_f32, cpu_f32, gemm_parallelism, weight_for};
 
 /// `y = x Wᵀ + b` with `W`: `[out, in]`.
 #[derive(Debug, Clone)]
@@ -22,27 +22,9 @@ pub struct Linear {
 impl Linear {
     /// Stores `weight` in f16 if half-precision storage is on while it is built (CPU f32 only).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let weight = if crate::weights::half_storage() && cpu_f32(&weight) {
-            // Stays f32 if it cannot be converted (it is only a memory saving).
-            crate::kernels::narrow_f16(&weight).unwrap_or(weight)
-        } else {
-            weight
-        };
+        // Stays as given if it cannot be converted (f16 storage is only a memory saving).
+        let weight = crate::kernels::stored_weight(weight.clone()).unwrap_or(weight);
         Self { weight, bias }
-    }
-
-    /// The weight in `x`'s dtype: an f16-stored weight widened for f32 input, else as held.
-    fn weight_for(&self, x: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
-        if self.weight.dtype() == DType::F16
-            && x.dtype() == DType::F32
-            && self.weight.device().is_cpu()
-        {
-            Ok(std::borrow::Cow::Owned(crate::kernels::widen_f16(
-                &self.weight,
-            )?))
-        } else {
-            Ok(std::borrow::Cow::Borrowed(&self.weight))
-        }
     }
 
     /// `weight` `[out, in]` and `bias` `[out]` under `vb`, as `candle_nn::linear` loads them
@@ -69,7 +51,7 @@ impl Linear {
 
     fn channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let weight = self.weight_for(x)?;
+        let weight = weight_for(&self.weight, x)?;
         if cpu_f32(x) && cpu_f32(&weight) {
             let bias = self.bias_values()?;
             return x.apply_op2_no_bwd(&weight, &ChannelsToTokens { bias });
@@ -89,7 +71,7 @@ impl Linear {
 
     fn tokens_to_channels_add(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = residual.dims4()?;
-        let weight = self.weight_for(t)?;
+        let weight = weight_for(&self.weight, t)?;
         if cpu_f32(t) && cpu_f32(&weight) && cpu_f32(residual) {
             let bias = self.bias_values()?;
             return t.apply_op3_no_bwd(&weight, residual, &TokensToChannelsAdd { bias });
@@ -250,7 +232,7 @@ impl Module for Linear {
 
 impl Linear {
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.weight_for(x)?;
+        let weight = weight_for(&self.weight, x)?;
         if cpu_f32(x) && cpu_f32(&weight) && self.bias.as_ref().is_none_or(cpu_f32) {
             return match &self.bias {
                 Some(b) => x.apply_op3_no_bwd(&weight, b, &LinearOp),

@@ -116,7 +116,7 @@ enum ConvKind {
     /// the bias, so no second pass adds it).
     Pointwise(Tensor, Vec<f32>),
     /// On CUDA devices: weight, bias, stride and padding for `gpu_conv::conv2d` (cuDNN with
-    /// a measured, cached algorithm and f32 accumulation).
+    /// cached descriptors, implicit-precomp GEMM and f32 accumulation).
     #[cfg(feature = "cudnn")]
     Cudnn(Tensor, Tensor, usize, usize),
     /// Anything else: candle's convolution.
@@ -201,7 +201,6 @@ impl Conv2d {
                 let cfg = Conv2dConfig {
                     padding,
                     stride,
-                    cudnn_fwd_algo: cudnn_algorithm(),
                     ..Default::default()
                 };
                 ConvKind::General(candle_nn::Conv2d::new(w, Some(b), cfg))
@@ -215,24 +214,10 @@ impl Conv2d {
     }
 }
 
-/// A CPU f32 weight as the layer keeps it: contiguous, in f16 under half-precision storage
-/// (`LoadOptions::half_weights`; widened again by [`widened`] each time the layer runs).
+/// A CPU f32 weight as the layer keeps it: contiguous, and in f16 under half-precision storage
+/// (widened again by `kernels::weight_for` each time the layer runs).
 fn stored(w: Tensor) -> Result<Tensor> {
-    let w = w.contiguous()?;
-    if crate::weights::half_storage() {
-        kernels::narrow_f16(&w)
-    } else {
-        Ok(w)
-    }
-}
-
-/// The f32 weight of a [`stored`] one.
-fn widened(w: &Tensor) -> Result<std::borrow::Cow<'_, Tensor>> {
-    Ok(if w.dtype() == candle_core::DType::F16 {
-        std::borrow::Cow::Owned(kernels::widen_f16(w)?)
-    } else {
-        std::borrow::Cow::Borrowed(w)
-    })
+    kernels::stored_weight(w.contiguous()?)
 }
 
 /// The kind of convolution, for `LD_LAYER_TIMES`'s table.
@@ -284,7 +269,7 @@ impl Conv2d {
                 }
             }
             ConvKind::Direct3x3(w, bias, stride) if kernels::cpu_f32(x) => {
-                let wide = widened(w)?;
+                let wide = kernels::weight_for(w, x)?;
                 let w: &Tensor = &wide;
                 let (batch, _, h, width) = x.dims4()?;
                 if *stride != 1 {
@@ -298,7 +283,7 @@ impl Conv2d {
                 }
             }
             ConvKind::Pointwise(w, bias) if kernels::cpu_f32(x) => {
-                kernels::conv1x1(x, &*widened(w)?, bias)
+                kernels::conv1x1(x, &*kernels::weight_for(w, x)?, bias)
             }
             ConvKind::Packed3x3(_) | ConvKind::Direct3x3(..) | ConvKind::Pointwise(..) => {
                 // Loaded for the CPU fast path but given another input (non-contiguous, say):
@@ -311,24 +296,6 @@ impl Conv2d {
             ConvKind::General(c) => c.forward(x),
         }
     }
-}
-
-/// cuDNN's convolution algorithm, for comparisons on a GPU: `LD_CUDNN_ALGO=implicit-precomp`
-/// (or `implicit`, `gemm`, `winograd`, `winograd-nonfused`, `fft`, `fft-tiling`, `direct`);
-/// unset, cuDNN's heuristic picks one per layer shape.
-fn cudnn_algorithm() -> Option<candle_core::conv::CudnnFwdAlgo> {
-    use candle_core::conv::CudnnFwdAlgo as A;
-    Some(match std::env::var("LD_CUDNN_ALGO").ok()?.as_str() {
-        "implicit" => A::ImplicitGemm,
-        "implicit-precomp" => A::ImplicitPrecompGemm,
-        "gemm" => A::Gemm,
-        "direct" => A::Direct,
-        "fft" => A::Fft,
-        "fft-tiling" => A::FftTiling,
-        "winograd" => A::Winograd,
-        "winograd-nonfused" => A::WinogradNonFused,
-        _ => return None,
-    })
 }
 
 /// Whether 3x3 convolutions load for `kernels::conv3x3` (the default) or for the older
