@@ -9,7 +9,9 @@
 # BIN: local-diffusers built with --features cudnn; TESTBIN: the ld-engine integration-test
 # binary built with the same features (may be "-" to skip). Results go to OUTDIR: tests.log,
 # bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
-# STAGES picks parts (default: all): tests generate bench vram profile variants.
+# STAGES picks parts (default: all): tests generate bench vram profile variants. FAMILIES
+# (default "sd15 sdxl") picks the models for bench/vram/profile; VARIANT_FAMILY (default sd15)
+# the one the variants run.
 # The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
 # convolutions in TF32 on Ampere and later, about 1e-3 relative, and the references are f32.
 set -uo pipefail
@@ -42,6 +44,11 @@ python3 -c 'import diffusers, torch; print("diffusers", diffusers.__version__, "
 if [ "$TESTBIN" != "-" ] && want tests; then
     echo "== engine reference tests on the GPU (f32 and f16 tiny models), TF32 off"
     NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 150 "$TESTBIN" --test-threads 4 2>&1 | tee "$OUT/tests.log" | grep -E '^test .*(FAILED|ok)$|test result|panicked' | tail -60
+    echo "== layer tests with the other GPU paths (${LAYER_VARIANTS:-LD_GPU_ATTN=v1 LD_GPU_LINEAR=candle})"
+    for v in ${LAYER_VARIANTS:-LD_GPU_ATTN=v1 LD_GPU_LINEAR=candle}; do
+        env "$v" NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 60 "$TESTBIN" layers 2>&1 |
+            grep -E '^test .*(FAILED|ok)$|test result|panicked|differs' | tail -20
+    done
 fi
 
 if want generate; then
@@ -65,7 +72,7 @@ vram_peak() {
     echo "rc=$rc peak_mib=$(sort -n "$log" | tail -1) idle_mib=$(head -1 "$log")"
 }
 
-for fam in sd15 sdxl; do
+for fam in ${FAMILIES:-sd15 sdxl}; do
     if want bench; then
         echo "== $fam fp16 side by side (median of 10 after a warm-up)"
         timeout 200 "$BIN" bench --family $fam --precision fp16 --python python3 --repeats 10 --rounds 1 \
@@ -86,10 +93,12 @@ for fam in sd15 sdxl; do
     fi
 done
 if want variants; then
-    # Our GPU layers against candle's own, and cuDNN's algorithm measured per shape instead of fixed.
-    for v in ${VARIANTS:-LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
-        echo "== sd15 fp16 with $v"
-        env "$v" timeout 60 "$BIN" bench --family sd15 --precision fp16 --no-torch \
-            --repeats 5 2>&1 | grep -E "step|decode"
+    # Our GPU layers against candle's own (or the materialised attention), and cuDNN's algorithm
+    # measured per shape instead of fixed; the default first, in the same call.
+    vf=${VARIANT_FAMILY:-sd15}
+    for v in LD_DEFAULTS=1 ${VARIANTS:-LD_GPU_ATTN=candle LD_GPU_ATTN=v1 LD_GPU_LINEAR=candle LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
+        echo "== $vf fp16 with $v"
+        env "$v" timeout 90 "$BIN" bench --family "$vf" --precision fp16 --no-torch \
+            --repeats 5 2>&1 | grep -E "step|decode|queueing"
     done
 fi

@@ -128,6 +128,12 @@ pub fn scaled_dot_product_attention(
         if sq == 0 || sk == 0 || b == 0 {
             candle_core::bail!("attention: empty input q {:?}, k {:?}", q.dims(), k.dims());
         }
+        // On NVIDIA GPUs in half precision: the fused kernel, which computes scores and softmax
+        // in f32 (so `upcast` holds) and meets any memory bound (no score blocks exist).
+        #[cfg(feature = "cuda")]
+        if let Some(out) = crate::gpu_attention::attention(q, k, v, heads, scale) {
+            return out;
+        }
         if opts.fused {
             if let Some(out) = crate::fused_attention::attention(q, k, v, heads, scale) {
                 return out;
@@ -179,6 +185,21 @@ pub fn scaled_dot_product_attention(
         // One copy assembles all chunks in [b * queries, heads, d] order.
         Tensor::cat(&rows, 0)?.reshape((b, sq, inner))
     })
+}
+
+/// Whether [`scaled_dot_product_attention`] runs these inputs through the fused GPU kernel
+/// (`gpu_attention`: CUDA, f16/bf16, Ampere or newer, head sizes 40-160); false in builds
+/// without the `cuda` feature. For tests that must know which path they checked.
+pub fn uses_gpu_kernel(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::gpu_attention::handles(q, k, v, heads)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, heads);
+        false
+    }
 }
 
 /// One block of attention: `q` `[n, rows, d]`, `k`/`v` `[n, keys, d]` -> `[n, rows, d]`.

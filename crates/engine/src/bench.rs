@@ -228,14 +228,26 @@ fn timed(
     }
     crate::profile::take();
     let mut times = Vec::with_capacity(repeats);
+    let mut queued = Vec::with_capacity(repeats);
     for _ in 0..repeats {
         let t = Instant::now();
         let out = f()?;
+        queued.push(t.elapsed());
         opts.device.synchronize()?;
         times.push(t.elapsed());
         drop(out);
     }
     times.sort();
+    queued.sort();
+    if !opts.device.is_cpu() {
+        // Where the host's queueing takes most of the time, the GPU waits on launches: fewer,
+        // larger kernels help there, faster kernels do not.
+        eprintln!(
+            "host queueing: {:.1} ms of {:.1} ms (medians)",
+            queued[queued.len() / 2].as_secs_f64() * 1e3,
+            times[times.len() / 2].as_secs_f64() * 1e3
+        );
+    }
     let n = repeats as u32;
     let profile = crate::profile::take()
         .into_iter()

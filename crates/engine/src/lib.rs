@@ -10,8 +10,12 @@ pub mod denoiser;
 pub mod embeddings;
 pub mod error;
 mod fused_attention;
+#[cfg(feature = "cuda")]
+mod gpu_attention;
 #[cfg(feature = "cudnn")]
 mod gpu_conv;
+#[cfg(feature = "cuda")]
+mod gpu_linear;
 #[cfg(feature = "cuda")]
 mod gpu_norm;
 mod kernels;

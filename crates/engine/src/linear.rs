@@ -4,7 +4,8 @@
 //! second pass over a second output adds the bias), and the transformer projections read
 //! `[b, c, h, w]` channels as tokens, and write tokens back as channels, inside the product
 //! instead of through transposing copies (serial in candle). Other devices and dtypes use
-//! candle's `Linear`. Under half-precision storage (`LoadOptions::half_weights`) the weight is
+//! candle's `Linear`, except on NVIDIA GPUs: one cuBLASLt product with the bias in its epilogue
+//! (`gpu_linear`). Under half-precision storage (`LoadOptions::half_weights`) the weight is
 //! kept in f16 and widened to f32 each time the layer runs on f32 input.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
@@ -238,6 +239,10 @@ impl Linear {
                 Some(b) => x.apply_op3_no_bwd(&weight, b, &LinearOp),
                 None => x.apply_op2_no_bwd(&weight, &LinearOp),
             };
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && crate::gpu_linear::enabled() {
+            return crate::gpu_linear::linear(x, &weight, self.bias.as_ref());
         }
         candle_nn::Linear::new(weight.into_owned(), self.bias.clone()).forward(x)
     }

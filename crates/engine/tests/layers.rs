@@ -1,11 +1,13 @@
-//! The convolution and group-norm layers on the test device (their CPU kernels, or on a GPU the
-//! cuDNN call and the NVRTC group-norm kernels) against candle's plain ops run on the CPU in f32
-//! from the same inputs.
+//! The convolution, group-norm, linear and attention layers on the test device (their CPU kernels, or on
+//! a GPU the cuDNN call and the NVRTC group-norm and attention kernels) against candle's plain
+//! ops run on the CPU in f32 from the same inputs.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use ld_engine::attention::{scaled_dot_product_attention, uses_gpu_kernel, AttentionOptions};
+use ld_engine::linear::Linear;
 use ld_engine::resnet::{Conv2d, GroupNorm};
 
 use crate::support::{device, max_abs, max_abs_diff, on_gpu};
@@ -130,6 +132,130 @@ fn group_norms_match_candles_on_the_cpu() {
                      differs by {diff} (bound {bound})"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn attention_matches_textbook_attention_on_the_cpu() {
+    let dev = device();
+    let cpu = Device::Cpu;
+    // (batch, queries, keys, heads, head size): SD 1.x's 40/80/160-wide heads and SD 2.x /
+    // SDXL's 64, a cross-attention over 77 prompt tokens, and query and key counts that do not
+    // fill the GPU kernel's 64-row tiles.
+    for &(b, sq, sk, heads, d) in &[
+        (2, 100, 77, 2, 40),
+        (1, 200, 200, 3, 64),
+        (1, 70, 130, 1, 160),
+        (2, 64, 64, 2, 80),
+    ] {
+        // Queries three times larger than unit scores: peaked rows, where a softmax that does
+        // not subtract its running maximum correctly goes wrong.
+        let q = Tensor::randn(0f32, 3., (b, sq, heads * d), &cpu).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, sk, heads * d), &cpu).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, sk, heads * d), &cpu).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        // Half precision only on a GPU: there it is the fused kernel's (Ampere or newer).
+        let dtypes: &[DType] = if on_gpu() {
+            &[DType::F32, DType::F16, DType::BF16]
+        } else {
+            &[DType::F32]
+        };
+        for &dtype in dtypes {
+            let (qr, kr, vr) = (rounded(&q, dtype), rounded(&k, dtype), rounded(&v, dtype));
+            let want = scaled_dot_product_attention(
+                &qr,
+                &kr,
+                &vr,
+                heads,
+                scale,
+                false,
+                &AttentionOptions::plain(),
+            )
+            .unwrap();
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let (qd, kd, vd) = (on(&q), on(&k), on(&v));
+            if dtype != DType::F32 && std::env::var_os("LD_GPU_ATTN").is_none() {
+                assert!(
+                    uses_gpu_kernel(&qd, &kd, &vd, heads),
+                    "{dtype:?} attention with {d}-wide heads should take the fused GPU kernel"
+                );
+            }
+            let got = scaled_dot_product_attention(
+                &qd,
+                &kd,
+                &vd,
+                heads,
+                scale,
+                false,
+                &AttentionOptions::default(),
+            )
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+            // Outputs are averages of values of size ~1-4. f16: the probabilities' and the
+            // output's rounding (2^-11 relative); bf16 the same at 2^-8.
+            let bound = match dtype {
+                DType::F32 => 1e-4,
+                DType::F16 => 4e-3,
+                _ => 3e-2,
+            };
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff <= bound,
+                "attention {b}x{sq} queries, {sk} keys, {heads} heads of {d}, {dtype:?}: \
+                 differs by {diff} (bound {bound})"
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_layers_match_candles_on_the_cpu() {
+    let dev = device();
+    let cpu = Device::Cpu;
+    // (batch, tokens, in, out, bias): a transformer projection with and without a bias, and a
+    // 2-D input; 320 inputs per output make f16 accumulation miss the f16 bound.
+    for &(b, n, cin, cout, bias) in &[
+        (2, 37, 320, 64, true),
+        (2, 37, 320, 48, false),
+        (0, 9, 320, 40, true),
+    ] {
+        let shape: Vec<usize> = if b == 0 {
+            vec![n, cin]
+        } else {
+            vec![b, n, cin]
+        };
+        let x = Tensor::randn(0f32, 1., shape, &cpu).unwrap();
+        let wt = Tensor::randn(0f32, 0.1, (cout, cin), &cpu).unwrap();
+        let bv = Tensor::randn(0f32, 1., cout, &cpu).unwrap();
+        let dtypes: &[DType] = if on_gpu() {
+            &[DType::F32, DType::F16, DType::BF16]
+        } else {
+            &[DType::F32]
+        };
+        for &dtype in dtypes {
+            let (xr, wr, br) = (rounded(&x, dtype), rounded(&wt, dtype), rounded(&bv, dtype));
+            let want = xr.broadcast_matmul(&wr.t().unwrap()).unwrap();
+            let want = if bias {
+                want.broadcast_add(&br).unwrap()
+            } else {
+                want
+            };
+            let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+            let layer = Linear::new(on(&wt), bias.then(|| on(&bv)));
+            let got = layer.forward(&on(&x)).unwrap().to_device(&cpu).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let bound = match dtype {
+                DType::F32 => 1e-4 * max_abs(&want).max(1.0),
+                DType::F16 => 1.5e-3 * max_abs(&want),
+                _ => 1e-2 * max_abs(&want),
+            };
+            let diff = max_abs_diff(&got, &want);
+            assert!(
+                diff <= bound,
+                "linear {cin}->{cout} (bias {bias}), {dtype:?}: differs by {diff} (bound {bound})"
+            );
         }
     }
 }
