@@ -11,7 +11,7 @@
 # bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
 # STAGES picks parts (default: all): tests generate bench vram profile variants. FAMILIES
 # (default "sd15 sdxl") picks the models for bench/vram/profile; VARIANT_FAMILY (default sd15)
-# the one the variants run.
+# the one the variants run; PRECISIONS (default fp16) the bench's precisions.
 # The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
 # convolutions in TF32 on Ampere and later, about 1e-3 relative, and the references are f32.
 set -uo pipefail
@@ -74,9 +74,11 @@ vram_peak() {
 
 for fam in ${FAMILIES:-sd15 sdxl}; do
     if want bench; then
-        echo "== $fam fp16 side by side (median of 10 after a warm-up)"
-        timeout 200 "$BIN" bench --family $fam --precision fp16 --python python3 --repeats 10 --rounds 1 \
-            2>&1 | tee "$OUT/bench_$fam.txt"
+        for prec in ${PRECISIONS:-fp16}; do
+            echo "== $fam $prec side by side (median of 10 after a warm-up)"
+            timeout 200 "$BIN" bench --family $fam --precision $prec --python python3 --repeats 10 \
+                --rounds 1 2>&1 | tee "$OUT/bench_${fam}_$prec.txt"
+        done
     fi
     if want vram; then
         echo "== $fam peak GPU memory, ours"

@@ -275,12 +275,24 @@ impl InplaceOp2 for MulGelu {
     }
 }
 
-/// GEGLU's `hidden * gelu(gate)` with the exact GELU, in place in `hidden` on the CPU fast path.
+/// GEGLU's `hidden * gelu(gate)` with the exact GELU, in place in `hidden` on the CPU fast path
+/// and on NVIDIA GPUs (`gpu_norm`).
 pub(crate) fn mul_gelu(hidden: Tensor, gate: &Tensor) -> Result<Tensor> {
     if fast_path(&hidden) && fast_path(gate) && hidden.shape() == gate.shape() {
         hidden.inplace_op2(gate, &MulGelu)?;
         Ok(hidden)
     } else {
+        #[cfg(feature = "cuda")]
+        if hidden.device().is_cuda()
+            && crate::gpu_norm::enabled()
+            && hidden.shape() == gate.shape()
+            && hidden.dtype() == gate.dtype()
+            && hidden.is_contiguous()
+            && gate.is_contiguous()
+        {
+            crate::gpu_norm::mul_gelu(&hidden, gate)?;
+            return Ok(hidden);
+        }
         hidden * gate.gelu_erf()?
     }
 }

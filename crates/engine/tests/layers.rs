@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
-use ld_engine::attention::{scaled_dot_product_attention, uses_gpu_kernel, AttentionOptions};
+use ld_engine::attention::{
+    scaled_dot_product_attention, uses_gpu_kernel, AttentionOptions, FeedForward,
+};
 use ld_engine::linear::Linear;
 use ld_engine::resnet::{Conv2d, GroupNorm};
 
@@ -257,5 +259,68 @@ fn linear_layers_match_candles_on_the_cpu() {
                 "linear {cin}->{cout} (bias {bias}), {dtype:?}: differs by {diff} (bound {bound})"
             );
         }
+    }
+}
+
+#[test]
+fn geglu_feed_forward_matches_candles_on_the_cpu() {
+    let dev = device();
+    let cpu = Device::Cpu;
+    let (b, n, dim, inner) = (2, 33, 64, 256);
+    let x = Tensor::randn(0f32, 1., (b, n, dim), &cpu).unwrap();
+    let w1 = Tensor::randn(0f32, 0.15, (2 * inner, dim), &cpu).unwrap();
+    let b1 = Tensor::randn(0f32, 0.5, 2 * inner, &cpu).unwrap();
+    let w2 = Tensor::randn(0f32, 0.1, (dim, inner), &cpu).unwrap();
+    let b2 = Tensor::randn(0f32, 0.5, dim, &cpu).unwrap();
+    let dtypes: &[DType] = if on_gpu() {
+        &[DType::F32, DType::F16]
+    } else {
+        &[DType::F32]
+    };
+    for &dtype in dtypes {
+        let r = |t: &Tensor| rounded(t, dtype);
+        // candle's ops: the projection, its halves, the exact GELU, the output projection.
+        let h = r(&x)
+            .broadcast_matmul(&r(&w1).t().unwrap())
+            .unwrap()
+            .broadcast_add(&r(&b1))
+            .unwrap();
+        let (hidden, gate) = (
+            h.narrow(2, 0, inner).unwrap(),
+            h.narrow(2, inner, inner).unwrap(),
+        );
+        let want = (hidden * gate.gelu_erf().unwrap())
+            .unwrap()
+            .broadcast_matmul(&r(&w2).t().unwrap())
+            .unwrap()
+            .broadcast_add(&r(&b2))
+            .unwrap();
+        let vb = vars(
+            &[
+                ("net.0.proj.weight", &w1),
+                ("net.0.proj.bias", &b1),
+                ("net.2.weight", &w2),
+                ("net.2.bias", &b2),
+            ],
+            dtype,
+            &dev,
+        );
+        let ff = FeedForward::load(vb, dim, inner / dim).unwrap();
+        let got = ff
+            .forward(&x.to_dtype(dtype).unwrap().to_device(&dev).unwrap())
+            .unwrap()
+            .to_device(&cpu)
+            .unwrap();
+        // f16: the rounding of the two projections' outputs and of the gated values (2^-11
+        // relative each) carried through the second product.
+        let bound = match dtype {
+            DType::F32 => 1e-4 * max_abs(&want).max(1.0),
+            _ => 4e-3 * max_abs(&want),
+        };
+        let diff = max_abs_diff(&got, &want);
+        assert!(
+            diff <= bound,
+            "GEGLU feed-forward, {dtype:?}: differs by {diff} (bound {bound})"
+        );
     }
 }
