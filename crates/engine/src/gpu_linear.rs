@@ -107,6 +107,16 @@ impl LtLinear {
             );
         }
         let rows = xl.shape().elem_count() / in_dim;
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out_dim;
+        }
+        if rows == 0 {
+            // cuBLASLt refuses empty products; an empty input has an empty output.
+            // SAFETY: nothing to initialise in an empty buffer.
+            let y = unsafe { dev.alloc::<T>(0)? };
+            return Ok((T::wrap_cuda_slice(y, dev.clone()), Shape::from(shape)));
+        }
         let (x, w, b) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?, view::<T>(bs, bl)?);
         // SAFETY: the product writes every element (beta = 0).
         let mut y = unsafe { dev.alloc::<T>(rows * out_dim)? };
@@ -145,10 +155,6 @@ impl LtLinear {
             unsafe { lt.matmul(cfg, &w, &x, &mut y, bias, None) }
                 .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt matmul: {e:?}")))
         })?;
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out_dim;
-        }
         Ok((T::wrap_cuda_slice(y, dev.clone()), Shape::from(shape)))
     }
 }
