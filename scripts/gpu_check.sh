@@ -44,8 +44,8 @@ python3 -c 'import diffusers, torch; print("diffusers", diffusers.__version__, "
 if [ "$TESTBIN" != "-" ] && want tests; then
     echo "== engine reference tests on the GPU (f32 and f16 tiny models), TF32 off"
     NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 150 "$TESTBIN" --test-threads 4 2>&1 | tee "$OUT/tests.log" | grep -E '^test .*(FAILED|ok)$|test result|panicked' | tail -60
-    echo "== layer tests with the other GPU paths (${LAYER_VARIANTS:-LD_GPU_ATTN=v1 LD_GPU_LINEAR=candle})"
-    for v in ${LAYER_VARIANTS:-LD_GPU_ATTN=v1 LD_GPU_LINEAR=candle}; do
+    echo "== layer tests with the other GPU paths (${LAYER_VARIANTS:-LD_GPU_LINEAR=candle})"
+    for v in ${LAYER_VARIANTS:-LD_GPU_LINEAR=candle}; do
         env "$v" NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 60 "$TESTBIN" layers 2>&1 |
             grep -E '^test .*(FAILED|ok)$|test result|panicked|differs' | tail -20
     done
@@ -98,7 +98,7 @@ if want variants; then
     # Our GPU layers against candle's own (or the materialised attention), and cuDNN's algorithm
     # measured per shape instead of fixed; the default first, in the same call.
     vf=${VARIANT_FAMILY:-sd15}
-    for v in LD_DEFAULTS=1 ${VARIANTS:-LD_GPU_ATTN=candle LD_GPU_ATTN=v1 LD_GPU_LINEAR=candle LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
+    for v in LD_DEFAULTS=1 ${VARIANTS:-LD_GPU_ATTN=candle LD_GPU_LINEAR=candle LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
         echo "== $vf fp16 with $v"
         env "$v" timeout 90 "$BIN" bench --family "$vf" --precision fp16 --no-torch \
             --repeats 5 2>&1 | grep -E "step|decode|queueing"

@@ -16,8 +16,8 @@
 //! and probabilities stay in registers; the probabilities are rounded to the input precision
 //! only as operands of the second product, as PyTorch's fused kernels do. q, k, v are read in
 //! place from their `[batch, tokens, heads * dim]` projections and the result is written in the
-//! same layout, so no transposing copies are made. A first, simpler version (4 warps, no copy
-//! overlap) remains for views whose rows are not 16-byte aligned, and as `LD_GPU_ATTN=v1`.
+//! same layout, so no transposing copies are made. (A first version with 4 warps and no copy
+//! overlap made the SDXL step 92 ms where this one makes it 60; it was dropped.)
 //!
 //! Head sizes 40-160 in steps of 8 cover SD 1.x (40, 80, 160), SD 2.x and SDXL (64); others
 //! (the VAE's single 512-wide head), f32, pre-Ampere GPUs and odd strides take the materialised
@@ -32,20 +32,15 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 const MODULE: &str = "ld_flash_attention";
-/// Queries per block and threads per block of `flash` (4 warps of 16 rows) and of `flash2` (8
-/// warps); must match the source.
-const BQ: usize = 64;
-const THREADS: u32 = 128;
-const BQ2: usize = 128;
-const THREADS2: u32 = 256;
+/// Queries and threads per block (8 warps of 16 rows); must match the source.
+const BQ: usize = 128;
+const THREADS: u32 = 256;
 /// Head sizes with a compiled kernel (`flash_<dtype>_d<size>` in the source).
 const HEAD_DIMS: [usize; 8] = [40, 48, 64, 80, 96, 112, 128, 160];
 
 const SOURCE: &str = r#"
 typedef unsigned int u32;
 typedef unsigned short u16;
-#define BQ 64
-#define BK 64
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ u32 ld32(const u16* p) { return *(const u32*)p; }
@@ -92,136 +87,6 @@ __device__ __forceinline__ void ldmatrix_x2_trans(u32& b0, u32& b1, const u16* r
 //   A (16x16): a[0] = row g, cols 2t..2t+1; a[1] = row g+8, same cols; a[2], a[3] = cols + 8.
 //   B (16x8):  b0 = rows 2t..2t+1 of col g; b1 = rows 2t+8..2t+9.
 //   C (16x8):  c[0], c[1] = row g, cols 2t..2t+1; c[2], c[3] = row g+8.
-template <int D, bool BF>
-__device__ void flash(const u16* __restrict__ q, const u16* __restrict__ k,
-        const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk,
-        long long qb, long long qr, long long kb, long long kr, long long vb, long long vr,
-        long long ob, long long orow, float scale_log2) {
-    constexpr int DK = (D + 15) / 16 * 16;  // q kᵀ's reduction, padded with zeros to k = 16
-    constexpr int KP = DK + 8;              // shared-memory row pitches: the extra 8 halves
-    constexpr int VP = D + 8;               // keep rows 16-byte aligned and spread the banks
-    __shared__ __align__(16) u16 ks[BK * KP];
-    __shared__ __align__(16) u16 vs[BK * VP];
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const long long head = (long long)blockIdx.y * D;
-    q += blockIdx.z * qb + head;
-    k += blockIdx.z * kb + head;
-    v += blockIdx.z * vb + head;
-    o += blockIdx.z * ob + head;
-    const int r0 = blockIdx.x * BQ + warp * 16 + g, r1 = r0 + 8;
-
-    // This warp's 16 query rows as A fragments, for the whole head.
-    u32 qa[DK / 16][4];
-#pragma unroll
-    for (int s = 0; s < DK / 16; s++) {
-        const int c0 = s * 16 + 2 * t, c1 = c0 + 8;
-        qa[s][0] = (r0 < sq && c0 < D) ? ld32(q + r0 * qr + c0) : 0u;
-        qa[s][1] = (r1 < sq && c0 < D) ? ld32(q + r1 * qr + c0) : 0u;
-        qa[s][2] = (r0 < sq && c1 < D) ? ld32(q + r0 * qr + c1) : 0u;
-        qa[s][3] = (r1 < sq && c1 < D) ? ld32(q + r1 * qr + c1) : 0u;
-    }
-
-    float acc[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-
-    for (int k0 = 0; k0 < sk; k0 += BK) {
-        __syncthreads();  // the previous tile is no longer read
-        for (int i = tid; i < BK * (DK / 2); i += blockDim.x) {
-            const int r = i / (DK / 2), c = (i % (DK / 2)) * 2;
-            *(u32*)&ks[r * KP + c] = (k0 + r < sk && c < D) ? ld32(k + (k0 + r) * kr + c) : 0u;
-        }
-        for (int i = tid; i < BK * (D / 2); i += blockDim.x) {
-            const int r = i / (D / 2), c = (i % (D / 2)) * 2;
-            *(u32*)&vs[r * VP + c] = (k0 + r < sk) ? ld32(v + (k0 + r) * vr + c) : 0u;
-        }
-        __syncthreads();
-
-        // Scores for 16 rows x 64 keys, already in log2 units.
-        float s[BK / 8][4];
-#pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-            const u16* krow = &ks[(n * 8 + g) * KP + 2 * t];
-#pragma unroll
-            for (int j = 0; j < DK / 16; j++)
-                mma<BF>(s[n], qa[j], ld32(krow + j * 16), ld32(krow + j * 16 + 8));
-        }
-        float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int n = 0; n < BK / 8; n++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const bool valid = k0 + n * 8 + 2 * t + e < sk;
-                s[n][e] = valid ? s[n][e] * scale_log2 : NEG_INF;
-                s[n][2 + e] = valid ? s[n][2 + e] * scale_log2 : NEG_INF;
-                mx0 = fmaxf(mx0, s[n][e]);
-                mx1 = fmaxf(mx1, s[n][2 + e]);
-            }
-        }
-        // The four lanes of a quad hold one row between them.
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        // Every tile holds at least one valid key, so the new maxima are finite; on the first
-        // tile the old ones are -inf and the factors 0.
-        const float f0 = exp2f(m0 - mx0), f1 = exp2f(m1 - mx1);
-        m0 = mx0;
-        m1 = mx1;
-        l0 *= f0;
-        l1 *= f1;
-#pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            acc[n][0] *= f0; acc[n][1] *= f0;
-            acc[n][2] *= f1; acc[n][3] *= f1;
-        }
-
-        // Probabilities of keys 16j..16j+15 form the A fragment of the second product: the C
-        // fragments of score tiles 2j and 2j+1 side by side.
-#pragma unroll
-        for (int j = 0; j < BK / 16; j++) {
-            const float p00 = exp2f(s[2 * j][0] - m0), p01 = exp2f(s[2 * j][1] - m0);
-            const float p10 = exp2f(s[2 * j][2] - m1), p11 = exp2f(s[2 * j][3] - m1);
-            const float p02 = exp2f(s[2 * j + 1][0] - m0), p03 = exp2f(s[2 * j + 1][1] - m0);
-            const float p12 = exp2f(s[2 * j + 1][2] - m1), p13 = exp2f(s[2 * j + 1][3] - m1);
-            l0 += p00 + p01 + p02 + p03;
-            l1 += p10 + p11 + p12 + p13;
-            u32 pa[4];
-            pa[0] = pack2<BF>(p00, p01);
-            pa[1] = pack2<BF>(p10, p11);
-            pa[2] = pack2<BF>(p02, p03);
-            pa[3] = pack2<BF>(p12, p13);
-            // Lanes 0-7 address keys 16j..16j+7, lanes 8-15 keys 16j+8..16j+15.
-            const u16* vrow = &vs[(j * 16 + (lane & 15)) * VP];
-#pragma unroll
-            for (int n = 0; n < D / 8; n++) {
-                u32 b0, b1;
-                ldmatrix_x2_trans(b0, b1, vrow + n * 8);
-                mma<BF>(acc[n], pa, b0, b1);
-            }
-        }
-    }
-
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float i0 = 1.f / l0, i1 = 1.f / l1;
-#pragma unroll
-    for (int n = 0; n < D / 8; n++) {
-        const int c = n * 8 + 2 * t;
-        if (r0 < sq) *(u32*)(o + r0 * orow + c) = pack2<BF>(acc[n][0] * i0, acc[n][1] * i0);
-        if (r1 < sq) *(u32*)(o + r1 * orow + c) = pack2<BF>(acc[n][2] * i1, acc[n][3] * i1);
-    }
-}
-
-// Version 2: 8 warps (128 queries) per block share each key/value tile, and the next tile is
-// copied into shared memory (cp.async, 16 bytes at a time) while the current one is used.
-// Needs every 8-element group of q, k, v 16-byte aligned; `flash` covers the rest.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -233,8 +98,11 @@ __device__ __forceinline__ void cp16(u16* dst, const u16* src, bool ok) {
         :: "r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
 
+// One block: 8 warps of 16 query rows (128 queries) of one (batch, head) share each key/value
+// tile; the next tile is copied into shared memory (cp.async, 16 bytes at a time) while the
+// current one is used. Needs every 8-element group of q, k, v 16-byte aligned.
 template <int D, int KB, bool BF>
-__device__ void flash2(const u16* __restrict__ q, const u16* __restrict__ k,
+__device__ void flash(const u16* __restrict__ q, const u16* __restrict__ k,
         const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk,
         long long qb, long long qr, long long kb, long long kr, long long vb, long long vr,
         long long ob, long long orow, float scale_log2) {
@@ -371,32 +239,20 @@ __device__ void flash2(const u16* __restrict__ q, const u16* __restrict__ k,
 }
 
 // Two blocks per SM where 128 registers suffice; larger heads need more registers than that.
-#define KERNEL2(NAME, D, BF) \
-extern "C" __global__ void __launch_bounds__(256, (D <= 64 ? 2 : 1)) flash2_##NAME##_d##D( \
-        const u16* q, const u16* k, const u16* v, u16* o, int sq, int sk, \
-        long long qb, long long qr, long long kb, long long kr, long long vb, long long vr, \
-        long long ob, long long orow, float scale_log2) { \
-    flash2<D, (D <= 64 ? 64 : 32), BF>(q, k, v, o, sq, sk, qb, qr, kb, kr, vb, vr, ob, orow, \
-        scale_log2); \
-}
-#define SIZES2(NAME, BF) \
-    KERNEL2(NAME, 40, BF) KERNEL2(NAME, 48, BF) KERNEL2(NAME, 64, BF) KERNEL2(NAME, 80, BF) \
-    KERNEL2(NAME, 96, BF) KERNEL2(NAME, 112, BF) KERNEL2(NAME, 128, BF) KERNEL2(NAME, 160, BF)
-SIZES2(f16, false)
-SIZES2(bf16, true)
-
 #define KERNEL(NAME, D, BF) \
-extern "C" __global__ void __launch_bounds__(128) flash_##NAME##_d##D( \
+extern "C" __global__ void __launch_bounds__(256, (D <= 64 ? 2 : 1)) flash_##NAME##_d##D( \
         const u16* q, const u16* k, const u16* v, u16* o, int sq, int sk, \
         long long qb, long long qr, long long kb, long long kr, long long vb, long long vr, \
         long long ob, long long orow, float scale_log2) { \
-    flash<D, BF>(q, k, v, o, sq, sk, qb, qr, kb, kr, vb, vr, ob, orow, scale_log2); \
+    flash<D, (D <= 64 ? 64 : 32), BF>(q, k, v, o, sq, sk, qb, qr, kb, kr, vb, vr, ob, orow, \
+        scale_log2); \
 }
 #define SIZES(NAME, BF) \
     KERNEL(NAME, 40, BF) KERNEL(NAME, 48, BF) KERNEL(NAME, 64, BF) KERNEL(NAME, 80, BF) \
     KERNEL(NAME, 96, BF) KERNEL(NAME, 112, BF) KERNEL(NAME, 128, BF) KERNEL(NAME, 160, BF)
 SIZES(f16, false)
 SIZES(bf16, true)
+
 "#;
 
 /// The PTX (for compute capability 8.0, which `mma.sync` m16n8k16 and `ldmatrix` need),
@@ -418,12 +274,6 @@ fn ptx() -> std::result::Result<&'static str, &'static str> {
     })
     .as_deref()
     .map_err(String::as_str)
-}
-
-/// Which kernel runs where both can: `flash2` unless `LD_GPU_ATTN=v1` (for comparisons).
-fn first_version() -> bool {
-    static V1: OnceLock<bool> = OnceLock::new();
-    *V1.get_or_init(|| std::env::var("LD_GPU_ATTN").is_ok_and(|v| v == "v1"))
 }
 
 /// Whether the kernel is used on `dev`: not with `LD_GPU_ATTN=candle` (for comparisons), not
@@ -473,8 +323,8 @@ pub(crate) fn handles(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool 
 }
 
 /// `(batch stride, row stride, start offset)` in elements if `l` is `[batch, rows, width]`
-/// with unit stride along the width, and everything the kernels' 4-byte loads touch is
-/// 4-byte aligned (even strides and offset).
+/// with unit stride along the width, and the kernel's 16-byte copies fit: strides and offset in
+/// whole groups of 8 elements (projection outputs always are).
 fn strides(l: &Layout) -> Option<(usize, usize, usize)> {
     let st = l.stride();
     if l.dims().len() != 3 || st[2] != 1 {
@@ -483,13 +333,8 @@ fn strides(l: &Layout) -> Option<(usize, usize, usize)> {
     let (bs, rs, off) = (st[0], st[1], l.start_offset());
     [bs, rs, off]
         .iter()
-        .all(|x| x.is_multiple_of(2))
+        .all(|x| x.is_multiple_of(8))
         .then_some((bs, rs, off))
-}
-
-/// Whether `flash2`'s 16-byte copies fit: strides and offset in whole groups of 8 elements.
-fn aligned_16(l: &Layout) -> bool {
-    strides(l).is_some_and(|(bs, rs, off)| [bs, rs, off].iter().all(|x| x.is_multiple_of(8)))
 }
 
 /// `softmax(q kᵀ · scale) v` over `heads` heads, or `None` where [`handles`] says no.
@@ -580,13 +425,7 @@ impl FlashAttention {
         let k = ks.as_cuda_slice::<T>()?.slice(k0..);
         let v = vs.as_cuda_slice::<T>()?.slice(v0..);
         let ptx = ptx().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let v2 = !first_version() && [ql, kl, vl].iter().all(|l| aligned_16(l));
-        let (name, rows, threads) = if v2 {
-            (format!("flash2_{suffix}_d{d}"), BQ2, THREADS2)
-        } else {
-            (format!("flash_{suffix}_d{d}"), BQ, THREADS)
-        };
-        let func = dev.get_or_load_custom_func(&name, MODULE, ptx)?;
+        let func = dev.get_or_load_custom_func(&format!("flash_{suffix}_d{d}"), MODULE, ptx)?;
         // SAFETY: the kernel writes every element of the output (rows < sq, all heads, all of
         // each head's columns).
         let mut out = unsafe { dev.alloc::<T>(b * sq * inner)? };
@@ -597,8 +436,8 @@ impl FlashAttention {
         let (ob, orow) = ((sq * inner) as i64, inner as i64);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
         let cfg = LaunchConfig {
-            grid_dim: (sq.div_ceil(rows) as u32, self.heads as u32, b as u32),
-            block_dim: (threads, 1, 1),
+            grid_dim: (sq.div_ceil(BQ) as u32, self.heads as u32, b as u32),
+            block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut l = func.builder();
@@ -617,7 +456,7 @@ impl FlashAttention {
         l.arg(&ob);
         l.arg(&orow);
         l.arg(&scale_log2);
-        // SAFETY: argument types and order match `flash_*_d*` and `flash2_*_d*`; every load
+        // SAFETY: argument types and order match `flash_*_d*`; every load
         // stays inside the views checked above (rows < sq / sk, columns < dim within the head).
         unsafe { l.launch(cfg) }.w()?;
         Ok(T::wrap_cuda_slice(out, dev.clone()))
