@@ -122,6 +122,8 @@ def run_ours(folder: Path, a, low_memory: bool = False) -> dict:
         total = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"local-diffusers failed:\n{r.stderr}")
+    # With --low-memory ours loads one model at a time, so "Loaded" is printed when the UNet is
+    # ready: it includes loading and running the text encoder (diffusers' load does not).
     loaded = float(re.search(r"Loaded in ([0-9.]+)s", r.stderr).group(1))
     rss = int(re.search(r"MAXRSS (\d+)", r.stderr).group(1)) / 1024
     # Ours prints no per-step time; one step is (total - load - decode) / steps, so report the

@@ -213,11 +213,38 @@ pub struct ClipOutput {
     pub projected: Option<Tensor>,
 }
 
+/// A projection of an encoder layer: candle's `Linear`, whose weight may be kept in f16 on the
+/// CPU in low-memory mode (see [`Recorder::keep`]) and is then widened to f32 each time it runs,
+/// as the UNet's layers do (`crate::kernels::weight_for`). With an f32 weight it is candle's
+/// `Linear` exactly.
+struct LayerLinear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerLinear {
+    fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let l = candle_nn::linear(in_dim, out_dim, vb)?;
+        Ok(Self {
+            weight: l.weight().clone(),
+            bias: l
+                .bias()
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("candle_nn::linear gave no bias".into()))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let weight = crate::kernels::weight_for(&self.weight, x)?.into_owned();
+        Linear::new(weight, Some(self.bias.clone())).forward(x)
+    }
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: LayerLinear,
+    k_proj: LayerLinear,
+    v_proj: LayerLinear,
+    out_proj: LayerLinear,
     heads: usize,
     head_dim: usize,
 }
@@ -226,10 +253,10 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &ClipConfig) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: LayerLinear::load(h, h, vb.pp("q_proj"))?,
+            k_proj: LayerLinear::load(h, h, vb.pp("k_proj"))?,
+            v_proj: LayerLinear::load(h, h, vb.pp("v_proj"))?,
+            out_proj: LayerLinear::load(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })
@@ -266,8 +293,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: LayerLinear,
+    fc2: LayerLinear,
     act: Activation,
 }
 
@@ -278,8 +305,8 @@ impl EncoderLayer {
             layer_norm1: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
             layer_norm2: candle_nn::layer_norm(h, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
+            fc1: LayerLinear::load(h, cfg.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: LayerLinear::load(cfg.intermediate_size, h, vb.pp("mlp.fc2"))?,
             act: cfg.hidden_act,
         })
     }
@@ -325,7 +352,13 @@ struct Recorder<'a> {
 
 impl Recorder<'_> {
     fn keep(&self, name: &str, t: candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
-        let t = t?;
+        let mut t = t?;
+        // Under f16 weight storage (low-memory mode, `LoadOptions::load_text_encoder`) the
+        // encoder layers' projection matrices, nearly all of the model, are narrowed here rather
+        // than in the layers, so that this record and the layer share the one f16 copy.
+        if t.rank() == 2 && name.contains("encoder.layers.") && name.ends_with(".weight") {
+            t = crate::kernels::stored_weight(t)?;
+        }
         if let Ok(mut seen) = self.seen.lock() {
             seen.insert(name.to_owned(), t.clone());
         }

@@ -110,7 +110,7 @@ pub(crate) fn load_encoder_2(
         Some(p) => weights.var_builder_patched(opts.dtype, &opts.device, p)?,
         None => weights.var_builder(opts.dtype, &opts.device)?,
     };
-    let model = ClipTextModel::load(vb, &cfg)?;
+    let model = opts.load_text_encoder(|| ClipTextModel::load(vb, &cfg))?;
     if !model.has_projection() {
         return Err(EngineError::Config {
             path: folder.config_file("text_encoder_2")?,

@@ -329,9 +329,8 @@ pub fn load_sdxl(
     } else {
         // SDXL's VAE runs in f32 under an f16 model unless its config says otherwise.
         let dtype = crate::sdxl::vae_dtype(true, &cfg.vae, opts.dtype);
-        Some(AutoencoderKL::load(
-            vae_var_builder(&vae_files, &cfg.vae, dtype, &opts.device)?,
-            &cfg.vae,
+        Some(crate::pipeline::load_vae_from(
+            &vae_files, &cfg.vae, dtype, opts,
         )?)
     };
     Ok(SdxlLoadedParts {
@@ -364,10 +363,8 @@ fn load_clip(
     } else {
         loras.patch_for(target, &MappedNames::new(weights, names.clone(), prefix))?
     };
-    ClipTextModel::load(
-        ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?,
-        cfg,
-    )
+    let vb = ldm_names::var_builder_patched(weights, names, opts.dtype, &opts.device, patch)?;
+    opts.load_text_encoder(|| ClipTextModel::load(vb, cfg))
 }
 
 /// The UNet of a single file (`model.diffusion_model.*`) with the LoRAs' UNet modules merged.
@@ -561,10 +558,7 @@ pub fn load(
     let unet = load_unet(&weights, &unet_cfg, opts, loras)?;
 
     let vae_files = vec![vae.unwrap_or(path).to_path_buf()];
-    let vae = AutoencoderKL::load(
-        vae_var_builder(&vae_files, &vae_cfg, opts.dtype, &opts.device)?,
-        &vae_cfg,
-    )?;
+    let vae = crate::pipeline::load_vae_from(&vae_files, &vae_cfg, opts.dtype, opts)?;
     Ok(LoadedParts {
         text_encoder,
         unet,
@@ -630,7 +624,7 @@ pub fn load_vae_file(
         });
     }
     let files = vec![path.to_path_buf()];
-    let vae = AutoencoderKL::load(vae_var_builder(&files, cfg, opts.dtype, &opts.device)?, cfg)?;
+    let vae = crate::pipeline::load_vae_from(&files, cfg, opts.dtype, opts)?;
     Ok((vae, files))
 }
 

@@ -112,7 +112,10 @@ impl AppState {
             Arc::new(gallery),
             ServiceConfig {
                 capacity: opts.queue_capacity,
-                load: crate::device::load_options_with(loaded.settings.precision),
+                load: crate::device::load_options_with(
+                    loaded.settings.precision,
+                    loaded.settings.low_vram,
+                ),
                 hash_cache: Some(opts.data.root().join("hashes.json")),
             },
         );
@@ -183,7 +186,8 @@ impl AppState {
         self.inner.settings_warning.as_deref()
     }
     pub fn set_settings(&self, s: Settings) {
-        // Low-VRAM mode applies from the next job; precision from the next start.
+        // Low-VRAM mode applies from the next job; precision, and the CPU's f16 weight storage
+        // that low-VRAM mode turns on (`device::load_options_with`), from the next start.
         self.inner
             .jobs
             .set_memory_policy(crate::device::memory_policy(&s, self.gpu()));

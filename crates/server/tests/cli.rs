@@ -92,6 +92,40 @@ fn tiny_model() -> std::path::PathBuf {
 }
 
 #[test]
+fn low_memory_generation_draws_sd1_in_stages_and_sdxl_whole() {
+    // Issue 12: `--low-memory` draws an SD1 folder one model at a time and an SDXL folder (not
+    // staged) whole; both give the picture asked for.
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["sd1", "sdxl"] {
+        let out_file = dir.path().join(format!("{family}.png"));
+        let out = bin()
+            .args(["generate", "a red cube", "--steps", "2", "--seed", "5"])
+            .args(["--width", "64", "--height", "64", "--low-memory", "--model"])
+            .arg(tiny_model().with_file_name(family))
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{family}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let png = std::fs::read(&out_file).unwrap();
+        let info = png::Decoder::new(std::io::Cursor::new(&png[..]))
+            .read_info()
+            .unwrap();
+        assert_eq!(
+            (info.info().width, info.info().height),
+            (64, 64),
+            "{family}"
+        );
+    }
+}
+
+#[test]
 fn generate_writes_a_png_with_its_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("cat.png");

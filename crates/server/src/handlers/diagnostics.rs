@@ -57,7 +57,8 @@ pub async fn self_test(State(state): State<AppState>) -> Result<Json<SelfTest>, 
         ));
     }
     let guard = Running;
-    let load = crate::device::load_options_with(state.settings().precision);
+    let settings = state.settings();
+    let load = crate::device::load_options_with(settings.precision, settings.low_vram);
     let result = tokio::task::spawn_blocking(move || {
         let _guard = guard;
         diagnostics::self_test(&model, &load)
