@@ -66,12 +66,18 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// Whether a UNet whose file stores only f16 (`f16_file`) gets f16 weight storage.
     pub fn stores_half(&self, f16_file: bool) -> bool {
+        self.stores_half_on(f16_file, self.dtype, &self.device)
+    }
+
+    /// [`LoadOptions::stores_half`] for a model placed in `dtype` on `device` (the VAE may run
+    /// elsewhere than the UNet): only on the CPU in f32.
+    fn stores_half_on(&self, f16_file: bool, dtype: DType, device: &Device) -> bool {
         let wanted = match self.half_weights {
             HalfWeights::Off => false,
             HalfWeights::WhenLossless => f16_file,
             HalfWeights::On => true,
         };
-        wanted && self.device.is_cpu() && self.dtype == DType::F32
+        wanted && device.is_cpu() && dtype == DType::F32
     }
 
     /// Loads the UNet of `weights` with `load`, in f16 storage when [`LoadOptions::stores_half`];
@@ -90,10 +96,7 @@ impl LoadOptions {
     /// low-memory mode ([`HalfWeights::On`]) on the CPU in f32: 0.25 GB less for SD 1.5's CLIP,
     /// 0.7 GB for SDXL's second encoder. Only in low-memory mode, as for the VAE.
     pub(crate) fn load_text_encoder<T>(&self, load: impl FnOnce() -> T) -> T {
-        let on = self.half_weights == HalfWeights::On
-            && self.device.is_cpu()
-            && self.dtype == DType::F32;
-        crate::weights::with_half_storage(on, load)
+        crate::weights::with_half_storage(self.stores_half(false), load)
     }
 
     /// Loads a VAE with `load`, its convolution and linear weights in f16 storage in low-memory
@@ -101,8 +104,7 @@ impl LoadOptions {
     /// VAE's own placement). 0.17 GB less for SD's VAE; only in low-memory mode, since an f16
     /// file's VAE is small enough that the lossless default is not worth a second rule.
     pub(crate) fn load_vae<T>(&self, dtype: DType, device: &Device, load: impl FnOnce() -> T) -> T {
-        let on = self.half_weights == HalfWeights::On && device.is_cpu() && dtype == DType::F32;
-        crate::weights::with_half_storage(on, load)
+        crate::weights::with_half_storage(self.stores_half_on(false, dtype, device), load)
     }
 }
 
