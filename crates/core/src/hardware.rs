@@ -353,6 +353,11 @@ pub const GPU_RESERVE: u64 = 768 << 20;
 const RAM_SHARE: f64 = 0.7;
 /// Cards with this much VRAM or less get low-VRAM mode (the issue: "6 GB cards and below").
 const LOW_VRAM_MAX: u64 = 6 << 30;
+/// The major part of a compute capability as NVML reports it ("8.6" -> 8).
+pub fn compute_major(capability: Option<&str>) -> Option<u32> {
+    capability?.split('.').next()?.trim().parse().ok()
+}
+
 /// Headroom on top of the estimate before a size counts as safe.
 const SAFETY: f64 = 1.15;
 /// Square sizes tried for the largest safe resolution, smallest first.
@@ -388,7 +393,7 @@ pub fn low_vram_options(vram: u64) -> ld_engine::memory::MemoryOptions {
 pub fn recommend(report: &SystemReport) -> Recommendation {
     use crate::models::Family;
     use crate::settings::Precision;
-    use ld_engine::memory::{estimate, MemoryOptions, ModelShape};
+    use ld_engine::memory::{estimate, MemoryOptions, ModelShape, Target};
     let mut notes = Vec::new();
     let gpu = report.gpus.iter().max_by_key(|g| g.vram_total_bytes);
     let old_driver = gpu
@@ -482,6 +487,12 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
     } else {
         candle_core::DType::F32
     };
+    let target = if on_gpu {
+        gpu.and_then(|g| compute_major(g.compute_capability.as_deref()))
+            .map_or(Target::Gpu, |major| Target::nvidia(major, dtype))
+    } else {
+        Target::Cpu
+    };
     let families = [
         (Family::Sd1, ModelShape::SD1, 512),
         (Family::Sd2, ModelShape::SD2, 768),
@@ -493,14 +504,14 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
         // (low-VRAM "Auto"), so the limit is the size that fits with all of them.
         // 15% headroom: the estimate is a planning figure (see ld_engine::memory).
         let fits = |size: usize, o: &MemoryOptions| {
-            estimate(&shape, size, size, true, dtype, on_gpu, o).peak as f64 * SAFETY <= budget as f64
+            estimate(&shape, size, size, true, dtype, target, o).peak as f64 * SAFETY <= budget as f64
         };
         let lowest = if on_gpu { MemoryOptions::lowest() } else { MemoryOptions { vae_on_cpu: false, text_encoder_on_cpu: false, ..MemoryOptions::lowest() } };
         let max_size = SIZES.iter().copied().filter(|&s| fits(s, &lowest)).max();
-        let needed = estimate(&shape, native, native, true, dtype, on_gpu, &opts).peak;
+        let needed = estimate(&shape, native, native, true, dtype, target, &opts).peak;
         let memory = if on_gpu { "graphics memory" } else { "memory" };
         let reason = match max_size {
-            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(estimate(&shape, native, native, true, dtype, on_gpu, &lowest).peak), gb(budget)),
+            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(estimate(&shape, native, native, true, dtype, target, &lowest).peak), gb(budget)),
             Some(m) if m < native => format!("Fits only below its usual {native}×{native} (about {} needed, {} of {memory} to use); pictures will look worse.", gb(needed), gb(budget)),
             Some(m) => format!("Up to {m}×{m} fits in {} of {memory} (about {} at {native}×{native}).", gb(budget), gb(needed)),
         };
@@ -713,6 +724,15 @@ mod tests {
             "{}",
             six.low_vram.reason
         );
+    }
+
+    #[test]
+    fn compute_capabilities_read_as_their_major_part() {
+        assert_eq!(compute_major(Some("8.6")), Some(8));
+        assert_eq!(compute_major(Some("12.0")), Some(12));
+        assert_eq!(compute_major(Some("7")), Some(7));
+        assert_eq!(compute_major(Some("?")), None);
+        assert_eq!(compute_major(None), None);
     }
 
     #[test]

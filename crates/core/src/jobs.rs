@@ -18,7 +18,7 @@ use crate::infotext::Infotext;
 use base64::Engine as _;
 use candle_core::{DType, Tensor};
 use ld_engine::lora::LoraSpec;
-use ld_engine::memory::{MemoryOptions, ModelShape};
+use ld_engine::memory::{MemoryOptions, ModelShape, Target};
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Progress};
 use ld_engine::rng::SeedSource;
 use ld_engine::sampler::Control;
@@ -209,6 +209,10 @@ pub struct MemoryPolicy {
     pub low_options: MemoryOptions,
     /// `None`: unknown, so no estimate is made before the job.
     pub free: Option<FreeMemory>,
+    /// The major compute capability of the NVIDIA GPU drawn on (8 for an RTX 3060), which
+    /// says whether its attention holds score blocks (`ld_engine::memory::Target::nvidia`).
+    /// `None`: unknown, planned as a GPU that holds them.
+    pub gpu_major: Option<u32>,
 }
 
 impl Default for MemoryPolicy {
@@ -217,6 +221,7 @@ impl Default for MemoryPolicy {
             low_vram: crate::settings::LowVram::Auto,
             low_options: MemoryOptions::lowest(),
             free: None,
+            gpu_major: None,
         }
     }
 }
@@ -897,6 +902,9 @@ fn plan_memory(
         }
     };
     let req = &job.spec.images[0];
+    let target = policy
+        .gpu_major
+        .map_or(Target::Gpu, |major| Target::nvidia(major, dtype));
     let need = |m: &MemoryOptions| {
         let e = ld_engine::memory::estimate(
             &shape,
@@ -905,7 +913,7 @@ fn plan_memory(
             req.cfg_scale != 1.0 && !shape.guidance_embedded,
             dtype,
             // Planned only against a GPU's free memory (`policy.free` is `None` on the CPU).
-            true,
+            target,
             m,
         );
         // A loaded model's weights are already out of the free figure.
@@ -1603,7 +1611,7 @@ mod tests {
         let model = tiny_model();
         let shape = ModelShape::from_folder(&model.path).unwrap();
         let need = |m: &MemoryOptions| {
-            ld_engine::memory::estimate(&shape, 64, 64, true, DType::F32, true, m).peak
+            ld_engine::memory::estimate(&shape, 64, 64, true, DType::F32, Target::Gpu, m).peak
         };
         // Just less than the plain run needs, enough for every strategy.
         let free = need(&MemoryOptions::default()) - 1;
@@ -1660,7 +1668,7 @@ mod tests {
             64,
             true,
             DType::F32,
-            true,
+            Target::Gpu,
             &MemoryOptions::lowest(),
         );
         assert!(full.peak > 1 << 30);

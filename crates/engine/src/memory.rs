@@ -17,7 +17,8 @@
 //!   2c0 at 1/4 of it, 3 x 4c0 at 1/16, ...), and the transformer at full latent size holds about
 //!   14 more (q, k, v, the GEGLU's 8 `c0`-wide halves, norms and residuals).
 //!   The score block is `heads x tokens x tokens` for plain attention and is capped by the
-//!   attention options otherwise (see [`crate::attention::AttentionOptions`]).
+//!   attention options otherwise (see [`crate::attention::AttentionOptions`]); the fused GPU
+//!   kernel holds none ([`Target::GpuFusedAttention`]).
 //! - VAE working set = `VAE_ACTIVATIONS x c_vae x H x W x bytes` for an `H x W` image (or one tile),
 //!   with `c_vae` its first width (128 for SD). Factor 10: calibrated on the candle decode of a
 //!   512x512 SD1.5 VAE that peaked 1.3 GB above its weights (docs REFERENCE.md, "Performance
@@ -308,21 +309,54 @@ fn vae_pixels(width: u64, height: u64, shape: &ModelShape, tiled: bool) -> u64 {
     width.min(side) * height.min(side)
 }
 
+/// What an estimate plans for: where the UNet's attention scores live differs by device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The CPU, with its score block size.
+    Cpu,
+    /// A GPU whose attention goes through blocks of scores, larger than the CPU's
+    /// ([`AttentionOptions::GPU_DEFAULT_MAX_SCORES`]).
+    Gpu,
+    /// An NVIDIA GPU whose UNet attention is the fused kernel (`gpu_attention`): scores stay in
+    /// registers, so no score block exists at all. For SDXL at 1024x1024 in f16 that is 512 MiB
+    /// less than [`Target::Gpu`].
+    GpuFusedAttention,
+}
+
+impl Target {
+    /// The target for an NVIDIA GPU of compute capability `major.x` drawing in `dtype`: the
+    /// fused kernel runs on compute capability 8.0 (Ampere) or newer in f16/bf16, and covers
+    /// the head sizes of SD1 (40-160), SD2 and SDXL (64).
+    pub fn nvidia(major: u32, dtype: DType) -> Self {
+        if major >= 8 && matches!(dtype, DType::F16 | DType::BF16) {
+            Self::GpuFusedAttention
+        } else {
+            Self::Gpu
+        }
+    }
+
+    /// Whether this is a GPU.
+    pub fn is_gpu(self) -> bool {
+        self != Self::Cpu
+    }
+}
+
 /// Estimates one image of `width x height` with guidance (`guided`: batch 2 through the UNet),
-/// weights and activations in `dtype`, on a GPU (`gpu`, where attention works in larger
-/// blocks) or the CPU, and `opts`. See the module docs for the formula.
+/// weights and activations in `dtype`, on `target`, and `opts`. See the module docs for the
+/// formula.
 pub fn estimate(
     shape: &ModelShape,
     width: usize,
     height: usize,
     guided: bool,
     dtype: DType,
-    gpu: bool,
+    target: Target,
     opts: &MemoryOptions,
 ) -> MemoryEstimate {
     let mut attn = opts.attention();
-    attn.max_scores = attn.max_scores_for(gpu);
-    estimate_with_attention(shape, width, height, guided, dtype, opts, &attn)
+    attn.max_scores = attn.max_scores_for(target.is_gpu());
+    let scores = (target != Target::GpuFusedAttention).then_some(&attn);
+    estimate_scores(shape, width, height, guided, dtype, opts, scores)
 }
 
 /// [`estimate`] with the attention options given explicitly (e.g. plain attention), their score
@@ -336,6 +370,19 @@ pub fn estimate_with_attention(
     opts: &MemoryOptions,
     attn: &AttentionOptions,
 ) -> MemoryEstimate {
+    estimate_scores(shape, width, height, guided, dtype, opts, Some(attn))
+}
+
+/// The estimate with score blocks bounded by `attn`, or none held (`None`).
+fn estimate_scores(
+    shape: &ModelShape,
+    width: usize,
+    height: usize,
+    guided: bool,
+    dtype: DType,
+    opts: &MemoryOptions,
+    attn: Option<&AttentionOptions>,
+) -> MemoryEstimate {
     let b = bytes_of(dtype);
     let (w, h) = (width as u64, height as u64);
     let latent = (w / shape.vae_factor.max(1)) * (h / shape.vae_factor.max(1));
@@ -343,13 +390,15 @@ pub fn estimate_with_attention(
     let features = UNET_ACTIVATIONS * shape.unet_channels * latent * batch * b;
     let tokens = latent / (shape.attention_downscale * shape.attention_downscale).max(1);
     let full_scores = shape.attention_heads * tokens * tokens;
-    let heads_at_once = attn
-        .head_slice
-        .map_or(shape.attention_heads, |s| s as u64)
-        .min(shape.attention_heads);
-    let per_query_row = heads_at_once * tokens;
-    let rows = ((attn.max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
-    let block = (rows * per_query_row).min(full_scores);
+    let block = attn.map_or(0, |attn| {
+        let heads_at_once = attn
+            .head_slice
+            .map_or(shape.attention_heads, |s| s as u64)
+            .min(shape.attention_heads);
+        let per_query_row = heads_at_once * tokens;
+        let rows = ((attn.max_scores as u64) / per_query_row.max(1)).clamp(1, tokens.max(1));
+        (rows * per_query_row).min(full_scores)
+    });
     // Scores and their softmax exist together; attention upcasts to f32 in half precision.
     let scores = 2 * block * 4;
     let unet = features + scores;
@@ -473,7 +522,7 @@ pub(crate) mod tests {
             1024,
             true,
             DType::F16,
-            true,
+            Target::Gpu,
             &Default::default(),
         );
         let tiled = estimate(
@@ -482,7 +531,7 @@ pub(crate) mod tests {
             1024,
             true,
             DType::F16,
-            true,
+            Target::Gpu,
             &MemoryOptions {
                 vae_tiling: true,
                 ..Default::default()
@@ -495,7 +544,7 @@ pub(crate) mod tests {
             1024,
             true,
             DType::F16,
-            true,
+            Target::Gpu,
             &MemoryOptions::lowest(),
         );
         assert!(lowest.peak < base.peak, "{lowest:?} {base:?}");
@@ -509,7 +558,7 @@ pub(crate) mod tests {
             1024,
             true,
             DType::F16,
-            true,
+            Target::Gpu,
             &Default::default(),
         );
         assert!(xl.weights > 6 * GIB && xl.weights < 8 * GIB, "{xl:?}");
@@ -521,7 +570,7 @@ pub(crate) mod tests {
             1024,
             true,
             DType::F16,
-            true,
+            Target::Gpu,
             &MemoryOptions {
                 text_encoder_on_cpu: true,
                 ..Default::default()
@@ -547,8 +596,8 @@ pub(crate) mod tests {
             )
             .unet
         };
-        assert!(at(DType::F32, true) > at(DType::F32, false));
-        assert!(at(DType::F16, true) > at(DType::F16, false));
+        assert!(at(DType::F32, Target::Gpu) > at(DType::F32, Target::Cpu));
+        assert!(at(DType::F16, Target::Gpu) > at(DType::F16, Target::Cpu));
         // An explicit (sliced) block is used as given on either.
         let sliced = MemoryOptions::lowest();
         let with = |gpu| {
@@ -562,7 +611,44 @@ pub(crate) mod tests {
                 &sliced,
             )
         };
-        assert_eq!(with(true).unet, with(false).unet);
+        assert_eq!(with(Target::Gpu).unet, with(Target::Cpu).unet);
+    }
+
+    #[test]
+    fn the_fused_gpu_kernel_holds_no_score_blocks() {
+        assert_eq!(Target::nvidia(8, DType::F16), Target::GpuFusedAttention);
+        assert_eq!(Target::nvidia(9, DType::BF16), Target::GpuFusedAttention);
+        // Turing and older, or f32: score blocks, as before.
+        assert_eq!(Target::nvidia(7, DType::F16), Target::Gpu);
+        assert_eq!(Target::nvidia(8, DType::F32), Target::Gpu);
+        for opts in [MemoryOptions::default(), MemoryOptions::lowest()] {
+            let at = |target| {
+                estimate(
+                    &ModelShape::SDXL,
+                    1024,
+                    1024,
+                    true,
+                    DType::F16,
+                    target,
+                    &opts,
+                )
+            };
+            let (blocks, fused) = (at(Target::Gpu), at(Target::GpuFusedAttention));
+            // Only the scores differ: the default GPU block is up to 64 Mi scores, kept with
+            // their softmax in f32 (512 MiB); the sliced block of the lowest options 1 Mi (8
+            // MiB). Blocks are whole query rows, so a little under the budget.
+            let scores = blocks.unet - fused.unet;
+            let budget = 2 * 4 * opts.attention().max_scores_for(true) as u64;
+            assert!(scores <= budget && scores >= budget / 100 * 99, "{opts:?}: {scores}");
+            assert_eq!(blocks.weights, fused.weights);
+            // The peak drops by the scores where the UNet sets it (the lowest options decode
+            // on the CPU), by at most that where the VAE's decode does.
+            let drop = blocks.peak - fused.peak;
+            assert!(drop <= scores, "{opts:?}");
+            if opts.vae_on_cpu {
+                assert_eq!(drop, scores);
+            }
+        }
     }
 
     #[test]

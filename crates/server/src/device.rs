@@ -68,11 +68,14 @@ fn cpu_half_weights(low_vram: LowVram) -> HalfWeights {
 pub fn memory_policy(settings: &Settings, gpu: Arc<dyn GpuProbe>) -> MemoryPolicy {
     // The worker draws on the GPU exactly when this is a CUDA build and NVML sees a card.
     let on_gpu = crate::BUILD.cuda;
-    let vram = if on_gpu {
-        gpu.probe().0.first().map(|g| g.vram_total_bytes)
+    let first = if on_gpu {
+        gpu.probe().0.into_iter().next()
     } else {
         None
     };
+    let vram = first.as_ref().map(|g| g.vram_total_bytes);
+    let gpu_major =
+        first.and_then(|g| ld_core::hardware::compute_major(g.compute_capability.as_deref()));
     let free: Option<ld_core::jobs::FreeMemory> = vram.map(|_| {
         Arc::new(move || {
             gpu.probe()
@@ -85,6 +88,7 @@ pub fn memory_policy(settings: &Settings, gpu: Arc<dyn GpuProbe>) -> MemoryPolic
         low_vram: settings.low_vram,
         low_options: low_vram_options(vram.unwrap_or(u64::MAX)),
         free,
+        gpu_major,
     }
 }
 
