@@ -639,7 +639,10 @@ pub(crate) mod tests {
             // MiB). Blocks are whole query rows, so a little under the budget.
             let scores = blocks.unet - fused.unet;
             let budget = 2 * 4 * opts.attention().max_scores_for(true) as u64;
-            assert!(scores <= budget && scores >= budget / 100 * 99, "{opts:?}: {scores}");
+            assert!(
+                scores <= budget && scores >= budget / 100 * 99,
+                "{opts:?}: {scores}"
+            );
             assert_eq!(blocks.weights, fused.weights);
             // The peak drops by the scores where the UNet sets it (the lowest options decode
             // on the CPU), by at most that where the VAE's decode does.
