@@ -642,8 +642,8 @@ impl Pipeline {
         )
     }
 
-    /// The SD1/SD2 sampling loop's view of this pipeline.
-    fn sampling(&self) -> SdSampling<'_> {
+    /// The sampling loops' view of this pipeline (SD1/SD2, and SDXL in [`crate::sdxl`]).
+    pub(crate) fn sampling(&self) -> SdSampling<'_> {
         SdSampling {
             unet: &self.unet,
             schedule: &self.schedule,
@@ -725,14 +725,15 @@ fn sd_conditioning(
     })
 }
 
-/// What the SD1/SD2 sampling loop needs besides the conditioning, borrowed from a [`Pipeline`]
-/// or from a staged run's UNet stage ([`staged`]), so both draw through the same code.
-struct SdSampling<'a> {
-    unet: &'a UNet2DConditionModel,
-    schedule: &'a NoiseSchedule,
-    prediction: PredictionType,
-    dtype: DType,
-    device: &'a Device,
+/// What the sampling loops need besides the conditioning, borrowed from a [`Pipeline`] or from a
+/// staged run's UNet stage ([`staged`]), so both draw through the same code: SD1/SD2's
+/// [`SdSampling::run`] here, SDXL's `run_sdxl` in [`crate::sdxl`].
+pub(crate) struct SdSampling<'a> {
+    pub(crate) unet: &'a UNet2DConditionModel,
+    pub(crate) schedule: &'a NoiseSchedule,
+    pub(crate) prediction: PredictionType,
+    pub(crate) dtype: DType,
+    pub(crate) device: &'a Device,
 }
 
 impl SdSampling<'_> {

@@ -198,7 +198,7 @@ impl Refiner {
             &[&self.encoder_2],
             &req.prompt,
             &req.negative_prompt,
-            crate::sdxl::stage_guided(&self.unet, req.cfg_scale),
+            crate::sdxl::stage_guided(self.unet.config(), req.cfg_scale),
             self.force_zeros_for_empty_prompt,
             sdxl_layer(req.clip_skip),
         )?;

@@ -15,11 +15,13 @@ use crate::clip::{ClipConfig, ClipTextModel, HiddenLayer, TextEncoder};
 use crate::config::{ModelFolder, ModelIndex};
 use crate::denoiser::{cfg_scale_for, Conditioning, Denoiser, NoisePredictor};
 use crate::lora::{LoraSet, LoraTarget};
-use crate::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Preview, Progress};
+use crate::pipeline::{
+    GenerateRequest, LoadOptions, Observer, Pipeline, Preview, Progress, SdSampling,
+};
 use crate::refiner::{Refiner, RefinerOptions};
 use crate::sampler::{self, SampleContext, StepInfo};
 use crate::tokenizer::ClipTokenizer;
-use crate::unet::{AddedConditions, UNet2DConditionModel};
+use crate::unet::{AddedConditions, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::weights::Weights;
 use crate::{EngineError, Result};
@@ -123,6 +125,26 @@ pub(crate) fn load_encoder_2(
     TextEncoder::new(tokenizer, model)
 }
 
+/// Refuses an SDXL base folder whose `model_index.json` lacks the second text encoder or its
+/// tokenizer (the components beyond [`crate::pipeline`]'s SD1/SD2 check).
+pub(crate) fn check_components(folder: &ModelFolder, index: &ModelIndex) -> Result<()> {
+    for component in ["text_encoder_2", "tokenizer_2"] {
+        if !index.has_component(component) {
+            return Err(EngineError::Config {
+                path: folder.root().join("model_index.json"),
+                message: format!("an SDXL pipeline needs {component}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether an SDXL base model conditions an empty negative prompt on zeros: the index's
+/// `force_zeros_for_empty_prompt`, else diffusers' SDXL default (its `__init__` argument).
+pub(crate) fn zeros_for_empty_prompt(index: &ModelIndex) -> bool {
+    index.force_zeros_for_empty_prompt.unwrap_or(true)
+}
+
 impl SdxlParts {
     /// The SDXL extras of `folder` when its index says `StableDiffusionXLPipeline`, else `None`.
     pub(crate) fn load(
@@ -134,18 +156,10 @@ impl SdxlParts {
         if !is_sdxl(index) {
             return Ok(None);
         }
-        for component in ["text_encoder_2", "tokenizer_2"] {
-            if !index.has_component(component) {
-                return Err(EngineError::Config {
-                    path: folder.root().join("model_index.json"),
-                    message: format!("an SDXL pipeline needs {component}"),
-                });
-            }
-        }
+        check_components(folder, index)?;
         Ok(Some(Self {
             encoder_2: load_encoder_2(folder, opts, loras)?,
-            // diffusers' SDXL default (its `__init__` argument) when the index does not say.
-            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
+            force_zeros_for_empty_prompt: zeros_for_empty_prompt(index),
             options: SdxlOptions::default(),
             refiner: None,
             vae_files: folder.weight_files("vae")?,
@@ -324,10 +338,42 @@ pub(crate) struct Stage {
     pub timestep_cond: Option<Tensor>,
 }
 
-/// Whether a stage for `unet` at the requested scale runs classifier-free guidance (and so
-/// needs the negative prompt encoded).
-pub(crate) fn stage_guided(unet: &UNet2DConditionModel, guidance_scale: f64) -> bool {
-    cfg_scale_for(guidance_scale, unet.config().guidance_embedded()) != 1.0
+/// Whether a stage for a UNet of config `unet` at the requested scale runs classifier-free
+/// guidance (and so needs the negative prompt encoded). Takes the config, not the model, so a
+/// staged run ([`crate::pipeline::staged`]) can encode before its UNet loads.
+pub(crate) fn stage_guided(unet: &UNetConfig, guidance_scale: f64) -> bool {
+    cfg_scale_for(guidance_scale, unet.guidance_embedded()) != 1.0
+}
+
+/// The text half of an SDXL base stage for a UNet of config `unet`: `req`'s prompt (and negative
+/// prompt when guided) through both encoders (CLIP-L, then OpenCLIP-bigG with its pooled
+/// projection). [`base_stage`] adds the time ids once the UNet is loaded.
+pub(crate) fn text_conditioning(
+    encoders: [&TextEncoder; 2],
+    zero_empty_negative: bool,
+    unet: &UNetConfig,
+    req: &GenerateRequest,
+) -> Result<SdxlConditioning> {
+    encode_pair(
+        &encoders,
+        &req.prompt,
+        &req.negative_prompt,
+        stage_guided(unet, req.cfg_scale),
+        zero_empty_negative,
+        sdxl_layer(req.clip_skip),
+    )
+}
+
+/// The base model's stage for `req` from its encoded prompt `c` ([`text_conditioning`]): the
+/// size and crop time ids (the same for the negative prompt), batched like the text.
+pub(crate) fn base_stage(
+    c: SdxlConditioning,
+    size: &SizeConditioning,
+    req: &GenerateRequest,
+    unet: &UNet2DConditionModel,
+) -> Result<Stage> {
+    let ids = time_ids_tensor(&size.time_ids(req.height, req.width), unet.device())?;
+    Stage::new(c, req.cfg_scale, &ids, &ids, unet)
 }
 
 impl Stage {
@@ -441,18 +487,13 @@ impl Pipeline {
 
     /// The SDXL encoders, the request's conditioning, the base stage.
     fn sdxl_stage(&self, s: &SdxlParts, req: &GenerateRequest) -> Result<Stage> {
-        let guided = stage_guided(self.unet(), req.cfg_scale);
-        let c = encode_pair(
-            &[self.text_encoder(), &s.encoder_2],
-            &req.prompt,
-            &req.negative_prompt,
-            guided,
+        let c = text_conditioning(
+            [self.text_encoder(), &s.encoder_2],
             s.force_zeros_for_empty_prompt,
-            sdxl_layer(req.clip_skip),
+            self.unet().config(),
+            req,
         )?;
-        let ids = s.options.size.time_ids(req.height, req.width);
-        let ids = time_ids_tensor(&ids, self.device())?;
-        Stage::new(c, req.cfg_scale, &ids, &ids, self.unet())
+        base_stage(c, &s.options.size, req, self.unet())
     }
 
     /// The SDXL conditioning of `req` (encoders, pooled output, time ids), as the UNet gets it.
@@ -475,15 +516,47 @@ impl Pipeline {
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<Tensor> {
         let base = self.sdxl_stage(s, req)?;
+        let refiner = s.refiner.as_deref().map(|r| (r, &s.options));
+        self.sampling().run_sdxl(
+            req,
+            self.latent_shape(req),
+            &base,
+            refiner,
+            observer,
+            on_state,
+        )
+    }
+
+    /// [`Pipeline::decode`] that never returns a black image for SDXL (see
+    /// [`redecode_if_overflowed`]).
+    pub(crate) fn decode_sdxl(&self, s: &SdxlParts, latents: &Tensor) -> Result<Tensor> {
+        let image = self.decode(latents)?;
+        redecode_if_overflowed(image, latents, &s.vae_files, &s.vae_config, self.device())
+    }
+}
+
+impl SdSampling<'_> {
+    /// The SDXL sampling loop: seeded noise of `shape`, this UNet (the base model) under `base`,
+    /// then `refiner` with its options for the steps after its switch point; the final latents
+    /// in diffusers' scale. `on_state` as in [`Pipeline::sample_latents`].
+    pub(crate) fn run_sdxl(
+        &self,
+        req: &GenerateRequest,
+        shape: [usize; 4],
+        base: &Stage,
+        refiner: Option<(&Refiner, &SdxlOptions)>,
+        observer: &mut dyn Observer,
+        on_state: &mut dyn FnMut(&Tensor, f64),
+    ) -> Result<Tensor> {
         let sampler = req.sampler.sampler();
-        let sigmas = sampler.sigmas(self.schedule(), req.schedule, req.steps);
+        let sigmas = sampler.sigmas(self.schedule, req.schedule, req.steps);
         let total = sigmas.len() - 1;
-        let switch = match &s.refiner {
-            Some(r) => r.switch_index(self.schedule(), &sigmas, &s.options.refiner),
+        let switch = match refiner {
+            Some((r, options)) => r.switch_index(self.schedule, &sigmas, &options.refiner),
             None => total,
         };
         let mut rng = req.seed_source.generator(req.seed);
-        let noise = rng.randn_tensor(&self.latent_shape(req), self.device())?;
+        let noise = rng.randn_tensor(&shape, self.device)?;
         let mut x = (noise * sampler.initial_noise_scale(&sigmas))?;
         on_state(&x, sigmas[0]);
 
@@ -519,19 +592,19 @@ impl Pipeline {
         };
 
         if switch > 0 {
-            let unet = SdxlPredictor::new(self.unet(), &base);
+            let unet = SdxlPredictor::new(self.unet, base);
             let denoiser = Denoiser::new(
                 &unet,
-                self.schedule(),
-                self.prediction(),
+                self.schedule,
+                self.prediction,
                 &base.conditioning,
-                self.unet().dtype(),
+                self.unet.dtype(),
             )?;
             x = run(x, &sigmas[..=switch], 0, &denoiser, rng.as_mut())?;
         }
         if switch < total {
-            let r = s.refiner.as_ref().ok_or_else(not_sdxl)?;
-            let stage = r.stage(req, &s.options)?;
+            let (r, options) = refiner.ok_or_else(not_sdxl)?;
+            let stage = r.stage(req, options)?;
             let unet = SdxlPredictor::new(r.unet(), &stage);
             let denoiser = Denoiser::new(
                 &unet,
@@ -543,28 +616,31 @@ impl Pipeline {
             // The refiner may live on another device or dtype than the base.
             let xr = x.to_device(r.unet().device())?;
             x = run(xr, &sigmas[switch..], switch, &denoiser, rng.as_mut())?
-                .to_device(self.device())?;
+                .to_device(self.device)?;
         }
         sampler::to_diffusers_latents(&x, sigmas[total])
     }
+}
 
-    /// [`Pipeline::decode`] that never returns a black image for SDXL: when an f16 decode gives
-    /// inf/NaN (SDXL's VAE overflows in f16 unless it is the fp16-fix one), decode again with an
-    /// f32 copy of the VAE.
-    pub(crate) fn decode_sdxl(&self, s: &SdxlParts, latents: &Tensor) -> Result<Tensor> {
-        let image = self.decode(latents)?;
-        if all_finite(&image)? || !all_finite(latents)? {
-            return Ok(image);
-        }
-        tracing::warn!("the VAE overflowed in half precision; decoding again in f32");
-        let device = self.device().clone();
-        // The VAE may be a folder's, a single file's `first_stage_model.*` or a VAE file.
-        let vb =
-            crate::single_file::vae_var_builder(&s.vae_files, &s.vae_config, DType::F32, &device)?;
-        let vae = AutoencoderKL::load(vb, &s.vae_config)?;
-        let z = latents.to_device(&device)?.to_dtype(DType::F32)?;
-        Ok(vae.decode_scaled(&z)?)
+/// `image`, decoded from `latents`, unless it is not finite where the latents are: SDXL's VAE
+/// overflows to inf/NaN in f16 (a black image) unless it is the fp16-fix one, so then `latents`
+/// are decoded again with an f32 copy of the VAE in `files` (`cfg`) on `device`.
+pub(crate) fn redecode_if_overflowed(
+    image: Tensor,
+    latents: &Tensor,
+    files: &[PathBuf],
+    cfg: &VaeConfig,
+    device: &Device,
+) -> Result<Tensor> {
+    if all_finite(&image)? || !all_finite(latents)? {
+        return Ok(image);
     }
+    tracing::warn!("the VAE overflowed in half precision; decoding again in f32");
+    // The VAE may be a folder's, a single file's `first_stage_model.*` or a VAE file.
+    let vb = crate::single_file::vae_var_builder(files, cfg, DType::F32, device)?;
+    let vae = AutoencoderKL::load(vb, cfg)?;
+    let z = latents.to_device(device)?.to_dtype(DType::F32)?;
+    Ok(vae.decode_scaled(&z)?)
 }
 
 fn not_sdxl() -> EngineError {

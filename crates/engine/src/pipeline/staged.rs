@@ -5,13 +5,18 @@
 //! plus the largest working memory. Every run reads each model again, so a server that draws
 //! many pictures keeps a [`Pipeline`](super::Pipeline) instead.
 //!
+//! SDXL base folders run the same way. Their two text encoders (CLIP-L and OpenCLIP-bigG, 3.3 GB
+//! in f32) share the first stage: together they are a third of the UNet (10.3 GB), so loading
+//! them one after the other would not lower the peak. The UNet stage adds the pooled text and
+//! the size time ids ([`crate::sdxl`]); the refiner stays with the whole pipeline.
+//!
 //! Each stage owns the model it loads, so a model that was freed cannot be used by mistake: the
-//! UNet stage is consumed by sampling, and the text encoder and VAE live only inside the call
+//! UNet stage is consumed by sampling, and the text encoders and VAE live only inside the call
 //! that runs them.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::{
     load_folder_text_encoder, load_folder_unet, load_folder_vae, sd_conditioning, to_rgb8,
@@ -23,11 +28,13 @@ use crate::denoiser::Conditioning;
 use crate::lora::LoraSet;
 use crate::memory::MemoryOptions;
 use crate::schedule::NoiseSchedule;
+use crate::sdxl::{SdxlConditioning, SizeConditioning};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::VaeConfig;
 use crate::{EngineError, Result};
 
-/// An SD1/SD2 diffusers folder, opened (configs read, nothing loaded) for staged runs.
+/// An SD1/SD2 or SDXL base diffusers folder, opened (configs read, nothing loaded) for staged
+/// runs.
 #[derive(Debug)]
 pub struct StagedPipeline {
     folder: ModelFolder,
@@ -36,20 +43,56 @@ pub struct StagedPipeline {
     unet_cfg: UNetConfig,
     vae_cfg: VaeConfig,
     vae_files: Vec<PathBuf>,
+    /// The VAE's own dtype: SDXL's decodes in f32 under an f16 model ([`crate::sdxl::vae_dtype`]).
+    vae_dtype: DType,
     schedule: NoiseSchedule,
     prediction: PredictionType,
     memory: MemoryOptions,
+    /// `None` for SD1/SD2.
+    sdxl: Option<SdxlFolder>,
+}
+
+/// What an SDXL base folder's stages need beyond an SD1/SD2 one's.
+#[derive(Debug)]
+struct SdxlFolder {
+    /// `model_index.json`: an empty negative prompt means zero conditioning.
+    force_zeros_for_empty_prompt: bool,
+}
+
+/// A prompt encoded by [`StagedPipeline::encode`], for [`UnetStage::sample`] of the same request.
+#[derive(Debug, Clone)]
+pub enum EncodedPrompt {
+    /// SD1/SD2: the text embeddings the UNet attends to.
+    Sd(Conditioning),
+    /// SDXL: both encoders' embeddings and the pooled projection. The time ids and the guidance
+    /// embedding are added by the UNet stage, which has the model they are for.
+    Sdxl(SdxlConditioning),
+}
+
+impl EncodedPrompt {
+    /// Whether the negative prompt was encoded too, as classifier-free guidance needs.
+    pub fn guided(&self) -> bool {
+        match self {
+            Self::Sd(c) => c.uncond.is_some(),
+            Self::Sdxl(c) => c.uncond.is_some(),
+        }
+    }
 }
 
 impl StagedPipeline {
-    /// Whether `path` is a model a staged run can draw with: an SD1/SD2 diffusers folder. SDXL
-    /// folders and single files load whole, through [`Pipeline`](super::Pipeline).
+    /// Whether `path` is a model a staged run can draw with: an SD1/SD2 or SDXL base diffusers
+    /// folder. Single files load whole, through [`Pipeline`](super::Pipeline); so does an SDXL
+    /// refiner folder, which draws nothing on its own (the pipeline's load says so).
     pub fn supports(path: &Path) -> Result<bool> {
         if !path.is_dir() {
             return Ok(false);
         }
-        let index = ModelFolder::open(path)?.model_index()?;
-        Ok(!crate::sdxl::is_sdxl(&index))
+        let folder = ModelFolder::open(path)?;
+        if crate::sdxl::is_sdxl(&folder.model_index()?) {
+            return Ok(true);
+        }
+        let unet_cfg = UNetConfig::from_file(&folder.config_file("unet")?)?;
+        Ok(!unet_cfg.needs_added_conditions())
     }
 
     /// Reads the folder's configs and checks it is complete; loads no weights.
@@ -58,10 +101,18 @@ impl StagedPipeline {
         let index = folder.model_index()?;
         super::check_components(&folder, &index)?;
         let unet_cfg = UNetConfig::from_file(&folder.config_file("unet")?)?;
-        if crate::sdxl::is_sdxl(&index) || unet_cfg.needs_added_conditions() {
+        let sdxl = if crate::sdxl::is_sdxl(&index) {
+            crate::sdxl::check_components(&folder, &index)?;
+            Some(SdxlFolder {
+                force_zeros_for_empty_prompt: crate::sdxl::zeros_for_empty_prompt(&index),
+            })
+        } else if unet_cfg.needs_added_conditions() {
             return Err(super::needs_sdxl_pipeline(&folder)?);
-        }
+        } else {
+            None
+        };
         let scheduler = folder.scheduler_config()?;
+        let vae_cfg = VaeConfig::from_file(&folder.config_file("vae")?)?;
         let vae_files = folder.weight_files("vae")?;
         // The VAE loads only after sampling: a damaged file is reported now (its header is read,
         // no weights), not after the user has waited for every step.
@@ -69,7 +120,8 @@ impl StagedPipeline {
         Ok(Self {
             text_layers: ClipConfig::from_file(folder.config_file("text_encoder")?)?
                 .num_hidden_layers,
-            vae_cfg: VaeConfig::from_file(&folder.config_file("vae")?)?,
+            vae_dtype: crate::sdxl::vae_dtype(sdxl.is_some(), &vae_cfg, opts.dtype),
+            vae_cfg,
             vae_files,
             schedule: NoiseSchedule::from_config(&scheduler)?,
             prediction: scheduler.prediction_type,
@@ -77,6 +129,7 @@ impl StagedPipeline {
             folder,
             opts: opts.clone(),
             memory: MemoryOptions::default(),
+            sdxl,
         })
     }
 
@@ -97,17 +150,30 @@ impl StagedPipeline {
         [1, self.unet_cfg.in_channels, req.height / f, req.width / f]
     }
 
-    /// Stage 1: validates `req`, loads the text encoder, encodes the prompt (and the negative
-    /// prompt when guidance is on) and frees the encoder.
-    pub fn encode(&self, req: &GenerateRequest) -> Result<Conditioning> {
+    /// Stage 1: validates `req`, loads the text encoder (SDXL: both), encodes the prompt (and
+    /// the negative prompt when guidance is on) and frees the encoders.
+    pub fn encode(&self, req: &GenerateRequest) -> Result<EncodedPrompt> {
         self.validate(req)?;
-        let text_encoder =
-            load_folder_text_encoder(&self.folder, &self.opts, &mut LoraSet::open(&[])?)?;
-        let conditioning = sd_conditioning(&text_encoder, &self.unet_cfg, req)?;
+        let mut no_loras = LoraSet::open(&[])?;
+        let text_encoder = load_folder_text_encoder(&self.folder, &self.opts, &mut no_loras)?;
+        let prompt = match &self.sdxl {
+            None => EncodedPrompt::Sd(sd_conditioning(&text_encoder, &self.unet_cfg, req)?),
+            Some(sdxl) => {
+                let encoder_2 =
+                    crate::sdxl::load_encoder_2(&self.folder, &self.opts, &mut no_loras)?;
+                log_memory("text encoders loaded");
+                EncodedPrompt::Sdxl(crate::sdxl::text_conditioning(
+                    [&text_encoder, &encoder_2],
+                    sdxl.force_zeros_for_empty_prompt,
+                    &self.unet_cfg,
+                    req,
+                )?)
+            }
+        };
         drop(text_encoder);
         crate::memory::release_freed_memory();
-        log_memory("prompt encoded, text encoder freed");
-        Ok(conditioning)
+        log_memory("prompt encoded, text encoders freed");
+        Ok(prompt)
     }
 
     /// Stage 2: loads the UNet, which [`UnetStage::sample`] uses and frees.
@@ -125,15 +191,25 @@ impl StagedPipeline {
     }
 
     /// Stage 3: loads the VAE, decodes `latents` (diffusers scale, from [`UnetStage::sample`])
-    /// into `req`'s picture and frees the VAE.
+    /// into `req`'s picture and frees the VAE. SDXL decodes as the whole pipeline does: again
+    /// from an f32 copy when a half-precision decode overflows.
     pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
-        let mut vae = load_folder_vae(&self.vae_files, &self.vae_cfg, self.opts.dtype, &self.opts)?;
+        let mut vae = load_folder_vae(&self.vae_files, &self.vae_cfg, self.vae_dtype, &self.opts)?;
         vae.set_attention_options(self.memory.attention());
         log_memory("VAE loaded");
-        let image = super::decode_with(&vae, self.memory.vae_tiling, latents)?;
+        let mut image = super::decode_with(&vae, self.memory.vae_tiling, latents)?;
         drop(vae);
         crate::memory::release_freed_memory();
         log_memory("decoded, VAE freed");
+        if self.sdxl.is_some() {
+            image = crate::sdxl::redecode_if_overflowed(
+                image,
+                latents,
+                &self.vae_files,
+                &self.vae_cfg,
+                &self.opts.device,
+            )?;
+        }
         Ok(GeneratedImage {
             width: req.width,
             height: req.height,
@@ -149,8 +225,8 @@ impl StagedPipeline {
         req: &GenerateRequest,
         observer: &mut dyn Observer,
     ) -> Result<GeneratedImage> {
-        let conditioning = self.encode(req)?;
-        let latents = self.load_unet()?.sample(req, &conditioning, observer)?;
+        let prompt = self.encode(req)?;
+        let latents = self.load_unet()?.sample(req, &prompt, observer)?;
         self.decode(req, &latents)
     }
 }
@@ -163,20 +239,20 @@ pub struct UnetStage<'a> {
 }
 
 impl UnetStage<'_> {
-    /// Samples `req` under `conditioning` (from [`StagedPipeline::encode`] for the same request)
-    /// and frees the UNet: the final latents in diffusers' scale. When the observer cancels
+    /// Samples `req` under `prompt` (from [`StagedPipeline::encode`] for the same request) and
+    /// frees the UNet: the final latents in diffusers' scale. When the observer cancels
     /// ([`crate::sampler::Control::Cancel`]) returns [`EngineError::Cancelled`].
     pub fn sample(
         self,
         req: &GenerateRequest,
-        conditioning: &Conditioning,
+        prompt: &EncodedPrompt,
         observer: &mut dyn Observer,
     ) -> Result<Tensor> {
         let s = self.staged;
-        if conditioning.uncond.is_none()
+        if !prompt.guided()
             && crate::denoiser::cfg_scale_for(req.cfg_scale, s.unet_cfg.guidance_embedded()) != 1.0
         {
-            // A conditioning encoded for another request (no negative prompt) cannot guide this one.
+            // A prompt encoded for another request (no negative prompt) cannot guide this one.
             return Err(EngineError::InvalidRequest(
                 "the conditioning was encoded without guidance; encode this request first".into(),
             ));
@@ -188,13 +264,25 @@ impl UnetStage<'_> {
             dtype: s.opts.dtype,
             device: &s.opts.device,
         };
-        let latents = sampling.run(
-            req,
-            s.latent_shape(req),
-            conditioning,
-            observer,
-            &mut |_, _| {},
-        )?;
+        let shape = s.latent_shape(req);
+        let latents = match (prompt, &s.sdxl) {
+            (EncodedPrompt::Sd(c), None) => {
+                sampling.run(req, shape, c, observer, &mut |_, _| {})?
+            }
+            (EncodedPrompt::Sdxl(c), Some(_)) => {
+                // diffusers' micro-conditioning, the picture's own size and no crop: what a
+                // `Pipeline` uses unless `set_sdxl_options` says otherwise.
+                let size = SizeConditioning::default();
+                let stage = crate::sdxl::base_stage(c.clone(), &size, req, &self.unet)?;
+                sampling.run_sdxl(req, shape, &stage, None, observer, &mut |_, _| {})?
+            }
+            _ => {
+                return Err(EngineError::InvalidRequest(
+                    "the prompt was encoded for another kind of model; encode it with this one"
+                        .into(),
+                ))
+            }
+        };
         drop(self.unet);
         crate::memory::release_freed_memory();
         log_memory("sampled, UNet freed");
@@ -249,72 +337,157 @@ mod tests {
         }
     }
 
+    /// The staged picture of `req` from `dir` under `opts`, with and without batch splitting, is
+    /// the whole pipeline's under the same options, to the byte. Returns the unsplit picture.
+    fn assert_staged_draws_like_whole(
+        dir: &Path,
+        opts: &LoadOptions,
+        req: &GenerateRequest,
+    ) -> GeneratedImage {
+        let mut whole = Pipeline::load(dir, opts).unwrap();
+        let mut staged = StagedPipeline::open(dir, opts).unwrap();
+        let what = format!("{} {:?} {:?}", dir.display(), opts.half_weights, opts.dtype);
+        let unsplit = whole.generate(req, &mut NoObserver).unwrap();
+        assert_eq!(
+            staged.generate(req, &mut NoObserver).unwrap(),
+            unsplit,
+            "{what}"
+        );
+        let split = MemoryOptions {
+            split_batch: true,
+            ..Default::default()
+        };
+        whole.set_memory_options(split).unwrap();
+        staged.set_memory_options(split);
+        assert_eq!(
+            staged.generate(req, &mut NoObserver).unwrap(),
+            whole.generate(req, &mut NoObserver).unwrap(),
+            "{what}, batch split"
+        );
+        unsplit
+    }
+
     #[test]
     fn draws_exactly_what_the_pipeline_draws() {
         // Issue 12: staging changes when models are in memory, not what is computed: the same
         // seed gives the same pixels as a whole pipeline, in f32 and in f16 weight storage, and
         // with the guidance halves run one at a time (batch splitting is per-sample exact).
-        let dir = tiny("sd1");
-        let req = request();
         for half_weights in [HalfWeights::Off, HalfWeights::On] {
             let opts = LoadOptions {
                 half_weights,
                 ..Default::default()
             };
-            let whole = Pipeline::load(&dir, &opts)
-                .unwrap()
-                .generate(&req, &mut NoObserver)
-                .unwrap();
-            let mut staged = StagedPipeline::open(&dir, &opts).unwrap();
-            assert_eq!(staged.generate(&req, &mut NoObserver).unwrap(), whole);
+            let whole = assert_staged_draws_like_whole(&tiny("sd1"), &opts, &request());
+            let mut staged = StagedPipeline::open(&tiny("sd1"), &opts).unwrap();
             staged.set_memory_options(MemoryOptions {
                 split_batch: true,
                 ..Default::default()
             });
             assert_eq!(
-                staged.generate(&req, &mut NoObserver).unwrap(),
+                staged.generate(&request(), &mut NoObserver).unwrap(),
                 whole,
-                "{half_weights:?}, batch split"
+                "{half_weights:?}, batch split against the unsplit pipeline"
             );
         }
     }
 
     #[test]
+    fn sdxl_draws_exactly_what_the_pipeline_draws() {
+        // As for SD1, through SDXL's conditioning: both encoders, the pooled projection and the
+        // time ids; the negative prompt encoded, or zeros for an empty one
+        // (`force_zeros_for_empty_prompt`); the guidance-embedded lcm-sdxl, whose UNet gets the
+        // scale as `timestep_cond` and no negative prompt. With batch splitting the whole
+        // pipeline splits too: SDXL's time embedding is per sample, and a one-row product may
+        // round differently from a two-row one (2 of 12,288 bytes, one level, in this model).
+        let empty_negative = GenerateRequest {
+            negative_prompt: String::new(),
+            ..request()
+        };
+        for half_weights in [HalfWeights::Off, HalfWeights::On] {
+            let opts = LoadOptions {
+                half_weights,
+                ..Default::default()
+            };
+            assert_staged_draws_like_whole(&tiny("sdxl"), &opts, &request());
+            assert_staged_draws_like_whole(&tiny("sdxl"), &opts, &empty_negative);
+            assert_staged_draws_like_whole(&tiny("sdxl-lcm"), &opts, &request());
+        }
+    }
+
+    #[test]
+    fn sdxl_in_f16_decodes_with_an_f32_vae_as_the_pipeline_does() {
+        // The tiny SDXL's VAE says `force_upcast`: under an f16 model it loads in f32
+        // (`sdxl::vae_dtype`); an f16 VAE would give other pixels.
+        let opts = LoadOptions {
+            dtype: DType::F16,
+            ..Default::default()
+        };
+        let staged = StagedPipeline::open(&tiny("sdxl"), &opts).unwrap();
+        assert_eq!(staged.vae_dtype, DType::F32);
+        assert_staged_draws_like_whole(&tiny("sdxl"), &opts, &request());
+    }
+
+    #[test]
     fn stages_compose_like_generate() {
-        let dir = tiny("sd1");
-        let req = request();
-        let staged = StagedPipeline::open(&dir, &LoadOptions::default()).unwrap();
-        let conditioning = staged.encode(&req).unwrap();
-        let latents = staged
-            .load_unet()
-            .unwrap()
-            .sample(&req, &conditioning, &mut NoObserver)
-            .unwrap();
-        assert_eq!(latents.dims(), staged.latent_shape(&req));
-        assert_eq!(
-            staged.decode(&req, &latents).unwrap(),
-            staged.generate(&req, &mut NoObserver).unwrap()
-        );
+        for family in ["sd1", "sdxl"] {
+            let req = request();
+            let staged = StagedPipeline::open(&tiny(family), &LoadOptions::default()).unwrap();
+            let prompt = staged.encode(&req).unwrap();
+            let latents = staged
+                .load_unet()
+                .unwrap()
+                .sample(&req, &prompt, &mut NoObserver)
+                .unwrap();
+            assert_eq!(latents.dims(), staged.latent_shape(&req), "{family}");
+            assert_eq!(
+                staged.decode(&req, &latents).unwrap(),
+                staged.generate(&req, &mut NoObserver).unwrap(),
+                "{family}"
+            );
+        }
     }
 
     #[test]
     fn unguided_conditioning_is_refused_for_a_guided_request() {
-        let staged = StagedPipeline::open(&tiny("sd1"), &LoadOptions::default()).unwrap();
-        let unguided = GenerateRequest {
-            cfg_scale: 1.0,
-            ..request()
-        };
-        let conditioning = staged.encode(&unguided).unwrap();
-        assert!(conditioning.uncond.is_none());
-        let err = staged
-            .load_unet()
-            .unwrap()
-            .sample(&request(), &conditioning, &mut NoObserver)
-            .unwrap_err();
-        assert!(
-            matches!(&err, EngineError::InvalidRequest(m) if m.contains("without guidance")),
-            "{err}"
-        );
+        for family in ["sd1", "sdxl"] {
+            let staged = StagedPipeline::open(&tiny(family), &LoadOptions::default()).unwrap();
+            let unguided = GenerateRequest {
+                cfg_scale: 1.0,
+                ..request()
+            };
+            let prompt = staged.encode(&unguided).unwrap();
+            assert!(!prompt.guided(), "{family}");
+            let err = staged
+                .load_unet()
+                .unwrap()
+                .sample(&request(), &prompt, &mut NoObserver)
+                .unwrap_err();
+            assert!(
+                matches!(&err, EngineError::InvalidRequest(m) if m.contains("without guidance")),
+                "{family}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_prompt_encoded_for_another_kind_of_model_is_refused() {
+        // An SD1 prompt has no pooled embedding for SDXL's added conditions, and an SDXL prompt
+        // is twice as wide as SD1's cross-attention.
+        let req = request();
+        let sd1 = StagedPipeline::open(&tiny("sd1"), &LoadOptions::default()).unwrap();
+        let sdxl = StagedPipeline::open(&tiny("sdxl"), &LoadOptions::default()).unwrap();
+        for (encoder, unet) in [(&sd1, &sdxl), (&sdxl, &sd1)] {
+            let prompt = encoder.encode(&req).unwrap();
+            let err = unet
+                .load_unet()
+                .unwrap()
+                .sample(&req, &prompt, &mut NoObserver)
+                .unwrap_err();
+            assert!(
+                matches!(&err, EngineError::InvalidRequest(m) if m.contains("another kind")),
+                "{err}"
+            );
+        }
     }
 
     #[test]
@@ -357,14 +530,34 @@ mod tests {
     }
 
     #[test]
-    fn only_sd1_and_sd2_folders_are_staged() {
-        assert!(StagedPipeline::supports(&tiny("sd1")).unwrap());
-        assert!(StagedPipeline::supports(&tiny("sd2")).unwrap());
-        // SDXL (two text encoders, added conditions) and single files load whole.
-        assert!(!StagedPipeline::supports(&tiny("sdxl")).unwrap());
+    fn an_sdxl_folder_without_its_second_encoder_is_refused_when_opened() {
+        // The index and the UNet's config are all `open` reads before it refuses.
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tiny("sdxl");
+        std::fs::create_dir(tmp.path().join("unet")).unwrap();
+        std::fs::copy(
+            src.join("unet/config.json"),
+            tmp.path().join("unet/config.json"),
+        )
+        .unwrap();
+        let mut index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("model_index.json")).unwrap())
+                .unwrap();
+        index["text_encoder_2"] = serde_json::json!([null, null]);
+        std::fs::write(tmp.path().join("model_index.json"), index.to_string()).unwrap();
+        let err = StagedPipeline::open(tmp.path(), &LoadOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("text_encoder_2"), "{err}");
+    }
+
+    #[test]
+    fn diffusers_base_folders_are_staged_refiners_and_single_files_not() {
+        for family in ["sd1", "sd2", "sdxl", "sdxl-lcm"] {
+            assert!(StagedPipeline::supports(&tiny(family)).unwrap(), "{family}");
+        }
+        // A refiner draws nothing on its own and single files load whole, through `Pipeline`.
+        assert!(!StagedPipeline::supports(&tiny("sdxl-refiner")).unwrap());
         let file = tiny("sd1").join("unet/diffusion_pytorch_model.safetensors");
         assert!(!StagedPipeline::supports(&file).unwrap());
-        let err = StagedPipeline::open(&tiny("sdxl"), &LoadOptions::default()).unwrap_err();
-        assert!(err.to_string().contains("SDXL"), "{err}");
+        assert!(StagedPipeline::open(&tiny("sdxl-refiner"), &LoadOptions::default()).is_err());
     }
 }

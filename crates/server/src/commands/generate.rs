@@ -65,7 +65,7 @@ pub struct GenerateArgs {
     /// Low-memory mode: on the CPU (fp32) keep the models' weights in half precision, widened
     /// layer by layer as they run, and run the guidance batch's halves one after the other (SD
     /// 1.5 at 512x512 in about 2 GB; images differ from full-precision weights only by the
-    /// weights' rounding). Diffusers SD1/SD2 folders are always drawn one model at a time.
+    /// weights' rounding). Diffusers SD1/SD2/SDXL folders are always drawn one model at a time.
     #[arg(long)]
     pub low_memory: bool,
 }
@@ -148,9 +148,10 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         // Elapsed time and ETA count from the first step, not from the start of loading.
         bar.reset();
     };
-    // One picture, then the process ends: a diffusers SD1/SD2 folder is drawn one model at a
-    // time (text encoder, UNet, VAE), so only the largest is ever in memory. Each model is read
-    // once either way, so this costs nothing here; the server keeps all three for the next job.
+    // One picture, then the process ends: a diffusers SD1/SD2/SDXL folder is drawn one model at
+    // a time (text encoders, UNet, VAE), so only the largest is ever in memory. Each model is
+    // read once either way, so this costs nothing here; the server keeps them all for the next
+    // job. Single files load whole.
     let one_model_at_a_time = StagedPipeline::supports(&model_dir)
         .with_context(|| format!("could not open the model in {}", model_dir.display()))?;
     let image = if one_model_at_a_time {
@@ -160,12 +161,12 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
             staged.set_memory_options(low_memory_options());
         }
         staged.validate(&req)?;
-        let conditioning = staged.encode(&req)?;
+        let prompt = staged.encode(&req)?;
         let unet = staged
             .load_unet()
             .with_context(|| format!("could not load the UNet in {}", model_dir.display()))?;
         loaded(&bar);
-        let latents = unet.sample(&req, &conditioning, &mut observer)?;
+        let latents = unet.sample(&req, &prompt, &mut observer)?;
         staged.decode(&req, &latents)?
     } else {
         let mut pipeline = if model_dir.is_file() {
@@ -211,7 +212,10 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
 
 /// The strategies `--low-memory` adds: the guidance batch's two halves through the UNet one
 /// after the other, which halves the UNet's working memory (0.22 GB for SD 1.5 at 512x512, the
-/// peak of a low-memory run) and changes no numbers (each sample is computed on its own).
+/// peak of a low-memory run) and changes no numbers for SD1/SD2 (each sample is computed on its
+/// own). SDXL's time embedding is per sample (its added conditions), so its products then have
+/// one row instead of two and may round differently: 2 of the tiny SDXL's 12,288 bytes differ
+/// by one level.
 fn low_memory_options() -> MemoryOptions {
     MemoryOptions {
         split_batch: true,
