@@ -131,14 +131,6 @@ pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-impl SendPtr {
-    /// The pointer. A closure that calls this captures the whole `SendPtr`, which may cross
-    /// threads, rather than the bare pointer field, which may not.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The `gemm` crate's parallelism for one large product on this process's compute threads.
 pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
     let threads = candle_core::utils::get_num_threads();
@@ -147,44 +139,6 @@ pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
     } else {
         gemm::Parallelism::None
     }
-}
-
-/// Splits `0..rows` into one contiguous range per compute thread and runs `f(r0, r1, par)` on
-/// each (the first on this thread), with `par` saying the product inside may not start threads
-/// of its own. With fewer than `min_rows` rows per thread it runs `f(0, rows, par)` once, here,
-/// with `par` from [`gemm_parallelism`], so a small product still spreads over the cores
-/// through `gemm`'s own split.
-///
-/// Why not always `gemm`'s split: on the 2-core machines of issue 12 its two-thread run of one
-/// UNet-sized product was 1.85-1.94x one thread, where the same rows cut in two independent
-/// products gave 1.96-2.01x; and each range also writes its own part of the output's starting
-/// value (bias, residual), which is otherwise one thread's pass over tens of MB.
-pub(crate) fn split_rows<F>(rows: usize, min_rows: usize, f: F)
-where
-    F: Fn(usize, usize, gemm::Parallelism) + Sync,
-{
-    split_rows_on(candle_core::utils::get_num_threads(), rows, min_rows, f);
-}
-
-/// [`split_rows`] on `threads` threads.
-fn split_rows_on<F>(threads: usize, rows: usize, min_rows: usize, f: F)
-where
-    F: Fn(usize, usize, gemm::Parallelism) + Sync,
-{
-    let threads = threads.max(1);
-    if threads == 1 || rows < threads * min_rows.max(1) {
-        f(0, rows, gemm_parallelism());
-        return;
-    }
-    // Range t is rows t*rows/threads .. (t+1)*rows/threads: sizes differ by at most one.
-    let at = |t: usize| t * rows / threads;
-    std::thread::scope(|s| {
-        for t in 1..threads {
-            let f = &f;
-            s.spawn(move || f(at(t), at(t + 1), gemm::Parallelism::None));
-        }
-        f(0, at(1), gemm::Parallelism::None);
-    });
 }
 
 /// Whether a tensor can take the fused CPU path.
@@ -529,9 +483,8 @@ pub(crate) fn im2col_3x3(x: &Tensor, b: usize, y0: usize, y1: usize) -> Result<T
 
 /// Fills output rows `y0..y1` of a 3x3 convolution with padding 1 and `stride` (1 or 2) over
 /// image plane set `image` (`[c, h, w]`, c = `dst` rows / 9) into `dst` as the im2col block
-/// `[9 * c, (y1 - y0) * ow]` (row `ci * 9 + kh * 3 + kw`; `ow` output columns), split over the
-/// compute threads if `parallel` (callers already on a worker thread pass `false`). Stride 1
-/// copies shifted input rows; a larger stride gathers every `stride`-th value.
+/// `[9 * c, (y1 - y0) * ow]` (row `ci * 9 + kh * 3 + kw`; `ow` output columns), in parallel
+/// over rows. Stride 1 copies shifted input rows; a larger stride gathers every `stride`-th value.
 fn im2col_block(
     image: &[f32],
     (h, w): (usize, usize),
@@ -539,10 +492,9 @@ fn im2col_block(
     y0: usize,
     y1: usize,
     dst: &mut [f32],
-    parallel: bool,
 ) {
     let n = (y1 - y0) * ow;
-    let fill = |part: &mut [f32], _: Option<&[f32]>, first: usize| {
+    par_units(dst, None, n, |part, _, first| {
         for (i, row) in part.chunks_exact_mut(n).enumerate() {
             let r = first + i;
             let (ci, tap) = (r / 9, r % 9);
@@ -577,17 +529,8 @@ fn im2col_block(
                 }
             }
         }
-    };
-    if parallel {
-        par_units(dst, None, n, fill);
-    } else {
-        fill(dst, None, 0);
-    }
+    });
 }
-
-/// Output pixels per thread below which a 1x1 convolution runs as one product on `gemm`'s own
-/// threads ([`split_rows`]).
-const MIN_PIXELS_PER_THREAD: usize = 256;
 
 /// A 3x3, stride 1 or 2, padding 1 convolution with bias, as blocks of im2col rows times the packed
 /// weights `[c_out, 9 * c_in]` (torch's `[c_out, c_in, 3, 3]` as it is stored). Each block's product is written
@@ -643,82 +586,61 @@ impl candle_core::CustomOp2 for Conv3x3 {
         let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
         let ohw = oh * ow;
         let mut out = vec![0f32; batch * cout * ohw];
-        let dst = SendPtr(out.as_mut_ptr());
-        let bias = &self.bias;
-        // Output rows (pointwise: output pixels) of all images, cut between the threads; each
-        // range starts its part of every channel plane as the bias, then the product adds.
-        // `parallel` runs one product for all of them with `gemm`'s own threads instead.
-        //
-        // SAFETY (for the writes below): a range covers output pixels p0..p1 of image b, that
-        // is `dst + (b * cout + k) * ohw + p0 ..` for every channel k, which no other range
-        // writes; the product's destination is that `cout x (p1 - p0)` block (row stride
-        // `ohw`).
-        let start_as_bias = |b: usize, p0: usize, p1: usize| unsafe {
-            for (k, &v) in bias.iter().enumerate() {
-                std::slice::from_raw_parts_mut(dst.get().add((b * cout + k) * ohw + p0), p1 - p0)
-                    .fill(v);
-            }
-        };
-        if pointwise {
-            // A 1x1 convolution: the image itself is the `[c, hw]` right-hand matrix, of which
-            // each range takes columns p0..p1.
-            split_rows(batch * ohw, MIN_PIXELS_PER_THREAD, |r0, r1, par| {
-                let mut r = r0;
-                while r < r1 {
-                    let (b, p0) = (r / ohw, r % ohw);
-                    let n = (r1 - r).min(ohw - p0);
-                    start_as_bias(b, p0, p0 + n);
-                    // SAFETY: see above; lhs is `cout x c` packed, rhs columns p0..p0 + n of
-                    // image b's `c x hw` planes (row stride hw).
-                    unsafe {
-                        gemm::gemm(
-                            cout,
-                            n,
-                            kdim,
-                            dst.get().add(b * cout * ohw + p0),
-                            1,
-                            ohw as isize,
-                            true,
-                            wt.as_ptr(),
-                            1,
-                            kdim as isize,
-                            x.as_ptr().add(b * c * hw + p0),
-                            1,
-                            hw as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            par,
-                        );
-                    }
-                    r += n;
-                }
-            });
-            return Ok((CpuStorage::F32(out), Shape::from((batch, cout, oh, ow))));
+        for (plane, &b) in out.chunks_exact_mut(ohw).zip(self.bias.iter().cycle()) {
+            plane.fill(b);
         }
-        let block_rows = (self.block / (kdim * ow).max(1)).clamp(1, oh);
-        split_rows(batch * oh, 1, |y_first, y_end, par| {
-            let parallel = !matches!(par, gemm::Parallelism::None);
-            let mut col = vec![0f32; kdim * block_rows.min(y_end - y_first) * ow];
-            let mut r = y_first;
-            while r < y_end {
-                // Output rows y0..y1 of image b, at most `block_rows` of them.
-                let (b, y0) = (r / oh, r % oh);
-                let y1 = (y0 + block_rows).min(oh).min(y0 + y_end - r);
+        let rows = (self.block / (kdim * ow).max(1)).clamp(1, oh);
+        let mut col = if pointwise {
+            Vec::new()
+        } else {
+            vec![0f32; kdim * rows * ow]
+        };
+        let par = gemm_parallelism();
+        for b in 0..batch {
+            let image = &x[b * c * hw..(b + 1) * c * hw];
+            if pointwise {
+                // A 1x1 convolution: the image itself is the `[c, hw]` right-hand matrix.
+                // SAFETY: dst is image b's `cout x hw` block of `out`; lhs is `cout x c`
+                // packed, rhs `c x hw` packed.
+                unsafe {
+                    gemm::gemm(
+                        cout,
+                        hw,
+                        kdim,
+                        out[b * cout * hw..].as_mut_ptr(),
+                        1,
+                        hw as isize,
+                        true,
+                        wt.as_ptr(),
+                        1,
+                        kdim as isize,
+                        image.as_ptr(),
+                        1,
+                        hw as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+                continue;
+            }
+            for y0 in (0..oh).step_by(rows) {
+                let y1 = (y0 + rows).min(oh);
                 let n = (y1 - y0) * ow;
                 let col = &mut col[..kdim * n];
-                let image = &x[b * c * hw..(b + 1) * c * hw];
-                im2col_block(image, (h, w), (stride, ow), y0, y1, col, parallel);
-                start_as_bias(b, y0 * ow, y1 * ow);
-                // SAFETY: see above; lhs is `cout x kdim` packed, rhs `kdim x n` packed.
+                im2col_block(image, (h, w), (stride, ow), y0, y1, col);
+                let dst = &mut out[b * cout * ohw + y0 * ow..];
+                // SAFETY: dst rows are `ohw` apart and each holds `n` columns inside `out`
+                // (`y0 * ow + n <= ohw`); lhs is `cout x kdim` packed, rhs `kdim x n` packed.
                 unsafe {
                     gemm::gemm(
                         cout,
                         n,
                         kdim,
-                        dst.get().add(b * cout * ohw + y0 * ow),
+                        dst.as_mut_ptr(),
                         1,
                         ohw as isize,
                         true,
@@ -736,9 +658,8 @@ impl candle_core::CustomOp2 for Conv3x3 {
                         par,
                     );
                 }
-                r += y1 - y0;
             }
-        });
+        }
         Ok((CpuStorage::F32(out), Shape::from((batch, cout, oh, ow))))
     }
 }
@@ -975,36 +896,6 @@ mod tests {
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
-    }
-
-    #[test]
-    fn row_splits_cover_every_row_once() {
-        use std::sync::Mutex;
-        for (threads, rows, min_rows) in [(2, 300, 128), (3, 1000, 10), (4, 9, 2), (2, 100, 64)] {
-            let seen = Mutex::new(vec![0u8; rows]);
-            let calls = Mutex::new(Vec::new());
-            split_rows_on(threads, rows, min_rows, |r0, r1, par| {
-                calls
-                    .lock()
-                    .unwrap()
-                    .push(matches!(par, gemm::Parallelism::None));
-                seen.lock().unwrap()[r0..r1]
-                    .iter_mut()
-                    .for_each(|s| *s += 1);
-            });
-            assert!(
-                seen.into_inner().unwrap().iter().all(|&s| s == 1),
-                "{threads} {rows}"
-            );
-            let calls = calls.into_inner().unwrap();
-            if rows >= threads * min_rows {
-                // Split: one range per thread, none of which starts threads of its own.
-                assert_eq!(calls.len(), threads);
-                assert!(calls.iter().all(|&serial| serial));
-            } else {
-                assert_eq!(calls.len(), 1);
-            }
-        }
     }
 
     #[test]

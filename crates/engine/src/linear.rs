@@ -1,10 +1,9 @@
 //! Linear layers (torch `nn.Linear`) for the UNet's transformers and the VAE's attention. On the
 //! CPU in f32 the forward pass is one matrix product over all rows of the batch, written into an
 //! output that already holds the bias (candle's `Linear` runs a product per batch item, then a
-//! second pass over a second output adds the bias). The rows are cut into one range per thread,
-//! each filling and multiplying its own part (`kernels::split_rows`). The transformer
-//! projections read `[b, c, h, w]` channels as tokens, and write tokens back as channels, inside
-//! the product instead of through transposing copies (serial in candle). Other devices and dtypes use
+//! second pass over a second output adds the bias), and the transformer projections read
+//! `[b, c, h, w]` channels as tokens, and write tokens back as channels, inside the product
+//! instead of through transposing copies (serial in candle). Other devices and dtypes use
 //! candle's `Linear`, except on NVIDIA GPUs: one cuBLASLt product with the bias in its epilogue
 //! (`gpu_linear`). Under half-precision storage (`LoadOptions::half_weights`) the weight is
 //! kept in f16 and widened to f32 each time the layer runs on f32 input.
@@ -12,24 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::{contiguous_f32, cpu_f32, split_rows, weight_for, SendPtr};
-
-/// Rows per thread below which a product runs whole, with `gemm`'s own threads
-/// ([`split_rows`]): the text encoder's 77 tokens and the UNet's 8x8 level stay whole.
-const MIN_ROWS_PER_THREAD: usize = 128;
-
-/// Writes `bias` into each of `rows` rows of `out_dim` values at `dst`, where the product then
-/// adds to it. Without a bias the product ignores what `dst` holds, so nothing is written.
-///
-/// # Safety
-/// `dst` must be valid for `rows * out_dim` writes that no other thread makes.
-unsafe fn fill_rows(dst: *mut f32, rows: usize, out_dim: usize, bias: Option<&[f32]>) {
-    if let Some(b) = bias {
-        let part = std::slice::from_raw_parts_mut(dst, rows * out_dim);
-        part.chunks_exact_mut(out_dim)
-            .for_each(|r| r.copy_from_slice(b));
-    }
-}
+use crate::kernels::{contiguous_f32, cpu_f32, gemm_parallelism, weight_for};
 
 /// `y = x Wᵀ + b` with `W`: `[out, in]`.
 #[derive(Debug, Clone)]
@@ -133,46 +115,37 @@ impl CustomOp2 for ChannelsToTokens {
                 l2.dims()
             );
         }
-        let bias = self.bias.as_deref();
-        let mut out = vec![0f32; b * hw * out_dim];
-        let dst = SendPtr(out.as_mut_ptr());
-        split_rows(b * hw, MIN_ROWS_PER_THREAD, |r0, r1, par| {
-            let mut r = r0;
-            while r < r1 {
-                // The part of r0..r1 inside image i: its tokens p0..p0 + n.
-                let (i, p0) = (r / hw, r % hw);
-                let n = (r1 - r).min(hw - p0);
-                // SAFETY: dst holds rows r..r + n of the `[b * hw, out]` output, which only
-                // this range writes; lhs is image i's `[c, hw]` planes from token p0 read as
-                // `n x c` (row stride 1, column stride hw); rhs is Wᵀ.
-                unsafe {
-                    let d = dst.get().add(r * out_dim);
-                    fill_rows(d, n, out_dim, bias);
-                    gemm::gemm(
-                        n,
-                        out_dim,
-                        c,
-                        d,
-                        1,
-                        out_dim as isize,
-                        bias.is_some(),
-                        xs.as_ptr().add(i * c * hw + p0),
-                        hw as isize,
-                        1,
-                        ws.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
-                }
-                r += n;
+        let mut out = match &self.bias {
+            Some(bias) => bias.repeat(b * hw),
+            None => vec![0f32; b * hw * out_dim],
+        };
+        for i in 0..b {
+            // SAFETY: dst is image i's `hw x out` row-major block of `out`; lhs is image i's
+            // `[c, hw]` plane set read as `hw x c` (row stride 1, column stride hw); rhs is Wᵀ.
+            unsafe {
+                gemm::gemm(
+                    hw,
+                    out_dim,
+                    c,
+                    out.as_mut_ptr().add(i * hw * out_dim),
+                    1,
+                    out_dim as isize,
+                    self.bias.is_some(),
+                    xs.as_ptr().add(i * c * hw),
+                    hw as isize,
+                    1,
+                    ws.as_ptr(),
+                    in_dim as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_parallelism(),
+                );
             }
-        });
+        }
         Ok((CpuStorage::F32(out), Shape::from((b, hw, out_dim))))
     }
 }
@@ -214,54 +187,40 @@ impl CustomOp3 for TokensToChannelsAdd {
                 l3.dims()
             );
         }
-        let bias = self.bias.as_deref();
-        let mut out = vec![0f32; rs.len()];
-        let dst = SendPtr(out.as_mut_ptr());
-        split_rows(b * hw, MIN_ROWS_PER_THREAD, |r0, r1, par| {
-            let mut r = r0;
-            while r < r1 {
-                // The part of r0..r1 inside image i: its tokens p0..p0 + n.
-                let (i, p0) = (r / hw, r % hw);
-                let n = (r1 - r).min(hw - p0);
-                let base = i * out_dim * hw + p0;
-                // SAFETY: this range alone writes tokens p0..p0 + n of every channel plane of
-                // image i (`[out, hw]` at `i * out * hw`), first as residual + bias, then adds
-                // the product written transposed (`n x out`, row stride 1, column stride hw);
-                // lhs is those tokens, row-major `n x in`; rhs is Wᵀ.
-                unsafe {
-                    for o in 0..out_dim {
-                        let at = base + o * hw;
-                        let plane = std::slice::from_raw_parts_mut(dst.get().add(at), n);
-                        let add = bias.map_or(0.0, |v| v[o]);
-                        for (d, s) in plane.iter_mut().zip(&rs[at..at + n]) {
-                            *d = s + add;
-                        }
-                    }
-                    gemm::gemm(
-                        n,
-                        out_dim,
-                        in_dim,
-                        dst.get().add(base),
-                        hw as isize,
-                        1,
-                        true,
-                        ts.as_ptr().add((i * hw + p0) * in_dim),
-                        1,
-                        in_dim as isize,
-                        ws.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
-                }
-                r += n;
+        let mut out = rs.to_vec();
+        if let Some(bias) = &self.bias {
+            for (plane, &v) in out.chunks_exact_mut(hw).zip(bias.iter().cycle()) {
+                plane.iter_mut().for_each(|x| *x += v);
             }
-        });
+        }
+        for i in 0..b {
+            // SAFETY: dst is image i's `[out, hw]` block of `out`, written as its transpose
+            // (`hw x out`, row stride 1, column stride hw); lhs is image i's `hw x in` tokens,
+            // row-major; rhs is Wᵀ.
+            unsafe {
+                gemm::gemm(
+                    hw,
+                    out_dim,
+                    in_dim,
+                    out.as_mut_ptr().add(i * out_dim * hw),
+                    hw as isize,
+                    1,
+                    true,
+                    ts.as_ptr().add(i * hw * in_dim),
+                    1,
+                    in_dim as isize,
+                    ws.as_ptr(),
+                    in_dim as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm_parallelism(),
+                );
+            }
+        }
         Ok((CpuStorage::F32(out), Shape::from((b, out_dim, h, w))))
     }
 }
@@ -307,50 +266,48 @@ impl LinearOp {
             candle_core::bail!("{name}: input {dims:?} does not end in {in_dim} features");
         }
         let rows = xs.len() / in_dim;
-        let bias = match bias {
+        let mut out = match bias {
             Some((s, l)) => {
                 let b = contiguous_f32(s, l, name)?;
                 if b.len() != out_dim {
                     candle_core::bail!("{name}: bias has {} values, not {out_dim}", b.len());
                 }
-                Some(b)
-            }
-            None => None,
-        };
-        let mut out = vec![0f32; rows * out_dim];
-        let dst = SendPtr(out.as_mut_ptr());
-        if out_dim > 0 {
-            split_rows(rows, MIN_ROWS_PER_THREAD, |r0, r1, par| {
-                // SAFETY: dst holds rows r0..r1 of the `rows x out_dim` row-major output, which
-                // only this range writes; lhs is rows r0..r1 of `xs` (`rows x in_dim`,
-                // row-major); rhs is Wᵀ (`in_dim x out_dim`), read from `ws` (`[out, in]`
-                // row-major) with row stride 1 and column stride `in_dim`.
-                unsafe {
-                    let d = dst.get().add(r0 * out_dim);
-                    fill_rows(d, r1 - r0, out_dim, bias);
-                    gemm::gemm(
-                        r1 - r0,
-                        out_dim,
-                        in_dim,
-                        d,
-                        1,
-                        out_dim as isize,
-                        bias.is_some(),
-                        xs.as_ptr().add(r0 * in_dim),
-                        1,
-                        in_dim as isize,
-                        ws.as_ptr(),
-                        in_dim as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        par,
-                    );
+                let mut out = Vec::with_capacity(rows * out_dim);
+                for _ in 0..rows {
+                    out.extend_from_slice(b);
                 }
-            });
+                out
+            }
+            None => vec![0f32; rows * out_dim],
+        };
+        let par = gemm_parallelism();
+        if rows > 0 && out_dim > 0 {
+            // SAFETY: dst is `rows x out_dim` row-major in `out`; lhs `rows x in_dim` row-major
+            // in `xs`; rhs is Wᵀ (`in_dim x out_dim`), read from `ws` (`[out, in]` row-major)
+            // with row stride 1 and column stride `in_dim`.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out_dim,
+                    in_dim,
+                    out.as_mut_ptr(),
+                    1,
+                    out_dim as isize,
+                    bias.is_some(),
+                    xs.as_ptr(),
+                    1,
+                    in_dim as isize,
+                    ws.as_ptr(),
+                    in_dim as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
         }
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
@@ -417,8 +374,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
-        // [3, 100, 5]: enough rows to be cut between threads (`split_rows`).
-        for shape in [vec![3, 5], vec![2, 4, 5], vec![1, 1, 5], vec![3, 100, 5]] {
+        for shape in [vec![3, 5], vec![2, 4, 5], vec![1, 1, 5]] {
             let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
             for bias in [Some(b.clone()), None] {
                 let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
@@ -444,21 +400,13 @@ mod tests {
 
     #[test]
     fn channel_layouts_match_transposing_copies() {
-        for (b, h, w) in [(2, 3, 5), (3, 10, 13)] {
-            channel_layouts_match_at(b, h, w);
-        }
-    }
-
-    /// (3, 10, 13) has 390 tokens: on two or more threads they are cut into ranges that start
-    /// and end inside an image.
-    fn channel_layouts_match_at(b: usize, h: usize, w: usize) {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (b, 6, h, w), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 3, 5), &dev).unwrap();
         let w_in = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
         let w_out = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
         let b_in = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
         let b_out = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
-        let tokens = x.reshape((b, 6, h * w)).unwrap().transpose(1, 2).unwrap();
+        let tokens = x.reshape((2, 6, 15)).unwrap().transpose(1, 2).unwrap();
         for (bi, bo) in [(Some(b_in), Some(b_out)), (None, None)] {
             let lin_in = Linear::new(w_in.clone(), bi.clone());
             let lin_out = Linear::new(w_out.clone(), bo.clone());
@@ -466,14 +414,14 @@ mod tests {
             let want_t = candle_nn::Linear::new(w_in.clone(), bi)
                 .forward(&tokens.contiguous().unwrap())
                 .unwrap();
-            assert_eq!(t.dims(), &[b, h * w, 4]);
+            assert_eq!(t.dims(), &[2, 15, 4]);
             assert!(close(&t, &want_t) < 1e-5);
             let y = lin_out.forward_tokens_to_channels_add(&t, &x).unwrap();
             let back = candle_nn::Linear::new(w_out.clone(), bo)
                 .forward(&t)
                 .unwrap();
             let want_y =
-                (back.transpose(1, 2).unwrap().reshape((b, 6, h, w)).unwrap() + &x).unwrap();
+                (back.transpose(1, 2).unwrap().reshape((2, 6, 3, 5)).unwrap() + &x).unwrap();
             assert_eq!(y.dims(), x.dims());
             assert!(close(&y, &want_y) < 1e-5);
         }
