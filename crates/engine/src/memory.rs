@@ -356,25 +356,12 @@ pub fn estimate(
     let mut attn = opts.attention();
     attn.max_scores = attn.max_scores_for(target.is_gpu());
     let scores = (target != Target::GpuFusedAttention).then_some(&attn);
-    estimate_scores(shape, width, height, guided, dtype, opts, scores)
+    estimate_with_attention(shape, width, height, guided, dtype, opts, scores)
 }
 
 /// [`estimate`] with the attention options given explicitly (e.g. plain attention), their score
-/// block taken as it is.
+/// block taken as it is; `None`: no score blocks are held (the fused GPU kernel).
 pub fn estimate_with_attention(
-    shape: &ModelShape,
-    width: usize,
-    height: usize,
-    guided: bool,
-    dtype: DType,
-    opts: &MemoryOptions,
-    attn: &AttentionOptions,
-) -> MemoryEstimate {
-    estimate_scores(shape, width, height, guided, dtype, opts, Some(attn))
-}
-
-/// The estimate with score blocks bounded by `attn`, or none held (`None`).
-fn estimate_scores(
     shape: &ModelShape,
     width: usize,
     height: usize,
@@ -507,7 +494,7 @@ pub(crate) mod tests {
             true,
             DType::F32,
             &MemoryOptions::default(),
-            &AttentionOptions::plain(),
+            Some(&AttentionOptions::plain()),
         );
         let measured = 5.7e9;
         let ratio = e.peak as f64 / measured;
