@@ -11,53 +11,72 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
 };
 
-/// Defines `fn $name(args)` running `$body` compiled for AVX2 (8-wide vectors) when the CPU has
-/// it, else for the baseline target the crate is built for (SSE2 on x86-64). The helpers the
-/// bodies call are `#[inline(always)]`, so they are compiled into each variant.
+/// Defines `fn $name(args)` running `$body` compiled for AVX2 and FMA (8-wide vectors, fused
+/// multiply-adds) when the CPU has them, else for the baseline target the crate is built for (SSE2
+/// on x86-64). The body is generic over `const FMA: bool`, which says whether [`madd`] may use
+/// the hardware instruction; the helpers the bodies call are `#[inline(always)]`, so they are
+/// compiled into each variant.
 macro_rules! simd_dispatch {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            #[allow(unused)]
+            fn body<const FMA: bool>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx2")]
+                #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
+                    body::<true>($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, the only feature `avx2` is compiled for.
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports AVX2 and FMA, the features `avx2` is compiled for.
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            body($($arg),*)
+            // Other 64-bit targets this builds for (aarch64) always have a fused multiply-add.
+            body::<{ !cfg!(target_arch = "x86_64") }>($($arg),*)
         }
     };
 }
 pub(crate) use simd_dispatch;
 
+/// `a * b + c`: one fused multiply-add (one rounding) where the variant is compiled for it,
+/// else a multiply and an add. Rust never fuses the two by itself, and in the exponential's
+/// polynomial they form one long dependency chain, so fusing halves its latency and its
+/// instruction count. Without the hardware instruction `mul_add` would be a slow libm call.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// `exp(x)` in f32: Cephes' `expf` polynomial (about 1 ulp), written without branches so loops
 /// over it vectorise. Inputs below -87.3 give 0 (the true value is below f32's normal range).
 #[inline(always)]
-fn exp_f32(x: f32) -> f32 {
+fn exp_f32<const FMA: bool>(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.33, 88.37);
-    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let t = madd::<FMA>(xc, std::f32::consts::LOG2_E, ROUND);
     let n = t - ROUND;
     // ln 2 split in two (Cephes C1, C2) so x - n ln2 stays exact.
-    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r = madd::<FMA>(n, 2.121_944_4e-4, madd::<FMA>(n, -0.693_359_4, xc));
     // 2^n built from the bits of `t`, whose low mantissa bits hold n: integer ops only, because
     // a float-to-int `as` cast saturates, and its checks stop LLVM from vectorising the loop.
     let ni = t.to_bits().wrapping_sub(ROUND.to_bits());
     let scale = f32::from_bits(ni.wrapping_add(127) << 23);
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5; // Cephes: 5.0000001201e-1, 0.5 in f32
-    let y = (p * r * r + r + 1.0) * scale;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 0.5); // Cephes: 5.0000001201e-1, 0.5 in f32
+    let y = madd::<FMA>(p, r * r, r + 1.0) * scale;
     // Zero below the range with a mask, not a branch (a branch would stop vectorisation);
     // NaN passes through, so a broken model still shows up as NaN downstream.
     let keep = u32::from(x < -87.33).wrapping_sub(1); // all ones unless below the range
@@ -67,23 +86,25 @@ fn exp_f32(x: f32) -> f32 {
 /// `erf(x)` by Abramowitz & Stegun 7.1.26 (max abs error 1.5e-7): the same formula PyTorch's
 /// vectorised CPU `erf` uses, so GELU here tracks diffusers on the CPU closely.
 #[inline(always)]
-fn erf_f32(x: f32) -> f32 {
+fn erf_f32<const FMA: bool>(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let r =
-        (((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6;
-    (1.0 - r * t * exp_f32(-a * a)).copysign(x)
+    let t = 1.0 / madd::<FMA>(0.327_591_1, a, 1.0);
+    let mut r = madd::<FMA>(1.061_405_4, t, -1.453_152_1);
+    r = madd::<FMA>(r, t, 1.421_413_8);
+    r = madd::<FMA>(r, t, -0.284_496_74);
+    r = madd::<FMA>(r, t, 0.254_829_6);
+    madd::<FMA>(-(r * t), exp_f32::<FMA>(-a * a), 1.0).copysign(x)
 }
 
 /// Exact (erf) GELU, as torch's default `F.gelu`.
 #[inline(always)]
-fn gelu_f32(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+fn gelu_f32<const FMA: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 #[inline(always)]
-fn silu_f32(x: f32) -> f32 {
-    x / (1.0 + exp_f32(-x))
+fn silu_f32<const FMA: bool>(x: f32) -> f32 {
+    x / (1.0 + exp_f32::<FMA>(-x))
 }
 
 /// Splits `dst` (and `src` alongside) into one contiguous run of whole `unit`s per thread and
@@ -147,16 +168,39 @@ fn fast_path(t: &Tensor) -> bool {
 }
 
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
+fn softmax_row<const FMA: bool>(row: &mut [f32]) {
     let max = lane_max(row);
+    let inv = (1.0 / exp_sum::<FMA>(row, max)) as f32;
     // Plain element loops: LLVM's loop vectoriser handles these; the reductions use lanes.
-    for v in row.iter_mut() {
-        *v = exp_f32(*v - max);
-    }
-    let inv = (1.0 / lane_sum(row, |v| v)) as f32;
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Replaces each `v` of `row` by `exp(v - max)` and returns their sum, in one pass: the sum is
+/// taken in the order [`lane_sum`] takes it (eight f32 lanes per block of 4096, blocks in f64),
+/// so fusing the two passes changes no result.
+#[inline(always)]
+fn exp_sum<const FMA: bool>(row: &mut [f32], max: f32) -> f64 {
+    let mut total = 0f64;
+    for block in row.chunks_mut(4096) {
+        let mut lanes = [0f32; 8];
+        let mut chunks = block.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                let e = exp_f32::<FMA>(c[i] - max);
+                c[i] = e;
+                lanes[i] += e;
+            }
+        }
+        let mut tail = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_f32::<FMA>(*v - max);
+            tail += *v;
+        }
+        total += f64::from(tail + lanes.iter().sum::<f32>());
+    }
+    total
 }
 
 /// Maximum of `xs` in eight lanes (vectorisable; -inf for an empty slice).
@@ -176,7 +220,7 @@ fn lane_max(xs: &[f32]) -> f32 {
 
 simd_dispatch!(softmax_rows(part: &mut [f32], n: usize) {
     for row in part.chunks_exact_mut(n) {
-        softmax_row(row)
+        softmax_row::<FMA>(row)
     }
 });
 
@@ -190,13 +234,11 @@ simd_dispatch!(online_softmax_rows(
 ) {
     for (((row, m), l), a) in s.chunks_exact_mut(keys).zip(max).zip(sum).zip(alpha) {
         let m_new = lane_max(row).max(*m);
-        for v in row.iter_mut() {
-            *v = exp_f32(*v - m_new);
-        }
+        let total = exp_sum::<FMA>(row, m_new);
         // exp(-inf) = 0 for the first tile: the empty accumulator needs no weight.
-        *a = exp_f32(*m - m_new);
+        *a = exp_f32::<FMA>(*m - m_new);
         *changed |= *a != 1.0;
-        *l = *l * *a + lane_sum(row, |v| v) as f32;
+        *l = madd::<FMA>(*l, *a, total as f32);
         *m = m_new;
     }
 });
@@ -245,7 +287,7 @@ pub(crate) fn softmax_last_dim(t: Tensor) -> Result<Tensor> {
 
 simd_dispatch!(mul_gelu_slice(d: &mut [f32], g: &[f32]) {
     for (d, &g) in d.iter_mut().zip(g) {
-        *d *= gelu_f32(g);
+        *d *= gelu_f32::<FMA>(g);
     }
 });
 
@@ -405,11 +447,11 @@ simd_dispatch!(norm_groups(p: &NormParams, d: &mut [f32], xs: &[f32], first: usi
             let dc = &mut dg[ci * hw..(ci + 1) * hw];
             if p.op.silu {
                 for (o, &v) in dc.iter_mut().zip(xc) {
-                    *o = silu_f32(v * a + k);
+                    *o = silu_f32::<FMA>(madd::<FMA>(v, a, k));
                 }
             } else {
                 for (o, &v) in dc.iter_mut().zip(xc) {
-                    *o = v * a + k;
+                    *o = madd::<FMA>(v, a, k);
                 }
             }
         }
@@ -884,18 +926,24 @@ mod tests {
     #[test]
     fn exp_is_accurate_over_the_softmax_range() {
         // Within f32's normal range: a couple of ulp (1 ulp = 1.2e-7 relative).
-        for i in -8730..=8830 {
-            let x = i as f32 * 0.01;
-            let (got, want) = (exp_f32(x), x.exp());
-            assert!(
-                (got - want).abs() <= 3e-7 * want,
-                "exp({x}) = {got}, want {want}"
-            );
+        // Both variants: with a fused multiply-add (in software here unless the test build has
+        // FMA, which changes speed, not results) and with separate multiplies and adds.
+        fn check(exp: fn(f32) -> f32) {
+            for i in -8730..=8830 {
+                let x = i as f32 * 0.01;
+                let (got, want) = (exp(x), x.exp());
+                assert!(
+                    (got - want).abs() <= 3e-7 * want,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+            // Below it the true value is a denormal; flushing to 0 changes a softmax by < 1e-38.
+            assert_eq!(exp(-1000.0), 0.0);
+            assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+            assert!(exp(f32::NAN).is_nan());
         }
-        // Below it the true value is a denormal; flushing to 0 changes a softmax by < 1e-38.
-        assert_eq!(exp_f32(-1000.0), 0.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert!(exp_f32(f32::NAN).is_nan());
+        check(exp_f32::<true>);
+        check(exp_f32::<false>);
     }
 
     #[test]
