@@ -417,10 +417,7 @@ impl Pipeline {
         )?;
         let lora_warnings = lora_set.finish()?;
         let (Some(text_encoder), Some(vae)) = (p.text_encoder, p.vae) else {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} is an SDXL refiner: it finishes pictures of an SDXL base model and cannot                  draw on its own; choose it as the refiner",
-                source.path.display()
-            )));
+            return Err(crate::single_file::refiner_cannot_draw(&source.path));
         };
         let defaults = crate::model_defaults::ModelDefaults::for_unet(
             &crate::model_defaults::model_name(&source.path),

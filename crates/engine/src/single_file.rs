@@ -2,7 +2,10 @@
 //! separate VAE files into our model code: the architecture comes from embedded SD 1.5 / SD 2.1 /
 //! SDXL 1.0 configs (or a diffusers folder's configs, like diffusers'
 //! `from_single_file(config=...)`), the weights through [`crate::ldm_names`]'s renaming
-//! `VarBuilder` over the memory-mapped file, with LoRAs merged as they load.
+//! `VarBuilder` over the memory-mapped file, with LoRAs merged as they load. A file is opened
+//! first (`SdCheckpoint`, `SdxlCheckpoint`: checked, configs read, no weights) and its
+//! models are then loaded one by one: all at once for a [`Pipeline`](crate::pipeline::Pipeline)
+//! ([`load`], [`load_sdxl`]), one at a time for a staged run ([`crate::pipeline::staged`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -196,6 +199,8 @@ fn sdxl_folder_configs(dir: &Path, refiner: bool) -> Result<(SdxlConfigs, SdxlTo
     Ok((configs, tokenizers))
 }
 
+/// An SDXL file's tokenizers: CLIP-L's (none for a refiner) and OpenCLIP-bigG's.
+#[derive(Debug)]
 struct SdxlTokenizers {
     first: Option<ClipTokenizer>,
     second: ClipTokenizer,
@@ -232,120 +237,232 @@ pub fn load_sdxl(
     opts: &LoadOptions,
     loras: &mut LoraSet,
 ) -> Result<SdxlLoadedParts> {
-    let info = check_checkpoint(path)?;
-    let refiner = match info.family {
-        Some(ModelFamily::SdxlBase) => false,
-        Some(ModelFamily::SdxlRefiner) => true,
-        other => {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} is not an SDXL checkpoint ({other:?})",
-                path.display()
-            )))
-        }
-    };
-    if !refiner && !info.has_vae && vae.is_none() {
-        return Err(no_vae(path));
-    }
-    let (cfg, tokenizers) = match config {
-        Some(dir) => sdxl_folder_configs(dir, refiner)?,
-        None => (
-            sdxl_configs(refiner)?,
-            SdxlTokenizers {
-                first: if refiner {
-                    None
-                } else {
-                    Some(embedded_tokenizer(ModelFamily::SdxlBase)?)
-                },
-                second: embedded_tokenizer(ModelFamily::SdxlRefiner)?,
-            },
-        ),
-    };
-    if !cfg.unet.needs_added_conditions() {
-        return Err(EngineError::InvalidRequest(
-            "the config describes an SD1/SD2-type UNet, not SDXL's".into(),
-        ));
-    }
-    let mut scheduler = cfg.scheduler.clone();
-    if config.is_none() {
-        // As for SD1/SD2: a marker tensor or model-spec metadata beats the family default
-        // (v-prediction SDXL fine-tunes say so).
-        if let Some(p) = info.prediction {
-            scheduler.prediction_type = match p {
-                Prediction::Epsilon => PredictionType::Epsilon,
-                Prediction::VPrediction => PredictionType::VPrediction,
-            };
-        }
-    }
-    let schedule = NoiseSchedule::from_config(&scheduler)?;
-    let weights = Weights::open(path)?;
-
-    let (te1, te2_prefix) = if refiner {
-        (None, SDXL_EMBEDDER_0)
-    } else {
-        (Some(SDXL_EMBEDDER_0), SDXL_EMBEDDER_1)
-    };
-    let text_encoder = match (te1, &cfg.text_encoder, tokenizers.first) {
-        (Some(embedder), Some(clip_cfg), Some(tokenizer)) => {
-            let prefix = format!("{embedder}transformer.");
-            let names: Arc<dyn NameMap> = Arc::new(ClipNames::new(&prefix));
-            let model = load_clip(
-                &weights,
-                names,
-                &prefix,
-                clip_cfg,
-                LoraTarget::TextEncoder,
-                opts,
-                loras,
-            )?;
-            Some(TextEncoder::new(tokenizer, model)?)
-        }
-        _ => None,
-    };
-    let prefix = format!("{te2_prefix}model.");
-    let names: Arc<dyn NameMap> = Arc::new(OpenClipNames::new(&prefix, true));
-    let model_2 = load_clip(
-        &weights,
-        names,
-        &prefix,
-        &cfg.text_encoder_2,
-        LoraTarget::TextEncoder2,
-        opts,
-        loras,
-    )?;
-    if !model_2.has_projection() {
-        return Err(EngineError::Weights {
-            path: path.to_path_buf(),
-            message: format!(
-                "tensor `{prefix}text_projection` is missing; SDXL's second text encoder needs it"
-            ),
-        });
-    }
-    let encoder_2 = TextEncoder::new(tokenizers.second, model_2)?;
-    let unet = load_unet(&weights, &cfg.unet, opts, loras)?;
-
-    let vae_files = vec![vae.unwrap_or(path).to_path_buf()];
-    let vae = if refiner {
+    let file = SdxlCheckpoint::open(path, config, vae)?;
+    let weights = file.weights()?;
+    let text_encoder = if file.refiner {
         None
     } else {
-        // SDXL's VAE runs in f32 under an f16 model unless its config says otherwise.
-        let dtype = crate::sdxl::vae_dtype(true, &cfg.vae, opts.dtype);
-        Some(crate::pipeline::load_vae_from(
-            &vae_files, &cfg.vae, dtype, opts,
-        )?)
+        Some(file.load_text_encoder(&weights, opts, loras)?)
+    };
+    let encoder_2 = file.load_encoder_2(&weights, opts, loras)?;
+    let unet = file.load_unet(&weights, opts, loras)?;
+    // SDXL pipelines decode a refiner's latents with the base's VAE.
+    let vae = if file.refiner {
+        None
+    } else {
+        Some(file.load_vae(opts)?)
     };
     Ok(SdxlLoadedParts {
-        refiner,
+        refiner: file.refiner,
         text_encoder,
         encoder_2,
         unet,
         vae,
-        vae_files,
-        vae_config: cfg.vae,
-        schedule,
-        prediction: scheduler.prediction_type,
-        force_zeros_for_empty_prompt: cfg.force_zeros_for_empty_prompt,
-        requires_aesthetics_score: cfg.requires_aesthetics_score,
+        vae_files: file.vae_files,
+        prediction: file.configs.scheduler.prediction_type,
+        force_zeros_for_empty_prompt: file.configs.force_zeros_for_empty_prompt,
+        requires_aesthetics_score: file.configs.requires_aesthetics_score,
+        vae_config: file.configs.vae,
+        schedule: file.schedule,
     })
+}
+
+/// An SDXL base or refiner single-file checkpoint, opened: the file checked, its configs and
+/// tokenizers read, the file's prediction type applied; no weights loaded. [`load_sdxl`] loads
+/// all its models at once; the staged pipeline ([`crate::pipeline::staged`]) loads them one at
+/// a time through the same loaders, so both draw with the same models.
+#[derive(Debug)]
+pub(crate) struct SdxlCheckpoint {
+    path: PathBuf,
+    /// A refiner file (`conditioner.embedders.0` is OpenCLIP-bigG).
+    refiner: bool,
+    /// `scheduler.prediction_type` is the one the model is sampled with.
+    configs: SdxlConfigs,
+    tokenizers: SdxlTokenizers,
+    schedule: NoiseSchedule,
+    /// The VAE's file: the separate one, else the checkpoint itself.
+    vae_files: Vec<PathBuf>,
+}
+
+impl SdxlCheckpoint {
+    /// Checks the file (an SDXL checkpoint, with a VAE inside or beside it for a base) and reads
+    /// the configs and tokenizers: `config`'s, else the embedded SDXL 1.0 ones.
+    pub(crate) fn open(path: &Path, config: Option<&Path>, vae: Option<&Path>) -> Result<Self> {
+        let info = check_checkpoint(path)?;
+        let refiner = match info.family {
+            Some(ModelFamily::SdxlBase) => false,
+            Some(ModelFamily::SdxlRefiner) => true,
+            other => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{} is not an SDXL checkpoint ({other:?})",
+                    path.display()
+                )))
+            }
+        };
+        if !refiner && !info.has_vae && vae.is_none() {
+            return Err(no_vae(path));
+        }
+        let (mut configs, tokenizers) = match config {
+            Some(dir) => sdxl_folder_configs(dir, refiner)?,
+            None => (
+                sdxl_configs(refiner)?,
+                SdxlTokenizers {
+                    first: if refiner {
+                        None
+                    } else {
+                        Some(embedded_tokenizer(ModelFamily::SdxlBase)?)
+                    },
+                    second: embedded_tokenizer(ModelFamily::SdxlRefiner)?,
+                },
+            ),
+        };
+        if !configs.unet.needs_added_conditions() {
+            return Err(EngineError::InvalidRequest(
+                "the config describes an SD1/SD2-type UNet, not SDXL's".into(),
+            ));
+        }
+        if config.is_none() {
+            // As for SD1/SD2: a marker tensor or model-spec metadata beats the family default
+            // (v-prediction SDXL fine-tunes say so).
+            if let Some(p) = info.prediction {
+                configs.scheduler.prediction_type = prediction_type(p);
+            }
+        }
+        Ok(Self {
+            schedule: NoiseSchedule::from_config(&configs.scheduler)?,
+            path: path.to_path_buf(),
+            refiner,
+            configs,
+            tokenizers,
+            vae_files: vec![vae.unwrap_or(path).to_path_buf()],
+        })
+    }
+
+    pub(crate) fn configs(&self) -> &SdxlConfigs {
+        &self.configs
+    }
+
+    pub(crate) fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub(crate) fn vae_files(&self) -> &[PathBuf] {
+        &self.vae_files
+    }
+
+    /// The memory-mapped file, for the loaders below (no weights are read yet).
+    pub(crate) fn weights(&self) -> Result<Weights> {
+        Weights::open(&self.path)
+    }
+
+    /// CLIP-L (`conditioner.embedders.0`) with its tokenizer and the LoRAs' `TextEncoder`
+    /// modules merged; a refiner has none.
+    pub(crate) fn load_text_encoder(
+        &self,
+        weights: &Weights,
+        opts: &LoadOptions,
+        loras: &mut LoraSet,
+    ) -> Result<TextEncoder> {
+        let (Some(clip_cfg), Some(tokenizer)) =
+            (&self.configs.text_encoder, &self.tokenizers.first)
+        else {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} is an SDXL refiner: it has no CLIP-L text encoder",
+                self.path.display()
+            )));
+        };
+        let prefix = format!("{SDXL_EMBEDDER_0}transformer.");
+        let names: Arc<dyn NameMap> = Arc::new(ClipNames::new(&prefix));
+        let model = load_clip(
+            weights,
+            names,
+            &prefix,
+            clip_cfg,
+            LoraTarget::TextEncoder,
+            opts,
+            loras,
+        )?;
+        TextEncoder::new(tokenizer.clone(), model)
+    }
+
+    /// OpenCLIP-bigG with its projection (the pooled text), its tokenizer and the LoRAs'
+    /// `TextEncoder2` modules merged: the base's second embedder, the refiner's only one.
+    pub(crate) fn load_encoder_2(
+        &self,
+        weights: &Weights,
+        opts: &LoadOptions,
+        loras: &mut LoraSet,
+    ) -> Result<TextEncoder> {
+        let embedder = if self.refiner {
+            SDXL_EMBEDDER_0
+        } else {
+            SDXL_EMBEDDER_1
+        };
+        let prefix = format!("{embedder}model.");
+        let names: Arc<dyn NameMap> = Arc::new(OpenClipNames::new(&prefix, true));
+        let model = load_clip(
+            weights,
+            names,
+            &prefix,
+            &self.configs.text_encoder_2,
+            LoraTarget::TextEncoder2,
+            opts,
+            loras,
+        )?;
+        if !model.has_projection() {
+            return Err(EngineError::Weights {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{prefix}text_projection` is missing; SDXL's second text encoder needs it"
+                ),
+            });
+        }
+        TextEncoder::new(self.tokenizers.second.clone(), model)
+    }
+
+    /// The UNet with the LoRAs' UNet modules merged.
+    pub(crate) fn load_unet(
+        &self,
+        weights: &Weights,
+        opts: &LoadOptions,
+        loras: &mut LoraSet,
+    ) -> Result<UNet2DConditionModel> {
+        load_unet(weights, &self.configs.unet, opts, loras)
+    }
+
+    /// The precision the VAE runs in: f32 under an f16 model unless its config says it need
+    /// not (`force_upcast`, see [`crate::sdxl::vae_dtype`]).
+    pub(crate) fn vae_dtype(&self, opts: &LoadOptions) -> candle_core::DType {
+        crate::sdxl::vae_dtype(true, &self.configs.vae, opts.dtype)
+    }
+
+    /// The VAE (the checkpoint's `first_stage_model.*` or the separate file) in
+    /// [`Self::vae_dtype`].
+    pub(crate) fn load_vae(&self, opts: &LoadOptions) -> Result<AutoencoderKL> {
+        crate::pipeline::load_vae_from(
+            &self.vae_files,
+            &self.configs.vae,
+            self.vae_dtype(opts),
+            opts,
+        )
+    }
+}
+
+/// The scheduler's name for what a checkpoint says it predicts.
+fn prediction_type(p: Prediction) -> PredictionType {
+    match p {
+        Prediction::Epsilon => PredictionType::Epsilon,
+        Prediction::VPrediction => PredictionType::VPrediction,
+    }
+}
+
+/// The error for an SDXL refiner file given as the model to draw with.
+pub(crate) fn refiner_cannot_draw(path: &Path) -> EngineError {
+    EngineError::InvalidRequest(format!(
+        "{} is an SDXL refiner: it finishes pictures of an SDXL base model and cannot draw on \
+         its own; choose it as the refiner",
+        path.display()
+    ))
 }
 
 /// A text encoder of a single file under `prefix`, with the LoRA modules for `target` merged.
@@ -425,7 +542,7 @@ pub fn is_sdxl_file(path: &Path) -> Result<bool> {
 
 /// Refuses what is not a whole, usable checkpoint (pickles, VAEs, LoRAs, embeddings, inpainting
 /// models, files without UNet or text encoder), each with what to do instead.
-fn check_checkpoint(path: &Path) -> Result<CheckpointInfo> {
+pub(crate) fn check_checkpoint(path: &Path) -> Result<CheckpointInfo> {
     if crate::pickle::is_pickle_path(path) {
         return Err(EngineError::PickleRefused {
             path: path.to_path_buf(),
@@ -483,90 +600,161 @@ pub fn load(
     opts: &LoadOptions,
     loras: &mut LoraSet,
 ) -> Result<LoadedParts> {
-    let info = check_checkpoint(path)?;
-    let family = match info.family {
-        Some(f @ (ModelFamily::Sd1 | ModelFamily::Sd2)) => f,
-        other => {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} is an {other:?} checkpoint; SDXL files load through load_sdxl",
-                path.display()
-            )))
-        }
-    };
-    if !info.has_vae && vae.is_none() {
-        return Err(no_vae(path));
-    }
-
-    let (unet_cfg, vae_cfg, clip_cfg, mut scheduler, tokenizer) = match config {
-        Some(dir) => {
-            let folder = ModelFolder::open(dir)?;
-            (
-                UNetConfig::from_file(&folder.config_file("unet")?)?,
-                VaeConfig::from_file(&folder.config_file("vae")?)?,
-                ClipConfig::from_file(folder.config_file("text_encoder")?)?,
-                folder.scheduler_config()?,
-                ClipTokenizer::from_dir(folder.component_dir("tokenizer")?)?,
-            )
-        }
-        None => {
-            let c = family_configs(family)?;
-            (
-                c.unet,
-                c.vae,
-                c.text_encoder,
-                c.scheduler,
-                embedded_tokenizer(family)?,
-            )
-        }
-    };
-    if unet_cfg.needs_added_conditions() {
-        return Err(EngineError::InvalidRequest(
-            "the config describes an SDXL-type UNet; SDXL needs the SDXL pipeline".into(),
-        ));
-    }
-    // Without a config folder, what the file says about its prediction type (a marker tensor or
-    // SAI model-spec metadata) beats the family default; a config folder is the user's word.
-    if config.is_none() {
-        match info.prediction {
-            Some(Prediction::Epsilon) => scheduler.prediction_type = PredictionType::Epsilon,
-            Some(Prediction::VPrediction) => {
-                scheduler.prediction_type = PredictionType::VPrediction
-            }
-            None => {}
-        }
-    }
-    let schedule = NoiseSchedule::from_config(&scheduler)?;
-    let weights = Weights::open(path)?;
-
-    let (text_names, text_prefix): (Arc<dyn NameMap>, &str) = match family {
-        ModelFamily::Sd1 => (Arc::new(ClipNames::new(LDM_CLIP_PREFIX)), LDM_CLIP_PREFIX),
-        _ => (
-            Arc::new(OpenClipNames::new(LDM_OPEN_CLIP_PREFIX, false)),
-            LDM_OPEN_CLIP_PREFIX,
-        ),
-    };
-    let model = load_clip(
-        &weights,
-        text_names,
-        text_prefix,
-        &clip_cfg,
-        LoraTarget::TextEncoder,
-        opts,
-        loras,
-    )?;
-    let text_encoder = TextEncoder::new(tokenizer, model)?;
-    let unet = load_unet(&weights, &unet_cfg, opts, loras)?;
-
-    let vae_files = vec![vae.unwrap_or(path).to_path_buf()];
-    let vae = crate::pipeline::load_vae_from(&vae_files, &vae_cfg, opts.dtype, opts)?;
+    let file = SdCheckpoint::open(path, config, vae)?;
+    let weights = file.weights()?;
+    let text_encoder = file.load_text_encoder(&weights, opts, loras)?;
+    let unet = file.load_unet(&weights, opts, loras)?;
+    let vae = file.load_vae(opts)?;
     Ok(LoadedParts {
         text_encoder,
         unet,
         vae,
-        schedule,
-        prediction: scheduler.prediction_type,
-        vae_files,
+        schedule: file.schedule,
+        prediction: file.configs.scheduler.prediction_type,
+        vae_files: file.vae_files,
     })
+}
+
+/// An SD1/SD2 single-file checkpoint, opened: the file checked, its configs and tokenizer read,
+/// the file's prediction type applied; no weights loaded. [`load`] loads all its models at once;
+/// the staged pipeline ([`crate::pipeline::staged`]) loads them one at a time through the same
+/// loaders, so both draw with the same models.
+#[derive(Debug)]
+pub(crate) struct SdCheckpoint {
+    path: PathBuf,
+    family: ModelFamily,
+    /// `scheduler.prediction_type` is the one the model is sampled with.
+    configs: FamilyConfigs,
+    tokenizer: ClipTokenizer,
+    schedule: NoiseSchedule,
+    /// The VAE's file: the separate one, else the checkpoint itself.
+    vae_files: Vec<PathBuf>,
+}
+
+impl SdCheckpoint {
+    /// Checks the file (an SD1/SD2 checkpoint, with a VAE inside or beside it) and reads the
+    /// configs and tokenizer: `config`'s, else the embedded SD 1.5 / SD 2.1 ones.
+    pub(crate) fn open(path: &Path, config: Option<&Path>, vae: Option<&Path>) -> Result<Self> {
+        let info = check_checkpoint(path)?;
+        let family = match info.family {
+            Some(f @ (ModelFamily::Sd1 | ModelFamily::Sd2)) => f,
+            other => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{} is an {other:?} checkpoint; SDXL files load through load_sdxl",
+                    path.display()
+                )))
+            }
+        };
+        if !info.has_vae && vae.is_none() {
+            return Err(no_vae(path));
+        }
+        let (mut configs, tokenizer) = match config {
+            Some(dir) => {
+                let folder = ModelFolder::open(dir)?;
+                (
+                    FamilyConfigs {
+                        unet: UNetConfig::from_file(&folder.config_file("unet")?)?,
+                        vae: VaeConfig::from_file(&folder.config_file("vae")?)?,
+                        text_encoder: ClipConfig::from_file(folder.config_file("text_encoder")?)?,
+                        scheduler: folder.scheduler_config()?,
+                    },
+                    ClipTokenizer::from_dir(folder.component_dir("tokenizer")?)?,
+                )
+            }
+            None => (family_configs(family)?, embedded_tokenizer(family)?),
+        };
+        if configs.unet.needs_added_conditions() {
+            return Err(EngineError::InvalidRequest(
+                "the config describes an SDXL-type UNet; SDXL needs the SDXL pipeline".into(),
+            ));
+        }
+        // Without a config folder, what the file says about its prediction type (a marker tensor
+        // or SAI model-spec metadata) beats the family default; a config folder is the user's
+        // word.
+        if config.is_none() {
+            if let Some(p) = info.prediction {
+                configs.scheduler.prediction_type = prediction_type(p);
+            }
+        }
+        Ok(Self {
+            schedule: NoiseSchedule::from_config(&configs.scheduler)?,
+            path: path.to_path_buf(),
+            family,
+            configs,
+            tokenizer,
+            vae_files: vec![vae.unwrap_or(path).to_path_buf()],
+        })
+    }
+
+    pub(crate) fn configs(&self) -> &FamilyConfigs {
+        &self.configs
+    }
+
+    pub(crate) fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub(crate) fn vae_files(&self) -> &[PathBuf] {
+        &self.vae_files
+    }
+
+    /// The memory-mapped file, for the loaders below (no weights are read yet).
+    pub(crate) fn weights(&self) -> Result<Weights> {
+        Weights::open(&self.path)
+    }
+
+    /// The text encoder (SD1: CLIP-L under `cond_stage_model.transformer.`, SD2: OpenCLIP-H
+    /// under `cond_stage_model.model.`) with its tokenizer and the LoRAs' modules merged.
+    pub(crate) fn load_text_encoder(
+        &self,
+        weights: &Weights,
+        opts: &LoadOptions,
+        loras: &mut LoraSet,
+    ) -> Result<TextEncoder> {
+        let (names, prefix): (Arc<dyn NameMap>, &str) = match self.family {
+            ModelFamily::Sd1 => (Arc::new(ClipNames::new(LDM_CLIP_PREFIX)), LDM_CLIP_PREFIX),
+            _ => (
+                Arc::new(OpenClipNames::new(LDM_OPEN_CLIP_PREFIX, false)),
+                LDM_OPEN_CLIP_PREFIX,
+            ),
+        };
+        let model = load_clip(
+            weights,
+            names,
+            prefix,
+            &self.configs.text_encoder,
+            LoraTarget::TextEncoder,
+            opts,
+            loras,
+        )?;
+        TextEncoder::new(self.tokenizer.clone(), model)
+    }
+
+    /// The UNet with the LoRAs' UNet modules merged.
+    pub(crate) fn load_unet(
+        &self,
+        weights: &Weights,
+        opts: &LoadOptions,
+        loras: &mut LoraSet,
+    ) -> Result<UNet2DConditionModel> {
+        load_unet(weights, &self.configs.unet, opts, loras)
+    }
+
+    /// The precision the VAE runs in: the model's (SD1/SD2 pipelines do not upcast it).
+    pub(crate) fn vae_dtype(&self, opts: &LoadOptions) -> candle_core::DType {
+        opts.dtype
+    }
+
+    /// The VAE (the checkpoint's `first_stage_model.*` or the separate file) in
+    /// [`Self::vae_dtype`].
+    pub(crate) fn load_vae(&self, opts: &LoadOptions) -> Result<AutoencoderKL> {
+        crate::pipeline::load_vae_from(
+            &self.vae_files,
+            &self.configs.vae,
+            self.vae_dtype(opts),
+            opts,
+        )
+    }
 }
 
 /// A `VarBuilder` for a VAE stored in `files`: a diffusers component (one or more shards), a
@@ -613,6 +801,14 @@ pub fn load_vae_file(
     cfg: &VaeConfig,
     opts: &LoadOptions,
 ) -> Result<(AutoencoderKL, Vec<PathBuf>)> {
+    check_vae_file(path)?;
+    let files = vec![path.to_path_buf()];
+    let vae = crate::pipeline::load_vae_from(&files, cfg, opts.dtype, opts)?;
+    Ok((vae, files))
+}
+
+/// Refuses a separate VAE file that holds no VAE (from its header; no weights are read).
+pub(crate) fn check_vae_file(path: &Path) -> Result<()> {
     let info = checkpoint::inspect(path)?;
     if !info.has_vae {
         return Err(EngineError::Weights {
@@ -623,9 +819,7 @@ pub fn load_vae_file(
             ),
         });
     }
-    let files = vec![path.to_path_buf()];
-    let vae = crate::pipeline::load_vae_from(&files, cfg, opts.dtype, opts)?;
-    Ok((vae, files))
+    Ok(())
 }
 
 /// The CLIP tokenizer for a family, from the embedded files: SD1 and SDXL's first encoder pad

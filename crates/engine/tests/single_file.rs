@@ -14,7 +14,10 @@ use ld_engine::checkpoint::{
 };
 use ld_engine::config::{weight_files_in, PredictionType};
 use ld_engine::pickle;
-use ld_engine::pipeline::{GenerateRequest, LoadOptions, NoObserver, Pipeline};
+use ld_engine::pipeline::staged::StagedPipeline;
+use ld_engine::pipeline::{
+    GenerateRequest, GeneratedImage, HalfWeights, LoadOptions, NoObserver, Pipeline,
+};
 use ld_engine::single_file::ModelSource;
 use ld_engine::weights::Weights;
 use ld_engine::EngineError;
@@ -907,6 +910,170 @@ fn sdxl_files_are_detected_and_bad_tensors_named() {
     });
     let err = Pipeline::load_source(&sdxl_source("sdxl", path), &opts()).unwrap_err();
     assert!(err.to_string().contains("text_projection"), "{err}");
+}
+
+// ---- Staged runs of single files (`generate`, one model at a time): the models come from the
+// same loaders as `Pipeline::load_source`'s and are run by the same code, so the pictures are the
+// pipeline's to the byte (tolerance 0).
+
+/// A short guided run: 3 steps of the default sampler (DPM++ 2M) at 64x64.
+fn staged_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a photo of a cat".into(),
+        negative_prompt: "blurry".into(),
+        steps: 3,
+        width: 64,
+        height: 64,
+        seed: 42,
+        ..GenerateRequest::default()
+    }
+}
+
+/// The staged picture of `req` from `source` under `opts`, checked to be the whole pipeline's.
+fn assert_staged_draws_like_whole(
+    source: &ModelSource,
+    opts: &LoadOptions,
+    req: &GenerateRequest,
+) -> GeneratedImage {
+    let whole = Pipeline::load_source(source, opts)
+        .unwrap()
+        .generate(req, &mut NoObserver)
+        .unwrap();
+    let staged = StagedPipeline::open_source(source, opts)
+        .unwrap()
+        .generate(req, &mut NoObserver)
+        .unwrap();
+    // Not assert_eq: a failure would print 2 x 12,288 bytes.
+    let differing = staged
+        .pixels
+        .iter()
+        .zip(&whole.pixels)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        staged == whole,
+        "{source:?} {:?} {:?} {:?}: {differing} bytes differ",
+        opts.dtype,
+        opts.half_weights,
+        req.negative_prompt
+    );
+    whole
+}
+
+#[test]
+fn staged_single_files_draw_exactly_what_the_pipeline_draws() {
+    // Issue 12 for the format most users download: SD1 from an fp32 file, SD2 and SDXL base from
+    // fp16 files, in f32 weights and in low-memory mode's f16 storage. SDXL also with an empty
+    // negative prompt, which its configs say is zero conditioning (`force_zeros_for_empty_prompt`;
+    // the file's value must reach the staged encoder, or the guidance half differs).
+    let dir = tempfile::tempdir().unwrap();
+    let empty_negative = GenerateRequest {
+        negative_prompt: String::new(),
+        ..staged_request()
+    };
+    for (model, tag) in [("sd1", "fp32"), ("sd2", "fp16"), ("sdxl", "fp16")] {
+        let path = build(model, tag, dir.path(), |_| true);
+        assert!(StagedPipeline::supports(&path).unwrap(), "{model}");
+        let source = ModelSource {
+            path,
+            config: Some(tiny(model)),
+            vae: None,
+        };
+        for half_weights in [HalfWeights::Off, HalfWeights::On] {
+            let opts = LoadOptions {
+                half_weights,
+                ..opts()
+            };
+            assert_staged_draws_like_whole(&source, &opts, &staged_request());
+            if model == "sdxl" {
+                assert_staged_draws_like_whole(&source, &opts, &empty_negative);
+            }
+        }
+    }
+}
+
+#[test]
+fn staged_sdxl_file_in_f16_decodes_like_the_pipeline() {
+    // The tiny SDXL's VAE says `force_upcast`: under an f16 model both runs decode in f32
+    // (`sdxl::vae_dtype`); an f16 VAE would give other pixels.
+    let dir = tempfile::tempdir().unwrap();
+    let source = sdxl_source("sdxl", build("sdxl", "fp16", dir.path(), |_| true));
+    let half = LoadOptions {
+        dtype: DType::F16,
+        ..opts()
+    };
+    assert_staged_draws_like_whole(&source, &half, &staged_request());
+}
+
+#[test]
+fn staged_runs_take_a_separate_vae_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = staged_request();
+    // SD1 without its VAE: refused with the pipeline's advice, then drawn with an LDM-layout VAE
+    // file; SDXL base without its VAE, with the folder's diffusers-layout file.
+    let no_vae = |n: &str| !n.starts_with("first_stage_model.");
+    let sd1 = ModelSource {
+        path: build("sd1", "fp32", dir.path(), no_vae),
+        config: Some(tiny("sd1")),
+        vae: None,
+    };
+    let err = StagedPipeline::open_source(&sd1, &opts()).unwrap_err();
+    assert!(err.to_string().contains("separate VAE"), "{err}");
+    let sd1 = ModelSource {
+        vae: Some(refs().join("sd1_vae_ldm.safetensors")),
+        ..sd1
+    };
+    assert_staged_draws_like_whole(&sd1, &opts(), &req);
+    let sdxl = ModelSource {
+        vae: Some(tiny("sdxl").join("vae/diffusion_pytorch_model.safetensors")),
+        ..sdxl_source("sdxl", build("sdxl", "fp16", dir.path(), no_vae))
+    };
+    assert_staged_draws_like_whole(&sdxl, &opts(), &req);
+
+    // A diffusers folder with another VAE file (the tiny SD2's, LDM names, same config): drawn
+    // with that VAE, as the pipeline does, not with the folder's own.
+    let folder = ModelSource {
+        path: tiny("sd1"),
+        config: None,
+        vae: Some(refs().join("sd2_vae_ldm.fp16.safetensors")),
+    };
+    let other_vae = assert_staged_draws_like_whole(&folder, &opts(), &req);
+    let own_vae = StagedPipeline::open(&tiny("sd1"), &opts())
+        .unwrap()
+        .generate(&req, &mut NoObserver)
+        .unwrap();
+    assert_ne!(other_vae.pixels, own_vae.pixels);
+    let not_a_vae = ModelSource {
+        vae: Some(refs().join("tinyemb.safetensors")),
+        ..folder
+    };
+    let err = StagedPipeline::open_source(&not_a_vae, &opts()).unwrap_err();
+    assert!(err.to_string().contains("not a VAE"), "{err}");
+}
+
+#[test]
+fn only_base_checkpoints_are_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    // An SDXL refiner file draws nothing on its own: left to the pipeline, and refused with the
+    // pipeline's words when opened anyway.
+    let refiner = build("sdxl_refiner", "fp16", dir.path(), |_| true);
+    assert!(!StagedPipeline::supports(&refiner).unwrap());
+    let source = sdxl_source("sdxl-refiner", refiner);
+    let staged = StagedPipeline::open_source(&source, &opts()).unwrap_err();
+    let whole = Pipeline::load_source(&source, &opts()).unwrap_err();
+    assert!(staged.to_string().contains("SDXL refiner"), "{staged}");
+    assert_eq!(staged.to_string(), whole.to_string());
+    assert!(StagedPipeline::supports(&build("sdxl", "fp16", dir.path(), |_| true)).unwrap());
+    // Files that are no whole model (`check_checkpoint` refuses them): the pipeline's load
+    // explains, so `supports` sends them there.
+    for file in [
+        refs().join("pickles/sd1_vae_ldm.ckpt"),
+        refs().join("sd1_vae_ldm.safetensors"),
+        refs().join("lora_kohya.safetensors"),
+        refs().join("tinyemb.safetensors"),
+    ] {
+        assert!(!StagedPipeline::supports(&file).unwrap(), "{file:?}");
+    }
 }
 
 // ---- LoRAs on single-file models: the same layers get the same updates as in the folder.

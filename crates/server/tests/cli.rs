@@ -124,6 +124,88 @@ fn low_memory_generation_draws_sd1_and_sdxl_folders_in_stages() {
     }
 }
 
+/// The tiny SD1 as a single fp32 checkpoint in LDM names, rebuilt from the recipe of
+/// tests/fixtures/make_single_file_refs.py (the engine's tests/single_file.rs `build` checks the
+/// result is byte for byte the file diffusers read back; SD1 needs only its `copy` and `conv1x1`).
+fn sd1_single_file(dir: &std::path::Path) -> std::path::PathBuf {
+    use candle_core::{DType, Device, Tensor};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let recipe: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join("tests/fixtures/refs/single_file_recipe.json")).unwrap(),
+    )
+    .unwrap();
+    let folder = tiny_model();
+    let component = |c: &str| {
+        let files = ld_engine::config::weight_files_in(&folder.join(c)).unwrap();
+        ld_engine::weights::Weights::open_all(&files).unwrap()
+    };
+    let components: std::collections::HashMap<&str, _> = ["unet", "vae", "text_encoder"]
+        .into_iter()
+        .map(|c| (c, component(c)))
+        .collect();
+    let mut tensors = std::collections::HashMap::new();
+    for e in recipe["sd1"]["entries"].as_array().unwrap() {
+        let (name, from, op) = (e[0].as_str().unwrap(), e[1].as_str().unwrap(), &e[3]);
+        let src = components[from]
+            .load(e[2][0].as_str().unwrap(), DType::F32, &Device::Cpu)
+            .unwrap();
+        let t: Tensor = match op.as_str().unwrap() {
+            "copy" => src,
+            "conv1x1" => {
+                let (o, i) = src.dims2().unwrap();
+                src.reshape((o, i, 1, 1)).unwrap()
+            }
+            other => panic!("{name}: op {other} is not used by SD1's recipe"),
+        };
+        tensors.insert(name.to_string(), t);
+    }
+    let path = dir.join("tiny-sd1.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+#[test]
+fn low_memory_generation_draws_a_single_file_in_stages_like_its_folder() {
+    // A .safetensors checkpoint is drawn one model at a time too (the staged run's debug log),
+    // with --config naming the folder whose configs describe the tiny architecture (the
+    // embedded ones are SD 1.5's). The file holds the folder's fp32 weights, so the picture is
+    // the folder's, pixel for pixel.
+    let dir = tempfile::tempdir().unwrap();
+    let file = sd1_single_file(dir.path());
+    let draw = |name: &str, model: &std::path::Path, extra: &[&std::ffi::OsStr]| {
+        let out_file = dir.path().join(format!("{name}.png"));
+        let out = bin()
+            .args(["generate", "a red cube", "--steps", "2", "--seed", "5"])
+            .args(["--width", "64", "--height", "64", "--low-memory", "--model"])
+            .arg(model)
+            .args(extra)
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "ld_engine::pipeline::staged=debug")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{name}: {stderr}");
+        let png = std::fs::read(&out_file).unwrap();
+        let pixels = image::load_from_memory(&png).unwrap().to_rgb8().into_raw();
+        (stderr, pixels)
+    };
+    let (stderr, from_file) = draw(
+        "file",
+        &file,
+        &["--config".as_ref(), tiny_model().as_os_str()],
+    );
+    assert!(stderr.contains("sampled, UNet freed"), "{stderr}");
+    let (_, from_folder) = draw("folder", &tiny_model(), &[]);
+    assert_eq!(from_file.len(), 64 * 64 * 3);
+    assert!(
+        from_file == from_folder,
+        "the file's picture is not the folder's"
+    );
+}
+
 #[test]
 fn generate_writes_a_png_with_its_parameters() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,7 +305,7 @@ fn generate_takes_fused_sampler_names_schedules_and_the_nv_source() {
 fn generate_refuses_bad_input_clearly_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("x.png");
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--width", "65"], "width must be a multiple of 8"),
         (&["--steps", "0"], "steps must be between 1 and"),
         // Issue 4: unknown names list the valid ones.
@@ -246,6 +328,11 @@ fn generate_refuses_bad_input_clearly_and_writes_nothing() {
             "unknown seed source 'gpu'; choose cpu or nv",
         ),
         (&["--seed", "-5"], "seed must be -1"),
+        // A folder has its own configs: a --config beside it would be silently ignored.
+        (
+            &["--config", "."],
+            "--config is for .safetensors checkpoints",
+        ),
     ];
     for (extra, want) in cases {
         let out = bin()

@@ -5,10 +5,16 @@
 //! plus the largest working memory. Every run reads each model again, so a server that draws
 //! many pictures keeps a [`Pipeline`](super::Pipeline) instead.
 //!
-//! SDXL base folders run the same way. Their two text encoders (CLIP-L and OpenCLIP-bigG, 3.3 GB
+//! SDXL base models run the same way. Their two text encoders (CLIP-L and OpenCLIP-bigG, 3.3 GB
 //! in f32) share the first stage: together they are a third of the UNet (10.3 GB), so loading
 //! them one after the other would not lower the peak. The UNet stage adds the pooled text and
 //! the size time ids ([`crate::sdxl`]); the refiner stays with the whole pipeline.
+//!
+//! Models come as diffusers folders or as single-file checkpoints (SD1, SD2, SDXL base; with an
+//! optional config folder and separate VAE file, see [`crate::single_file`]). A single file is
+//! memory-mapped again by each stage, which takes only the tensors of its own model; the
+//! models are built by the same loaders [`Pipeline::load_source`](super::Pipeline::load_source)
+//! uses, so the pictures are the same.
 //!
 //! Each stage owns the model it loads, so a model that was freed cannot be used by mistake: the
 //! UNet stage is consumed by sampling, and the text encoders and VAE live only inside the call
@@ -19,25 +25,28 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 
 use super::{
-    load_folder_text_encoder, load_folder_unet, load_folder_vae, sd_conditioning, to_rgb8,
-    validate_for_model, GenerateRequest, GeneratedImage, LoadOptions, Observer, SdSampling,
+    load_folder_text_encoder, load_folder_unet, load_folder_vae, load_vae_from, sd_conditioning,
+    to_rgb8, validate_for_model, GenerateRequest, GeneratedImage, LoadOptions, Observer,
+    SdSampling,
 };
-use crate::clip::ClipConfig;
+use crate::checkpoint::ModelFamily;
+use crate::clip::{ClipConfig, TextEncoder};
 use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::Conditioning;
 use crate::lora::LoraSet;
 use crate::memory::MemoryOptions;
 use crate::schedule::NoiseSchedule;
 use crate::sdxl::{SdxlConditioning, SizeConditioning};
+use crate::single_file::{self, ModelSource, SdCheckpoint, SdxlCheckpoint};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
 use crate::vae::VaeConfig;
 use crate::{EngineError, Result};
 
-/// An SD1/SD2 or SDXL base diffusers folder, opened (configs read, nothing loaded) for staged
-/// runs.
+/// An SD1/SD2 or SDXL base model (diffusers folder or single file), opened (configs read,
+/// nothing loaded) for staged runs.
 #[derive(Debug)]
 pub struct StagedPipeline {
-    folder: ModelFolder,
+    source: Source,
     opts: LoadOptions,
     text_layers: usize,
     unet_cfg: UNetConfig,
@@ -49,13 +58,30 @@ pub struct StagedPipeline {
     prediction: PredictionType,
     memory: MemoryOptions,
     /// `None` for SD1/SD2.
-    sdxl: Option<SdxlFolder>,
+    sdxl: Option<SdxlBase>,
 }
 
-/// What an SDXL base folder's stages need beyond an SD1/SD2 one's.
+/// Where the stages load their models from. The configs the stages share are copied into
+/// [`StagedPipeline`]'s fields when it opens, from the folder or the opened file alike.
 #[derive(Debug)]
-struct SdxlFolder {
-    /// `model_index.json`: an empty negative prompt means zero conditioning.
+enum Source {
+    /// A diffusers folder. `separate_vae`: the VAE comes from a file given beside it (in LDM or
+    /// diffusers names, so it loads through the single-file VAE mapping), not from `vae/`.
+    Folder {
+        folder: ModelFolder,
+        separate_vae: bool,
+    },
+    /// An SD1/SD2 single file (boxed: its configs and tokenizer are kilobytes).
+    Sd(Box<SdCheckpoint>),
+    /// An SDXL base single file (boxed, as `Sd`).
+    Sdxl(Box<SdxlCheckpoint>),
+}
+
+/// What an SDXL base model's stages need beyond an SD1/SD2 one's.
+#[derive(Debug)]
+struct SdxlBase {
+    /// `model_index.json` (a file: its configs, [`single_file::SdxlConfigs`]): an empty
+    /// negative prompt means zero conditioning.
     force_zeros_for_empty_prompt: bool,
 }
 
@@ -81,11 +107,18 @@ impl EncodedPrompt {
 
 impl StagedPipeline {
     /// Whether `path` is a model a staged run can draw with: an SD1/SD2 or SDXL base diffusers
-    /// folder. Single files load whole, through [`Pipeline`](super::Pipeline); so does an SDXL
-    /// refiner folder, which draws nothing on its own (the pipeline's load says so).
+    /// folder or single-file checkpoint. An SDXL refiner, which draws nothing on its own, and a
+    /// file that is no usable checkpoint (a pickle, a VAE or LoRA, a damaged file) are left to
+    /// [`Pipeline`](super::Pipeline), whose load says what is wrong with them.
     pub fn supports(path: &Path) -> Result<bool> {
         if !path.is_dir() {
-            return Ok(false);
+            let family = single_file::check_checkpoint(path).map(|info| info.family);
+            return Ok(matches!(
+                family,
+                Ok(Some(
+                    ModelFamily::Sd1 | ModelFamily::Sd2 | ModelFamily::SdxlBase
+                ))
+            ));
         }
         let folder = ModelFolder::open(path)?;
         if crate::sdxl::is_sdxl(&folder.model_index()?) {
@@ -103,7 +136,7 @@ impl StagedPipeline {
         let unet_cfg = UNetConfig::from_file(&folder.config_file("unet")?)?;
         let sdxl = if crate::sdxl::is_sdxl(&index) {
             crate::sdxl::check_components(&folder, &index)?;
-            Some(SdxlFolder {
+            Some(SdxlBase {
                 force_zeros_for_empty_prompt: crate::sdxl::zeros_for_empty_prompt(&index),
             })
         } else if unet_cfg.needs_added_conditions() {
@@ -113,24 +146,94 @@ impl StagedPipeline {
         };
         let scheduler = folder.scheduler_config()?;
         let vae_cfg = VaeConfig::from_file(&folder.config_file("vae")?)?;
-        let vae_files = folder.weight_files("vae")?;
-        // The VAE loads only after sampling: a damaged file is reported now (its header is read,
-        // no weights), not after the user has waited for every step.
-        drop(crate::weights::Weights::open_all(&vae_files)?);
-        Ok(Self {
+        Self::checked(Self {
             text_layers: ClipConfig::from_file(folder.config_file("text_encoder")?)?
                 .num_hidden_layers,
             vae_dtype: crate::sdxl::vae_dtype(sdxl.is_some(), &vae_cfg, opts.dtype),
             vae_cfg,
-            vae_files,
+            vae_files: folder.weight_files("vae")?,
             schedule: NoiseSchedule::from_config(&scheduler)?,
             prediction: scheduler.prediction_type,
             unet_cfg,
-            folder,
+            source: Source::Folder {
+                folder,
+                separate_vae: false,
+            },
             opts: opts.clone(),
             memory: MemoryOptions::default(),
             sdxl,
         })
+    }
+
+    /// [`Self::open`] for what [`Pipeline::load_source`](super::Pipeline::load_source) takes: a
+    /// diffusers folder, or a single-file checkpoint (SD1/SD2/SDXL base) read with `source`'s
+    /// config folder (else the embedded configs); either with `source`'s separate VAE file.
+    /// Checks the file and reads its configs; loads no weights. An SDXL refiner file is refused
+    /// as the whole pipeline refuses it.
+    pub fn open_source(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let path = &source.path;
+        if path.is_dir() {
+            let mut staged = Self::open(path, opts)?;
+            if let Some(vae) = &source.vae {
+                // The folder's own config describes the VAE, as in `Pipeline::load_source`.
+                single_file::check_vae_file(vae)?;
+                staged.vae_files = vec![vae.clone()];
+                if let Source::Folder { separate_vae, .. } = &mut staged.source {
+                    *separate_vae = true;
+                }
+                staged = Self::checked(staged)?;
+            }
+            return Ok(staged);
+        }
+        let (config, vae) = (source.config.as_deref(), source.vae.as_deref());
+        let staged = if single_file::is_sdxl_file(path)? {
+            let file = SdxlCheckpoint::open(path, config, vae)?;
+            let configs = file.configs();
+            // Only a refiner lacks CLIP-L; it finishes a base model's pictures.
+            let Some(clip_cfg) = &configs.text_encoder else {
+                return Err(single_file::refiner_cannot_draw(path));
+            };
+            Self {
+                text_layers: clip_cfg.num_hidden_layers,
+                unet_cfg: configs.unet.clone(),
+                vae_cfg: configs.vae.clone(),
+                vae_files: file.vae_files().to_vec(),
+                vae_dtype: file.vae_dtype(opts),
+                schedule: file.schedule().clone(),
+                prediction: configs.scheduler.prediction_type,
+                sdxl: Some(SdxlBase {
+                    force_zeros_for_empty_prompt: configs.force_zeros_for_empty_prompt,
+                }),
+                source: Source::Sdxl(Box::new(file)),
+                opts: opts.clone(),
+                memory: MemoryOptions::default(),
+            }
+        } else {
+            let file = SdCheckpoint::open(path, config, vae)?;
+            let configs = file.configs();
+            Self {
+                text_layers: configs.text_encoder.num_hidden_layers,
+                unet_cfg: configs.unet.clone(),
+                vae_cfg: configs.vae.clone(),
+                vae_files: file.vae_files().to_vec(),
+                vae_dtype: file.vae_dtype(opts),
+                schedule: file.schedule().clone(),
+                prediction: configs.scheduler.prediction_type,
+                sdxl: None,
+                source: Source::Sd(Box::new(file)),
+                opts: opts.clone(),
+                memory: MemoryOptions::default(),
+            }
+        };
+        Self::checked(staged)
+    }
+
+    /// `staged` once its VAE files' headers read: the VAE loads only after sampling, so a
+    /// damaged file is reported now (no weights are read), not after the user has waited for
+    /// every step.
+    fn checked(staged: Self) -> Result<Self> {
+        drop(crate::weights::Weights::open_all(&staged.vae_files)?);
+        Ok(staged)
     }
 
     /// The low-memory strategies the stages use: attention slicing, batch splitting and VAE
@@ -154,23 +257,50 @@ impl StagedPipeline {
     /// the negative prompt when guidance is on) and frees the encoders.
     pub fn encode(&self, req: &GenerateRequest) -> Result<EncodedPrompt> {
         self.validate(req)?;
+        let opts = &self.opts;
         let mut no_loras = LoraSet::open(&[])?;
-        let text_encoder = load_folder_text_encoder(&self.folder, &self.opts, &mut no_loras)?;
-        let prompt = match &self.sdxl {
-            None => EncodedPrompt::Sd(sd_conditioning(&text_encoder, &self.unet_cfg, req)?),
-            Some(sdxl) => {
-                let encoder_2 =
-                    crate::sdxl::load_encoder_2(&self.folder, &self.opts, &mut no_loras)?;
-                log_memory("text encoders loaded");
-                EncodedPrompt::Sdxl(crate::sdxl::text_conditioning(
+        let sd = |text_encoder: &TextEncoder| -> Result<EncodedPrompt> {
+            Ok(EncodedPrompt::Sd(sd_conditioning(
+                text_encoder,
+                &self.unet_cfg,
+                req,
+            )?))
+        };
+        let sdxl = |encoders: [&TextEncoder; 2], zeros: bool| -> Result<EncodedPrompt> {
+            log_memory("text encoders loaded");
+            Ok(EncodedPrompt::Sdxl(crate::sdxl::text_conditioning(
+                encoders,
+                zeros,
+                &self.unet_cfg,
+                req,
+            )?))
+        };
+        // The encoders are freed at the end of their arm.
+        let prompt = match (&self.source, &self.sdxl) {
+            (Source::Folder { folder, .. }, None) => {
+                sd(&load_folder_text_encoder(folder, opts, &mut no_loras)?)?
+            }
+            (Source::Folder { folder, .. }, Some(base)) => {
+                let text_encoder = load_folder_text_encoder(folder, opts, &mut no_loras)?;
+                let encoder_2 = crate::sdxl::load_encoder_2(folder, opts, &mut no_loras)?;
+                sdxl(
                     [&text_encoder, &encoder_2],
-                    sdxl.force_zeros_for_empty_prompt,
-                    &self.unet_cfg,
-                    req,
-                )?)
+                    base.force_zeros_for_empty_prompt,
+                )?
+            }
+            (Source::Sd(file), _) => {
+                sd(&file.load_text_encoder(&file.weights()?, opts, &mut no_loras)?)?
+            }
+            (Source::Sdxl(file), _) => {
+                let weights = file.weights()?;
+                let text_encoder = file.load_text_encoder(&weights, opts, &mut no_loras)?;
+                let encoder_2 = file.load_encoder_2(&weights, opts, &mut no_loras)?;
+                sdxl(
+                    [&text_encoder, &encoder_2],
+                    file.configs().force_zeros_for_empty_prompt,
+                )?
             }
         };
-        drop(text_encoder);
         crate::memory::release_freed_memory();
         log_memory("prompt encoded, text encoders freed");
         Ok(prompt)
@@ -178,12 +308,14 @@ impl StagedPipeline {
 
     /// Stage 2: loads the UNet, which [`UnetStage::sample`] uses and frees.
     pub fn load_unet(&self) -> Result<UnetStage<'_>> {
-        let mut unet = load_folder_unet(
-            &self.folder,
-            &self.unet_cfg,
-            &self.opts,
-            &mut LoraSet::open(&[])?,
-        )?;
+        let (opts, mut no_loras) = (&self.opts, LoraSet::open(&[])?);
+        let mut unet = match &self.source {
+            Source::Folder { folder, .. } => {
+                load_folder_unet(folder, &self.unet_cfg, opts, &mut no_loras)?
+            }
+            Source::Sd(file) => file.load_unet(&file.weights()?, opts, &mut no_loras)?,
+            Source::Sdxl(file) => file.load_unet(&file.weights()?, opts, &mut no_loras)?,
+        };
         unet.set_attention_options(self.memory.attention());
         unet.set_max_batch(self.memory.split_batch.then_some(1));
         log_memory("UNet loaded");
@@ -194,7 +326,19 @@ impl StagedPipeline {
     /// into `req`'s picture and frees the VAE. SDXL decodes as the whole pipeline does: again
     /// from an f32 copy when a half-precision decode overflows.
     pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
-        let mut vae = load_folder_vae(&self.vae_files, &self.vae_cfg, self.vae_dtype, &self.opts)?;
+        let (files, cfg, opts) = (&self.vae_files, &self.vae_cfg, &self.opts);
+        let mut vae = match &self.source {
+            Source::Folder {
+                separate_vae: false,
+                ..
+            } => load_folder_vae(files, cfg, self.vae_dtype, opts)?,
+            // A VAE file may be in LDM names; as `Pipeline::load_source` loads it.
+            Source::Folder {
+                separate_vae: true, ..
+            } => load_vae_from(files, cfg, self.vae_dtype, opts)?,
+            Source::Sd(file) => file.load_vae(opts)?,
+            Source::Sdxl(file) => file.load_vae(opts)?,
+        };
         vae.set_attention_options(self.memory.attention());
         log_memory("VAE loaded");
         let mut image = super::decode_with(&vae, self.memory.vae_tiling, latents)?;
@@ -550,14 +694,22 @@ mod tests {
     }
 
     #[test]
-    fn diffusers_base_folders_are_staged_refiners_and_single_files_not() {
+    fn base_folders_are_staged_refiners_and_non_checkpoints_not() {
         for family in ["sd1", "sd2", "sdxl", "sdxl-lcm"] {
             assert!(StagedPipeline::supports(&tiny(family)).unwrap(), "{family}");
         }
-        // A refiner draws nothing on its own and single files load whole, through `Pipeline`.
+        // A refiner draws nothing on its own; files that are no whole checkpoint (a diffusers
+        // component, a pickle, a missing file) go to `Pipeline`, whose load explains. Single
+        // checkpoints that are staged: tests/single_file.rs, which builds them.
         assert!(!StagedPipeline::supports(&tiny("sdxl-refiner")).unwrap());
-        let file = tiny("sd1").join("unet/diffusion_pytorch_model.safetensors");
-        assert!(!StagedPipeline::supports(&file).unwrap());
+        let refs = tiny("../../tests/fixtures/refs");
+        for file in [
+            tiny("sd1").join("unet/diffusion_pytorch_model.safetensors"),
+            refs.join("pickles/sd1_vae_ldm.ckpt"),
+            refs.join("no-such-model.safetensors"),
+        ] {
+            assert!(!StagedPipeline::supports(&file).unwrap(), "{file:?}");
+        }
         assert!(StagedPipeline::open(&tiny("sdxl-refiner"), &LoadOptions::default()).is_err());
     }
 }

@@ -65,9 +65,15 @@ pub struct GenerateArgs {
     /// Low-memory mode: on the CPU (fp32) keep the models' weights in half precision, widened
     /// layer by layer as they run, and run the guidance batch's halves one after the other (SD
     /// 1.5 at 512x512 in about 2 GB; images differ from full-precision weights only by the
-    /// weights' rounding). Diffusers SD1/SD2/SDXL folders are always drawn one model at a time.
+    /// weights' rounding). SD1/SD2/SDXL base models, folders and .safetensors checkpoints alike,
+    /// are always drawn one model at a time.
     #[arg(long)]
     pub low_memory: bool,
+    /// For a .safetensors checkpoint: a diffusers model folder whose configs and tokenizers
+    /// describe its architecture (as diffusers' `from_single_file(config=...)`), for models
+    /// whose shapes differ from SD 1.5 / SD 2.1 / SDXL 1.0, which are assumed otherwise.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
@@ -100,6 +106,13 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     // Cheap checks before the slow model load.
     req.validate()?;
     let model_dir = resolve_model(&args.model, &args.models_dirs, data)?;
+    if args.config.is_some() && model_dir.is_dir() {
+        // A folder has its own configs; one given beside it would be ignored.
+        bail!(
+            "--config is for .safetensors checkpoints; {} is a model folder with its own configs",
+            model_dir.display()
+        );
+    }
     let out = match &args.out {
         Some(p) => p.clone(),
         None => data.gallery().join(format!(
@@ -148,14 +161,21 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         // Elapsed time and ETA count from the first step, not from the start of loading.
         bar.reset();
     };
-    // One picture, then the process ends: a diffusers SD1/SD2/SDXL folder is drawn one model at
-    // a time (text encoders, UNet, VAE), so only the largest is ever in memory. Each model is
-    // read once either way, so this costs nothing here; the server keeps them all for the next
-    // job. Single files load whole.
+    // One picture, then the process ends: an SD1/SD2/SDXL base model, diffusers folder or
+    // single .safetensors file, is drawn one model at a time (text encoders, UNet, VAE), so only
+    // the largest is ever in memory. Each model is read once either way, so this costs nothing
+    // here; the server keeps them all for the next job. What the staged run does not take (an
+    // SDXL refiner, a file that is no usable checkpoint) goes to the whole pipeline, whose load
+    // says what is wrong.
+    let source = ld_engine::single_file::ModelSource {
+        path: model_dir.clone(),
+        config: args.config.clone(),
+        vae: None,
+    };
     let one_model_at_a_time = StagedPipeline::supports(&model_dir)
         .with_context(|| format!("could not open the model in {}", model_dir.display()))?;
     let image = if one_model_at_a_time {
-        let mut staged = StagedPipeline::open(&model_dir, &opts)
+        let mut staged = StagedPipeline::open_source(&source, &opts)
             .with_context(|| format!("could not open the model in {}", model_dir.display()))?;
         if args.low_memory {
             staged.set_memory_options(low_memory_options());
@@ -169,17 +189,8 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         let latents = unet.sample(&req, &prompt, &mut observer)?;
         staged.decode(&req, &latents)?
     } else {
-        let mut pipeline = if model_dir.is_file() {
-            let source = ld_engine::single_file::ModelSource {
-                path: model_dir.clone(),
-                config: None,
-                vae: None,
-            };
-            Pipeline::load_source(&source, &opts)
-        } else {
-            Pipeline::load(&model_dir, &opts)
-        }
-        .with_context(|| format!("could not load the model in {}", model_dir.display()))?;
+        let mut pipeline = Pipeline::load_source(&source, &opts)
+            .with_context(|| format!("could not load the model in {}", model_dir.display()))?;
         if args.low_memory {
             pipeline.set_memory_options(low_memory_options())?;
         }
