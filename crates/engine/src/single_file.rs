@@ -238,7 +238,7 @@ pub fn load_sdxl(
     loras: &mut LoraSet,
 ) -> Result<SdxlLoadedParts> {
     let file = SdxlCheckpoint::open(path, config, vae)?;
-    let weights = file.weights()?;
+    let weights = file.file.weights()?;
     let text_encoder = if file.refiner {
         None
     } else {
@@ -258,13 +258,47 @@ pub fn load_sdxl(
         encoder_2,
         unet,
         vae,
-        vae_files: file.vae_files,
+        vae_files: file.file.vae_files,
         prediction: file.configs.scheduler.prediction_type,
         force_zeros_for_empty_prompt: file.configs.force_zeros_for_empty_prompt,
         requires_aesthetics_score: file.configs.requires_aesthetics_score,
         vae_config: file.configs.vae,
-        schedule: file.schedule,
+        schedule: file.file.schedule,
     })
+}
+
+/// What an opened checkpoint of either kind ([`SdCheckpoint`], [`SdxlCheckpoint`]) knows of
+/// the file beyond its configs.
+#[derive(Debug)]
+pub(crate) struct CheckpointFile {
+    path: PathBuf,
+    schedule: NoiseSchedule,
+    /// The VAE's file: the separate one, else the checkpoint itself.
+    vae_files: Vec<PathBuf>,
+}
+
+impl CheckpointFile {
+    fn new(path: &Path, vae: Option<&Path>, scheduler: &SchedulerConfig) -> Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            schedule: NoiseSchedule::from_config(scheduler)?,
+            vae_files: vec![vae.unwrap_or(path).to_path_buf()],
+        })
+    }
+
+    /// The noise schedule of the configs' scheduler, with the file's prediction type.
+    pub(crate) fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub(crate) fn vae_files(&self) -> &[PathBuf] {
+        &self.vae_files
+    }
+
+    /// The memory-mapped file, for the model loaders (no weights are read yet).
+    pub(crate) fn weights(&self) -> Result<Weights> {
+        Weights::open(&self.path)
+    }
 }
 
 /// An SDXL base or refiner single-file checkpoint, opened: the file checked, its configs and
@@ -273,15 +307,12 @@ pub fn load_sdxl(
 /// a time through the same loaders, so both draw with the same models.
 #[derive(Debug)]
 pub(crate) struct SdxlCheckpoint {
-    path: PathBuf,
+    file: CheckpointFile,
     /// A refiner file (`conditioner.embedders.0` is OpenCLIP-bigG).
     refiner: bool,
     /// `scheduler.prediction_type` is the one the model is sampled with.
     configs: SdxlConfigs,
     tokenizers: SdxlTokenizers,
-    schedule: NoiseSchedule,
-    /// The VAE's file: the separate one, else the checkpoint itself.
-    vae_files: Vec<PathBuf>,
 }
 
 impl SdxlCheckpoint {
@@ -321,20 +352,13 @@ impl SdxlCheckpoint {
                 "the config describes an SD1/SD2-type UNet, not SDXL's".into(),
             ));
         }
-        if config.is_none() {
-            // As for SD1/SD2: a marker tensor or model-spec metadata beats the family default
-            // (v-prediction SDXL fine-tunes say so).
-            if let Some(p) = info.prediction {
-                configs.scheduler.prediction_type = prediction_type(p);
-            }
-        }
+        // v-prediction SDXL fine-tunes say so in the file.
+        apply_file_prediction(&mut configs.scheduler, &info, config.is_some());
         Ok(Self {
-            schedule: NoiseSchedule::from_config(&configs.scheduler)?,
-            path: path.to_path_buf(),
+            file: CheckpointFile::new(path, vae, &configs.scheduler)?,
             refiner,
             configs,
             tokenizers,
-            vae_files: vec![vae.unwrap_or(path).to_path_buf()],
         })
     }
 
@@ -342,17 +366,9 @@ impl SdxlCheckpoint {
         &self.configs
     }
 
-    pub(crate) fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
-    }
-
-    pub(crate) fn vae_files(&self) -> &[PathBuf] {
-        &self.vae_files
-    }
-
-    /// The memory-mapped file, for the loaders below (no weights are read yet).
-    pub(crate) fn weights(&self) -> Result<Weights> {
-        Weights::open(&self.path)
+    /// The file itself: its schedule, VAE files and weights for the loaders below.
+    pub(crate) fn file(&self) -> &CheckpointFile {
+        &self.file
     }
 
     /// CLIP-L (`conditioner.embedders.0`) with its tokenizer and the LoRAs' `TextEncoder`
@@ -368,7 +384,7 @@ impl SdxlCheckpoint {
         else {
             return Err(EngineError::InvalidRequest(format!(
                 "{} is an SDXL refiner: it has no CLIP-L text encoder",
-                self.path.display()
+                self.file.path.display()
             )));
         };
         let prefix = format!("{SDXL_EMBEDDER_0}transformer.");
@@ -411,7 +427,7 @@ impl SdxlCheckpoint {
         )?;
         if !model.has_projection() {
             return Err(EngineError::Weights {
-                path: self.path.clone(),
+                path: self.file.path.clone(),
                 message: format!(
                     "tensor `{prefix}text_projection` is missing; SDXL's second text encoder needs it"
                 ),
@@ -440,11 +456,20 @@ impl SdxlCheckpoint {
     /// [`Self::vae_dtype`].
     pub(crate) fn load_vae(&self, opts: &LoadOptions) -> Result<AutoencoderKL> {
         crate::pipeline::load_vae_from(
-            &self.vae_files,
+            &self.file.vae_files,
             &self.configs.vae,
             self.vae_dtype(opts),
             opts,
         )
+    }
+}
+
+/// Without a config folder, what the file says about its prediction type (a marker tensor or SAI
+/// model-spec metadata) beats the family default in `scheduler`; a config folder is the user's
+/// word.
+fn apply_file_prediction(scheduler: &mut SchedulerConfig, info: &CheckpointInfo, folder: bool) {
+    if let (false, Some(p)) = (folder, info.prediction) {
+        scheduler.prediction_type = prediction_type(p);
     }
 }
 
@@ -601,7 +626,7 @@ pub fn load(
     loras: &mut LoraSet,
 ) -> Result<LoadedParts> {
     let file = SdCheckpoint::open(path, config, vae)?;
-    let weights = file.weights()?;
+    let weights = file.file.weights()?;
     let text_encoder = file.load_text_encoder(&weights, opts, loras)?;
     let unet = file.load_unet(&weights, opts, loras)?;
     let vae = file.load_vae(opts)?;
@@ -609,9 +634,9 @@ pub fn load(
         text_encoder,
         unet,
         vae,
-        schedule: file.schedule,
+        schedule: file.file.schedule,
         prediction: file.configs.scheduler.prediction_type,
-        vae_files: file.vae_files,
+        vae_files: file.file.vae_files,
     })
 }
 
@@ -621,14 +646,11 @@ pub fn load(
 /// loaders, so both draw with the same models.
 #[derive(Debug)]
 pub(crate) struct SdCheckpoint {
-    path: PathBuf,
+    file: CheckpointFile,
     family: ModelFamily,
     /// `scheduler.prediction_type` is the one the model is sampled with.
     configs: FamilyConfigs,
     tokenizer: ClipTokenizer,
-    schedule: NoiseSchedule,
-    /// The VAE's file: the separate one, else the checkpoint itself.
-    vae_files: Vec<PathBuf>,
 }
 
 impl SdCheckpoint {
@@ -668,21 +690,12 @@ impl SdCheckpoint {
                 "the config describes an SDXL-type UNet; SDXL needs the SDXL pipeline".into(),
             ));
         }
-        // Without a config folder, what the file says about its prediction type (a marker tensor
-        // or SAI model-spec metadata) beats the family default; a config folder is the user's
-        // word.
-        if config.is_none() {
-            if let Some(p) = info.prediction {
-                configs.scheduler.prediction_type = prediction_type(p);
-            }
-        }
+        apply_file_prediction(&mut configs.scheduler, &info, config.is_some());
         Ok(Self {
-            schedule: NoiseSchedule::from_config(&configs.scheduler)?,
-            path: path.to_path_buf(),
+            file: CheckpointFile::new(path, vae, &configs.scheduler)?,
             family,
             configs,
             tokenizer,
-            vae_files: vec![vae.unwrap_or(path).to_path_buf()],
         })
     }
 
@@ -690,17 +703,9 @@ impl SdCheckpoint {
         &self.configs
     }
 
-    pub(crate) fn schedule(&self) -> &NoiseSchedule {
-        &self.schedule
-    }
-
-    pub(crate) fn vae_files(&self) -> &[PathBuf] {
-        &self.vae_files
-    }
-
-    /// The memory-mapped file, for the loaders below (no weights are read yet).
-    pub(crate) fn weights(&self) -> Result<Weights> {
-        Weights::open(&self.path)
+    /// The file itself: its schedule, VAE files and weights for the loaders below.
+    pub(crate) fn file(&self) -> &CheckpointFile {
+        &self.file
     }
 
     /// The text encoder (SD1: CLIP-L under `cond_stage_model.transformer.`, SD2: OpenCLIP-H
@@ -749,7 +754,7 @@ impl SdCheckpoint {
     /// [`Self::vae_dtype`].
     pub(crate) fn load_vae(&self, opts: &LoadOptions) -> Result<AutoencoderKL> {
         crate::pipeline::load_vae_from(
-            &self.vae_files,
+            &self.file.vae_files,
             &self.configs.vae,
             self.vae_dtype(opts),
             opts,

@@ -197,9 +197,9 @@ impl StagedPipeline {
                 text_layers: clip_cfg.num_hidden_layers,
                 unet_cfg: configs.unet.clone(),
                 vae_cfg: configs.vae.clone(),
-                vae_files: file.vae_files().to_vec(),
+                vae_files: file.file().vae_files().to_vec(),
                 vae_dtype: file.vae_dtype(opts),
-                schedule: file.schedule().clone(),
+                schedule: file.file().schedule().clone(),
                 prediction: configs.scheduler.prediction_type,
                 sdxl: Some(SdxlBase {
                     force_zeros_for_empty_prompt: configs.force_zeros_for_empty_prompt,
@@ -215,9 +215,9 @@ impl StagedPipeline {
                 text_layers: configs.text_encoder.num_hidden_layers,
                 unet_cfg: configs.unet.clone(),
                 vae_cfg: configs.vae.clone(),
-                vae_files: file.vae_files().to_vec(),
+                vae_files: file.file().vae_files().to_vec(),
                 vae_dtype: file.vae_dtype(opts),
-                schedule: file.schedule().clone(),
+                schedule: file.file().schedule().clone(),
                 prediction: configs.scheduler.prediction_type,
                 sdxl: None,
                 source: Source::Sd(Box::new(file)),
@@ -289,10 +289,10 @@ impl StagedPipeline {
                 )?
             }
             (Source::Sd(file), _) => {
-                sd(&file.load_text_encoder(&file.weights()?, opts, &mut no_loras)?)?
+                sd(&file.load_text_encoder(&file.file().weights()?, opts, &mut no_loras)?)?
             }
             (Source::Sdxl(file), _) => {
-                let weights = file.weights()?;
+                let weights = file.file().weights()?;
                 let text_encoder = file.load_text_encoder(&weights, opts, &mut no_loras)?;
                 let encoder_2 = file.load_encoder_2(&weights, opts, &mut no_loras)?;
                 sdxl(
@@ -313,8 +313,8 @@ impl StagedPipeline {
             Source::Folder { folder, .. } => {
                 load_folder_unet(folder, &self.unet_cfg, opts, &mut no_loras)?
             }
-            Source::Sd(file) => file.load_unet(&file.weights()?, opts, &mut no_loras)?,
-            Source::Sdxl(file) => file.load_unet(&file.weights()?, opts, &mut no_loras)?,
+            Source::Sd(file) => file.load_unet(&file.file().weights()?, opts, &mut no_loras)?,
+            Source::Sdxl(file) => file.load_unet(&file.file().weights()?, opts, &mut no_loras)?,
         };
         unet.set_attention_options(self.memory.attention());
         unet.set_max_batch(self.memory.split_batch.then_some(1));
