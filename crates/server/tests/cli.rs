@@ -204,6 +204,40 @@ fn low_memory_generation_draws_a_single_file_in_stages_like_its_folder() {
         from_file == from_folder,
         "the file's picture is not the folder's"
     );
+    // --vae decodes with a separate VAE file (the tiny SD2's, same shapes, other weights), for
+    // the file and the folder alike; a file that is no VAE is refused before any step runs.
+    let vae = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/refs/sd2_vae_ldm.fp16.safetensors");
+    let with_vae = ["--vae".as_ref(), vae.as_os_str()];
+    let (stderr, file_vae) = draw(
+        "file-vae",
+        &file,
+        &[
+            &["--config".as_ref(), tiny_model().as_os_str()],
+            &with_vae[..],
+        ]
+        .concat(),
+    );
+    assert!(stderr.contains("sampled, UNet freed"), "{stderr}");
+    let (_, folder_vae) = draw("folder-vae", &tiny_model(), &with_vae);
+    assert!(file_vae != from_file, "--vae changed nothing");
+    assert!(file_vae == folder_vae, "file and folder decode differently");
+    let out_file = dir.path().join("not-a-vae.png");
+    let out = bin()
+        .args(["generate", "a red cube", "--steps", "2", "--model"])
+        .arg(tiny_model())
+        .args(["--width", "64", "--height", "64", "--vae"])
+        .arg(vae.with_file_name("lora_kohya.safetensors"))
+        .arg("--out")
+        .arg(&out_file)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("not a VAE file"), "{stderr}");
+    assert!(!out_file.exists());
 }
 
 #[test]

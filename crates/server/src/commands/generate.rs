@@ -74,6 +74,11 @@ pub struct GenerateArgs {
     /// whose shapes differ from SD 1.5 / SD 2.1 / SDXL 1.0, which are assumed otherwise.
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
+    /// A separate VAE file (.safetensors, LDM or diffusers names) to decode with instead of the
+    /// model's own, as A1111's "SD VAE" setting: for checkpoints shipped without one, or a
+    /// sharper or fixed VAE.
+    #[arg(long, value_name = "FILE")]
+    pub vae: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
@@ -170,7 +175,7 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let source = ld_engine::single_file::ModelSource {
         path: model_dir.clone(),
         config: args.config.clone(),
-        vae: None,
+        vae: args.vae.clone(),
     };
     let one_model_at_a_time = StagedPipeline::supports(&model_dir)
         .with_context(|| format!("could not open the model in {}", model_dir.display()))?;
