@@ -20,7 +20,6 @@ macro_rules! simd_dispatch {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         fn $name($($arg: $ty),*) {
             #[inline(always)]
-            #[allow(unused)]
             fn body<const FMA: bool>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {

@@ -91,6 +91,28 @@ fn tiny_model() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1")
 }
 
+/// `generate --low-memory` of "a red cube" at 64x64 in 2 steps, seed 5, from `model` (plus
+/// `extra` arguments) into `out_file`, with the staged run's debug log on stderr.
+fn low_memory_generate(
+    dir: &std::path::Path,
+    model: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+    out_file: &std::path::Path,
+) -> std::process::Output {
+    bin()
+        .args(["generate", "a red cube", "--steps", "2", "--seed", "5"])
+        .args(["--width", "64", "--height", "64", "--low-memory", "--model"])
+        .arg(model)
+        .args(extra)
+        .arg("--out")
+        .arg(out_file)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("RUST_LOG", "ld_engine::pipeline::staged=debug")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn low_memory_generation_draws_sd1_and_sdxl_folders_in_stages() {
     // Issue 12: `--low-memory` draws SD1 and SDXL folders one model at a time (the staged run's
@@ -98,17 +120,8 @@ fn low_memory_generation_draws_sd1_and_sdxl_folders_in_stages() {
     let dir = tempfile::tempdir().unwrap();
     for family in ["sd1", "sdxl"] {
         let out_file = dir.path().join(format!("{family}.png"));
-        let out = bin()
-            .args(["generate", "a red cube", "--steps", "2", "--seed", "5"])
-            .args(["--width", "64", "--height", "64", "--low-memory", "--model"])
-            .arg(tiny_model().with_file_name(family))
-            .arg("--out")
-            .arg(&out_file)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "ld_engine::pipeline::staged=debug")
-            .output()
-            .unwrap();
+        let model = tiny_model().with_file_name(family);
+        let out = low_memory_generate(dir.path(), &model, &[], &out_file);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{family}: {stderr}");
         assert!(stderr.contains("sampled, UNet freed"), "{family}: {stderr}");
@@ -174,18 +187,7 @@ fn low_memory_generation_draws_a_single_file_in_stages_like_its_folder() {
     let file = sd1_single_file(dir.path());
     let draw = |name: &str, model: &std::path::Path, extra: &[&std::ffi::OsStr]| {
         let out_file = dir.path().join(format!("{name}.png"));
-        let out = bin()
-            .args(["generate", "a red cube", "--steps", "2", "--seed", "5"])
-            .args(["--width", "64", "--height", "64", "--low-memory", "--model"])
-            .arg(model)
-            .args(extra)
-            .arg("--out")
-            .arg(&out_file)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "ld_engine::pipeline::staged=debug")
-            .output()
-            .unwrap();
+        let out = low_memory_generate(dir.path(), model, extra, &out_file);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{name}: {stderr}");
         let png = std::fs::read(&out_file).unwrap();
@@ -223,17 +225,13 @@ fn low_memory_generation_draws_a_single_file_in_stages_like_its_folder() {
     assert!(file_vae != from_file, "--vae changed nothing");
     assert!(file_vae == folder_vae, "file and folder decode differently");
     let out_file = dir.path().join("not-a-vae.png");
-    let out = bin()
-        .args(["generate", "a red cube", "--steps", "2", "--model"])
-        .arg(tiny_model())
-        .args(["--width", "64", "--height", "64", "--vae"])
-        .arg(vae.with_file_name("lora_kohya.safetensors"))
-        .arg("--out")
-        .arg(&out_file)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let lora = vae.with_file_name("lora_kohya.safetensors");
+    let out = low_memory_generate(
+        dir.path(),
+        &tiny_model(),
+        &["--vae".as_ref(), lora.as_os_str()],
+        &out_file,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("not a VAE file"), "{stderr}");
