@@ -337,7 +337,7 @@ fn generate_takes_fused_sampler_names_schedules_and_the_nv_source() {
 fn generate_refuses_bad_input_clearly_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("x.png");
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--width", "65"], "width must be a multiple of 8"),
         (&["--steps", "0"], "steps must be between 1 and"),
         // Issue 4: unknown names list the valid ones.
@@ -364,6 +364,14 @@ fn generate_refuses_bad_input_clearly_and_writes_nothing() {
         (
             &["--config", "."],
             "--config is for .safetensors checkpoints",
+        ),
+        (
+            &["--vae", "no-such-vae.safetensors"],
+            "--vae no-such-vae.safetensors is not a file",
+        ),
+        (
+            &["--config", "no-such-dir"],
+            "--config no-such-dir is not a folder",
         ),
     ];
     for (extra, want) in cases {

@@ -111,6 +111,19 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     // Cheap checks before the slow model load.
     req.validate()?;
     let model_dir = resolve_model(&args.model, &args.models_dirs, data)?;
+    // Named here: the loaders would report a missing path as an incomplete model folder.
+    if let Some(vae) = args.vae.as_deref().filter(|v| !v.is_file()) {
+        bail!(
+            "--vae {} is not a file; give the path of a VAE .safetensors file",
+            vae.display()
+        );
+    }
+    if let Some(config) = args.config.as_deref().filter(|c| !c.is_dir()) {
+        bail!(
+            "--config {} is not a folder; give a diffusers model folder (with model_index.json)",
+            config.display()
+        );
+    }
     if args.config.is_some() && model_dir.is_dir() {
         // A folder has its own configs; one given beside it would be ignored.
         bail!(
