@@ -434,16 +434,21 @@ fn input(shape: &[usize], opts: &BenchOptions) -> crate::Result<Tensor> {
 }
 
 fn random_weights(opts: &BenchOptions) -> VarBuilder<'static> {
-    VarBuilder::from_backend(
-        Box::new(RandomWeights::new()),
-        opts.dtype,
-        opts.device.clone(),
-    )
+    seeded_weights(opts.dtype, &opts.device)
+}
+
+/// Weights of any requested shape, the same on every run and every machine: norm scales 1 and
+/// shifts 0, biases small, other tensors scaled by their fan-in. For timings, and for tests that
+/// need a real-shaped model whose output does not change from run to run (candle's `VarMap`
+/// draws from an unseeded generator, so bounds measured on one run can fail on the next).
+pub fn seeded_weights(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights::new()), dtype, device.clone())
 }
 
 /// Hands out weights of any requested shape on demand.
 struct RandomWeights {
-    /// 1 Mi standard normal samples; tensors cycle through them.
+    /// 1 Mi standard normal samples; tensors cycle through them, each from an offset taken from
+    /// its name, so layers of one shape do not all get the same values.
     pool: Vec<f32>,
 }
 
@@ -471,22 +476,33 @@ impl SimpleBackend for RandomWeights {
     fn get(
         &self,
         s: Shape,
-        _name: &str,
+        name: &str,
         h: Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let n = s.elem_count();
+        // FNV-1a of the name: a stable offset (std's hasher is seeded per process).
+        let start = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        }) as usize
+            % self.pool.len();
+        let values = || {
+            self.pool[start..]
+                .iter()
+                .chain(self.pool.iter().cycle())
+                .take(n)
+        };
         let data: Vec<f32> = match h {
             // Norm scales (1) and shifts (0) keep their usual values.
             Init::Const(c) => vec![c as f32; n],
             // Biases: small, like a trained model's.
-            _ if s.rank() == 1 => self.pool.iter().cycle().take(n).map(|v| v * 0.02).collect(),
+            _ if s.rank() == 1 => values().map(|v| v * 0.02).collect(),
             _ => {
                 // Scale like a fan-in initialisation so activations stay O(1) through the net.
                 let fan_in: usize = s.dims().iter().skip(1).product::<usize>().max(1);
                 let std = (1.0 / fan_in as f64).sqrt() as f32;
-                self.pool.iter().cycle().take(n).map(|v| v * std).collect()
+                values().map(|v| v * std).collect()
             }
         };
         Tensor::from_vec(data, s, &Device::Cpu)?
