@@ -524,12 +524,13 @@ impl Pipeline {
     /// [`Self::set_embeddings`] with every `.safetensors` file under `dir` (subfolders too), named
     /// by file stem. Unusable files are skipped with warnings; an unreadable `dir` is an error.
     pub fn load_embeddings_dir(&mut self, dir: &Path) -> Result<Vec<EmbeddingWarning>> {
-        let (embeddings, mut warnings) = textual_inversion::load_dir(dir)?;
-        warnings.extend(self.set_embeddings(embeddings));
-        for w in &warnings {
-            tracing::warn!("embedding skipped: {w}");
-        }
-        Ok(warnings)
+        self.load_embeddings_dirs(&[dir])
+    }
+
+    /// [`Self::load_embeddings_dir`] for several folders at once (the app's own and A1111's):
+    /// their embeddings together, the first folder's winning a name both use.
+    pub fn load_embeddings_dirs(&mut self, dirs: &[&Path]) -> Result<Vec<EmbeddingWarning>> {
+        set_embeddings_from(&mut self.text_encoder, dirs)
     }
 
     /// The embeddings prompts can use.
@@ -691,6 +692,26 @@ fn decode_with(vae: &AutoencoderKL, tiled: bool, latents: &Tensor) -> Result<Ten
         vae.decode_scaled(&z)?
     };
     Ok(image.to_dtype(DType::F32)?)
+}
+
+/// Sets `encoder`'s embeddings to those under `dirs` in one go (setting replaces, so folders
+/// given one by one would keep only the last one's); logs and returns what was skipped.
+pub(crate) fn set_embeddings_from(
+    encoder: &mut TextEncoder,
+    dirs: &[&Path],
+) -> Result<Vec<EmbeddingWarning>> {
+    let mut embeddings = Vec::new();
+    let mut warnings = Vec::new();
+    for dir in dirs {
+        let (found, skipped) = textual_inversion::load_dir(dir)?;
+        embeddings.extend(found);
+        warnings.extend(skipped);
+    }
+    warnings.extend(encoder.set_embeddings(embeddings));
+    for w in &warnings {
+        tracing::warn!("embedding skipped: {w}");
+    }
+    Ok(warnings)
 }
 
 /// The text conditioning of an SD1/SD2 request: the prompt's embeddings, and the negative

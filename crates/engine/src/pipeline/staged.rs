@@ -16,9 +16,11 @@
 //! models are built by the same loaders [`Pipeline::load_source`](super::Pipeline::load_source)
 //! uses, so the pictures are the same.
 //!
-//! Each stage owns the model it loads, so a model that was freed cannot be used by mistake: the
-//! UNet stage is consumed by sampling, and the text encoders and VAE live only inside the call
-//! that runs them.
+//! Each stage ([`TextStage`], [`UnetStage`], [`VaeStage`]) owns the model it loads, so a model
+//! that was freed cannot be used by mistake; one stage serves any number of pictures (the app
+//! encodes a whole batch's prompts, then samples them all, then decodes them all), and dropping
+//! it frees its model. LoRAs merge into the text encoders and the UNet as they load, and
+//! textual-inversion embeddings are set on the loaded text encoder, as in a whole pipeline.
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +32,7 @@ use super::{
     SdSampling,
 };
 use crate::checkpoint::ModelFamily;
-use crate::clip::{ClipConfig, TextEncoder};
+use crate::clip::{ClipConfig, PromptPlan, TextEncoder};
 use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::Conditioning;
 use crate::lora::LoraSet;
@@ -38,8 +40,9 @@ use crate::memory::MemoryOptions;
 use crate::schedule::NoiseSchedule;
 use crate::sdxl::{SdxlConditioning, SizeConditioning};
 use crate::single_file::{self, ModelSource, SdCheckpoint, SdxlCheckpoint};
+use crate::textual_inversion::{Embedding, EmbeddingWarning};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
-use crate::vae::VaeConfig;
+use crate::vae::{AutoencoderKL, VaeConfig};
 use crate::{EngineError, Result};
 
 /// An SD1/SD2 or SDXL base model (diffusers folder or single file), opened (configs read,
@@ -253,113 +256,104 @@ impl StagedPipeline {
         [1, self.unet_cfg.in_channels, req.height / f, req.width / f]
     }
 
-    /// Stage 1: validates `req`, loads the text encoder (SDXL: both), encodes the prompt (and
-    /// the negative prompt when guidance is on) and frees the encoders.
+    /// Stage 1 in one call: validates `req`, loads the text encoder (SDXL: both), encodes the
+    /// prompt (and the negative prompt when guidance is on) and frees the encoders.
     pub fn encode(&self, req: &GenerateRequest) -> Result<EncodedPrompt> {
         self.validate(req)?;
-        let opts = &self.opts;
-        let mut no_loras = LoraSet::open(&[])?;
-        let sd = |text_encoder: &TextEncoder| -> Result<EncodedPrompt> {
-            Ok(EncodedPrompt::Sd(sd_conditioning(
-                text_encoder,
-                &self.unet_cfg,
-                req,
-            )?))
-        };
-        let sdxl = |encoders: [&TextEncoder; 2], zeros: bool| -> Result<EncodedPrompt> {
-            log_memory("text encoders loaded");
-            Ok(EncodedPrompt::Sdxl(crate::sdxl::text_conditioning(
-                encoders,
-                zeros,
-                &self.unet_cfg,
-                req,
-            )?))
-        };
-        // The encoders are freed at the end of their arm.
-        let prompt = match (&self.source, &self.sdxl) {
-            (Source::Folder { folder, .. }, None) => {
-                sd(&load_folder_text_encoder(folder, opts, &mut no_loras)?)?
-            }
-            (Source::Folder { folder, .. }, Some(base)) => {
-                let text_encoder = load_folder_text_encoder(folder, opts, &mut no_loras)?;
-                let encoder_2 = crate::sdxl::load_encoder_2(folder, opts, &mut no_loras)?;
-                sdxl(
-                    [&text_encoder, &encoder_2],
-                    base.force_zeros_for_empty_prompt,
-                )?
-            }
-            (Source::Sd(file), _) => {
-                sd(&file.load_text_encoder(&file.file().weights()?, opts, &mut no_loras)?)?
-            }
-            (Source::Sdxl(file), _) => {
-                let weights = file.file().weights()?;
-                let text_encoder = file.load_text_encoder(&weights, opts, &mut no_loras)?;
-                let encoder_2 = file.load_encoder_2(&weights, opts, &mut no_loras)?;
-                sdxl(
-                    [&text_encoder, &encoder_2],
-                    file.configs().force_zeros_for_empty_prompt,
-                )?
-            }
-        };
-        crate::memory::release_freed_memory();
-        log_memory("prompt encoded, text encoders freed");
-        Ok(prompt)
+        self.load_text_encoders(&mut LoraSet::open(&[])?)?
+            .encode(req)
     }
 
-    /// Stage 2: loads the UNet, which [`UnetStage::sample`] uses and frees.
-    pub fn load_unet(&self) -> Result<UnetStage<'_>> {
-        let (opts, mut no_loras) = (&self.opts, LoraSet::open(&[])?);
-        let mut unet = match &self.source {
+    /// Stage 1: loads the text encoder (SDXL: both) with `loras`' text-encoder layers merged,
+    /// for [`TextStage::encode`]; dropping the stage frees them. `loras` goes on to
+    /// [`Self::load_unet_with`], then [`LoraSet::finish`] says what was not merged.
+    pub fn load_text_encoders(&self, loras: &mut LoraSet) -> Result<TextStage<'_>> {
+        let opts = &self.opts;
+        let encoders = match &self.source {
             Source::Folder { folder, .. } => {
-                load_folder_unet(folder, &self.unet_cfg, opts, &mut no_loras)?
+                let text_encoder = load_folder_text_encoder(folder, opts, loras)?;
+                match &self.sdxl {
+                    None => Encoders::Sd(text_encoder),
+                    Some(_) => Encoders::Sdxl(
+                        text_encoder,
+                        Box::new(crate::sdxl::load_encoder_2(folder, opts, loras)?),
+                    ),
+                }
             }
-            Source::Sd(file) => file.load_unet(&file.file().weights()?, opts, &mut no_loras)?,
-            Source::Sdxl(file) => file.load_unet(&file.file().weights()?, opts, &mut no_loras)?,
+            Source::Sd(file) => {
+                Encoders::Sd(file.load_text_encoder(&file.file().weights()?, opts, loras)?)
+            }
+            Source::Sdxl(file) => {
+                let weights = file.file().weights()?;
+                Encoders::Sdxl(
+                    file.load_text_encoder(&weights, opts, loras)?,
+                    Box::new(file.load_encoder_2(&weights, opts, loras)?),
+                )
+            }
+        };
+        log_memory("text encoders loaded");
+        Ok(TextStage {
+            staged: self,
+            encoders,
+            _freed: Freed("prompts encoded, text encoders freed"),
+        })
+    }
+
+    /// Stage 2: loads the UNet, which [`UnetStage::sample`] uses; dropping the stage frees it.
+    pub fn load_unet(&self) -> Result<UnetStage<'_>> {
+        self.load_unet_with(&mut LoraSet::open(&[])?)
+    }
+
+    /// [`Self::load_unet`] with `loras`' UNet layers merged.
+    pub fn load_unet_with(&self, loras: &mut LoraSet) -> Result<UnetStage<'_>> {
+        let opts = &self.opts;
+        let mut unet = match &self.source {
+            Source::Folder { folder, .. } => load_folder_unet(folder, &self.unet_cfg, opts, loras)?,
+            Source::Sd(file) => file.load_unet(&file.file().weights()?, opts, loras)?,
+            Source::Sdxl(file) => file.load_unet(&file.file().weights()?, opts, loras)?,
         };
         unet.set_attention_options(self.memory.attention());
         unet.set_max_batch(self.memory.split_batch.then_some(1));
         log_memory("UNet loaded");
-        Ok(UnetStage { staged: self, unet })
+        Ok(UnetStage {
+            staged: self,
+            unet,
+            _freed: Freed("sampled, UNet freed"),
+        })
     }
 
-    /// Stage 3: loads the VAE, decodes `latents` (diffusers scale, from [`UnetStage::sample`])
-    /// into `req`'s picture and frees the VAE. SDXL decodes as the whole pipeline does: again
-    /// from an f32 copy when a half-precision decode overflows.
-    pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
-        let (files, cfg, opts) = (&self.vae_files, &self.vae_cfg, &self.opts);
+    /// Stage 3: loads the VAE (in f32 when the memory options ask for it, as a whole pipeline's
+    /// fp32 retry does) for [`VaeStage::decode`]; dropping the stage frees it.
+    pub fn load_vae(&self) -> Result<VaeStage<'_>> {
+        let (files, cfg) = (&self.vae_files, &self.vae_cfg);
+        let (device, dtype) =
+            crate::memory::vae_placement(&self.memory, &self.opts.device, self.vae_dtype);
+        let opts = LoadOptions {
+            device,
+            ..self.opts.clone()
+        };
         let mut vae = match &self.source {
             Source::Folder {
                 separate_vae: false,
                 ..
-            } => load_folder_vae(files, cfg, self.vae_dtype, opts)?,
-            // A VAE file may be in LDM names; as `Pipeline::load_source` loads it.
-            Source::Folder {
-                separate_vae: true, ..
-            } => load_vae_from(files, cfg, self.vae_dtype, opts)?,
-            Source::Sd(file) => file.load_vae(opts)?,
-            Source::Sdxl(file) => file.load_vae(opts)?,
+            } => load_folder_vae(files, cfg, dtype, &opts)?,
+            // A VAE file or a checkpoint's VAE may be in LDM names; as `Pipeline::load_source`
+            // loads it.
+            _ => load_vae_from(files, cfg, dtype, &opts)?,
         };
         vae.set_attention_options(self.memory.attention());
         log_memory("VAE loaded");
-        let mut image = super::decode_with(&vae, self.memory.vae_tiling, latents)?;
-        drop(vae);
-        crate::memory::release_freed_memory();
-        log_memory("decoded, VAE freed");
-        if self.sdxl.is_some() {
-            image = crate::sdxl::redecode_if_overflowed(
-                image,
-                latents,
-                &self.vae_files,
-                &self.vae_cfg,
-                &self.opts.device,
-            )?;
-        }
-        Ok(GeneratedImage {
-            width: req.width,
-            height: req.height,
-            pixels: to_rgb8(&image)?,
-            seed: req.seed,
+        Ok(VaeStage {
+            staged: self,
+            vae,
+            _freed: Freed("decoded, VAE freed"),
         })
+    }
+
+    /// Stage 3 in one call: loads the VAE, decodes `latents` (diffusers scale, from
+    /// [`UnetStage::sample`]) into `req`'s picture and frees the VAE.
+    pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
+        self.load_vae()?.decode(req, latents)
     }
 
     /// The three stages in a row: the picture [`Pipeline::generate`](super::Pipeline::generate)
@@ -375,19 +369,97 @@ impl StagedPipeline {
     }
 }
 
+/// Returns freed memory to the system and logs the process's memory when a stage is dropped. A
+/// stage's last field, so it runs after the stage's model was freed (fields drop in order).
+#[derive(Debug)]
+struct Freed(&'static str);
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        crate::memory::release_freed_memory();
+        log_memory(self.0);
+    }
+}
+
+/// The loaded text encoder(s) of a staged run: CLIP-L, and SDXL's OpenCLIP-bigG second.
+#[derive(Debug)]
+pub struct TextStage<'a> {
+    staged: &'a StagedPipeline,
+    encoders: Encoders,
+    _freed: Freed,
+}
+
+#[derive(Debug)]
+enum Encoders {
+    Sd(TextEncoder),
+    /// CLIP-L, then OpenCLIP-bigG.
+    Sdxl(TextEncoder, Box<TextEncoder>),
+}
+
+impl TextStage<'_> {
+    /// CLIP-L: the encoder that holds the embeddings and reads the prompt's syntax, as in a
+    /// whole pipeline.
+    fn clip_l(&self) -> &TextEncoder {
+        match &self.encoders {
+            Encoders::Sd(e) | Encoders::Sdxl(e, _) => e,
+        }
+    }
+
+    /// Sets the textual-inversion embeddings under `dirs` as
+    /// [`Pipeline::load_embeddings_dirs`](super::Pipeline::load_embeddings_dirs) does; returns
+    /// what was skipped.
+    pub fn load_embeddings_dirs(&mut self, dirs: &[&Path]) -> Result<Vec<EmbeddingWarning>> {
+        let (Encoders::Sd(e) | Encoders::Sdxl(e, _)) = &mut self.encoders;
+        super::set_embeddings_from(e, dirs)
+    }
+
+    /// The embeddings prompts can use.
+    pub fn embeddings(&self) -> &[Embedding] {
+        self.clip_l().embeddings()
+    }
+
+    /// How a prompt will be read (its chunks, the embeddings it uses, ...), as
+    /// [`Pipeline::plan_prompt`](super::Pipeline::plan_prompt).
+    pub fn plan_prompt(&self, prompt: &str) -> Result<PromptPlan> {
+        self.clip_l().plan_prompt(prompt)
+    }
+
+    /// Validates `req` and encodes its prompt (and the negative prompt when guidance is on).
+    pub fn encode(&self, req: &GenerateRequest) -> Result<EncodedPrompt> {
+        let s = self.staged;
+        s.validate(req)?;
+        Ok(match &self.encoders {
+            Encoders::Sd(text_encoder) => {
+                EncodedPrompt::Sd(sd_conditioning(text_encoder, &s.unet_cfg, req)?)
+            }
+            Encoders::Sdxl(text_encoder, encoder_2) => {
+                EncodedPrompt::Sdxl(crate::sdxl::text_conditioning(
+                    [text_encoder, encoder_2.as_ref()],
+                    s.sdxl
+                        .as_ref()
+                        .is_some_and(|b| b.force_zeros_for_empty_prompt),
+                    &s.unet_cfg,
+                    req,
+                )?)
+            }
+        })
+    }
+}
+
 /// The loaded UNet of a staged run.
 #[derive(Debug)]
 pub struct UnetStage<'a> {
     staged: &'a StagedPipeline,
     unet: UNet2DConditionModel,
+    _freed: Freed,
 }
 
 impl UnetStage<'_> {
-    /// Samples `req` under `prompt` (from [`StagedPipeline::encode`] for the same request) and
-    /// frees the UNet: the final latents in diffusers' scale. When the observer cancels
+    /// Samples `req` under `prompt` (from [`TextStage::encode`] for the same request): the final
+    /// latents in diffusers' scale. When the observer cancels
     /// ([`crate::sampler::Control::Cancel`]) returns [`EngineError::Cancelled`].
     pub fn sample(
-        self,
+        &self,
         req: &GenerateRequest,
         prompt: &EncodedPrompt,
         observer: &mut dyn Observer,
@@ -409,28 +481,57 @@ impl UnetStage<'_> {
             device: &s.opts.device,
         };
         let shape = s.latent_shape(req);
-        let latents = match (prompt, &s.sdxl) {
-            (EncodedPrompt::Sd(c), None) => {
-                sampling.run(req, shape, c, observer, &mut |_, _| {})?
-            }
+        match (prompt, &s.sdxl) {
+            (EncodedPrompt::Sd(c), None) => sampling.run(req, shape, c, observer, &mut |_, _| {}),
             (EncodedPrompt::Sdxl(c), Some(_)) => {
                 // diffusers' micro-conditioning, the picture's own size and no crop: what a
                 // `Pipeline` uses unless `set_sdxl_options` says otherwise.
                 let size = SizeConditioning::default();
                 let stage = crate::sdxl::base_stage(c.clone(), &size, req, &self.unet)?;
-                sampling.run_sdxl(req, shape, &stage, None, observer, &mut |_, _| {})?
+                sampling.run_sdxl(req, shape, &stage, None, observer, &mut |_, _| {})
             }
-            _ => {
-                return Err(EngineError::InvalidRequest(
-                    "the prompt was encoded for another kind of model; encode it with this one"
-                        .into(),
-                ))
-            }
-        };
-        drop(self.unet);
-        crate::memory::release_freed_memory();
-        log_memory("sampled, UNet freed");
-        Ok(latents)
+            _ => Err(EngineError::InvalidRequest(
+                "the prompt was encoded for another kind of model; encode it with this one".into(),
+            )),
+        }
+    }
+}
+
+/// The loaded VAE of a staged run.
+#[derive(Debug)]
+pub struct VaeStage<'a> {
+    staged: &'a StagedPipeline,
+    vae: AutoencoderKL,
+    _freed: Freed,
+}
+
+impl VaeStage<'_> {
+    /// Decodes `latents` (diffusers scale, from [`UnetStage::sample`]) into pixels in [-1, 1],
+    /// f32, as [`Pipeline::decode`](super::Pipeline::decode). SDXL decodes as the whole
+    /// pipeline does: again from an f32 copy when a half-precision decode overflows.
+    pub fn decode_pixels(&self, latents: &Tensor) -> Result<Tensor> {
+        let s = self.staged;
+        let image = super::decode_with(&self.vae, s.memory.vae_tiling, latents)?;
+        if s.sdxl.is_none() {
+            return Ok(image);
+        }
+        crate::sdxl::redecode_if_overflowed(
+            image,
+            latents,
+            &s.vae_files,
+            &s.vae_cfg,
+            &s.opts.device,
+        )
+    }
+
+    /// [`Self::decode_pixels`] as `req`'s picture.
+    pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
+        Ok(GeneratedImage {
+            width: req.width,
+            height: req.height,
+            pixels: to_rgb8(&self.decode_pixels(latents)?)?,
+            seed: req.seed,
+        })
     }
 }
 
@@ -532,6 +633,68 @@ mod tests {
                 whole,
                 "{half_weights:?}, batch split against the unsplit pipeline"
             );
+        }
+    }
+
+    #[test]
+    fn loras_and_embeddings_apply_as_in_the_pipeline() {
+        // The app's staged jobs: one text stage encodes every prompt of a batch with the LoRA's
+        // text-encoder layers and the embeddings of two folders, one UNet stage samples them all
+        // with the LoRA's UNet layers, then the VAE decodes; pixel for pixel the whole
+        // pipeline's. Two folders: setting them one by one would keep only the last one's.
+        let refs = tiny("../../tests/fixtures/refs");
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let emb = refs.join("tinyemb.safetensors");
+        std::fs::copy(&emb, a.path().join("otheremb.safetensors")).unwrap();
+        std::fs::copy(&emb, b.path().join("tinyemb.safetensors")).unwrap();
+        let dirs = [a.path(), b.path()];
+        let loras = [crate::lora::LoraSpec::new(
+            refs.join("lora_kohya.safetensors"),
+            0.7,
+        )];
+        let opts = LoadOptions::default();
+        let mut whole = Pipeline::load_with_loras(&tiny("sd1"), &opts, &loras).unwrap();
+        assert!(whole.load_embeddings_dirs(&dirs).unwrap().is_empty());
+        let staged = StagedPipeline::open(&tiny("sd1"), &opts).unwrap();
+        let requests: Vec<GenerateRequest> = [(7, "a cat, tinyemb"), (8, "otheremb, a dog")]
+            .into_iter()
+            .map(|(seed, prompt)| GenerateRequest {
+                seed,
+                prompt: prompt.into(),
+                ..request()
+            })
+            .collect();
+
+        let mut set = LoraSet::open(&loras).unwrap();
+        let mut text = staged.load_text_encoders(&mut set).unwrap();
+        assert!(text.load_embeddings_dirs(&dirs).unwrap().is_empty());
+        let names: Vec<&str> = text.embeddings().iter().map(|e| e.name()).collect();
+        assert_eq!(names, ["otheremb", "tinyemb"]);
+        assert_eq!(
+            text.plan_prompt("otheremb, a dog").unwrap().embeddings,
+            ["otheremb"]
+        );
+        let prompts: Vec<EncodedPrompt> =
+            requests.iter().map(|r| text.encode(r).unwrap()).collect();
+        drop(text);
+        let unet = staged.load_unet_with(&mut set).unwrap();
+        let latents: Vec<Tensor> = requests
+            .iter()
+            .zip(&prompts)
+            .map(|(r, p)| unet.sample(r, p, &mut NoObserver).unwrap())
+            .collect();
+        drop(unet);
+        assert!(set.finish().unwrap().is_empty());
+        let vae = staged.load_vae().unwrap();
+        for (req, latents) in requests.iter().zip(&latents) {
+            let image = vae.decode(req, latents).unwrap();
+            assert_eq!(
+                image,
+                whole.generate(req, &mut NoObserver).unwrap(),
+                "{req:?}"
+            );
+            // Able to fail: without the LoRA the picture differs.
+            assert_ne!(image, staged.generate(req, &mut NoObserver).unwrap());
         }
     }
 
