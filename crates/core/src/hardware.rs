@@ -168,6 +168,17 @@ impl GpuProbe for NvmlProbe {
     }
 }
 
+/// The memory the system can give a new allocation now without swapping (Linux `MemAvailable`:
+/// free memory plus reclaimable caches), in bytes; `None` when it cannot be read.
+pub fn available_ram() -> Option<u64> {
+    use sysinfo::{MemoryRefreshKind, RefreshKind, System};
+    let sys = System::new_with_specifics(
+        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()),
+    )
+    .ok()?;
+    Some(sys.available_memory()).filter(|&b| b > 0)
+}
+
 /// Gathers the whole report. Blocking (NVML and /proc reads): call it off the async runtime.
 pub fn system_report(probe: &dyn GpuProbe, build: BuildInfo) -> SystemReport {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
@@ -583,6 +594,22 @@ impl Recommendation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn available_ram_is_read_and_at_most_the_total() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let total_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let free = available_ram().expect("MemAvailable is readable on Linux");
+        assert!(
+            free > 1 << 20 && free <= total_kib * 1024,
+            "{free} of {total_kib} KiB"
+        );
+    }
 
     struct FakeGpu;
     impl GpuProbe for FakeGpu {

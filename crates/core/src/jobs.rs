@@ -200,7 +200,8 @@ pub trait FaultInjector: Send + Sync {
     }
 }
 
-/// Free memory, asked before each job (VRAM of the GPU drawing, or RAM on the CPU).
+/// Free memory in bytes, asked before each job (VRAM of the GPU drawing, or the system's
+/// available RAM).
 pub type FreeMemory = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 
 /// How the worker manages memory; from the settings' "Low-VRAM mode" and the hardware.
@@ -209,8 +210,12 @@ pub struct MemoryPolicy {
     pub low_vram: crate::settings::LowVram,
     /// The strategies "On" uses (see [`crate::hardware::low_vram_options`]).
     pub low_options: MemoryOptions,
-    /// `None`: unknown, so no estimate is made before the job.
+    /// The GPU's free memory. `None`: unknown, so no estimate is made before the job.
     pub free: Option<FreeMemory>,
+    /// The system's available memory, asked before each job drawn on the CPU: in "Auto", a job
+    /// whose models and working memory would not fit in it together is drawn one model at a
+    /// time. `None`: unknown, so never.
+    pub ram_free: Option<FreeMemory>,
     /// The major compute capability of the NVIDIA GPU drawn on (8 for an RTX 3060), which
     /// says whether its attention holds score blocks (`ld_engine::memory::Target::nvidia`).
     /// `None`: unknown, planned as a GPU that holds them.
@@ -223,6 +228,7 @@ impl Default for MemoryPolicy {
             low_vram: crate::settings::LowVram::Auto,
             low_options: MemoryOptions::lowest(),
             free: None,
+            ram_free: None,
             gpu_major: None,
         }
     }
@@ -656,8 +662,10 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         && l.refiner == job.spec.refiner.as_ref().map(|r| r.path.clone()));
     if !hit {
         set_stage(shared, job, Stage::LoadingModel);
-        // Free the old model before loading the new one: two at once may not fit.
+        // Free the old model before loading the new one: two at once may not fit. Returned to
+        // the system, so the free memory measured next counts it.
         *cache = None;
+        ld_engine::memory::release_freed_memory();
     }
     let policy = shared
         .policy
@@ -669,11 +677,11 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if one_model_at_a_time(shared, job, &policy) {
-        // A whole model kept for the next job would hold the memory this mode is for.
+    if let Some(note) = staging(shared, job, &policy, dtype, hit) {
+        // A whole model kept for the next job would hold the memory staging is for.
         *cache = None;
         return match plan_memory(job, &policy, dtype, false) {
-            Ok(memory) => run_staged(shared, job, memory),
+            Ok(memory) => run_staged(shared, job, memory, &note),
             Err(e) => Outcome::Failed(e),
         };
     }
@@ -830,30 +838,68 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
     Outcome::Done
 }
 
-/// Whether `job` draws with one model in memory at a time ([`StagedPipeline`]): "Low-VRAM mode"
-/// On, drawing on the CPU, and a model the stages take (an SD1/SD2/SDXL base folder or single
-/// file, without a refiner). On the CPU the whole pipeline keeps all three models resident, so
-/// SD 1.5 at 512x512 peaks at 3.6 GB even with f16 weights; staged, 2.0 GB. Reading the models
-/// again costs seconds per job against minutes of sampling. On a GPU the recovery chain's
-/// placements (VAE and text encoders on the CPU) already keep only the UNet in VRAM.
-fn one_model_at_a_time(shared: &Shared, job: &Job, policy: &MemoryPolicy) -> bool {
-    policy.low_vram == crate::settings::LowVram::On
-        && shared.config.load.device.is_cpu()
+/// Whether `job` draws with one model in memory at a time ([`StagedPipeline`]), and the note
+/// that says why: drawing on the CPU, a model the stages take (an SD1/SD2/SDXL base folder or
+/// single file, without a refiner), and "Low-VRAM mode" On, or "Auto" when the whole pipeline
+/// would not fit in the available memory (`loaded`: its weights are already in). On the CPU
+/// the whole pipeline keeps all three models resident, so SD 1.5 at 512x512 peaks at 3.6 GB
+/// even with f16 weights; staged, 2.1 GB. Reading the models again costs seconds per job
+/// against minutes of sampling. On a GPU the recovery chain's placements (VAE and text
+/// encoders on the CPU) already keep only the UNet in VRAM.
+fn staging(
+    shared: &Shared,
+    job: &Job,
+    policy: &MemoryPolicy,
+    dtype: DType,
+    loaded: bool,
+) -> Option<String> {
+    use crate::settings::LowVram;
+    let candidate = shared.config.load.device.is_cpu()
         && job.spec.refiner.is_none()
-        && StagedPipeline::supports(&job.spec.model.path).unwrap_or(false)
+        && policy.low_vram != LowVram::Off;
+    if !candidate || !StagedPipeline::supports(&job.spec.model.path).unwrap_or(false) {
+        return None;
+    }
+    if policy.low_vram == LowVram::On {
+        return Some(STAGED_NOTE.to_owned());
+    }
+    let shape = model_shape(&job.spec.model)?;
+    let free = policy.ram_free.as_ref()?()?;
+    let req = &job.spec.images[0];
+    let whole = ld_engine::memory::estimate(
+        &shape,
+        req.width,
+        req.height,
+        req.cfg_scale != 1.0 && !shape.guidance_embedded,
+        dtype,
+        Target::Cpu,
+        &MemoryOptions::default(),
+    );
+    let need = if loaded {
+        whole.peak - whole.weights
+    } else {
+        whole.peak
+    };
+    (need > free).then(|| {
+        format!(
+            "With all its models loaded this picture needs about {} of memory and {} is free, so the text encoder, the drawing model and the VAE were loaded one at a time.",
+            gib(need),
+            gib(free)
+        )
+    })
 }
 
 /// [`run_job`] one model at a time: the text encoder(s) encode every prompt of the batch, then
 /// the UNet samples every picture, then the VAE decodes them, each model freed before the next
 /// loads. Pictures, notes and parameters text are those of the whole pipeline (the stages build
 /// the same models with the same LoRAs and embeddings).
-fn run_staged(shared: &Shared, job: &Job, memory: MemoryOptions) -> Outcome {
+fn run_staged(shared: &Shared, job: &Job, memory: MemoryOptions, note: &str) -> Outcome {
     let spec = &job.spec;
     let model = &spec.model;
     let failed = |e: EngineError| Outcome::Failed(explain(&e, &model.name));
     let cancelled = || job.cancel.load(Ordering::SeqCst);
     set_stage(shared, job, Stage::LoadingModel);
-    push_note(job, STAGED_NOTE);
+    push_note(job, note);
     let source = ld_engine::single_file::ModelSource::new(model.path.clone());
     let mut staged = match StagedPipeline::open_source(&source, &shared.config.load) {
         Ok(s) => s,
@@ -1049,6 +1095,23 @@ fn save_picture(
     }
 }
 
+/// The sizes the memory estimate of `model` works from; `None` when unknown.
+fn model_shape(model: &crate::models::ModelInfo) -> Option<ModelShape> {
+    if model.path.is_file() {
+        // A single-file checkpoint: the published sizes of its family (checkpoints of a family
+        // share the architecture; only their weights differ).
+        match model.family {
+            crate::models::Family::Sd1 => Some(ModelShape::SD1),
+            crate::models::Family::Sd2 => Some(ModelShape::SD2),
+            crate::models::Family::Sdxl => Some(ModelShape::SDXL),
+            crate::models::Family::Unknown => None,
+        }
+    } else {
+        // Unreadable here means the load will fail with its own, better message.
+        ModelShape::from_folder(&model.path).ok()
+    }
+}
+
 /// The strategies a job starts with: the policy's, then (in "Auto" with a known budget) more of
 /// the recovery chain until the estimate fits. Fails when even every strategy is not enough.
 fn plan_memory(
@@ -1069,22 +1132,8 @@ fn plan_memory(
     let Some(free) = free else {
         return Ok(memory);
     };
-    let model = &job.spec.model;
-    let shape = if model.path.is_file() {
-        // A single-file checkpoint: the published sizes of its family (checkpoints of a family
-        // share the architecture; only their weights differ).
-        match model.family {
-            crate::models::Family::Sd1 => ModelShape::SD1,
-            crate::models::Family::Sd2 => ModelShape::SD2,
-            crate::models::Family::Sdxl => ModelShape::SDXL,
-            crate::models::Family::Unknown => return Ok(memory),
-        }
-    } else {
-        match ModelShape::from_folder(&model.path) {
-            Ok(s) => s,
-            // Unreadable here means the load will fail with its own, better message.
-            Err(_) => return Ok(memory),
-        }
+    let Some(shape) = model_shape(&job.spec.model) else {
+        return Ok(memory);
     };
     let req = &job.spec.images[0];
     let target = policy
@@ -1749,7 +1798,7 @@ mod tests {
     }
 
     #[test]
-    fn low_vram_on_the_cpu_draws_one_model_at_a_time_and_the_same_pictures() {
+    fn low_vram_on_or_short_memory_on_the_cpu_draws_one_model_at_a_time_and_the_same_pictures() {
         // Issue 12: with Low-VRAM mode On on the CPU the worker loads the text encoder, the
         // UNet and the VAE one after the other (2.0 instead of 3.6 GB for SD 1.5 at 512x512).
         // A batch of two with a LoRA and an embedding gives the pictures and parameters text
@@ -1801,22 +1850,39 @@ mod tests {
         let whole = wait(svc.submit(job()).unwrap().id);
         svc.set_memory_policy(policy(LowVram::On));
         let staged = wait(svc.submit(job()).unwrap().id);
-        for info in [&whole, &staged] {
+        // "Auto" stages a job only when the system's available memory is short for the whole
+        // pipeline (the tiny model needs a few megabytes).
+        let with_ram = |free: u64| MemoryPolicy {
+            ram_free: Some(Arc::new(move || Some(free))),
+            ..policy(LowVram::Auto)
+        };
+        svc.set_memory_policy(with_ram(u64::MAX));
+        let roomy = wait(svc.submit(job()).unwrap().id);
+        svc.set_memory_policy(with_ram(1 << 20));
+        let short = wait(svc.submit(job()).unwrap().id);
+        for info in [&whole, &staged, &roomy, &short] {
             assert_eq!(info.state, JobState::Done, "{:?}", info.error);
         }
+        let one_at_a_time = |info: &JobInfo| info.notes.iter().any(|n| n.contains("one at a time"));
         assert!(
-            !whole.notes.iter().any(|n| n.contains("one at a time")),
+            !one_at_a_time(&whole) && !one_at_a_time(&roomy),
             "{:?}",
-            whole.notes
+            roomy.notes
         );
+        assert!(one_at_a_time(&staged), "{:?}", staged.notes);
         assert!(
-            staged.notes.iter().any(|n| n.contains("one at a time")),
+            short.notes.iter().any(|n| n.contains("0.0 GB is free, so")),
             "{:?}",
-            staged.notes
+            short.notes
         );
-        let (whole, staged) = (saved(&svc, &whole), saved(&svc, &staged));
+        let (whole, staged, short) = (
+            saved(&svc, &whole),
+            saved(&svc, &staged),
+            saved(&svc, &short),
+        );
         assert_eq!(staged.len(), 2);
         assert_ne!(staged[0].0, staged[1].0, "two seeds, two pictures");
+        assert_eq!(short, staged);
         for ((wp, wt), (sp, st)) in whole.iter().zip(&staged) {
             assert!(wp == sp, "staged pixels differ from the whole pipeline's");
             assert_eq!(wt, st);
