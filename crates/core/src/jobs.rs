@@ -1618,7 +1618,11 @@ mod tests {
             }],
             preset: None,
         };
-        let id = svc.submit(spec).unwrap().id;
+        finished(svc, svc.submit(spec).unwrap().id)
+    }
+
+    /// Job `id` once it has finished (within a minute).
+    fn finished(svc: &JobService, id: String) -> JobInfo {
         for _ in 0..1200 {
             let info = svc.get(&id).unwrap();
             if info.state.is_finished() {
@@ -1830,16 +1834,7 @@ mod tests {
             images: vec![request(3), request(4)],
             preset: None,
         };
-        let wait = |id: String| {
-            for _ in 0..1200 {
-                let info = svc.get(&id).unwrap();
-                if info.state.is_finished() {
-                    return info;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            panic!("job did not finish");
-        };
+        let wait = |id| finished(&svc, id);
         // The same strategies both ways, so only the staging differs.
         let policy = |low_vram| MemoryPolicy {
             low_vram,
