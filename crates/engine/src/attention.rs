@@ -527,12 +527,16 @@ mod tests {
             .unwrap()
     }
 
+    /// Seeded normal values ([`crate::rng::seeded_normal`]).
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        crate::rng::seeded_normal(seed, 0., 1., shape).unwrap()
+    }
+
     #[test]
     fn chunked_and_sliced_match_textbook_attention() {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (2, 37, 24), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1., (2, 11, 24), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1., (2, 11, 24), &dev).unwrap();
+        let q = randn(1, &[2, 37, 24]);
+        let k = randn(2, &[2, 11, 24]);
+        let v = randn(3, &[2, 11, 24]);
         let want = reference(&q, &k, &v, 3, 0.35);
         for opts in [
             AttentionOptions::plain(),

@@ -264,12 +264,16 @@ mod tests {
         d.max(0).unwrap().to_scalar().unwrap()
     }
 
+    /// Seeded normal values ([`crate::rng::seeded_normal`]).
+    fn randn(seed: u64, std: f64, shape: &[usize]) -> Tensor {
+        crate::rng::seeded_normal(seed, 0., std, shape).unwrap()
+    }
+
     /// Against the plain path (whole score matrix, candle matmuls and softmax), with shapes that
     /// give partial query and key tiles, several key tiles (so the running maximum and the
     /// accumulator rescaling are exercised) and several units per thread.
     #[test]
     fn fused_attention_matches_plain_attention() {
-        let dev = Device::Cpu;
         for (b, sq, sk, heads, d, spread) in [
             (2, 300, 600, 3, 8, 3.0),
             (1, 130, 77, 2, 40, 1.0),
@@ -277,9 +281,9 @@ mod tests {
             // Large scores: later tiles raise the running maximum by a lot.
             (1, 64, 700, 1, 16, 8.0),
         ] {
-            let q = Tensor::randn(0f32, spread, (b, sq, heads * d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1., (b, sk, heads * d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1., (b, sk, heads * d), &dev).unwrap();
+            let q = randn(1, spread, &[b, sq, heads * d]);
+            let k = randn(2, 1., &[b, sk, heads * d]);
+            let v = randn(3, 1., &[b, sk, heads * d]);
             let scale = 1.0 / (d as f64).sqrt();
             let plain = AttentionOptions::plain();
             let want =

@@ -909,6 +909,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
+    /// Seeded normal values ([`crate::rng::seeded_normal`]).
+    fn randn(seed: u64, mean: f64, std: f64, shape: &[usize]) -> Tensor {
+        crate::rng::seeded_normal(seed, mean, std, shape).unwrap()
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -959,7 +964,7 @@ mod tests {
 
     #[test]
     fn softmax_matches_candle() {
-        let x = Tensor::randn(0f32, 3., (5, 7, 37), &Device::Cpu).unwrap();
+        let x = randn(1, 0., 3., &[5, 7, 37]);
         let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
         let got = softmax_last_dim(x.copy().unwrap()).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6);
@@ -967,9 +972,8 @@ mod tests {
 
     #[test]
     fn f16_storage_round_trips_like_candles_conversion() {
-        let dev = Device::Cpu;
         // Several threads' worth with a tail; values past f16's precision (up to ~1.4e4).
-        let x = (Tensor::randn(0f32, 3., 300_001, &dev).unwrap() * 1e3).unwrap();
+        let x = (randn(2, 0., 3., &[300_001]) * 1e3).unwrap();
         let half = narrow_f16(&x).unwrap();
         assert_eq!(half.dtype(), DType::F16);
         let want = x.to_dtype(DType::F16).unwrap();
@@ -1009,12 +1013,11 @@ mod tests {
 
     #[test]
     fn group_norm_matches_candle_with_shift_and_silu() {
-        let dev = Device::Cpu;
         // Large enough (> 32k elements) to take the multi-threaded path.
-        let x = Tensor::randn(1f32, 2., (2, 16, 40, 30), &dev).unwrap();
-        let w = Tensor::randn(1f32, 0.5, 16, &dev).unwrap();
-        let b = Tensor::randn(0f32, 0.5, 16, &dev).unwrap();
-        let shift = Tensor::randn(0f32, 1., (2, 16), &dev).unwrap();
+        let x = randn(3, 1., 2., &[2, 16, 40, 30]);
+        let w = randn(4, 1., 0.5, &[16]);
+        let b = randn(5, 0., 0.5, &[16]);
+        let shift = randn(6, 0., 1., &[2, 16]);
         let norm = candle_nn::GroupNorm::new(w.clone(), b.clone(), 16, 4, 1e-5).unwrap();
         let shifted = x
             .broadcast_add(&shift.reshape((2, 16, 1, 1)).unwrap())

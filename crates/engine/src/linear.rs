@@ -356,6 +356,11 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// Seeded normal values ([`crate::rng::seeded_normal`]).
+    fn randn(seed: u64, shape: &[usize]) -> Tensor {
+        crate::rng::seeded_normal(seed, 0., 1., shape).unwrap()
+    }
+
     fn close(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -371,11 +376,10 @@ mod tests {
 
     #[test]
     fn matches_candle_linear_with_and_without_bias() {
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+        let w = randn(1, &[7, 5]);
+        let b = randn(2, &[7]);
         for shape in [vec![3, 5], vec![2, 4, 5], vec![1, 1, 5]] {
-            let x = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
+            let x = randn(3, &shape);
             for bias in [Some(b.clone()), None] {
                 let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
                 let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
@@ -388,10 +392,9 @@ mod tests {
     #[test]
     fn row_views_of_a_weight_work_as_weights() {
         // The feed-forward splits one [2n, in] weight into two row views.
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (8, 6), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
+        let w = randn(4, &[8, 6]);
+        let b = randn(5, &[8]);
+        let x = randn(6, &[2, 3, 6]);
         let half = Linear::new(w.narrow(0, 4, 4).unwrap(), Some(b.narrow(0, 4, 4).unwrap()));
         let whole = Linear::new(w, Some(b)).forward(&x).unwrap();
         let got = half.forward(&x).unwrap();
@@ -400,12 +403,11 @@ mod tests {
 
     #[test]
     fn channel_layouts_match_transposing_copies() {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 6, 3, 5), &dev).unwrap();
-        let w_in = Tensor::randn(0f32, 1.0, (4, 6), &dev).unwrap();
-        let w_out = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
-        let b_in = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
-        let b_out = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        let x = randn(7, &[2, 6, 3, 5]);
+        let w_in = randn(8, &[4, 6]);
+        let w_out = randn(9, &[6, 4]);
+        let b_in = randn(10, &[4]);
+        let b_out = randn(11, &[6]);
         let tokens = x.reshape((2, 6, 15)).unwrap().transpose(1, 2).unwrap();
         for (bi, bo) in [(Some(b_in), Some(b_out)), (None, None)] {
             let lin_in = Linear::new(w_in.clone(), bi.clone());

@@ -860,6 +860,7 @@ pub(crate) mod tests {
         // Issue 12: low-memory mode keeps the VAE's convolution and linear weights in f16 too
         // (the maths stays f32); that must decode exactly what f32 weights rounded to f16 do.
         use crate::pipeline::{HalfWeights, LoadOptions, Pipeline};
+        use crate::rng::NoiseSource;
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny/sd1");
         let tmp = tempfile::tempdir().unwrap();
         let copy = tmp.path().join("sd1");
@@ -871,8 +872,10 @@ pub(crate) mod tests {
         );
         assert!(narrowed > 10, "{narrowed} VAE weights");
 
-        let latents =
-            candle_core::Tensor::randn(0f32, 1., (1, 4, 8, 8), &candle_core::Device::Cpu).unwrap();
+        // Seeded (candle's `Tensor::randn` is not): the same latents on every run.
+        let latents = crate::rng::TorchRng::new(1)
+            .randn_tensor(&[1, 4, 8, 8], &candle_core::Device::Cpu)
+            .unwrap();
         let decode = |dir: &Path, half_weights| {
             let opts = LoadOptions {
                 half_weights,

@@ -40,6 +40,16 @@ pub trait NoiseSource: Send {
     }
 }
 
+/// `mean + std * N(0, 1)` from PyTorch's CPU generator seeded with `seed`, as an f32 CPU tensor:
+/// for tests and measurements that need the same random values on every run (candle's
+/// `Tensor::randn` on the CPU and `VarMap`'s initialisers are unseeded, so a bound that holds for
+/// one run's values can fail on the next).
+pub fn seeded_normal(seed: u64, mean: f64, std: f64, shape: &[usize]) -> Result<Tensor> {
+    Ok(TorchRng::new(seed)
+        .randn_tensor(shape, &Device::Cpu)?
+        .affine(std, mean)?)
+}
+
 /// Which generator turns a seed into noise (A1111's "Random number generator source" setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SeedSource {

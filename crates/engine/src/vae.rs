@@ -660,7 +660,6 @@ impl AutoencoderKL {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::NoiseSource;
     use crate::weights::Weights;
 
     fn tiny_vae() -> AutoencoderKL {
@@ -711,11 +710,8 @@ mod tests {
     fn latents(h: usize, w: usize) -> Tensor {
         // Smooth-ish latents like a real image's, so seams would show: noise plus a gradient.
         // Seeded, so the measured bounds hold on every run.
-        let noise = (crate::rng::TorchRng::new(h as u64 * 1000 + w as u64)
-            .randn_tensor(&[1, 4, h, w], &Device::Cpu)
-            .unwrap()
-            * 0.5)
-            .unwrap();
+        let noise =
+            crate::rng::seeded_normal(h as u64 * 1000 + w as u64, 0., 0.5, &[1, 4, h, w]).unwrap();
         let ramp = Tensor::arange(0f32, w as f32, &Device::Cpu)
             .unwrap()
             .affine(2.0 / w as f64, -1.0)

@@ -23,6 +23,11 @@ fn vars(tensors: &[(&str, &Tensor)], dtype: DType, dev: &Device) -> VarBuilder<'
     VarBuilder::from_tensors(map, dtype, dev)
 }
 
+/// Seeded normal values ([`ld_engine::rng::seeded_normal`]).
+fn randn(seed: u64, mean: f64, std: f64, shape: &[usize]) -> Tensor {
+    ld_engine::rng::seeded_normal(seed, mean, std, shape).unwrap()
+}
+
 /// `t` rounded through `dtype` (so a reference sees exactly the inputs the layer saw).
 fn rounded(t: &Tensor, dtype: DType) -> Tensor {
     t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
@@ -40,9 +45,9 @@ fn convolutions_match_candles_on_the_cpu() {
         (64, 64, 3, 2, 1, 1, 12, 7),
         (64, 48, 1, 1, 0, 2, 5, 6),
     ] {
-        let x = Tensor::randn(0f32, 1., (n, cin, h, w), &cpu).unwrap();
-        let wt = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &cpu).unwrap();
-        let b = Tensor::randn(0f32, 1., cout, &cpu).unwrap();
+        let x = randn(1, 0., 1., &[n, cin, h, w]);
+        let wt = randn(2, 0., 0.1, &[cout, cin, k, k]);
+        let b = randn(3, 0., 1., &[cout]);
         // f16 only on a GPU: on the CPU, half-precision convolutions are candle's own.
         let dtypes: &[DType] = if on_gpu() {
             &[DType::F32, DType::F16]
@@ -84,10 +89,10 @@ fn group_norms_match_candles_on_the_cpu() {
     // (6400 values per channel) for the GPU kernels to split a channel between blocks.
     for &(n, c, groups, h, w) in &[(2, 64, 32, 6, 5), (1, 8, 2, 80, 80)] {
         // A mean far from zero: a one-pass variance in f32 would lose most of its digits.
-        let x = (Tensor::randn(0f32, 1., (n, c, h, w), &cpu).unwrap() + 30.0).unwrap();
-        let wt = Tensor::randn(1f32, 0.3, c, &cpu).unwrap();
-        let b = Tensor::randn(0f32, 0.3, c, &cpu).unwrap();
-        let shift = Tensor::randn(0f32, 2., (n, c), &cpu).unwrap();
+        let x = (randn(4, 0., 1., &[n, c, h, w]) + 30.0).unwrap();
+        let wt = randn(5, 1., 0.3, &[c]);
+        let b = randn(6, 0., 0.3, &[c]);
+        let shift = randn(7, 0., 2., &[n, c]);
         let dtypes: &[DType] = if on_gpu() {
             &[DType::F32, DType::F16]
         } else {
@@ -153,9 +158,9 @@ fn attention_matches_textbook_attention_on_the_cpu() {
     ] {
         // Queries three times larger than unit scores: peaked rows, where a softmax that does
         // not subtract its running maximum correctly goes wrong.
-        let q = Tensor::randn(0f32, 3., (b, sq, heads * d), &cpu).unwrap();
-        let k = Tensor::randn(0f32, 1., (b, sk, heads * d), &cpu).unwrap();
-        let v = Tensor::randn(0f32, 1., (b, sk, heads * d), &cpu).unwrap();
+        let q = randn(8, 0., 3., &[b, sq, heads * d]);
+        let k = randn(9, 0., 1., &[b, sk, heads * d]);
+        let v = randn(10, 0., 1., &[b, sk, heads * d]);
         let scale = 1.0 / (d as f64).sqrt();
         // Half precision only on a GPU: there it is the fused kernel's (Ampere or newer).
         let dtypes: &[DType] = if on_gpu() {
@@ -228,9 +233,9 @@ fn linear_layers_match_candles_on_the_cpu() {
         } else {
             vec![b, n, cin]
         };
-        let x = Tensor::randn(0f32, 1., shape, &cpu).unwrap();
-        let wt = Tensor::randn(0f32, 0.1, (cout, cin), &cpu).unwrap();
-        let bv = Tensor::randn(0f32, 1., cout, &cpu).unwrap();
+        let x = randn(11, 0., 1., &shape);
+        let wt = randn(12, 0., 0.1, &[cout, cin]);
+        let bv = randn(13, 0., 1., &[cout]);
         let dtypes: &[DType] = if on_gpu() {
             &[DType::F32, DType::F16, DType::BF16]
         } else {
@@ -267,11 +272,11 @@ fn geglu_feed_forward_matches_candles_on_the_cpu() {
     let dev = device();
     let cpu = Device::Cpu;
     let (b, n, dim, inner) = (2, 33, 64, 256);
-    let x = Tensor::randn(0f32, 1., (b, n, dim), &cpu).unwrap();
-    let w1 = Tensor::randn(0f32, 0.15, (2 * inner, dim), &cpu).unwrap();
-    let b1 = Tensor::randn(0f32, 0.5, 2 * inner, &cpu).unwrap();
-    let w2 = Tensor::randn(0f32, 0.1, (dim, inner), &cpu).unwrap();
-    let b2 = Tensor::randn(0f32, 0.5, dim, &cpu).unwrap();
+    let x = randn(14, 0., 1., &[b, n, dim]);
+    let w1 = randn(15, 0., 0.15, &[2 * inner, dim]);
+    let b1 = randn(16, 0., 0.5, &[2 * inner]);
+    let w2 = randn(17, 0., 0.1, &[dim, inner]);
+    let b2 = randn(18, 0., 0.5, &[dim]);
     let dtypes: &[DType] = if on_gpu() {
         &[DType::F32, DType::F16]
     } else {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::support::{self, max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use ld_engine::attention::AttentionOptions;
 use ld_engine::unet::{AddedConditions, OneOrMany, UNet2DConditionModel, UNetConfig};
 use ld_engine::vae::{AutoencoderKL, VaeConfig};
@@ -166,14 +166,16 @@ fn tiny_unet_config(base: &str, extra: &str) -> UNetConfig {
     UNetConfig::from_json(&v.to_string()).unwrap()
 }
 
+/// Seeded random weights: candle's `VarMap` draws from an unseeded generator, so a bound that
+/// holds for one run's model could fail for the next.
 fn random_unet(cfg: &UNetConfig) -> UNet2DConditionModel {
-    let map = VarMap::new();
-    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let vb = ld_engine::bench::seeded_weights(DType::F32, &Device::Cpu);
     UNet2DConditionModel::load(vb, cfg).unwrap()
 }
 
-fn randn(shape: &[usize]) -> Tensor {
-    Tensor::randn(0f32, 1., shape, &Device::Cpu).unwrap()
+/// Seeded normal values ([`ld_engine::rng::seeded_normal`]).
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    ld_engine::rng::seeded_normal(seed, 0., 1., shape).unwrap()
 }
 
 #[test]
@@ -194,8 +196,8 @@ fn random_sd1_and_sd2_shaped_unets_run_and_sliced_matches_plain() {
     );
     for cfg in [sd1, sd2] {
         let mut unet = random_unet(&cfg);
-        let x = randn(&[2, 4, 16, 12]);
-        let ctx = randn(&[2, 7, cfg.context_dim()]);
+        let x = randn(1, &[2, 4, 16, 12]);
+        let ctx = randn(2, &[2, 7, cfg.context_dim()]);
         unet.set_attention_options(AttentionOptions::plain());
         let plain = unet.forward(&x, 981.0, &ctx).unwrap();
         assert_eq!(plain.dims(), &[2, 4, 16, 12]);
@@ -221,8 +223,8 @@ fn random_sdxl_shaped_unet_runs_with_added_conditions() {
             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}"#,
     );
     let unet = random_unet(&cfg);
-    let x = randn(&[2, 4, 8, 8]);
-    let ctx = randn(&[2, 5, 16]);
+    let x = randn(1, &[2, 4, 8, 8]);
+    let ctx = randn(2, &[2, 5, 16]);
     // Without text_embeds/time_ids the model cannot run: a clear error, not a panic.
     let err = unet.forward(&x, 10.0, &ctx).unwrap_err().to_string();
     assert!(err.contains("text_embeds"), "{err}");
@@ -233,7 +235,7 @@ fn random_sdxl_shaped_unet_runs_with_added_conditions() {
     )
     .unwrap();
     let added = AddedConditions {
-        text_embeds: randn(&[2, 12]),
+        text_embeds: randn(3, &[2, 12]),
         time_ids: ids,
     };
     let out = unet.forward_with(&x, 10.0, &ctx, Some(&added)).unwrap();
@@ -250,19 +252,19 @@ fn unet_rejects_bad_inputs_with_errors() {
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}"#,
     );
     let unet = random_unet(&cfg);
-    let ctx = randn(&[1, 3, 16]);
+    let ctx = randn(1, &[1, 3, 16]);
     // A side that is not a multiple of the downsampling factor is fine (diffusers resizes the
     // up blocks to their skips); the output keeps the input's size.
-    let odd = unet.forward(&randn(&[1, 4, 10, 7]), 1.0, &ctx).unwrap();
+    let odd = unet.forward(&randn(2, &[1, 4, 10, 7]), 1.0, &ctx).unwrap();
     assert_eq!(odd.dims(), &[1, 4, 10, 7]);
     let cases: [(Tensor, Tensor, &str); 6] = [
-        (randn(&[1, 3, 8, 8]), ctx.clone(), "channels"),
-        (randn(&[1, 4, 0, 8]), ctx.clone(), "must not be empty"),
-        (randn(&[1, 4, 8]), ctx.clone(), "[batch, channels"),
-        (randn(&[1, 4, 8, 8]), randn(&[1, 3, 12]), "12 wide"),
-        (randn(&[2, 4, 8, 8]), ctx.clone(), "batch of 2"),
+        (randn(3, &[1, 3, 8, 8]), ctx.clone(), "channels"),
+        (randn(4, &[1, 4, 0, 8]), ctx.clone(), "must not be empty"),
+        (randn(5, &[1, 4, 8]), ctx.clone(), "[batch, channels"),
+        (randn(6, &[1, 4, 8, 8]), randn(7, &[1, 3, 12]), "12 wide"),
+        (randn(8, &[2, 4, 8, 8]), ctx.clone(), "batch of 2"),
         (
-            randn(&[1, 4, 8, 8]).to_dtype(DType::F16).unwrap(),
+            randn(9, &[1, 4, 8, 8]).to_dtype(DType::F16).unwrap(),
             ctx.clone(),
             "F16",
         ),
@@ -271,7 +273,9 @@ fn unet_rejects_bad_inputs_with_errors() {
         let err = unet.forward(&x, 1.0, &c).unwrap_err().to_string();
         assert!(err.contains(want), "{err:?} should mention {want:?}");
     }
-    assert!(unet.forward(&randn(&[1, 4, 8, 8]), f64::NAN, &ctx).is_err());
+    assert!(unet
+        .forward(&randn(10, &[1, 4, 8, 8]), f64::NAN, &ctx)
+        .is_err());
 }
 
 #[test]
@@ -282,13 +286,12 @@ fn random_vae_round_trip_shapes_and_sliced_attention() {
             "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#,
     )
     .unwrap();
-    let map = VarMap::new();
     let mut vae = AutoencoderKL::load(
-        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        ld_engine::bench::seeded_weights(DType::F32, &Device::Cpu),
         &cfg,
     )
     .unwrap();
-    let img = randn(&[1, 3, 32, 24]);
+    let img = randn(1, &[1, 3, 32, 24]);
     let dist = vae.encode(&img).unwrap();
     assert_eq!(dist.mean.dims(), &[1, 4, 8, 6]);
     assert_eq!(dist.logvar.dims(), &[1, 4, 8, 6]);
@@ -301,8 +304,11 @@ fn random_vae_round_trip_shapes_and_sliced_attention() {
     let d = max_abs_diff(&plain, &sliced);
     assert!(d < 1e-5, "sliced vs plain VAE: {d}");
     // An image that the encoder cannot downsample evenly, or latents with 3 channels.
-    assert!(vae.encode(&randn(&[1, 3, 30, 24])).is_err());
-    let err = vae.decode(&randn(&[1, 3, 8, 8])).unwrap_err().to_string();
+    assert!(vae.encode(&randn(2, &[1, 3, 30, 24])).is_err());
+    let err = vae
+        .decode(&randn(3, &[1, 3, 8, 8]))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("channels"), "{err}");
 }
 
