@@ -725,12 +725,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         if job.cancel.load(Ordering::SeqCst) {
             return Outcome::Cancelled;
         }
-        job.skip.store(false, Ordering::SeqCst);
-        job.info.send_modify(|i| {
-            i.image = index;
-            i.step = 0;
-            i.stage = Stage::Sampling;
-        });
+        start_image(job, index);
         let mut recovered: Vec<String> = Vec::new();
         let mut tried: Vec<&'static str> = Vec::new();
         let latents = loop {
@@ -964,12 +959,7 @@ fn run_staged(shared: &Shared, job: &Job, memory: MemoryOptions, note: &str) -> 
         if cancelled() {
             return Outcome::Cancelled;
         }
-        job.skip.store(false, Ordering::SeqCst);
-        job.info.send_modify(|i| {
-            i.image = index;
-            i.step = 0;
-            i.stage = Stage::Sampling;
-        });
+        start_image(job, index);
         let mut observer = JobObserver {
             shared,
             job,
@@ -1271,6 +1261,16 @@ fn note(_shared: &Shared, job: &Job, recovered: &mut Vec<String>, step: &str, st
 const STAGED_NOTE: &str = "Low-VRAM mode: the text encoder, the drawing model and the VAE were loaded one at a time, which needs about half the memory and adds a few seconds of loading.";
 
 const BLACK_IMAGE_NOTE: &str = "The picture came out black (the VAE overflowed in half precision), so it was decoded again in full precision (fp32).";
+
+/// Marks image `index` of the batch as being sampled; a skip was meant for the one before.
+fn start_image(job: &Job, index: usize) {
+    job.skip.store(false, Ordering::SeqCst);
+    job.info.send_modify(|i| {
+        i.image = index;
+        i.step = 0;
+        i.stage = Stage::Sampling;
+    });
+}
 
 fn push_note(job: &Job, text: &str) {
     job.info.send_modify(|i| i.notes.push(text.to_owned()));
