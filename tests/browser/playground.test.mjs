@@ -106,6 +106,34 @@ describe('Playground', { timeout: 120_000 }, () => {
     await h.checkNoProblems();
   });
 
+  test('what the app changed for a picture is listed under it', async () => {
+    // Low graphics-memory mode On, drawing on the processor (as here): each model loads on its
+    // own, and the job says so.
+    const session = await h.token();
+    const ui = (method, path, body) => h.api(method, path, body, { 'X-LD-Session': session });
+    const { body: saved } = await ui('GET', '/api/v1/settings');
+    assert.equal((await ui('PUT', '/api/v1/settings', { ...saved, low_vram: 'on' })).status, 200);
+    try {
+      await h.goto('#/playground');
+      await page.locator('[data-testid="model-select"] option').nth(1).waitFor({ state: 'attached' });
+      await fillForm({ prompt: `a ${uniqueWord('lowmem')} harbour`, steps: 2 });
+      await page.getByTestId('generate').click();
+      await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
+      const notes = page.getByTestId('job-notes');
+      await notes.waitFor();
+      assert.match((await notes.textContent()) ?? '', /loaded one at a time/);
+    } finally {
+      await ui('PUT', '/api/v1/settings', saved);
+    }
+    // An ordinary picture has nothing to list.
+    await fillForm({ prompt: `a ${uniqueWord('plain')} harbour`, steps: 2 });
+    await page.getByTestId('generate').click();
+    await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
+    await page.getByTestId('result-image').waitFor();
+    assert.equal(await page.getByTestId('job-notes').count(), 0);
+    await h.checkNoProblems();
+  });
+
   test('an empty prompt is explained instead of sent', async () => {
     await page.getByTestId('prompt').fill('');
     await page.getByTestId('generate').click();

@@ -345,6 +345,8 @@ export interface JobInfo {
   eta_ms: number | null;
   images: ImageRecord[];
   error: ErrorBody | null;
+  /** What the app changed to make the picture fit or look right, in words for the user. */
+  notes?: string[];
   created_at: number;
   started_at: number | null;
   finished_at: number | null;
