@@ -681,7 +681,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         // A whole model kept for the next job would hold the memory staging is for.
         *cache = None;
         return match plan_memory(job, &policy, dtype, false) {
-            Ok(memory) => run_staged(shared, job, memory, &note),
+            Ok(memory) => run_staged(shared, job, memory, &note, faults.as_deref()),
             Err(e) => Outcome::Failed(e),
         };
     }
@@ -888,7 +888,13 @@ fn staging(
 /// the UNet samples every picture, then the VAE decodes them, each model freed before the next
 /// loads. Pictures, notes and parameters text are those of the whole pipeline (the stages build
 /// the same models with the same LoRAs and embeddings).
-fn run_staged(shared: &Shared, job: &Job, memory: MemoryOptions, note: &str) -> Outcome {
+fn run_staged(
+    shared: &Shared,
+    job: &Job,
+    memory: MemoryOptions,
+    note: &str,
+    faults: Option<&dyn FaultInjector>,
+) -> Outcome {
     let spec = &job.spec;
     let model = &spec.model;
     let failed = |e: EngineError| Outcome::Failed(explain(&e, &model.name));
@@ -996,8 +1002,9 @@ fn run_staged(shared: &Shared, job: &Job, memory: MemoryOptions, note: &str) -> 
                     Err(e) => return failed(e),
                 },
             };
+            let broken = faults.is_some_and(|f| f.corrupt_output(&memory));
             match loaded.decode_pixels(&latents) {
-                Ok(img) if !memory.vae_f32 && is_broken_image(&img) => {
+                Ok(img) if !memory.vae_f32 && (broken || is_broken_image(&img)) => {
                     // As in `run_job`: an fp16 VAE that overflowed decodes again in fp32.
                     memory.vae_f32 = true;
                     recovered.push("black image: VAE in fp32".into());
@@ -1942,19 +1949,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let svc = service(&dir);
         svc.set_fault_injector(Some(Arc::new(Black)));
-        let info = run(&svc);
-        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
-        assert!(
-            info.notes[0].contains("decoded again in full precision (fp32)"),
-            "{:?}",
-            info.notes
-        );
-        let params = &info.images[0].parameters;
-        assert!(params.contains("VAE precision: fp32"), "{params}");
-        assert!(
-            params.contains("Recovered: \"black image: VAE in fp32\""),
-            "{params}"
-        );
+        // Whole, then one model at a time (Low-VRAM mode On on the CPU).
+        for low_vram in [LowVram::Auto, LowVram::On] {
+            svc.set_memory_policy(MemoryPolicy {
+                low_vram,
+                ..Default::default()
+            });
+            let info = run(&svc);
+            assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+            assert!(
+                info.notes
+                    .iter()
+                    .any(|n| n.contains("decoded again in full precision (fp32)")),
+                "{low_vram:?}: {:?}",
+                info.notes
+            );
+            let params = &info.images[0].parameters;
+            assert!(params.contains("VAE precision: fp32"), "{params}");
+            assert!(
+                params.contains("Recovered: \"black image: VAE in fp32\""),
+                "{params}"
+            );
+        }
     }
 
     #[test]
