@@ -54,6 +54,8 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: args::Options) -> anyhow::Result<ExitCode> {
+    // Before the window's and the server's threads start.
+    ld_server::prepare_allocator(opts.data_dir.as_deref());
     let failed = Arc::new(AtomicBool::new(false));
     let failed_in_setup = failed.clone();
     let app = tauri::Builder::default()

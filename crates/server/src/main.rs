@@ -141,6 +141,7 @@ fn serve(
     api_key: Option<String>,
     models_dirs: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
+    ld_server::prepare_allocator(Some(data.root()));
     let rt = tokio::runtime::Runtime::new().context("could not start the async runtime")?;
     rt.block_on(async move {
         let server = ld_server::bind(ld_server::ServeOptions {

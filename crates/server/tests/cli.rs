@@ -124,7 +124,11 @@ fn low_memory_generation_draws_sd1_and_sdxl_folders_in_stages() {
         let out = low_memory_generate(dir.path(), &model, &[], &out_file);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{family}: {stderr}");
-        assert!(stderr.contains("sampled, UNet freed"), "{family}: {stderr}");
+        let at = |line: &str| stderr.find(line);
+        assert!(
+            matches!((at("sampled, UNet freed"), at("VAE loaded")), (Some(u), Some(v)) if u < v),
+            "{family}: the UNet must be freed before the VAE loads: {stderr}"
+        );
         let png = std::fs::read(&out_file).unwrap();
         let info = png::Decoder::new(std::io::Cursor::new(&png[..]))
             .read_info()

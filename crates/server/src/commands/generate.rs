@@ -82,6 +82,10 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
+    if args.low_memory {
+        // Before any compute thread starts.
+        ld_engine::memory::share_one_arena();
+    }
     let (sampler, schedule) =
         sampler_and_schedule(args.sampler.as_deref(), args.schedule.as_deref())?;
     let seed_source = SeedSource::from_name(&args.seed_source).with_context(|| {
@@ -200,11 +204,14 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         }
         staged.validate(&req)?;
         let prompt = staged.encode(&req)?;
-        let unet = staged
-            .load_unet()
-            .with_context(|| format!("could not load the UNet in {}", model_dir.display()))?;
-        loaded(&bar);
-        let latents = unet.sample(&req, &prompt, &mut observer)?;
+        let latents = {
+            let unet = staged
+                .load_unet()
+                .with_context(|| format!("could not load the UNet in {}", model_dir.display()))?;
+            loaded(&bar);
+            unet.sample(&req, &prompt, &mut observer)?
+            // The UNet is freed here, before the VAE loads.
+        };
         staged.decode(&req, &latents)?
     } else {
         let mut pipeline = Pipeline::load_source(&source, &opts)
