@@ -852,36 +852,62 @@ fn staging(
     let candidate = shared.config.load.device.is_cpu()
         && job.spec.refiner.is_none()
         && policy.low_vram != LowVram::Off;
-    if !candidate || !StagedPipeline::supports(&job.spec.model.path).unwrap_or(false) {
+    if !candidate {
         return None;
     }
-    if policy.low_vram == LowVram::On {
-        return Some(STAGED_NOTE.to_owned());
-    }
-    let shape = model_shape(&job.spec.model)?;
-    let free = policy.ram_free.as_ref()?()?;
-    let req = &job.spec.images[0];
-    let whole = ld_engine::memory::estimate(
-        &shape,
-        req.width,
-        req.height,
-        req.cfg_scale != 1.0 && !shape.guidance_embedded,
-        dtype,
-        Target::Cpu,
-        &MemoryOptions::default(),
-    );
-    let need = if loaded {
-        whole.peak - whole.weights
+    let note = if policy.low_vram == LowVram::On {
+        STAGED_NOTE.to_owned()
     } else {
-        whole.peak
-    };
-    (need > free).then(|| {
+        let shape = model_shape(&job.spec.model)?;
+        let free = policy.ram_free.as_ref()?()?;
+        let need = job_need(
+            job,
+            &shape,
+            dtype,
+            Target::Cpu,
+            &MemoryOptions::default(),
+            loaded,
+        );
+        if need <= free {
+            return None;
+        }
         format!(
             "With all its models loaded this picture needs about {} of memory and {} is free, so the text encoder, the drawing model and the VAE were loaded one at a time.",
             gib(need),
             gib(free)
         )
-    })
+    };
+    // Last: it reads the model's headers.
+    StagedPipeline::supports(&job.spec.model.path)
+        .unwrap_or(false)
+        .then_some(note)
+}
+
+/// The estimated peak memory of `job`'s first picture with `memory`'s strategies on `target`;
+/// without the weights when the model is already `loaded` (they are out of the free figure).
+fn job_need(
+    job: &Job,
+    shape: &ModelShape,
+    dtype: DType,
+    target: Target,
+    memory: &MemoryOptions,
+    loaded: bool,
+) -> u64 {
+    let req = &job.spec.images[0];
+    let e = ld_engine::memory::estimate(
+        shape,
+        req.width,
+        req.height,
+        req.cfg_scale != 1.0 && !shape.guidance_embedded,
+        dtype,
+        target,
+        memory,
+    );
+    if loaded {
+        e.peak - e.weights
+    } else {
+        e.peak
+    }
 }
 
 /// [`run_job`] one model at a time: the text encoder(s) encode every prompt of the batch, then
@@ -1132,28 +1158,11 @@ fn plan_memory(
     let Some(shape) = model_shape(&job.spec.model) else {
         return Ok(memory);
     };
-    let req = &job.spec.images[0];
+    // Planned only against a GPU's free memory (`policy.free` is `None` on the CPU).
     let target = policy
         .gpu_major
         .map_or(Target::Gpu, |major| Target::nvidia(major, dtype));
-    let need = |m: &MemoryOptions| {
-        let e = ld_engine::memory::estimate(
-            &shape,
-            req.width,
-            req.height,
-            req.cfg_scale != 1.0 && !shape.guidance_embedded,
-            dtype,
-            // Planned only against a GPU's free memory (`policy.free` is `None` on the CPU).
-            target,
-            m,
-        );
-        // A loaded model's weights are already out of the free figure.
-        if loaded {
-            e.peak - e.weights
-        } else {
-            e.peak
-        }
-    };
+    let need = |m: &MemoryOptions| job_need(job, &shape, dtype, target, m, loaded);
     let first = need(&memory);
     let mut turned_on = Vec::new();
     while need(&memory) > free {
