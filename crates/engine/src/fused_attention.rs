@@ -303,8 +303,40 @@ mod micro {
 
     /// The keys and values of every (batch, head), laid out for the kernels.
     pub(super) struct Packed {
-        pub(super) keys: Vec<f32>,
-        pub(super) values: Vec<f32>,
+        pub(super) keys: Lines,
+        pub(super) values: Lines,
+    }
+
+    /// One 64-byte cache line of f32s.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([f32; 16]);
+
+    /// A zeroed f32 buffer that starts on a cache line, so each 16-key row of a key panel and
+    /// each row of a 16-column value run is one whole line, and no vector load straddles two.
+    pub(super) struct Lines {
+        lines: Vec<Line>,
+        len: usize,
+    }
+
+    impl Lines {
+        fn zeroed(len: usize) -> Self {
+            Self {
+                lines: vec![Line([0.0; 16]); len.div_ceil(16)],
+                len,
+            }
+        }
+
+        fn as_slice(&self) -> &[f32] {
+            // SAFETY: `Line` is `repr(C)` around `[f32; 16]` (no padding), so the lines are
+            // `16 * lines.len() >= len` contiguous, initialised f32s.
+            unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+        }
+
+        fn as_mut_slice(&mut self) -> &mut [f32] {
+            // SAFETY: as in `as_slice`, borrowed mutably.
+            unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+        }
     }
 
     /// Keys per packed panel: the score kernel's width, two 8-lane vectors.
@@ -331,11 +363,11 @@ mod micro {
     /// `k` (`[batch, keys, heads * d]`) as, per (batch, head), `ceil(keys / 16)` panels of
     /// `[d][16]`: key `j` of a panel in lane `j`, the missing keys of the last panel zero. The
     /// score kernel then reads each of its steps' 16 keys as two aligned-in-order vectors.
-    pub(super) fn pack_keys(k: &[f32], batch: usize, sh: &Dims) -> Vec<f32> {
+    pub(super) fn pack_keys(k: &[f32], batch: usize, sh: &Dims) -> Lines {
         let (sk, inner, d, heads) = (sh.sk, sh.inner, sh.d, sh.heads);
         let per_head = sk.div_ceil(PANEL) * d * PANEL;
-        let mut out = vec![0f32; batch * heads * per_head];
-        kernels::par_units(&mut out, None, per_head, |part, _, first| {
+        let mut out = Lines::zeroed(batch * heads * per_head);
+        kernels::par_units(out.as_mut_slice(), None, per_head, |part, _, first| {
             for (n, dst) in part.chunks_exact_mut(per_head).enumerate() {
                 let (bi, h) = ((first + n) / heads, (first + n) % heads);
                 for j in 0..sk {
@@ -355,11 +387,11 @@ mod micro {
     /// kernel then reads one cache line per key, in order, and a key tile's run (16 KiB) stays
     /// in L1 while every query row block of the tile uses it. Read in place (rows 1280 bytes
     /// apart in SD 1.5's 4096-token layers), it was fetched from L2 for every row block.
-    pub(super) fn pack_values(v: &[f32], batch: usize, sh: &Dims) -> Vec<f32> {
+    pub(super) fn pack_values(v: &[f32], batch: usize, sh: &Dims) -> Lines {
         let (sk, inner, d, heads) = (sh.sk, sh.inner, sh.d, sh.heads);
         let per_head = sk * d;
-        let mut out = vec![0f32; batch * heads * per_head];
-        kernels::par_units(&mut out, None, per_head, |part, _, first| {
+        let mut out = Lines::zeroed(batch * heads * per_head);
+        kernels::par_units(out.as_mut_slice(), None, per_head, |part, _, first| {
             for (n, dst) in part.chunks_exact_mut(per_head).enumerate() {
                 let (bi, h) = ((first + n) / heads, (first + n) % heads);
                 let mut c = 0;
@@ -399,8 +431,8 @@ mod micro {
         let (sk, d) = (sh.sk, sh.d);
         let rows = load_queries(sh, scale, q, t, sc);
         let per_head = sk.div_ceil(PANEL) * d * PANEL;
-        let keys_of_head = &packed.keys[t.bh * per_head..][..per_head];
-        let values_of_head = &packed.values[t.bh * sk * d..][..sk * d];
+        let keys_of_head = &packed.keys.as_slice()[t.bh * per_head..][..per_head];
+        let values_of_head = &packed.values.as_slice()[t.bh * sk * d..][..sk * d];
         for k0 in (0..sk).step_by(K_BLOCK) {
             let keys = K_BLOCK.min(sk - k0);
             // Panel k0 / 16 starts at (k0 / 16) * d * 16 = k0 * d.
