@@ -220,7 +220,6 @@ unsafe fn attend_tile(
         let rescale = kernels::online_softmax_tile(
             &mut sc.s[..rows * keys],
             keys,
-            keys,
             &mut sc.max[..rows],
             &mut sc.sum[..rows],
             &mut sc.alpha[..rows],

@@ -225,15 +225,13 @@ simd_dispatch!(softmax_rows(part: &mut [f32], n: usize) {
 
 simd_dispatch!(online_softmax_rows(
     s: &mut [f32],
-    stride: usize,
     keys: usize,
     max: &mut [f32],
     sum: &mut [f32],
     alpha: &mut [f32],
     changed: &mut bool
 ) {
-    for (((row, m), l), a) in s.chunks_mut(stride).zip(max).zip(sum).zip(alpha) {
-        let row = &mut row[..keys];
+    for (((row, m), l), a) in s.chunks_exact_mut(keys).zip(max).zip(sum).zip(alpha) {
         let m_new = lane_max(row).max(*m);
         let total = exp_sum::<FMA>(row, m_new);
         // exp(-inf) = 0 for the first tile: the empty accumulator needs no weight.
@@ -244,20 +242,19 @@ simd_dispatch!(online_softmax_rows(
     }
 });
 
-/// One key tile of an online softmax (see `fused_attention`): turns the scores `s` (rows of
-/// `keys` scores, `stride` apart) into `exp(score - running max)` in place, updates each row's
-/// running maximum and sum, and stores in `alpha` the factor each row's accumulated output must
-/// be multiplied by. Returns whether any such factor differs from 1.
+/// One key tile of an online softmax (see `fused_attention`): turns the scores `s`
+/// (`[rows, keys]`) into `exp(score - running max)` in place, updates each row's running
+/// maximum and sum, and stores in `alpha` the factor each row's accumulated output must be
+/// multiplied by. Returns whether any such factor differs from 1.
 pub(crate) fn online_softmax_tile(
     s: &mut [f32],
-    stride: usize,
     keys: usize,
     max: &mut [f32],
     sum: &mut [f32],
     alpha: &mut [f32],
 ) -> bool {
     let mut changed = false;
-    online_softmax_rows(s, stride, keys, max, sum, alpha, &mut changed);
+    online_softmax_rows(s, keys, max, sum, alpha, &mut changed);
     changed
 }
 
