@@ -861,13 +861,26 @@ fn staging(
         let shape = model_shape(&job.spec.model)?;
         let free = policy.ram_free.as_ref()?()?;
         let need = job_need(
-            job,
+            &job.spec,
             &shape,
             dtype,
             Target::Cpu,
             &MemoryOptions::default(),
             loaded,
         );
+        // The estimate counts the UNet's weights in `dtype`; on the CPU a model whose UNet file
+        // is f16 keeps them in f16 (`LoadOptions::half_weights`), half of that. Only read (from
+        // the file headers) when it could change the answer.
+        let need = if need > free && !loaded && dtype == DType::F32 {
+            let half = shared
+                .config
+                .load
+                .unet_stores_half(&job.spec.model.path, !job.spec.loras.is_empty())
+                .unwrap_or(false);
+            need.saturating_sub(if half { shape.unet_params * 2 } else { 0 })
+        } else {
+            need
+        };
         if need <= free {
             return None;
         }
@@ -883,17 +896,17 @@ fn staging(
         .then_some(note)
 }
 
-/// The estimated peak memory of `job`'s first picture with `memory`'s strategies on `target`;
+/// The estimated peak memory of `spec`'s first picture with `memory`'s strategies on `target`;
 /// without the weights when the model is already `loaded` (they are out of the free figure).
 fn job_need(
-    job: &Job,
+    spec: &ComposedJob,
     shape: &ModelShape,
     dtype: DType,
     target: Target,
     memory: &MemoryOptions,
     loaded: bool,
 ) -> u64 {
-    let req = &job.spec.images[0];
+    let req = &spec.images[0];
     let e = ld_engine::memory::estimate(
         shape,
         req.width,
@@ -1162,7 +1175,7 @@ fn plan_memory(
     let target = policy
         .gpu_major
         .map_or(Target::Gpu, |major| Target::nvidia(major, dtype));
-    let need = |m: &MemoryOptions| job_need(job, &shape, dtype, target, m, loaded);
+    let need = |m: &MemoryOptions| job_need(&job.spec, &shape, dtype, target, m, loaded);
     let first = need(&memory);
     let mut turned_on = Vec::new();
     while need(&memory) > free {
@@ -1902,6 +1915,95 @@ mod tests {
                 "{st}"
             );
         }
+    }
+
+    #[test]
+    fn auto_counts_an_f16_unet_at_half_its_size_on_the_cpu() {
+        // Issue 12: on the CPU a UNet stored in f16 keeps its weights in f16 (lossless), so
+        // "Auto" must not load the models one at a time for memory that an f32 UNet would need
+        // and this one does not. With LoRAs merged in, f16 storage would be lossy: f32 again.
+        let dir = tempfile::tempdir().unwrap();
+        let f16_dir = dir.path().join("sd1-f16");
+        let src = tiny_model().path;
+        for entry in walk(&src) {
+            let to = f16_dir.join(entry.strip_prefix(&src).unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &to).unwrap();
+        }
+        let unet = f16_dir.join("unet/diffusion_pytorch_model.safetensors");
+        let tensors = candle_core::safetensors::load(&unet, &candle_core::Device::Cpu).unwrap();
+        let f16: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&f16, &unet).unwrap();
+        let f16_model = crate::models::scan(&f16_dir, &[]).remove(0);
+
+        let svc = service(&dir);
+        let refs =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs");
+        let job = |model: crate::models::ModelInfo, loras: Vec<LoraSpec>| ComposedJob {
+            model,
+            loras,
+            embedding_dirs: Vec::new(),
+            refiner: None,
+            images: vec![GenerateRequest {
+                prompt: "a red fox".into(),
+                steps: 1,
+                width: 64,
+                height: 64,
+                seed: 1,
+                ..Default::default()
+            }],
+            preset: None,
+        };
+        // Just short of what the whole pipeline needs with an f32 UNet.
+        let shape = model_shape(&tiny_model()).unwrap();
+        let f32_need = job_need(
+            &job(tiny_model(), Vec::new()),
+            &shape,
+            DType::F32,
+            Target::Cpu,
+            &MemoryOptions::default(),
+            false,
+        );
+        assert!(shape.unet_params * 2 > 1);
+        let free = f32_need - 1;
+        svc.set_memory_policy(MemoryPolicy {
+            low_vram: LowVram::Auto,
+            low_options: MemoryOptions::default(),
+            ram_free: Some(Arc::new(move || Some(free))),
+            ..Default::default()
+        });
+        let one_at_a_time = |model, loras| {
+            let info = finished(&svc, svc.submit(job(model, loras)).unwrap().id);
+            assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+            info.notes.iter().any(|n| n.contains("one at a time"))
+        };
+        let lora = || vec![LoraSpec::new(refs.join("lora_kohya.safetensors"), 0.7)];
+        assert!(one_at_a_time(tiny_model(), Vec::new()), "f32 UNet: short");
+        assert!(
+            !one_at_a_time(f16_model.clone(), Vec::new()),
+            "f16 UNet: fits"
+        );
+        assert!(
+            one_at_a_time(f16_model, lora()),
+            "f16 UNet with a LoRA: f32"
+        );
+    }
+
+    /// Every file under `dir`.
+    fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     struct Always;

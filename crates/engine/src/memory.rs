@@ -861,6 +861,20 @@ pub(crate) mod tests {
             .collect();
         candle_core::safetensors::save(&f16, &file).unwrap();
         assert!(crate::weights::Weights::open(&file).unwrap().all_f16());
+        // What the job service's memory estimate asks before a load.
+        let stores = |dir: &Path, half_weights: HalfWeights, loras: bool| {
+            let opts = LoadOptions {
+                half_weights,
+                ..Default::default()
+            };
+            opts.unet_stores_half(dir, loras).unwrap()
+        };
+        assert!(stores(&f16_copy, HalfWeights::WhenLossless, false));
+        assert!(!stores(&f16_copy, HalfWeights::WhenLossless, true));
+        assert!(!stores(&f16_copy, HalfWeights::Off, false));
+        assert!(!stores(&src, HalfWeights::WhenLossless, false));
+        assert!(stores(&src, HalfWeights::On, true));
+        assert!(stores(&file, HalfWeights::WhenLossless, false));
         assert_eq!(
             max_abs_diff(
                 &latents_with(&f16_copy, HalfWeights::WhenLossless),

@@ -69,6 +69,19 @@ impl LoadOptions {
         self.stores_half_on(f16_file, self.dtype, &self.device)
     }
 
+    /// Whether the UNet of the model at `path` (a diffusers folder or a single `.safetensors`
+    /// checkpoint) gets f16 storage under these options ([`LoadOptions::stores_half`]), with
+    /// `loras` (taken as merged into it, which makes f16 storage lossy). Reads headers only: for
+    /// memory estimates before a load.
+    pub fn unet_stores_half(&self, path: &Path, loras: bool) -> Result<bool> {
+        let weights = if path.is_dir() {
+            Weights::open_all(&ModelFolder::open(path)?.weight_files("unet")?)?
+        } else {
+            Weights::open(path)?
+        };
+        Ok(self.stores_half(weights.all_f16() && !loras))
+    }
+
     /// [`LoadOptions::stores_half`] for a model placed in `dtype` on `device` (the VAE may run
     /// elsewhere than the UNet): only on the CPU in f32.
     fn stores_half_on(&self, f16_file: bool, dtype: DType, device: &Device) -> bool {
