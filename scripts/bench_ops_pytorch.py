@@ -76,6 +76,7 @@ CASES = [
     ("unet self-attn 4096 tok 8x40 b2", lambda: attn(4096, 4096, 8, 40, 2)),
     ("unet cross-attn 4096x77 8x40 b2", lambda: attn(4096, 77, 8, 40, 2)),
     ("unet self-attn 1024 tok 8x80 b2", lambda: attn(1024, 1024, 8, 80, 2)),
+    ("sdxl self-attn 4096 tok 10x64 b2", lambda: attn(4096, 4096, 10, 64, 2)),
     ("unet linear 320->320 4096 tok b2", lambda: linear(4096, 320, 320, 2)),
     ("unet linear 320->2560 4096 tok b2", lambda: linear(4096, 320, 2560, 2)),
     ("unet linear 1280->320 4096 tok b2", lambda: linear(4096, 1280, 320, 2)),

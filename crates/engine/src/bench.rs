@@ -270,7 +270,7 @@ pub struct OpCase {
 /// `attention` picks the attention path (fused or chunked) the attention cases use.
 pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<OpCase>> {
     type Make = fn(AttentionOptions) -> OpFn;
-    let table: [(&'static str, Make); 21] = [
+    let table: [(&'static str, Make); 22] = [
         ("unet conv3x3 320->320 64x64 b2", |_| {
             conv_case(320, 320, 3, 64, 2)
         }),
@@ -300,6 +300,10 @@ pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<
         }),
         ("unet self-attn 1024 tok 8x80 b2", |o| {
             attn_case(1024, 1024, 8, 80, 2, o)
+        }),
+        // SDXL at 1024x1024: its largest attention layers (640 channels, 64-wide heads).
+        ("sdxl self-attn 4096 tok 10x64 b2", |o| {
+            attn_case(4096, 4096, 10, 64, 2, o)
         }),
         ("unet linear 320->320 4096 tok b2", |_| {
             linear_case(4096, 320, 320, 2)
