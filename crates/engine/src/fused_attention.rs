@@ -31,6 +31,7 @@ struct FusedAttention {
     heads: usize,
     scale: f32,
     /// Use the `gemm` path even where the micro-kernels could run (tests compare the two).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     portable: bool,
 }
 
@@ -62,6 +63,7 @@ impl CustomOp3 for FusedAttention {
         let d = inner / self.heads;
         let mut out = vec![0f32; b * sq * inner];
         let shape = Dims {
+            batch: b,
             sq,
             sk,
             inner,
@@ -73,17 +75,17 @@ impl CustomOp3 for FusedAttention {
         if !self.portable && micro::fits(d) {
             // Packed once here rather than per tile: every query block of a head reuses them.
             let packed = micro::Packed {
-                keys: micro::pack_keys(k, b, &shape),
-                values: micro::pack_values(v, b, &shape),
+                keys: micro::pack_keys(k, &shape),
+                values: micro::pack_values(v, &shape),
             };
-            for_each_tile(&shape, b, |t, scratch| {
+            for_each_tile(&shape, |t, scratch| {
                 // SAFETY: units are disjoint (see `for_each_tile`), `packed` was packed for
                 // these shapes and `fits` checked the CPU's features.
                 unsafe { micro::attend_tile(&shape, self.scale, q, &packed, out_ptr, t, scratch) }
             });
             return Ok((CpuStorage::F32(out), Shape::from((b, sq, inner))));
         }
-        for_each_tile(&shape, b, |t, scratch| {
+        for_each_tile(&shape, |t, scratch| {
             // SAFETY: units are disjoint (see `for_each_tile`).
             unsafe { attend_tile(&shape, self.scale, q, k, v, out_ptr, t, scratch) }
         });
@@ -94,12 +96,12 @@ impl CustomOp3 for FusedAttention {
 /// Runs `f` on every (batch, head, query block) unit, in one contiguous run of units per
 /// compute thread, each thread with its own scratch buffers. Each unit writes only its own
 /// query rows x head columns of the output, so no two threads write the same element.
-fn for_each_tile<F>(sh: &Dims, batch: usize, f: F)
+fn for_each_tile<F>(sh: &Dims, f: F)
 where
     F: Fn(&Tile, &mut Scratch) + Sync,
 {
     let q_blocks = sh.sq.div_ceil(Q_BLOCK);
-    let units = batch * sh.heads * q_blocks;
+    let units = sh.batch * sh.heads * q_blocks;
     let threads = candle_core::utils::get_num_threads().clamp(1, units);
     let run = |first: usize, last: usize| {
         let mut scratch = Scratch::new(sh.d);
@@ -108,7 +110,6 @@ where
             let tile = Tile {
                 bi: bh / sh.heads,
                 h: bh % sh.heads,
-                bh,
                 q0: (unit % q_blocks) * Q_BLOCK,
             };
             f(&tile, &mut scratch);
@@ -132,13 +133,12 @@ where
 struct Tile {
     bi: usize,
     h: usize,
-    /// `bi * heads + h`.
-    bh: usize,
     q0: usize,
 }
 
 /// Sizes one attention call shares.
 struct Dims {
+    batch: usize,
     sq: usize,
     sk: usize,
     inner: usize,
@@ -362,8 +362,8 @@ mod micro {
     /// `k` (`[batch, keys, heads * d]`) as, per (batch, head), `ceil(keys / 16)` panels of
     /// `[d][16]`: key `j` of a panel in lane `j`, the missing keys of the last panel zero. The
     /// score kernel then reads each of its steps' 16 keys as two aligned-in-order vectors.
-    pub(super) fn pack_keys(k: &[f32], batch: usize, sh: &Dims) -> Lines {
-        let (sk, inner, d, heads) = (sh.sk, sh.inner, sh.d, sh.heads);
+    pub(super) fn pack_keys(k: &[f32], sh: &Dims) -> Lines {
+        let (batch, sk, inner, d, heads) = (sh.batch, sh.sk, sh.inner, sh.d, sh.heads);
         let per_head = sk.div_ceil(PANEL) * d * PANEL;
         let mut out = Lines::zeroed(batch * heads * per_head);
         kernels::par_units(out.as_mut_slice(), None, per_head, |part, _, first| {
@@ -386,8 +386,8 @@ mod micro {
     /// kernel then reads one cache line per key, in order, and a key tile's run (16 KiB) stays
     /// in L1 while every query row block of the tile uses it. Read in place (rows 1280 bytes
     /// apart in SD 1.5's 4096-token layers), it was fetched from L2 for every row block.
-    pub(super) fn pack_values(v: &[f32], batch: usize, sh: &Dims) -> Lines {
-        let (sk, inner, d, heads) = (sh.sk, sh.inner, sh.d, sh.heads);
+    pub(super) fn pack_values(v: &[f32], sh: &Dims) -> Lines {
+        let (batch, sk, inner, d, heads) = (sh.batch, sh.sk, sh.inner, sh.d, sh.heads);
         let per_head = sk * d;
         let mut out = Lines::zeroed(batch * heads * per_head);
         kernels::par_units(out.as_mut_slice(), None, per_head, |part, _, first| {
@@ -430,8 +430,9 @@ mod micro {
         let (sk, d) = (sh.sk, sh.d);
         let rows = load_queries(sh, scale, q, t, sc);
         let per_head = sk.div_ceil(PANEL) * d * PANEL;
-        let keys_of_head = &packed.keys.as_slice()[t.bh * per_head..][..per_head];
-        let values_of_head = &packed.values.as_slice()[t.bh * sk * d..][..sk * d];
+        let bh = t.bi * sh.heads + t.h;
+        let keys_of_head = &packed.keys.as_slice()[bh * per_head..][..per_head];
+        let values_of_head = &packed.values.as_slice()[bh * sk * d..][..sk * d];
         for k0 in (0..sk).step_by(K_BLOCK) {
             let keys = K_BLOCK.min(sk - k0);
             // Panel k0 / 16 starts at (k0 / 16) * d * 16 = k0 * d.
