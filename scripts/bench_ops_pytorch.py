@@ -69,6 +69,7 @@ CASES = [
     ("unet conv3x3 320->320 64x64 b2", lambda: conv(320, 320, 3, 64, 2)),
     ("unet conv3x3 960->320 64x64 b2", lambda: conv(960, 320, 3, 64, 2)),
     ("unet conv3x3 640->640 32x32 b2", lambda: conv(640, 640, 3, 32, 2)),
+    ("unet conv3x3 1280->1280 32x32 b2", lambda: conv(1280, 1280, 3, 32, 2)),
     ("unet conv3x3 1280->1280 16x16 b2", lambda: conv(1280, 1280, 3, 16, 2)),
     ("unet conv3x3 2560->1280 8x8 b2", lambda: conv(2560, 1280, 3, 8, 2)),
     ("unet conv1x1 960->320 64x64 b2", lambda: conv(960, 320, 1, 64, 2)),

@@ -270,7 +270,7 @@ pub struct OpCase {
 /// `attention` picks the attention path (fused or chunked) the attention cases use.
 pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<OpCase>> {
     type Make = fn(AttentionOptions) -> OpFn;
-    let table: [(&'static str, Make); 22] = [
+    let table: [(&'static str, Make); 23] = [
         ("unet conv3x3 320->320 64x64 b2", |_| {
             conv_case(320, 320, 3, 64, 2)
         }),
@@ -279,6 +279,10 @@ pub fn op_cases(filter: &str, attention: AttentionOptions) -> crate::Result<Vec<
         }),
         ("unet conv3x3 640->640 32x32 b2", |_| {
             conv_case(640, 640, 3, 32, 2)
+        }),
+        // The upsampler's convolution: the largest transformed filters of any SD1.5 layer.
+        ("unet conv3x3 1280->1280 32x32 b2", |_| {
+            conv_case(1280, 1280, 3, 32, 2)
         }),
         ("unet conv3x3 1280->1280 16x16 b2", |_| {
             conv_case(1280, 1280, 3, 16, 2)

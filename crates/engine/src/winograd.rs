@@ -12,7 +12,9 @@
 //! The filters are transformed on every call rather than stored, so no weight is held twice in
 //! memory; that costs about as much as the multiplications it saves on small feature maps, so
 //! [`worth_it`] keeps those on the im2col path. Tiles are handled in chunks of whole tile rows,
-//! one chunk per thread at a time, so buffers stay a few MiB however large the image.
+//! one chunk per thread at a time, so buffers stay a few MiB however large the image; where
+//! the transformed filters would be the larger part (many channels on a small map), output
+//! channels are handled in blocks instead (see [`Plan`]).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
@@ -104,6 +106,7 @@ pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> 
         &Winograd3x3 {
             bias: bias.to_vec(),
             tile,
+            plan: None,
         },
     )
 }
@@ -111,6 +114,9 @@ pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> 
 struct Winograd3x3 {
     bias: Vec<f32>,
     tile: Tile,
+    /// How to split the work; `None`: by the sizes (tests set it to reach every path with
+    /// small shapes).
+    plan: Option<Plan>,
 }
 
 impl CustomOp2 for Winograd3x3 {
@@ -146,8 +152,8 @@ impl CustomOp2 for Winograd3x3 {
             w,
         };
         let out = match self.tile {
-            Tile::Two => run(&F2, &shape, x, wt, &self.bias),
-            Tile::Four => run(&F4, &shape, x, wt, &self.bias),
+            Tile::Two => run(&F2, &shape, x, wt, &self.bias, self.plan),
+            Tile::Four => run(&F4, &shape, x, wt, &self.bias, self.plan),
         };
         Ok((CpuStorage::F32(out), Shape::from((batch, cout, h, w))))
     }
@@ -182,7 +188,103 @@ fn run<const M: usize, const A: usize>(
     x: &[f32],
     wt: &[f32],
     bias: &[f32],
+    plan: Option<Plan>,
 ) -> Vec<f32> {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let plan = plan.unwrap_or_else(|| Plan::new(A, M, sh, threads));
+    let mut out = vec![0f32; sh.batch * sh.cout * sh.h * sh.w];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    if plan.by_channel_blocks {
+        by_channel_blocks(tr, sh, &plan, x, wt, bias, out_ptr);
+    } else {
+        by_tile_chunks(tr, sh, &plan, x, wt, bias, out_ptr);
+    }
+    out
+}
+
+/// Work-space budget for one group of transformed input tiles in [`by_channel_blocks`].
+const V_GROUP_BYTES: usize = 48 << 20;
+/// Work space aimed at for one block of transformed filters in [`by_channel_blocks`].
+const U_BLOCK_BYTES: usize = 24 << 20;
+
+/// How one convolution is split up.
+///
+/// Two orders, picked by the work memory each needs (f32 counts below, `P = (m+2)²` points):
+/// - By tile chunks: all filters transformed first (`P * c * cout`), then chunks of tile rows
+///   (each `P * (c + cout) * tiles`, one per thread at a time). Suits large images with few
+///   channels (the UNet's and VAE's top levels).
+/// - By channel blocks: the input tiles transformed first (`P * c * all tiles`, in groups of at
+///   most [`V_GROUP_BYTES`]), then blocks of output channels whose filters are transformed,
+///   multiplied and transformed back one block per thread at a time. Suits small images with
+///   many channels: the first order needs 236 MB of transformed filters for SD1.5's
+///   1280-channel convolution at 32x32 (four times that layer's weights), this one 63 MB on
+///   two threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    by_channel_blocks: bool,
+    /// Tile rows per chunk.
+    rows_per_chunk: usize,
+    /// Chunks per input group (channel-block order only).
+    chunks_per_group: usize,
+    /// Output channels per block (channel-block order only).
+    block: usize,
+}
+
+impl Plan {
+    fn new(a: usize, m: usize, sh: &ConvShape, threads: usize) -> Self {
+        let p = a * a;
+        let (th, tw) = (sh.h.div_ceil(m), sh.w.div_ceil(m));
+        let tile_rows = sh.batch * th;
+        let all_tiles = tile_rows * tw;
+
+        // By tile chunks: at least two chunks per thread where there are enough rows, so no
+        // thread idles.
+        let rows_a = (CHUNK_TILES / tw)
+            .min(tile_rows.div_ceil(2 * threads))
+            .clamp(1, tile_rows);
+        let tiles_a = rows_a * tw;
+        let mem_a = p * sh.c * sh.cout + threads.min(tile_rows) * p * (sh.c + sh.cout) * tiles_a;
+
+        // By channel blocks: chunks as large as the matrix kernel likes, grouped up to the
+        // budget; output channels in blocks of a multiple of 48, which the kernel's 6-column
+        // micro-tile divides. Each block's product packs the chunk's tiles again (seen in a
+        // profile as 10% of the layer with blocks of 80), so blocks are as large as the
+        // budget allows.
+        let rows_b = (CHUNK_TILES / tw).clamp(1, tile_rows);
+        let tiles_b = rows_b * tw;
+        let chunks = tile_rows.div_ceil(rows_b);
+        let chunks_per_group = (V_GROUP_BYTES / 4 / (p * sh.c * tiles_b)).clamp(1, chunks);
+        let group_tiles = (chunks_per_group * tiles_b).min(all_tiles);
+        let block = ((U_BLOCK_BYTES / 4 / (p * sh.c)) / 48 * 48)
+            .clamp(48, 480)
+            .min(sh.cout);
+        let blocks = sh.cout.div_ceil(block);
+        let mem_b = p * sh.c * group_tiles + threads.min(blocks) * p * block * (sh.c + tiles_b);
+
+        // Channel blocks pack the tiles again for every block and ran slower than tile chunks
+        // on the 64x64 and 32x32 levels where the memory was close (bench --ops: 640->640 at
+        // 32x32 and the VAE's 512 channels at 64x64), and no slower on 1280->1280 at 32x32: so
+        // only where they save more than half.
+        let by_channel_blocks = 2 * mem_b < mem_a;
+        Self {
+            by_channel_blocks,
+            rows_per_chunk: if by_channel_blocks { rows_b } else { rows_a },
+            chunks_per_group,
+            block,
+        }
+    }
+}
+
+/// The tile-chunk order (see [`Plan`]).
+fn by_tile_chunks<const M: usize, const A: usize>(
+    tr: &'static Transforms<M, A>,
+    sh: &ConvShape,
+    plan: &Plan,
+    x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: SendPtr,
+) {
     let (c, cout) = (sh.c, sh.cout);
     let threads = candle_core::utils::get_num_threads().max(1);
 
@@ -197,38 +299,106 @@ fn run<const M: usize, const A: usize>(
 
     let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
     let tile_rows = sh.batch * th;
-    // At least two chunks per thread where there are enough rows, so no thread idles.
-    let rows_per_chunk = (CHUNK_TILES / tw)
-        .min(tile_rows.div_ceil(2 * threads))
-        .clamp(1, tile_rows);
+    let rows_per_chunk = plan.rows_per_chunk;
     let chunks = tile_rows.div_ceil(rows_per_chunk);
-    let mut out = vec![0f32; sh.batch * cout * sh.h * sh.w];
-    let out_ptr = SendPtr(out.as_mut_ptr());
     let u = &u;
     on_threads(threads.min(chunks), |t, n| {
         let tiles = rows_per_chunk * tw;
-        let mut scratch = Scratch {
-            v: vec![0f32; A * A * c * tiles],
-            m: vec![0f32; A * A * cout * tiles],
-            phases: vec![0f32; A * M * phase_stride(tw)],
-        };
+        let mut v = vec![0f32; A * A * c * tiles];
+        let mut m = vec![0f32; A * A * cout * tiles];
+        let mut phases = vec![0f32; A * M * phase_stride(tw)];
         // Chunks dealt round-robin: neighbouring chunks cost the same, so threads finish together.
         for chunk in (t..chunks).step_by(n) {
             let r0 = chunk * rows_per_chunk;
             let r1 = (r0 + rows_per_chunk).min(tile_rows);
+            let tiles = (r1 - r0) * tw;
+            assert!(v.len() >= A * A * c * tiles);
+            // SAFETY: this thread's own buffer, large enough (checked above).
+            unsafe {
+                let v = SendPtr(v.as_mut_ptr());
+                transform_inputs(tr, sh, x, (r0, r1), 0..c, &mut phases, v);
+            }
+            multiply(A * A, (r1 - r0) * tw, c, cout, &v, u, &mut m);
             // SAFETY: chunks cover disjoint tile rows, so disjoint output pixels.
-            unsafe { chunk_fwd(tr, sh, x, u, bias, r0, r1, &mut scratch, out_ptr) };
+            unsafe { transform_outputs(tr, sh, &m, bias, 0, r0, r1, out) };
         }
     });
-    out
 }
 
-/// Per-thread buffers: transformed inputs `[point][c][tile]`, products `[point][k][tile]`, and
-/// the zero-padded input rows of one tile row (see [`pad_phases`]).
-struct Scratch {
-    v: Vec<f32>,
-    m: Vec<f32>,
-    phases: Vec<f32>,
+/// The channel-block order (see [`Plan`]).
+fn by_channel_blocks<const M: usize, const A: usize>(
+    tr: &'static Transforms<M, A>,
+    sh: &ConvShape,
+    plan: &Plan,
+    x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: SendPtr,
+) {
+    let (c, cout) = (sh.c, sh.cout);
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
+    let tile_rows = sh.batch * th;
+    let rows_per_chunk = plan.rows_per_chunk;
+    let chunks = tile_rows.div_ceil(rows_per_chunk);
+    // Each chunk's transformed tiles `[point][c][tiles]` take this much of the group buffer.
+    let chunk_len = A * A * c * rows_per_chunk * tw;
+    let block = plan.block;
+    let blocks = cout.div_ceil(block);
+
+    for group in (0..chunks).step_by(plan.chunks_per_group) {
+        let in_group = plan.chunks_per_group.min(chunks - group);
+        let rows = |j: usize| {
+            let r0 = (group + j) * rows_per_chunk;
+            (r0, (r0 + rows_per_chunk).min(tile_rows))
+        };
+        let mut v = vec![0f32; in_group * chunk_len];
+        let v_ptr = SendPtr(v.as_mut_ptr());
+        // Split by input channel: a group may be a single chunk (SD1.5's 32x32 level is one).
+        on_threads(threads.min(c), |t, n| {
+            // The whole wrapper, not its pointer field alone (which is not `Sync`).
+            let v_ptr = &v_ptr;
+            let chs = t * c / n..(t + 1) * c / n;
+            let mut phases = vec![0f32; A * M * phase_stride(tw)];
+            for j in 0..in_group {
+                // SAFETY: chunk j's part of the group buffer (`chunk_len` f32s from
+                // `j * chunk_len`), in which this thread writes only channels `chs`.
+                unsafe {
+                    let part = SendPtr(v_ptr.0.add(j * chunk_len));
+                    transform_inputs(tr, sh, x, rows(j), chs.clone(), &mut phases, part);
+                }
+            }
+        });
+
+        let v = &v;
+        on_threads(threads.min(blocks), |t, n| {
+            let mut u = vec![0f32; A * A * block * c];
+            let mut m = vec![0f32; A * A * block * rows_per_chunk * tw];
+            for b in (t..blocks).step_by(n) {
+                let k0 = b * block;
+                let kn = block.min(cout - k0);
+                let wt_block = &wt[k0 * 9 * c..(k0 + kn) * 9 * c];
+                // SAFETY: `u` holds `A * A * block * c >= A * A * kn * c` f32s and is this
+                // thread's own.
+                unsafe { filters(tr, wt_block, c, kn, 0, kn, SendPtr(u.as_mut_ptr())) };
+                let sub = ConvShape { cout: kn, ..*sh };
+                for j in 0..in_group {
+                    let (r0, r1) = rows(j);
+                    multiply(
+                        A * A,
+                        (r1 - r0) * tw,
+                        c,
+                        kn,
+                        &v[j * chunk_len..],
+                        &u,
+                        &mut m,
+                    );
+                    // SAFETY: output channels k0..k0 + kn, which only this thread writes.
+                    unsafe { transform_outputs_into(tr, sh, &sub, &m, bias, k0, r0, r1, out) };
+                }
+            }
+        });
+    }
 }
 
 /// Entries per column phase in [`pad_phases`]: the row's tiles, one more for the columns a tile
@@ -301,7 +471,7 @@ fn filters_impl<const M: usize, const A: usize>(
                     if lanes == L {
                         std::ptr::copy_nonoverlapping(v.as_ptr(), u.0.add(at), L)
                     } else {
-                        std::ptr::copy_nonoverlapping(v.as_ptr(), u.0.add(at), lanes)
+                        copy_part(v.as_ptr(), u.0.add(at), lanes)
                     }
                 };
             }
@@ -309,55 +479,61 @@ fn filters_impl<const M: usize, const A: usize>(
     }
 }
 
-/// One chunk of tile rows `r0..r1` (row index = image * tile rows per image + tile row).
+/// `V = Bᵀ d B` for input channels `chs` of tile rows `r0..r1` (row index = image * tile rows
+/// per image + tile row) into `v` (`[point][c][tile]`, the chunk's tiles only).
 ///
 /// # Safety
-/// `out` must point to the `[batch, cout, h, w]` output; no other thread may write these tiles.
+/// `v` must point to `A * A * c * (r1 - r0) * tw` f32s; no other thread may access the entries
+/// of channels `chs` meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn chunk_fwd<const M: usize, const A: usize>(
+unsafe fn transform_inputs<const M: usize, const A: usize>(
     tr: &Transforms<M, A>,
     sh: &ConvShape,
     x: &[f32],
-    u: &[f32],
-    bias: &[f32],
-    r0: usize,
-    r1: usize,
-    sc: &mut Scratch,
-    out: SendPtr,
+    (r0, r1): (usize, usize),
+    chs: std::ops::Range<usize>,
+    phases: &mut [f32],
+    v: SendPtr,
 ) {
-    let (c, cout) = (sh.c, sh.cout);
+    let c = sh.c;
     let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
     let tiles = (r1 - r0) * tw;
-    let v = &mut sc.v[..A * A * c * tiles];
-    let m = &mut sc.m[..A * A * cout * tiles];
-
-    for ch in 0..c {
+    for ch in chs {
         for r in r0..r1 {
             let (img, ty) = (r / th, r % th);
             let plane = &x[(img * c + ch) * sh.h * sh.w..][..sh.h * sh.w];
-            pad_phases::<M, A>(plane, sh.h, sh.w, ty, phase_stride(tw), &mut sc.phases);
-            input_row(tr, &sc.phases, tw, (r - r0) * tw, ch, c, tiles, v);
+            pad_phases::<M, A>(plane, sh.h, sh.w, ty, phase_stride(tw), phases);
+            // SAFETY: the caller's contract; `(r - r0) * tw + tw <= tiles`.
+            unsafe { input_row(tr, phases, tw, (r - r0) * tw, ch, c, tiles, v) };
         }
     }
+}
 
-    for p in 0..A * A {
-        // [tiles, c] x [c, cout] -> [tiles, cout], all stored column-major (tiles contiguous),
-        // the layout gemm's kernel reads and writes without transposing.
-        // SAFETY: each matrix lies inside its buffer: v block p is `c` columns of `tiles`,
-        // u block p is `cout` columns of `c`, m block p is `cout` columns of `tiles`.
+/// The point-wise products summed over input channels: for each of the `points` points,
+/// `m[p] = v[p] u[p]`, `[tiles, c] x [c, k] -> [tiles, k]`, all stored column-major (tiles
+/// contiguous), the layout gemm's kernel reads and writes without transposing. `v` is
+/// `[point][c][tile]`, `u` `[point][k][c]`, `m` `[point][k][tile]`.
+fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
+    assert!(
+        v.len() >= points * c * tiles && u.len() >= points * k * c && m.len() >= points * k * tiles,
+        "winograd: work buffers too small"
+    );
+    for p in 0..points {
+        // SAFETY: checked above: v block p is `c` columns of `tiles`, u block p is `k` columns
+        // of `c`, m block p is `k` columns of `tiles`, each inside its buffer.
         unsafe {
             gemm::gemm(
                 tiles,
-                cout,
+                k,
                 c,
-                m.as_mut_ptr().add(p * cout * tiles),
+                m.as_mut_ptr().add(p * k * tiles),
                 tiles as isize,
                 1,
                 false,
                 v.as_ptr().add(p * c * tiles),
                 tiles as isize,
                 1,
-                u.as_ptr().add(p * cout * c),
+                u.as_ptr().add(p * k * c),
                 c as isize,
                 1,
                 0.0,
@@ -369,21 +545,66 @@ unsafe fn chunk_fwd<const M: usize, const A: usize>(
             );
         }
     }
+}
 
-    for (k, &b) in bias.iter().enumerate() {
+/// `Y = Aᵀ M A + bias` for all output channels of tile rows `r0..r1`, from `m` as
+/// [`multiply`] left it.
+///
+/// # Safety
+/// `out` must point to the `[batch, cout, h, w]` output; no other thread may write these tiles.
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_outputs<const M: usize, const A: usize>(
+    tr: &Transforms<M, A>,
+    sh: &ConvShape,
+    m: &[f32],
+    bias: &[f32],
+    k0: usize,
+    r0: usize,
+    r1: usize,
+    out: SendPtr,
+) {
+    // SAFETY: the caller's contract.
+    unsafe { transform_outputs_into(tr, sh, sh, m, bias, k0, r0, r1, out) }
+}
+
+/// [`transform_outputs`] for the `sub.cout` output channels from `k0` that `m` holds, in the
+/// whole output of shape `sh`.
+///
+/// # Safety
+/// `out` must point to the `[batch, sh.cout, h, w]` output; no other thread may write these
+/// tiles of channels `k0..k0 + sub.cout`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_outputs_into<const M: usize, const A: usize>(
+    tr: &Transforms<M, A>,
+    sh: &ConvShape,
+    sub: &ConvShape,
+    m: &[f32],
+    bias: &[f32],
+    k0: usize,
+    r0: usize,
+    r1: usize,
+    out: SendPtr,
+) {
+    let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
+    let tiles = (r1 - r0) * tw;
+    assert!(
+        m.len() >= A * A * sub.cout * tiles && k0 + sub.cout <= sh.cout,
+        "winograd: products buffer too small"
+    );
+    for (k, &b) in bias[k0..k0 + sub.cout].iter().enumerate() {
         for r in r0..r1 {
             let (img, ty) = (r / th, r % th);
-            let base = (img * cout + k) * sh.h * sh.w;
             let row = OutRow {
                 k,
                 t0: (r - r0) * tw,
                 tiles,
                 ty,
                 bias: b,
-                base,
+                base: (img * sh.cout + k0 + k) * sh.h * sh.w,
             };
-            // SAFETY: writes only this chunk's tiles of output plane (img, k).
-            unsafe { output_row(tr, sh, m, &row, out) };
+            // SAFETY: writes only these tiles of output plane (img, k0 + k): the caller's
+            // contract.
+            unsafe { output_row(tr, sub, m, &row, out) };
         }
     }
 }
@@ -426,16 +647,19 @@ fn pad_phases<const M: usize, const A: usize>(
     }
 }
 
-simd_dispatch!(input_row_f2(rows: &[f32], tw: usize, t0: usize, ch: usize, c: usize, tiles: usize, v: &mut [f32]) {
+simd_dispatch!(input_row_f2(rows: &[f32], tw: usize, t0: usize, ch: usize, c: usize, tiles: usize, v: SendPtr) {
     input_row_impl(&F2, rows, tw, t0, ch, c, tiles, v)
 });
-simd_dispatch!(input_row_f4(rows: &[f32], tw: usize, t0: usize, ch: usize, c: usize, tiles: usize, v: &mut [f32]) {
+simd_dispatch!(input_row_f4(rows: &[f32], tw: usize, t0: usize, ch: usize, c: usize, tiles: usize, v: SendPtr) {
     input_row_impl(&F4, rows, tw, t0, ch, c, tiles, v)
 });
 
 /// Dispatches to the AVX2-compiled transform for this tile size.
+///
+/// # Safety
+/// As [`input_row_impl`].
 #[allow(clippy::too_many_arguments)]
-fn input_row<const M: usize, const A: usize>(
+unsafe fn input_row<const M: usize, const A: usize>(
     tr: &Transforms<M, A>,
     rows: &[f32],
     tw: usize,
@@ -443,7 +667,7 @@ fn input_row<const M: usize, const A: usize>(
     ch: usize,
     c: usize,
     tiles: usize,
-    v: &mut [f32],
+    v: SendPtr,
 ) {
     if M == 2 {
         input_row_f2(rows, tw, t0, ch, c, tiles, v)
@@ -455,7 +679,12 @@ fn input_row<const M: usize, const A: usize>(
 }
 
 /// `V = Bᵀ d B` for the `tw` tiles of one tile row in channel `ch`, 8 tiles at a time, stored at
-/// tiles `t0..t0 + tw` of `v` (`[A*A][c][tiles]`).
+/// tiles `t0..t0 + tw` of `v` (`[A*A][c][tiles]`). Written through a pointer so threads can
+/// fill different channels of one buffer.
+///
+/// Safety: `v` must point to `A * A * c * tiles` f32s with `t0 + tw <= tiles`, and no other
+/// thread may access channel `ch`'s entries meanwhile (a safe fn so `simd_dispatch!` can wrap
+/// it; its callers are unsafe fns).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn input_row_impl<const M: usize, const A: usize>(
@@ -466,8 +695,12 @@ fn input_row_impl<const M: usize, const A: usize>(
     ch: usize,
     c: usize,
     tiles: usize,
-    v: &mut [f32],
+    v: SendPtr,
 ) {
+    assert!(
+        t0 + tw <= tiles && ch < c,
+        "winograd: tile row outside the buffer"
+    );
     let stride = phase_stride(tw);
     let mut d = [[[0f32; L]; A]; A];
     let mut t = [[[0f32; L]; A]; A];
@@ -484,13 +717,36 @@ fn input_row_impl<const M: usize, const A: usize>(
         mul_right_t(&t, &tr.bt, &mut vt);
         for (p, vals) in vt.iter().flatten().enumerate() {
             let at = (p * c + ch) * tiles + t0 + tx0;
-            if lanes == L {
-                v[at..at + L].copy_from_slice(vals);
-            } else {
-                v[at..at + lanes].copy_from_slice(&vals[..lanes]);
+            // SAFETY: `at + lanes <= (p * c + ch + 1) * tiles`, inside the buffer (checked
+            // above), in channel ch's entries, which only this thread writes.
+            unsafe {
+                if lanes == L {
+                    std::ptr::copy_nonoverlapping(vals.as_ptr(), v.0.add(at), L);
+                } else {
+                    copy_part(vals.as_ptr(), v.0.add(at), lanes);
+                }
             }
         }
     }
+}
+
+/// Copies the lanes of a partial lane group, kept out of line on purpose: written inline beside
+/// the full group's fixed 8-lane copy, the compiler merged the two into one variable-length
+/// `memcpy` call, so every full group (nearly all of them) paid for a library call too. That
+/// call was 10% of a Winograd convolution's time in a profile.
+#[inline(never)]
+fn copy_slice_part(src: &[f32], dst: &mut [f32]) {
+    dst.copy_from_slice(src);
+}
+
+/// [`copy_slice_part`] for raw pointers.
+///
+/// # Safety
+/// As `std::ptr::copy_nonoverlapping(src, dst, n)`.
+#[inline(never)]
+unsafe fn copy_part(src: *const f32, dst: *mut f32, n: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
 }
 
 /// Where one tile row of one output channel comes from and goes to.
@@ -569,7 +825,7 @@ fn output_row_impl<const M: usize, const A: usize>(
             if lanes == L {
                 vals.copy_from_slice(&m[at..at + L]);
             } else {
-                vals[..lanes].copy_from_slice(&m[at..at + lanes]);
+                copy_slice_part(&m[at..at + lanes], &mut vals[..lanes]);
             }
         }
         mul_left(&tr.at, &mt, &mut t);
@@ -669,6 +925,19 @@ mod tests {
 
     /// Winograd vs candle's direct convolution on the same weights, for one shape.
     fn check(tile: Tile, batch: usize, c: usize, cout: usize, h: usize, w: usize) -> f32 {
+        check_planned(tile, batch, c, cout, h, w, None)
+    }
+
+    /// [`check`] with the work split given.
+    fn check_planned(
+        tile: Tile,
+        batch: usize,
+        c: usize,
+        cout: usize,
+        h: usize,
+        w: usize,
+        plan: Option<Plan>,
+    ) -> f32 {
         let dev = Device::Cpu;
         let x = Tensor::from_vec(values(batch * c * h * w, 1), (batch, c, h, w), &dev).unwrap();
         let wt = Tensor::from_vec(values(cout * c * 9, 2), (cout, c, 3, 3), &dev).unwrap();
@@ -680,7 +949,12 @@ mod tests {
             .broadcast_add(&b)
             .unwrap();
         let packed = wt.reshape((cout, 9 * c)).unwrap();
-        let got = conv3x3(&x, &packed, &bias, tile).unwrap();
+        let op = Winograd3x3 {
+            bias: bias.clone(),
+            tile,
+            plan,
+        };
+        let got = x.apply_op2_no_bwd(&packed, &op).unwrap();
         assert_eq!(got.dims(), want.dims());
         let scale = want
             .abs()
@@ -721,6 +995,65 @@ mod tests {
             let rel = check(Tile::Two, batch, c, cout, h, w);
             assert!(rel < 1e-5, "F(2,3) {batch}x{c}->{cout} {h}x{w}: rel {rel}");
         }
+    }
+
+    #[test]
+    fn both_work_orders_match_direct_convolution() {
+        // (tile, batch, c, cout, h, w, rows per chunk, chunks per group, channels per block):
+        // several chunks and groups, a last chunk with fewer rows, a last block with fewer
+        // channels, one block for all, and F(2x2, 3x3).
+        for (tile, batch, c, cout, h, w, rows, group, block) in [
+            (Tile::Four, 2, 17, 40, 13, 38, 1, 2, 16),
+            (Tile::Four, 1, 9, 33, 23, 20, 2, 1, 8),
+            (Tile::Four, 2, 8, 5, 8, 8, 3, 5, 5),
+            (Tile::Two, 1, 12, 21, 9, 14, 2, 2, 16),
+            (Tile::Four, 1, 5, 3, 1, 1, 1, 1, 3),
+        ] {
+            for by_channel_blocks in [false, true] {
+                let plan = Plan {
+                    by_channel_blocks,
+                    rows_per_chunk: rows,
+                    chunks_per_group: group,
+                    block,
+                };
+                let rel = check_planned(tile, batch, c, cout, h, w, Some(plan));
+                assert!(
+                    rel < 1e-5,
+                    "{plan:?} {tile:?} {batch}x{c}->{cout} {h}x{w}: rel {rel}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_plan_bounds_the_work_memory_of_deep_layers() {
+        let shape = |batch, c, cout, h| ConvShape {
+            batch,
+            c,
+            cout,
+            h,
+            w: h,
+        };
+        // SD1.5 at 512x512, batch 2 (guidance): the 64x64 level, 640 channels at 32x32 and the
+        // VAE's 512 at 64x64 keep the tile-chunk order (measured the faster there); the
+        // 1280-channel convolution at 32x32 takes channel blocks, whose filter blocks stay
+        // within U_BLOCK_BYTES.
+        assert!(!Plan::new(6, 4, &shape(2, 320, 320, 64), 2).by_channel_blocks);
+        assert!(!Plan::new(6, 4, &shape(2, 640, 640, 32), 2).by_channel_blocks);
+        assert!(!Plan::new(6, 4, &shape(1, 512, 512, 64), 2).by_channel_blocks);
+        let deep = Plan::new(6, 4, &shape(2, 1280, 1280, 32), 2);
+        assert!(deep.by_channel_blocks, "{deep:?}");
+        assert_eq!(deep.chunks_per_group, 1);
+        assert!(36 * 1280 * deep.block * 4 <= U_BLOCK_BYTES, "{deep:?}");
+        assert_eq!(deep.block % 48, 0);
+        // SDXL's 1920-channel input at 64x64: the transformed tiles go in groups under budget.
+        let wide = Plan::new(6, 4, &shape(2, 1920, 640, 64), 2);
+        assert!(wide.by_channel_blocks, "{wide:?}");
+        let tiles = wide.rows_per_chunk * 16;
+        assert!(
+            wide.chunks_per_group == 1
+                || 36 * 1920 * tiles * wide.chunks_per_group * 4 <= V_GROUP_BYTES
+        );
     }
 
     #[test]
