@@ -193,13 +193,33 @@ fn run<const M: usize, const A: usize>(
     let threads = candle_core::utils::get_num_threads().max(1);
     let plan = plan.unwrap_or_else(|| Plan::new(A, M, sh, threads));
     let mut out = vec![0f32; sh.batch * sh.cout * sh.h * sh.w];
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let job = Job {
+        tr,
+        sh,
+        x,
+        wt,
+        bias,
+        out: SendPtr(out.as_mut_ptr()),
+        threads,
+    };
     if plan.by_channel_blocks {
-        by_channel_blocks(tr, sh, &plan, x, wt, bias, out_ptr);
+        by_channel_blocks(&job, &plan);
     } else {
-        by_tile_chunks(tr, sh, &plan, x, wt, bias, out_ptr);
+        by_tile_chunks(&job, &plan);
     }
     out
+}
+
+/// One convolution's operands, shared by both work orders.
+struct Job<'a, const M: usize, const A: usize> {
+    tr: &'static Transforms<M, A>,
+    sh: &'a ConvShape,
+    x: &'a [f32],
+    wt: &'a [f32],
+    bias: &'a [f32],
+    /// The `[batch, cout, h, w]` output, written by disjoint parts from several threads.
+    out: SendPtr,
+    threads: usize,
 }
 
 /// Work-space budget for one group of transformed input tiles in [`by_channel_blocks`].
@@ -276,17 +296,17 @@ impl Plan {
 }
 
 /// The tile-chunk order (see [`Plan`]).
-fn by_tile_chunks<const M: usize, const A: usize>(
-    tr: &'static Transforms<M, A>,
-    sh: &ConvShape,
-    plan: &Plan,
-    x: &[f32],
-    wt: &[f32],
-    bias: &[f32],
-    out: SendPtr,
-) {
+fn by_tile_chunks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Plan) {
+    let Job {
+        tr,
+        sh,
+        x,
+        wt,
+        bias,
+        out,
+        threads,
+    } = *job;
     let (c, cout) = (sh.c, sh.cout);
-    let threads = candle_core::utils::get_num_threads().max(1);
 
     // U[point][k][c]: the transformed filters, c contiguous (8 channels per lane group).
     let mut u = vec![0f32; A * A * cout * c];
@@ -318,25 +338,25 @@ fn by_tile_chunks<const M: usize, const A: usize>(
                 let v = SendPtr(v.as_mut_ptr());
                 transform_inputs(tr, sh, x, (r0, r1), 0..c, &mut phases, v);
             }
-            multiply(A * A, (r1 - r0) * tw, c, cout, &v, u, &mut m);
+            multiply(A * A, tiles, c, cout, &v, u, &mut m);
             // SAFETY: chunks cover disjoint tile rows, so disjoint output pixels.
-            unsafe { transform_outputs(tr, sh, &m, bias, 0, r0, r1, out) };
+            unsafe { transform_outputs(tr, sh, sh, &m, bias, 0, r0, r1, out) };
         }
     });
 }
 
 /// The channel-block order (see [`Plan`]).
-fn by_channel_blocks<const M: usize, const A: usize>(
-    tr: &'static Transforms<M, A>,
-    sh: &ConvShape,
-    plan: &Plan,
-    x: &[f32],
-    wt: &[f32],
-    bias: &[f32],
-    out: SendPtr,
-) {
+fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Plan) {
+    let Job {
+        tr,
+        sh,
+        x,
+        wt,
+        bias,
+        out,
+        threads,
+    } = *job;
     let (c, cout) = (sh.c, sh.cout);
-    let threads = candle_core::utils::get_num_threads().max(1);
     let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
     let tile_rows = sh.batch * th;
     let rows_per_chunk = plan.rows_per_chunk;
@@ -394,7 +414,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(
                         &mut m,
                     );
                     // SAFETY: output channels k0..k0 + kn, which only this thread writes.
-                    unsafe { transform_outputs_into(tr, sh, &sub, &m, bias, k0, r0, r1, out) };
+                    unsafe { transform_outputs(tr, sh, &sub, &m, bias, k0, r0, r1, out) };
                 }
             }
         });
@@ -547,34 +567,15 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: &[f32
     }
 }
 
-/// `Y = Aᵀ M A + bias` for all output channels of tile rows `r0..r1`, from `m` as
-/// [`multiply`] left it.
-///
-/// # Safety
-/// `out` must point to the `[batch, cout, h, w]` output; no other thread may write these tiles.
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_outputs<const M: usize, const A: usize>(
-    tr: &Transforms<M, A>,
-    sh: &ConvShape,
-    m: &[f32],
-    bias: &[f32],
-    k0: usize,
-    r0: usize,
-    r1: usize,
-    out: SendPtr,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { transform_outputs_into(tr, sh, sh, m, bias, k0, r0, r1, out) }
-}
-
-/// [`transform_outputs`] for the `sub.cout` output channels from `k0` that `m` holds, in the
-/// whole output of shape `sh`.
+/// `Y = Aᵀ M A + bias` for tile rows `r0..r1` of the `sub.cout` output channels from `k0`
+/// that `m` holds (as [`multiply`] left it), in the whole output of shape `sh` (`sub` is `sh`
+/// when `m` holds every channel).
 ///
 /// # Safety
 /// `out` must point to the `[batch, sh.cout, h, w]` output; no other thread may write these
 /// tiles of channels `k0..k0 + sub.cout`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn transform_outputs_into<const M: usize, const A: usize>(
+unsafe fn transform_outputs<const M: usize, const A: usize>(
     tr: &Transforms<M, A>,
     sh: &ConvShape,
     sub: &ConvShape,
