@@ -20,7 +20,7 @@ use base64::Engine as _;
 use candle_core::{DType, Tensor};
 use ld_engine::lora::{LoraSet, LoraSpec};
 use ld_engine::memory::{MemoryOptions, ModelShape, Target};
-use ld_engine::pipeline::staged::StagedPipeline;
+use ld_engine::pipeline::staged::{Sampled, StagedPipeline};
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Progress};
 use ld_engine::rng::SeedSource;
 use ld_engine::sampler::Control;
@@ -735,6 +735,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
                 index,
                 batch,
                 started,
+                base_steps: None,
             };
             let result = match faults
                 .as_ref()
@@ -849,14 +850,13 @@ fn staging(
     loaded: bool,
 ) -> Option<String> {
     use crate::settings::LowVram;
-    let candidate = shared.config.load.device.is_cpu()
-        && job.spec.refiner.is_none()
-        && policy.low_vram != LowVram::Off;
+    let candidate = shared.config.load.device.is_cpu() && policy.low_vram != LowVram::Off;
     if !candidate {
         return None;
     }
+    let refiner = job.spec.refiner.as_ref();
     let note = if policy.low_vram == LowVram::On {
-        STAGED_NOTE.to_owned()
+        staged_note(refiner.is_some())
     } else {
         let shape = model_shape(&job.spec.model)?;
         let free = policy.ram_free.as_ref()?()?;
@@ -868,6 +868,15 @@ fn staging(
             &MemoryOptions::default(),
             loaded,
         );
+        // The whole pipeline keeps a refiner's text encoder and UNet as well. Unreadable here
+        // means its load will fail with its own message; count nothing for it.
+        let need = match refiner {
+            Some(r) if !loaded => {
+                let params = ld_engine::memory::refiner_params(&r.path).unwrap_or(0);
+                need + params * dtype.size_in_bytes() as u64
+            }
+            _ => need,
+        };
         // The estimate counts the UNet's weights in `dtype`; on the CPU a model whose UNet file
         // is f16 keeps them in f16 (`LoadOptions::half_weights`), half of that. Only read (from
         // the file headers) when it could change the answer.
@@ -885,9 +894,10 @@ fn staging(
             return None;
         }
         format!(
-            "With all its models loaded this picture needs about {} of memory and {} is free, so the text encoder, the drawing model and the VAE were loaded one at a time.",
+            "With all its models loaded this picture needs about {} of memory and {} is free, so {} were loaded one at a time.",
             gib(need),
-            gib(free)
+            gib(free),
+            staged_models(refiner.is_some())
         )
     };
     // Last: it reads the model's headers.
@@ -924,8 +934,9 @@ fn job_need(
 }
 
 /// [`run_job`] one model at a time: the text encoder(s) encode every prompt of the batch, then
-/// the UNet samples every picture, then the VAE decodes them, each model freed before the next
-/// loads. Pictures, notes and parameters text are those of the whole pipeline (the stages build
+/// the UNet samples every picture (with a refiner, up to its switch point, and then the
+/// refiner's UNet finishes every picture), then the VAE decodes them, each model freed before
+/// the next loads. Pictures, notes and parameters text are those of the whole pipeline (the stages build
 /// the same models with the same LoRAs and embeddings).
 fn run_staged(
     shared: &Shared,
@@ -946,6 +957,16 @@ fn run_staged(
         Err(e) => return failed(e),
     };
     staged.set_memory_options(memory);
+    if let Some(r) = &spec.refiner {
+        let options = ld_engine::refiner::RefinerOptions {
+            switch_at: r.switch_at,
+            ..Default::default()
+        };
+        let source = ld_engine::single_file::ModelSource::new(r.path.clone());
+        if let Err(e) = staged.set_refiner(&source, options) {
+            return Outcome::Failed(explain(&e, &r.name));
+        }
+    }
     let mut loras = match LoraSet::open(&spec.loras) {
         Ok(l) => l,
         Err(e) => return failed(e),
@@ -1011,9 +1032,10 @@ fn run_staged(
             index,
             batch,
             started,
+            base_steps: staged.refiner_switch_step(req),
         };
         match unet.sample(req, prompt, &mut observer) {
-            Ok(latents) => sampled.push((index, latents)),
+            Ok(s) => sampled.push((index, s)),
             // Skipped by the user (A1111 "Skip"): go on with the next image.
             Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
             Err(EngineError::Cancelled) => return Outcome::Cancelled,
@@ -1022,6 +1044,48 @@ fn run_staged(
     }
     drop(unet);
 
+    // Stage 2b: the refiner's UNet finishes what the base left at the switch point.
+    let sampled = if sampled.iter().any(|(_, s)| s.needs_refiner()) {
+        let refiner_name = spec.refiner.as_ref().map_or("the refiner", |r| &r.name);
+        set_stage(shared, job, Stage::LoadingModel);
+        let refiner = match staged.load_refiner() {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
+        };
+        let mut refined = Vec::with_capacity(sampled.len());
+        for (index, s) in sampled {
+            if cancelled() {
+                return Outcome::Cancelled;
+            }
+            let base_steps = match &s {
+                Sampled::ToRefine(run) => run.base_steps(),
+                Sampled::Latents(_) => {
+                    refined.push((index, s));
+                    continue;
+                }
+            };
+            start_image(job, index);
+            let mut observer = JobObserver {
+                shared,
+                job,
+                index,
+                batch,
+                started,
+                base_steps: Some(base_steps),
+            };
+            let (req, prompt) = (&spec.images[index], &prompts[index]);
+            match refiner.refine(req, prompt, s, &mut observer) {
+                Ok(latents) => refined.push((index, Sampled::Latents(latents))),
+                Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
+                Err(EngineError::Cancelled) => return Outcome::Cancelled,
+                Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
+            }
+        }
+        refined
+    } else {
+        sampled
+    };
+
     // Stage 3: the VAE; each picture saved as soon as it is decoded.
     let mut memory = memory;
     let mut vae = None;
@@ -1029,6 +1093,10 @@ fn run_staged(
         if cancelled() {
             return Outcome::Cancelled;
         }
+        let latents = match latents.into_latents() {
+            Ok(l) => l,
+            Err(e) => return failed(e),
+        };
         let req = &spec.images[index];
         job.info.send_modify(|i| i.image = index);
         let mut recovered: Vec<String> = Vec::new();
@@ -1287,7 +1355,22 @@ fn note(_shared: &Shared, job: &Job, recovered: &mut Vec<String>, step: &str, st
     );
 }
 
-const STAGED_NOTE: &str = "Low-VRAM mode: the text encoder, the drawing model and the VAE were loaded one at a time, which needs about half the memory and adds a few seconds of loading.";
+/// The note of a job Low-VRAM mode On draws one model at a time.
+fn staged_note(refiner: bool) -> String {
+    format!(
+        "Low-VRAM mode: {} were loaded one at a time, which needs about half the memory and adds a few seconds of loading.",
+        staged_models(refiner)
+    )
+}
+
+/// The models a staged job loads one after the other, as the notes name them.
+fn staged_models(refiner: bool) -> &'static str {
+    if refiner {
+        "the text encoders, the drawing model, the refiner and the VAE"
+    } else {
+        "the text encoder, the drawing model and the VAE"
+    }
+}
 
 const BLACK_IMAGE_NOTE: &str = "The picture came out black (the VAE overflowed in half precision), so it was decoded again in full precision (fp32).";
 
@@ -1487,12 +1570,27 @@ struct JobObserver<'a> {
     index: usize,
     batch: usize,
     started: Instant,
+    /// A staged run with a refiner: the base model's steps per picture. The base model samples
+    /// every picture of the batch before the refiner finishes any, so the job's progress counts
+    /// all base steps first (`None`: each picture's steps in a row).
+    base_steps: Option<usize>,
+}
+
+impl JobObserver<'_> {
+    /// Steps of the whole job done once this picture is at `step` of `total`.
+    fn job_steps_done(&self, step: usize, total: usize) -> usize {
+        match self.base_steps {
+            Some(base) if step <= base => self.index * base + step,
+            Some(base) => self.batch * base + self.index * (total - base) + (step - base),
+            None => self.index * total + step,
+        }
+    }
 }
 
 impl Observer for JobObserver<'_> {
     fn on_progress(&mut self, p: &Progress<'_>) -> Control {
         let total_steps = (p.total * self.batch).max(1);
-        let done = self.index * p.total + p.step;
+        let done = self.job_steps_done(p.step, p.total);
         let elapsed = self.started.elapsed();
         let eta_ms = (done > 0)
             .then(|| (elapsed.as_millis() as u64 * (total_steps - done) as u64) / done as u64);
@@ -1915,6 +2013,133 @@ mod tests {
                 "{st}"
             );
         }
+    }
+
+    #[test]
+    fn refiner_jobs_are_staged_too_with_the_same_pictures_and_forward_progress() {
+        // Issue 12: a job with an SDXL refiner under Low-VRAM On loads the base UNet, frees it,
+        // then loads the refiner's (the whole pipeline holds both). The base samples both
+        // pictures before the refiner finishes either, and the job's progress still only moves
+        // forward. "Auto" counts the refiner's weights against the free memory.
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let request = |seed: u64| GenerateRequest {
+            prompt: "a red fox".into(),
+            steps: 4,
+            width: 64,
+            height: 64,
+            seed,
+            ..Default::default()
+        };
+        let job = || ComposedJob {
+            model: crate::models::scan(&tiny.join("sdxl"), &[]).remove(0),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            refiner: Some(crate::compose::Refiner {
+                name: "sdxl-refiner".into(),
+                path: tiny.join("sdxl-refiner"),
+                switch_at: 0.5,
+            }),
+            images: vec![request(3), request(4)],
+            preset: None,
+        };
+        let policy = |low_vram| MemoryPolicy {
+            low_vram,
+            low_options: MemoryOptions::default(),
+            ..Default::default()
+        };
+        svc.set_memory_policy(policy(LowVram::Auto));
+        let whole = finished(&svc, svc.submit(job()).unwrap().id);
+        svc.set_memory_policy(policy(LowVram::On));
+        let mut events = svc.subscribe();
+        let staged = finished(&svc, svc.submit(job()).unwrap().id);
+        let mut progress = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let JobEvent::Progress {
+                progress: p,
+                image,
+                step,
+                stage,
+                ..
+            } = event
+            {
+                progress.push((p, image, step, stage == Stage::Sampling));
+            }
+        }
+        // Free memory between the whole pipeline's need without the refiner and with it.
+        let spec = job();
+        let shape = model_shape(&spec.model).unwrap();
+        let base_need = job_need(
+            &spec,
+            &shape,
+            DType::F32,
+            Target::Cpu,
+            &MemoryOptions::default(),
+            false,
+        );
+        let refiner_bytes =
+            ld_engine::memory::refiner_params(&tiny.join("sdxl-refiner")).unwrap() * 4;
+        assert!(refiner_bytes > 0);
+        let free = base_need + refiner_bytes / 2;
+        svc.set_memory_policy(MemoryPolicy {
+            ram_free: Some(Arc::new(move || Some(free))),
+            ..policy(LowVram::Auto)
+        });
+        let short = finished(&svc, svc.submit(job()).unwrap().id);
+        for info in [&whole, &staged, &short] {
+            assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        }
+        let one_at_a_time = |info: &JobInfo| {
+            info.notes
+                .iter()
+                .any(|n| n.contains("the refiner and the VAE were loaded one at a time"))
+        };
+        assert!(!one_at_a_time(&whole), "{:?}", whole.notes);
+        assert!(one_at_a_time(&staged), "{:?}", staged.notes);
+        assert!(one_at_a_time(&short), "{:?}", short.notes);
+        let (whole, staged, short) = (
+            saved(&svc, &whole),
+            saved(&svc, &staged),
+            saved(&svc, &short),
+        );
+        assert_eq!(staged.len(), 2);
+        assert_ne!(staged[0].0, staged[1].0, "two seeds, two pictures");
+        assert_eq!(short, staged);
+        for ((wp, wt), (sp, st)) in whole.iter().zip(&staged) {
+            assert!(wp == sp, "staged pixels differ from the whole pipeline's");
+            assert_eq!(wt, st);
+            assert!(st.contains("Refiner: sdxl-refiner"), "{st}");
+        }
+        // Base steps 1-2 of both pictures, then the refiner's steps 3-4 of both: 8 steps in
+        // all, the job's fraction rising at each.
+        // (Stage changes repeat the last figures; only steps report `Sampling`.)
+        let steps: Vec<(f64, usize, usize)> = progress
+            .iter()
+            .filter(|e| e.3)
+            .map(|&(p, i, s, _)| (p, i, s))
+            .collect();
+        let order: Vec<(usize, usize)> = steps.iter().map(|&(_, i, s)| (i, s)).collect();
+        assert_eq!(
+            order,
+            [
+                (0, 1),
+                (0, 2),
+                (1, 1),
+                (1, 2),
+                (0, 3),
+                (0, 4),
+                (1, 3),
+                (1, 4)
+            ]
+        );
+        for (k, &(p, _, _)) in steps.iter().enumerate() {
+            assert!((p - (k + 1) as f64 / 8.0).abs() < 1e-9, "{steps:?}");
+        }
+        assert!(
+            progress.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{progress:?}"
+        );
     }
 
     #[test]

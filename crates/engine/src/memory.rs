@@ -209,18 +209,7 @@ impl ModelShape {
     /// diffusers folder. Cheap: no tensor data is read.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let folder = ModelFolder::open(dir)?;
-        let params = |component: &str| -> Result<u64> {
-            let mut total = 0u64;
-            for file in folder.weight_files(component)? {
-                let w = Weights::open(&file)?;
-                let names: Vec<String> = w.names().map(str::to_owned).collect();
-                for n in names {
-                    let count: usize = w.shape(&n).map_or(0, |s| s.iter().product());
-                    total += count as u64;
-                }
-            }
-            Ok(total)
-        };
+        let params = |component: &str| params_in(&folder.weight_files(component)?);
         let mut text_params = params("text_encoder")?;
         if folder.root().join("text_encoder_2").is_dir() {
             text_params += params("text_encoder_2")?;
@@ -339,6 +328,32 @@ impl Target {
     pub fn is_gpu(self) -> bool {
         self != Self::Cpu
     }
+}
+
+/// The parameters in `files`' headers (no tensor data is read).
+fn params_in(files: &[std::path::PathBuf]) -> Result<u64> {
+    let mut total = 0u64;
+    for file in files {
+        let w = Weights::open(file)?;
+        let names: Vec<String> = w.names().map(str::to_owned).collect();
+        for n in names {
+            let count: usize = w.shape(&n).map_or(0, |s| s.iter().product());
+            total += count as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// The parameters an SDXL refiner adds to a whole pipeline (its text encoder and UNet), from
+/// its folder's or single file's headers: what the memory estimates, made for one model, leave
+/// out.
+pub fn refiner_params(path: &Path) -> Result<u64> {
+    if !path.is_dir() {
+        return params_in(&[path.to_path_buf()]);
+    }
+    let folder = ModelFolder::open(path)?;
+    Ok(params_in(&folder.weight_files("text_encoder_2")?)?
+        + params_in(&folder.weight_files("unet")?)?)
 }
 
 /// Estimates one image of `width x height` with guidance (`guided`: batch 2 through the UNet),

@@ -19,6 +19,7 @@ use crate::pipeline::{
     GenerateRequest, LoadOptions, Observer, Pipeline, Preview, Progress, SdSampling,
 };
 use crate::refiner::{Refiner, RefinerOptions};
+use crate::rng::NoiseSource;
 use crate::sampler::{self, SampleContext, StepInfo};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{AddedConditions, UNet2DConditionModel, UNetConfig};
@@ -535,6 +536,62 @@ impl Pipeline {
     }
 }
 
+/// An SDXL sampling run between models: the latents so far (k-diffusion scale), the noise
+/// generator where it stopped, the sigmas and how many steps are done. The whole pipeline runs
+/// the base model and the refiner on one run in one go; a staged run hands it from the base
+/// model's UNet stage to the refiner's, with the base UNet freed in between. The samplers keep
+/// no state from one part to the next (each part starts its multistep history afresh, as
+/// diffusers' refiner pipeline does), so the latents, the generator and the step count are all
+/// that carry over.
+pub struct SdxlRun {
+    x: Tensor,
+    rng: Box<dyn NoiseSource>,
+    sigmas: Vec<f64>,
+    /// Steps the base model does; the refiner does the rest.
+    switch: usize,
+    done: usize,
+}
+
+impl std::fmt::Debug for SdxlRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SdxlRun")
+            .field("steps", &self.total())
+            .field("switch", &self.switch)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SdxlRun {
+    /// All steps, base and refiner.
+    pub fn total(&self) -> usize {
+        self.sigmas.len() - 1
+    }
+
+    /// Steps the base model does before the refiner takes over.
+    pub fn base_steps(&self) -> usize {
+        self.switch
+    }
+
+    /// Whether steps are left for the refiner.
+    pub fn needs_refiner(&self) -> bool {
+        self.done < self.total()
+    }
+
+    /// The final latents in diffusers' scale, on `device`, once every step is done.
+    pub(crate) fn finish(self, device: &Device) -> Result<Tensor> {
+        if self.needs_refiner() {
+            return Err(EngineError::InvalidRequest(format!(
+                "the refiner's {} of {} steps have not run",
+                self.total() - self.done,
+                self.total()
+            )));
+        }
+        let x = self.x.to_device(device)?;
+        sampler::to_diffusers_latents(&x, self.sigmas[self.total()])
+    }
+}
+
 impl SdSampling<'_> {
     /// The SDXL sampling loop: seeded noise of `shape`, this UNet (the base model) under `base`,
     /// then `refiner` with its options for the steps after its switch point; the final latents
@@ -548,77 +605,108 @@ impl SdSampling<'_> {
         observer: &mut dyn Observer,
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<Tensor> {
+        let switch_at = refiner.map(|(_, options)| &options.refiner);
+        let mut run = self.begin_sdxl(req, shape, switch_at, on_state)?;
+        let base_steps = run.base_steps();
+        self.advance_sdxl(&mut run, base_steps, base, req, observer, on_state)?;
+        if let Some((r, options)) = refiner.filter(|_| run.needs_refiner()) {
+            let stage = r.stage(req, options)?;
+            // The refiner may live on another device or dtype than the base.
+            let sampling = SdSampling {
+                unet: r.unet(),
+                schedule: r.schedule(),
+                prediction: r.prediction(),
+                dtype: r.unet().dtype(),
+                device: r.unet().device(),
+            };
+            let total = run.total();
+            sampling.advance_sdxl(&mut run, total, &stage, req, observer, on_state)?;
+        }
+        run.finish(self.device)
+    }
+
+    /// Starts an SDXL run for `req` with this (the base model's) noise schedule: its sigmas,
+    /// the seeded noise of `shape`, and where a refiner switching at `switch_at` takes over
+    /// (`None`: the base model does every step).
+    pub(crate) fn begin_sdxl(
+        &self,
+        req: &GenerateRequest,
+        shape: [usize; 4],
+        switch_at: Option<&RefinerOptions>,
+        on_state: &mut dyn FnMut(&Tensor, f64),
+    ) -> Result<SdxlRun> {
         let sampler = req.sampler.sampler();
         let sigmas = sampler.sigmas(self.schedule, req.schedule, req.steps);
-        let total = sigmas.len() - 1;
-        let switch = match refiner {
-            Some((r, options)) => r.switch_index(self.schedule, &sigmas, &options.refiner),
-            None => total,
+        let switch = match switch_at {
+            Some(options) => crate::refiner::switch_index(self.schedule, &sigmas, options),
+            None => sigmas.len() - 1,
         };
         let mut rng = req.seed_source.generator(req.seed);
         let noise = rng.randn_tensor(&shape, self.device)?;
-        let mut x = (noise * sampler.initial_noise_scale(&sigmas))?;
+        let x = (noise * sampler.initial_noise_scale(&sigmas))?;
         on_state(&x, sigmas[0]);
+        Ok(SdxlRun {
+            x,
+            rng,
+            sigmas,
+            switch,
+            done: 0,
+        })
+    }
 
+    /// Runs this UNet under `stage` over `run`'s next steps, up to step `to`, on this UNet's
+    /// device. Progress counts the run's steps, so a refiner's first step follows the base's
+    /// last.
+    pub(crate) fn advance_sdxl(
+        &self,
+        run: &mut SdxlRun,
+        to: usize,
+        stage: &Stage,
+        req: &GenerateRequest,
+        observer: &mut dyn Observer,
+        on_state: &mut dyn FnMut(&Tensor, f64),
+    ) -> Result<()> {
+        let (from, total) = (run.done, run.total());
+        if to <= from {
+            return Ok(());
+        }
+        let unet = SdxlPredictor::new(self.unet, stage);
+        let denoiser = Denoiser::new(
+            &unet,
+            self.schedule,
+            self.prediction,
+            &stage.conditioning,
+            self.unet.dtype(),
+        )?;
         let every = observer.preview_every();
-        let mut run = |x: Tensor,
-                       part: &[f64],
-                       offset: usize,
-                       denoiser: &dyn crate::denoiser::Denoise,
-                       rng: &mut dyn crate::rng::NoiseSource|
-         -> Result<Tensor> {
-            let mut step_observer = |info: &StepInfo<'_>| {
-                on_state(info.x, info.sigma_next);
-                let done = offset + info.step + 1;
-                let preview = match every {
-                    Some(n) if done.is_multiple_of(n.get()) || done == total => {
-                        // A failed preview must not fail the image.
-                        latent_preview(info.denoised).ok().flatten()
-                    }
-                    _ => None,
-                };
-                observer.on_progress(&Progress {
-                    step: done,
-                    total,
-                    preview: preview.as_ref(),
-                })
+        let mut step_observer = |info: &StepInfo<'_>| {
+            on_state(info.x, info.sigma_next);
+            let done = from + info.step + 1;
+            let preview = match every {
+                Some(n) if done.is_multiple_of(n.get()) || done == total => {
+                    // A failed preview must not fail the image.
+                    latent_preview(info.denoised).ok().flatten()
+                }
+                _ => None,
             };
-            let mut ctx = SampleContext {
-                denoiser,
-                noise: rng,
-                observer: &mut step_observer,
-            };
-            sampler.sample(x, part, &mut ctx)
+            observer.on_progress(&Progress {
+                step: done,
+                total,
+                preview: preview.as_ref(),
+            })
         };
-
-        if switch > 0 {
-            let unet = SdxlPredictor::new(self.unet, base);
-            let denoiser = Denoiser::new(
-                &unet,
-                self.schedule,
-                self.prediction,
-                &base.conditioning,
-                self.unet.dtype(),
-            )?;
-            x = run(x, &sigmas[..=switch], 0, &denoiser, rng.as_mut())?;
-        }
-        if switch < total {
-            let (r, options) = refiner.ok_or_else(not_sdxl)?;
-            let stage = r.stage(req, options)?;
-            let unet = SdxlPredictor::new(r.unet(), &stage);
-            let denoiser = Denoiser::new(
-                &unet,
-                r.schedule(),
-                r.prediction(),
-                &stage.conditioning,
-                r.unet().dtype(),
-            )?;
-            // The refiner may live on another device or dtype than the base.
-            let xr = x.to_device(r.unet().device())?;
-            x = run(xr, &sigmas[switch..], switch, &denoiser, rng.as_mut())?
-                .to_device(self.device)?;
-        }
-        sampler::to_diffusers_latents(&x, sigmas[total])
+        let mut ctx = SampleContext {
+            denoiser: &denoiser,
+            noise: run.rng.as_mut(),
+            observer: &mut step_observer,
+        };
+        let x = run.x.to_device(self.device)?;
+        run.x = req
+            .sampler
+            .sampler()
+            .sample(x, &run.sigmas[from..=to], &mut ctx)?;
+        run.done = to;
+        Ok(())
     }
 }
 

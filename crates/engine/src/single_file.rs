@@ -366,6 +366,11 @@ impl SdxlCheckpoint {
         &self.configs
     }
 
+    /// A refiner file (`conditioner.embedders.0` is OpenCLIP-bigG).
+    pub(crate) fn is_refiner(&self) -> bool {
+        self.refiner
+    }
+
     /// The file itself: its schedule, VAE files and weights for the loaders below.
     pub(crate) fn file(&self) -> &CheckpointFile {
         &self.file

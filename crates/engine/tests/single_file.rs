@@ -838,6 +838,42 @@ fn sdxl_refiner_single_file_finishes_like_diffusers() {
 }
 
 #[test]
+fn staged_sdxl_file_with_a_refiner_file_draws_like_the_pipeline() {
+    // Issue 12: a refiner in a low-memory run loads after the base UNet is freed; the picture is
+    // the whole pipeline's, with both models from single files.
+    let dir = tempfile::tempdir().unwrap();
+    let base = sdxl_source("sdxl", build("sdxl", "fp16", dir.path(), |_| true));
+    let refiner = sdxl_source(
+        "sdxl-refiner",
+        build("sdxl_refiner", "fp16", dir.path(), |_| true),
+    );
+    let options = ld_engine::refiner::RefinerOptions {
+        switch_at: 0.5,
+        ..Default::default()
+    };
+    let mut whole = Pipeline::load_source(&base, &opts()).unwrap();
+    whole.load_refiner_source(&refiner, &opts()).unwrap();
+    whole
+        .set_sdxl_options(ld_engine::sdxl::SdxlOptions {
+            refiner: options,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut staged = StagedPipeline::open_source(&base, &opts()).unwrap();
+    staged.set_refiner(&refiner, options).unwrap();
+    let req = sdxl_request();
+    assert!(staged.refiner_switch_step(&req).is_some());
+    let refined = staged.generate(&req, &mut NoObserver).unwrap();
+    assert_eq!(refined, whole.generate(&req, &mut NoObserver).unwrap());
+    // The refiner changed the picture: without it the staged run draws something else.
+    let alone = StagedPipeline::open_source(&base, &opts()).unwrap();
+    assert_ne!(alone.generate(&req, &mut NoObserver).unwrap(), refined);
+    // A base file is no refiner, in a staged run as in the pipeline.
+    let err = staged.set_refiner(&base, options).unwrap_err();
+    assert!(err.to_string().contains("not a refiner"), "{err}");
+}
+
+#[test]
 fn sdxl_files_are_detected_and_bad_tensors_named() {
     let dir = tempfile::tempdir().unwrap();
     let base = build("sdxl", "fp16", dir.path(), |_| true);

@@ -141,6 +141,82 @@ fn low_memory_generation_draws_sd1_and_sdxl_folders_in_stages() {
     }
 }
 
+#[test]
+fn generate_with_a_refiner_loads_it_after_the_base_is_freed() {
+    // Issue 12: `--refiner` finishes an SDXL picture from `--refiner-switch` on; the run loads
+    // the refiner's UNet only once the base's is freed, and the PNG names the refiner as the app
+    // does.
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny_model().with_file_name("sdxl");
+    let refiner = tiny_model().with_file_name("sdxl-refiner");
+    let plain_file = dir.path().join("plain.png");
+    let plain = low_memory_generate(dir.path(), &base, &[], &plain_file);
+    assert!(plain.status.success());
+    let refined_file = dir.path().join("refined.png");
+    let args = [
+        "--refiner".as_ref(),
+        refiner.as_os_str(),
+        "--refiner-switch".as_ref(),
+        "0.5".as_ref(),
+    ];
+    let out = low_memory_generate(dir.path(), &base, &args, &refined_file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let order = [
+        "sampled, UNet freed",
+        "refiner loaded",
+        "refined, refiner freed",
+        "VAE loaded",
+    ]
+    .map(|line| stderr.find(line));
+    assert!(
+        order.iter().all(Option::is_some) && order.windows(2).all(|w| w[0] < w[1]),
+        "{order:?}: {stderr}"
+    );
+    let (plain, refined) = (
+        std::fs::read(&plain_file).unwrap(),
+        std::fs::read(&refined_file).unwrap(),
+    );
+    let text = ld_core::image_file::read_parameters(&refined).unwrap();
+    assert!(
+        text.contains("Refiner: sdxl-refiner, Refiner switch at: 0.5"),
+        "{text}"
+    );
+    let pixels = |png: &[u8]| {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(png))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        reader.next_frame(&mut buf).unwrap();
+        buf
+    };
+    assert_ne!(
+        pixels(&plain),
+        pixels(&refined),
+        "the refiner changed nothing"
+    );
+
+    // Refused before anything loads: a switch point outside 0..1, a refiner for an SD1 model.
+    let bad_switch = [
+        "--refiner".as_ref(),
+        refiner.as_os_str(),
+        "--refiner-switch".as_ref(),
+        "1.5".as_ref(),
+    ];
+    let out = low_memory_generate(dir.path(), &base, &bad_switch, &refined_file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("between 0 and 1"),
+        "{stderr}"
+    );
+    let out = low_memory_generate(dir.path(), &tiny_model(), &args[..2], &refined_file);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("SDXL base"),
+        "{stderr}"
+    );
+}
+
 /// The tiny SD1 as a single fp32 checkpoint in LDM names, rebuilt from the recipe of
 /// tests/fixtures/make_single_file_refs.py (the engine's tests/single_file.rs `build` checks the
 /// result is byte for byte the file diffusers read back; SD1 needs only its `copy` and `conv1x1`).

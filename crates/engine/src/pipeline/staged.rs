@@ -8,7 +8,14 @@
 //! SDXL base models run the same way. Their two text encoders (CLIP-L and OpenCLIP-bigG, 3.3 GB
 //! in f32) share the first stage: together they are a third of the UNet (10.3 GB), so loading
 //! them one after the other would not lower the peak. The UNet stage adds the pooled text and
-//! the size time ids ([`crate::sdxl`]); the refiner stays with the whole pipeline.
+//! the size time ids ([`crate::sdxl`]).
+//!
+//! An SDXL refiner ([`StagedPipeline::set_refiner`]) adds its own text encoder to the first
+//! stage (OpenCLIP-bigG again: with the base's two, 6.1 GB in f32 against the UNet's 10.3, so
+//! still not the peak) and a fourth stage between the UNet and the VAE: the base UNet samples up
+//! to the switch point and is freed, then the refiner's UNet (9.1 GB in f32) loads and takes
+//! the run ([`SdxlRun`]: latents, noise generator, steps done) to the end. The whole pipeline
+//! keeps both UNets, 19.4 GB in f32, where the stages need the larger one alone.
 //!
 //! Models come as diffusers folders or as single-file checkpoints (SD1, SD2, SDXL base; with an
 //! optional config folder and separate VAE file, see [`crate::single_file`]). A single file is
@@ -22,6 +29,7 @@
 //! it frees its model. LoRAs merge into the text encoders and the UNet as they load, and
 //! textual-inversion embeddings are set on the loaded text encoder, as in a whole pipeline.
 
+use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -37,8 +45,9 @@ use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::Conditioning;
 use crate::lora::LoraSet;
 use crate::memory::MemoryOptions;
+use crate::refiner::{OpenedRefiner, RefinerOptions};
 use crate::schedule::NoiseSchedule;
-use crate::sdxl::{SdxlConditioning, SizeConditioning};
+use crate::sdxl::{SdxlConditioning, SdxlOptions, SdxlRun, SizeConditioning};
 use crate::single_file::{self, ModelSource, SdCheckpoint, SdxlCheckpoint};
 use crate::textual_inversion::{Embedding, EmbeddingWarning};
 use crate::unet::{UNet2DConditionModel, UNetConfig};
@@ -62,6 +71,16 @@ pub struct StagedPipeline {
     memory: MemoryOptions,
     /// `None` for SD1/SD2.
     sdxl: Option<SdxlBase>,
+    /// An SDXL refiner for the steps after its switch point ([`Self::set_refiner`]).
+    refiner: Option<StagedRefiner>,
+}
+
+/// A refiner opened for a staged run, and when it takes over.
+#[derive(Debug)]
+struct StagedRefiner {
+    opened: OpenedRefiner,
+    /// The size conditioning is the default (the picture's own size, no crop), as for the base.
+    options: SdxlOptions,
 }
 
 /// Where the stages load their models from. The configs the stages share are copied into
@@ -94,8 +113,12 @@ pub enum EncodedPrompt {
     /// SD1/SD2: the text embeddings the UNet attends to.
     Sd(Conditioning),
     /// SDXL: both encoders' embeddings and the pooled projection. The time ids and the guidance
-    /// embedding are added by the UNet stage, which has the model they are for.
-    Sdxl(SdxlConditioning),
+    /// embedding are added by the UNet stage, which has the model they are for. `refiner`: the
+    /// refiner's encoder's, when the request reaches the refiner's switch point.
+    Sdxl {
+        base: SdxlConditioning,
+        refiner: Option<SdxlConditioning>,
+    },
 }
 
 impl EncodedPrompt {
@@ -103,15 +126,44 @@ impl EncodedPrompt {
     pub fn guided(&self) -> bool {
         match self {
             Self::Sd(c) => c.uncond.is_some(),
-            Self::Sdxl(c) => c.uncond.is_some(),
+            Self::Sdxl { base, .. } => base.uncond.is_some(),
+        }
+    }
+}
+
+/// What the UNet stage leaves of one picture.
+#[derive(Debug)]
+pub enum Sampled {
+    /// The final latents in diffusers' scale, for [`VaeStage::decode`].
+    Latents(Tensor),
+    /// An SDXL run stopped at the refiner's switch point, for [`RefinerStage::refine`].
+    ToRefine(Box<SdxlRun>),
+}
+
+impl Sampled {
+    /// Whether the refiner has steps left to do.
+    pub fn needs_refiner(&self) -> bool {
+        matches!(self, Self::ToRefine(_))
+    }
+
+    /// The final latents; an error while the refiner's steps are left.
+    pub fn into_latents(self) -> Result<Tensor> {
+        match self {
+            Self::Latents(t) => Ok(t),
+            Self::ToRefine(run) => Err(EngineError::InvalidRequest(format!(
+                "the refiner's last {} of {} steps have not run; refine the picture first",
+                run.total() - run.base_steps(),
+                run.total()
+            ))),
         }
     }
 }
 
 impl StagedPipeline {
     /// Whether `path` is a model a staged run can draw with: an SD1/SD2 or SDXL base diffusers
-    /// folder or single-file checkpoint. An SDXL refiner, which draws nothing on its own, and a
-    /// file that is no usable checkpoint (a pickle, a VAE or LoRA, a damaged file) are left to
+    /// folder or single-file checkpoint. An SDXL refiner, which draws nothing on its own (it
+    /// joins a base model's run through [`Self::set_refiner`]), and a file that is no usable
+    /// checkpoint (a pickle, a VAE or LoRA, a damaged file) are left to
     /// [`Pipeline`](super::Pipeline), whose load says what is wrong with them.
     pub fn supports(path: &Path) -> Result<bool> {
         if !path.is_dir() {
@@ -165,6 +217,7 @@ impl StagedPipeline {
             opts: opts.clone(),
             memory: MemoryOptions::default(),
             sdxl,
+            refiner: None,
         })
     }
 
@@ -210,6 +263,7 @@ impl StagedPipeline {
                 source: Source::Sdxl(Box::new(file)),
                 opts: opts.clone(),
                 memory: MemoryOptions::default(),
+                refiner: None,
             }
         } else {
             let file = SdCheckpoint::open(path, config, vae)?;
@@ -226,6 +280,7 @@ impl StagedPipeline {
                 source: Source::Sd(Box::new(file)),
                 opts: opts.clone(),
                 memory: MemoryOptions::default(),
+                refiner: None,
             }
         };
         Self::checked(staged)
@@ -237,6 +292,40 @@ impl StagedPipeline {
     fn checked(staged: Self) -> Result<Self> {
         drop(crate::weights::Weights::open_all(&staged.vae_files)?);
         Ok(staged)
+    }
+
+    /// Adds an SDXL refiner (folder or single file) for the steps after `options.switch_at`, as
+    /// [`Pipeline::load_refiner`](super::Pipeline::load_refiner) does for a whole pipeline: its
+    /// text encoder joins [`Self::load_text_encoders`], and its UNet is
+    /// [`Self::load_refiner`]'s. Reads its configs and file headers; loads no weights. Only for
+    /// SDXL base models.
+    pub fn set_refiner(&mut self, source: &ModelSource, options: RefinerOptions) -> Result<()> {
+        if self.sdxl.is_none() {
+            return Err(EngineError::InvalidRequest(
+                "a refiner needs an SDXL base model".into(),
+            ));
+        }
+        options.validate()?;
+        self.refiner = Some(StagedRefiner {
+            opened: OpenedRefiner::open(source)?,
+            options: SdxlOptions {
+                size: SizeConditioning::default(),
+                refiner: options,
+            },
+        });
+        Ok(())
+    }
+
+    /// The step at which the refiner takes over `req` (the base model's steps), when one is set
+    /// and its switch point comes before the last step; `None` when the base does every step.
+    pub fn refiner_switch_step(&self, req: &GenerateRequest) -> Option<usize> {
+        let r = self.refiner.as_ref()?;
+        let sigmas = req
+            .sampler
+            .sampler()
+            .sigmas(&self.schedule, req.schedule, req.steps);
+        let switch = crate::refiner::switch_index(&self.schedule, &sigmas, &r.options.refiner);
+        (switch + 1 < sigmas.len()).then_some(switch)
     }
 
     /// The low-memory strategies the stages use: attention slicing, batch splitting and VAE
@@ -295,6 +384,7 @@ impl StagedPipeline {
         Ok(TextStage {
             staged: self,
             encoders,
+            refiner_encoder: OnceCell::new(),
             _freed: Freed("prompts encoded, text encoders freed"),
         })
     }
@@ -319,6 +409,25 @@ impl StagedPipeline {
             staged: self,
             unet,
             _freed: Freed("sampled, UNet freed"),
+        })
+    }
+
+    /// Stage 2b: loads the refiner's UNet (see [`Self::set_refiner`]), which
+    /// [`RefinerStage::refine`] uses; dropping the stage frees it. Load it after the base's
+    /// [`UnetStage`] is dropped: that is the memory this saves.
+    pub fn load_refiner(&self) -> Result<RefinerStage<'_>> {
+        let Some(r) = &self.refiner else {
+            return Err(EngineError::InvalidRequest("no refiner was set".into()));
+        };
+        let mut unet = r.opened.load_unet(&self.opts)?;
+        unet.set_attention_options(self.memory.attention());
+        unet.set_max_batch(self.memory.split_batch.then_some(1));
+        log_memory("refiner loaded");
+        Ok(RefinerStage {
+            staged: self,
+            refiner: r,
+            unet,
+            _freed: Freed("refined, refiner freed"),
         })
     }
 
@@ -364,8 +473,14 @@ impl StagedPipeline {
         observer: &mut dyn Observer,
     ) -> Result<GeneratedImage> {
         let prompt = self.encode(req)?;
-        let latents = self.load_unet()?.sample(req, &prompt, observer)?;
-        self.decode(req, &latents)
+        let mut sampled = self.load_unet()?.sample(req, &prompt, observer)?;
+        if sampled.needs_refiner() {
+            sampled = Sampled::Latents(
+                self.load_refiner()?
+                    .refine(req, &prompt, sampled, observer)?,
+            );
+        }
+        self.decode(req, &sampled.into_latents()?)
     }
 }
 
@@ -386,6 +501,8 @@ impl Drop for Freed {
 pub struct TextStage<'a> {
     staged: &'a StagedPipeline,
     encoders: Encoders,
+    /// The refiner's encoder, loaded with the first request that reaches the refiner.
+    refiner_encoder: OnceCell<TextEncoder>,
     _freed: Freed,
 }
 
@@ -432,17 +549,34 @@ impl TextStage<'_> {
             Encoders::Sd(text_encoder) => {
                 EncodedPrompt::Sd(sd_conditioning(text_encoder, &s.unet_cfg, req)?)
             }
-            Encoders::Sdxl(text_encoder, encoder_2) => {
-                EncodedPrompt::Sdxl(crate::sdxl::text_conditioning(
+            Encoders::Sdxl(text_encoder, encoder_2) => EncodedPrompt::Sdxl {
+                base: crate::sdxl::text_conditioning(
                     [text_encoder, encoder_2.as_ref()],
                     s.sdxl
                         .as_ref()
                         .is_some_and(|b| b.force_zeros_for_empty_prompt),
                     &s.unet_cfg,
                     req,
-                )?)
-            }
+                )?,
+                refiner: match &s.refiner {
+                    Some(r) if s.refiner_switch_step(req).is_some() => {
+                        Some(r.opened.text_conditioning(self.refiner_encoder(r)?, req)?)
+                    }
+                    _ => None,
+                },
+            },
         })
+    }
+
+    /// The refiner's text encoder, loaded the first time it is needed.
+    fn refiner_encoder(&self, r: &StagedRefiner) -> Result<&TextEncoder> {
+        if self.refiner_encoder.get().is_none() {
+            let encoder = r.opened.load_encoder_2(&self.staged.opts)?;
+            log_memory("refiner text encoder loaded");
+            // Cannot be set already: this stage is used from one thread.
+            let _ = self.refiner_encoder.set(encoder);
+        }
+        Ok(self.refiner_encoder.get().expect("set above"))
     }
 }
 
@@ -456,14 +590,15 @@ pub struct UnetStage<'a> {
 
 impl UnetStage<'_> {
     /// Samples `req` under `prompt` (from [`TextStage::encode`] for the same request): the final
-    /// latents in diffusers' scale. When the observer cancels
+    /// latents in diffusers' scale, or with a refiner whose switch point the request reaches,
+    /// the run stopped there for [`RefinerStage::refine`]. When the observer cancels
     /// ([`crate::sampler::Control::Cancel`]) returns [`EngineError::Cancelled`].
     pub fn sample(
         &self,
         req: &GenerateRequest,
         prompt: &EncodedPrompt,
         observer: &mut dyn Observer,
-    ) -> Result<Tensor> {
+    ) -> Result<Sampled> {
         let s = self.staged;
         if !prompt.guided()
             && crate::denoiser::cfg_scale_for(req.cfg_scale, s.unet_cfg.guidance_embedded()) != 1.0
@@ -481,19 +616,91 @@ impl UnetStage<'_> {
             device: &s.opts.device,
         };
         let shape = s.latent_shape(req);
+        let on_state = &mut |_: &Tensor, _: f64| {};
         match (prompt, &s.sdxl) {
-            (EncodedPrompt::Sd(c), None) => sampling.run(req, shape, c, observer, &mut |_, _| {}),
-            (EncodedPrompt::Sdxl(c), Some(_)) => {
+            (EncodedPrompt::Sd(c), None) => Ok(Sampled::Latents(
+                sampling.run(req, shape, c, observer, on_state)?,
+            )),
+            (EncodedPrompt::Sdxl { base, refiner }, Some(_)) => {
+                let switch_at = s.refiner.as_ref().map(|r| &r.options.refiner);
+                let mut run = sampling.begin_sdxl(req, shape, switch_at, on_state)?;
+                if run.base_steps() < run.total() && refiner.is_none() {
+                    // Found before the base's steps, not after them.
+                    return Err(EngineError::InvalidRequest(
+                        "the prompt was encoded without the refiner; encode it with the \
+                         refiner set"
+                            .into(),
+                    ));
+                }
                 // diffusers' micro-conditioning, the picture's own size and no crop: what a
                 // `Pipeline` uses unless `set_sdxl_options` says otherwise.
                 let size = SizeConditioning::default();
-                let stage = crate::sdxl::base_stage(c.clone(), &size, req, &self.unet)?;
-                sampling.run_sdxl(req, shape, &stage, None, observer, &mut |_, _| {})
+                let stage = crate::sdxl::base_stage(base.clone(), &size, req, &self.unet)?;
+                let to = run.base_steps();
+                sampling.advance_sdxl(&mut run, to, &stage, req, observer, on_state)?;
+                Ok(if run.needs_refiner() {
+                    Sampled::ToRefine(Box::new(run))
+                } else {
+                    Sampled::Latents(run.finish(&s.opts.device)?)
+                })
             }
             _ => Err(EngineError::InvalidRequest(
                 "the prompt was encoded for another kind of model; encode it with this one".into(),
             )),
         }
+    }
+}
+
+/// The loaded UNet of an SDXL refiner in a staged run.
+#[derive(Debug)]
+pub struct RefinerStage<'a> {
+    staged: &'a StagedPipeline,
+    refiner: &'a StagedRefiner,
+    unet: UNet2DConditionModel,
+    _freed: Freed,
+}
+
+impl RefinerStage<'_> {
+    /// Takes `sampled` (from [`UnetStage::sample`] of the same request and prompt) through the
+    /// refiner's steps: the final latents in diffusers' scale. Latents that need no refiner come
+    /// back as they are. Progress continues the base's step count.
+    pub fn refine(
+        &self,
+        req: &GenerateRequest,
+        prompt: &EncodedPrompt,
+        sampled: Sampled,
+        observer: &mut dyn Observer,
+    ) -> Result<Tensor> {
+        let mut run = match sampled {
+            Sampled::Latents(latents) => return Ok(latents),
+            Sampled::ToRefine(run) => run,
+        };
+        let EncodedPrompt::Sdxl {
+            refiner: Some(c), ..
+        } = prompt
+        else {
+            return Err(EngineError::InvalidRequest(
+                "the prompt was encoded without the refiner; encode it with the refiner set".into(),
+            ));
+        };
+        let r = self.refiner;
+        let stage = crate::refiner::refiner_stage(
+            c.clone(),
+            r.opened.aesthetic,
+            req,
+            &r.options,
+            &self.unet,
+        )?;
+        let sampling = SdSampling {
+            unet: &self.unet,
+            schedule: &r.opened.schedule,
+            prediction: r.opened.prediction,
+            dtype: self.unet.dtype(),
+            device: self.unet.device(),
+        };
+        let total = run.total();
+        sampling.advance_sdxl(&mut run, total, &stage, req, observer, &mut |_, _| {})?;
+        run.finish(&self.staged.opts.device)
     }
 }
 
@@ -562,6 +769,7 @@ fn log_memory(stage: &str) {
 mod tests {
     use super::*;
     use crate::pipeline::{HalfWeights, NoObserver, Pipeline};
+    use crate::sampler::SamplerKind;
 
     fn tiny(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -681,7 +889,10 @@ mod tests {
         let latents: Vec<Tensor> = requests
             .iter()
             .zip(&prompts)
-            .map(|(r, p)| unet.sample(r, p, &mut NoObserver).unwrap())
+            .map(|(r, p)| {
+                let sampled = unet.sample(r, p, &mut NoObserver).unwrap();
+                sampled.into_latents().unwrap()
+            })
             .collect();
         drop(unet);
         assert!(set.finish().unwrap().is_empty());
@@ -744,6 +955,8 @@ mod tests {
                 .load_unet()
                 .unwrap()
                 .sample(&req, &prompt, &mut NoObserver)
+                .unwrap()
+                .into_latents()
                 .unwrap();
             assert_eq!(latents.dims(), staged.latent_shape(&req), "{family}");
             assert_eq!(
@@ -874,5 +1087,155 @@ mod tests {
             assert!(!StagedPipeline::supports(&file).unwrap(), "{file:?}");
         }
         assert!(StagedPipeline::open(&tiny("sdxl-refiner"), &LoadOptions::default()).is_err());
+    }
+
+    /// A whole SDXL pipeline with the tiny refiner switching at `switch_at`.
+    fn whole_with_refiner(switch_at: f64) -> Pipeline {
+        let mut whole = Pipeline::load(&tiny("sdxl"), &LoadOptions::default()).unwrap();
+        whole
+            .load_refiner(&tiny("sdxl-refiner"), &LoadOptions::default())
+            .unwrap();
+        whole
+            .set_sdxl_options(SdxlOptions {
+                refiner: RefinerOptions {
+                    switch_at,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .unwrap();
+        whole
+    }
+
+    #[test]
+    fn a_refiner_finishes_the_run_as_in_the_pipeline() {
+        // Issue 12: the refiner's UNet loads once the base's is freed and takes the run from the
+        // switch point; the pixels are the whole pipeline's (which holds both), and the progress
+        // counts on from the base's steps. 4 steps of DPM++ 2M Karras: 0.5 splits them, 0 gives
+        // the refiner all of them, 1 leaves it out; and Euler a split at 0.5.
+        let folder = ModelSource::new(tiny("sdxl-refiner"));
+        let req = GenerateRequest {
+            steps: 4,
+            ..request()
+        };
+        let mut base_only = None;
+        for (switch_at, sampler) in [
+            (0.5, SamplerKind::DpmPp2M),
+            (0.0, SamplerKind::DpmPp2M),
+            (1.0, SamplerKind::DpmPp2M),
+            // Ancestral: the refiner's steps draw on from the base's noise generator.
+            (0.5, SamplerKind::EulerA),
+        ] {
+            let req = GenerateRequest {
+                sampler,
+                ..req.clone()
+            };
+            let options = RefinerOptions {
+                switch_at,
+                ..Default::default()
+            };
+            let mut staged = StagedPipeline::open(&tiny("sdxl"), &LoadOptions::default()).unwrap();
+            staged.set_refiner(&folder, options).unwrap();
+            let switch = [(0.5, Some(2)), (0.0, Some(0)), (1.0, None)];
+            let expected = switch.iter().find(|s| s.0 == switch_at).unwrap().1;
+            let at = staged.refiner_switch_step(&req);
+            if sampler == SamplerKind::DpmPp2M {
+                assert_eq!(at, expected, "{switch_at}");
+            } else {
+                assert!(matches!(at, Some(1..=3)), "{at:?}");
+            }
+            let prompt = staged.encode(&req).unwrap();
+            let mut steps = Vec::new();
+            let mut observer = |p: &crate::pipeline::Progress<'_>| {
+                steps.push((p.step, p.total));
+                crate::sampler::Control::Continue
+            };
+            let unet = staged.load_unet().unwrap();
+            let sampled = unet.sample(&req, &prompt, &mut observer).unwrap();
+            if switch_at < 1.0 {
+                let again = unet.sample(&req, &prompt, &mut NoObserver).unwrap();
+                assert!(
+                    again.into_latents().is_err(),
+                    "latents before the refiner ran"
+                );
+            }
+            drop(unet);
+            assert_eq!(sampled.needs_refiner(), switch_at < 1.0, "{switch_at}");
+            let latents = if sampled.needs_refiner() {
+                let refiner = staged.load_refiner().unwrap();
+                refiner
+                    .refine(&req, &prompt, sampled, &mut observer)
+                    .unwrap()
+            } else {
+                sampled.into_latents().unwrap()
+            };
+            let expected: Vec<_> = (1..=4).map(|s| (s, 4)).collect();
+            assert_eq!(steps, expected, "{switch_at}");
+            let picture = staged.decode(&req, &latents).unwrap();
+            assert_eq!(
+                picture,
+                whole_with_refiner(switch_at)
+                    .generate(&req, &mut NoObserver)
+                    .unwrap(),
+                "{switch_at}"
+            );
+            assert_eq!(
+                staged.generate(&req, &mut NoObserver).unwrap(),
+                picture,
+                "{switch_at}: generate"
+            );
+            if switch_at == 1.0 {
+                base_only = Some(picture);
+            } else if sampler == SamplerKind::DpmPp2M {
+                assert_ne!(Some(&picture), base_only.as_ref(), "{switch_at}");
+            }
+        }
+        let plain = StagedPipeline::open(&tiny("sdxl"), &LoadOptions::default()).unwrap();
+        assert_eq!(
+            plain.generate(&req, &mut NoObserver).unwrap(),
+            base_only.unwrap(),
+            "switch at 1 is the base alone"
+        );
+    }
+
+    #[test]
+    fn refiner_misuse_is_refused_before_any_step() {
+        let folder = ModelSource::new(tiny("sdxl-refiner"));
+        let options = RefinerOptions {
+            switch_at: 0.5,
+            ..Default::default()
+        };
+        let opts = LoadOptions::default();
+        // Only an SDXL base takes a refiner, and only a valid switch point.
+        let mut sd1 = StagedPipeline::open(&tiny("sd1"), &opts).unwrap();
+        let err = sd1.set_refiner(&folder, options).unwrap_err();
+        assert!(err.to_string().contains("SDXL base"), "{err}");
+        let mut staged = StagedPipeline::open(&tiny("sdxl"), &opts).unwrap();
+        let bad = RefinerOptions {
+            switch_at: 1.5,
+            ..options
+        };
+        assert!(staged.set_refiner(&folder, bad).is_err());
+        assert!(staged.load_refiner().is_err(), "no refiner set");
+        // A prompt encoded before the refiner was set has no refiner conditioning: refused
+        // before the base model's steps are spent.
+        let req = request();
+        let prompt = staged.encode(&req).unwrap();
+        staged.set_refiner(&folder, options).unwrap();
+        let mut calls = 0;
+        let mut observer = |_: &crate::pipeline::Progress<'_>| {
+            calls += 1;
+            crate::sampler::Control::Continue
+        };
+        let err = staged
+            .load_unet()
+            .unwrap()
+            .sample(&req, &prompt, &mut observer)
+            .unwrap_err();
+        assert!(err.to_string().contains("without the refiner"), "{err}");
+        assert_eq!(calls, 0);
+        // A missing refiner folder is named when it is set, not after sampling.
+        let missing = ModelSource::new(tiny("no-such-refiner"));
+        assert!(staged.set_refiner(&missing, options).is_err());
     }
 }

@@ -79,6 +79,15 @@ pub struct GenerateArgs {
     /// sharper or fixed VAE.
     #[arg(long, value_name = "FILE")]
     pub vae: Option<PathBuf>,
+    /// An SDXL refiner (a diffusers folder, a .safetensors checkpoint or an installed model's
+    /// name) that finishes the picture of an SDXL base model from --refiner-switch on. It is
+    /// loaded after the base model is freed, so the two are never in memory together.
+    #[arg(long, value_name = "DIR_OR_NAME")]
+    pub refiner: Option<PathBuf>,
+    /// The fraction of the denoising the base model does before the refiner takes over (A1111's
+    /// "Switch at"); 1 leaves the refiner out.
+    #[arg(long, value_name = "0..1", default_value_t = 0.8)]
+    pub refiner_switch: f64,
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
@@ -135,6 +144,18 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
             model_dir.display()
         );
     }
+    let refiner = match &args.refiner {
+        Some(r) => Some(
+            resolve_model(r, &args.models_dirs, data)
+                .with_context(|| format!("--refiner {}", r.display()))?,
+        ),
+        None => None,
+    };
+    let refiner_options = ld_engine::refiner::RefinerOptions {
+        switch_at: args.refiner_switch,
+        ..Default::default()
+    };
+    refiner_options.validate()?;
     let out = match &args.out {
         Some(p) => p.clone(),
         None => data.gallery().join(format!(
@@ -202,15 +223,29 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         if args.low_memory {
             staged.set_memory_options(low_memory_options());
         }
+        if let Some(r) = &refiner {
+            let source = ld_engine::single_file::ModelSource::new(r.clone());
+            staged
+                .set_refiner(&source, refiner_options)
+                .with_context(|| format!("could not open the refiner in {}", r.display()))?;
+        }
         staged.validate(&req)?;
         let prompt = staged.encode(&req)?;
-        let latents = {
+        let sampled = {
             let unet = staged
                 .load_unet()
                 .with_context(|| format!("could not load the UNet in {}", model_dir.display()))?;
             loaded(&bar);
             unet.sample(&req, &prompt, &mut observer)?
-            // The UNet is freed here, before the VAE loads.
+            // The UNet is freed here, before the refiner or the VAE loads.
+        };
+        let latents = if sampled.needs_refiner() {
+            let stage = staged
+                .load_refiner()
+                .context("could not load the refiner")?;
+            stage.refine(&req, &prompt, sampled, &mut observer)?
+        } else {
+            sampled.into_latents()?
         };
         staged.decode(&req, &latents)?
     } else {
@@ -218,6 +253,14 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
             .with_context(|| format!("could not load the model in {}", model_dir.display()))?;
         if args.low_memory {
             pipeline.set_memory_options(low_memory_options())?;
+        }
+        if let Some(r) = &refiner {
+            pipeline
+                .load_refiner(r, &opts)
+                .with_context(|| format!("could not load the refiner in {}", r.display()))?;
+            let mut options = pipeline.sdxl_options().unwrap_or_default();
+            options.refiner = refiner_options;
+            pipeline.set_sdxl_options(options)?;
         }
         pipeline.validate(&req)?;
         loaded(&bar);
@@ -228,7 +271,15 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     let model_name = model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
-    let info = ld_core::jobs::infotext_for(&req, model_name.as_deref().unwrap_or("model"));
+    let mut info = ld_core::jobs::infotext_for(&req, model_name.as_deref().unwrap_or("model"));
+    if let Some(r) = &refiner {
+        // As the app writes it (A1111's fields).
+        let name = r.file_stem().map(|n| n.to_string_lossy().into_owned());
+        info.extra
+            .push(("Refiner".into(), name.unwrap_or_default()));
+        info.extra
+            .push(("Refiner switch at".into(), args.refiner_switch.to_string()));
+    }
     let png = ld_core::image_file::encode_png(
         &image.pixels,
         image.width as u32,
