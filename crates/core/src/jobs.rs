@@ -19,7 +19,7 @@ use crate::infotext::Infotext;
 use base64::Engine as _;
 use candle_core::{DType, Tensor};
 use ld_engine::lora::{LoraSet, LoraSpec};
-use ld_engine::memory::{MemoryOptions, ModelShape, Target};
+use ld_engine::memory::{MemoryOptions, ModelShape, RefinerParams, Target};
 use ld_engine::pipeline::staged::{Sampled, StagedPipeline};
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Progress};
 use ld_engine::rng::SeedSource;
@@ -836,7 +836,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
 
 /// Whether `job` draws with one model in memory at a time ([`StagedPipeline`]), and the note
 /// that says why: drawing on the CPU, a model the stages take (an SD1/SD2/SDXL base folder or
-/// single file, without a refiner), and "Low-VRAM mode" On, or "Auto" when the whole pipeline
+/// single file, with or without a refiner), and "Low-VRAM mode" On, or "Auto" when the whole pipeline
 /// would not fit in the available memory (`loaded`: its weights are already in). On the CPU
 /// the whole pipeline keeps all three models resident, so SD 1.5 at 512x512 peaks at 3.6 GB
 /// even with f16 weights; staged, 2.1 GB. Reading the models again costs seconds per job
@@ -868,12 +868,20 @@ fn staging(
             &MemoryOptions::default(),
             loaded,
         );
-        // The whole pipeline keeps a refiner's text encoder and UNet as well. Unreadable here
-        // means its load will fail with its own message; count nothing for it.
+        // The whole pipeline keeps a refiner's text encoder and UNet as well (the UNet in f16
+        // when its file is, as the base's below). Unreadable here means its load will fail with
+        // its own message; count nothing for it.
         let need = match refiner {
             Some(r) if !loaded => {
-                let params = ld_engine::memory::refiner_params(&r.path).unwrap_or(0);
-                need + params * dtype.size_in_bytes() as u64
+                let p = RefinerParams::read(&r.path).unwrap_or(RefinerParams { text: 0, unet: 0 });
+                let bytes = dtype.size_in_bytes() as u64;
+                let half = dtype == DType::F32
+                    && shared
+                        .config
+                        .load
+                        .unet_stores_half(&r.path, false)
+                        .unwrap_or(false);
+                need + p.text * bytes + p.unet * if half { 2 } else { bytes }
             }
             _ => need,
         };
@@ -1003,6 +1011,28 @@ fn run_staged(
         .collect();
     drop(text);
 
+    // Stage 1b: the refiner's text encoder, once the base's are freed, for the pictures that
+    // reach its switch point.
+    if spec
+        .images
+        .iter()
+        .any(|req| staged.refiner_switch_step(req).is_some())
+    {
+        let refiner_name = spec.refiner.as_ref().map_or("the refiner", |r| &r.name);
+        let text = match staged.load_refiner_text_encoder() {
+            Ok(t) => t,
+            Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
+        };
+        for (req, prompt) in spec.images.iter().zip(&mut prompts) {
+            if cancelled() {
+                return Outcome::Cancelled;
+            }
+            if let Err(e) = text.encode_into(req, prompt) {
+                return Outcome::Failed(explain(&e, refiner_name));
+            }
+        }
+    }
+
     // Stage 2: the UNet, with the LoRAs' UNet layers; every picture's latents.
     let unet = match staged.load_unet_with(&mut loras) {
         Ok(u) => u,
@@ -1074,8 +1104,9 @@ fn run_staged(
                 base_steps: Some(base_steps),
             };
             let (req, prompt) = (&spec.images[index], &prompts[index]);
-            match refiner.refine(req, prompt, s, &mut observer) {
-                Ok(latents) => refined.push((index, Sampled::Latents(latents))),
+            let mut s = s;
+            match refiner.refine(req, prompt, &mut s, &mut observer) {
+                Ok(()) => refined.push((index, s)),
                 Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
                 Err(EngineError::Cancelled) => return Outcome::Cancelled,
                 Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
@@ -2078,8 +2109,8 @@ mod tests {
             &MemoryOptions::default(),
             false,
         );
-        let refiner_bytes =
-            ld_engine::memory::refiner_params(&tiny.join("sdxl-refiner")).unwrap() * 4;
+        let p = RefinerParams::read(&tiny.join("sdxl-refiner")).unwrap();
+        let refiner_bytes = p.text * 4 + p.unet * 2;
         assert!(refiner_bytes > 0);
         let free = base_need + refiner_bytes / 2;
         svc.set_memory_policy(MemoryPolicy {

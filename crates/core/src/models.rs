@@ -175,6 +175,21 @@ fn scan_dir(dir: &Path, managed: bool, found: &mut Vec<ModelInfo>) {
     }
 }
 
+/// The name the app gives the model at `path` (what [`scan`] lists and pictures' parameters
+/// carry): a file's name without its extension, a Hugging Face snapshot's repository name, else
+/// the folder's name.
+pub fn display_name(path: &Path) -> String {
+    let name = if path.is_file() {
+        path.file_stem()
+    } else {
+        if let Some(repo) = hf_repo_name(path) {
+            return repo;
+        }
+        path.file_name()
+    };
+    name.map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned())
+}
+
 fn hf_repo_name(snapshot: &Path) -> Option<String> {
     let repo_dir = snapshot.parent()?.parent()?;
     let name = repo_dir.file_name()?.to_string_lossy();

@@ -209,7 +209,7 @@ impl ModelShape {
     /// diffusers folder. Cheap: no tensor data is read.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let folder = ModelFolder::open(dir)?;
-        let params = |component: &str| params_in(&folder.weight_files(component)?);
+        let params = |component: &str| params_in(&folder.weight_files(component)?, |_| true);
         let mut text_params = params("text_encoder")?;
         if folder.root().join("text_encoder_2").is_dir() {
             text_params += params("text_encoder_2")?;
@@ -330,30 +330,45 @@ impl Target {
     }
 }
 
-/// The parameters in `files`' headers (no tensor data is read).
-fn params_in(files: &[std::path::PathBuf]) -> Result<u64> {
+/// The parameters in `files`' headers (no tensor data is read) whose names `count` takes.
+fn params_in(files: &[std::path::PathBuf], count: impl Fn(&str) -> bool) -> Result<u64> {
     let mut total = 0u64;
     for file in files {
         let w = Weights::open(file)?;
-        let names: Vec<String> = w.names().map(str::to_owned).collect();
+        let names: Vec<String> = w.names().filter(|n| count(n)).map(str::to_owned).collect();
         for n in names {
-            let count: usize = w.shape(&n).map_or(0, |s| s.iter().product());
-            total += count as u64;
+            let c: usize = w.shape(&n).map_or(0, |s| s.iter().product());
+            total += c as u64;
         }
     }
     Ok(total)
 }
 
-/// The parameters an SDXL refiner adds to a whole pipeline (its text encoder and UNet), from
-/// its folder's or single file's headers: what the memory estimates, made for one model, leave
-/// out.
-pub fn refiner_params(path: &Path) -> Result<u64> {
-    if !path.is_dir() {
-        return params_in(&[path.to_path_buf()]);
+/// What an SDXL refiner adds to a whole pipeline, from its folder's or single file's headers:
+/// the parameters of its text encoder and of its UNet (a single file's VAE, never loaded, is
+/// left out). The memory estimates, made for one model, do not include them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefinerParams {
+    pub text: u64,
+    pub unet: u64,
+}
+
+impl RefinerParams {
+    pub fn read(path: &Path) -> Result<Self> {
+        if !path.is_dir() {
+            // LDM names: `conditioner.embedders.0.model.*` and `model.diffusion_model.*`.
+            let file = [path.to_path_buf()];
+            return Ok(Self {
+                text: params_in(&file, |n| n.starts_with("conditioner."))?,
+                unet: params_in(&file, |n| n.starts_with("model.diffusion_model."))?,
+            });
+        }
+        let folder = ModelFolder::open(path)?;
+        Ok(Self {
+            text: params_in(&folder.weight_files("text_encoder_2")?, |_| true)?,
+            unet: params_in(&folder.weight_files("unet")?, |_| true)?,
+        })
     }
-    let folder = ModelFolder::open(path)?;
-    Ok(params_in(&folder.weight_files("text_encoder_2")?)?
-        + params_in(&folder.weight_files("unet")?)?)
 }
 
 /// Estimates one image of `width x height` with guidance (`guided`: batch 2 through the UNet),

@@ -429,9 +429,7 @@ impl Pipeline {
             &mut lora_set,
         )?;
         let lora_warnings = lora_set.finish()?;
-        let (Some(text_encoder), Some(vae)) = (p.text_encoder, p.vae) else {
-            return Err(crate::single_file::refiner_cannot_draw(&source.path));
-        };
+        let (text_encoder, vae) = (p.text_encoder, p.vae);
         let defaults = crate::model_defaults::ModelDefaults::for_unet(
             &crate::model_defaults::model_name(&source.path),
             p.unet.config(),
@@ -514,7 +512,19 @@ impl Pipeline {
         self.vae.set_attention_options(memory.attention());
         self.unet.set_max_batch(memory.split_batch.then_some(1));
         self.memory = memory;
+        self.apply_memory_to_refiner();
         Ok(())
+    }
+
+    /// The attention and batch strategies of [`Self::set_memory_options`] on the refiner's UNet
+    /// too, as a staged run sets them. A refiner shared with another pipeline is left as it is:
+    /// it is read-only there.
+    pub(crate) fn apply_memory_to_refiner(&mut self) {
+        let memory = self.memory;
+        let refiner = self.sdxl.as_mut().and_then(|s| s.refiner.as_mut());
+        if let Some(r) = refiner.and_then(std::sync::Arc::get_mut) {
+            r.set_memory_options(&memory);
+        }
     }
 
     /// The LoRAs merged at load.

@@ -234,7 +234,7 @@ fn text_conditioning(
 
 /// The refiner's stage for `req` from its encoded prompt `c`: time ids
 /// `[h, w, crop_top, crop_left, aesthetic score]` (negative score for the negative prompt) when
-/// the refiner is `aesthetic`, else the base's size ids.
+/// the refiner is `aesthetic`, else the size ids of `options.size`.
 pub(crate) fn refiner_stage(
     c: SdxlConditioning,
     aesthetic: bool,
@@ -306,6 +306,12 @@ impl Refiner {
 
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet
+    }
+
+    /// The attention and batch strategies of `memory` on the refiner's UNet.
+    pub(crate) fn set_memory_options(&mut self, memory: &crate::memory::MemoryOptions) {
+        self.unet.set_attention_options(memory.attention());
+        self.unet.set_max_batch(memory.split_batch.then_some(1));
     }
 
     pub fn schedule(&self) -> &NoiseSchedule {
@@ -419,6 +425,7 @@ impl Pipeline {
         match &mut self.sdxl {
             Some(s) => {
                 s.refiner = refiner;
+                self.apply_memory_to_refiner();
                 Ok(())
             }
             None if refiner.is_none() => Ok(()),

@@ -579,7 +579,7 @@ impl SdxlRun {
     }
 
     /// The final latents in diffusers' scale, on `device`, once every step is done.
-    pub(crate) fn finish(self, device: &Device) -> Result<Tensor> {
+    pub(crate) fn finish(&self, device: &Device) -> Result<Tensor> {
         if self.needs_refiner() {
             return Err(EngineError::InvalidRequest(format!(
                 "the refiner's {} of {} steps have not run",

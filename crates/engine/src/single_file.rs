@@ -206,30 +206,26 @@ struct SdxlTokenizers {
     second: ClipTokenizer,
 }
 
-/// What [`load_sdxl`] builds; `Pipeline::load_source` (base) and `Refiner::load_source`
-/// (refiner) put it together.
+/// What [`load_sdxl`] builds for `Pipeline::load_source`. (A refiner file loads through
+/// [`crate::refiner`], one model at a time.)
 #[derive(Debug)]
 pub struct SdxlLoadedParts {
-    /// A refiner file (`conditioner.embedders.0` is OpenCLIP-bigG).
-    pub refiner: bool,
-    /// CLIP-L (`None` for a refiner).
-    pub text_encoder: Option<TextEncoder>,
+    /// CLIP-L.
+    pub text_encoder: TextEncoder,
     /// OpenCLIP-bigG, with `text_projection`.
     pub encoder_2: TextEncoder,
     pub unet: UNet2DConditionModel,
-    /// The VAE (`None` for a refiner: SDXL pipelines decode with the base's VAE).
-    pub vae: Option<AutoencoderKL>,
+    pub vae: AutoencoderKL,
     pub vae_files: Vec<PathBuf>,
     pub vae_config: VaeConfig,
     pub schedule: NoiseSchedule,
     pub prediction: PredictionType,
     pub force_zeros_for_empty_prompt: bool,
-    pub requires_aesthetics_score: bool,
 }
 
-/// Loads an SDXL base or refiner single-file checkpoint, with `loras` merged into the UNet and
-/// text encoders (a refiner gets none: `loras` should then be empty). `config` is an optional
-/// diffusers folder (base or refiner) describing it; `vae` an optional separate VAE file.
+/// Loads an SDXL base single-file checkpoint, with `loras` merged into the UNet and text
+/// encoders. `config` is an optional diffusers folder describing it; `vae` an optional separate
+/// VAE file. A refiner file is refused before anything loads, with what to do instead.
 pub fn load_sdxl(
     path: &Path,
     config: Option<&Path>,
@@ -238,22 +234,15 @@ pub fn load_sdxl(
     loras: &mut LoraSet,
 ) -> Result<SdxlLoadedParts> {
     let file = SdxlCheckpoint::open(path, config, vae)?;
+    if file.refiner {
+        return Err(refiner_cannot_draw(path));
+    }
     let weights = file.file.weights()?;
-    let text_encoder = if file.refiner {
-        None
-    } else {
-        Some(file.load_text_encoder(&weights, opts, loras)?)
-    };
+    let text_encoder = file.load_text_encoder(&weights, opts, loras)?;
     let encoder_2 = file.load_encoder_2(&weights, opts, loras)?;
     let unet = file.load_unet(&weights, opts, loras)?;
-    // SDXL pipelines decode a refiner's latents with the base's VAE.
-    let vae = if file.refiner {
-        None
-    } else {
-        Some(file.load_vae(opts)?)
-    };
+    let vae = file.load_vae(opts)?;
     Ok(SdxlLoadedParts {
-        refiner: file.refiner,
         text_encoder,
         encoder_2,
         unet,
@@ -261,7 +250,6 @@ pub fn load_sdxl(
         vae_files: file.file.vae_files,
         prediction: file.configs.scheduler.prediction_type,
         force_zeros_for_empty_prompt: file.configs.force_zeros_for_empty_prompt,
-        requires_aesthetics_score: file.configs.requires_aesthetics_score,
         vae_config: file.configs.vae,
         schedule: file.file.schedule,
     })

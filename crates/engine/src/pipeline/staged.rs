@@ -10,12 +10,12 @@
 //! them one after the other would not lower the peak. The UNet stage adds the pooled text and
 //! the size time ids ([`crate::sdxl`]).
 //!
-//! An SDXL refiner ([`StagedPipeline::set_refiner`]) adds its own text encoder to the first
-//! stage (OpenCLIP-bigG again: with the base's two, 6.1 GB in f32 against the UNet's 10.3, so
-//! still not the peak) and a fourth stage between the UNet and the VAE: the base UNet samples up
-//! to the switch point and is freed, then the refiner's UNet (9.1 GB in f32) loads and takes
-//! the run ([`SdxlRun`]: latents, noise generator, steps done) to the end. The whole pipeline
-//! keeps both UNets, 19.4 GB in f32, where the stages need the larger one alone.
+//! An SDXL refiner ([`StagedPipeline::set_refiner`]) adds two stages: its own text encoder
+//! (OpenCLIP-bigG again, 2.8 GB in f32) after the base's are freed, and its UNet between the
+//! base's and the VAE: the base UNet samples up to the switch point and is freed, then the
+//! refiner's UNet (9.1 GB in f32) loads and takes the run ([`SdxlRun`]: latents, noise
+//! generator, steps done) to the end. The whole pipeline keeps all of them, both UNets alone
+//! 19.4 GB in f32, where the stages need the largest model alone.
 //!
 //! Models come as diffusers folders or as single-file checkpoints (SD1, SD2, SDXL base; with an
 //! optional config folder and separate VAE file, see [`crate::single_file`]). A single file is
@@ -23,13 +23,13 @@
 //! models are built by the same loaders [`Pipeline::load_source`](super::Pipeline::load_source)
 //! uses, so the pictures are the same.
 //!
-//! Each stage ([`TextStage`], [`UnetStage`], [`VaeStage`]) owns the model it loads, so a model
+//! Each stage ([`TextStage`], [`RefinerTextStage`], [`UnetStage`], [`RefinerStage`],
+//! [`VaeStage`]) owns the model it loads, so a model
 //! that was freed cannot be used by mistake; one stage serves any number of pictures (the app
 //! encodes a whole batch's prompts, then samples them all, then decodes them all), and dropping
 //! it frees its model. LoRAs merge into the text encoders and the UNet as they load, and
 //! textual-inversion embeddings are set on the loaded text encoder, as in a whole pipeline.
 
-use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
@@ -346,11 +346,36 @@ impl StagedPipeline {
     }
 
     /// Stage 1 in one call: validates `req`, loads the text encoder (SDXL: both), encodes the
-    /// prompt (and the negative prompt when guidance is on) and frees the encoders.
+    /// prompt (and the negative prompt when guidance is on) and frees the encoders; then, when
+    /// `req` reaches a refiner's switch point, the same with the refiner's text encoder.
     pub fn encode(&self, req: &GenerateRequest) -> Result<EncodedPrompt> {
         self.validate(req)?;
-        self.load_text_encoders(&mut LoraSet::open(&[])?)?
-            .encode(req)
+        let mut prompt = self
+            .load_text_encoders(&mut LoraSet::open(&[])?)?
+            .encode(req)?;
+        if self.refiner_switch_step(req).is_some() {
+            self.load_refiner_text_encoder()?
+                .encode_into(req, &mut prompt)?;
+        }
+        Ok(prompt)
+    }
+
+    /// Stage 1b: loads the refiner's text encoder (see [`Self::set_refiner`]) for
+    /// [`RefinerTextStage::encode_into`]; dropping the stage frees it. Load it after the base's
+    /// [`TextStage`] is dropped: with the base's two encoders (3.3 GB in f32) it would make the
+    /// text stage larger than an f16 UNet.
+    pub fn load_refiner_text_encoder(&self) -> Result<RefinerTextStage<'_>> {
+        let Some(r) = &self.refiner else {
+            return Err(EngineError::InvalidRequest("no refiner was set".into()));
+        };
+        let encoder = r.opened.load_encoder_2(&self.opts)?;
+        log_memory("refiner text encoder loaded");
+        Ok(RefinerTextStage {
+            staged: self,
+            refiner: r,
+            encoder,
+            _freed: Freed("refiner prompts encoded, refiner text encoder freed"),
+        })
     }
 
     /// Stage 1: loads the text encoder (SDXL: both) with `loras`' text-encoder layers merged,
@@ -384,7 +409,6 @@ impl StagedPipeline {
         Ok(TextStage {
             staged: self,
             encoders,
-            refiner_encoder: OnceCell::new(),
             _freed: Freed("prompts encoded, text encoders freed"),
         })
     }
@@ -460,12 +484,12 @@ impl StagedPipeline {
     }
 
     /// Stage 3 in one call: loads the VAE, decodes `latents` (diffusers scale, from
-    /// [`UnetStage::sample`]) into `req`'s picture and frees the VAE.
+    /// [`Sampled::into_latents`]) into `req`'s picture and frees the VAE.
     pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
         self.load_vae()?.decode(req, latents)
     }
 
-    /// The three stages in a row: the picture [`Pipeline::generate`](super::Pipeline::generate)
+    /// The stages in a row: the picture [`Pipeline::generate`](super::Pipeline::generate)
     /// draws for `req`, with one model in memory at a time.
     pub fn generate(
         &self,
@@ -475,10 +499,8 @@ impl StagedPipeline {
         let prompt = self.encode(req)?;
         let mut sampled = self.load_unet()?.sample(req, &prompt, observer)?;
         if sampled.needs_refiner() {
-            sampled = Sampled::Latents(
-                self.load_refiner()?
-                    .refine(req, &prompt, sampled, observer)?,
-            );
+            self.load_refiner()?
+                .refine(req, &prompt, &mut sampled, observer)?;
         }
         self.decode(req, &sampled.into_latents()?)
     }
@@ -501,8 +523,6 @@ impl Drop for Freed {
 pub struct TextStage<'a> {
     staged: &'a StagedPipeline,
     encoders: Encoders,
-    /// The refiner's encoder, loaded with the first request that reaches the refiner.
-    refiner_encoder: OnceCell<TextEncoder>,
     _freed: Freed,
 }
 
@@ -558,25 +578,35 @@ impl TextStage<'_> {
                     &s.unet_cfg,
                     req,
                 )?,
-                refiner: match &s.refiner {
-                    Some(r) if s.refiner_switch_step(req).is_some() => {
-                        Some(r.opened.text_conditioning(self.refiner_encoder(r)?, req)?)
-                    }
-                    _ => None,
-                },
+                // Added by the refiner's own text stage, once these encoders are freed.
+                refiner: None,
             },
         })
     }
+}
 
-    /// The refiner's text encoder, loaded the first time it is needed.
-    fn refiner_encoder(&self, r: &StagedRefiner) -> Result<&TextEncoder> {
-        if self.refiner_encoder.get().is_none() {
-            let encoder = r.opened.load_encoder_2(&self.staged.opts)?;
-            log_memory("refiner text encoder loaded");
-            // Cannot be set already: this stage is used from one thread.
-            let _ = self.refiner_encoder.set(encoder);
+/// The loaded text encoder of an SDXL refiner (OpenCLIP-bigG, as the base's second).
+#[derive(Debug)]
+pub struct RefinerTextStage<'a> {
+    staged: &'a StagedPipeline,
+    refiner: &'a StagedRefiner,
+    encoder: TextEncoder,
+    _freed: Freed,
+}
+
+impl RefinerTextStage<'_> {
+    /// Adds the refiner's conditioning of `req` to `prompt` (from [`TextStage::encode`] for the
+    /// same request) when `req` reaches the refiner's switch point; otherwise leaves it as it is.
+    pub fn encode_into(&self, req: &GenerateRequest, prompt: &mut EncodedPrompt) -> Result<()> {
+        let EncodedPrompt::Sdxl { refiner, .. } = prompt else {
+            return Err(EngineError::InvalidRequest(
+                "the prompt was encoded for another kind of model; encode it with this one".into(),
+            ));
+        };
+        if self.staged.refiner_switch_step(req).is_some() {
+            *refiner = Some(self.refiner.opened.text_conditioning(&self.encoder, req)?);
         }
-        Ok(self.refiner_encoder.get().expect("set above"))
+        Ok(())
     }
 }
 
@@ -662,18 +692,19 @@ pub struct RefinerStage<'a> {
 
 impl RefinerStage<'_> {
     /// Takes `sampled` (from [`UnetStage::sample`] of the same request and prompt) through the
-    /// refiner's steps: the final latents in diffusers' scale. Latents that need no refiner come
-    /// back as they are. Progress continues the base's step count.
+    /// refiner's steps, leaving the final latents in diffusers' scale in it
+    /// ([`Sampled::Latents`]); latents that need no refiner stay as they are. Progress continues
+    /// the base's step count. On an error (a prompt encoded without the refiner, a cancel) the
+    /// base's work is still in `sampled`.
     pub fn refine(
         &self,
         req: &GenerateRequest,
         prompt: &EncodedPrompt,
-        sampled: Sampled,
+        sampled: &mut Sampled,
         observer: &mut dyn Observer,
-    ) -> Result<Tensor> {
-        let mut run = match sampled {
-            Sampled::Latents(latents) => return Ok(latents),
-            Sampled::ToRefine(run) => run,
+    ) -> Result<()> {
+        let Sampled::ToRefine(run) = sampled else {
+            return Ok(());
         };
         let EncodedPrompt::Sdxl {
             refiner: Some(c), ..
@@ -683,6 +714,17 @@ impl RefinerStage<'_> {
                 "the prompt was encoded without the refiner; encode it with the refiner set".into(),
             ));
         };
+        if run.total() + 1
+            != req
+                .sampler
+                .sampler()
+                .sigmas(&self.staged.schedule, req.schedule, req.steps)
+                .len()
+        {
+            return Err(EngineError::InvalidRequest(
+                "these latents were sampled for a request with other steps".into(),
+            ));
+        }
         let r = self.refiner;
         let stage = crate::refiner::refiner_stage(
             c.clone(),
@@ -699,8 +741,10 @@ impl RefinerStage<'_> {
             device: self.unet.device(),
         };
         let total = run.total();
-        sampling.advance_sdxl(&mut run, total, &stage, req, observer, &mut |_, _| {})?;
-        run.finish(&self.staged.opts.device)
+        sampling.advance_sdxl(run, total, &stage, req, observer, &mut |_, _| {})?;
+        let latents = run.finish(&self.staged.opts.device)?;
+        *sampled = Sampled::Latents(latents);
+        Ok(())
     }
 }
 
@@ -713,7 +757,7 @@ pub struct VaeStage<'a> {
 }
 
 impl VaeStage<'_> {
-    /// Decodes `latents` (diffusers scale, from [`UnetStage::sample`]) into pixels in [-1, 1],
+    /// Decodes `latents` (diffusers scale, from [`Sampled::into_latents`]) into pixels in [-1, 1],
     /// f32, as [`Pipeline::decode`](super::Pipeline::decode). SDXL decodes as the whole
     /// pipeline does: again from an f32 copy when a half-precision decode overflows.
     pub fn decode_pixels(&self, latents: &Tensor) -> Result<Tensor> {
@@ -1151,7 +1195,7 @@ mod tests {
                 crate::sampler::Control::Continue
             };
             let unet = staged.load_unet().unwrap();
-            let sampled = unet.sample(&req, &prompt, &mut observer).unwrap();
+            let mut sampled = unet.sample(&req, &prompt, &mut observer).unwrap();
             if switch_at < 1.0 {
                 let again = unet.sample(&req, &prompt, &mut NoObserver).unwrap();
                 assert!(
@@ -1161,14 +1205,25 @@ mod tests {
             }
             drop(unet);
             assert_eq!(sampled.needs_refiner(), switch_at < 1.0, "{switch_at}");
-            let latents = if sampled.needs_refiner() {
+            if sampled.needs_refiner() {
                 let refiner = staged.load_refiner().unwrap();
+                // A prompt without the refiner's conditioning is refused, the base's work kept.
+                let EncodedPrompt::Sdxl { base, .. } = &prompt else {
+                    unreachable!("an SDXL prompt")
+                };
+                let base_only = EncodedPrompt::Sdxl {
+                    base: base.clone(),
+                    refiner: None,
+                };
+                assert!(refiner
+                    .refine(&req, &base_only, &mut sampled, &mut NoObserver)
+                    .is_err());
+                assert!(sampled.needs_refiner());
                 refiner
-                    .refine(&req, &prompt, sampled, &mut observer)
-                    .unwrap()
-            } else {
-                sampled.into_latents().unwrap()
-            };
+                    .refine(&req, &prompt, &mut sampled, &mut observer)
+                    .unwrap();
+            }
+            let latents = sampled.into_latents().unwrap();
             let expected: Vec<_> = (1..=4).map(|s| (s, 4)).collect();
             assert_eq!(steps, expected, "{switch_at}");
             let picture = staged.decode(&req, &latents).unwrap();
@@ -1196,6 +1251,31 @@ mod tests {
             base_only.unwrap(),
             "switch at 1 is the base alone"
         );
+    }
+
+    #[test]
+    fn a_whole_pipelines_refiner_takes_its_memory_strategies() {
+        // As a staged run's refiner does: the OOM recovery's batch splitting and attention
+        // slicing must reach the refiner's steps too, whether the refiner comes before or after
+        // the options.
+        let split = MemoryOptions {
+            split_batch: true,
+            attention_slice: Some(4096),
+            ..Default::default()
+        };
+        let refiner_unet = |p: &Pipeline| {
+            let u = p.refiner().unwrap().unet();
+            (u.max_batch(), u.attention_options())
+        };
+        let mut whole = whole_with_refiner(0.5);
+        assert_eq!(refiner_unet(&whole).0, None);
+        whole.set_memory_options(split).unwrap();
+        assert_eq!(refiner_unet(&whole), (Some(1), split.attention()));
+        let mut late = Pipeline::load(&tiny("sdxl"), &LoadOptions::default()).unwrap();
+        late.set_memory_options(split).unwrap();
+        late.load_refiner(&tiny("sdxl-refiner"), &LoadOptions::default())
+            .unwrap();
+        assert_eq!(refiner_unet(&late), (Some(1), split.attention()));
     }
 
     #[test]

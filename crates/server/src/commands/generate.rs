@@ -82,7 +82,7 @@ pub struct GenerateArgs {
     /// An SDXL refiner (a diffusers folder, a .safetensors checkpoint or an installed model's
     /// name) that finishes the picture of an SDXL base model from --refiner-switch on. It is
     /// loaded after the base model is freed, so the two are never in memory together.
-    #[arg(long, value_name = "DIR_OR_NAME")]
+    #[arg(long, value_name = "DIR_FILE_OR_NAME")]
     pub refiner: Option<PathBuf>,
     /// The fraction of the denoising the base model does before the refiner takes over (A1111's
     /// "Switch at"); 1 leaves the refiner out.
@@ -239,14 +239,14 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
             unet.sample(&req, &prompt, &mut observer)?
             // The UNet is freed here, before the refiner or the VAE loads.
         };
-        let latents = if sampled.needs_refiner() {
-            let stage = staged
+        let mut sampled = sampled;
+        if let (true, Some(r)) = (sampled.needs_refiner(), &refiner) {
+            staged
                 .load_refiner()
-                .context("could not load the refiner")?;
-            stage.refine(&req, &prompt, sampled, &mut observer)?
-        } else {
-            sampled.into_latents()?
-        };
+                .with_context(|| format!("could not load the refiner in {}", r.display()))?
+                .refine(&req, &prompt, &mut sampled, &mut observer)?;
+        }
+        let latents = sampled.into_latents()?;
         staged.decode(&req, &latents)?
     } else {
         let mut pipeline = Pipeline::load_source(&source, &opts)
@@ -268,15 +268,13 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     };
     bar.finish_and_clear();
 
-    let model_name = model_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    let mut info = ld_core::jobs::infotext_for(&req, model_name.as_deref().unwrap_or("model"));
+    // Named as the app names them, so the parameters read the same.
+    let model_name = ld_core::models::display_name(&model_dir);
+    let mut info = ld_core::jobs::infotext_for(&req, &model_name);
     if let Some(r) = &refiner {
-        // As the app writes it (A1111's fields).
-        let name = r.file_stem().map(|n| n.to_string_lossy().into_owned());
+        // A1111's fields, as the app writes them.
         info.extra
-            .push(("Refiner".into(), name.unwrap_or_default()));
+            .push(("Refiner".into(), ld_core::models::display_name(r)));
         info.extra
             .push(("Refiner switch at".into(), args.refiner_switch.to_string()));
     }
@@ -358,7 +356,7 @@ fn resolve_model(
     match ld_core::models::find(&models, &wanted.to_string_lossy()) {
         Some(m) => Ok(m.path.clone()),
         None if wanted.exists() => bail!(
-            "{} is not a folder; --model needs a diffusers model folder or an installed model's name",
+            "{} is not a model folder, .safetensors checkpoint or installed model's name",
             wanted.display()
         ),
         None => bail!(
@@ -367,7 +365,11 @@ fn resolve_model(
             if models.is_empty() {
                 "none (download one with `local-diffusers models download sd-turbo`)".to_owned()
             } else {
-                models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                models
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ),
     }
