@@ -145,9 +145,10 @@ def run_ours(a, base: Path, extra: list[str]) -> dict:
         total = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"local-diffusers failed:\n{r.stderr}")
-    rss = int(re.search(r"MAXRSS (\d+)", r.stderr).group(1)) / 1024
+    err = re.sub(r"\x1b\[[0-9;]*m", "", r.stderr)
+    rss = int(re.search(r"MAXRSS (\d+)", err).group(1)) / 1024
     # The staged run's debug log: resident and peak memory at each stage boundary.
-    stages = re.findall(r"staged: ([^:]+): resident ([0-9]+ kB), peak ([0-9]+ kB)", r.stderr)
+    stages = re.findall(r"staged: ([^:]+): resident ([0-9]+ kB), peak ([0-9]+ kB)", err)
     return {"total_s": round(total, 1), "peak_rss_mb": round(rss), "stages": stages}
 
 
