@@ -1943,6 +1943,22 @@ mod tests {
     }
 
     /// Pixels and parameters text of each picture `info` saved.
+    /// The saved pictures of the jobs `[whole, staged, short]` (the same batch of two seeds, drawn
+    /// with all models loaded, one at a time, and one at a time for short memory): two different
+    /// pictures, the same in all three to the byte, with the same parameters text, which
+    /// `expected` accepts.
+    fn same_two_pictures(svc: &JobService, jobs: [&JobInfo; 3], expected: impl Fn(&str) -> bool) {
+        let [whole, staged, short] = jobs.map(|info| saved(svc, info));
+        assert_eq!(staged.len(), 2);
+        assert_ne!(staged[0].0, staged[1].0, "two seeds, two pictures");
+        assert_eq!(short, staged);
+        for ((wp, wt), (sp, st)) in whole.iter().zip(&staged) {
+            assert!(wp == sp, "staged pixels differ from the whole pipeline's");
+            assert_eq!(wt, st);
+            assert!(expected(st), "{st}");
+        }
+    }
+
     fn saved(svc: &JobService, info: &JobInfo) -> Vec<(Vec<u8>, String)> {
         info.images
             .iter()
@@ -2028,22 +2044,9 @@ mod tests {
             "{:?}",
             short.notes
         );
-        let (whole, staged, short) = (
-            saved(&svc, &whole),
-            saved(&svc, &staged),
-            saved(&svc, &short),
-        );
-        assert_eq!(staged.len(), 2);
-        assert_ne!(staged[0].0, staged[1].0, "two seeds, two pictures");
-        assert_eq!(short, staged);
-        for ((wp, wt), (sp, st)) in whole.iter().zip(&staged) {
-            assert!(wp == sp, "staged pixels differ from the whole pipeline's");
-            assert_eq!(wt, st);
-            assert!(
-                st.contains("Lora hashes: \"lora_kohya: ") && st.contains("TI hashes: \"tinyemb: "),
-                "{st}"
-            );
-        }
+        same_two_pictures(&svc, [&whole, &staged, &short], |text| {
+            text.contains("Lora hashes: \"lora_kohya: ") && text.contains("TI hashes: \"tinyemb: ")
+        });
     }
 
     #[test]
@@ -2129,19 +2132,9 @@ mod tests {
         assert!(!one_at_a_time(&whole), "{:?}", whole.notes);
         assert!(one_at_a_time(&staged), "{:?}", staged.notes);
         assert!(one_at_a_time(&short), "{:?}", short.notes);
-        let (whole, staged, short) = (
-            saved(&svc, &whole),
-            saved(&svc, &staged),
-            saved(&svc, &short),
-        );
-        assert_eq!(staged.len(), 2);
-        assert_ne!(staged[0].0, staged[1].0, "two seeds, two pictures");
-        assert_eq!(short, staged);
-        for ((wp, wt), (sp, st)) in whole.iter().zip(&staged) {
-            assert!(wp == sp, "staged pixels differ from the whole pipeline's");
-            assert_eq!(wt, st);
-            assert!(st.contains("Refiner: sdxl-refiner"), "{st}");
-        }
+        same_two_pictures(&svc, [&whole, &staged, &short], |text| {
+            text.contains("Refiner: sdxl-refiner")
+        });
         // Base steps 1-2 of both pictures, then the refiner's steps 3-4 of both: 8 steps in
         // all, the job's fraction rising at each.
         // (Stage changes repeat the last figures; only steps report `Sampling`.)
