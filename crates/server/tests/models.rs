@@ -463,7 +463,7 @@ async fn sdxl_draws_with_its_refiner_and_the_refiner_alone_is_refused() {
     .unwrap();
     let job = json!({"prompt": "a lighthouse", "model": "sdxl", "refiner": "sdxl-refiner",
                      "refiner_switch": 0.5, "width": 64, "height": 64, "steps": 4, "seed": 3});
-    let (status, queued) = call_json(&s, "POST", "/api/v1/jobs", job, false).await;
+    let (status, queued) = call_json(&s, "POST", "/api/v1/jobs", job.clone(), false).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
     let done = s.jobs().wait(queued["id"].as_str().unwrap()).await.unwrap();
     assert_eq!(done.images.len(), 1, "{:?}", done.error);
@@ -487,6 +487,31 @@ async fn sdxl_draws_with_its_refiner_and_the_refiner_alone_is_refused() {
             .unwrap()
             .contains("Refiner switch at: 0.7"),
         "{info}"
+    );
+
+    // Issue 12: with Low-VRAM mode On (set as the Settings page does) a chat app's refiner
+    // request is drawn one model at a time, refiner included, and says so.
+    let (status, mut settings) = call_json(&s, "GET", "/api/v1/settings", Value::Null, true).await;
+    assert_eq!(status, StatusCode::OK, "{settings}");
+    settings["low_vram"] = json!("on");
+    let (status, saved) = call_json(&s, "PUT", "/api/v1/settings", settings, true).await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+    let (status, queued) = call_json(&s, "POST", "/api/v1/jobs", job.clone(), false).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let staged = s.jobs().wait(queued["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(staged.images.len(), 1, "{:?}", staged.error);
+    assert!(
+        staged
+            .notes
+            .iter()
+            .any(|n| n.contains("the refiner and the VAE were loaded one at a time")),
+        "{:?}",
+        staged.notes
+    );
+    let params = &staged.images[0].parameters;
+    assert!(
+        params.contains("Refiner: sdxl-refiner, Refiner switch at: 0.5, Low VRAM: "),
+        "{params}"
     );
 
     let bad = [
