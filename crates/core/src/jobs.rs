@@ -20,7 +20,7 @@ use base64::Engine as _;
 use candle_core::{DType, Tensor};
 use ld_engine::lora::{LoraSet, LoraSpec};
 use ld_engine::memory::{MemoryOptions, ModelShape, RefinerParams, Target};
-use ld_engine::pipeline::staged::{Sampled, StagedPipeline};
+use ld_engine::pipeline::staged::StagedPipeline;
 use ld_engine::pipeline::{GenerateRequest, LoadOptions, Observer, Pipeline, Progress};
 use ld_engine::rng::SeedSource;
 use ld_engine::sampler::Control;
@@ -873,7 +873,7 @@ fn staging(
         // its own message; count nothing for it.
         let need = match refiner {
             Some(r) if !loaded => {
-                let p = RefinerParams::read(&r.path).unwrap_or(RefinerParams { text: 0, unet: 0 });
+                let p = RefinerParams::read(&r.path).unwrap_or_default();
                 let bytes = dtype.size_in_bytes() as u64;
                 let half = dtype == DType::F32
                     && shared
@@ -956,6 +956,12 @@ fn run_staged(
     let spec = &job.spec;
     let model = &spec.model;
     let failed = |e: EngineError| Outcome::Failed(explain(&e, &model.name));
+    // Errors of the refiner's stages name the refiner.
+    let refiner_name = spec
+        .refiner
+        .as_ref()
+        .map_or("the refiner", |r| r.name.as_str());
+    let refiner_failed = |e: EngineError| Outcome::Failed(explain(&e, refiner_name));
     let cancelled = || job.cancel.load(Ordering::SeqCst);
     set_stage(shared, job, Stage::LoadingModel);
     push_note(job, note);
@@ -972,7 +978,7 @@ fn run_staged(
         };
         let source = ld_engine::single_file::ModelSource::new(r.path.clone());
         if let Err(e) = staged.set_refiner(&source, options) {
-            return Outcome::Failed(explain(&e, &r.name));
+            return refiner_failed(e);
         }
     }
     let mut loras = match LoraSet::open(&spec.loras) {
@@ -1018,17 +1024,16 @@ fn run_staged(
         .iter()
         .any(|req| staged.refiner_switch_step(req).is_some())
     {
-        let refiner_name = spec.refiner.as_ref().map_or("the refiner", |r| &r.name);
         let text = match staged.load_refiner_text_encoder() {
             Ok(t) => t,
-            Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
+            Err(e) => return refiner_failed(e),
         };
         for (req, prompt) in spec.images.iter().zip(&mut prompts) {
             if cancelled() {
                 return Outcome::Cancelled;
             }
             if let Err(e) = text.encode_into(req, prompt) {
-                return Outcome::Failed(explain(&e, refiner_name));
+                return refiner_failed(e);
             }
         }
     }
@@ -1076,41 +1081,35 @@ fn run_staged(
 
     // Stage 2b: the refiner's UNet finishes what the base left at the switch point.
     let sampled = if sampled.iter().any(|(_, s)| s.needs_refiner()) {
-        let refiner_name = spec.refiner.as_ref().map_or("the refiner", |r| &r.name);
         set_stage(shared, job, Stage::LoadingModel);
         let refiner = match staged.load_refiner() {
             Ok(r) => r,
-            Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
+            Err(e) => return refiner_failed(e),
         };
         let mut refined = Vec::with_capacity(sampled.len());
-        for (index, s) in sampled {
+        for (index, mut s) in sampled {
             if cancelled() {
                 return Outcome::Cancelled;
             }
-            let base_steps = match &s {
-                Sampled::ToRefine(run) => run.base_steps(),
-                Sampled::Latents(_) => {
-                    refined.push((index, s));
-                    continue;
+            let req = &spec.images[index];
+            if s.needs_refiner() {
+                start_image(job, index);
+                let mut observer = JobObserver {
+                    shared,
+                    job,
+                    index,
+                    batch,
+                    started,
+                    base_steps: staged.refiner_switch_step(req),
+                };
+                match refiner.refine(req, &prompts[index], &mut s, &mut observer) {
+                    Ok(()) => {}
+                    Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => continue,
+                    Err(EngineError::Cancelled) => return Outcome::Cancelled,
+                    Err(e) => return refiner_failed(e),
                 }
-            };
-            start_image(job, index);
-            let mut observer = JobObserver {
-                shared,
-                job,
-                index,
-                batch,
-                started,
-                base_steps: Some(base_steps),
-            };
-            let (req, prompt) = (&spec.images[index], &prompts[index]);
-            let mut s = s;
-            match refiner.refine(req, prompt, &mut s, &mut observer) {
-                Ok(()) => refined.push((index, s)),
-                Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
-                Err(EngineError::Cancelled) => return Outcome::Cancelled,
-                Err(e) => return Outcome::Failed(explain(&e, refiner_name)),
             }
+            refined.push((index, s));
         }
         refined
     } else {

@@ -347,7 +347,7 @@ fn params_in(files: &[std::path::PathBuf], count: impl Fn(&str) -> bool) -> Resu
 /// What an SDXL refiner adds to a whole pipeline, from its folder's or single file's headers:
 /// the parameters of its text encoder and of its UNet (a single file's VAE, never loaded, is
 /// left out). The memory estimates, made for one model, do not include them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RefinerParams {
     pub text: u64,
     pub unet: u64,

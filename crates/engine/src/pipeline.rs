@@ -429,12 +429,11 @@ impl Pipeline {
             &mut lora_set,
         )?;
         let lora_warnings = lora_set.finish()?;
-        let (text_encoder, vae) = (p.text_encoder, p.vae);
         let defaults = crate::model_defaults::ModelDefaults::for_unet(
             &crate::model_defaults::model_name(&source.path),
             p.unet.config(),
             p.prediction,
-            vae.config(),
+            p.vae.config(),
         );
         let sdxl = crate::sdxl::SdxlParts::new(
             p.encoder_2,
@@ -443,9 +442,9 @@ impl Pipeline {
             p.vae_config,
         );
         Ok(Self {
-            text_encoder,
+            text_encoder: p.text_encoder,
             unet: p.unet,
-            vae,
+            vae: p.vae,
             schedule: p.schedule,
             prediction: p.prediction,
             device: opts.device.clone(),
@@ -508,9 +507,8 @@ impl Pipeline {
             s.encoder_2
                 .place(&device, dtype, &self.device, self.dtype)?;
         }
-        self.unet.set_attention_options(memory.attention());
+        self.unet.set_memory_options(&memory);
         self.vae.set_attention_options(memory.attention());
-        self.unet.set_max_batch(memory.split_batch.then_some(1));
         self.memory = memory;
         self.apply_memory_to_refiner();
         Ok(())
@@ -523,7 +521,7 @@ impl Pipeline {
         let memory = self.memory;
         let refiner = self.sdxl.as_mut().and_then(|s| s.refiner.as_mut());
         if let Some(r) = refiner.and_then(std::sync::Arc::get_mut) {
-            r.set_memory_options(&memory);
+            r.unet.set_memory_options(&memory);
         }
     }
 

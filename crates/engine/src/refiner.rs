@@ -67,7 +67,8 @@ impl RefinerOptions {
 #[derive(Debug)]
 pub struct Refiner {
     encoder_2: TextEncoder,
-    unet: UNet2DConditionModel,
+    /// The pipeline sets its memory strategies (`Pipeline::set_memory_options`).
+    pub(crate) unet: UNet2DConditionModel,
     schedule: NoiseSchedule,
     prediction: PredictionType,
     /// Ids are (size, crop, aesthetic score) rather than (size, crop, target size).
@@ -306,12 +307,6 @@ impl Refiner {
 
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet
-    }
-
-    /// The attention and batch strategies of `memory` on the refiner's UNet.
-    pub(crate) fn set_memory_options(&mut self, memory: &crate::memory::MemoryOptions) {
-        self.unet.set_attention_options(memory.attention());
-        self.unet.set_max_batch(memory.split_batch.then_some(1));
     }
 
     pub fn schedule(&self) -> &NoiseSchedule {

@@ -578,14 +578,19 @@ impl SdxlRun {
         self.done < self.total()
     }
 
+    /// The error for latents asked of a run with the refiner's steps left.
+    pub(crate) fn unfinished(&self) -> EngineError {
+        EngineError::InvalidRequest(format!(
+            "the refiner's last {} of {} steps have not run; refine the picture first",
+            self.total() - self.done,
+            self.total()
+        ))
+    }
+
     /// The final latents in diffusers' scale, on `device`, once every step is done.
     pub(crate) fn finish(&self, device: &Device) -> Result<Tensor> {
         if self.needs_refiner() {
-            return Err(EngineError::InvalidRequest(format!(
-                "the refiner's {} of {} steps have not run",
-                self.total() - self.done,
-                self.total()
-            )));
+            return Err(self.unfinished());
         }
         let x = self.x.to_device(device)?;
         sampler::to_diffusers_latents(&x, self.sigmas[self.total()])

@@ -833,6 +833,13 @@ impl UNet2DConditionModel {
         self.max_batch
     }
 
+    /// The UNet's part of `memory`: its attention strategy, and the guidance pair one sample at
+    /// a time under batch splitting.
+    pub fn set_memory_options(&mut self, memory: &crate::memory::MemoryOptions) {
+        self.set_attention_options(memory.attention());
+        self.set_max_batch(memory.split_batch.then_some(1));
+    }
+
     /// Predicts noise (or v) for latents `x` `[batch, in_channels, h, w]` at `timestep`, with
     /// text embeddings `encoder_hidden_states` `[batch, tokens, cross_attention_dim]`.
     pub fn forward(

@@ -150,11 +150,7 @@ impl Sampled {
     pub fn into_latents(self) -> Result<Tensor> {
         match self {
             Self::Latents(t) => Ok(t),
-            Self::ToRefine(run) => Err(EngineError::InvalidRequest(format!(
-                "the refiner's last {} of {} steps have not run; refine the picture first",
-                run.total() - run.base_steps(),
-                run.total()
-            ))),
+            Self::ToRefine(run) => Err(run.unfinished()),
         }
     }
 }
@@ -320,12 +316,23 @@ impl StagedPipeline {
     /// and its switch point comes before the last step; `None` when the base does every step.
     pub fn refiner_switch_step(&self, req: &GenerateRequest) -> Option<usize> {
         let r = self.refiner.as_ref()?;
-        let sigmas = req
-            .sampler
-            .sampler()
-            .sigmas(&self.schedule, req.schedule, req.steps);
+        let sigmas = self.sigmas(req);
         let switch = crate::refiner::switch_index(&self.schedule, &sigmas, &r.options.refiner);
         (switch + 1 < sigmas.len()).then_some(switch)
+    }
+
+    /// The sigmas `req`'s sampler walks on this model's schedule.
+    fn sigmas(&self, req: &GenerateRequest) -> Vec<f64> {
+        req.sampler
+            .sampler()
+            .sigmas(&self.schedule, req.schedule, req.steps)
+    }
+
+    /// The refiner [`Self::set_refiner`] set, for its stages.
+    fn refiner(&self) -> Result<&StagedRefiner> {
+        self.refiner
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidRequest("no refiner was set".into()))
     }
 
     /// The low-memory strategies the stages use: attention slicing, batch splitting and VAE
@@ -365,9 +372,7 @@ impl StagedPipeline {
     /// [`TextStage`] is dropped: with the base's two encoders (3.3 GB in f32) it would make the
     /// text stage larger than an f16 UNet.
     pub fn load_refiner_text_encoder(&self) -> Result<RefinerTextStage<'_>> {
-        let Some(r) = &self.refiner else {
-            return Err(EngineError::InvalidRequest("no refiner was set".into()));
-        };
+        let r = self.refiner()?;
         let encoder = r.opened.load_encoder_2(&self.opts)?;
         log_memory("refiner text encoder loaded");
         Ok(RefinerTextStage {
@@ -426,8 +431,7 @@ impl StagedPipeline {
             Source::Sd(file) => file.load_unet(&file.file().weights()?, opts, loras)?,
             Source::Sdxl(file) => file.load_unet(&file.file().weights()?, opts, loras)?,
         };
-        unet.set_attention_options(self.memory.attention());
-        unet.set_max_batch(self.memory.split_batch.then_some(1));
+        unet.set_memory_options(&self.memory);
         log_memory("UNet loaded");
         Ok(UnetStage {
             staged: self,
@@ -440,12 +444,9 @@ impl StagedPipeline {
     /// [`RefinerStage::refine`] uses; dropping the stage frees it. Load it after the base's
     /// [`UnetStage`] is dropped: that is the memory this saves.
     pub fn load_refiner(&self) -> Result<RefinerStage<'_>> {
-        let Some(r) = &self.refiner else {
-            return Err(EngineError::InvalidRequest("no refiner was set".into()));
-        };
+        let r = self.refiner()?;
         let mut unet = r.opened.load_unet(&self.opts)?;
-        unet.set_attention_options(self.memory.attention());
-        unet.set_max_batch(self.memory.split_batch.then_some(1));
+        unet.set_memory_options(&self.memory);
         log_memory("refiner loaded");
         Ok(RefinerStage {
             staged: self,
@@ -714,13 +715,7 @@ impl RefinerStage<'_> {
                 "the prompt was encoded without the refiner; encode it with the refiner set".into(),
             ));
         };
-        if run.total() + 1
-            != req
-                .sampler
-                .sampler()
-                .sigmas(&self.staged.schedule, req.schedule, req.steps)
-                .len()
-        {
+        if run.total() + 1 != self.staged.sigmas(req).len() {
             return Err(EngineError::InvalidRequest(
                 "these latents were sampled for a request with other steps".into(),
             ));
