@@ -119,11 +119,11 @@ where
         run(0, units);
     } else {
         let per = units.div_ceil(threads);
-        std::thread::scope(|s| {
+        rayon::scope(|s| {
             for t in 0..threads {
                 let (first, last) = (t * per, ((t + 1) * per).min(units));
                 let run = &run;
-                s.spawn(move || run(first, last));
+                s.spawn(move |_| run(first, last));
             }
         });
     }

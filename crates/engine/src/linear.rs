@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::{contiguous_f32, cpu_f32, gemm_parallelism, weight_for};
+use crate::kernels::{contiguous_f32, cpu_f32, gemm_on_threads, weight_for, MatMut, MatRef};
 
 /// `y = x Wᵀ + b` with `W`: `[out, in]`.
 #[derive(Debug, Clone)]
@@ -123,26 +123,26 @@ impl CustomOp2 for ChannelsToTokens {
             // SAFETY: dst is image i's `hw x out` row-major block of `out`; lhs is image i's
             // `[c, hw]` plane set read as `hw x c` (row stride 1, column stride hw); rhs is Wᵀ.
             unsafe {
-                gemm::gemm(
+                gemm_on_threads(
                     hw,
                     out_dim,
                     c,
-                    out.as_mut_ptr().add(i * hw * out_dim),
-                    1,
-                    out_dim as isize,
+                    MatMut {
+                        ptr: out.as_mut_ptr().add(i * hw * out_dim),
+                        rs: out_dim as isize,
+                        cs: 1,
+                    },
                     self.bias.is_some(),
-                    xs.as_ptr().add(i * c * hw),
-                    hw as isize,
-                    1,
-                    ws.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
+                    MatRef {
+                        ptr: xs.as_ptr().add(i * c * hw),
+                        rs: 1,
+                        cs: hw as isize,
+                    },
+                    MatRef {
+                        ptr: ws.as_ptr(),
+                        rs: 1,
+                        cs: in_dim as isize,
+                    },
                 );
             }
         }
@@ -198,26 +198,26 @@ impl CustomOp3 for TokensToChannelsAdd {
             // (`hw x out`, row stride 1, column stride hw); lhs is image i's `hw x in` tokens,
             // row-major; rhs is Wᵀ.
             unsafe {
-                gemm::gemm(
+                gemm_on_threads(
                     hw,
                     out_dim,
                     in_dim,
-                    out.as_mut_ptr().add(i * out_dim * hw),
-                    hw as isize,
-                    1,
+                    MatMut {
+                        ptr: out.as_mut_ptr().add(i * out_dim * hw),
+                        rs: 1,
+                        cs: hw as isize,
+                    },
                     true,
-                    ts.as_ptr().add(i * hw * in_dim),
-                    1,
-                    in_dim as isize,
-                    ws.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
+                    MatRef {
+                        ptr: ts.as_ptr().add(i * hw * in_dim),
+                        rs: in_dim as isize,
+                        cs: 1,
+                    },
+                    MatRef {
+                        ptr: ws.as_ptr(),
+                        rs: 1,
+                        cs: in_dim as isize,
+                    },
                 );
             }
         }
@@ -280,32 +280,31 @@ impl LinearOp {
             }
             None => vec![0f32; rows * out_dim],
         };
-        let par = gemm_parallelism();
         if rows > 0 && out_dim > 0 {
             // SAFETY: dst is `rows x out_dim` row-major in `out`; lhs `rows x in_dim` row-major
             // in `xs`; rhs is Wᵀ (`in_dim x out_dim`), read from `ws` (`[out, in]` row-major)
             // with row stride 1 and column stride `in_dim`.
             unsafe {
-                gemm::gemm(
+                gemm_on_threads(
                     rows,
                     out_dim,
                     in_dim,
-                    out.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
+                    MatMut {
+                        ptr: out.as_mut_ptr(),
+                        rs: out_dim as isize,
+                        cs: 1,
+                    },
                     bias.is_some(),
-                    xs.as_ptr(),
-                    1,
-                    in_dim as isize,
-                    ws.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
+                    MatRef {
+                        ptr: xs.as_ptr(),
+                        rs: in_dim as isize,
+                        cs: 1,
+                    },
+                    MatRef {
+                        ptr: ws.as_ptr(),
+                        rs: 1,
+                        cs: in_dim as isize,
+                    },
                 );
             }
         }

@@ -168,16 +168,17 @@ struct ConvShape {
     w: usize,
 }
 
-/// Runs `f(thread, threads)` on `threads` scoped threads (or inline for one).
+/// Runs `f(thread, threads)` as `threads` tasks on rayon's pool (see `kernels::par_units`), or
+/// inline for one.
 fn on_threads(threads: usize, f: impl Fn(usize, usize) + Sync) {
     if threads <= 1 {
         f(0, 1);
         return;
     }
-    std::thread::scope(|s| {
+    rayon::scope(|s| {
         for t in 0..threads {
             let f = &f;
-            s.spawn(move || f(t, threads));
+            s.spawn(move |_| f(t, threads));
         }
     });
 }
