@@ -102,7 +102,7 @@ where
 {
     let q_blocks = sh.sq.div_ceil(Q_BLOCK);
     let units = sh.batch * sh.heads * q_blocks;
-    let threads = candle_core::utils::get_num_threads().clamp(1, units);
+    let threads = candle_core::utils::get_num_threads().clamp(1, units.max(1));
     let run = |first: usize, last: usize| {
         let mut scratch = Scratch::new(sh.d);
         for unit in first..last {

@@ -183,9 +183,10 @@ pub(crate) struct MatMut {
 unsafe impl Send for MatMut {}
 unsafe impl Sync for MatMut {}
 
-/// Products below this many multiply-adds run on one thread: a thread start (tens of
-/// microseconds) costs more than half of such a product saves.
-const PAR_GEMM_MIN_MACS: usize = 1 << 22;
+/// Products below this many multiply-adds (about 15 µs on one core) run on one thread: handing
+/// parts to the pool's workers and waiting for them costs about as much as splitting saves.
+/// The same order as `gemm`'s own threading threshold (48 x 48 x 256).
+const PAR_GEMM_MIN_MACS: usize = 1 << 20;
 
 /// Each thread's share of a split product is kept at least this wide, so its packing and
 /// set-up stay small beside its multiplications.
@@ -225,6 +226,28 @@ pub(crate) unsafe fn gemm_on_threads(
         lhs,
         rhs,
     );
+}
+
+/// How [`gemm_split`] cuts a product: into `parts` blocks of columns or of rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Split {
+    parts: usize,
+    by_columns: bool,
+}
+
+/// The cut for an `m x n` output of depth `k` on `threads` threads; `None`: one product.
+///
+/// Each part reads all of the operand its cut does not divide (all of `rhs` when rows are
+/// cut, all of `lhs` when columns are), so the longer side is cut, which leaves the smaller
+/// operand shared. Where that side is too short for every thread to get
+/// [`PAR_GEMM_MIN_PART`] of it, fewer parts are made rather than none.
+fn split_plan(threads: usize, m: usize, n: usize, k: usize) -> Option<Split> {
+    let parts = threads.min(m.max(n) / PAR_GEMM_MIN_PART);
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    (parts > 1 && macs >= PAR_GEMM_MIN_MACS).then_some(Split {
+        parts,
+        by_columns: n > m,
+    })
 }
 
 /// [`gemm_on_threads`] on `threads` threads (tests reach every split with it).
@@ -269,19 +292,12 @@ unsafe fn gemm_split(
             gemm::Parallelism::None,
         )
     };
-    let threads = threads.max(1);
-    // Each part reads all of the operand its split does not cut: all of `rhs` when rows are
-    // split, all of `lhs` when columns are. Cut the side that leaves the smaller one shared.
-    let rows_first = m >= n;
-    let rows_ok = m / threads >= PAR_GEMM_MIN_PART;
-    let columns_ok = n / threads >= PAR_GEMM_MIN_PART;
-    let by_rows = rows_ok && (rows_first || !columns_ok);
-    let by_columns = !by_rows && columns_ok;
-    if threads == 1 || m * n * k < PAR_GEMM_MIN_MACS || !(by_columns || by_rows) {
+    let Some(split) = split_plan(threads, m, n, k) else {
         product(0, m, 0, n);
         return;
-    }
+    };
     // Part boundaries on multiples of 16 (a cache line of f32), spread evenly.
+    let (threads, by_columns) = (split.parts, split.by_columns);
     let len = if by_columns { n } else { m };
     let bound = |t: usize| {
         if t == threads {
@@ -300,8 +316,8 @@ unsafe fn gemm_split(
             }
         }
     };
-    // On rayon's pool (see `par_units`), whose workers also keep `gemm`'s packing buffers
-    // allocated between calls.
+    // On rayon's pool (see `par_units`), whose workers also keep `gemm`'s thread-local
+    // packing slab between calls.
     rayon::scope(|s| {
         for t in 1..threads {
             let part = &part;
@@ -1076,71 +1092,125 @@ mod tests {
             .unwrap()
     }
 
-    /// `gemm_split` against a plain f64 product, on 1-3 threads, for splits by columns (wide
-    /// outputs), by rows (narrow ones) and none (small products), with a row-major and a
-    /// transposed output, added to or overwriting it. The output starts as NaN where it is not
-    /// read, so an element no part writes fails the test.
+    /// How products are cut: the longer side, into fewer parts where it is too short for
+    /// every thread, and not at all when small.
+    #[test]
+    fn products_are_cut_along_their_longer_side() {
+        let cut = |parts, by_columns| Some(Split { parts, by_columns });
+        assert_eq!(split_plan(2, 200, 300, 80), cut(2, true));
+        assert_eq!(split_plan(3, 300, 200, 80), cut(3, false));
+        assert_eq!(split_plan(3, 500, 40, 256), cut(3, false));
+        // 150 columns give two parts of at least 64, not three.
+        assert_eq!(split_plan(3, 100, 150, 400), cut(2, true));
+        // Large but too narrow to split, small, or one thread: one product.
+        assert_eq!(split_plan(2, 60, 50, 2000), None);
+        assert_eq!(split_plan(2, 20, 30, 50), None);
+        assert_eq!(split_plan(1, 300, 200, 80), None);
+    }
+
+    /// `gemm_split` against a plain f64 product on 1-3 threads, for the cuts above, with the
+    /// operand layouts the layers use: row-major operands; a column-major `lhs` (channels read
+    /// as tokens), `rhs` as a transposed weight and a transposed output (tokens written back
+    /// as channels); and an output that is a window of a wider matrix (one im2col block).
+    /// Unread outputs start as NaN, so an element no part writes fails; the window's margin
+    /// must come back untouched.
     #[test]
     fn products_split_across_threads_match_a_plain_product() {
-        let value =
-            |i: usize, salt: usize| ((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0 - 1.0;
-        // (m, n, k): 200x300 by columns, 300x200 and 500x40 by rows, 20x30 too small to split.
-        for (m, n, k) in [(200, 300, 80), (300, 200, 80), (500, 40, 256), (20, 30, 50)] {
-            let lhs: Vec<f32> = (0..m * k).map(|i| value(i, 1)).collect();
-            let rhs: Vec<f32> = (0..k * n).map(|i| value(i, 2)).collect();
-            let start: Vec<f32> = (0..m * n).map(|i| value(i, 3)).collect();
-            for threads in 1..=3 {
-                for transposed in [false, true] {
+        let value = |i: usize, j: usize, salt: usize| {
+            ((i * 7919 + j * 104_729 + salt * 15_485_863) % 1000) as f32 / 500.0 - 1.0
+        };
+        for (m, n, k) in [
+            (200, 300, 80),
+            (300, 200, 80),
+            (500, 40, 256),
+            (100, 150, 400),
+        ] {
+            let want: Vec<f64> = (0..m * n)
+                .map(|at| {
+                    let (i, j) = (at / n, at % n);
+                    (0..k)
+                        .map(|p| value(i, p, 1) as f64 * value(p, j, 2) as f64)
+                        .sum()
+                })
+                .collect();
+            for layers_layout in [false, true] {
+                // lhs[i][p] at i * lrs + p * lcs; rhs[p][j] at p * rrs + j * rcs.
+                let (lrs, lcs) = if layers_layout { (1, m) } else { (k, 1) };
+                let (rrs, rcs) = if layers_layout { (1, k) } else { (n, 1) };
+                let mut lhs = vec![0f32; m * k];
+                let mut rhs = vec![0f32; k * n];
+                for i in 0..m {
+                    for p in 0..k {
+                        lhs[i * lrs + p * lcs] = value(i, p, 1);
+                    }
+                }
+                for p in 0..k {
+                    for j in 0..n {
+                        rhs[p * rrs + j * rcs] = value(p, j, 2);
+                    }
+                }
+                // The output: transposed in the layers' layout, else a window `n` wide of a
+                // row-major matrix `n + 7` wide.
+                let (drs, dcs, len) = if layers_layout {
+                    (1, m, m * n)
+                } else {
+                    (n + 7, 1, m * (n + 7))
+                };
+                for threads in 1..=3 {
                     for read_dst in [false, true] {
-                        let mut dst = if read_dst {
-                            start.clone()
-                        } else {
-                            vec![f32::NAN; m * n]
-                        };
-                        let (rs, cs) = if transposed {
-                            (1, m as isize)
-                        } else {
-                            (n as isize, 1)
-                        };
-                        // SAFETY: the three buffers hold `m x n`, `m x k` (row-major) and
-                        // `k x n` (row-major) matrices with these strides.
+                        let margin = -7.5f32;
+                        let mut dst = vec![margin; len];
+                        for i in 0..m {
+                            for j in 0..n {
+                                dst[i * drs + j * dcs] =
+                                    if read_dst { value(i, j, 3) } else { f32::NAN };
+                            }
+                        }
+                        // SAFETY: the buffers hold these matrices at these strides.
                         unsafe {
                             gemm_split(
                                 threads,
                                 (m, n, k),
                                 MatMut {
                                     ptr: dst.as_mut_ptr(),
-                                    rs,
-                                    cs,
+                                    rs: drs as isize,
+                                    cs: dcs as isize,
                                 },
                                 read_dst,
                                 MatRef {
                                     ptr: lhs.as_ptr(),
-                                    rs: k as isize,
-                                    cs: 1,
+                                    rs: lrs as isize,
+                                    cs: lcs as isize,
                                 },
                                 MatRef {
                                     ptr: rhs.as_ptr(),
-                                    rs: n as isize,
-                                    cs: 1,
+                                    rs: rrs as isize,
+                                    cs: rcs as isize,
                                 },
                             );
                         }
+                        let case = format!(
+                            "{m}x{n}x{k}, {threads} threads, layers' layout {layers_layout}, \
+                             read {read_dst}"
+                        );
                         for i in 0..m {
                             for j in 0..n {
-                                let at = (i as isize * rs + j as isize * cs) as usize;
-                                let mut want: f64 = (0..k)
-                                    .map(|p| lhs[i * k + p] as f64 * rhs[p * n + j] as f64)
-                                    .sum();
+                                let mut w = want[i * n + j];
                                 if read_dst {
-                                    want += start[at] as f64;
+                                    w += value(i, j, 3) as f64;
                                 }
-                                let got = dst[at] as f64;
+                                let got = dst[i * drs + j * dcs] as f64;
                                 assert!(
-                                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                                    "{m}x{n}x{k}, {threads} threads, transposed {transposed}, \
-                                     read {read_dst}: [{i}, {j}] = {got}, want {want}"
+                                    (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                    "{case}: [{i}, {j}] = {got}, want {w}"
                                 );
+                            }
+                        }
+                        if !layers_layout {
+                            for i in 0..m {
+                                for j in n..n + 7 {
+                                    assert_eq!(dst[i * drs + j], margin, "{case}: margin");
+                                }
                             }
                         }
                     }
