@@ -167,6 +167,27 @@ pub(crate) struct MatRef {
     pub(crate) cs: isize,
 }
 
+impl MatRef {
+    /// A row-major matrix whose rows start `row` elements apart.
+    pub(crate) fn row_major(ptr: *const f32, row: usize) -> Self {
+        Self {
+            ptr,
+            rs: row as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows start `row` elements apart (a
+    /// `[out, in]` weight read as Wᵀ, or `[c, hw]` planes read as `hw x c` tokens).
+    pub(crate) fn transposed(ptr: *const f32, row: usize) -> Self {
+        Self {
+            ptr,
+            rs: 1,
+            cs: row as isize,
+        }
+    }
+}
+
 // SAFETY: only read through, by threads that each read while the caller holds the data.
 unsafe impl Send for MatRef {}
 unsafe impl Sync for MatRef {}
@@ -177,6 +198,26 @@ pub(crate) struct MatMut {
     pub(crate) ptr: *mut f32,
     pub(crate) rs: isize,
     pub(crate) cs: isize,
+}
+
+impl MatMut {
+    /// As [`MatRef::row_major`].
+    pub(crate) fn row_major(ptr: *mut f32, row: usize) -> Self {
+        Self {
+            ptr,
+            rs: row as isize,
+            cs: 1,
+        }
+    }
+
+    /// As [`MatRef::transposed`].
+    pub(crate) fn transposed(ptr: *mut f32, row: usize) -> Self {
+        Self {
+            ptr,
+            rs: 1,
+            cs: row as isize,
+        }
+    }
 }
 
 // SAFETY: threads write disjoint blocks through it (see `gemm_on_threads`).
@@ -813,22 +854,10 @@ impl candle_core::CustomOp2 for Conv3x3 {
                         cout,
                         hw,
                         kdim,
-                        MatMut {
-                            ptr: out[b * cout * hw..].as_mut_ptr(),
-                            rs: hw as isize,
-                            cs: 1,
-                        },
+                        MatMut::row_major(out[b * cout * hw..].as_mut_ptr(), hw),
                         true,
-                        MatRef {
-                            ptr: wt.as_ptr(),
-                            rs: kdim as isize,
-                            cs: 1,
-                        },
-                        MatRef {
-                            ptr: image.as_ptr(),
-                            rs: hw as isize,
-                            cs: 1,
-                        },
+                        MatRef::row_major(wt.as_ptr(), kdim),
+                        MatRef::row_major(image.as_ptr(), hw),
                     );
                 }
                 continue;
@@ -846,22 +875,10 @@ impl candle_core::CustomOp2 for Conv3x3 {
                         cout,
                         n,
                         kdim,
-                        MatMut {
-                            ptr: dst.as_mut_ptr(),
-                            rs: ohw as isize,
-                            cs: 1,
-                        },
+                        MatMut::row_major(dst.as_mut_ptr(), ohw),
                         true,
-                        MatRef {
-                            ptr: wt.as_ptr(),
-                            rs: kdim as isize,
-                            cs: 1,
-                        },
-                        MatRef {
-                            ptr: col.as_ptr(),
-                            rs: n as isize,
-                            cs: 1,
-                        },
+                        MatRef::row_major(wt.as_ptr(), kdim),
+                        MatRef::row_major(col.as_ptr(), n),
                     );
                 }
             }

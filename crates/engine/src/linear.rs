@@ -127,22 +127,10 @@ impl CustomOp2 for ChannelsToTokens {
                     hw,
                     out_dim,
                     c,
-                    MatMut {
-                        ptr: out.as_mut_ptr().add(i * hw * out_dim),
-                        rs: out_dim as isize,
-                        cs: 1,
-                    },
+                    MatMut::row_major(out.as_mut_ptr().add(i * hw * out_dim), out_dim),
                     self.bias.is_some(),
-                    MatRef {
-                        ptr: xs.as_ptr().add(i * c * hw),
-                        rs: 1,
-                        cs: hw as isize,
-                    },
-                    MatRef {
-                        ptr: ws.as_ptr(),
-                        rs: 1,
-                        cs: in_dim as isize,
-                    },
+                    MatRef::transposed(xs.as_ptr().add(i * c * hw), hw),
+                    MatRef::transposed(ws.as_ptr(), in_dim),
                 );
             }
         }
@@ -202,22 +190,10 @@ impl CustomOp3 for TokensToChannelsAdd {
                     hw,
                     out_dim,
                     in_dim,
-                    MatMut {
-                        ptr: out.as_mut_ptr().add(i * out_dim * hw),
-                        rs: 1,
-                        cs: hw as isize,
-                    },
+                    MatMut::transposed(out.as_mut_ptr().add(i * out_dim * hw), hw),
                     true,
-                    MatRef {
-                        ptr: ts.as_ptr().add(i * hw * in_dim),
-                        rs: in_dim as isize,
-                        cs: 1,
-                    },
-                    MatRef {
-                        ptr: ws.as_ptr(),
-                        rs: 1,
-                        cs: in_dim as isize,
-                    },
+                    MatRef::row_major(ts.as_ptr().add(i * hw * in_dim), in_dim),
+                    MatRef::transposed(ws.as_ptr(), in_dim),
                 );
             }
         }
@@ -289,22 +265,10 @@ impl LinearOp {
                     rows,
                     out_dim,
                     in_dim,
-                    MatMut {
-                        ptr: out.as_mut_ptr(),
-                        rs: out_dim as isize,
-                        cs: 1,
-                    },
+                    MatMut::row_major(out.as_mut_ptr(), out_dim),
                     bias.is_some(),
-                    MatRef {
-                        ptr: xs.as_ptr(),
-                        rs: in_dim as isize,
-                        cs: 1,
-                    },
-                    MatRef {
-                        ptr: ws.as_ptr(),
-                        rs: 1,
-                        cs: in_dim as isize,
-                    },
+                    MatRef::row_major(xs.as_ptr(), in_dim),
+                    MatRef::transposed(ws.as_ptr(), in_dim),
                 );
             }
         }
