@@ -1055,21 +1055,22 @@ fn run_staged(
     }
     let batch = spec.images.len();
     let started = Instant::now();
+    // Progress of picture `index`, for the base's steps and the refiner's alike.
+    let observer = |index: usize, req: &GenerateRequest| JobObserver {
+        shared,
+        job,
+        index,
+        batch,
+        started,
+        base_steps: staged.refiner_switch_step(req),
+    };
     let mut sampled = Vec::with_capacity(batch);
     for (index, (req, prompt)) in spec.images.iter().zip(&prompts).enumerate() {
         if cancelled() {
             return Outcome::Cancelled;
         }
         start_image(job, index);
-        let mut observer = JobObserver {
-            shared,
-            job,
-            index,
-            batch,
-            started,
-            base_steps: staged.refiner_switch_step(req),
-        };
-        match unet.sample(req, prompt, &mut observer) {
+        match unet.sample(req, prompt, &mut observer(index, req)) {
             Ok(s) => sampled.push((index, s)),
             // Skipped by the user (A1111 "Skip"): go on with the next image.
             Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
@@ -1094,15 +1095,7 @@ fn run_staged(
             let req = &spec.images[index];
             if s.needs_refiner() {
                 start_image(job, index);
-                let mut observer = JobObserver {
-                    shared,
-                    job,
-                    index,
-                    batch,
-                    started,
-                    base_steps: staged.refiner_switch_step(req),
-                };
-                match refiner.refine(req, &prompts[index], &mut s, &mut observer) {
+                match refiner.refine(req, &prompts[index], &mut s, &mut observer(index, req)) {
                     Ok(()) => {}
                     Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => continue,
                     Err(EngineError::Cancelled) => return Outcome::Cancelled,

@@ -161,15 +161,20 @@ unsafe impl Sync for SendPtr {}
 /// A matrix operand of [`gemm_on_threads`]: its first element and its row and column strides,
 /// in elements.
 #[derive(Clone, Copy)]
-pub(crate) struct MatRef {
-    pub(crate) ptr: *const f32,
+pub(crate) struct Mat<P> {
+    pub(crate) ptr: P,
     pub(crate) rs: isize,
     pub(crate) cs: isize,
 }
 
-impl MatRef {
+/// An operand that is only read.
+pub(crate) type MatRef = Mat<*const f32>;
+/// The output, which threads write in disjoint blocks.
+pub(crate) type MatMut = Mat<*mut f32>;
+
+impl<P> Mat<P> {
     /// A row-major matrix whose rows start `row` elements apart.
-    pub(crate) fn row_major(ptr: *const f32, row: usize) -> Self {
+    pub(crate) fn row_major(ptr: P, row: usize) -> Self {
         Self {
             ptr,
             rs: row as isize,
@@ -179,7 +184,7 @@ impl MatRef {
 
     /// The transpose of a row-major matrix whose rows start `row` elements apart (a
     /// `[out, in]` weight read as Wᵀ, or `[c, hw]` planes read as `hw x c` tokens).
-    pub(crate) fn transposed(ptr: *const f32, row: usize) -> Self {
+    pub(crate) fn transposed(ptr: P, row: usize) -> Self {
         Self {
             ptr,
             rs: 1,
@@ -188,39 +193,10 @@ impl MatRef {
     }
 }
 
-// SAFETY: only read through, by threads that each read while the caller holds the data.
+// SAFETY: operands are only read by the threads of one product while the caller holds them;
+// the output is written in disjoint blocks (see `gemm_on_threads`).
 unsafe impl Send for MatRef {}
 unsafe impl Sync for MatRef {}
-
-/// The output operand of [`gemm_on_threads`], as [`MatRef`].
-#[derive(Clone, Copy)]
-pub(crate) struct MatMut {
-    pub(crate) ptr: *mut f32,
-    pub(crate) rs: isize,
-    pub(crate) cs: isize,
-}
-
-impl MatMut {
-    /// As [`MatRef::row_major`].
-    pub(crate) fn row_major(ptr: *mut f32, row: usize) -> Self {
-        Self {
-            ptr,
-            rs: row as isize,
-            cs: 1,
-        }
-    }
-
-    /// As [`MatRef::transposed`].
-    pub(crate) fn transposed(ptr: *mut f32, row: usize) -> Self {
-        Self {
-            ptr,
-            rs: 1,
-            cs: row as isize,
-        }
-    }
-}
-
-// SAFETY: threads write disjoint blocks through it (see `gemm_on_threads`).
 unsafe impl Send for MatMut {}
 unsafe impl Sync for MatMut {}
 
