@@ -244,6 +244,51 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job for `spec`, waiting at `position` in the queue (1: next), and what callers see of it.
+    fn queued(id: String, spec: ComposedJob, position: usize) -> (Self, JobInfo) {
+        let first = &spec.images[0];
+        let info = JobInfo {
+            id: id.clone(),
+            state: JobState::Queued,
+            stage: Stage::Waiting,
+            position: Some(position),
+            prompt: first.prompt.clone(),
+            negative_prompt: first.negative_prompt.clone(),
+            model: spec.model.name.clone(),
+            width: first.width,
+            height: first.height,
+            steps: first.steps,
+            cfg_scale: first.cfg_scale,
+            sampler: first.sampler.name().to_owned(),
+            schedule: first
+                .sampler
+                .resolve_schedule(first.schedule)
+                .name()
+                .to_owned(),
+            seed: first.seed,
+            batch: spec.images.len(),
+            image: 0,
+            step: 0,
+            progress: 0.0,
+            eta_ms: None,
+            images: Vec::new(),
+            error: None,
+            notes: Vec::new(),
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+        };
+        let job = Job {
+            id: id.clone(),
+            spec,
+            cancel: AtomicBool::new(false),
+            skip: AtomicBool::new(false),
+            info: watch::channel(info.clone()).0,
+            preview: Mutex::new(None),
+        };
+        (job, info)
+    }
+
     fn snapshot(&self) -> JobInfo {
         self.info.borrow().clone()
     }
@@ -347,46 +392,8 @@ impl JobService {
         let id = format!("job-{}", q.next_id);
         q.next_id += 1;
         let position = q.pending.len() + usize::from(q.running.is_some()) + 1;
-        let first = &spec.images[0];
-        let info = JobInfo {
-            id: id.clone(),
-            state: JobState::Queued,
-            stage: Stage::Waiting,
-            position: Some(position),
-            prompt: first.prompt.clone(),
-            negative_prompt: first.negative_prompt.clone(),
-            model: spec.model.name.clone(),
-            width: first.width,
-            height: first.height,
-            steps: first.steps,
-            cfg_scale: first.cfg_scale,
-            sampler: first.sampler.name().to_owned(),
-            schedule: first
-                .sampler
-                .resolve_schedule(first.schedule)
-                .name()
-                .to_owned(),
-            seed: first.seed,
-            batch: spec.images.len(),
-            image: 0,
-            step: 0,
-            progress: 0.0,
-            eta_ms: None,
-            images: Vec::new(),
-            error: None,
-            notes: Vec::new(),
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-        };
-        let job = Arc::new(Job {
-            id: id.clone(),
-            spec,
-            cancel: AtomicBool::new(false),
-            skip: AtomicBool::new(false),
-            info: watch::channel(info.clone()).0,
-            preview: Mutex::new(None),
-        });
+        let (job, info) = Job::queued(id.clone(), spec, position);
+        let job = Arc::new(job);
         q.pending.push_back(job);
         drop(q);
         self.shared.emit(JobEvent::Queued { job: id, position });
@@ -677,15 +684,22 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if let Some(note) = staging(shared, job, &policy, dtype, hit) {
+    let on_cpu = shared.config.load.device.is_cpu();
+    if let Some(note) = staging(shared, job, &policy, dtype, hit, on_cpu) {
         // A whole model kept for the next job would hold the memory staging is for.
         *cache = None;
-        return match plan_memory(job, &policy, dtype, false) {
+        // Each stage holds one model, and the base's estimate covers the largest.
+        return match plan_memory(job, &policy, dtype, false, 0) {
             Ok(memory) => run_staged(shared, job, memory, &note, faults.as_deref()),
             Err(e) => Outcome::Failed(e),
         };
     }
-    let mut memory = match plan_memory(job, &policy, dtype, hit) {
+    let refiner = if hit {
+        0
+    } else {
+        refiner_weights(shared, job, dtype, on_cpu)
+    };
+    let mut memory = match plan_memory(job, &policy, dtype, hit, refiner) {
         Ok(m) => m,
         Err(e) => return Outcome::Failed(e),
     };
@@ -835,28 +849,58 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
 }
 
 /// Whether `job` draws with one model in memory at a time ([`StagedPipeline`]), and the note
-/// that says why: drawing on the CPU, a model the stages take (an SD1/SD2/SDXL base folder or
-/// single file, with or without a refiner), and "Low-VRAM mode" On, or "Auto" when the whole pipeline
-/// would not fit in the available memory (`loaded`: its weights are already in). On the CPU
-/// the whole pipeline keeps all three models resident, so SD 1.5 at 512x512 peaks at 3.6 GB
-/// even with f16 weights; staged, 2.1 GB. Reading the models again costs seconds per job
-/// against minutes of sampling. On a GPU the recovery chain's placements (VAE and text
-/// encoders on the CPU) already keep only the UNet in VRAM.
+/// that says why: a model the stages take (an SD1/SD2/SDXL base folder or single file, with or
+/// without a refiner), "Low-VRAM mode" not Off, and
+/// - on the CPU (`on_cpu`): "On", or "Auto" when the whole pipeline would not fit in the
+///   available memory (`loaded`: its weights are already in). The whole pipeline keeps all
+///   three models resident, so SD 1.5 at 512x512 peaks at 3.6 GB even with f16 weights; staged,
+///   2.1 GB. Reading the models again costs seconds per job against minutes of sampling.
+/// - on a GPU, only jobs with an SDXL refiner: the recovery chain's placements (VAE and text
+///   encoders on the CPU) already keep a single UNet alone in VRAM, but a refiner is a second
+///   UNet (4.5 GB in f16 beside the base's 5.1 GB), which no placement moves. "On" stages them;
+///   "Auto" when the whole pipeline would not fit in the free VRAM even with every strategy
+///   on, since staging reads both UNets again for every job while the strategies cost a few
+///   percent of speed.
 fn staging(
     shared: &Shared,
     job: &Job,
     policy: &MemoryPolicy,
     dtype: DType,
     loaded: bool,
+    on_cpu: bool,
 ) -> Option<String> {
     use crate::settings::LowVram;
-    let candidate = shared.config.load.device.is_cpu() && policy.low_vram != LowVram::Off;
-    if !candidate {
+    let refiner = job.spec.refiner.is_some();
+    if policy.low_vram == LowVram::Off || (!on_cpu && !refiner) {
         return None;
     }
-    let refiner = job.spec.refiner.as_ref();
     let note = if policy.low_vram == LowVram::On {
-        staged_note(refiner.is_some())
+        staged_note(refiner)
+    } else if !on_cpu {
+        if loaded {
+            // It fitted when it loaded; its weights are out of the free figure.
+            return None;
+        }
+        let shape = model_shape(&job.spec.model)?;
+        let free = policy.free.as_ref()?()?;
+        let memory = MemoryOptions::lowest();
+        let need = job_need(
+            &job.spec,
+            &shape,
+            dtype,
+            gpu_target(policy, dtype),
+            &memory,
+            false,
+        ) + refiner_weights(shared, job, dtype, false);
+        if need <= free {
+            return None;
+        }
+        format!(
+            "With both drawing models on the graphics card this picture needs about {} even with every memory saving on, and {} is free, so {} were loaded one at a time.",
+            gib(need),
+            gib(free),
+            staged_models(true)
+        )
     } else {
         let shape = model_shape(&job.spec.model)?;
         let free = policy.ram_free.as_ref()?()?;
@@ -868,22 +912,11 @@ fn staging(
             &MemoryOptions::default(),
             loaded,
         );
-        // The whole pipeline keeps a refiner's text encoder and UNet as well (the UNet in f16
-        // when its file is, as the base's below). Unreadable here means its load will fail with
-        // its own message; count nothing for it.
-        let need = match refiner {
-            Some(r) if !loaded => {
-                let p = RefinerParams::read(&r.path).unwrap_or_default();
-                let bytes = dtype.size_in_bytes() as u64;
-                let half = dtype == DType::F32
-                    && shared
-                        .config
-                        .load
-                        .unet_stores_half(&r.path, false)
-                        .unwrap_or(false);
-                need + p.text * bytes + p.unet * if half { 2 } else { bytes }
-            }
-            _ => need,
+        // The whole pipeline keeps a refiner's text encoder and UNet as well.
+        let need = if loaded {
+            need
+        } else {
+            need + refiner_weights(shared, job, dtype, true)
         };
         // The estimate counts the UNet's weights in `dtype`; on the CPU a model whose UNet file
         // is f16 keeps them in f16 (`LoadOptions::half_weights`), half of that. Only read (from
@@ -905,13 +938,40 @@ fn staging(
             "With all its models loaded this picture needs about {} of memory and {} is free, so {} were loaded one at a time.",
             gib(need),
             gib(free),
-            staged_models(refiner.is_some())
+            staged_models(refiner)
         )
     };
     // Last: it reads the model's headers.
     StagedPipeline::supports(&job.spec.model.path)
         .unwrap_or(false)
         .then_some(note)
+}
+
+/// The weights `job`'s SDXL refiner adds to a whole pipeline (its text encoder and UNet, which
+/// stay on the pipeline's device whatever the placements); 0 without one. On the CPU a UNet whose
+/// file is f16 keeps f16 weights under an f32 pipeline, as the base's. Unreadable here means its
+/// load will fail with its own message; nothing is counted for it.
+fn refiner_weights(shared: &Shared, job: &Job, dtype: DType, on_cpu: bool) -> u64 {
+    let Some(r) = &job.spec.refiner else {
+        return 0;
+    };
+    let p = RefinerParams::read(&r.path).unwrap_or_default();
+    let bytes = dtype.size_in_bytes() as u64;
+    let half = on_cpu
+        && dtype == DType::F32
+        && shared
+            .config
+            .load
+            .unet_stores_half(&r.path, false)
+            .unwrap_or(false);
+    p.text * bytes + p.unet * if half { 2 } else { bytes }
+}
+
+/// The memory target of the GPU `policy` describes, drawing in `dtype`.
+fn gpu_target(policy: &MemoryPolicy, dtype: DType) -> Target {
+    policy
+        .gpu_major
+        .map_or(Target::Gpu, |major| Target::nvidia(major, dtype))
 }
 
 /// The estimated peak memory of `spec`'s first picture with `memory`'s strategies on `target`;
@@ -1241,11 +1301,14 @@ fn model_shape(model: &crate::models::ModelInfo) -> Option<ModelShape> {
 
 /// The strategies a job starts with: the policy's, then (in "Auto" with a known budget) more of
 /// the recovery chain until the estimate fits. Fails when even every strategy is not enough.
+/// `extra`: weights the model's estimate leaves out (a whole pipeline's refiner), which no
+/// strategy moves.
 fn plan_memory(
     job: &Job,
     policy: &MemoryPolicy,
     dtype: DType,
     loaded: bool,
+    extra: u64,
 ) -> Result<MemoryOptions, JobError> {
     use crate::settings::LowVram;
     let mut memory = match policy.low_vram {
@@ -1263,10 +1326,8 @@ fn plan_memory(
         return Ok(memory);
     };
     // Planned only against a GPU's free memory (`policy.free` is `None` on the CPU).
-    let target = policy
-        .gpu_major
-        .map_or(Target::Gpu, |major| Target::nvidia(major, dtype));
-    let need = |m: &MemoryOptions| job_need(&job.spec, &shape, dtype, target, m, loaded);
+    let target = gpu_target(policy, dtype);
+    let need = |m: &MemoryOptions| job_need(&job.spec, &shape, dtype, target, m, loaded) + extra;
     let first = need(&memory);
     let mut turned_on = Vec::new();
     while need(&memory) > free {
@@ -2039,6 +2100,98 @@ mod tests {
         same_two_pictures(&svc, [&whole, &staged, &short], |text| {
             text.contains("Lora hashes: \"lora_kohya: ") && text.contains("TI hashes: \"tinyemb: ")
         });
+    }
+
+    #[test]
+    fn on_a_gpu_only_refiner_jobs_stage_when_both_unets_would_not_fit() {
+        // Issue 12: on a graphics card the placements (text encoders and VAE on the CPU) keep a
+        // single UNet alone in VRAM, but an SDXL refiner is a second UNet that none of them
+        // moves. "On" stages refiner jobs; "Auto" when the whole pipeline would not fit even
+        // with every strategy on; jobs without a refiner never stage there. The whole
+        // pipeline's plan counts the refiner's weights.
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let spec = |refined: bool| ComposedJob {
+            model: crate::models::scan(&tiny.join("sdxl"), &[]).remove(0),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            refiner: refined.then(|| crate::compose::Refiner {
+                name: "sdxl-refiner".into(),
+                path: tiny.join("sdxl-refiner"),
+                switch_at: 0.8,
+            }),
+            images: vec![GenerateRequest {
+                prompt: "a red fox".into(),
+                width: 64,
+                height: 64,
+                ..Default::default()
+            }],
+            preset: None,
+        };
+        let (with, _) = Job::queued("with".into(), spec(true), 1);
+        let (without, _) = Job::queued("without".into(), spec(false), 1);
+        let dtype = DType::F16;
+        let shape = model_shape(&with.spec.model).unwrap();
+        let need = |m: &MemoryOptions| job_need(&with.spec, &shape, dtype, Target::Gpu, m, false);
+        let lowest = need(&MemoryOptions::lowest());
+        // Both of the refiner's models stay on the GPU, in the pipeline's dtype.
+        let refiner = refiner_weights(&svc.shared, &with, dtype, false);
+        let p = RefinerParams::read(&tiny.join("sdxl-refiner")).unwrap();
+        assert!(p.text > 0 && p.unet > 0, "{p:?}");
+        assert_eq!(refiner, (p.text + p.unet) * 2);
+        assert_eq!(refiner_weights(&svc.shared, &without, dtype, false), 0);
+
+        let policy = |low_vram, free: Option<u64>| MemoryPolicy {
+            low_vram,
+            low_options: MemoryOptions::lowest(),
+            free: Some(Arc::new(move || free)),
+            ram_free: None,
+            gpu_major: None,
+        };
+        let stages = |job: &Job, policy: MemoryPolicy, loaded: bool| {
+            staging(&svc.shared, job, &policy, dtype, loaded, false)
+        };
+        // Room for the base with every strategy, not for the refiner beside it.
+        let short = Some(lowest + refiner - 1);
+        let note = stages(&with, policy(LowVram::Auto, short), false).expect("staged");
+        assert!(
+            note.contains("graphics card")
+                && note.contains("the refiner and the VAE were loaded one at a time"),
+            "{note}"
+        );
+        assert_eq!(
+            stages(&with, policy(LowVram::Auto, Some(lowest + refiner)), false),
+            None
+        );
+        // Already loaded: it fitted; unknown free memory: no estimate.
+        assert_eq!(stages(&with, policy(LowVram::Auto, short), true), None);
+        assert_eq!(stages(&with, policy(LowVram::Auto, None), false), None);
+        assert_eq!(stages(&with, policy(LowVram::Off, Some(0)), false), None);
+        assert!(stages(&with, policy(LowVram::On, Some(u64::MAX)), false).is_some());
+        for low_vram in [LowVram::On, LowVram::Auto] {
+            assert_eq!(stages(&without, policy(low_vram, Some(0)), false), None);
+        }
+        // The same job on the CPU stages by the system's memory, as before.
+        let cpu = MemoryPolicy {
+            ram_free: Some(Arc::new(|| Some(1 << 20))),
+            ..policy(LowVram::Auto, None)
+        };
+        assert!(staging(&svc.shared, &without, &cpu, DType::F32, false, true).is_some());
+
+        // The whole pipeline's plan: what fits the base alone with every strategy is short
+        // once the refiner is counted, and the job fails before loading anything.
+        let plan = |extra| plan_memory(&with, &policy(LowVram::Auto, short), dtype, false, extra);
+        assert!(plan(0).is_ok());
+        let refused = plan(refiner).unwrap_err();
+        assert_eq!(refused.code, "out_of_memory");
+        // Room for both with the strategies: some are turned on for the refiner's sake.
+        let both = Some(need(&MemoryOptions::default()) + refiner - 1);
+        let planned =
+            plan_memory(&with, &policy(LowVram::Auto, both), dtype, false, refiner).unwrap();
+        assert_ne!(planned, MemoryOptions::default());
+        let alone = plan_memory(&with, &policy(LowVram::Auto, both), dtype, false, 0).unwrap();
+        assert_eq!(alone, MemoryOptions::default());
     }
 
     #[test]
