@@ -16,6 +16,10 @@ pub const MAX_TOTAL_TEXT_BYTES: usize = 8 * 1024 * 1024;
 /// How many links we follow through a ComfyUI graph; real graphs need a handful, cycles need
 /// a stop.
 const MAX_LINK_DEPTH: usize = 32;
+/// How many links one file's reading follows in all. The depth limit alone does not bound the
+/// work: a node that links to itself through several inputs is retried through each of them at
+/// every level (4 inputs, 32 levels: 4^32 visits). Real graphs read a few hundred at most.
+const MAX_LINK_VISITS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
@@ -242,11 +246,32 @@ fn comfy_schedule(name: &str) -> String {
 
 /// A ComfyUI API-format graph (the `prompt` chunk): `{"<node id>": {"class_type": ..., "inputs":
 /// {...}}}`, where an input is a literal or a link `["<node id>", <output index>]`.
-struct Graph<'a>(&'a serde_json::Map<String, Value>);
+struct Graph<'a> {
+    nodes: &'a serde_json::Map<String, Value>,
+    /// Links still to follow ([`MAX_LINK_VISITS`]); once spent, every walk ends where it is.
+    visits: std::cell::Cell<usize>,
+}
 
 impl<'a> Graph<'a> {
+    fn new(nodes: &'a serde_json::Map<String, Value>) -> Self {
+        Self {
+            nodes,
+            visits: std::cell::Cell::new(MAX_LINK_VISITS),
+        }
+    }
+
+    /// Whether a walk `depth` links deep may follow one more; counts it against the budget.
+    fn may_follow(&self, depth: usize) -> bool {
+        let left = self.visits.get();
+        if depth > MAX_LINK_DEPTH || left == 0 {
+            return false;
+        }
+        self.visits.set(left - 1);
+        true
+    }
+
     fn node(&self, id: &str) -> Option<(&'a str, &'a serde_json::Map<String, Value>)> {
-        let node = self.0.get(id)?.as_object()?;
+        let node = self.nodes.get(id)?.as_object()?;
         let class = node.get("class_type")?.as_str()?;
         let inputs = node.get("inputs")?.as_object()?;
         Some((class, inputs))
@@ -262,18 +287,18 @@ impl<'a> Graph<'a> {
             Value::String(s) => s.as_str(),
             _ => return None,
         };
-        self.0.get_key_value(id).map(|(k, _)| k.as_str())
+        self.nodes.get_key_value(id).map(|(k, _)| k.as_str())
     }
 
     /// A literal input, following links to primitive nodes ("PrimitiveNode", "Seed (rgthree)",
     /// "CR Seed", ...) that hold the value under a common name.
     fn value(&self, v: &'a Value, depth: usize) -> Option<&'a Value> {
-        if depth > MAX_LINK_DEPTH {
-            return None;
-        }
         let Some(id) = self.linked(v) else {
             return Some(v);
         };
+        if !self.may_follow(depth) {
+            return None;
+        }
         let (_, inputs) = self.node(id)?;
         [
             "value",
@@ -296,10 +321,10 @@ impl<'a> Graph<'a> {
     /// The prompt text behind a conditioning input: the CLIPTextEncode it comes from, through
     /// conditioning nodes in between (ConditioningCombine, ControlNetApply, ...).
     fn text(&self, v: &Value, depth: usize) -> Option<String> {
-        if depth > MAX_LINK_DEPTH {
+        let id = self.linked(v)?;
+        if !self.may_follow(depth) {
             return None;
         }
-        let id = self.linked(v)?;
         let (class, inputs) = self.node(id)?;
         let own = match class {
             "CLIPTextEncodeSDXL" => inputs.get("text_g").or_else(|| inputs.get("text_l")),
@@ -326,10 +351,10 @@ impl<'a> Graph<'a> {
         via: &[&str],
         depth: usize,
     ) -> Option<&'a serde_json::Map<String, Value>> {
-        if depth > MAX_LINK_DEPTH {
+        let id = self.linked(v)?;
+        if !self.may_follow(depth) {
             return None;
         }
-        let id = self.linked(v)?;
         let (class, inputs) = self.node(id)?;
         if classes.contains(&class) {
             return Some(inputs);
@@ -343,7 +368,7 @@ impl<'a> Graph<'a> {
 
     /// Any node of one of these classes, the lowest id first so the answer is stable.
     fn any(&self, classes: &[&str]) -> Option<&'a serde_json::Map<String, Value>> {
-        let mut ids: Vec<&String> = self.0.keys().collect();
+        let mut ids: Vec<&String> = self.nodes.keys().collect();
         ids.sort_by_key(|id| (id.parse::<u64>().unwrap_or(u64::MAX), id.as_str()));
         ids.into_iter().find_map(|id| {
             let (class, inputs) = self.node(id)?;
@@ -357,7 +382,7 @@ const CHECKPOINT_NODES: &[&str] = &["CheckpointLoaderSimple", "CheckpointLoader"
 const LATENT_NODES: &[&str] = &["EmptyLatentImage", "EmptySD3LatentImage"];
 
 fn from_comfyui(out: &mut Inspected, graph: &serde_json::Map<String, Value>) {
-    let g = Graph(graph);
+    let g = Graph::new(graph);
     let mut samplers: Vec<(&String, &serde_json::Map<String, Value>)> = graph
         .iter()
         .filter_map(|(id, _)| {
@@ -891,6 +916,30 @@ mod tests {
             (None, None, None)
         );
         assert_eq!(i.steps, Some(5));
+    }
+
+    #[test]
+    fn comfyui_graphs_that_branch_into_cycles_end_quickly() {
+        // A node that links to itself through four inputs: each level of the walk retries every
+        // branch, so the depth limit alone would take 4^32 visits (found by review: it hung the
+        // inspect endpoint and the gallery's start-up scan). The visit budget ends it.
+        let graph = r#"{
+            "1": {"class_type": "KSampler", "inputs": {"steps": 5, "seed": ["2", 0],
+                  "positive": ["3", 0], "negative": ["3", 0]}},
+            "2": {"class_type": "X", "inputs": {"value": ["2", 0], "seed": ["2", 0],
+                  "int": ["2", 0], "text": ["2", 0]}},
+            "3": {"class_type": "X", "inputs": {"conditioning_1": ["3", 0],
+                  "conditioning_2": ["3", 0], "conditioning_3": ["3", 0],
+                  "conditioning_4": ["3", 0]}}
+        }"#;
+        let i = inspect_png(&png_with(&[Chunk::Text("prompt", graph)])).unwrap();
+        assert_eq!(i.source, Source::ComfyUi);
+        assert_eq!((i.steps, i.seed, i.prompt.clone()), (Some(5), None, None));
+        // One walk alone spends the whole budget and stops there.
+        let nodes: serde_json::Map<String, Value> = serde_json::from_str(graph).unwrap();
+        let g = Graph::new(&nodes);
+        assert_eq!(g.text(&serde_json::json!(["3", 0]), 0), None);
+        assert_eq!(g.visits.get(), 0);
     }
 
     #[test]
