@@ -907,20 +907,14 @@ fn join_relative(base: &Path, rel: &str) -> PathBuf {
     out
 }
 
-/// Temp files as `fsutil::write_atomic` names them: `.<name>.tmp-<pid>`.
+/// Temp files as `fsutil::write_atomic` names them.
 fn is_our_temp_file(name: &str) -> bool {
-    name.starts_with('.')
-        && name
-            .rsplit_once(".tmp-")
-            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+    crate::fsutil::temp_file_owner(name).is_some()
 }
 
 /// Left by another process (a crash), or old enough that no save of ours is still writing it.
 fn is_stale(path: &Path, name: &str) -> bool {
-    let other_process = name
-        .rsplit_once(".tmp-")
-        .and_then(|(_, pid)| pid.parse::<u32>().ok())
-        != Some(std::process::id());
+    let other_process = crate::fsutil::temp_file_owner(name) != Some(std::process::id());
     let old = std::fs::metadata(path)
         .and_then(|m| m.modified())
         .ok()
