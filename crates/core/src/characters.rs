@@ -181,7 +181,13 @@ impl CharacterStore {
         let base = slug(&c.name, "character");
         let id = (1..)
             .map(|n| with_suffix(&base, n))
-            .find(|id| is_valid_id(id) && !items.contains_key(id))
+            // A file that failed to load (a newer version's, a hand edit) still owns its name:
+            // it is the user's, and is never overwritten.
+            .find(|id| {
+                is_valid_id(id)
+                    && !items.contains_key(id)
+                    && !self.dir.join(format!("{id}.json")).exists()
+            })
             .expect("some suffix is free");
         c.id = id.clone();
         self.write(&c)?;
@@ -421,6 +427,24 @@ mod tests {
         assert_eq!(store.list().len(), 0);
         assert_eq!(store.warnings().len(), 1);
         assert!(t.path().join("broken.json").exists(), "never deleted");
+    }
+
+    #[test]
+    fn a_skipped_file_keeps_its_name_from_new_characters() {
+        // Found by review: a character file this version cannot read (a field it does not
+        // know) was skipped, and creating a character of the same name then wrote over it.
+        let t = tempfile::tempdir().unwrap();
+        let newer = br#"{"id": "seraphina", "name": "Seraphina", "mood": 1}"#;
+        std::fs::write(t.path().join("seraphina.json"), newer).unwrap();
+        let store = CharacterStore::open(t.path()).unwrap();
+        assert_eq!((store.list().len(), store.warnings().len()), (0, 1));
+        let c = store.create(seraphina()).unwrap();
+        assert_eq!(c.id, "seraphina-2");
+        assert_eq!(
+            std::fs::read(t.path().join("seraphina.json")).unwrap(),
+            newer,
+            "the user's file is untouched"
+        );
     }
 
     #[test]

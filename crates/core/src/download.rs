@@ -413,7 +413,7 @@ pub fn select_files(files: &[RemoteFile], variant: Option<&str>) -> Vec<(RemoteF
         let Some((component, name)) = f.path.split_once('/') else {
             continue;
         };
-        if !COMPONENTS.contains(&component) || name.contains('/') {
+        if !COMPONENTS.contains(&component) || !is_plain_file_name(name) {
             continue;
         }
         if name.ends_with(".json") || name.ends_with(".txt") {
@@ -442,6 +442,19 @@ pub fn select_files(files: &[RemoteFile], variant: Option<&str>) -> Vec<(RemoteF
         }
     }
     out
+}
+
+/// Whether a file name from a hub listing is one plain name on every platform, so that joined to
+/// the download folder it stays in it: no separators (`\\` is one on Windows), no drive or
+/// stream colon, no control characters, not `.` or `..`. A listing comes from the repository's
+/// owner or a mirror, neither of which may choose where on the user's disk a file lands.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | '\\' | ':') || c.is_control())
 }
 
 /// Free bytes on the disk holding `path` (the longest mount point that contains it).
@@ -652,6 +665,38 @@ mod tests {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
         assert_eq!(picked, want);
+    }
+
+    #[test]
+    fn listed_names_that_could_leave_the_model_folder_are_skipped() {
+        // Found by review: on Windows `\\` separates folders, so a listing entry
+        // `unet/..\\..\\..\\settings.json` would have been saved over the app's settings.
+        let f = |p: &str| RemoteFile {
+            path: p.into(),
+            size: 10,
+            sha256: None,
+        };
+        let listing: Vec<RemoteFile> = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/..\\..\\..\\settings.json",
+            "unet/..",
+            "unet/config.json:stream.json",
+            "unet/C:\\x.json",
+            "vae/con\tfig.json",
+            "vae/config.json",
+        ]
+        .iter()
+        .map(|p| f(p))
+        .collect();
+        let picked: Vec<String> = select_files(&listing, None)
+            .into_iter()
+            .map(|(_, local)| local)
+            .collect();
+        assert_eq!(
+            picked,
+            ["model_index.json", "unet/config.json", "vae/config.json"]
+        );
     }
 }
 

@@ -323,6 +323,11 @@ pub fn delete_managed(model: &ModelInfo) -> std::io::Result<()> {
         ".deleting-{}",
         model.path.file_name().unwrap_or_default().to_string_lossy()
     ));
+    // One left by a delete that was cut short (ours: the name is hidden and only made here)
+    // would block the rename of a later copy of the same model.
+    if doomed.is_dir() {
+        std::fs::remove_dir_all(&doomed)?;
+    }
     std::fs::rename(&model.path, &doomed)?;
     std::fs::remove_dir_all(&doomed)
 }
@@ -406,6 +411,23 @@ mod tests {
     fn fake_model(dir: &Path) {
         std::fs::create_dir_all(dir.join("unet")).unwrap();
         std::fs::write(dir.join("model_index.json"), "{}").unwrap();
+    }
+
+    #[test]
+    fn a_delete_cut_short_does_not_block_the_next_one() {
+        // Found by review: the folder an interrupted delete left (`.deleting-<name>`) made the
+        // rename of a later download of the same model fail, so it could never be deleted.
+        let managed = tempfile::tempdir().unwrap();
+        let leftover = managed.path().join(".deleting-sd-1.5");
+        fake_model(&leftover);
+        let dir = managed.path().join("sd-1.5");
+        fake_model(&dir);
+        std::fs::write(dir.join(crate::download::MARKER), "{}").unwrap();
+        let models = scan(managed.path(), &[]);
+        assert_eq!(models.len(), 1, "the leftover is hidden");
+        assert!(models[0].managed);
+        delete_managed(&models[0]).unwrap();
+        assert_eq!(std::fs::read_dir(managed.path()).unwrap().count(), 0);
     }
 
     fn sparse(path: &Path, len: u64) {
