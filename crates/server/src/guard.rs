@@ -16,13 +16,24 @@ pub const SESSION_HEADER: &str = "x-ld-session";
 
 /// Applied to every route.
 pub async fn localhost_guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match check(&state, req.headers(), req.uri().path()) {
+    let preflight = req.method() == axum::http::Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(axum::http::header::ACCESS_CONTROL_REQUEST_METHOD);
+    match check(&state, req.headers(), req.uri().path(), preflight) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
 }
 
-fn check(state: &AppState, headers: &HeaderMap, path: &str) -> Result<(), ApiError> {
+/// `preflight`: a browser's CORS preflight, which never carries credentials and runs no
+/// handler (the CORS layer answers it), so it needs no API key; its Origin is checked as any.
+fn check(
+    state: &AppState,
+    headers: &HeaderMap,
+    path: &str,
+    preflight: bool,
+) -> Result<(), ApiError> {
     let host = headers
         .get(HOST)
         .and_then(|h| h.to_str().ok())
@@ -47,7 +58,7 @@ fn check(state: &AppState, headers: &HeaderMap, path: &str) -> Result<(), ApiErr
             let is_api = path.starts_with("/api/")
                 || path.starts_with("/sdapi/")
                 || path.starts_with("/v1/");
-            if is_api && !has_api_key(headers, key) {
+            if is_api && !preflight && !has_api_key(headers, key) {
                 return Err(ApiError::new(
                     Code::Unauthorized,
                     "An API key is required.",
@@ -70,7 +81,7 @@ fn check(state: &AppState, headers: &HeaderMap, path: &str) -> Result<(), ApiErr
             return Err(ApiError::new(
                 Code::Forbidden,
                 format!("Requests from the web page {origin} are not allowed."),
-                "If this is a chat app you trust, add its address under Settings > Allowed apps.",
+                "If this is a chat app you trust, add its address in Settings under \"Web pages allowed to use Local Diffusers\".",
             ));
         }
     }

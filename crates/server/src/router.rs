@@ -13,6 +13,7 @@ use axum::http::{header, HeaderValue};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post, put};
 use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Strict: our own scripts and styles only, no inline code, no framing, no foreign connections.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
@@ -119,10 +120,13 @@ pub fn app(state: AppState) -> Router {
         .route("/sdapi/v1/cmd-flags", get(a1111::cmd_flags))
         .route("/v1/images/generations", post(openai::generations));
 
+    // Chat apps that run in a browser tab (and the pages the user allowed) read the API's answers;
+    // never the UI's routes or files, whose page carries the session token.
+    let cors = allowed_apps_cors(&state);
     Router::new()
         .merge(ui_only)
-        .merge(native)
-        .merge(a1111)
+        .merge(native.layer(cors.clone()))
+        .merge(a1111.layer(cors))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .route("/sdapi/{*rest}", axum::routing::any(api_not_found))
         .fallback(static_ui::serve)
@@ -131,6 +135,35 @@ pub fn app(state: AppState) -> Router {
         // Outermost, so the guard's refusals carry the headers too.
         .layer(from_fn(security_headers))
         .with_state(state)
+}
+
+/// CORS for the web pages in the settings' allowed origins (read on each request, so a change
+/// applies at once): preflights are answered and responses name the page, so its browser lets
+/// it read them. Requests from other pages never get this far (the guard refuses them).
+fn allowed_apps_cors(state: &AppState) -> CorsLayer {
+    let state = state.clone();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            let Ok(origin) = origin.to_str() else {
+                return false;
+            };
+            state
+                .settings()
+                .allowed_origins
+                .iter()
+                .any(|o| o.trim_end_matches('/') == origin)
+        }))
+        .allow_methods([
+            axum::http::Method::GET,
+            axum::http::Method::POST,
+            axum::http::Method::DELETE,
+        ])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 async fn api_not_found() -> ApiError {

@@ -122,6 +122,67 @@ async fn foreign_origin_is_refused_and_same_origin_allowed() {
 }
 
 #[tokio::test]
+async fn allowed_pages_get_cors_answers_for_the_api_only() {
+    // Found by review: a chat app in a browser tab that the user allowed was still blocked by
+    // its browser: no preflight answer and no Access-Control-Allow-Origin. Now the API answers
+    // both for allowed pages, and never hands the UI (whose page holds the session token) to one.
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let app_page = "http://localhost:8000";
+    let mut settings = s.settings();
+    settings.allowed_origins = vec![format!("{app_page}/")];
+    s.set_settings(settings);
+    let preflight = |origin: &str, path: &str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri(path)
+            .header("host", format!("127.0.0.1:{PORT}"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let allow = |h: &axum::http::HeaderMap| {
+        h.get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    for path in [
+        "/sdapi/v1/txt2img",
+        "/v1/images/generations",
+        "/api/v1/jobs",
+    ] {
+        let (status, h, _) = send(&s, preflight(app_page, path)).await;
+        assert!(status.is_success(), "{path}: {status}");
+        assert_eq!(allow(&h).as_deref(), Some(app_page), "{path}");
+        let methods = h["access-control-allow-methods"].to_str().unwrap();
+        assert!(methods.contains("POST"), "{methods}");
+        let headers = h["access-control-allow-headers"].to_str().unwrap();
+        assert!(headers.contains("content-type"), "{headers}");
+    }
+    let req = get("/sdapi/v1/samplers")
+        .header("origin", app_page)
+        .body(Body::empty())
+        .unwrap();
+    let (status, h, _) = send(&s, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(allow(&h).as_deref(), Some(app_page));
+    // Other pages are refused before any CORS answer.
+    let (status, h, _) = send(&s, preflight("https://evil.example", "/sdapi/v1/txt2img")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(allow(&h), None);
+    // The UI page and the UI's own routes are not readable from an allowed page.
+    for path in ["/", "/api/v1/settings"] {
+        let req = get(path)
+            .header("origin", app_page)
+            .body(Body::empty())
+            .unwrap();
+        let (_, h, _) = send(&s, req).await;
+        assert_eq!(allow(&h), None, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn ui_only_route_needs_the_session_token() {
     let dir = tempfile::tempdir().unwrap();
     let s = state(&dir);
@@ -295,4 +356,21 @@ async fn api_key_mode_needs_the_key() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(send(&s, req).await.0, StatusCode::OK);
+    // A browser's preflight carries no credentials; it runs no handler, so it needs no key.
+    let req = Request::builder()
+        .method("OPTIONS")
+        .uri("/sdapi/v1/txt2img")
+        .header("host", "192.168.1.20:7860")
+        .header("access-control-request-method", "POST")
+        .body(Body::empty())
+        .unwrap();
+    assert_ne!(send(&s, req).await.0, StatusCode::UNAUTHORIZED);
+    // Any other OPTIONS request still does.
+    let req = Request::builder()
+        .method("OPTIONS")
+        .uri("/sdapi/v1/txt2img")
+        .header("host", "192.168.1.20:7860")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::UNAUTHORIZED);
 }
