@@ -131,6 +131,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sdapi/{*rest}", axum::routing::any(api_not_found))
         .fallback(static_ui::serve)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(from_fn(plain_errors_as_json))
         .layer(from_fn_with_state(state.clone(), localhost_guard))
         // Outermost, so the guard's refusals carry the headers too.
         .layer(from_fn(security_headers))
@@ -164,6 +165,77 @@ fn allowed_apps_cors(state: &AppState) -> CorsLayer {
             header::HeaderName::from_static("x-api-key"),
         ])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+/// The API's errors in its one JSON shape, also where axum's extractors refuse a request before
+/// a handler runs (a query, path or body that does not parse, a body over the limit, a method
+/// the route does not take): those answer in plain text, which clients and the UI cannot read.
+async fn plain_errors_as_json(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let path = req.uri().path();
+    let api = path.starts_with("/api/") || path.starts_with("/sdapi/") || path.starts_with("/v1/");
+    let method = req.method().clone();
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !api || !status.is_client_error() || is_json {
+        return res;
+    }
+    let allow = res.headers().get(header::ALLOW).cloned();
+    // axum's rejection texts are one short line; more is not an extractor's.
+    let text = match axum::body::to_bytes(res.into_body(), 4096).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let said = |what: &str| {
+        if text.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what}: {text}")
+        }
+    };
+    let err = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            Code::TooLarge,
+            "The request is too large.",
+            "Send less: prompts are limited to 10,000 characters, pictures to 64 MB.",
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            Code::InvalidRequest,
+            format!("This route does not take {method} requests."),
+            "See the API section of the README for the routes and their methods.",
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            Code::InvalidRequest,
+            said("The request body is not in the expected format"),
+            "Send JSON with the header 'Content-Type: application/json'.",
+        ),
+        StatusCode::NOT_FOUND => ApiError::new(
+            Code::NotFound,
+            said("Not found"),
+            "See the API section of the README for the routes this version offers.",
+        ),
+        _ => ApiError::new(
+            Code::InvalidRequest,
+            said("The request could not be read"),
+            "Check the request against the API section of the README.",
+        ),
+    };
+    let mut json = err.into_response();
+    // The status the extractor chose stays (422 for a body of the wrong shape, 400 for bad syntax).
+    *json.status_mut() = status;
+    if let Some(allow) = allow {
+        json.headers_mut().insert(header::ALLOW, allow);
+    }
+    json
 }
 
 async fn api_not_found() -> ApiError {

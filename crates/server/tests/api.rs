@@ -183,6 +183,90 @@ async fn allowed_pages_get_cors_answers_for_the_api_only() {
 }
 
 #[tokio::test]
+async fn requests_refused_before_a_handler_get_the_json_error_shape() {
+    // Found by review: a query, path or body that axum's extractors could not read was answered
+    // in plain text, which clients and the UI cannot show as an error with a hint.
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let ui = |method: &str, path: &str, body: Body, content_type: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", format!("127.0.0.1:{PORT}"))
+            .header("x-ld-session", s.session_token())
+            .header("content-type", content_type)
+            .body(body)
+            .unwrap()
+    };
+    let cases = [
+        (
+            get("/api/v1/images?offset=abc")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            get("/api/v1/images/%FF/file").body(Body::empty()).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            ui(
+                "POST",
+                "/api/v1/presets/import",
+                Body::from(vec![0xff, 0xfe, 0x00]),
+                "text/plain",
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            ui(
+                "POST",
+                "/api/v1/jobs",
+                Body::from("{bad"),
+                "application/json",
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            ui(
+                "POST",
+                "/api/v1/presets/import",
+                Body::from(vec![b'x'; 2 << 20]),
+                "text/plain",
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            ui(
+                "DELETE",
+                "/api/v1/health",
+                Body::empty(),
+                "application/json",
+            ),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+        ),
+    ];
+    for (req, want, code) in cases {
+        let what = format!("{} {}", req.method(), req.uri());
+        let (status, headers, body) = send(&s, req).await;
+        assert_eq!(status, want, "{what}");
+        let v = json(&body);
+        assert_eq!(v["code"], code, "{what}: {v}");
+        assert!(!v["message"].as_str().unwrap().is_empty(), "{what}");
+        assert!(!v["hint"].as_str().unwrap().is_empty(), "{what}");
+        if want == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(headers.contains_key("allow"), "{what}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn ui_only_route_needs_the_session_token() {
     let dir = tempfile::tempdir().unwrap();
     let s = state(&dir);
