@@ -56,6 +56,10 @@ struct Inner {
     port: u16,
     api_key: Option<String>,
     settings: RwLock<Settings>,
+    /// Held from reading the settings to installing the saved ones ([`AppState::change_settings`]),
+    /// so two changes at once (the UI's and a chat app's model switch) cannot undo each other or
+    /// leave the file and the running app disagreeing.
+    settings_change: Mutex<()>,
     settings_warning: Option<String>,
     gpu: Arc<dyn GpuProbe>,
     models_dirs: Vec<PathBuf>,
@@ -130,6 +134,7 @@ impl AppState {
                 port: opts.port,
                 api_key: opts.api_key,
                 settings: RwLock::new(loaded.settings),
+                settings_change: Mutex::new(()),
                 settings_warning: loaded.warning,
                 gpu: opts.gpu,
                 models_dirs: opts.models_dirs,
@@ -185,6 +190,25 @@ impl AppState {
     pub fn settings_warning(&self) -> Option<&str> {
         self.inner.settings_warning.as_deref()
     }
+    /// Changes the settings with `change` (given the current ones), saves them to the settings
+    /// file and puts them in use, as one step against other changes. Blocking (disk I/O). Nothing
+    /// changes when the save fails.
+    pub fn change_settings(
+        &self,
+        change: impl FnOnce(&mut Settings),
+    ) -> Result<Settings, ld_core::settings::SettingsError> {
+        let _one_at_a_time = self
+            .inner
+            .settings_change
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut settings = self.settings();
+        change(&mut settings);
+        ld_core::settings::save(&self.data().settings_file(), &settings)?;
+        self.set_settings(settings.clone());
+        Ok(settings)
+    }
+
     pub fn set_settings(&self, s: Settings) {
         // Low-VRAM mode applies from the next job; precision, and the CPU's f16 weight storage
         // that low-VRAM mode turns on (`device::load_options_with`), from the next start.

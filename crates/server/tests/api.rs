@@ -266,6 +266,31 @@ async fn requests_refused_before_a_handler_get_the_json_error_shape() {
     }
 }
 
+#[test]
+fn settings_changes_at_once_are_all_kept_in_the_app_and_the_file() {
+    // Found by review: a chat app's model switch read, changed and saved the settings with no
+    // lock, so it could undo a change the UI saved at the same moment.
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    std::thread::scope(|t| {
+        for i in 0..8 {
+            let s = &s;
+            t.spawn(move || {
+                s.change_settings(|st| st.allowed_origins.push(format!("http://localhost:{i}")))
+                    .unwrap()
+            });
+        }
+    });
+    let mut in_use = s.settings().allowed_origins;
+    in_use.sort();
+    assert_eq!(in_use.len(), 8, "{in_use:?}");
+    let saved = ld_core::settings::load(&s.data().settings_file());
+    assert_eq!(saved.warning, None);
+    let mut on_disk = saved.settings.allowed_origins;
+    on_disk.sort();
+    assert_eq!(on_disk, in_use);
+}
+
 #[tokio::test]
 async fn ui_only_route_needs_the_session_token() {
     let dir = tempfile::tempdir().unwrap();

@@ -390,6 +390,20 @@ async fn bad_requests_get_clear_errors() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
     assert!(err["hint"].as_str().unwrap().contains("portrait"), "{err}");
+    // A1111's batch_size times n_iter: too many pictures, or a product past usize (found by
+    // review: it panicked in debug builds and wrapped to 0 in release ones), is a clear refusal.
+    for (batch, n_iter, needle) in [
+        (json!(4), json!(4), "n_iter"),
+        (json!(4294967296u64), json!(4294967296u64), "n_iter"),
+        (json!(18446744073709551615u64), json!(1), "batch_size"),
+    ] {
+        let body = json!({"prompt": "x", "batch_size": batch, "n_iter": n_iter});
+        let (status, err) = send_json(&s, "POST", "/sdapi/v1/txt2img", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} -> {err}");
+        assert_eq!(err["code"], "invalid_request");
+        let text = format!("{} {}", err["message"], err["hint"]);
+        assert!(text.contains(needle), "{body}: '{needle}' not in {text}");
+    }
     // Bodies over the limit are refused before they are read.
     let big = json!({"prompt": "x".repeat(2 * 1024 * 1024)});
     let (status, _) = send_json(&s, "POST", "/api/v1/jobs", big).await;

@@ -104,7 +104,9 @@ impl Txt2Img {
                 .filter(|s| !s.trim().is_empty())
                 .map(|s| schedule_from_a1111(&s)),
             seed: Some(self.seed),
-            batch_size: Some(self.batch_size.max(1) * self.n_iter.max(1)),
+            // Saturating: a product past the limit is refused by its size, not wrapped to a
+            // small one (found by review; a huge pair wrapped to 0 in release builds).
+            batch_size: Some(self.batch_size.max(1).saturating_mul(self.n_iter.max(1))),
             clip_skip,
             // A1111 sends "None" (the text) for no refiner.
             refiner: self
@@ -153,6 +155,19 @@ pub async fn txt2img(
             "Check the request against the A1111 API: numbers as numbers, text as text.",
         )
     })?;
+    let pictures = req.batch_size.max(1).saturating_mul(req.n_iter.max(1));
+    if pictures > ld_core::compose::MAX_BATCH && req.n_iter > 1 {
+        return Err(ApiError::new(
+            Code::InvalidRequest,
+            format!(
+                "batch_size {} times n_iter {} asks for more pictures than the {} drawn at once.",
+                req.batch_size,
+                req.n_iter,
+                ld_core::compose::MAX_BATCH
+            ),
+            "Lower batch_size or n_iter, or send the request again for more pictures.",
+        ));
+    }
     let job = submit(&state, req.to_input()).await?;
     let done = wait_for(&state, &job.id).await?;
     if done.state == JobState::Failed {
@@ -410,16 +425,14 @@ pub async fn set_options(
                     ),
                 )
             })?;
-            let mut settings = s.settings();
-            settings.default_model = Some(model.name.clone());
-            ld_core::settings::save(&s.data().settings_file(), &settings).map_err(|e| {
-                ApiError::new(
-                    Code::Internal,
-                    e.to_string(),
-                    "Check that the disk is not full and the data folder is writable.",
-                )
-            })?;
-            s.set_settings(settings);
+            s.change_settings(|settings| settings.default_model = Some(model.name.clone()))
+                .map_err(|e| {
+                    ApiError::new(
+                        Code::Internal,
+                        e.to_string(),
+                        "Check that the disk is not full and the data folder is writable.",
+                    )
+                })?;
             Ok(())
         })
         .await

@@ -40,9 +40,8 @@ pub async fn put(
             "Send the settings object as JSON, as GET /api/v1/settings returns it.",
         )
     })?;
-    let path = state.data().settings_file();
-    let to_save = new.clone();
-    tokio::task::spawn_blocking(move || ld_core::settings::save(&path, &to_save))
+    let s = state.clone();
+    tokio::task::spawn_blocking(move || s.change_settings(|settings| *settings = new))
         .await
         .map_err(ApiError::internal)?
         .map_err(|e| {
@@ -52,6 +51,5 @@ pub async fn put(
                 "Check that the disk is not full and the data folder is writable.",
             )
         })?;
-    state.set_settings(new);
     Ok(Json(view(&state)))
 }
