@@ -207,9 +207,21 @@ pub fn compose(
             None => model_sampler,
         },
     };
-    let schedule = match input.schedule.as_deref().filter(|s| !s.trim().is_empty()) {
-        Some(name) => schedule_of(name)?,
-        None => match (
+    // As A1111 (`get_sampler_and_scheduler`): a schedule in the caller's sampler name ("DPM++ 2M
+    // Karras") wins over the schedule field, which SillyTavern always sends ("normal" unless
+    // changed) beside a sampler name it saved from an older A1111.
+    let named_schedule = input
+        .sampler
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .and(fused_schedule);
+    let schedule = match (
+        named_schedule,
+        input.schedule.as_deref().filter(|s| !s.trim().is_empty()),
+    ) {
+        (Some(s), _) => s,
+        (None, Some(name)) => schedule_of(name)?,
+        (None, None) => match (
             fused_schedule,
             input.sampler.is_some(),
             sampling_preset.and_then(|p| p.schedule.as_deref()),
@@ -623,7 +635,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fused_sampler_name_brings_its_schedule_and_an_explicit_schedule_wins() {
+    fn a_fused_sampler_name_brings_its_schedule_and_an_explicit_schedule_wins_over_a_bare_name() {
         let mut i = input("x");
         i.sampler = Some("DPM++ 2M Karras".into());
         let r = &compose(&i, &settings(), &[], &library(), &Networks::default())
@@ -653,6 +665,17 @@ mod tests {
             .unwrap()
             .images[0];
         assert_eq!(r.schedule, ScheduleKind::Exponential);
+        // The schedule in a fused name wins over the field, as in A1111: SillyTavern sends
+        // "normal" beside a saved "DPM++ 2M Karras" (found by review).
+        i.sampler = Some("DPM++ 2M Karras".into());
+        i.schedule = Some("normal".into());
+        let r = &compose(&i, &settings(), &[], &library(), &Networks::default())
+            .unwrap()
+            .images[0];
+        assert_eq!(
+            (r.sampler, r.schedule),
+            (SamplerKind::DpmPp2M, ScheduleKind::Karras)
+        );
     }
 
     fn turbo() -> ModelInfo {

@@ -62,7 +62,7 @@ fn check(
                 return Err(ApiError::new(
                     Code::Unauthorized,
                     "An API key is required.",
-                    "Send it as 'Authorization: Bearer KEY' (the key is shown in the app's Settings).",
+                    "Send it as 'Authorization: Bearer KEY', or in a chat app's A1111 API auth field as user:KEY.",
                 ));
             }
         }
@@ -103,13 +103,30 @@ fn is_loopback_host(host: &str, port: u16) -> bool {
     )
 }
 
+/// The key as `Authorization: Bearer KEY`, `X-Api-Key: KEY`, or `Authorization: Basic` with the
+/// key as the password (any user name) or as the whole credential: A1111's `--api-auth` is Basic
+/// auth, and it is all SillyTavern and Open WebUI can send to an A1111 server.
 fn has_api_key(headers: &HeaderMap, key: &str) -> bool {
-    let given = headers
-        .get(AUTHORIZATION)
+    use base64::Engine as _;
+    let matches = |g: &[u8]| constant_time_eq(g, key.as_bytes());
+    let auth = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Some(token) = auth.and_then(|v| v.strip_prefix("Bearer ")) {
+        return matches(token.trim().as_bytes());
+    }
+    if let Some(basic) = auth.and_then(|v| v.strip_prefix("Basic ")) {
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) else {
+            return false;
+        };
+        let password = decoded
+            .iter()
+            .position(|&b| b == b':')
+            .map(|colon| &decoded[colon + 1..]);
+        return matches(&decoded) || password.is_some_and(matches);
+    }
+    headers
+        .get("x-api-key")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes()))
+        .is_some_and(|g| matches(g.trim().as_bytes()))
 }
 
 /// Applied to UI-only routes (settings, downloads, deletes, imports).

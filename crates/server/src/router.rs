@@ -118,7 +118,9 @@ pub fn app(state: AppState) -> Router {
         .route("/sdapi/v1/upscalers", get(a1111::upscalers))
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/sdapi/v1/cmd-flags", get(a1111::cmd_flags))
-        .route("/v1/images/generations", post(openai::generations));
+        .route("/v1/images/generations", post(openai::generations))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/{*rest}", axum::routing::any(openai::not_found));
 
     // Chat apps that run in a browser tab (and the pages the user allowed) read the API's answers;
     // never the UI's routes or files, whose page carries the session token.

@@ -50,7 +50,8 @@ pub async fn bind(opts: ServeOptions) -> anyhow::Result<Server> {
     if !loopback && api_key.is_none() {
         bail!(
             "serving on {} would let other computers use this app; pass --api-key KEY as well \
-             (chat apps then send it as 'Authorization: Bearer KEY')",
+             (chat apps then send it as 'Authorization: Bearer KEY', or as the password of \
+             their A1111 API auth setting, user:KEY)",
             opts.host
         );
     }

@@ -465,6 +465,38 @@ async fn api_key_mode_needs_the_key() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(send(&s, req).await.0, StatusCode::OK);
+    // A1111's --api-auth is Basic auth, all SillyTavern and Open WebUI can send: the key as the
+    // password (any user) or as the whole credential (found by review).
+    use base64::Engine as _;
+    let basic = |credential: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credential)
+        )
+    };
+    for (credential, status) in [
+        ("user:s3cret", StatusCode::OK),
+        (":s3cret", StatusCode::OK),
+        ("s3cret", StatusCode::OK),
+        ("user:wrong", StatusCode::UNAUTHORIZED),
+        ("s3cret:user", StatusCode::UNAUTHORIZED),
+        ("user:s3cret2", StatusCode::UNAUTHORIZED),
+    ] {
+        let req = Request::builder()
+            .uri("/sdapi/v1/samplers")
+            .header("host", "192.168.1.20:7860")
+            .header("authorization", basic(credential))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(send(&s, req).await.0, status, "{credential}");
+    }
+    let req = Request::builder()
+        .uri("/sdapi/v1/samplers")
+        .header("host", "192.168.1.20:7860")
+        .header("authorization", "Basic %%%")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, StatusCode::UNAUTHORIZED);
     // A browser's preflight carries no credentials; it runs no handler, so it needs no key.
     let req = Request::builder()
         .method("OPTIONS")

@@ -818,4 +818,37 @@ async fn openai_images_api_answers_b64_and_urls() {
         .as_str()
         .unwrap()
         .contains("512x512"));
+
+    // Found by review. gpt-image models answer in base64 when no format is asked for (Open WebUI
+    // refuses links to private addresses for them).
+    let body = json!({"model": "gpt-image-1", "prompt": "a teapot", "size": "64x64"});
+    let (status, answer) = send_json(&s, "POST", "/v1/images/generations", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer["data"][0]["b64_json"].is_string(), "{answer}");
+    assert!(answer["data"][0].get("url").is_none(), "{answer}");
+    // Too many images names OpenAI's field, not ours.
+    for n in [0, 10] {
+        let body = json!({"prompt": "x", "n": n});
+        let (status, err) = send_json(&s, "POST", "/v1/images/generations", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("n must be between 1 and 8"),
+            "{message}"
+        );
+    }
+    // The model list clients probe, and OpenAI's error shape for the routes we do not offer.
+    let (status, list) = send_json(&s, "GET", "/v1/models", Value::Null).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"sd1"), "{ids:?}");
+    let (status, err) = send_json(&s, "POST", "/v1/chat/completions", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(err["error"]["type"], "invalid_request_error");
 }

@@ -1,6 +1,7 @@
 //! `POST /v1/images/generations`, the OpenAI images API as Open WebUI and LibreChat call it:
-//! `{prompt, n, size: "WxH", response_format: "b64_json" | "url", model}`. Errors use OpenAI's
-//! `{"error": {message, type, code}}` shape, which these clients show to their users.
+//! `{prompt, n, size: "WxH", response_format: "b64_json" | "url", model}`, and `GET /v1/models`.
+//! Errors use OpenAI's `{"error": {message, type, code}}` shape, which these clients show to their
+//! users.
 
 use crate::error::ApiError;
 use crate::handlers::jobs::{submit, wait_for};
@@ -87,7 +88,17 @@ pub async fn generations(
             "Send {\"prompt\": \"...\", \"size\": \"512x512\"} as JSON.",
         ))
     })?;
-    let format = req.response_format.as_deref().unwrap_or("url");
+    // OpenAI's gpt-image models always answer with base64 and clients send them no
+    // response_format (Open WebUI then refuses a link to a private address); dall-e's default is
+    // a link.
+    let gpt_image = req
+        .model
+        .as_deref()
+        .is_some_and(|m| m.trim().starts_with("gpt-image"));
+    let format =
+        req.response_format
+            .as_deref()
+            .unwrap_or(if gpt_image { "b64_json" } else { "url" });
     if format != "url" && format != "b64_json" {
         return Err(bad(
             format!("response_format must be 'url' or 'b64_json', got '{format}'."),
@@ -103,6 +114,16 @@ pub async fn generations(
             )
         })?),
     };
+    let n = req.n.unwrap_or(1);
+    if !(1..=ld_core::compose::MAX_BATCH).contains(&n) {
+        return Err(bad(
+            format!(
+                "n must be between 1 and {} here, got {n}.",
+                ld_core::compose::MAX_BATCH
+            ),
+            "Ask for fewer images at once, or send the request again for more.",
+        ));
+    }
     // OpenAI model ids ("dall-e-3") mean nothing here: use the default model for them.
     let s = state.clone();
     let wanted = req.model.clone();
@@ -119,7 +140,7 @@ pub async fn generations(
         width: size.map(|s| s.0),
         height: size.map(|s| s.1),
         seed: req.seed,
-        batch_size: Some(req.n.unwrap_or(1)),
+        batch_size: Some(n),
         ..Default::default()
     };
     let job = submit(&state, input).await?;
@@ -169,4 +190,27 @@ pub async fn generations(
         Json(json!({"created": created, "data": data})),
     )
         .into_response())
+}
+
+/// `GET /v1/models`, OpenAI's model list as clients probe it: the installed models by name (what
+/// `model` takes here).
+pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, OpenAiError> {
+    let models = tokio::task::spawn_blocking(move || state.models())
+        .await
+        .map_err(ApiError::internal)?;
+    let data: Vec<Value> = models
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "local"}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+/// Any other `/v1/` route: OpenAI's error shape, not the UI page (found by review: clients that
+/// probe `/v1/chat/completions` took the page for an answer).
+pub async fn not_found() -> OpenAiError {
+    OpenAiError(ApiError::new(
+        crate::error::Code::NotFound,
+        "Local Diffusers offers only the images part of the OpenAI API here.",
+        "Use POST /v1/images/generations; GET /v1/models lists the models.",
+    ))
 }
