@@ -486,6 +486,7 @@ mod tests {
             sampler: "Euler".into(),
             schedule: "Karras".into(),
             seed: 1,
+            clip_skip: 1,
             batch: 1,
             image: 0,
             step: 20,

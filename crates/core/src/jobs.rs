@@ -94,6 +94,8 @@ pub struct JobInfo {
     pub sampler: String,
     pub schedule: String,
     pub seed: u64,
+    /// CLIP layers skipped from the end (1: none), A1111's "Clip skip".
+    pub clip_skip: usize,
     pub batch: usize,
     /// 0-based image of the batch being drawn.
     pub image: usize,
@@ -266,6 +268,7 @@ impl Job {
                 .name()
                 .to_owned(),
             seed: first.seed,
+            clip_skip: first.clip_skip,
             batch: spec.images.len(),
             image: 0,
             step: 0,

@@ -83,15 +83,25 @@ pub fn scan(managed_root: &Path, user_roots: &[PathBuf]) -> Vec<ModelInfo> {
     found
 }
 
-/// Finds a model by name (case-insensitive) or by the A1111 title we show ("name [hash]" style
-/// titles are matched on the part before " [").
+/// Finds a model by name (case-insensitive) or by an A1111 title: "name [hash]" titles are
+/// matched on the part before " [", and A1111's own titles of checkpoint files
+/// ("SDXL/juggernaut.safetensors [6ce0161689]", what a chat app saved from an A1111 install) on
+/// the file's name without its folder and extension, which is how files are named here.
 pub fn find<'a>(models: &'a [ModelInfo], wanted: &str) -> Option<&'a ModelInfo> {
     let wanted = wanted.trim();
     let bare = wanted.split(" [").next().unwrap_or(wanted).trim();
-    models
+    let file = bare.rsplit(['/', '\\']).next().unwrap_or(bare);
+    let stem = [".safetensors", ".ckpt", ".pt", ".bin"]
         .iter()
-        .find(|m| m.name.eq_ignore_ascii_case(wanted))
-        .or_else(|| models.iter().find(|m| m.name.eq_ignore_ascii_case(bare)))
+        .find_map(|ext| {
+            let cut = file.len().checked_sub(ext.len())?;
+            (file.is_char_boundary(cut) && file[cut..].eq_ignore_ascii_case(ext))
+                .then(|| &file[..cut])
+        })
+        .unwrap_or(file);
+    [wanted, bare, stem]
+        .iter()
+        .find_map(|name| models.iter().find(|m| m.name.eq_ignore_ascii_case(name)))
 }
 
 /// The folders of a root that hold checkpoints: the root itself, plus what A1111 and ComfyUI
@@ -574,6 +584,21 @@ mod tests {
         assert_eq!(find(&models, "SD1").unwrap().name, "sd1");
         assert_eq!(find(&models, "sd1 [abcdef0123]").unwrap().name, "sd1");
         assert!(find(&models, "other").is_none());
+        // A1111's titles of checkpoint files, as chat apps saved them (found by review).
+        for title in [
+            "sd1.safetensors",
+            "SD1.SAFETENSORS [6ce0161689]",
+            "SDXL/sd1.safetensors [6ce0161689]",
+            "models\\sd1.ckpt",
+        ] {
+            assert_eq!(
+                find(&models, title).map(|m| m.name.as_str()),
+                Some("sd1"),
+                "{title}"
+            );
+        }
+        assert!(find(&models, "other.safetensors").is_none());
+        assert!(find(&models, "é.safetensors").is_none());
         assert!(
             !models[0].managed,
             "not downloaded by us: never ours to delete"

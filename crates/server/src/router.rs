@@ -116,6 +116,10 @@ pub fn app(state: AppState) -> Router {
         .route("/sdapi/v1/sd-vae", get(a1111::sd_vae))
         .route("/sdapi/v1/loras", get(a1111::loras))
         .route("/sdapi/v1/upscalers", get(a1111::upscalers))
+        .route(
+            "/sdapi/v1/latent-upscale-modes",
+            get(a1111::latent_upscale_modes),
+        )
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/sdapi/v1/cmd-flags", get(a1111::cmd_flags))
         .route("/v1/images/generations", post(openai::generations))

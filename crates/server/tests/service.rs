@@ -390,6 +390,11 @@ async fn bad_requests_get_clear_errors() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err}");
     assert!(err["hint"].as_str().unwrap().contains("portrait"), "{err}");
+    // A1111 sizes are floored to multiples of 8 after this check, so it names what was sent.
+    let body = json!({"prompt": "x", "width": 60});
+    let (status, err) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("got 60"), "{err}");
     // A1111's batch_size times n_iter: too many pictures, or a product past usize (found by
     // review: it panicked in debug builds and wrapped to 0 in release ones), is a clear refusal.
     for (batch, n_iter, needle) in [
@@ -615,6 +620,7 @@ async fn sillytavern_connects_switches_model_draws_and_polls() {
     for path in [
         "/sdapi/v1/sd-vae",
         "/sdapi/v1/upscalers",
+        "/sdapi/v1/latent-upscale-modes",
         "/sdapi/v1/loras",
         "/sdapi/v1/embeddings",
         "/sdapi/v1/cmd-flags",
@@ -700,6 +706,7 @@ async fn sillytavern_connects_switches_model_draws_and_polls() {
     assert_eq!(info["all_seeds"], json!([1234]));
     assert_eq!(info["infotexts"][0], params);
     assert_eq!(info["sd_model_name"], "sd2");
+    assert_eq!(info["clip_skip"], 2, "the clip skip used (found by review)");
     assert_eq!(
         answer["parameters"]["hr_upscaler"], "Latent",
         "unknown fields are echoed"

@@ -168,6 +168,17 @@ pub async fn txt2img(
             "Lower batch_size or n_iter, or send the request again for more pictures.",
         ));
     }
+    // Checked before the sizes are floored to multiples of 8, so the error names what was sent.
+    use ld_engine::pipeline::{MAX_SIZE, MIN_SIZE};
+    for (field, v) in [("width", req.width), ("height", req.height)] {
+        if !(MIN_SIZE..=MAX_SIZE).contains(&v) {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("{field} must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {v}."),
+                "512 suits SD 1.5 models, 1024 SDXL models.",
+            ));
+        }
+    }
     let job = submit(&state, req.to_input()).await?;
     let done = wait_for(&state, &job.id).await?;
     if done.state == JobState::Failed {
@@ -256,7 +267,7 @@ fn info_json(job: &JobInfo) -> Value {
         "infotexts": infotexts,
         "styles": [],
         "job_timestamp": timestamp(job.created_at),
-        "clip_skip": 1,
+        "clip_skip": job.clip_skip,
         "is_using_inpainting_conditioning": false,
         "version": concat!("Local Diffusers ", env!("CARGO_PKG_VERSION")),
     })
@@ -459,6 +470,12 @@ pub async fn loras(State(state): State<AppState>) -> Json<Value> {
             })
             .collect(),
     ))
+}
+
+/// No hires fix here, so no latent upscale modes; answered (not 404) because SillyTavern asks
+/// for them beside the upscalers, and one failure fails both.
+pub async fn latent_upscale_modes() -> Json<Value> {
+    Json(json!([]))
 }
 
 pub async fn upscalers() -> Json<Value> {
