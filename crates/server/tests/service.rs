@@ -730,14 +730,27 @@ async fn open_webui_a1111_request() {
     let seeds = info["all_seeds"].as_array().unwrap();
     assert_eq!(seeds[1].as_u64().unwrap(), seeds[0].as_u64().unwrap() + 1);
     // A bad field type is a clear 400, not a crash.
-    let (status, err) = send_json(
-        &s,
-        "POST",
-        "/sdapi/v1/txt2img",
+    for body in [
         json!({"prompt": "x", "steps": "many"}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+        json!({"prompt": "x", "steps": 2.5}),
+    ] {
+        let (status, err) = send_json(&s, "POST", "/sdapi/v1/txt2img", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {err}");
+    }
+    // What A1111's parsing takes, this takes (found by review): null for "the default", numbers
+    // as text, whole numbers as floats.
+    let body = json!({"prompt": "a sunny meadow", "seed": 7.0, "steps": "2", "cfg_scale": "6.5",
+        "width": 64.0, "height": null, "negative_prompt": null, "override_settings": null,
+        "sampler_name": null, "batch_size": "1"});
+    let (status, answer) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (&info["seed"], &info["steps"], &info["cfg_scale"]),
+        (&json!(7), &json!(2), &json!(6.5))
+    );
+    // A null height is A1111's default, 512.
+    assert_eq!((&info["width"], &info["height"]), (&json!(64), &json!(512)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,8 @@ pub async fn txt2img(
             "Send the txt2img fields as a JSON object, as A1111 expects.",
         )
     })?;
+    let mut raw = raw;
+    coerce_like_a1111(&mut raw);
     let req: Txt2Img = serde_json::from_value(raw.clone()).map_err(|e| {
         ApiError::new(
             Code::InvalidRequest,
@@ -202,6 +204,46 @@ pub async fn txt2img(
         "parameters": parameters,
         "info": info_json(&done).to_string(),
     })))
+}
+
+/// Loosens a txt2img body the way A1111's request parsing (pydantic) does, so clients written
+/// against it work here: `null` means "the default" (the field is dropped), numbers may come as
+/// text (`"steps": "20"`), and whole numbers as floats (`"seed": -1.0`, JavaScript's numbers).
+/// What still does not fit gets the type error.
+fn coerce_like_a1111(raw: &mut Value) {
+    const WHOLE: &[&str] = &[
+        "seed",
+        "batch_size",
+        "n_iter",
+        "steps",
+        "width",
+        "height",
+        "clip_skip",
+    ];
+    const REAL: &[&str] = &["cfg_scale", "refiner_switch_at"];
+    let Some(fields) = raw.as_object_mut() else {
+        return;
+    };
+    fields.retain(|_, v| !v.is_null());
+    for (key, v) in fields.iter_mut() {
+        let whole = WHOLE.contains(&key.as_str());
+        if !whole && !REAL.contains(&key.as_str()) {
+            continue;
+        }
+        let number = match &*v {
+            Value::String(text) => text.trim().parse::<f64>().ok(),
+            Value::Number(n) if whole && n.is_f64() => n.as_f64(),
+            _ => None,
+        };
+        let Some(x) = number.filter(|x| x.is_finite()) else {
+            continue;
+        };
+        if !whole {
+            *v = json!(x);
+        } else if x.fract() == 0.0 && x.abs() < 9.0e15 {
+            *v = json!(x as i64);
+        }
+    }
 }
 
 /// The job's PNG files as base64, in order.
