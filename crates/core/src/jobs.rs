@@ -497,6 +497,12 @@ impl JobService {
         Some(done)
     }
 
+    /// Adds a note to job `id` (what the app changed or could not do, in words for the user), as
+    /// the worker's own notes; `false` when there is no such job.
+    pub fn add_note(&self, id: &str, text: &str) -> bool {
+        self.find(id).map(|job| push_note(&job, text)).is_some()
+    }
+
     fn find(&self, id: &str) -> Option<Arc<Job>> {
         let q = self.shared.lock();
         q.running

@@ -741,7 +741,7 @@ async fn open_webui_a1111_request() {
     // as text, whole numbers as floats.
     let body = json!({"prompt": "a sunny meadow", "seed": 7.0, "steps": "2", "cfg_scale": "6.5",
         "width": 64.0, "height": null, "negative_prompt": null, "override_settings": null,
-        "sampler_name": null, "batch_size": "1"});
+        "sampler_name": null, "batch_size": "1", "enable_hr": true, "hr_scale": 2});
     let (status, answer) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
@@ -751,6 +751,16 @@ async fn open_webui_a1111_request() {
     );
     // A null height is A1111's default, 512.
     assert_eq!((&info["width"], &info["height"]), (&json!(64), &json!(512)));
+    // Hires fix is not drawn, and the job says so.
+    let (_, jobs) = get_json(&s, "/api/v1/jobs").await;
+    let notes = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["height"] == 512)
+        .map(|j| j["notes"].to_string())
+        .unwrap();
+    assert!(notes.contains("Hires fix is not available yet"), "{notes}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,6 +182,16 @@ pub async fn txt2img(
         }
     }
     let job = submit(&state, req.to_input()).await?;
+    if raw.get("enable_hr").and_then(Value::as_bool) == Some(true) {
+        // No second, upscaled pass here yet: said in the job's notes rather than drawn larger.
+        state.jobs().add_note(
+            &job.id,
+            &format!(
+                "Hires fix is not available yet, so the picture was drawn at {}x{} without the upscaled second pass.",
+                job.width, job.height
+            ),
+        );
+    }
     let done = wait_for(&state, &job.id).await?;
     if done.state == JobState::Failed {
         let err = done.error.as_ref().expect("a failed job has its error");
