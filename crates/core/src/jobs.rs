@@ -1019,7 +1019,7 @@ fn run_staged(
     shared: &Shared,
     job: &Job,
     memory: MemoryOptions,
-    note: &str,
+    staged_why: &str,
     faults: Option<&dyn FaultInjector>,
 ) -> Outcome {
     let spec = &job.spec;
@@ -1032,8 +1032,11 @@ fn run_staged(
         .map_or("the refiner", |r| r.name.as_str());
     let refiner_failed = |e: EngineError| Outcome::Failed(explain(&e, refiner_name));
     let cancelled = || job.cancel.load(Ordering::SeqCst);
+    // Grows as running out of memory turns strategies on (the GPU; a staged run never has the
+    // whole pipeline's "Off").
+    let mut memory = memory;
     set_stage(shared, job, Stage::LoadingModel);
-    push_note(job, note);
+    push_note(job, staged_why);
     let source = ld_engine::single_file::ModelSource::new(model.path.clone());
     let mut staged = match StagedPipeline::open_source(&source, &shared.config.load) {
         Ok(s) => s,
@@ -1108,7 +1111,7 @@ fn run_staged(
     }
 
     // Stage 2: the UNet, with the LoRAs' UNet layers; every picture's latents.
-    let unet = match staged.load_unet_with(&mut loras) {
+    let mut unet = match staged.load_unet_with(&mut loras) {
         Ok(u) => u,
         Err(e) => return failed(e),
     };
@@ -1124,35 +1127,64 @@ fn run_staged(
     }
     let batch = spec.images.len();
     let started = Instant::now();
-    // Progress of picture `index`, for the base's steps and the refiner's alike.
-    let observer = |index: usize, req: &GenerateRequest| JobObserver {
+    // Progress of picture `index`, for the base's steps and the refiner's alike. (The switch
+    // steps are read first: the stages change `staged`'s memory options in between.)
+    let switch_steps: Vec<Option<usize>> = spec
+        .images
+        .iter()
+        .map(|req| staged.refiner_switch_step(req))
+        .collect();
+    let observer = |index: usize| JobObserver {
         shared,
         job,
         index,
         batch,
         started,
-        base_steps: staged.refiner_switch_step(req),
+        base_steps: switch_steps[index],
     };
+    // Per picture: what it was recovered from, for its parameters text.
+    let mut recovered: Vec<Vec<String>> = vec![Vec::new(); batch];
+    let mut tried: Vec<&'static str> = Vec::new();
     let mut sampled = Vec::with_capacity(batch);
     for (index, (req, prompt)) in spec.images.iter().zip(&prompts).enumerate() {
         if cancelled() {
             return Outcome::Cancelled;
         }
         start_image(job, index);
-        match unet.sample(req, prompt, &mut observer(index, req)) {
-            Ok(s) => sampled.push((index, s)),
-            // Skipped by the user (A1111 "Skip"): go on with the next image.
-            Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
-            Err(EngineError::Cancelled) => return Outcome::Cancelled,
-            Err(e) => return failed(e),
+        loop {
+            let result = match faults.and_then(|f| f.fail(FaultPoint::Sampling, &memory)) {
+                Some(e) => Err(e),
+                None => unet.sample(req, prompt, &mut observer(index)),
+            };
+            match result {
+                Ok(s) => sampled.push((index, s)),
+                // Skipped by the user (A1111 "Skip"): go on with the next image.
+                Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {}
+                Err(EngineError::Cancelled) => return Outcome::Cancelled,
+                // As in `run_job`, with the strategies that help a model alone; the picture
+                // starts again.
+                Err(e) if is_oom(&e) => match escalate_alone(&mut memory, FaultPoint::Sampling) {
+                    Some(step) => {
+                        tried.push(step);
+                        note(shared, job, &mut recovered[index], step, "drawing");
+                        unet.set_memory_options(&memory);
+                        continue;
+                    }
+                    None => return Outcome::Failed(out_of_memory_after(&tried)),
+                },
+                Err(e) => return failed(e),
+            }
+            break;
         }
     }
     drop(unet);
+    // The refiner and the VAE load with what sampling needed.
+    staged.set_memory_options(memory);
 
     // Stage 2b: the refiner's UNet finishes what the base left at the switch point.
     let sampled = if sampled.iter().any(|(_, s)| s.needs_refiner()) {
         set_stage(shared, job, Stage::LoadingModel);
-        let refiner = match staged.load_refiner() {
+        let mut refiner = match staged.load_refiner() {
             Ok(r) => r,
             Err(e) => return refiner_failed(e),
         };
@@ -1164,11 +1196,36 @@ fn run_staged(
             let req = &spec.images[index];
             if s.needs_refiner() {
                 start_image(job, index);
-                match refiner.refine(req, &prompts[index], &mut s, &mut observer(index, req)) {
-                    Ok(()) => {}
-                    Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => continue,
-                    Err(EngineError::Cancelled) => return Outcome::Cancelled,
-                    Err(e) => return refiner_failed(e),
+                let mut skipped = false;
+                loop {
+                    let result = match faults.and_then(|f| f.fail(FaultPoint::Sampling, &memory)) {
+                        Some(e) => Err(e),
+                        None => refiner.refine(req, &prompts[index], &mut s, &mut observer(index)),
+                    };
+                    match result {
+                        Ok(()) => {}
+                        Err(EngineError::Cancelled) if job.skip.load(Ordering::SeqCst) => {
+                            skipped = true;
+                        }
+                        Err(EngineError::Cancelled) => return Outcome::Cancelled,
+                        // The run keeps the steps done; the refiner goes on from there.
+                        Err(e) if is_oom(&e) => {
+                            match escalate_alone(&mut memory, FaultPoint::Sampling) {
+                                Some(step) => {
+                                    tried.push(step);
+                                    note(shared, job, &mut recovered[index], step, "refining");
+                                    refiner.set_memory_options(&memory);
+                                    continue;
+                                }
+                                None => return Outcome::Failed(out_of_memory_after(&tried)),
+                            }
+                        }
+                        Err(e) => return refiner_failed(e),
+                    }
+                    break;
+                }
+                if skipped {
+                    continue;
                 }
             }
             refined.push((index, s));
@@ -1177,9 +1234,9 @@ fn run_staged(
     } else {
         sampled
     };
+    staged.set_memory_options(memory);
 
     // Stage 3: the VAE; each picture saved as soon as it is decoded.
-    let mut memory = memory;
     let mut vae = None;
     for (index, latents) in sampled {
         if cancelled() {
@@ -1191,7 +1248,7 @@ fn run_staged(
         };
         let req = &spec.images[index];
         job.info.send_modify(|i| i.image = index);
-        let mut recovered: Vec<String> = Vec::new();
+        let mut recovered = std::mem::take(&mut recovered[index]);
         let image = loop {
             set_stage(shared, job, Stage::Decoding);
             let loaded = match &vae {
@@ -1202,7 +1259,11 @@ fn run_staged(
                 },
             };
             let broken = faults.is_some_and(|f| f.corrupt_output(&memory));
-            match loaded.decode_pixels(&latents) {
+            let result = match faults.and_then(|f| f.fail(FaultPoint::Decoding, &memory)) {
+                Some(e) => Err(e),
+                None => loaded.decode_pixels(&latents),
+            };
+            match result {
                 Ok(img) if !memory.vae_f32 && (broken || is_broken_image(&img)) => {
                     // As in `run_job`: an fp16 VAE that overflowed decodes again in fp32.
                     memory.vae_f32 = true;
@@ -1212,6 +1273,22 @@ fn run_staged(
                     staged.set_memory_options(memory);
                 }
                 Ok(img) => break img,
+                Err(e) if is_oom(&e) => match escalate_alone(&mut memory, FaultPoint::Decoding) {
+                    Some(step) => {
+                        tried.push(step);
+                        note(
+                            shared,
+                            job,
+                            &mut recovered,
+                            step,
+                            "turning the picture into pixels",
+                        );
+                        // Loaded again where and how the strategies say.
+                        vae = None;
+                        staged.set_memory_options(memory);
+                    }
+                    None => return Outcome::Failed(out_of_memory_after(&tried)),
+                },
                 Err(e) => return failed(e),
             }
         };
@@ -1375,68 +1452,93 @@ fn gib(b: u64) -> String {
     format!("{:.1} GB", b as f64 / (1u64 << 30) as f64)
 }
 
-/// The recovery chain, cheapest first, as the issue orders it. Each entry: its name, whether it
-/// is on, how to turn it on, and whether it helps sampling / decoding.
-type Step = (
-    &'static str,
-    fn(&MemoryOptions) -> bool,
-    fn(&mut MemoryOptions),
-    bool,
-    bool,
-);
+/// One strategy of the recovery chain.
+struct Step {
+    name: &'static str,
+    is_on: fn(&MemoryOptions) -> bool,
+    turn_on: fn(&mut MemoryOptions),
+    /// Whether it helps sampling / decoding in a whole pipeline.
+    sampling: bool,
+    decoding: bool,
+    /// The same where each model is alone in memory (a staged run): moving the other models
+    /// off the GPU frees nothing there.
+    alone: (bool, bool),
+}
+
+/// The recovery chain, cheapest first, as the issue orders it.
 const CHAIN: [Step; 5] = [
-    (
-        "tiled VAE",
-        |m| m.vae_tiling,
-        |m| m.vae_tiling = true,
-        false,
-        true,
-    ),
-    (
-        "sliced attention",
-        |m| m.attention_slice.is_some(),
-        |m| m.attention_slice = Some(MemoryOptions::SLICED_SCORES),
-        true,
-        true,
-    ),
-    // Frees the VAE's weights from the GPU, so it helps sampling too.
-    (
-        "VAE on CPU",
-        |m| m.vae_on_cpu,
-        |m| m.vae_on_cpu = true,
-        true,
-        true,
-    ),
+    Step {
+        name: "tiled VAE",
+        is_on: |m| m.vae_tiling,
+        turn_on: |m| m.vae_tiling = true,
+        sampling: false,
+        decoding: true,
+        alone: (false, true),
+    },
+    Step {
+        name: "sliced attention",
+        is_on: |m| m.attention_slice.is_some(),
+        turn_on: |m| m.attention_slice = Some(MemoryOptions::SLICED_SCORES),
+        sampling: true,
+        decoding: true,
+        alone: (true, true),
+    },
+    // Frees the VAE's weights from the GPU, so it helps sampling too; alone, it moves the
+    // decode itself to the CPU.
+    Step {
+        name: "VAE on CPU",
+        is_on: |m| m.vae_on_cpu,
+        turn_on: |m| m.vae_on_cpu = true,
+        sampling: true,
+        decoding: true,
+        alone: (false, true),
+    },
     // The same for the text encoder(s), which run once per picture, so it costs a second or two.
-    (
-        "text encoder on CPU",
-        |m| m.text_encoder_on_cpu,
-        |m| m.text_encoder_on_cpu = true,
-        true,
-        true,
-    ),
+    Step {
+        name: "text encoder on CPU",
+        is_on: |m| m.text_encoder_on_cpu,
+        turn_on: |m| m.text_encoder_on_cpu = true,
+        sampling: true,
+        decoding: true,
+        alone: (false, false),
+    },
     // The guidance pair one sample at a time: our "smaller batch" (jobs already draw their
     // images one by one).
-    (
-        "smaller batch",
-        |m| m.split_batch,
-        |m| m.split_batch = true,
-        true,
-        false,
-    ),
+    Step {
+        name: "smaller batch",
+        is_on: |m| m.split_batch,
+        turn_on: |m| m.split_batch = true,
+        sampling: true,
+        decoding: false,
+        alone: (true, false),
+    },
 ];
 
 /// Turns on the next strategy of the chain that helps `at`; `None` when all are on.
 fn escalate(memory: &mut MemoryOptions, at: FaultPoint) -> Option<&'static str> {
-    let (name, _, on, _, _) = CHAIN.iter().find(|(_, is_on, _, sampling, decoding)| {
-        !is_on(memory)
+    escalate_where(memory, at, false)
+}
+
+/// [`escalate`] for a staged run, where only the running model is in memory.
+fn escalate_alone(memory: &mut MemoryOptions, at: FaultPoint) -> Option<&'static str> {
+    escalate_where(memory, at, true)
+}
+
+fn escalate_where(memory: &mut MemoryOptions, at: FaultPoint, alone: bool) -> Option<&'static str> {
+    let step = CHAIN.iter().find(|step| {
+        let (sampling, decoding) = if alone {
+            step.alone
+        } else {
+            (step.sampling, step.decoding)
+        };
+        !(step.is_on)(memory)
             && match at {
-                FaultPoint::Sampling => *sampling,
-                FaultPoint::Decoding => *decoding,
+                FaultPoint::Sampling => sampling,
+                FaultPoint::Decoding => decoding,
             }
     })?;
-    on(memory);
-    Some(name)
+    (step.turn_on)(memory);
+    Some(step.name)
 }
 
 fn note(_shared: &Shared, job: &Job, recovered: &mut Vec<String>, step: &str, stage: &str) {
@@ -1902,6 +2004,107 @@ mod tests {
         );
         assert!(
             params.contains("Recovered: \"out of memory: sliced attention + out of memory: VAE on CPU + out of memory: text encoder on CPU + out of memory: smaller batch + out of memory: tiled VAE\""),
+            "{params}"
+        );
+    }
+
+    #[test]
+    fn staged_runs_recover_from_running_out_of_memory_with_what_helps_a_model_alone() {
+        // Issue 12: refiner jobs now stage on a GPU, where memory can run out. A staged run
+        // walks the recovery chain too, but only with what helps the one model in memory:
+        // moving the text encoder off the GPU frees nothing there, nor does moving the VAE while
+        // the UNet samples.
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        svc.set_memory_policy(MemoryPolicy {
+            low_vram: LowVram::On,
+            low_options: MemoryOptions::default(),
+            ..Default::default()
+        });
+        let tight = Arc::new(Tight(AtomicUsize::new(0)));
+        svc.set_fault_injector(Some(tight.clone()));
+        let info = run(&svc);
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        assert!(info.notes[0].contains("one at a time"), "{:?}", info.notes);
+        assert_eq!(
+            info.notes[1..],
+            [
+                "Ran out of memory while drawing; retried with sliced attention.",
+                "Ran out of memory while drawing; retried with smaller batch.",
+                "Ran out of memory while turning the picture into pixels; retried with tiled VAE.",
+            ]
+        );
+        // 3 sampling calls (2 short), 2 decoding calls (1 short).
+        assert_eq!(tight.0.load(Ordering::SeqCst), 5);
+        let params = &info.images[0].parameters;
+        assert!(
+            params.contains("Recovered: \"out of memory: sliced attention + out of memory: smaller batch + out of memory: tiled VAE\""),
+            "{params}"
+        );
+        // With nothing left to try, the failure names what was tried.
+        svc.set_fault_injector(Some(Arc::new(Always)));
+        let info = run(&svc);
+        assert_eq!(info.state, JobState::Failed);
+        let e = info.error.unwrap();
+        assert_eq!(e.code, "out_of_memory");
+        assert_eq!(
+            e.message,
+            "There was not enough memory to draw this picture, even after retrying with sliced attention, smaller batch."
+        );
+    }
+
+    /// Out of memory from the `from`-th sampling call on (1-based) until attention is sliced.
+    struct ShortFrom {
+        from: usize,
+        calls: AtomicUsize,
+    }
+    impl FaultInjector for ShortFrom {
+        fn fail(&self, point: FaultPoint, m: &MemoryOptions) -> Option<EngineError> {
+            if point != FaultPoint::Sampling {
+                return None;
+            }
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            (call >= self.from && m.attention_slice.is_none()).then(oom)
+        }
+    }
+
+    #[test]
+    fn a_staged_refiner_that_runs_out_of_memory_goes_on_with_sliced_attention() {
+        // The base samples its steps (call 1); the refiner's first try runs out (call 2) and
+        // goes on with sliced attention (call 3), and the picture is saved.
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny");
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        svc.set_memory_policy(MemoryPolicy {
+            low_vram: LowVram::On,
+            low_options: MemoryOptions::default(),
+            ..Default::default()
+        });
+        let faults = Arc::new(ShortFrom {
+            from: 2,
+            calls: AtomicUsize::new(0),
+        });
+        svc.set_fault_injector(Some(faults.clone()));
+        let info = run_refined(
+            &svc,
+            crate::models::scan(&tiny.join("sdxl"), &[]).remove(0),
+            Vec::new(),
+            Some(crate::compose::Refiner {
+                name: "sdxl-refiner".into(),
+                path: tiny.join("sdxl-refiner"),
+                switch_at: 0.5,
+            }),
+        );
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        assert_eq!(faults.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            info.notes[1..],
+            ["Ran out of memory while refining; retried with sliced attention."]
+        );
+        let params = &info.images[0].parameters;
+        assert!(params.contains("Refiner: sdxl-refiner"), "{params}");
+        assert!(
+            params.contains("Recovered: \"out of memory: sliced attention\""),
             "{params}"
         );
     }

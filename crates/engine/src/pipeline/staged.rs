@@ -620,6 +620,12 @@ pub struct UnetStage<'a> {
 }
 
 impl UnetStage<'_> {
+    /// Applies `memory`'s attention and batch strategies to the loaded UNet, for the pictures
+    /// sampled next (the app's recovery after running out of memory).
+    pub fn set_memory_options(&mut self, memory: &MemoryOptions) {
+        self.unet.set_memory_options(memory);
+    }
+
     /// Samples `req` under `prompt` (from [`TextStage::encode`] for the same request): the final
     /// latents in diffusers' scale, or with a refiner whose switch point the request reaches,
     /// the run stopped there for [`RefinerStage::refine`]. When the observer cancels
@@ -692,6 +698,11 @@ pub struct RefinerStage<'a> {
 }
 
 impl RefinerStage<'_> {
+    /// As [`UnetStage::set_memory_options`], for the refiner's UNet.
+    pub fn set_memory_options(&mut self, memory: &MemoryOptions) {
+        self.unet.set_memory_options(memory);
+    }
+
     /// Takes `sampled` (from [`UnetStage::sample`] of the same request and prompt) through the
     /// refiner's steps, leaving the final latents in diffusers' scale in it
     /// ([`Sampled::Latents`]); latents that need no refiner stay as they are. Progress continues
