@@ -581,7 +581,58 @@ struct Loaded {
     loras: Vec<LoraSpec>,
     embedding_dirs: Vec<PathBuf>,
     refiner: Option<PathBuf>,
+    /// [`files_stamp`] of everything the pipeline was built from.
+    stamp: u64,
     pipeline: Pipeline,
+}
+
+/// A fingerprint of the files `spec`'s pipeline is built from (the model, its LoRAs, the
+/// embedding folders' files, the refiner): their names, sizes and modification times. A model
+/// replaced on disk, or an embedding dropped into its folder, changes it, so the next job loads
+/// afresh instead of drawing with what was read before (and saving parameters that name files
+/// it did not use). Folders are read a few levels deep, hidden entries skipped: stats only, a
+/// few dozen per job.
+fn files_stamp(spec: &ComposedJob) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn visit(path: &std::path::Path, depth: usize, h: &mut impl Hasher) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            path.hash(h);
+            return;
+        };
+        if meta.is_dir() {
+            if depth == 0 {
+                return;
+            }
+            let Ok(entries) = std::fs::read_dir(path) else {
+                return;
+            };
+            let mut names: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| e.path())
+                .collect();
+            names.sort();
+            for p in names {
+                visit(&p, depth - 1, h);
+            }
+        } else {
+            path.hash(h);
+            meta.len().hash(h);
+            meta.modified().ok().hash(h);
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    visit(&spec.model.path, 3, &mut h);
+    for lora in &spec.loras {
+        visit(&lora.path, 0, &mut h);
+    }
+    for dir in &spec.embedding_dirs {
+        visit(dir, 2, &mut h);
+    }
+    if let Some(r) = &spec.refiner {
+        visit(&r.path, 3, &mut h);
+    }
+    h.finish()
 }
 
 fn worker_loop(shared: Arc<Shared>) {
@@ -673,9 +724,11 @@ enum Outcome {
 fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
     let model = &job.spec.model;
     let dtype = shared.config.load.dtype;
+    let stamp = files_stamp(&job.spec);
     let hit = matches!(cache, Some(l) if l.path == model.path && l.dtype == dtype
         && l.loras == job.spec.loras && l.embedding_dirs == job.spec.embedding_dirs
-        && l.refiner == job.spec.refiner.as_ref().map(|r| r.path.clone()));
+        && l.refiner == job.spec.refiner.as_ref().map(|r| r.path.clone())
+        && l.stamp == stamp);
     if !hit {
         set_stage(shared, job, Stage::LoadingModel);
         // Free the old model before loading the new one: two at once may not fit. Returned to
@@ -721,6 +774,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
                     loras: job.spec.loras.clone(),
                     embedding_dirs: job.spec.embedding_dirs.clone(),
                     refiner: job.spec.refiner.as_ref().map(|r| r.path.clone()),
+                    stamp,
                     pipeline,
                 })
             }
@@ -2006,6 +2060,66 @@ mod tests {
             params.contains("Recovered: \"out of memory: sliced attention + out of memory: VAE on CPU + out of memory: text encoder on CPU + out of memory: smaller batch + out of memory: tiled VAE\""),
             "{params}"
         );
+    }
+
+    #[test]
+    fn files_changed_on_disk_are_read_again_by_the_next_job() {
+        // Found by review: the loaded pipeline was kept while its files changed on disk, so an
+        // embedding dropped into its folder was ignored until the app restarted.
+        let dir = tempfile::tempdir().unwrap();
+        let refs =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs");
+        let emb = dir.path().join("embeddings");
+        std::fs::create_dir_all(&emb).unwrap();
+        let svc = service(&dir);
+        let job = || ComposedJob {
+            model: tiny_model(),
+            loras: Vec::new(),
+            embedding_dirs: vec![emb.clone()],
+            refiner: None,
+            images: vec![GenerateRequest {
+                prompt: "a red fox, tinyemb".into(),
+                steps: 1,
+                width: 64,
+                height: 64,
+                seed: 1,
+                ..Default::default()
+            }],
+            preset: None,
+        };
+        let before = finished(&svc, svc.submit(job()).unwrap().id);
+        let stamp = files_stamp(&job());
+        assert_eq!(files_stamp(&job()), stamp, "the same files, the same stamp");
+        std::fs::copy(
+            refs.join("tinyemb.safetensors"),
+            emb.join("tinyemb.safetensors"),
+        )
+        .unwrap();
+        assert_ne!(files_stamp(&job()), stamp);
+        let after = finished(&svc, svc.submit(job()).unwrap().id);
+        for info in [&before, &after] {
+            assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        }
+        assert!(!before.images[0].parameters.contains("TI hashes"));
+        let params = &after.images[0].parameters;
+        assert!(params.contains("TI hashes: \"tinyemb: "), "{params}");
+        // A model file rewritten in place counts too (size and time).
+        let model = tempfile::tempdir().unwrap();
+        let weights = model
+            .path()
+            .join("unet/diffusion_pytorch_model.safetensors");
+        std::fs::create_dir_all(weights.parent().unwrap()).unwrap();
+        std::fs::write(&weights, b"one").unwrap();
+        let spec = || ComposedJob {
+            model: crate::models::ModelInfo {
+                path: model.path().to_path_buf(),
+                ..tiny_model()
+            },
+            ..job()
+        };
+        let stamp = files_stamp(&spec());
+        std::fs::write(&weights, b"other").unwrap();
+        assert_ne!(files_stamp(&spec()), stamp);
     }
 
     #[test]
