@@ -411,7 +411,7 @@ fn resolve_loras(
                     format!("There is no LoRA called '{}'.", tag.name),
                     if installed.is_empty() {
                         "No LoRAs are installed: put .safetensors LoRA files in the data folder's \
-                         loras folder, or add your A1111/ComfyUI folder under Settings."
+                         loras folder, or add your A1111/ComfyUI folder on the Models page."
                             .to_owned()
                     } else {
                         format!(

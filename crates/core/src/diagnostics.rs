@@ -26,13 +26,13 @@ pub const TROUBLESHOOTING: [Topic; 6] = [
         id: "out_of_memory",
         title: "Out of memory",
         cause: "The picture needed more graphics memory (or system memory) than was free.",
-        fix: "Turn on low-VRAM mode in Settings, choose a smaller size or fewer pictures at once, use an SD 1.5 model, or close other programs that use the graphics card.",
+        fix: "Set \"Low graphics-memory mode\" to On in Settings, choose a smaller size or fewer pictures at once, use an SD 1.5 model, or close other programs that use the graphics card.",
     },
     Topic {
         id: "slow_generation",
         title: "Slow generation",
         cause: "Pictures are drawn on the processor (no usable graphics card), or the graphics card ran out of memory and spilled into system memory.",
-        fix: "Use fewer steps (20 is plenty with DPM++ 2M) and 512×512; on an NVIDIA card, install its driver and the CUDA version of the app, and turn on low-VRAM mode if memory is short.",
+        fix: "Use fewer steps (20 is plenty with DPM++ 2M) and 512×512; on an NVIDIA card, install its driver and the CUDA version of the app, and set \"Low graphics-memory mode\" to On if memory is short.",
     },
     Topic {
         id: "poor_quality",

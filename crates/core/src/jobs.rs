@@ -1607,7 +1607,7 @@ fn note(_shared: &Shared, job: &Job, recovered: &mut Vec<String>, step: &str, st
 /// The note of a job Low-VRAM mode On draws one model at a time.
 fn staged_note(refiner: bool) -> String {
     format!(
-        "Low-VRAM mode: {} were loaded one at a time, which needs about half the memory and adds a few seconds of loading.",
+        "Low graphics-memory mode: {} were loaded one at a time, which needs about half the memory and adds a few seconds of loading.",
         staged_models(refiner)
     )
 }
@@ -1928,8 +1928,8 @@ pub fn explain(e: &EngineError, model: &str) -> JobError {
         EngineError::Candle(inner) if is_out_of_memory(&inner.to_string()) => JobError {
             code: "out_of_memory",
             message: "There was not enough memory to draw this picture.".into(),
-            hint: "Choose a smaller size or fewer images at once, or turn on low-VRAM mode in \
-                   Settings."
+            hint: "Choose a smaller size or fewer images at once, or set \"Low graphics-memory \
+                   mode\" to On in Settings."
                 .into(),
         },
         _ => JobError {

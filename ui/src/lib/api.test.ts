@@ -49,6 +49,32 @@ describe('session token', () => {
     expect(headersOf(fetch).has(SESSION_HEADER)).toBe(false);
   });
 
+  it('is fetched again once when the server (restarted) refuses it', async () => {
+    // Found by review: a tab opened before the server restarted kept the old token, and every
+    // change failed with "Only the Local Diffusers window may do this".
+    const fetch = fakeFetch((_, init) =>
+      new Headers(init?.headers).get(SESSION_HEADER) === 'new'
+        ? jsonResponse(200, { ok: true })
+        : jsonResponse(401, { code: 'unauthorized', message: 'Only the Local Diffusers window may do this.', hint: '' }),
+    );
+    const refreshToken = vi.fn(async () => 'new');
+    const client = createApiClient({ token: 'old', fetch, refreshToken });
+    await client.settings();
+    expect(fetch).toHaveBeenCalledTimes(2);
+    expect(headersOf(fetch, 1).get(SESSION_HEADER)).toBe('new');
+    // The new token stays in use.
+    await client.settings();
+    expect(refreshToken).toHaveBeenCalledTimes(1);
+    expect(headersOf(fetch, 2).get(SESSION_HEADER)).toBe('new');
+  });
+
+  it('is not retried when the fetched token is the same one', async () => {
+    const fetch = fakeFetch(() => jsonResponse(401, { code: 'unauthorized', message: 'no', hint: '' }));
+    const client = createApiClient({ token: 'same', fetch, refreshToken: async () => 'same' });
+    expect((await caught(client.settings())).code).toBe('unauthorized');
+    expect(fetch).toHaveBeenCalledTimes(1);
+  });
+
   it('is read from the meta tag the server injects', () => {
     const doc = {
       querySelector: (selector: string) =>

@@ -519,6 +519,11 @@ export interface ApiClientOptions {
   fetch?: typeof fetch;
   /** Injected in tests; defaults to the browser's EventSource. */
   eventSource?: EventSourceFactory;
+  /**
+   * Fetches the session token again, after the server answered `unauthorized`: a server that
+   * restarted (same address) has a new token, and a tab opened before still holds the old one.
+   */
+  refreshToken?: () => Promise<string | null>;
 }
 
 export interface RequestOptions {
@@ -552,12 +557,13 @@ export type ApiClient = ReturnType<typeof createApiClient>;
 
 export function createApiClient(options: ApiClientOptions = {}) {
   const baseUrl = options.baseUrl ?? '';
-  const token = options.token ?? null;
+  let token = options.token ?? null;
   const doFetch = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
 
-  async function request<T>(method: string, path: string, opts: RequestOptions = {}): Promise<T> {
+  async function request<T>(method: string, path: string, opts: RequestOptions = {}, retried = false): Promise<T> {
     const headers: Record<string, string> = { Accept: 'application/json' };
-    if (token) headers[SESSION_HEADER] = token;
+    const sent = token;
+    if (sent) headers[SESSION_HEADER] = sent;
     let body: BodyInit | undefined;
     if (opts.raw !== undefined) {
       headers['Content-Type'] = opts.raw.type;
@@ -584,7 +590,18 @@ export function createApiClient(options: ApiClientOptions = {}) {
       throw networkError();
     }
 
-    if (!response.ok) throw await errorFromResponse(response);
+    if (!response.ok) {
+      const error = await errorFromResponse(response);
+      // Once per request: a new token that differs from the one sent is worth one more try.
+      if (error.code === 'unauthorized' && !retried && options.refreshToken) {
+        const fresh = await options.refreshToken().catch(() => null);
+        if (fresh && fresh !== sent) {
+          token = fresh;
+          return request<T>(method, path, opts, true);
+        }
+      }
+      throw error;
+    }
 
     const text = await readText(response);
     if (text === '') return undefined as T;
@@ -748,9 +765,17 @@ export function readSessionToken(doc: Pick<Document, 'querySelector'> | undefine
 
 let defaultClient: ApiClient | null = null;
 
+/** The session token of the page the server serves now (it changes when the server restarts). */
+export async function fetchSessionToken(doFetch: typeof fetch = (i, o) => globalThis.fetch(i, o)): Promise<string | null> {
+  const response = await doFetch('/', { cache: 'no-store', credentials: 'same-origin' });
+  if (!response.ok) return null;
+  const html = await response.text();
+  return readSessionToken(new DOMParser().parseFromString(html, 'text/html'));
+}
+
 /** The client pages use: same origin, token from the page. Created on first use. */
 export function api(): ApiClient {
-  defaultClient ??= createApiClient({ token: readSessionToken() });
+  defaultClient ??= createApiClient({ token: readSessionToken(), refreshToken: () => fetchSessionToken() });
   return defaultClient;
 }
 
