@@ -497,7 +497,7 @@ async function handleApi(app, req, res, url, session) {
       has_model: app.models.length > 0,
       suggested: CATALOG[0],
       downloads: [...app.downloads.values()].map(publicDownload),
-      offline_hint: 'No internet? Put a model folder you already have under Settings > Folders with models.',
+      offline_hint: 'No internet? Choose "I already have a model" below to use a folder with models you already have.',
     }), true;
   }
   if (seg[0] === 'downloads') {

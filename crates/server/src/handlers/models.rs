@@ -101,7 +101,7 @@ pub async fn setup(State(state): State<AppState>) -> Json<Value> {
         "has_model": has_model,
         "suggested": suggested,
         "downloads": state.downloads().list(),
-        "offline_hint": "No internet? Add a folder with models you already have on the Models page, under \"Folders with models\".",
+        "offline_hint": "No internet? Choose \"I already have a model\" below to use a folder with models you already have.",
     }))
 }
 
