@@ -57,7 +57,8 @@ pub struct ModelInfo {
     pub sha256: Option<String>,
     pub short_hash: Option<String>,
     /// What a request for it starts from (steps, CFG, sampler, size), read from its configs.
-    #[serde(skip)]
+    /// Shown to the UI, which fills a fast model's form from it.
+    #[serde(serialize_with = "serialize_defaults")]
     pub defaults: Option<ld_engine::model_defaults::ModelDefaults>,
 }
 
@@ -81,6 +82,26 @@ pub fn scan(managed_root: &Path, user_roots: &[PathBuf]) -> Vec<ModelInfo> {
     }
     found.sort_by_key(|m| m.name.to_lowercase());
     found
+}
+
+/// `defaults` as the API shows them: steps, CFG scale, sampler and schedule names, size.
+fn serialize_defaults<S: serde::Serializer>(
+    defaults: &Option<ld_engine::model_defaults::ModelDefaults>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::Serialize as _;
+    defaults
+        .map(|d| {
+            serde_json::json!({
+                "steps": d.steps,
+                "cfg_scale": d.cfg_scale,
+                "sampler": d.sampler.name(),
+                "schedule": d.schedule.name(),
+                "width": d.width,
+                "height": d.height,
+            })
+        })
+        .serialize(s)
 }
 
 /// Finds a model by name (case-insensitive) or by an A1111 title: "name [hash]" titles are

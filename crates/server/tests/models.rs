@@ -596,3 +596,28 @@ async fn a_single_files_hash_is_computed_on_request_and_then_listed() {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_models_list_their_own_settings_for_the_ui() {
+    // Found by review: the UI always sent its form's 20 steps and CFG 7, undoing a fast model's
+    // own few steps; it now fills the form from the defaults listed here.
+    let dir = tempfile::tempdir().unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![tiny_models()],
+        ..StateOptions::new(DataDir::open(Some(dir.path())).unwrap(), PORT)
+    })
+    .unwrap();
+    let (_, models) = call_json(&s, "GET", "/api/v1/models", Value::Null, false).await;
+    let lcm = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "sd1-lcm")
+        .expect("the tiny LCM model");
+    assert_eq!(lcm["fast"], true, "{lcm}");
+    let d = &lcm["defaults"];
+    assert!(d["steps"].as_u64().unwrap() <= 8, "{d}");
+    assert_eq!(d["sampler"], "LCM", "{d}");
+    assert!(d["cfg_scale"].as_f64().unwrap() > 0.0, "{d}");
+    assert!(d["width"].as_u64().unwrap() >= 64, "{d}");
+}

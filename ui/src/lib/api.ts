@@ -164,9 +164,21 @@ export interface ModelInfo {
   refiner: boolean;
   /** A few-step model (Turbo, Lightning, LCM). */
   fast: boolean;
+  /** What a request for it starts from, read from its configs; null when unknown. */
+  defaults?: ModelDefaults | null;
   /** A single file's sha256 and Civitai's 10-digit AutoV2 hash, once computed. */
   sha256?: string | null;
   short_hash?: string | null;
+}
+
+/** A model's own settings (GET /api/v1/models): a fast model's few steps and low CFG. */
+export interface ModelDefaults {
+  steps: number;
+  cfg_scale: number;
+  sampler: string;
+  schedule: string;
+  width: number;
+  height: number;
 }
 
 /** One LoRA or textual-inversion embedding of GET /api/v1/networks. */

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import type { ImageRecord, Inspected, Preset } from './api';
-import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, hasParameters, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
+import type { ImageRecord, Inspected, ModelInfo, Preset } from './api';
+import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, followModel, hasParameters, nativeSize, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
 
 const draft = (over: Partial<Draft> = {}): Draft => ({ ...DEFAULT_DRAFT, prompt: 'a cat', ...over });
 
@@ -84,6 +84,54 @@ describe('recall', () => {
   });
 });
 
+const model = (name: string, fast: boolean, over: Partial<ModelInfo> = {}): ModelInfo => ({
+  name,
+  path: `/models/${name}`,
+  family: 'SDXL',
+  size_bytes: 1,
+  format: 'diffusers',
+  managed: true,
+  refiner: false,
+  fast,
+  defaults: fast ? { steps: 1, cfg_scale: 1, sampler: 'Euler a', schedule: 'Trailing', width: 512, height: 512 } : null,
+  ...over,
+});
+const turbo = model('sdxl-turbo', true);
+const usual = model('juggernaut', false);
+
+describe('following the chosen model', () => {
+  // Found by review: the UI sent 20 steps at CFG 7 to SD Turbo, which draws in 1 to 4.
+  it('a fast model brings its own steps and CFG and leaves it the sampler', () => {
+    const d = followModel(draft({ sampler: 'DPM++ 2M', schedule: 'Karras' }), usual, turbo);
+    expect(d).toMatchObject({ steps: 1, cfg_scale: 1, sampler: '', schedule: '' });
+    expect(toJobRequest(d)).toMatchObject({ steps: 1, cfg_scale: 1 });
+    expect(toJobRequest(d).sampler).toBeUndefined();
+  });
+
+  it('going back to a usual model restores the usual settings', () => {
+    expect(followModel(draft({ steps: 2, cfg_scale: 1.5 }), turbo, usual)).toMatchObject({ steps: 20, cfg_scale: 7, sampler: '' });
+  });
+
+  it('between usual models, and for the same model, nothing changes', () => {
+    const d = draft({ steps: 33, cfg_scale: 5, sampler: 'Euler' });
+    expect(followModel(d, usual, model('other', false))).toBe(d);
+    expect(followModel(d, turbo, turbo)).toBe(d);
+  });
+
+  it('when the page opens, only a form left at the usual defaults follows a fast model', () => {
+    expect(followModel(draft(), undefined, turbo)).toMatchObject({ steps: 1, cfg_scale: 1 });
+    const changed = draft({ steps: 2, cfg_scale: 1 });
+    expect(followModel(changed, undefined, turbo)).toBe(changed);
+    expect(followModel(draft(), undefined, usual)).toMatchObject({ steps: 20, cfg_scale: 7 });
+  });
+
+  it('a fast model draws at its own size', () => {
+    expect(nativeSize(turbo)).toBe(512);
+    expect(nativeSize(usual)).toBeNull();
+    expect(nativeSize(model('fast-unknown', true, { defaults: null }))).toBeNull();
+  });
+});
+
 describe('presets', () => {
   const preset: Preset = {
     id: 'quick',
@@ -105,6 +153,11 @@ describe('presets', () => {
     const d = applyPreset(draft({ cfg_scale: 9, schedule: 'Exponential' }), preset);
     expect(d).toMatchObject({ preset: 'quick', steps: 8, sampler: 'Euler a', cfg_scale: 9, schedule: 'Exponential', width: 512, aspect: '1:1' });
     expect(applyPreset(d, null).preset).toBe('');
+  });
+
+  it('leaves a fast model its own steps, CFG and sampler', () => {
+    const d = applyPreset(draft({ steps: 1, cfg_scale: 1 }), { ...preset, width: 512, height: 768 }, turbo);
+    expect(d).toMatchObject({ preset: 'quick', steps: 1, cfg_scale: 1, sampler: '', width: 512, height: 768 });
   });
 
   it('a preset made from the draft carries its size and quality settings', () => {

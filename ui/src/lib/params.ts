@@ -2,7 +2,7 @@
 // gallery picture, from a dropped PNG's parameters, from a preset, and to the A1111-style text
 // behind "Copy parameters". Pure functions, so they are unit tested without a browser.
 
-import type { ImageRecord, Inspected, JobInfo, JobRequest, Preset, PresetInput } from './api';
+import type { ImageRecord, Inspected, JobInfo, JobRequest, ModelInfo, Preset, PresetInput } from './api';
 
 export interface Draft {
   prompt: string;
@@ -157,8 +157,45 @@ export function hasParameters(found: Inspected): boolean {
   return found.source !== 'none' && (found.prompt ?? '') !== '';
 }
 
-/** The draft after picking a preset: its size and quality settings fill the form. */
-export function applyPreset(d: Draft, preset: Preset | null): Draft {
+/** A fast model's own settings; null for other models (and fast ones whose settings are unknown). */
+function fastDefaults(m: ModelInfo | null | undefined) {
+  return m?.fast && m.defaults ? m.defaults : null;
+}
+
+/**
+ * The draft after the chosen model changed from `from` to `to` (`from` undefined: the page just
+ * opened with `to`). A fast model (Turbo, LCM) draws in a few steps at a low CFG with its own
+ * sampler, and 20 steps at CFG 7 spoil its pictures, so choosing one fills steps and CFG with
+ * its own and leaves the sampler and schedule to it; going back to a usual model restores the
+ * usual settings. Settings the user changed for the current model are kept when the page opens.
+ */
+export function followModel(d: Draft, from: ModelInfo | null | undefined, to: ModelInfo | null): Draft {
+  const fastTo = fastDefaults(to);
+  const fastFrom = fastDefaults(from);
+  if (from === undefined) {
+    const untouched = d.steps === DEFAULT_DRAFT.steps && d.cfg_scale === DEFAULT_DRAFT.cfg_scale && d.sampler === '' && d.schedule === '';
+    return fastTo && untouched ? { ...d, steps: fastTo.steps, cfg_scale: fastTo.cfg_scale } : d;
+  }
+  if (from?.name === to?.name) return d;
+  if (fastTo) return { ...d, steps: fastTo.steps, cfg_scale: fastTo.cfg_scale, sampler: '', schedule: '' };
+  if (fastFrom) {
+    return { ...d, steps: DEFAULT_DRAFT.steps, cfg_scale: DEFAULT_DRAFT.cfg_scale, sampler: '', schedule: '' };
+  }
+  return d;
+}
+
+/** The size a model draws best at: a fast model's own (SDXL Turbo: 512), else its family's. */
+export function nativeSize(m: ModelInfo | null | undefined): number | null {
+  const fast = fastDefaults(m);
+  return fast ? Math.min(fast.width, fast.height) : null;
+}
+
+/**
+ * The draft after picking a preset: its size and quality settings fill the form. With a fast
+ * model chosen (`model`), the model keeps its own steps, CFG and sampler, as the server does for
+ * a preset named in a request.
+ */
+export function applyPreset(d: Draft, preset: Preset | null, model?: ModelInfo | null): Draft {
   if (!preset) return { ...d, preset: '' };
   const next: Draft = { ...d, preset: preset.id };
   if (preset.width && preset.height) {
@@ -166,6 +203,7 @@ export function applyPreset(d: Draft, preset: Preset | null): Draft {
     next.height = preset.height;
     next.aspect = 'custom';
   }
+  if (fastDefaults(model)) return next;
   if (preset.steps) next.steps = preset.steps;
   if (preset.cfg_scale) next.cfg_scale = preset.cfg_scale;
   if (preset.sampler) next.sampler = preset.sampler;
