@@ -108,6 +108,10 @@ describe('Gallery', { timeout: 120_000 }, () => {
     await page.locator(`[data-testid="gallery-item"][data-image-id="${id}"]`).click();
     await page.getByTestId('restore').click();
     await page.getByTestId('toast').filter({ hasText: 'Restored' }).waitFor();
+    // It was the trash's only picture: with its tile gone, focus goes to the page's heading
+    // rather than nowhere (found by review).
+    await page.getByTestId('gallery-empty').waitFor();
+    await page.waitForFunction(() => document.activeElement?.getAttribute('data-testid') === 'page-heading', null, { timeout: 5000 });
 
     await page.getByTestId('gallery-back').click();
     await page.getByTestId('gallery-search').fill(word);
