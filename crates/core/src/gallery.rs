@@ -13,12 +13,14 @@ use crate::metadata;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Index schema version, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Index schema version, kept in `PRAGMA user_version`. 2: ids are never reused, and rows know
+/// their file's modified time and size.
+const SCHEMA_VERSION: i64 = 2;
 const THUMBS_DIR: &str = ".thumbs";
 const TRASH_DIR: &str = ".trash";
 /// Longest side of a thumbnail, in pixels.
@@ -32,10 +34,18 @@ const MAX_INDEXED_FILE: u64 = 256 * 1024 * 1024;
 const STALE_TEMP_AGE: Duration = Duration::from_secs(60 * 60);
 /// Folder levels walked below the images folder (date folders are one level).
 const MAX_WALK_DEPTH: usize = 8;
+/// How many `<name>-<n>.png` names to try when a trashed file must make way for a gallery file
+/// of the same name.
+const MAX_RENAME_TRIES: u32 = 10_000;
 
-const SCHEMA: &str = "
-CREATE TABLE images (
-    id INTEGER PRIMARY KEY,
+/// The images table, named so that the schema 1 migration can build it beside the old one.
+/// `AUTOINCREMENT`: an id is never handed out again once used, even after its image is deleted
+/// for good; the UI, browser caches and character avatars name images by id, and a reused id
+/// would silently show them another picture.
+fn images_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     file TEXT NOT NULL UNIQUE,
     prompt TEXT NOT NULL DEFAULT '',
     negative_prompt TEXT NOT NULL DEFAULT '',
@@ -50,8 +60,16 @@ CREATE TABLE images (
     created_at INTEGER NOT NULL,
     favourite INTEGER NOT NULL DEFAULT 0,
     trashed_at INTEGER,
-    parameters TEXT NOT NULL DEFAULT ''
-);
+    parameters TEXT NOT NULL DEFAULT '',
+    -- The file as last indexed (unix ns, bytes), so reconcile can tell a file edited outside
+    -- the app. NULL for rows from schema 1 until the next reconcile fills them in.
+    file_mtime_ns INTEGER,
+    file_size INTEGER
+);"
+    )
+}
+
+const INDEXES: &str = "
 -- Every list filters on trashed_at and sorts by created_at; the others narrow it further.
 CREATE INDEX images_trashed_created ON images(trashed_at, created_at);
 CREATE INDEX images_created ON images(created_at);
@@ -213,12 +231,25 @@ impl Gallery {
                 let aside = move_aside(db_path)?;
                 let msg = format!(
                     "The gallery index was damaged; it was moved to {} and rebuilt from the image \
-                     files. Favourites and trash dates could not be kept.",
+                     files. Favourites and trash dates could not be kept, and characters need \
+                     their pictures chosen again.",
                     aside.display()
                 );
                 tracing::warn!(error = %e, "{msg}");
                 warnings.push(msg);
-                open_db(db_path)?
+                let conn = open_db(db_path)?;
+                match highest_id_in(&aside) {
+                    Some(floor) => {
+                        start_ids_above(&conn, floor).map_err(|source| GalleryError::Database {
+                            path: db_path.to_path_buf(),
+                            source,
+                        })?
+                    }
+                    None => tracing::warn!(
+                        "no ids could be read from the damaged gallery index; new ids start at 1"
+                    ),
+                }
+                conn
             }
             Err(e) => return Err(e),
         };
@@ -250,6 +281,10 @@ impl Gallery {
             save_png(&self.images_dir.join(&file), &png)?;
             file
         };
+        // Without a stamp the next open reads the file's size once more; nothing is lost.
+        let stamp = std::fs::metadata(self.images_dir.join(&file))
+            .ok()
+            .map(|m| FileStamp::of(&m));
         match thumb {
             Some(Ok(bytes)) => {
                 let path = self.thumbs_dir().join(&file);
@@ -282,7 +317,7 @@ impl Gallery {
         };
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.db_err())?;
-        record.id = insert(&tx, &record).map_err(self.db_err())?;
+        record.id = insert(&tx, &record, stamp).map_err(self.db_err())?;
         tx.commit().map_err(self.db_err())?;
         Ok(record)
     }
@@ -308,13 +343,14 @@ impl Gallery {
         join_relative(&base, &rec.file)
     }
 
-    /// The image's thumbnail, made again first if it is missing.
+    /// The image's thumbnail, made again first if it is missing or older than the image (the
+    /// image was edited or replaced outside the app).
     pub fn thumbnail_path(&self, rec: &ImageRecord) -> Result<PathBuf> {
         let thumb = join_relative(&self.thumbs_dir(), &rec.file);
-        if thumb.is_file() {
+        let src = self.file_path(rec);
+        if is_up_to_date(&thumb, &src) {
             return Ok(thumb);
         }
-        let src = self.file_path(rec);
         let bytes = match std::fs::read(&src) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -551,49 +587,83 @@ impl Gallery {
     }
 
     /// Make the index match the folder: index files that have no row, drop rows whose file is
-    /// gone, fix rows whose file moved in or out of the trash, delete our stale temp files.
+    /// gone, fix rows whose file moved in or out of the trash or was edited, delete our stale
+    /// temp files. A file that cannot be indexed becomes a warning, never an error: the app must
+    /// start whatever is in the folder.
     fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let mut files = Vec::new();
         self.walk(&self.images_dir, "", 0, &mut files, &mut report)?;
-        let on_disk: std::collections::HashMap<(String, bool), PathBuf> = files
+        let mut on_disk: HashMap<(String, bool), FoundFile> = files
             .into_iter()
-            .map(|(rel, trashed, path)| ((rel, trashed), path))
+            .map(|f| ((f.rel.clone(), f.trashed), f))
             .collect();
 
-        let rows: Vec<(i64, String, bool)> = {
+        let rows: Vec<IndexedRow> = {
             let conn = self.conn();
             let mut stmt = conn
-                .prepare("SELECT id, file, trashed_at IS NOT NULL FROM images")
+                .prepare(
+                    "SELECT id, file, trashed_at IS NOT NULL, width, height, file_mtime_ns, \
+                     file_size FROM images",
+                )
                 .map_err(self.db_err())?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_map([], |r| {
+                    let mtime_ns: Option<i64> = r.get(5)?;
+                    let size: Option<i64> = r.get(6)?;
+                    Ok(IndexedRow {
+                        id: r.get(0)?,
+                        file: r.get(1)?,
+                        trashed: r.get(2)?,
+                        size: (r.get(3)?, r.get(4)?),
+                        stamp: mtime_ns
+                            .zip(size)
+                            .map(|(mtime_ns, size)| FileStamp { mtime_ns, size }),
+                    })
+                })
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(self.db_err())?;
             rows
         };
-        let mut known = std::collections::HashSet::new();
+        let renamed = self.separate_same_names(&mut on_disk, &rows, &mut report);
+
+        let mut known = HashSet::new();
         {
             let mut conn = self.conn();
             let tx = conn.transaction().map_err(self.db_err())?;
-            for (id, file, trashed) in rows {
-                if on_disk.contains_key(&(file.clone(), trashed)) {
-                    known.insert((file, trashed));
-                } else if on_disk.contains_key(&(file.clone(), !trashed)) {
-                    // A crash between moving the file and updating the row.
-                    let at = (!trashed).then(now_ms);
+            for row in &rows {
+                let mut file = row.file.clone();
+                if let Some(new) = renamed.get(&file).filter(|_| row.trashed) {
                     tx.execute(
-                        "UPDATE images SET trashed_at = ?1 WHERE id = ?2",
-                        params![at, id],
+                        "UPDATE images SET file = ?1 WHERE id = ?2",
+                        params![new, row.id],
                     )
                     .map_err(self.db_err())?;
-                    known.insert((file, !trashed));
+                    file = new.clone();
+                }
+                let key = if on_disk.contains_key(&(file.clone(), row.trashed)) {
+                    (file, row.trashed)
+                } else if on_disk.contains_key(&(file.clone(), !row.trashed)) {
+                    // A crash between moving the file and updating the row.
+                    let at = (!row.trashed).then(now_ms);
+                    tx.execute(
+                        "UPDATE images SET trashed_at = ?1 WHERE id = ?2",
+                        params![at, row.id],
+                    )
+                    .map_err(self.db_err())?;
+                    (file, !row.trashed)
                 } else {
-                    tx.execute("DELETE FROM images WHERE id = ?1", [id])
+                    tx.execute("DELETE FROM images WHERE id = ?1", [row.id])
                         .map_err(self.db_err())?;
                     self.remove_thumbnail(&file);
                     report.removed += 1;
+                    continue;
+                };
+                if let Some(found) = on_disk.get(&key) {
+                    self.refresh_if_changed(&tx, row, found, &mut report)
+                        .map_err(self.db_err())?;
                 }
+                known.insert(key);
             }
             tx.commit().map_err(self.db_err())?;
         }
@@ -601,14 +671,18 @@ impl Gallery {
         let mut new: Vec<_> = on_disk
             .into_iter()
             .filter(|(key, _)| !known.contains(key))
+            .map(|(_, found)| found)
             .collect();
-        new.sort();
+        new.sort_by(|a, b| (&a.rel, a.trashed).cmp(&(&b.rel, b.trashed)));
         let mut records = Vec::new();
-        for ((file, trashed), path) in new {
-            match record_from_file(&path, file, trashed) {
-                Ok(rec) => records.push(rec),
+        for found in new {
+            match record_from_file(&found.path, found.rel, found.trashed) {
+                Ok(rec) => records.push((found.path, rec)),
                 Err(why) => {
-                    let msg = format!("{} was not added to the gallery: {why}", path.display());
+                    let msg = format!(
+                        "{} was not added to the gallery: {why}",
+                        found.path.display()
+                    );
                     tracing::warn!("{msg}");
                     report.warnings.push(msg);
                 }
@@ -616,11 +690,27 @@ impl Gallery {
         }
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.db_err())?;
-        for rec in &records {
-            insert(&tx, rec).map_err(self.db_err())?;
+        for (path, (rec, stamp)) in &records {
+            match insert(&tx, rec, Some(*stamp)) {
+                Ok(_) => report.added += 1,
+                // separate_same_names leaves no clash; should one remain anyway, that one file
+                // stays out of the index rather than the whole app failing to start. A failed
+                // statement does not end the transaction.
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    let msg = format!(
+                        "{} was not added to the gallery: another picture has the same name. \
+                         Rename it or move it to another folder, then restart the app.",
+                        path.display()
+                    );
+                    tracing::warn!("{msg}");
+                    report.warnings.push(msg);
+                }
+                Err(e) => return Err(self.db_err()(e)),
+            }
         }
         tx.commit().map_err(self.db_err())?;
-        report.added = records.len();
         if report.added + report.removed > 0 {
             tracing::info!(
                 added = report.added,
@@ -631,13 +721,138 @@ impl Gallery {
         Ok(report)
     }
 
-    /// Collect `(relative path, in trash, full path)` of the PNGs under `dir`.
+    /// One relative name in the gallery and in the trash at once (a trashed picture copied back
+    /// by hand) would be two rows with the same `file`. The trashed copy is renamed within the
+    /// trash (`<name>-2.png`), which is ours to manage, so both stay visible and the user's file
+    /// is left where they put it. Returns the trash renames, old name to new.
+    fn separate_same_names(
+        &self,
+        on_disk: &mut HashMap<(String, bool), FoundFile>,
+        rows: &[IndexedRow],
+        report: &mut ReconcileReport,
+    ) -> HashMap<String, String> {
+        let mut clashes: Vec<String> = on_disk
+            .keys()
+            .filter(|(rel, trashed)| *trashed && on_disk.contains_key(&(rel.clone(), false)))
+            .map(|(rel, _)| rel.clone())
+            .collect();
+        clashes.sort();
+        let mut taken: HashSet<String> = rows.iter().map(|r| r.file.clone()).collect();
+        taken.extend(on_disk.keys().map(|(rel, _)| rel.clone()));
+        let trash = self.images_dir.join(TRASH_DIR);
+        let mut renamed = HashMap::new();
+        for rel in clashes {
+            let Some(mut found) = on_disk.remove(&(rel.clone(), true)) else {
+                continue;
+            };
+            let free = (2..MAX_RENAME_TRIES)
+                .map(|n| numbered_name(&rel, n))
+                .find(|name| {
+                    !taken.contains(name)
+                        && !join_relative(&self.images_dir, name).exists()
+                        && !join_relative(&trash, name).exists()
+                });
+            let moved = match free {
+                Some(name) => {
+                    let to = join_relative(&trash, &name);
+                    match std::fs::rename(&found.path, &to) {
+                        Ok(()) => Ok((name, to)),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                None => Err("no free name was found".to_owned()),
+            };
+            match moved {
+                Ok((name, to)) => {
+                    tracing::info!(
+                        from = %found.path.display(),
+                        to = %to.display(),
+                        "trashed picture renamed: a picture of the same name is in the gallery"
+                    );
+                    // The thumbnail may show either copy; each is made again when asked for.
+                    self.remove_thumbnail(&rel);
+                    taken.insert(name.clone());
+                    found.rel = name.clone();
+                    found.path = to;
+                    on_disk.insert((name.clone(), true), found);
+                    renamed.insert(rel, name);
+                }
+                Err(why) => {
+                    // Keep the copy the index already has; with neither indexed, the gallery one.
+                    let row_trashed = rows.iter().find(|r| r.file == rel).map(|r| r.trashed);
+                    let gallery_path = join_relative(&self.images_dir, &rel);
+                    let left_out = if row_trashed == Some(true) {
+                        on_disk.insert((rel.clone(), true), found);
+                        on_disk.remove(&(rel.clone(), false));
+                        gallery_path
+                    } else {
+                        found.path
+                    };
+                    let msg = format!(
+                        "{} was not added to the gallery: the gallery and the trash both hold a \
+                         picture named {rel}, and the trashed one could not be renamed ({why}). \
+                         Move one of them out of the images folder, then restart the app.",
+                        left_out.display()
+                    );
+                    tracing::warn!("{msg}");
+                    report.warnings.push(msg);
+                }
+            }
+        }
+        renamed
+    }
+
+    /// A file edited or replaced outside the app since it was indexed: take its new pixel size
+    /// (the settings text stays; an editor often drops it) and drop its outdated thumbnail.
+    fn refresh_if_changed(
+        &self,
+        tx: &Connection,
+        row: &IndexedRow,
+        found: &FoundFile,
+        report: &mut ReconcileReport,
+    ) -> rusqlite::Result<()> {
+        if row.stamp == Some(found.stamp) {
+            return Ok(());
+        }
+        let (width, height) = match crate::image_file::read_png_size(&found.path) {
+            Ok(size) => size,
+            Err(e) => {
+                let msg = format!(
+                    "{} could not be read ({e}); the gallery shows it as it was. Open it in an \
+                     image editor and save it as PNG again, or move it to the trash.",
+                    found.path.display()
+                );
+                tracing::warn!("{msg}");
+                report.warnings.push(msg);
+                return Ok(());
+            }
+        };
+        tx.execute(
+            "UPDATE images SET width = ?1, height = ?2, file_mtime_ns = ?3, file_size = ?4 \
+             WHERE id = ?5",
+            params![
+                width,
+                height,
+                found.stamp.mtime_ns,
+                found.stamp.size,
+                row.id
+            ],
+        )?;
+        // Rows from schema 1 have no stamp: nothing says their file changed, so their
+        // thumbnails stay (thumbnail_path still remakes one older than its image).
+        if row.stamp.is_some() || (width, height) != row.size {
+            self.remove_thumbnail(&found.rel);
+        }
+        Ok(())
+    }
+
+    /// Collect the PNGs under `dir`.
     fn walk(
         &self,
         dir: &Path,
         rel: &str,
         depth: usize,
-        out: &mut Vec<(String, bool, PathBuf)>,
+        out: &mut Vec<FoundFile>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
         let entries = match std::fs::read_dir(dir) {
@@ -687,22 +902,34 @@ impl Gallery {
             if name.starts_with('.') || !name.to_ascii_lowercase().ends_with(".png") {
                 continue;
             }
+            // Gone since the folder was listed: like a file that was never there.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let stamp = FileStamp::of(&meta);
             let (top, rest) = child_rel.split_once('/').unwrap_or(("", &child_rel));
-            match top {
-                THUMBS_DIR => {}
-                TRASH_DIR => out.push((rest.to_owned(), true, path)),
-                _ => out.push((child_rel, false, path)),
-            }
+            let (rel, trashed) = match top {
+                THUMBS_DIR => continue,
+                TRASH_DIR => (rest.to_owned(), true),
+                _ => (child_rel, false),
+            };
+            out.push(FoundFile {
+                rel,
+                trashed,
+                path,
+                stamp,
+            });
         }
         Ok(())
     }
 }
 
-fn insert(conn: &Connection, r: &ImageRecord) -> rusqlite::Result<i64> {
+fn insert(conn: &Connection, r: &ImageRecord, stamp: Option<FileStamp>) -> rusqlite::Result<i64> {
     conn.execute(
         "INSERT INTO images (file, prompt, negative_prompt, model, sampler, schedule, steps, \
-         cfg_scale, seed, width, height, created_at, favourite, trashed_at, parameters) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+         cfg_scale, seed, width, height, created_at, favourite, trashed_at, parameters, \
+         file_mtime_ns, file_size) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             r.file,
             r.prompt,
@@ -720,9 +947,65 @@ fn insert(conn: &Connection, r: &ImageRecord) -> rusqlite::Result<i64> {
             r.favourite,
             r.trashed_at,
             r.parameters,
+            stamp.map(|s| s.mtime_ns),
+            stamp.map(|s| s.size),
         ],
     )?;
     Ok(conn.last_insert_rowid())
+}
+
+/// A PNG found in the images folder.
+struct FoundFile {
+    /// Relative to the images folder, or to the trash folder when `trashed`.
+    rel: String,
+    trashed: bool,
+    path: PathBuf,
+    stamp: FileStamp,
+}
+
+/// The part of a row reconcile needs.
+struct IndexedRow {
+    id: i64,
+    file: String,
+    trashed: bool,
+    size: (u32, u32),
+    /// `None` for rows made by schema 1.
+    stamp: Option<FileStamp>,
+}
+
+/// `2026-01-01/00001-5.png` with `n` = 2 gives `2026-01-01/00001-5-2.png`.
+fn numbered_name(rel: &str, n: u32) -> String {
+    let (dir, name) = match rel.rsplit_once('/') {
+        Some((dir, name)) => (format!("{dir}/"), name),
+        None => (String::new(), rel),
+    };
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => format!("{dir}{stem}-{n}.{ext}"),
+        _ => format!("{dir}{name}-{n}"),
+    }
+}
+
+/// What reconcile compares to tell whether a file changed since it was indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    /// Modified time, unix nanoseconds (0 when the file system does not keep one).
+    mtime_ns: i64,
+    size: i64,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> FileStamp {
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        FileStamp {
+            mtime_ns,
+            size: i64::try_from(meta.len()).unwrap_or(i64::MAX),
+        }
+    }
 }
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
@@ -750,7 +1033,11 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageRecord> {
 
 /// An index row for a PNG found in the folder, with the settings its text chunks hold (ours,
 /// A1111's, ComfyUI's or InvokeAI's).
-fn record_from_file(path: &Path, file: String, trashed: bool) -> Result<ImageRecord, String> {
+fn record_from_file(
+    path: &Path,
+    file: String,
+    trashed: bool,
+) -> Result<(ImageRecord, FileStamp), String> {
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if meta.len() > MAX_INDEXED_FILE {
         return Err(format!("it is larger than {} MiB", MAX_INDEXED_FILE >> 20));
@@ -770,7 +1057,7 @@ fn record_from_file(path: &Path, file: String, trashed: bool) -> Result<ImageRec
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
         .unwrap_or_else(now_ms);
-    Ok(ImageRecord {
+    let record = ImageRecord {
         id: 0,
         file,
         prompt: found.prompt.unwrap_or_default(),
@@ -788,7 +1075,8 @@ fn record_from_file(path: &Path, file: String, trashed: bool) -> Result<ImageRec
         trashed,
         trashed_at: trashed.then_some(created_at),
         parameters,
-    })
+    };
+    Ok((record, FileStamp::of(&meta)))
 }
 
 fn open_db(path: &Path) -> Result<Connection> {
@@ -796,7 +1084,7 @@ fn open_db(path: &Path) -> Result<Connection> {
         path: path.to_path_buf(),
         source,
     };
-    let conn = Connection::open(path).map_err(db_err)?;
+    let mut conn = Connection::open(path).map_err(db_err)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(db_err)?;
     // WAL: readers do not wait for a save; NORMAL sync is safe with WAL (only the last commit can
     // be lost on power failure, and reconcile re-adds its file).
@@ -810,10 +1098,12 @@ fn open_db(path: &Path) -> Result<Connection> {
     match version {
         0 => {
             conn.execute_batch(&format!(
-                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                "BEGIN; {} {INDEXES} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
+                images_table("images")
             ))
             .map_err(db_err)?;
         }
+        1 => migrate_from_v1(&mut conn).map_err(db_err)?,
         SCHEMA_VERSION => {}
         found if found > SCHEMA_VERSION => {
             return Err(GalleryError::NewerSchema {
@@ -840,6 +1130,80 @@ fn open_db(path: &Path) -> Result<Connection> {
         )));
     }
     Ok(conn)
+}
+
+/// Schema 1 to 2: the images table gains `AUTOINCREMENT` and the file stamp columns. SQLite
+/// cannot add `AUTOINCREMENT` with `ALTER TABLE`, so the table is made again and the rows copied,
+/// as <https://www.sqlite.org/lang_altertable.html#otheralter> describes. One transaction: a
+/// crash leaves schema 1 as it was and the next open tries again. Ids are copied as they are, and
+/// `sqlite_sequence` starts at the highest of them (ids deleted above it while schema 1 was in
+/// use were already free for reuse and cannot be known now).
+fn migrate_from_v1(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Dropping the old table drops its indexes and triggers; note every one the database really
+    // has (not just the ones schema 1 made) to make them again on the new table.
+    let extras: Vec<String> = {
+        let mut stmt = tx.prepare(
+            "SELECT sql FROM sqlite_master WHERE tbl_name = 'images' \
+             AND type IN ('index', 'trigger') AND sql IS NOT NULL ORDER BY type, name",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    tx.execute_batch(&format!(
+        "{} INSERT INTO images_new ({COLUMNS}) SELECT {COLUMNS} FROM images; \
+         DROP TABLE images; ALTER TABLE images_new RENAME TO images;",
+        images_table("images_new")
+    ))?;
+    for sql in &extras {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    tracing::info!("gallery index upgraded to schema {SCHEMA_VERSION}");
+    Ok(())
+}
+
+/// The highest id a moved-aside index handed out, read as far as the damage allows; `None`
+/// when nothing can be read.
+fn highest_id_in(path: &Path) -> Option<i64> {
+    let conn =
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let max_row = conn
+        .query_row("SELECT MAX(id) FROM images", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .ok()
+        .flatten();
+    // Schema 1 has no sqlite_sequence; an error here is expected then.
+    let sequence = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'images'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .ok();
+    max_row
+        .into_iter()
+        .chain(sequence)
+        .max()
+        // A damaged page can read as any number; one this large would leave no ids to hand out.
+        .filter(|id| (0..i64::MAX / 2).contains(id))
+}
+
+/// Start the new index's ids above `floor`, so a rebuilt index does not hand out again ids that
+/// the damaged one gave to pictures (and that character avatars may still name).
+fn start_ids_above(conn: &Connection, floor: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'images', ?1 \
+         WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'images')",
+        [floor],
+    )?;
+    conn.execute(
+        "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'images'",
+        [floor],
+    )?;
+    Ok(())
 }
 
 fn is_corruption(e: &GalleryError) -> bool {
@@ -873,6 +1237,22 @@ fn move_aside(db_path: &Path) -> Result<PathBuf> {
         }
     }
     Ok(aside)
+}
+
+/// Whether `derived` (a thumbnail) exists and was written no earlier than `source` was last
+/// modified. Trash and restore rename files, which keeps their modified time; `save` writes the
+/// thumbnail after the image.
+fn is_up_to_date(derived: &Path, source: &Path) -> bool {
+    let modified = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+    };
+    match (modified(derived), modified(source)) {
+        (Some(d), Some(s)) => d >= s,
+        _ => false,
+    }
 }
 
 /// PNG bytes of a thumbnail at most [`THUMBNAIL_SIZE`] on the long side (never enlarged).
@@ -1256,7 +1636,7 @@ mod tests {
             for i in 0..(MAX_PAGE + 50) {
                 let mut rec = g_record(i);
                 rec.file = format!("x/{i}.png");
-                insert(&tx, &rec).unwrap();
+                insert(&tx, &rec, None).unwrap();
             }
             tx.commit().unwrap();
         }
@@ -1639,6 +2019,299 @@ mod tests {
             40,
             "20 images and 20 thumbnails, no temp files"
         );
+    }
+
+    /// Sets a file's modified time, as an editor saving it (or a copy keeping the time) does.
+    fn set_mtime(path: &Path, t: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    fn png_of(width: u32, height: u32, value: u8) -> Vec<u8> {
+        let rgb = vec![value; (width * height * 3) as usize];
+        crate::image_file::encode_png(&rgb, width, height, "edited").unwrap()
+    }
+
+    #[test]
+    fn a_picture_copied_back_from_the_trash_by_hand_does_not_stop_the_start() {
+        // Review finding: the copy in the gallery and the trashed original share a name, `file`
+        // is unique, and open failed with "UNIQUE constraint failed" on every start.
+        let f = Fixture::new();
+        let (g, _) = f.open();
+        let rec = g.save(image("x", 1)).unwrap();
+        g.trash(rec.id).unwrap();
+        drop(g);
+        let trashed = f.images().join(".trash").join(&rec.file);
+        std::fs::copy(&trashed, f.images().join(&rec.file)).unwrap();
+
+        let (g, report) = f.open();
+        assert_eq!((report.added, report.removed), (1, 0), "{report:?}");
+        assert_eq!(report.warnings, Vec::<String>::new());
+        let shown = g.list(&ImageQuery::default()).unwrap();
+        assert_eq!(shown.total, 1);
+        assert_eq!(
+            shown.items[0].file, rec.file,
+            "the user's copy keeps its name"
+        );
+        assert_ne!(shown.items[0].id, rec.id);
+        // The trashed original keeps its id under a new name in the trash.
+        let original = g.get(rec.id).unwrap().unwrap();
+        assert!(original.trashed);
+        assert_eq!(original.file, numbered_name(&rec.file, 2));
+        assert!(!trashed.exists());
+        assert!(g.file_path(&original).is_file());
+        assert!(g.thumbnail_path(&original).unwrap().is_file());
+        g.restore(rec.id).unwrap();
+        assert_eq!(g.list(&ImageQuery::default()).unwrap().total, 2);
+        drop(g);
+        let (_, report) = f.open();
+        assert_eq!((report.added, report.removed), (0, 0), "{report:?}");
+
+        // With no index at all, both copies of one name are indexed too.
+        let (g, _) = f.open();
+        g.trash(rec.id).unwrap();
+        drop(g);
+        let back = f.images().join(".trash").join(&original.file);
+        std::fs::copy(&back, f.images().join(&original.file)).unwrap();
+        std::fs::remove_file(f.db()).unwrap();
+        let (g, report) = f.open();
+        assert_eq!((report.added, report.warnings.len()), (3, 0), "{report:?}");
+        let in_trash = g
+            .list(&ImageQuery {
+                trashed: true,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(in_trash.items[0].file, numbered_name(&original.file, 2));
+    }
+
+    #[test]
+    fn numbered_names() {
+        assert_eq!(
+            numbered_name("2026-01-01/00001-5.png", 2),
+            "2026-01-01/00001-5-2.png"
+        );
+        assert_eq!(numbered_name("a/b/x.PNG", 3), "a/b/x-3.PNG");
+        assert_eq!(numbered_name("plain.png", 2), "plain-2.png");
+        assert_eq!(numbered_name(".png", 2), ".png-2");
+    }
+
+    #[test]
+    fn ids_are_never_handed_out_twice() {
+        // Review finding: without AUTOINCREMENT SQLite gives the newest row's id to the next
+        // insert once that row is deleted, and browsers and character avatars then show the
+        // new picture for the deleted one.
+        let f = Fixture::new();
+        let (g, _) = f.open();
+        g.save(image("a", 1)).unwrap();
+        let b = g.save(image("b", 2)).unwrap();
+        g.trash(b.id).unwrap();
+        assert_eq!(g.empty_trash().unwrap(), 1);
+        let c = g.save(image("c", 3)).unwrap();
+        assert!(c.id > b.id, "{} after deleting {}", c.id, b.id);
+        g.trash(c.id).unwrap();
+        g.empty_trash().unwrap();
+        drop(g);
+        let (g, _) = f.open();
+        assert!(
+            g.save(image("d", 4)).unwrap().id > c.id,
+            "kept across opens"
+        );
+    }
+
+    /// The schema 1 table as released, to test the upgrade.
+    const SCHEMA_1: &str = "
+        CREATE TABLE images (
+            id INTEGER PRIMARY KEY,
+            file TEXT NOT NULL UNIQUE,
+            prompt TEXT NOT NULL DEFAULT '',
+            negative_prompt TEXT NOT NULL DEFAULT '',
+            model TEXT,
+            sampler TEXT,
+            schedule TEXT,
+            steps INTEGER,
+            cfg_scale REAL,
+            seed INTEGER,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            favourite INTEGER NOT NULL DEFAULT 0,
+            trashed_at INTEGER,
+            parameters TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX images_trashed_created ON images(trashed_at, created_at);
+        CREATE INDEX images_created ON images(created_at);
+        CREATE INDEX images_favourite ON images(favourite, created_at);
+        CREATE INDEX images_model ON images(model, created_at);
+        PRAGMA user_version = 1;
+    ";
+
+    #[test]
+    fn a_schema_1_index_is_upgraded_keeping_rows_ids_and_indexes() {
+        let f = Fixture::new();
+        std::fs::create_dir_all(f.images().join("old")).unwrap();
+        {
+            let conn = Connection::open(f.db()).unwrap();
+            conn.execute_batch(SCHEMA_1).unwrap();
+            // Whatever else a database holds on the table must survive the rebuild too.
+            conn.execute_batch(
+                "CREATE INDEX images_seed ON images(seed);
+                 CREATE TRIGGER images_keep_prompt BEFORE UPDATE OF prompt ON images
+                 BEGIN SELECT RAISE(ABORT, 'prompts are fixed'); END;",
+            )
+            .unwrap();
+            for (id, name, favourite) in [(2, "a", true), (5, "b", false), (9, "c", false)] {
+                let file = format!("old/{name}.png");
+                std::fs::write(f.images().join(&file), png_of(8, 8, 1)).unwrap();
+                conn.execute(
+                    "INSERT INTO images (id, file, prompt, width, height, created_at, favourite) \
+                     VALUES (?1, ?2, ?3, 8, 8, ?1, ?4)",
+                    params![id, file, format!("prompt {name}"), favourite],
+                )
+                .unwrap();
+            }
+        }
+        let (g, report) = f.open();
+        assert_eq!(report, ReconcileReport::default());
+        let page = g.list(&ImageQuery::default()).unwrap();
+        let rows: Vec<_> = page
+            .items
+            .iter()
+            .map(|r| (r.id, r.file.as_str(), r.prompt.as_str(), r.favourite))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (9, "old/c.png", "prompt c", false),
+                (5, "old/b.png", "prompt b", false),
+                (2, "old/a.png", "prompt a", true),
+            ]
+        );
+        {
+            let conn = g.conn();
+            let version: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, SCHEMA_VERSION);
+            let mut objects: Vec<String> = conn
+                .prepare(
+                    "SELECT name FROM sqlite_master WHERE tbl_name = 'images' AND name != 'images'",
+                )
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .filter(|n: &String| !n.starts_with("sqlite_autoindex"))
+                .collect();
+            objects.sort();
+            assert_eq!(
+                objects,
+                [
+                    "images_created",
+                    "images_favourite",
+                    "images_keep_prompt",
+                    "images_model",
+                    "images_seed",
+                    "images_trashed_created",
+                ]
+            );
+            // The stamps are filled in, so the next open reads no file.
+            let unstamped: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM images WHERE file_mtime_ns IS NULL",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(unstamped, 0);
+        }
+        // The newest id is not handed out again once deleted.
+        g.trash(9).unwrap();
+        g.empty_trash().unwrap();
+        assert_eq!(g.save(image("new", 1)).unwrap().id, 10);
+    }
+
+    #[test]
+    fn a_rebuilt_index_starts_ids_above_the_damaged_one() {
+        // Pictures indexed again get new ids; none may be an id the damaged index gave out.
+        let f = Fixture::new();
+        let (g, _) = f.open();
+        g.save(image("a", 1)).unwrap();
+        g.save(image("b", 2)).unwrap();
+        let c = g.save(image("c", 3)).unwrap();
+        g.trash(c.id).unwrap();
+        g.empty_trash().unwrap();
+        drop(g);
+        {
+            // Readable, but not a schema this version knows: opened as damaged.
+            let conn = Connection::open(f.db()).unwrap();
+            conn.execute_batch("PRAGMA user_version = -1").unwrap();
+        }
+        let (g, report) = f.open();
+        assert_eq!(report.added, 2);
+        assert!(report.warnings[0].contains("damaged"), "{report:?}");
+        let page = g.list(&ImageQuery::default()).unwrap();
+        assert!(page.items.iter().all(|r| r.id > c.id), "{page:?}");
+    }
+
+    #[test]
+    fn a_picture_edited_outside_the_app_gets_a_new_thumbnail_and_size() {
+        // Review finding: an existing thumbnail was served whatever became of its image, and
+        // reconcile kept the row's old size.
+        let f = Fixture::new();
+        let (g, _) = f.open();
+        let rec = g.save(image("x", 1)).unwrap();
+        let thumb = g.thumbnail_path(&rec).unwrap();
+        let path = g.file_path(&rec);
+        std::fs::write(&path, png_of(16, 4, 200)).unwrap();
+        // Ahead of the thumbnail even where file times are coarse.
+        set_mtime(&path, SystemTime::now() + Duration::from_secs(5));
+        let t = image::open(g.thumbnail_path(&rec).unwrap()).unwrap();
+        assert_eq!((t.width(), t.height()), (16, 4), "made again while running");
+        drop(g);
+        let (g, report) = f.open();
+        assert_eq!(report, ReconcileReport::default());
+        let now = g.get(rec.id).unwrap().unwrap();
+        assert_eq!((now.width, now.height), (16, 4));
+        assert_eq!(now.prompt, rec.prompt, "the settings stay");
+
+        // Replaced by a file older than the thumbnail (a copy that kept its time): the size
+        // and the thumbnail still follow it.
+        std::fs::write(&path, png_of(6, 12, 9)).unwrap();
+        set_mtime(
+            &path,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+        );
+        drop(g);
+        let (g, _) = f.open();
+        let now = g.get(rec.id).unwrap().unwrap();
+        assert_eq!((now.width, now.height), (6, 12));
+        assert_eq!(g.thumbnail_path(&now).unwrap(), thumb);
+        let t = image::open(&thumb).unwrap();
+        assert_eq!((t.width(), t.height()), (6, 12));
+    }
+
+    #[test]
+    fn an_unreadable_edited_file_is_a_warning_and_keeps_its_row() {
+        let f = Fixture::new();
+        let (g, _) = f.open();
+        let rec = g.save(image("x", 1)).unwrap();
+        drop(g);
+        let path = f.images().join(&rec.file);
+        std::fs::write(&path, b"not a png any more").unwrap();
+        set_mtime(&path, SystemTime::now() + Duration::from_secs(5));
+        let (g, report) = f.open();
+        assert_eq!(report.warnings.len(), 1, "{report:?}");
+        assert!(report.warnings[0].contains(&rec.file), "{report:?}");
+        assert_eq!(g.get(rec.id).unwrap().unwrap(), rec);
+        assert!(matches!(
+            g.thumbnail_path(&rec),
+            Err(GalleryError::Thumbnail { .. })
+        ));
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub enum ImageFileError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not read the PNG {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: png::DecodingError,
+    },
 }
 
 /// Encode 8-bit RGB pixels as PNG with the `parameters` chunk A1111 and Civitai read.
@@ -79,6 +85,21 @@ pub fn read_parameters(png_bytes: &[u8]) -> Option<String> {
     None
 }
 
+/// Width and height of a PNG file, from its header: the pixels are not read, so this stays cheap
+/// for every file in a large folder.
+pub fn read_png_size(path: &Path) -> Result<(u32, u32), ImageFileError> {
+    let read_err = |source| ImageFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(|e| read_err(e.into()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(read_err)?;
+    let info = reader.info();
+    Ok((info.width, info.height))
+}
+
 /// Write the PNG to `path` via a temp file, fsync and rename.
 pub fn save_png(path: &Path, png_bytes: &[u8]) -> Result<(), ImageFileError> {
     crate::fsutil::write_atomic(path, png_bytes).map_err(|source| ImageFileError::Write {
@@ -103,6 +124,21 @@ mod tests {
             r.next_frame(&mut buf).unwrap();
             assert_eq!(&buf[..rgb.len()], &rgb[..]);
         }
+    }
+
+    #[test]
+    fn size_comes_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let png = encode_png(&[7; 5 * 3 * 3], 5, 3, "x").unwrap();
+        // Only the header is needed: cut the pixel data short.
+        std::fs::write(&path, &png[..png.len() - 20]).unwrap();
+        assert_eq!(read_png_size(&path).unwrap(), (5, 3));
+        std::fs::write(&path, b"not a png").unwrap();
+        assert!(matches!(
+            read_png_size(&path),
+            Err(ImageFileError::Read { .. })
+        ));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub enum Code {
     Cancelled,
     Busy,
     TooLarge,
+    /// The request clashes with what is there now (restoring over a file of the same name).
+    Conflict,
     Internal,
 }
 
@@ -31,7 +33,7 @@ impl Code {
             Code::ModelBroken | Code::OutOfMemory | Code::Internal => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            Code::Cancelled => StatusCode::CONFLICT,
+            Code::Cancelled | Code::Conflict => StatusCode::CONFLICT,
             Code::Busy => StatusCode::TOO_MANY_REQUESTS,
             Code::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }

@@ -4,6 +4,7 @@ mod api;
 mod chat;
 mod cli;
 mod diagnostics;
+mod images;
 mod models;
 mod service;
 mod support;

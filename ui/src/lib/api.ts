@@ -17,6 +17,8 @@ export const SERVER_ERROR_CODES = [
   'out_of_memory',
   'cancelled',
   'busy',
+  'too_large',
+  'conflict',
   'internal',
 ] as const;
 export type ServerErrorCode = (typeof SERVER_ERROR_CODES)[number];

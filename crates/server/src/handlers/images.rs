@@ -7,12 +7,14 @@ use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ld_core::gallery::{ImagePage, ImageQuery, ImageRecord};
+use ld_core::gallery::{GalleryError, ImagePage, ImageQuery, ImageRecord};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::hash::{Hash, Hasher};
+use std::io::Read;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -28,12 +30,44 @@ pub struct ListParams {
     pub limit: Option<usize>,
 }
 
-fn gallery_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        Code::Internal,
-        format!("The gallery could not do this: {e}"),
-        "Check that the disk is not full and the data folder is writable.",
-    )
+/// Each gallery failure with the status and hint that fit it: only failures of the disk or the
+/// index are the server's fault.
+fn gallery_error(e: GalleryError) -> ApiError {
+    match e {
+        GalleryError::NotFound { .. } => not_found(),
+        GalleryError::FileMissing { path } => ApiError::new(
+            Code::NotFound,
+            format!("The picture's file {} is missing.", path.display()),
+            "It was moved or deleted outside the app. Restart the app to bring the gallery up \
+             to date.",
+        ),
+        GalleryError::RestoreConflict { path } => ApiError::new(
+            Code::Conflict,
+            format!(
+                "The picture cannot be restored: {} already exists.",
+                path.display()
+            ),
+            "Move or rename that file, then restore the picture again.",
+        ),
+        GalleryError::Thumbnail { path, source } => {
+            // The decoder's words ("CRC error in chunk IDAT") help a bug report, not the user.
+            tracing::warn!(path = %path.display(), error = %source, "unreadable image");
+            ApiError::new(
+                Code::InvalidRequest,
+                format!("The picture {} cannot be read.", path.display()),
+                "The file is damaged. Open it in an image editor and save it again, or move it \
+                 to the trash.",
+            )
+        }
+        e => {
+            tracing::error!(error = %e, "gallery failure");
+            ApiError::new(
+                Code::Internal,
+                format!("The gallery could not do this: {e}"),
+                "Check that the disk is not full and the data folder is writable.",
+            )
+        }
+    }
 }
 
 fn parse_id(raw: &str) -> Result<i64, ApiError> {
@@ -91,12 +125,12 @@ pub async fn get(
 pub async fn file(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     blocking(move || {
         let r = record(&state, &id)?;
         let path = state.gallery().file_path(&r);
-        let bytes = std::fs::read(&path).map_err(|_| not_found())?;
-        Ok(png_response(bytes, Some(&format!("{}.png", r.id)), true))
+        serve_png(&path, &headers, Some(&format!("{}.png", r.id)))
     })
     .await
 }
@@ -104,38 +138,83 @@ pub async fn file(
 pub async fn thumbnail(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     blocking(move || {
         let r = record(&state, &id)?;
         let path = state.gallery().thumbnail_path(&r).map_err(gallery_error)?;
-        let bytes = std::fs::read(&path).map_err(|_| not_found())?;
-        Ok(png_response(bytes, None, true))
+        serve_png(&path, &headers, None)
     })
     .await
 }
 
-fn png_response(bytes: Vec<u8>, name: Option<&str>, cache: bool) -> Response {
-    let mut res = (
-        [
-            (header::CONTENT_TYPE, "image/png"),
-            (
-                header::CACHE_CONTROL,
-                if cache {
-                    "private, max-age=31536000, immutable"
-                } else {
-                    "no-store"
-                },
-            ),
-        ],
-        bytes,
-    )
-        .into_response();
+/// The PNG at `path`. The file under an id can change (edited outside the app, a rebuilt
+/// index), so it is never cached as immutable: the browser keeps it but asks again each time
+/// with the entity tag, and an unchanged file costs a bodiless 304.
+fn serve_png(
+    path: &std::path::Path,
+    request: &HeaderMap,
+    name: Option<&str>,
+) -> Result<Response, ApiError> {
+    let open_err = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            gallery_error(GalleryError::FileMissing {
+                path: path.to_path_buf(),
+            })
+        } else {
+            ApiError::internal(format!("reading {}: {e}", path.display()))
+        }
+    };
+    // Size and time come from the open file, so the tag belongs to the bytes read even when the
+    // file is replaced meanwhile.
+    let mut file = std::fs::File::open(path).map_err(open_err)?;
+    let meta = file.metadata().map_err(open_err)?;
+    let etag = entity_tag(path, &meta);
+    let mut res = if matches_etag(request, &etag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(open_err)?;
+        ([(header::CONTENT_TYPE, "image/png")], bytes).into_response()
+    };
+    let headers = res.headers_mut();
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, v);
+    }
     if let Some(n) = name {
         if let Ok(v) = format!("inline; filename=\"{n}\"").parse() {
-            res.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+            headers.insert(header::CONTENT_DISPOSITION, v);
         }
     }
-    res
+    Ok(res)
+}
+
+/// A tag that changes whenever the file is rewritten (size or modified time) or the id names
+/// another file (the path).
+fn entity_tag(path: &std::path::Path, meta: &std::fs::Metadata) -> String {
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (path, meta.len(), mtime_ns).hash(&mut h);
+    format!("\"{:016x}\"", h.finish())
+}
+
+/// Whether an `If-None-Match` header names `etag` (weakly or strongly) or is `*`.
+fn matches_etag(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
 }
 
 #[derive(Deserialize)]
