@@ -68,8 +68,8 @@ pub fn scan(managed_root: &Path, user_roots: &[PathBuf]) -> Vec<ModelInfo> {
     let roots = std::iter::once((managed_root, true))
         .chain(user_roots.iter().map(|r| (r.as_path(), false)));
     for (root, managed) in roots {
-        for dir in checkpoint_dirs(root) {
-            scan_dir(&dir, managed, &mut found);
+        for (dir, depth) in checkpoint_dirs(root) {
+            scan_dir(&dir, managed, &mut found, depth);
         }
     }
     let mut seen = std::collections::HashMap::<String, usize>::new();
@@ -125,13 +125,16 @@ pub fn find<'a>(models: &'a [ModelInfo], wanted: &str) -> Option<&'a ModelInfo> 
         .find_map(|name| models.iter().find(|m| m.name.eq_ignore_ascii_case(name)))
 }
 
-/// The folders of a root that hold checkpoints: the root itself, plus what A1111 and ComfyUI
-/// installs keep them in, plus the snapshots of a Hugging Face cache.
-fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
+/// The folders of a root that hold checkpoints, each with how many levels of subfolders to look
+/// in: the root itself and its subfolders, what A1111 and ComfyUI installs keep checkpoints in
+/// (where users sort them into folders such as `SDXL/` or `Pony/`, which both apps list), and the
+/// snapshots of a Hugging Face cache. The root goes one level deep only: it may be a whole A1111
+/// install, whose other folders (extensions, repositories) hold files that are no checkpoints.
+fn checkpoint_dirs(root: &Path) -> Vec<(PathBuf, usize)> {
     if is_model_folder(root) {
-        return vec![root.to_path_buf()];
+        return vec![(root.to_path_buf(), 0)];
     }
-    let mut dirs = vec![root.to_path_buf()];
+    let mut dirs = vec![(root.to_path_buf(), 1)];
     for sub in [
         "models/Stable-diffusion",
         "Stable-diffusion",
@@ -141,7 +144,7 @@ fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
     ] {
         let d = root.join(sub);
         if d.is_dir() {
-            dirs.push(d);
+            dirs.push((d, 3));
         }
     }
     // Hugging Face cache: models--org--name/snapshots/<revision>/ (the revision refs/main names).
@@ -158,7 +161,7 @@ fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
             let rev = std::fs::read_to_string(repo.join("refs/main")).unwrap_or_default();
             let snapshot = repo.join("snapshots").join(rev.trim());
             if !rev.trim().is_empty() && is_model_folder(&snapshot) {
-                dirs.push(snapshot);
+                dirs.push((snapshot, 0));
             }
         }
     }
@@ -166,8 +169,8 @@ fn checkpoint_dirs(root: &Path) -> Vec<PathBuf> {
 }
 
 /// Adds the models in `dir`: the folder itself when it is one, else the model folders and
-/// checkpoint files directly in it.
-fn scan_dir(dir: &Path, managed: bool, found: &mut Vec<ModelInfo>) {
+/// checkpoint files in it, and in its subfolders down to `depth` levels.
+fn scan_dir(dir: &Path, managed: bool, found: &mut Vec<ModelInfo>, depth: usize) {
     if is_model_folder(dir) {
         if !found.iter().any(|m| m.path == dir) {
             let mut m = describe(dir, managed);
@@ -202,8 +205,19 @@ fn scan_dir(dir: &Path, managed: bool, found: &mut Vec<ModelInfo>) {
             if let Some(m) = describe_file(&p) {
                 found.push(m);
             }
+        } else if depth > 0 && p.is_dir() && !is_hugging_face_cache(&p) {
+            scan_dir(&p, managed, found, depth - 1);
         }
     }
+}
+
+/// A Hugging Face cache or one of its repositories, whose snapshots [`checkpoint_dirs`] lists
+/// (only the revision `refs/main` names; a walk would list every old one too).
+fn is_hugging_face_cache(dir: &Path) -> bool {
+    dir.file_name().is_some_and(|n| {
+        let n = n.to_string_lossy();
+        n.starts_with("models--") || n == "hub"
+    })
 }
 
 /// The name the app gives the model at `path` (what [`scan`] lists and pictures' parameters
@@ -493,6 +507,13 @@ mod tests {
                 .join("models/checkpoints/juggernaut.safetensors"),
             6_000_000_000,
         );
+        // Sorted into folders, as both apps list them (found by review: these were missed).
+        sparse(
+            &comfy
+                .path()
+                .join("models/checkpoints/SDXL/Pony/ponyish.safetensors"),
+            6_000_000_000,
+        );
         let hf = tempfile::tempdir().unwrap();
         let repo = hf.path().join("hub/models--stabilityai--sd-turbo");
         std::fs::create_dir_all(repo.join("refs")).unwrap();
@@ -514,6 +535,7 @@ mod tests {
                 ("dreamy", "safetensors"),
                 ("juggernaut", "safetensors"),
                 ("old", "pickle"),
+                ("ponyish", "safetensors"),
                 ("sd-turbo", "diffusers"),
             ]
         );
