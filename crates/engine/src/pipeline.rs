@@ -79,7 +79,7 @@ impl LoadOptions {
         } else {
             Weights::open(path)?
         };
-        Ok(self.stores_half(weights.all_f16() && !loras))
+        Ok(self.stores_half(weights.unet_all_f16() && !loras))
     }
 
     /// [`LoadOptions::stores_half`] for a model placed in `dtype` on `device` (the VAE may run
@@ -101,7 +101,7 @@ impl LoadOptions {
         merged: bool,
         load: impl FnOnce() -> T,
     ) -> T {
-        let lossless = weights.all_f16() && !merged;
+        let lossless = weights.unet_all_f16() && !merged;
         crate::weights::with_half_storage(self.stores_half(lossless), load)
     }
 

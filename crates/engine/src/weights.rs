@@ -134,12 +134,29 @@ impl Weights {
     /// Whether every floating-point tensor is stored in f16 (so f16 storage in memory loses
     /// nothing; see `LoadOptions::half_weights`). Read from the headers.
     pub fn all_f16(&self) -> bool {
+        self.floats_all_f16(|_| true)
+    }
+
+    /// [`Self::all_f16`] for the UNet's tensors: in a single-file checkpoint only those under
+    /// `model.diffusion_model.` count, since such files often keep the VAE or the schedule
+    /// (`alphas_cumprod`) in f32 beside an f16 UNet (found by review: one f32 tensor anywhere
+    /// kept the UNet in f32, 1.7 GB more for SD 1.5); a UNet file counts whole.
+    pub fn unet_all_f16(&self) -> bool {
+        const UNET: &str = "model.diffusion_model.";
+        let single_file = self.inner.index.keys().any(|n| n.starts_with(UNET));
+        self.floats_all_f16(|name| !single_file || name.starts_with(UNET))
+    }
+
+    fn floats_all_f16(&self, counts: impl Fn(&str) -> bool) -> bool {
         use safetensors::Dtype as D;
         let mut floats = self
             .inner
             .index
-            .values()
-            .filter(|e| matches!(e.dtype, D::F16 | D::BF16 | D::F32 | D::F64))
+            .iter()
+            .filter(|(name, e)| {
+                matches!(e.dtype, D::F16 | D::BF16 | D::F32 | D::F64) && counts(name.as_str())
+            })
+            .map(|(_, e)| e)
             .peekable();
         floats.peek().is_some() && floats.all(|e| e.dtype == D::F16)
     }
@@ -494,6 +511,45 @@ mod tests {
             .unwrap();
         save(&path, &[("layer.weight", w)]);
         path
+    }
+
+    #[test]
+    fn a_single_files_unet_is_f16_whatever_else_it_keeps_in_f32() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |dtype| Tensor::zeros((2, 2), dtype, &Device::Cpu).unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        save(
+            &path,
+            &[
+                ("model.diffusion_model.out.0.weight", t(DType::F16)),
+                ("first_stage_model.decoder.conv_in.weight", t(DType::F32)),
+                ("alphas_cumprod", t(DType::F32)),
+            ],
+        );
+        let w = Weights::open(&path).unwrap();
+        assert!(!w.all_f16());
+        assert!(w.unet_all_f16());
+        // An f32 UNet tensor counts.
+        save(
+            &path,
+            &[
+                ("model.diffusion_model.out.0.weight", t(DType::F16)),
+                ("model.diffusion_model.out.2.bias", t(DType::F32)),
+            ],
+        );
+        assert!(!Weights::open(&path).unwrap().unet_all_f16());
+        // A UNet file (a diffusers folder's) counts whole.
+        let unet = dir.path().join("diffusion_pytorch_model.safetensors");
+        save(
+            &unet,
+            &[
+                ("conv_in.weight", t(DType::F16)),
+                ("conv_in.bias", t(DType::F32)),
+            ],
+        );
+        assert!(!Weights::open(&unet).unwrap().unet_all_f16());
+        save(&unet, &[("conv_in.weight", t(DType::F16))]);
+        assert!(Weights::open(&unet).unwrap().unet_all_f16());
     }
 
     #[test]
