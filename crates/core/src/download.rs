@@ -18,10 +18,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Attempts per file before giving up on a flaky connection.
+/// Attempts in a row that bring a file no further before giving up on it. An attempt that moves
+/// the file forward starts the count again: a multi-gigabyte download on a flaky line may break
+/// many times and still get there.
 const MAX_TRIES: u32 = 5;
 /// First wait between attempts; doubled each time.
 const BACKOFF_MS: u64 = if cfg!(test) { 5 } else { 250 };
+/// How often waits look at the cancel flag, so a cancel takes effect within about this long even
+/// when no data arrives.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+/// Bytes hashed per trip to the blocking pool; a cancel is looked at between trips.
+const HASH_CHUNK: usize = 32 << 20;
 /// Kept free beyond the download itself, so the system does not run dry.
 pub const SPACE_MARGIN: u64 = 512 * 1024 * 1024;
 /// The marker file our installed models carry.
@@ -39,12 +46,23 @@ pub enum DownloadError {
     HashMismatch { file: String },
     #[error("{file} is {got} bytes but should be {want}; it was deleted, try again")]
     SizeMismatch { file: String, got: u64, want: u64 },
-    #[error("not enough free disk space: {need_gb:.1} GB needed, {free_gb:.1} GB free in {path}")]
+    #[error(
+        "not enough free disk space in {path}: the download needs {need_gb:.1} GB more{}; free up \
+         space, then start the download again (it continues where it stopped)",
+        free_text(*.free_gb)
+    )]
     DiskFull {
+        /// What is left to download plus the margin kept free.
         need_gb: f64,
-        free_gb: f64,
+        /// None when the free space could not be found out.
+        free_gb: Option<f64>,
         path: PathBuf,
     },
+    #[error(
+        "the connection to the download server broke ({0}); starting the download again continues \
+         where it stopped"
+    )]
+    ConnectionBroke(String),
     #[error("the download was cancelled; starting it again continues where it stopped")]
     Cancelled,
     #[error("{0} is already installed")]
@@ -59,21 +77,56 @@ pub enum DownloadError {
     },
 }
 
+fn free_text(free_gb: Option<f64>) -> String {
+    free_gb.map_or_else(String::new, |f| format!(", {f:.1} GB are free"))
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+impl DownloadError {
+    /// A write that failed because the disk is full. `install` turns these into `DiskFull` with
+    /// the real numbers; here, deep in one file's write, they are not known.
+    fn is_out_of_space(&self) -> bool {
+        matches!(self, DownloadError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull)
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
-    move |source| {
-        // A full disk met while writing is the same problem as one found before starting.
-        if source.raw_os_error() == Some(28) {
-            DownloadError::DiskFull {
-                need_gb: 0.0,
-                free_gb: 0.0,
-                path: path.to_path_buf(),
-            }
-        } else {
-            DownloadError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
-        }
+    move |source| DownloadError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A reqwest error with its root cause: its own text for a broken body is only "error decoding
+/// response body", which does not say what happened to the connection ("connection reset",
+/// "operation timed out"). The layers between add nothing a user can act on.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut root = None;
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        root = Some(c);
+        cause = c.source();
+    }
+    match root {
+        Some(r) => format!("{e}: {r}"),
+        None => e.to_string(),
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Resolves once `cancel` is set. The flag is a plain `AtomicBool` (set from the UI's thread), so
+/// it is looked at every `CANCEL_POLL`. Raced against network reads and waits: without it, a
+/// connection that stops sending holds a cancel back until the read timeout, a minute later.
+async fn cancelled(cancel: &AtomicBool) {
+    while !cancel.load(Ordering::SeqCst) {
+        tokio::time::sleep(CANCEL_POLL).await;
     }
 }
 
@@ -109,6 +162,8 @@ pub struct Hub {
     endpoint: String,
     client: reqwest::Client,
     token: Option<String>,
+    /// The first wait between attempts (tests lengthen it to see that a cancel cuts it short).
+    retry_wait: Duration,
 }
 
 impl Hub {
@@ -125,6 +180,7 @@ impl Hub {
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             client,
             token: token.filter(|t| !t.is_empty()),
+            retry_wait: Duration::from_millis(BACKOFF_MS),
         })
     }
 
@@ -153,7 +209,7 @@ impl Hub {
             .get(&url)
             .send()
             .await
-            .map_err(|e| DownloadError::Network(e.to_string()))?;
+            .map_err(|e| DownloadError::Network(describe(&e)))?;
         match res.status().as_u16() {
             200 => {}
             401 | 403 | 404 => {
@@ -204,23 +260,36 @@ impl Hub {
         let tag_file = dir.join(format!(".{name}.part-etag"));
         let url = format!("{}/{repo}/resolve/{revision}/{}", self.endpoint, file.path);
 
-        let mut tries = 0;
+        // Failed attempts since the file last moved forward.
+        let mut fruitless = 0;
         loop {
             if cancel.load(Ordering::SeqCst) {
                 return Err(DownloadError::Cancelled);
             }
-            tries += 1;
+            let before = file_len(&part);
             match self
                 .attempt(&url, file, &part, &tag_file, progress, cancel)
                 .await
             {
                 Ok(()) => break,
                 Err(Attempt::Fatal(e)) => return Err(e),
-                Err(Attempt::Retry(e)) if tries >= MAX_TRIES => return Err(e),
                 Err(Attempt::Retry(e)) => {
-                    let wait = Duration::from_millis(BACKOFF_MS * 2u64.pow(tries.min(6)));
+                    // Progress means the line works, if badly: only a run of attempts that get
+                    // nowhere ends the download. (A restart from zero that gets no further than
+                    // before is no progress, so a server that never resumes cannot loop forever.)
+                    if file_len(&part) > before {
+                        fruitless = 0;
+                    }
+                    fruitless += 1;
+                    if fruitless >= MAX_TRIES {
+                        return Err(e);
+                    }
+                    let wait = self.retry_wait * 2u32.pow(fruitless.min(6));
                     tracing::warn!(file = %file.path, error = %e, ?wait, "download attempt failed; retrying");
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = cancelled(cancel) => return Err(DownloadError::Cancelled),
+                    }
                 }
             }
         }
@@ -237,11 +306,9 @@ impl Hub {
             });
         }
         if let Some(want) = &file.sha256 {
-            let p = part.clone();
-            let have = tokio::task::spawn_blocking(move || sha256_file(&p))
-                .await
-                .map_err(|e| DownloadError::Network(e.to_string()))?
-                .map_err(io(&part))?;
+            let Some(have) = sha256_file(&part, cancel).await.map_err(io(&part))? else {
+                return Err(DownloadError::Cancelled);
+            };
             if &have != want {
                 let _ = std::fs::remove_file(&part);
                 let _ = std::fs::remove_file(&tag_file);
@@ -282,10 +349,12 @@ impl Hub {
                 .header(reqwest::header::RANGE, format!("bytes={have}-"))
                 .header(reqwest::header::IF_RANGE, etag.clone().unwrap_or_default());
         }
-        let res = req
-            .send()
-            .await
-            .map_err(|e| Attempt::Retry(DownloadError::Network(e.to_string())))?;
+        let res = tokio::select! {
+            res = req.send() => {
+                res.map_err(|e| Attempt::Retry(DownloadError::Network(describe(&e))))?
+            }
+            () = cancelled(cancel) => return Err(Attempt::Fatal(DownloadError::Cancelled)),
+        };
         let status = res.status().as_u16();
         let append = match status {
             206 if resuming => {
@@ -339,12 +408,22 @@ impl Hub {
         let mut written = if append { have } else { 0 };
         progress(written);
         let mut stream = res.bytes_stream();
-        while let Some(chunk) = stream.next().await {
+        loop {
             if cancel.load(Ordering::SeqCst) {
                 let _ = out.flush();
                 return Err(Attempt::Fatal(DownloadError::Cancelled));
             }
-            let chunk = chunk.map_err(|e| Attempt::Retry(DownloadError::Network(e.to_string())))?;
+            // Data first, so a steady stream costs no timers; when none comes, the cancel flag is
+            // watched meanwhile (then back to the top, which ends the attempt).
+            let next = tokio::select! {
+                biased;
+                next = stream.next() => next,
+                () = cancelled(cancel) => continue,
+            };
+            let Some(chunk) = next else { break };
+            // The server was reached; the connection broke (or stalled past the read timeout).
+            let chunk =
+                chunk.map_err(|e| Attempt::Retry(DownloadError::ConnectionBroke(describe(&e))))?;
             if written + chunk.len() as u64 > file.size {
                 let _ = std::fs::remove_file(part);
                 return Err(Attempt::Fatal(DownloadError::SizeMismatch {
@@ -360,7 +439,7 @@ impl Hub {
         }
         out.flush().map_err(|e| Attempt::Fatal(io(part)(e)))?;
         if written < file.size {
-            return Err(Attempt::Retry(DownloadError::Network(format!(
+            return Err(Attempt::Retry(DownloadError::ConnectionBroke(format!(
                 "the connection closed after {written} of {} bytes",
                 file.size
             ))));
@@ -374,18 +453,40 @@ enum Attempt {
     Fatal(DownloadError),
 }
 
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+/// The sha256 of a file, or None when `cancel` was set meanwhile: a multi-gigabyte file takes a
+/// while to hash, and a cancel should not wait for that. The reading happens on the blocking
+/// pool, `HASH_CHUNK` at a time, so a slow disk holds up no async task.
+pub async fn sha256_file(path: &Path, cancel: &AtomicBool) -> std::io::Result<Option<String>> {
+    let mut state = (
+        std::fs::File::open(path)?,
+        Sha256::new(),
+        vec![0u8; 1 << 20],
+    );
     loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+        if cancel.load(Ordering::SeqCst) {
+            return Ok(None);
         }
-        h.update(&buf[..n]);
+        let (back, at_end) = tokio::task::spawn_blocking(move || {
+            let (f, h, buf) = &mut state;
+            let mut hashed = 0;
+            while hashed < HASH_CHUNK {
+                let n = f.read(buf)?;
+                if n == 0 {
+                    return Ok((state, true));
+                }
+                h.update(&buf[..n]);
+                hashed += n;
+            }
+            Ok::<_, std::io::Error>((state, false))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        state = back;
+        if at_end {
+            let digest = state.1.finalize();
+            return Ok(Some(digest.iter().map(|b| format!("{b:02x}")).collect()));
+        }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The parts of a diffusers pipeline we load; safety checkers and feature extractors are not.
@@ -507,7 +608,10 @@ pub async fn install(
     if target.exists() {
         return Err(DownloadError::AlreadyInstalled(entry.name.clone()));
     }
-    let listing = hub.list(&entry.repo, &entry.revision).await?;
+    let listing = tokio::select! {
+        listing = hub.list(&entry.repo, &entry.revision) => listing?,
+        () = cancelled(cancel) => return Err(DownloadError::Cancelled),
+    };
     let files = select_files(&listing, entry.variant.as_deref());
     if !files.iter().any(|(f, _)| f.path == "model_index.json")
         || !files.iter().any(|(_, local)| local.starts_with("unet/"))
@@ -526,20 +630,74 @@ pub async fn install(
         done + std::fs::metadata(part).map(|m| m.len()).unwrap_or(0)
     };
     let bytes_total: u64 = files.iter().map(|(f, _)| f.size).sum();
-    let remaining: u64 = files
-        .iter()
-        .map(|(f, local)| f.size.saturating_sub(on_disk(local)))
-        .sum();
+    let remaining = || -> u64 {
+        files
+            .iter()
+            .map(|(f, local)| f.size.saturating_sub(on_disk(local)))
+            .sum()
+    };
     if let Some(free) = (opts.free_space)(&staging) {
-        if free < remaining + SPACE_MARGIN {
+        if free < remaining() + SPACE_MARGIN {
             return Err(DownloadError::DiskFull {
-                need_gb: (remaining + SPACE_MARGIN) as f64 / 1e9,
-                free_gb: free as f64 / 1e9,
+                need_gb: gb(remaining() + SPACE_MARGIN),
+                free_gb: Some(gb(free)),
                 path: models_dir.to_path_buf(),
             });
         }
     }
 
+    let fetched: Result<(), DownloadError> = async {
+        fetch_all(hub, entry, &files, &staging, bytes_total, progress, cancel).await?;
+        let marker = serde_json::json!({
+            "catalog_id": entry.id,
+            "name": entry.name,
+            "repo": entry.repo,
+            "revision": entry.revision,
+            "installed_at": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
+        let marker_path = staging.join(MARKER);
+        crate::fsutil::write_atomic(&marker_path, marker.to_string().as_bytes())
+            .map_err(io(&marker_path))?;
+        std::fs::rename(&staging, &target).map_err(io(&target))
+    }
+    .await;
+    match fetched {
+        Ok(()) => {}
+        // The disk filled up while writing (something else wrote to it meanwhile, or the free
+        // space probe was wrong): the same answer as the check before starting, with the numbers
+        // as they are now, which is what starting again will need.
+        Err(e) if e.is_out_of_space() => {
+            return Err(DownloadError::DiskFull {
+                need_gb: gb(remaining() + SPACE_MARGIN),
+                free_gb: (opts.free_space)(&staging).map(gb),
+                path: models_dir.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(e),
+    }
+    progress(&InstallProgress {
+        file: String::new(),
+        files_done: files.len(),
+        files_total: files.len(),
+        bytes_done: bytes_total,
+        bytes_total,
+    });
+    Ok(target)
+}
+
+/// Fetches every file of `files` not yet complete in `staging`, reporting progress over them all.
+async fn fetch_all(
+    hub: &Hub,
+    entry: &CatalogEntry,
+    files: &[(RemoteFile, String)],
+    staging: &Path,
+    bytes_total: u64,
+    progress: &mut (dyn FnMut(&InstallProgress) + Send),
+    cancel: &AtomicBool,
+) -> Result<(), DownloadError> {
     let mut done_before = 0u64;
     for (i, (file, local)) in files.iter().enumerate() {
         let dest = staging.join(local);
@@ -566,28 +724,7 @@ pub async fn install(
         }
         done_before += file.size;
     }
-    let marker = serde_json::json!({
-        "catalog_id": entry.id,
-        "name": entry.name,
-        "repo": entry.repo,
-        "revision": entry.revision,
-        "installed_at": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    });
-    let marker_path = staging.join(MARKER);
-    crate::fsutil::write_atomic(&marker_path, marker.to_string().as_bytes())
-        .map_err(io(&marker_path))?;
-    std::fs::rename(&staging, &target).map_err(io(&target))?;
-    progress(&InstallProgress {
-        file: String::new(),
-        files_done: files.len(),
-        files_total: files.len(),
-        bytes_done: bytes_total,
-        bytes_total,
-    });
-    Ok(target)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -735,7 +872,10 @@ pub mod manager {
 
     struct Entry {
         info: DownloadInfo,
+        /// Also tells the tasks apart: a task updates the entry only while it holds this flag.
         cancel: Arc<AtomicBool>,
+        /// The task installing it, until a restart takes it to wait for it.
+        task: Option<tokio::task::JoinHandle<()>>,
     }
 
     #[derive(Clone)]
@@ -773,7 +913,8 @@ pub mod manager {
         }
 
         /// Starts (or resumes) installing `entry` on the current tokio runtime. A download of the
-        /// same model already running is returned as it is.
+        /// same model already running is returned as it is; one that was cancelled but has not
+        /// ended yet is started again once it has.
         pub fn start(&self, entry: CatalogEntry) -> DownloadInfo {
             let cancel = Arc::new(AtomicBool::new(false));
             let info = DownloadInfo {
@@ -783,24 +924,37 @@ pub mod manager {
                 progress: None,
                 error: None,
             };
-            {
-                let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(e) = items.get(&entry.id) {
-                    if e.info.state == DownloadState::Downloading {
-                        return e.info.clone();
-                    }
+            // Held until the new task's handle is stored, so no other start sees the entry
+            // without it; the task's first update waits for it.
+            let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+            let previous = match items.get_mut(&entry.id) {
+                Some(e)
+                    if e.info.state == DownloadState::Downloading
+                        && !e.cancel.load(Ordering::SeqCst) =>
+                {
+                    return e.info.clone();
                 }
-                items.insert(
-                    entry.id.clone(),
-                    Entry {
-                        info: info.clone(),
-                        cancel: cancel.clone(),
-                    },
-                );
-            }
+                // Ended, or cancelled and about to end: the user's start must not be lost to the
+                // old task's "cancelled", so a new task takes over. It waits for the old one
+                // first, because both would write the same files.
+                Some(e) => e.task.take(),
+                None => None,
+            };
+            items.insert(
+                entry.id.clone(),
+                Entry {
+                    info: info.clone(),
+                    cancel: cancel.clone(),
+                    task: None,
+                },
+            );
             self.emit(&info);
             let me = self.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    // A panic there is not ours to report; the files are free either way.
+                    let _ = previous.await;
+                }
                 let id = entry.id.clone();
                 let mut last = std::time::Instant::now() - Duration::from_secs(1);
                 let mut last_file = String::new();
@@ -812,7 +966,7 @@ pub mod manager {
                     }
                     last = std::time::Instant::now();
                     last_file = p.file.clone();
-                    reporter.update(&id, |i| i.progress = Some(p.clone()));
+                    reporter.update(&id, &cancel, |i| i.progress = Some(p.clone()));
                 };
                 let result = install(
                     &me.hub,
@@ -823,7 +977,7 @@ pub mod manager {
                     &cancel,
                 )
                 .await;
-                me.update(&entry.id, |i| match result {
+                me.update(&entry.id, &cancel, |i| match result {
                     Ok(_) => i.state = DownloadState::Done,
                     Err(DownloadError::Cancelled) => i.state = DownloadState::Cancelled,
                     Err(e) => {
@@ -832,6 +986,9 @@ pub mod manager {
                     }
                 });
             });
+            if let Some(e) = items.get_mut(&info.id) {
+                e.task = Some(task);
+            }
             info
         }
 
@@ -843,10 +1000,15 @@ pub mod manager {
             Some(e.info.clone())
         }
 
-        fn update(&self, id: &str, f: impl FnOnce(&mut DownloadInfo)) {
+        /// Changes the entry of `id` if the task holding `owner` still runs it: a task replaced
+        /// by a restart must not report its end over the new one.
+        fn update(&self, id: &str, owner: &Arc<AtomicBool>, f: impl FnOnce(&mut DownloadInfo)) {
             let info = {
                 let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
                 let Some(e) = items.get_mut(id) else { return };
+                if !Arc::ptr_eq(&e.cancel, owner) {
+                    return;
+                }
                 f(&mut e.info);
                 e.info.clone()
             };

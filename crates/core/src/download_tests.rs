@@ -20,6 +20,9 @@ struct Served {
     corrupt: Option<String>,
     /// Answer every file request with this status.
     fail: Option<u16>,
+    /// Send this many bytes of every weights file, then nothing more, keeping the connection open
+    /// (a stalled line).
+    stall_after: Option<usize>,
     /// Every file request's Range and If-Range headers.
     seen: Vec<(String, Option<String>, Option<String>)>,
 }
@@ -142,6 +145,16 @@ async fn cdn(
         }
         _ => None,
     };
+    if let Some(n) = s.stall_after.filter(|_| path.ends_with(".safetensors")) {
+        use futures_util::StreamExt as _;
+        let first = Bytes::from(bytes[..n.min(bytes.len())].to_vec());
+        let stream = futures_util::stream::iter(vec![Ok::<Bytes, std::io::Error>(first)])
+            .chain(futures_util::stream::pending());
+        let mut res = Response::new(Body::from_stream(stream));
+        res.headers_mut()
+            .insert(header::ETAG, etag.parse().unwrap());
+        return res;
+    }
     let body = match drop_now {
         Some(n) => {
             let first = Bytes::from(body_bytes[..n.min(body_bytes.len())].to_vec());
@@ -475,4 +488,275 @@ fn walk_names(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// The weights files of the tiny model, as the install fetches them.
+fn weights_requests(served: &Hub0) -> usize {
+    let s = served.lock().unwrap();
+    s.seen
+        .iter()
+        .filter(|(p, _, _)| p.ends_with(".safetensors"))
+        .count()
+}
+
+/// A bound for what should happen at once, loose enough for a slow test machine; the bugs it
+/// catches made these things take a minute.
+const PROMPTLY: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[tokio::test]
+async fn cancel_takes_effect_while_the_connection_is_stalled() {
+    // Found by review: cancel was looked at only when data arrived, so on a stalled line it
+    // waited for the minute-long read timeout.
+    let (hub, served) = fake_hub().await;
+    served.lock().unwrap().stall_after = Some(500);
+    let t = tempfile::tempdir().unwrap();
+    let (bytes, _) =
+        served.lock().unwrap().files["unet/diffusion_pytorch_model.safetensors"].clone();
+    let file = RemoteFile {
+        path: "unet/diffusion_pytorch_model.safetensors".into(),
+        size: bytes.len() as u64,
+        sha256: Some(sha(&bytes)),
+    };
+    let dest = t.path().join("unet/diffusion_pytorch_model.safetensors");
+    let cancel = AtomicBool::new(false);
+    let first_bytes = tokio::sync::Notify::new();
+    let mut report = |n: u64| {
+        if n > 0 {
+            first_bytes.notify_one();
+        }
+    };
+    let fetching = hub.fetch("test/tiny", "main", &file, &dest, &mut report, &cancel);
+    let cancelling = async {
+        first_bytes.notified().await;
+        // Into the stall: the cancel must not depend on more data coming.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        cancel.store(true, Ordering::SeqCst);
+    };
+    let (result, ()) = tokio::time::timeout(PROMPTLY, async { tokio::join!(fetching, cancelling) })
+        .await
+        .expect("the cancel took effect while no data came");
+    assert!(
+        matches!(result, Err(DownloadError::Cancelled)),
+        "{result:?}"
+    );
+    assert!(!dest.exists());
+    let part = t
+        .path()
+        .join("unet/.diffusion_pytorch_model.safetensors.part");
+    assert_eq!(
+        std::fs::metadata(part).unwrap().len(),
+        500,
+        "kept to resume"
+    );
+}
+
+#[tokio::test]
+async fn cancel_takes_effect_during_the_wait_between_tries() {
+    let (mut hub, served) = fake_hub().await;
+    // Waits as long as the real ones get after a few failures.
+    hub.retry_wait = std::time::Duration::from_secs(30);
+    served.lock().unwrap().fail = Some(503);
+    let t = tempfile::tempdir().unwrap();
+    let cancel = AtomicBool::new(false);
+    let installing = install_here(&hub, t.path(), &cancel);
+    let cancelling = async {
+        while served.lock().unwrap().seen.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        cancel.store(true, Ordering::SeqCst);
+    };
+    let (result, ()) =
+        tokio::time::timeout(PROMPTLY, async { tokio::join!(installing, cancelling) })
+            .await
+            .expect("the cancel cut the wait short");
+    assert!(
+        matches!(result, Err(DownloadError::Cancelled)),
+        "{result:?}"
+    );
+    assert_eq!(
+        served.lock().unwrap().seen.len(),
+        1,
+        "no try after the cancel"
+    );
+}
+
+#[tokio::test]
+async fn cancel_takes_effect_while_a_large_file_is_checked() {
+    let (hub, _served) = fake_hub().await;
+    let t = tempfile::tempdir().unwrap();
+    // A complete .part of 4 GiB (sparse, so it costs no disk): hashing it takes seconds.
+    let size = 4u64 << 30;
+    let part = t.path().join(".big.safetensors.part");
+    std::fs::File::create(&part).unwrap().set_len(size).unwrap();
+    let file = RemoteFile {
+        path: "big.safetensors".into(),
+        size,
+        sha256: Some("0".repeat(64)),
+    };
+    let dest = t.path().join("big.safetensors");
+    let cancel = AtomicBool::new(false);
+    let mut report = |_| {};
+    let fetching = hub.fetch("test/tiny", "main", &file, &dest, &mut report, &cancel);
+    let cancelling = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        cancel.store(true, Ordering::SeqCst);
+    };
+    let (result, ()) = tokio::join!(fetching, cancelling);
+    // Without the cancel the hash would run to its end and find the (made-up) checksum wrong.
+    assert!(
+        matches!(result, Err(DownloadError::Cancelled)),
+        "{result:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&part).unwrap().len(),
+        size,
+        "kept to resume"
+    );
+}
+
+#[tokio::test]
+async fn a_start_right_after_a_cancel_on_a_stalled_line_resumes_the_download() {
+    // Found by review: `start` returned the cancelled download that was still winding down, so
+    // the user's start ended as "cancelled" a moment later.
+    let (hub, served) = fake_hub().await;
+    served.lock().unwrap().stall_after = Some(500);
+    let t = tempfile::tempdir().unwrap();
+    let m = manager::Downloads::new(hub, t.path().to_path_buf());
+    let mut events = m.subscribe();
+    m.start(entry());
+    let stalled = tokio::time::timeout(PROMPTLY, async {
+        loop {
+            let event = events.recv().await;
+            if let Ok(e) = event {
+                if e.info
+                    .progress
+                    .is_some_and(|p| p.file.ends_with(".safetensors"))
+                {
+                    break;
+                }
+            }
+        }
+    });
+    stalled.await.expect("a weights file was started");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    m.cancel("sd-1.5").unwrap();
+    let again = m.start(entry());
+    assert_eq!(again.state, manager::DownloadState::Downloading);
+    served.lock().unwrap().stall_after = None;
+    let last = tokio::time::timeout(PROMPTLY, async {
+        loop {
+            if let Ok(e) = events.recv().await {
+                if e.info.state != manager::DownloadState::Downloading {
+                    break e.info;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the download ended");
+    assert_eq!(last.state, manager::DownloadState::Done, "{last:?}");
+    assert_eq!(m.get("sd-1.5").unwrap().state, manager::DownloadState::Done);
+    no_partial_under_final_names(t.path());
+    let seen = served.lock().unwrap().seen.clone();
+    assert!(
+        seen.iter()
+            .any(|(_, r, _)| r.as_deref() == Some("bytes=500-")),
+        "resumed where the stall left it: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_download_that_breaks_often_but_keeps_moving_completes() {
+    // Found by review: five breaks failed the download even though each one came after new data
+    // (a 7 GB download on flaky Wi-Fi).
+    let (hub, served) = fake_hub().await;
+    served.lock().unwrap().drop_after = Some((50_000, 12));
+    let t = tempfile::tempdir().unwrap();
+    install_here(&hub, t.path(), &AtomicBool::new(false))
+        .await
+        .unwrap();
+    no_partial_under_final_names(t.path());
+    assert!(weights_requests(&served) > 12);
+}
+
+#[tokio::test]
+async fn a_connection_that_breaks_with_no_progress_gives_up_and_says_so() {
+    let (hub, served) = fake_hub().await;
+    // Every weights response breaks before its first byte.
+    served.lock().unwrap().drop_after = Some((0, 1000));
+    let t = tempfile::tempdir().unwrap();
+    let err = install_here(&hub, t.path(), &AtomicBool::new(false))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DownloadError::ConnectionBroke(_)), "{err}");
+    let text = err.to_string();
+    // The server was reached: not the "check the internet connection" of an unreachable one.
+    assert!(!text.contains("could not be reached"), "{text}");
+    assert!(text.contains("connection"), "{text}");
+    assert!(text.contains("continues where it stopped"), "{text}");
+    assert_eq!(weights_requests(&served), MAX_TRIES as usize);
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_disk_that_fills_up_while_writing_is_reported_with_real_numbers() {
+    // Found by review: the message read "0.0 GB needed, 0.0 GB free in …/.x.part".
+    let (hub, _served) = fake_hub().await;
+    let t = tempfile::tempdir().unwrap();
+    // Writes to /dev/full fail as on a full disk.
+    let unet = t.path().join(".sd-1.5.partial/unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    std::os::unix::fs::symlink(
+        "/dev/full",
+        unet.join(".diffusion_pytorch_model.safetensors.part"),
+    )
+    .unwrap();
+    // Room at the check before starting; 1.2 GB by the time the write fails.
+    let probes = std::sync::atomic::AtomicUsize::new(0);
+    let probe = |_: &Path| {
+        if probes.fetch_add(1, Ordering::SeqCst) == 0 {
+            Some(u64::MAX / 2)
+        } else {
+            Some(1_200_000_000)
+        }
+    };
+    let opts = InstallOptions { free_space: &probe };
+    let err = install(
+        &hub,
+        &entry(),
+        t.path(),
+        &opts,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .await
+    .unwrap_err();
+    let DownloadError::DiskFull {
+        need_gb,
+        free_gb,
+        ref path,
+    } = err
+    else {
+        panic!("{err}");
+    };
+    assert_eq!(free_gb, Some(1.2));
+    assert_eq!(path, t.path());
+    // What is left of the model (at least the unet, at most all of it) and the margin.
+    let total: usize = tiny_files().values().map(|(b, _)| b.len()).sum();
+    let unet_size = std::fs::metadata(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/tiny/sd1/unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap()
+    .len();
+    let need = (need_gb * 1e9).round() as u64;
+    assert!(
+        need >= SPACE_MARGIN + unet_size && need <= SPACE_MARGIN + total as u64,
+        "{need}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("1.2 GB are free"), "{text}");
+    assert!(text.contains("free up space"), "{text}");
+    assert!(text.contains("start the download again"), "{text}");
 }
