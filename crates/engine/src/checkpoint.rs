@@ -373,7 +373,8 @@ pub fn classify(header: &Header) -> CheckpointInfo {
         info.kind = CheckpointKind::Checkpoint;
         info.vae_layout = vae_prefix(header).map(|(_, layout)| layout);
         info.has_vae = info.vae_layout.is_some();
-        info.inpainting = shape(INPAINT_PROBE).is_some_and(|s| s.get(1) == Some(&9));
+        let in_channels = shape(INPAINT_PROBE).and_then(|s| s.get(1).copied());
+        info.inpainting = in_channels == Some(9);
         let context = shape(V2_PROBE).and_then(|s| s.last().copied());
         // A width no released model has (a test or pruned model): the text encoder decides.
         let known_width = matches!(context, Some(768 | 1024 | 1280 | 2048));
@@ -413,6 +414,16 @@ pub fn classify(header: &Header) -> CheckpointInfo {
             _ if info.inpainting => (
                 false,
                 Some("inpainting checkpoints (9-channel UNet) are not supported yet".to_string()),
+            ),
+            // Depth (5 channels) and instruct-pix2pix (8) models need an image beside the prompt;
+            // listed as usable, they failed at load with a shape mismatch (found by review).
+            _ if in_channels.is_some_and(|c| c != 4) => (
+                false,
+                Some(format!(
+                    "a {}-channel UNet (a depth or image-editing model) needs a picture to start \
+                     from, which is not supported",
+                    in_channels.unwrap_or_default()
+                )),
             ),
             Some(ModelFamily::Sd1) | Some(ModelFamily::Sd2) if !has_text_encoder => (
                 false,
@@ -843,5 +854,21 @@ mod tests {
         let i = inspect_bytes(&f).unwrap();
         assert!(i.inpainting && !i.loadable);
         assert_eq!(i.prediction, Some(Prediction::VPrediction));
+        // Depth (5) and instruct-pix2pix (8) UNets are refused when listed, not at load.
+        for channels in [5, 8] {
+            let f = file(&[
+                (V2_PROBE, &[320, 768]),
+                (INPAINT_PROBE, &[320, channels, 3, 3]),
+                (
+                    "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                    &[768],
+                ),
+                ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+            ]);
+            let i = inspect_bytes(&f).unwrap();
+            assert!(!i.loadable && !i.inpainting, "{channels}");
+            let note = i.note.unwrap();
+            assert!(note.contains(&format!("{channels}-channel")), "{note}");
+        }
     }
 }
