@@ -153,13 +153,19 @@ impl ModelDefaults {
                 ModelFamily::Sdxl | ModelFamily::SdxlRefiner => 1024,
             });
         let native = native.clamp(crate::pipeline::MIN_SIZE, crate::pipeline::MAX_SIZE);
+        // A community "Turbo" merge (DreamShaper XL Turbo, RealVisXL Turbo) is a full model
+        // with some ADD distillation merged in, at its base's size: its makers ask for 4-8 steps
+        // at CFG about 2 with DPM++ SDE Karras. SDXL-Turbo's own 1 step at 512 blurs and shrinks
+        // them (found by review).
+        let merge = distillation == Distillation::Turbo && is_turbo_merge(name, scheduler);
         // SDXL-Turbo and SD-Turbo were distilled at 512x512 (model cards).
-        let size = if distillation == Distillation::Turbo {
+        let size = if distillation == Distillation::Turbo && !merge {
             native.min(512)
         } else {
             native
         };
         let (steps, cfg_scale, sampler, schedule) = match distillation {
+            Distillation::Turbo if merge => (6, 2.0, SamplerKind::DpmPpSde, ScheduleKind::Karras),
             // Model cards: "a single step", guidance_scale 0.0 (off, our 1); diffusers ships
             // them with EulerAncestralDiscreteScheduler on trailing timesteps.
             Distillation::Turbo => (1, 1.0, SamplerKind::EulerA, ScheduleKind::Trailing),
@@ -266,6 +272,23 @@ fn distillation(name: &str, scheduler: &SchedulerConfig) -> Distillation {
     }
 }
 
+/// Whether a model taken for Turbo by its name is a community merge rather than Stability AI's
+/// SD-Turbo or SDXL-Turbo: their repositories and files ("sd-turbo", "sdxl-turbo",
+/// "sd_xl_turbo_1.0_fp16") name the model exactly, and their scheduler config says trailing
+/// Euler ancestral (which a single file does not carry).
+fn is_turbo_merge(name: &str, scheduler: &SchedulerConfig) -> bool {
+    let official_config = scheduler.class_name.as_deref()
+        == Some("EulerAncestralDiscreteScheduler")
+        && scheduler.timestep_spacing == TimestepSpacing::Trailing;
+    let squeezed: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let official_name = squeezed.contains("sdxlturbo") || squeezed.contains("sdturbo");
+    !official_config && !official_name
+}
+
 /// `lcm` as its own word ("lcm-lora-sdxl", "LCM_Dreamshaper"), not inside another one.
 fn has_word(name: &str, word: &str) -> bool {
     name.split(|c: char| !c.is_ascii_alphanumeric())
@@ -332,6 +355,46 @@ mod tests {
             )),
             "models--stabilityai--sdxl-turbo"
         );
+    }
+
+    #[test]
+    fn community_turbo_merges_keep_their_size_and_take_a_few_steps() {
+        // Found by review: "DreamShaper XL Turbo" was given SDXL-Turbo's 1 step at 512.
+        let unet = UNetConfig::from_json(
+            r#"{"sample_size": 128, "cross_attention_dim": 2048, "addition_embed_type": "text_time"}"#,
+        )
+        .unwrap();
+        let d = |name: &str| {
+            ModelDefaults::from_configs(
+                name,
+                &index("StableDiffusionXLPipeline"),
+                &SchedulerConfig::default(),
+                &unet,
+                &sd_vae(),
+            )
+        };
+        for merge in ["dreamshaperXL_v21TurboDPMSDE", "RealVisXL_V4.0_Turbo"] {
+            let m = d(merge);
+            assert_eq!(m.distillation, Distillation::Turbo, "{merge}");
+            assert!(m.is_fast());
+            assert_eq!(
+                (m.steps, m.cfg_scale, m.sampler, m.schedule, m.width),
+                (6, 2.0, SamplerKind::DpmPpSde, ScheduleKind::Karras, 1024),
+                "{merge}"
+            );
+        }
+        for official in [
+            "sd_xl_turbo_1.0_fp16",
+            "models--stabilityai--sdxl-turbo",
+            "sd-turbo",
+        ] {
+            let o = d(official);
+            assert_eq!(
+                (o.steps, o.cfg_scale, o.sampler, o.width),
+                (1, 1.0, SamplerKind::EulerA, 512),
+                "{official}"
+            );
+        }
     }
 
     #[test]
