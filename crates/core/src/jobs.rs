@@ -623,6 +623,9 @@ fn files_stamp(spec: &ComposedJob) -> u64 {
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     visit(&spec.model.path, 3, &mut h);
+    if let Some(vae) = ld_engine::single_file::sibling_vae(&spec.model.path) {
+        visit(&vae, 0, &mut h);
+    }
     for lora in &spec.loras {
         visit(&lora.path, 0, &mut h);
     }
@@ -1091,7 +1094,7 @@ fn run_staged(
     let mut memory = memory;
     set_stage(shared, job, Stage::LoadingModel);
     push_note(job, staged_why);
-    let source = ld_engine::single_file::ModelSource::new(model.path.clone());
+    let source = ld_engine::single_file::ModelSource::with_sibling_vae(model.path.clone());
     let mut staged = match StagedPipeline::open_source(&source, &shared.config.load) {
         Ok(s) => s,
         Err(e) => return failed(e),
@@ -1699,7 +1702,7 @@ fn load_pipeline(shared: &Shared, job: &Job) -> ld_engine::Result<Pipeline> {
     let spec = &job.spec;
     let load = &shared.config.load;
     // A folder or a single file (SD1, SD2 or SDXL, original LDM names); LoRAs merge into either.
-    let source = ld_engine::single_file::ModelSource::new(spec.model.path.clone());
+    let source = ld_engine::single_file::ModelSource::with_sibling_vae(spec.model.path.clone());
     let mut pipeline = Pipeline::load_source_with_loras(&source, load, &spec.loras)?;
     if let Some(r) = &spec.refiner {
         // A refiner folder or a single-file refiner checkpoint.
@@ -2315,6 +2318,54 @@ mod tests {
         assert_eq!(info.state, JobState::Failed);
         let message = info.error.unwrap().message;
         assert!(!message.contains("LoRA"), "{message}");
+        assert!(
+            message.contains("cond_stage_model.transformer.text_model.embeddings"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_without_a_vae_uses_the_one_beside_it() {
+        // Found by review: a checkpoint without a VAE inside could not be used in the app at all
+        // (only the CLI takes a VAE file). As in A1111, `<name>.vae.safetensors` beside it is its
+        // VAE; without one, the list says so.
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        let whole = sd1_single_file(&models);
+        let tensors = candle_core::safetensors::load(&whole, &candle_core::Device::Cpu).unwrap();
+        let (vae, rest): (HashMap<String, Tensor>, HashMap<String, Tensor>) = tensors
+            .into_iter()
+            .partition(|(k, _)| k.starts_with("first_stage_model."));
+        assert!(!vae.is_empty());
+        candle_core::safetensors::save(&rest, &whole).unwrap();
+        let listed = || crate::models::scan(&models, &[]).remove(0);
+        let problem = listed().problem.unwrap();
+        assert!(problem.contains(".vae.safetensors"), "{problem}");
+        let svc = service(&dir);
+        let failed = |svc: &JobService| {
+            let info = run_with(svc, listed(), Vec::new());
+            assert_eq!(info.state, JobState::Failed);
+            info.error.unwrap().message
+        };
+        let message = failed(&svc);
+        assert!(message.contains("tiny-sd1.vae.safetensors"), "{message}");
+        // A1111's VAE files carry no `first_stage_model.` prefix.
+        let vae: HashMap<String, Tensor> = vae
+            .into_iter()
+            .map(|(k, t)| (k["first_stage_model.".len()..].to_string(), t))
+            .collect();
+        candle_core::safetensors::save(&vae, models.join("tiny-sd1.vae.safetensors")).unwrap();
+        assert_eq!(listed().problem, None);
+        assert_eq!(
+            crate::models::scan(&models, &[]).len(),
+            1,
+            "the VAE file is no model"
+        );
+        // The VAE is found; the tiny file then fails where every tiny single file does in the
+        // service (its real-size configs), past the VAE check.
+        let message = failed(&svc);
+        assert!(!message.contains("VAE"), "{message}");
         assert!(
             message.contains("cond_stage_model.transformer.text_model.embeddings"),
             "{message}"

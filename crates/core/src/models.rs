@@ -267,8 +267,13 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
                 // The family's embedded configs give the native size, steps and CFG.
                 defaults = ld_engine::model_defaults::ModelDefaults::for_checkpoint(&name, &info);
                 refiner = info.family == Some(Ckpt::SdxlRefiner);
+                // A VAE beside it (A1111's `<name>.vae.safetensors`) makes it whole; the jobs
+                // load it from there.
+                let vae_beside = info.needs_vae && ld_engine::single_file::sibling_vae(p).is_some();
                 let problem = if refiner {
                     Some(REFINER_PROBLEM.to_owned())
+                } else if vae_beside {
+                    None
                 } else {
                     (!info.loadable).then(|| {
                         info.note

@@ -36,6 +36,9 @@ const V2_PROBE: &str =
     "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
 /// diffusers `CHECKPOINT_KEY_NAMES["inpainting"]`: 9 input channels for inpainting UNets.
 const INPAINT_PROBE: &str = "model.diffusion_model.input_blocks.0.0.weight";
+/// Said of a checkpoint without a VAE inside.
+const NO_VAE_NOTE: &str = "no VAE inside: put its VAE file beside it, named like the checkpoint \
+    with .vae.safetensors in place of .safetensors (as A1111 reads it)";
 /// diffusers `CHECKPOINT_KEY_NAMES["xl_base"]` / `["xl_refiner"]`.
 const XL_BASE_PROBE: &str = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias";
 const XL_REFINER_PROBE: &str =
@@ -300,6 +303,9 @@ pub struct CheckpointInfo {
     /// a VAE inside, SDXL refiners, VAEs); LoRAs and embeddings are used through their own
     /// loaders.
     pub loadable: bool,
+    /// Loadable but for its missing VAE: usable with a separate VAE file (one beside it, see
+    /// [`crate::single_file::sibling_vae`]).
+    pub needs_vae: bool,
     /// Why not, or anything the user should know (e.g. an SDXL refiner is loaded as a refiner).
     pub note: Option<String>,
 }
@@ -366,6 +372,7 @@ pub fn classify(header: &Header) -> CheckpointInfo {
         has_ema: any("model_ema."),
         prediction: None,
         loadable: false,
+        needs_vae: false,
         note: None,
     };
 
@@ -462,12 +469,13 @@ pub fn classify(header: &Header) -> CheckpointInfo {
         };
         if !info.has_vae && loadable {
             info.note = Some(match note {
-                Some(n) => format!("{n}; no VAE inside: pick a separate VAE file"),
-                None => "no VAE inside: pick a separate VAE file".to_string(),
+                Some(n) => format!("{n}; {NO_VAE_NOTE}"),
+                None => NO_VAE_NOTE.to_string(),
             });
         } else {
             info.note = note;
         }
+        info.needs_vae = loadable && !info.has_vae;
         info.loadable = loadable && info.has_vae;
         return info;
     }

@@ -72,6 +72,39 @@ impl ModelSource {
             ..Self::default()
         }
     }
+
+    /// [`Self::new`] with the VAE file A1111 uses beside a checkpoint, when there is one
+    /// ([`sibling_vae`]): how users give a checkpoint without a VAE inside its VAE, and how they
+    /// pick another VAE for one model.
+    pub fn with_sibling_vae(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        Self {
+            vae: sibling_vae(&path),
+            path,
+            ..Self::default()
+        }
+    }
+}
+
+/// The name [`sibling_vae`] looks for beside `path`.
+pub fn sibling_vae_name(path: &Path) -> String {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    format!(
+        "{}.vae.safetensors",
+        stem.unwrap_or_else(|| "<name>".into())
+    )
+}
+
+/// `<name>.vae.safetensors` beside the checkpoint file `<name>.safetensors`, if it exists:
+/// A1111's convention ("Automatic" VAE), which ComfyUI users know too. Never a pickle (`.vae.pt`):
+/// those are not opened.
+pub fn sibling_vae(path: &Path) -> Option<PathBuf> {
+    if !path.is_file() {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    let vae = path.with_file_name(format!("{stem}.vae.safetensors"));
+    vae.is_file().then_some(vae)
 }
 
 /// The embedded configs of a family.
@@ -528,9 +561,11 @@ fn load_unet(
 fn no_vae(path: &Path) -> EngineError {
     EngineError::Weights {
         path: path.to_path_buf(),
-        message:
-            "the checkpoint has no VAE inside (`first_stage_model.*`); choose a separate VAE file"
-                .into(),
+        message: format!(
+            "the checkpoint has no VAE inside (`first_stage_model.*`); put its VAE beside it as \
+             {}",
+            sibling_vae_name(path)
+        ),
     }
 }
 

@@ -326,7 +326,7 @@ fn separate_vae_files_in_both_layouts() {
         !n.starts_with("first_stage_model.")
     });
     let err = Pipeline::load_single_file(&no_vae, &opts(), Some(&tiny("sd1"))).unwrap_err();
-    assert!(err.to_string().contains("separate VAE"), "{err}");
+    assert!(err.to_string().contains("put its VAE beside it"), "{err}");
     let source = ModelSource {
         path: no_vae,
         config: Some(tiny("sd1")),
@@ -927,7 +927,7 @@ fn sdxl_files_are_detected_and_bad_tensors_named() {
         !n.starts_with("first_stage_model.")
     });
     let err = Pipeline::load_source(&sdxl_source("sdxl", no_vae.clone()), &opts()).unwrap_err();
-    assert!(err.to_string().contains("separate VAE"), "{err}");
+    assert!(err.to_string().contains("put its VAE beside it"), "{err}");
     let source = ModelSource {
         vae: Some(tiny("sdxl").join("vae/diffusion_pytorch_model.safetensors")),
         ..sdxl_source("sdxl", no_vae)
@@ -1054,7 +1054,7 @@ fn staged_runs_take_a_separate_vae_file() {
         vae: None,
     };
     let err = StagedPipeline::open_source(&sd1, &opts()).unwrap_err();
-    assert!(err.to_string().contains("separate VAE"), "{err}");
+    assert!(err.to_string().contains("put its VAE beside it"), "{err}");
     let sd1 = ModelSource {
         vae: Some(refs().join("sd1_vae_ldm.safetensors")),
         ..sd1
