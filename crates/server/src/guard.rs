@@ -70,12 +70,7 @@ fn check(
     if let Some(origin) = headers.get(ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         let same_origin = !host.is_empty() && origin == format!("http://{host}");
-        let allowed = same_origin
-            || state
-                .settings()
-                .allowed_origins
-                .iter()
-                .any(|o| o.trim_end_matches('/') == origin);
+        let allowed = same_origin || is_allowed_page(state, origin);
         if !allowed {
             tracing::warn!(origin, "refused request from a foreign web page");
             return Err(ApiError::new(
@@ -86,6 +81,17 @@ fn check(
         }
     }
     Ok(())
+}
+
+/// Whether `origin` is one of the web pages the user allowed in Settings (a trailing slash there
+/// is ignored). The guard lets their requests in; the CORS layer lets their browser read the
+/// answers.
+pub fn is_allowed_page(state: &AppState, origin: &str) -> bool {
+    state
+        .settings()
+        .allowed_origins
+        .iter()
+        .any(|o| o.trim_end_matches('/') == origin)
 }
 
 /// Host header values that mean "this machine, our port". Names that merely resolve to 127.0.0.1

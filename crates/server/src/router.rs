@@ -151,14 +151,9 @@ fn allowed_apps_cors(state: &AppState) -> CorsLayer {
     let state = state.clone();
     CorsLayer::new()
         .allow_origin(AllowOrigin::predicate(move |origin, _| {
-            let Ok(origin) = origin.to_str() else {
-                return false;
-            };
-            state
-                .settings()
-                .allowed_origins
-                .iter()
-                .any(|o| o.trim_end_matches('/') == origin)
+            origin
+                .to_str()
+                .is_ok_and(|origin| crate::guard::is_allowed_page(&state, origin))
         }))
         .allow_methods([
             axum::http::Method::GET,
