@@ -259,7 +259,7 @@ pub enum WeightDtype {
     Bf16,
     F32,
     F64,
-    /// 8-bit floats (F8_E4M3 / F8_E5M2), which candle cannot compute with here.
+    /// 8-bit floats (F8_E4M3 / F8_E5M2): widened to f16 when loaded.
     F8,
     /// Several of the above.
     Mixed,

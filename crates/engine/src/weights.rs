@@ -154,11 +154,16 @@ impl Weights {
             .index
             .iter()
             .filter(|(name, e)| {
-                matches!(e.dtype, D::F16 | D::BF16 | D::F32 | D::F64) && counts(name.as_str())
+                matches!(
+                    e.dtype,
+                    D::F16 | D::BF16 | D::F32 | D::F64 | D::F8_E4M3 | D::F8_E5M2
+                ) && counts(name.as_str())
             })
             .map(|(_, e)| e)
             .peekable();
-        floats.peek().is_some() && floats.all(|e| e.dtype == D::F16)
+        // 8-bit floats widen to f16 exactly, so an f8 UNet loses nothing kept in f16.
+        floats.peek().is_some()
+            && floats.all(|e| matches!(e.dtype, D::F16 | D::F8_E4M3 | D::F8_E5M2))
     }
 
     /// Loads one tensor, converted to `dtype`, on `device`.
@@ -360,9 +365,19 @@ impl Inner {
             .into_candle()
         };
         let bytes = &file.mmap[entry.start..entry.end];
-        let view = TensorView::new(entry.dtype, entry.shape.clone(), bytes)
-            .map_err(|e| unreadable(e.to_string()))?;
-        let tensor = view.load(device).map_err(|e| unreadable(e.to_string()))?;
+        let tensor = match entry.dtype {
+            // 8-bit floats: widened to f16 here, which holds every value of both formats
+            // exactly; candle reads neither E5M2 nor (on every backend) E4M3 itself.
+            safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2 => {
+                let halves = f8_to_f16(entry.dtype, bytes);
+                Tensor::from_vec(halves, entry.shape.clone(), &Device::Cpu)?.to_device(device)?
+            }
+            _ => {
+                let view = TensorView::new(entry.dtype, entry.shape.clone(), bytes)
+                    .map_err(|e| unreadable(e.to_string()))?;
+                view.load(device).map_err(|e| unreadable(e.to_string()))?
+            }
+        };
         release_pages(&file.mmap, entry.start, entry.end - entry.start);
         if tensor.dtype() == dtype {
             Ok(tensor)
@@ -370,6 +385,35 @@ impl Inner {
             tensor.to_dtype(dtype)
         }
     }
+}
+
+/// Widens 8-bit floats to f16 through a table of all 256 codes. E5M2 is the top byte of an f16
+/// (same exponent bias); E4M3 is the "FN" variant that PyTorch and ComfyUI save
+/// (`float8_e4m3fn`: bias 7, no infinities, only `S.1111.111` is NaN, largest 448).
+fn f8_to_f16(dtype: safetensors::Dtype, bytes: &[u8]) -> Vec<half::f16> {
+    let table: Vec<half::f16> = (0..=255u8)
+        .map(|b| match dtype {
+            safetensors::Dtype::F8_E5M2 => half::f16::from_bits(u16::from(b) << 8),
+            _ => half::f16::from_f32(e4m3fn_to_f32(b)),
+        })
+        .collect();
+    bytes.iter().map(|&b| table[usize::from(b)]).collect()
+}
+
+fn e4m3fn_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let exponent = i32::from((b >> 3) & 0x0f);
+    let mantissa = f32::from(b & 0x07);
+    if exponent == 0x0f && b & 0x07 == 0x07 {
+        return f32::NAN;
+    }
+    let magnitude = if exponent == 0 {
+        // Subnormal: 0.mmm x 2^(1 - 7).
+        mantissa / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7)
+    };
+    sign * magnitude
 }
 
 /// Takes a loaded tensor's mapped bytes out of this process's resident memory. The tensor owns
@@ -550,6 +594,51 @@ mod tests {
         assert!(!Weights::open(&unet).unwrap().unet_all_f16());
         save(&unet, &[("conv_in.weight", t(DType::F16))]);
         assert!(Weights::open(&unet).unwrap().unet_all_f16());
+    }
+
+    /// Every code of both 8-bit formats against PyTorch's own widening
+    /// (`tests/fixtures/make_f8_refs.py`); exact, NaN for NaN.
+    #[test]
+    fn eight_bit_float_weights_load_as_pytorch_reads_them() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/refs/f8.safetensors");
+        let w = Weights::open(&path).unwrap();
+        for name in ["e4m3", "e5m2"] {
+            let want: Vec<f32> = w
+                .load(&format!("{name}_f32"), DType::F32, &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for dtype in [DType::F32, DType::F16] {
+                let got: Vec<f32> = w
+                    .load(name, dtype, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got.len(), 256);
+                for (code, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g == e || (g.is_nan() && e.is_nan()),
+                        "{name} code {code:#04x}: {g} vs PyTorch's {e}"
+                    );
+                }
+            }
+        }
+        // An f8 UNet is kept in f16 on the CPU: widening it is lossless.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("checkpoint.safetensors");
+        let raw = std::fs::read(&path).unwrap();
+        let src = SafeTensors::deserialize(&raw).unwrap();
+        let f8 = src.tensor("e4m3").unwrap();
+        safetensors::serialize_to_file([("model.diffusion_model.out.0.weight", f8)], None, &file)
+            .unwrap();
+        assert!(Weights::open(&file).unwrap().unet_all_f16());
     }
 
     #[test]
