@@ -410,6 +410,9 @@ pub struct OpenClipNames {
     /// SD2's text encoder is a `CLIPTextModel`: diffusers drops `text_projection`
     /// (`SD_2_TEXT_ENCODER_KEYS_TO_IGNORE`). SDXL's second encoder keeps it.
     with_projection: bool,
+    /// Some SDXL saves keep the projection as a Linear weight (`text_projection.weight`, already
+    /// `P^T`) instead of OpenCLIP's `text_projection` parameter (ComfyUI reads both).
+    projection_is_linear: bool,
 }
 
 impl OpenClipNames {
@@ -417,7 +420,14 @@ impl OpenClipNames {
         Self {
             prefix: prefix.to_string(),
             with_projection,
+            projection_is_linear: false,
         }
+    }
+
+    /// For a file whose projection is stored as `{prefix}text_projection.weight`.
+    pub fn projection_stored_as_linear(mut self, yes: bool) -> Self {
+        self.projection_is_linear = yes;
+        self
     }
 }
 
@@ -435,9 +445,13 @@ impl NameMap for OpenClipNames {
             return Some(Source::Copy(format!("{pre}{f}")));
         }
         if name == "text_projection.weight" {
-            return self
-                .with_projection
-                .then(|| Source::Transpose(format!("{pre}text_projection")));
+            return self.with_projection.then(|| {
+                if self.projection_is_linear {
+                    Source::Copy(format!("{pre}text_projection.weight"))
+                } else {
+                    Source::Transpose(format!("{pre}text_projection"))
+                }
+            });
         }
         let tail = name.strip_prefix("text_model.encoder.layers.")?;
         let (layer, module) = tail.split_once('.')?;
@@ -474,7 +488,7 @@ impl NameMap for OpenClipNames {
             "positional_embedding" => Some("text_model.embeddings.position_embedding.weight"),
             "ln_final.weight" => Some("text_model.final_layer_norm.weight"),
             "ln_final.bias" => Some("text_model.final_layer_norm.bias"),
-            "text_projection" => Some("text_projection.weight"),
+            "text_projection" | "text_projection.weight" => Some("text_projection.weight"),
             _ => None,
         };
         if let Some(f) = fixed {
@@ -900,6 +914,12 @@ mod tests {
         assert_eq!(
             OpenClipNames::new("p.", true).source("text_projection.weight"),
             Some(Source::Transpose("p.text_projection".into()))
+        );
+        assert_eq!(
+            OpenClipNames::new("p.", true)
+                .projection_stored_as_linear(true)
+                .source("text_projection.weight"),
+            Some(Source::Copy("p.text_projection.weight".into()))
         );
     }
 }

@@ -441,7 +441,9 @@ impl SdxlCheckpoint {
             SDXL_EMBEDDER_1
         };
         let prefix = format!("{embedder}model.");
-        let names: Arc<dyn NameMap> = Arc::new(OpenClipNames::new(&prefix, true));
+        let linear = weights.contains(&format!("{prefix}text_projection.weight"));
+        let names: Arc<dyn NameMap> =
+            Arc::new(OpenClipNames::new(&prefix, true).projection_stored_as_linear(linear));
         let model = load_clip(
             weights,
             names,

@@ -948,6 +948,33 @@ fn sdxl_files_are_detected_and_bad_tensors_named() {
     assert!(err.to_string().contains("text_projection"), "{err}");
 }
 
+/// Some SDXL saves keep OpenCLIP's projection as a Linear weight (`text_projection.weight`,
+/// transposed); it pools the text exactly as the usual `text_projection` does (found by review:
+/// such files were refused).
+#[test]
+fn sdxl_files_with_the_projection_as_a_linear_weight_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build("sdxl", "fp16", dir.path(), |_| true);
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let proj = tensors
+        .remove("conditioner.embedders.1.model.text_projection")
+        .unwrap();
+    tensors.insert(
+        "conditioner.embedders.1.model.text_projection.weight".into(),
+        proj.t().unwrap().contiguous().unwrap(),
+    );
+    let linear = dir.path().join("linear_projection.safetensors");
+    candle_core::safetensors::save(&tensors, &linear).unwrap();
+    let info = checkpoint::inspect(&linear).unwrap();
+    assert!(info.loadable, "{info:?}");
+    let usual = Pipeline::load_source(&sdxl_source("sdxl", path), &opts()).unwrap();
+    let file = Pipeline::load_source(&sdxl_source("sdxl", linear), &opts()).unwrap();
+    let req = sdxl_request();
+    let (_, want) = usual.sdxl_conditioning(&req).unwrap();
+    let (_, got) = file.sdxl_conditioning(&req).unwrap();
+    assert_eq!(max_abs_diff(&got.text_embeds, &want.text_embeds), 0.0);
+}
+
 // ---- Staged runs of single files (`generate`, one model at a time): the models come from the
 // same loaders as `Pipeline::load_source`'s and are run by the same code, so the pictures are the
 // pipeline's to the byte (tolerance 0).
