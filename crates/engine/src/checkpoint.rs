@@ -34,6 +34,12 @@ pub const SDXL_EMBEDDER_1: &str = "conditioner.embedders.1.";
 /// (768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H).
 const V2_PROBE: &str =
     "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight";
+/// SD2's weights do not say whether the UNet predicts v (SD 2.x 768-v) or noise (SD 2.x base,
+/// 512). ComfyUI tells them apart by the spread of this LayerNorm bias: its population standard
+/// deviation is above 0.09 in v-prediction models (`supported_models.SD20.model_type`).
+const SD2_V_PROBE: &str =
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
+const SD2_V_SPREAD: f64 = 0.09;
 /// diffusers `CHECKPOINT_KEY_NAMES["inpainting"]`: 9 input channels for inpainting UNets.
 const INPAINT_PROBE: &str = "model.diffusion_model.input_blocks.0.0.weight";
 /// Said of a checkpoint without a VAE inside.
@@ -294,10 +300,10 @@ pub struct CheckpointInfo {
     pub inpainting: bool,
     /// `model_ema.*` copies are present (training checkpoints; we use the plain weights).
     pub has_ema: bool,
-    /// The likely prediction type of a checkpoint. SD1 and SDXL: epsilon. SD2: the weights do not
-    /// tell; diffusers assumes SD 2.x 768-v (v-prediction) for single files unless the training
-    /// step says SD2-base (a `.ckpt`-only field), and we do the same. A `v_pred` marker tensor
-    /// (ComfyUI) or SAI `modelspec.prediction_type` metadata wins over that guess.
+    /// The likely prediction type of a checkpoint. SD1 and SDXL: epsilon. SD2: told by one
+    /// LayerNorm bias's spread as ComfyUI does (`SD2_V_PROBE`; [`inspect`] reads it, not
+    /// [`classify`]); without that tensor, diffusers' guess for single files, 768-v. A `v_pred`
+    /// marker tensor (ComfyUI) or SAI `modelspec.prediction_type` metadata wins over both.
     pub prediction: Option<Prediction>,
     /// Whether this engine can load it as a model, refiner or VAE (SD1/SD2/SDXL checkpoints with
     /// a VAE inside, SDXL refiners, VAEs); LoRAs and embeddings are used through their own
@@ -321,7 +327,7 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<CheckpointInfo> {
 
 /// [`inspect`] on bytes already in memory (the fuzz targets use this).
 pub fn inspect_bytes(bytes: &[u8]) -> std::result::Result<CheckpointInfo, FormatError> {
-    Ok(classify(&validate(bytes)?))
+    Ok(classify_with_data(&validate(bytes)?, Some(bytes)))
 }
 
 /// Maps `path` read-only, refusing files too short to be safetensors before mapping them.
@@ -344,6 +350,12 @@ pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
 
 /// Classifies a validated header by its names and shapes.
 pub fn classify(header: &Header) -> CheckpointInfo {
+    classify_with_data(header, None)
+}
+
+/// [`classify`], reading one small tensor of the file's `bytes` where the names cannot tell
+/// (SD2's prediction type).
+fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
     let t = &header.tensors;
     let any = |prefix: &str| t.keys().any(|k| k.starts_with(prefix));
     let shape = |name: &str| t.get(name).map(|e| e.shape.as_slice());
@@ -396,23 +408,37 @@ pub fn classify(header: &Header) -> CheckpointInfo {
         } else {
             None
         };
+        // SD2 without a probe: diffusers' guess for single files, 768-v.
+        let sd2_told = (info.family == Some(ModelFamily::Sd2))
+            .then(|| bytes.and_then(|b| sd2_predicts_v(header, b)))
+            .flatten();
         info.prediction = info.family.map(|f| match f {
+            ModelFamily::Sd2 if sd2_told == Some(false) => Prediction::Epsilon,
             ModelFamily::Sd2 => Prediction::VPrediction,
             _ => Prediction::Epsilon,
         });
         // Explicit markers beat the family default.
+        let mut marked = false;
         if t.contains_key("v_pred") {
             info.prediction = Some(Prediction::VPrediction);
+            marked = true;
         }
         match header
             .metadata
             .get("modelspec.prediction_type")
             .map(String::as_str)
         {
-            Some("v") | Some("v_prediction") => info.prediction = Some(Prediction::VPrediction),
-            Some("epsilon") | Some("eps") => info.prediction = Some(Prediction::Epsilon),
+            Some("v") | Some("v_prediction") => {
+                info.prediction = Some(Prediction::VPrediction);
+                marked = true;
+            }
+            Some("epsilon") | Some("eps") => {
+                info.prediction = Some(Prediction::Epsilon);
+                marked = true;
+            }
             _ => {}
         }
+        let guessed = !marked && sd2_told.is_none();
         let (loadable, note) = match info.family {
             _ if !has_unet => (
                 false,
@@ -439,7 +465,7 @@ pub fn classify(header: &Header) -> CheckpointInfo {
             Some(ModelFamily::Sd1) => (true, None),
             Some(ModelFamily::Sd2) => (
                 true,
-                (info.prediction == Some(Prediction::VPrediction)).then(|| {
+                (guessed && info.prediction == Some(Prediction::VPrediction)).then(|| {
                     "SD2: assumed v-prediction (SD 2.x 768-v), as diffusers does; SD2-base \
                      checkpoints need an epsilon config"
                         .to_string()
@@ -506,6 +532,36 @@ pub fn classify(header: &Header) -> CheckpointInfo {
     }
     info.note = Some("no known Stable Diffusion tensor names".to_string());
     info
+}
+
+/// Whether an SD2 UNet predicts v, by [`SD2_V_PROBE`]'s spread; `None` when the file lacks the
+/// tensor (a pruned or test model) or stores it in a type other than f16/bf16/f32.
+fn sd2_predicts_v(header: &Header, bytes: &[u8]) -> Option<bool> {
+    let entry = header.tensors.get(SD2_V_PROBE)?;
+    let start = 8 + header.header_len + entry.offsets.0;
+    let data = bytes.get(start..8 + header.header_len + entry.offsets.1)?;
+    let values: Vec<f64> = match entry.dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect(),
+        _ => return None,
+    };
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    Some(variance.sqrt() > SD2_V_SPREAD)
 }
 
 fn weight_dtype(dtypes: impl Iterator<Item = Dtype>) -> WeightDtype {
@@ -841,6 +897,52 @@ mod tests {
         );
         let other = file(&[("a", &[2]), ("b", &[3])]);
         assert_eq!(inspect_bytes(&other).unwrap().kind, CheckpointKind::Unknown);
+    }
+
+    #[test]
+    fn sd2_base_and_768_v_are_told_apart_by_one_biass_spread() {
+        let mut f = file(&[
+            (V2_PROBE, &[320, 1024]),
+            (SD2_V_PROBE, &[320]),
+            ("cond_stage_model.model.ln_final.weight", &[1024]),
+            ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+            (
+                "first_stage_model.decoder.up.0.block.0.conv1.weight",
+                &[128, 256, 3, 3],
+            ),
+        ]);
+        let header = validate(&f).unwrap();
+        let (from, to) = header.tensors[SD2_V_PROBE].offsets;
+        let data = 8 + header.header_len;
+        let mut with_spread = |spread: f32| {
+            for (i, c) in f[data + from..data + to].chunks_exact_mut(2).enumerate() {
+                let v = if i % 2 == 0 { spread } else { -spread };
+                c.copy_from_slice(&half::f16::from_f32(0.5 + v).to_le_bytes());
+            }
+            inspect_bytes(&f).unwrap()
+        };
+        // Population spreads either side of ComfyUI's 0.09.
+        let v = with_spread(0.2);
+        assert_eq!(
+            (v.family, v.prediction, v.note.as_deref()),
+            (Some(ModelFamily::Sd2), Some(Prediction::VPrediction), None)
+        );
+        let base = with_spread(0.02);
+        assert_eq!(
+            (base.prediction, base.loadable, base.note.as_deref()),
+            (Some(Prediction::Epsilon), true, None)
+        );
+        // The defaults follow: base at 512, 768-v at 768.
+        let size = |i: &CheckpointInfo| {
+            crate::model_defaults::ModelDefaults::for_checkpoint("sd2", i)
+                .unwrap()
+                .width
+        };
+        assert_eq!((size(&base), size(&v)), (512, 768));
+        // From the header alone (no data), the guess and its note.
+        let guess = classify(&validate(&f).unwrap());
+        assert_eq!(guess.prediction, Some(Prediction::VPrediction));
+        assert!(guess.note.unwrap().contains("assumed v-prediction"));
     }
 
     #[test]

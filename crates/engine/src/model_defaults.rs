@@ -113,7 +113,11 @@ impl ModelDefaults {
         let family = info.family?;
         let (unet, vae) = match family {
             F::Sd1 | F::Sd2 => {
-                let c = crate::single_file::family_configs(family).ok()?;
+                let mut c = crate::single_file::family_configs(family).ok()?;
+                // The embedded SD2 config is 2.1's 768-v; SD 2.x base (epsilon) draws at 512.
+                if family == F::Sd2 && prediction == PredictionType::Epsilon {
+                    c.unet.sample_size = Some(64);
+                }
                 (c.unet, c.vae)
             }
             F::SdxlBase | F::SdxlRefiner => {
