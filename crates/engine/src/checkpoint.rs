@@ -29,6 +29,10 @@ pub const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const LDM_OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 pub const SDXL_EMBEDDER_0: &str = "conditioner.embedders.0.";
 pub const SDXL_EMBEDDER_1: &str = "conditioner.embedders.1.";
+/// SD1/SD2 checkpoints saved with Stability's generative-models ("SGM") names keep their one
+/// text encoder under SDXL's first embedder: CLIP-L as `transformer.`, OpenCLIP-H as `model.`.
+pub const SGM_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+pub const SGM_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.0.model.";
 
 /// diffusers `CHECKPOINT_KEY_NAMES["v2"]`: its last dimension is the cross-attention width
 /// (768 for SD1's CLIP-L, 1024 for SD2's OpenCLIP-H).
@@ -370,6 +374,16 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
     let xl_0 = any(SDXL_EMBEDDER_0);
     let xl_1 = any(SDXL_EMBEDDER_1);
     let has_text_encoder = sd1_te || sd2_te || xl_0 || xl_1;
+    // One embedder and a UNet without SDXL's added conditions (`label_emb`): an SD1/SD2 model
+    // in SGM names, not a refiner (found by review: SGM SD2 files were offered as refiners).
+    let context = shape(V2_PROBE).and_then(|s| s.last().copied());
+    let sgm_single = xl_0
+        && !xl_1
+        && has_unet
+        && context != Some(1280)
+        && !any("model.diffusion_model.label_emb.");
+    let sgm_clip = sgm_single && any(SGM_CLIP_PREFIX);
+    let sgm_open_clip = sgm_single && any(SGM_OPEN_CLIP_PREFIX);
     let mut info = CheckpointInfo {
         kind: CheckpointKind::Unknown,
         family: None,
@@ -394,16 +408,15 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
         info.has_vae = info.vae_layout.is_some();
         let in_channels = shape(INPAINT_PROBE).and_then(|s| s.get(1).copied());
         info.inpainting = in_channels == Some(9);
-        let context = shape(V2_PROBE).and_then(|s| s.last().copied());
         // A width no released model has (a test or pruned model): the text encoder decides.
         let known_width = matches!(context, Some(768 | 1024 | 1280 | 2048));
         info.family = if t.contains_key(XL_BASE_PROBE) || (xl_1 && !sd2_te) {
             Some(ModelFamily::SdxlBase)
-        } else if t.contains_key(XL_REFINER_PROBE) || xl_0 {
+        } else if !sgm_single && (t.contains_key(XL_REFINER_PROBE) || xl_0) {
             Some(ModelFamily::SdxlRefiner)
-        } else if context == Some(1024) || (!known_width && sd2_te) {
+        } else if context == Some(1024) || (!known_width && (sd2_te || sgm_open_clip)) {
             Some(ModelFamily::Sd2)
-        } else if context == Some(768) || (!known_width && sd1_te) {
+        } else if context == Some(768) || (!known_width && (sd1_te || sgm_clip)) {
             Some(ModelFamily::Sd1)
         } else {
             None
@@ -849,6 +862,7 @@ mod tests {
         let refiner = file(&[
             (XL_REFINER_PROBE, &[1280]),
             ("model.diffusion_model.out.2.bias", &[4]),
+            ("model.diffusion_model.label_emb.0.0.weight", &[8, 8]),
         ]);
         let i = inspect_bytes(&refiner).unwrap();
         assert_eq!(

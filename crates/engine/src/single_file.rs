@@ -15,7 +15,8 @@ use candle_nn::VarBuilder;
 
 use crate::checkpoint::{
     self, CheckpointInfo, CheckpointKind, ModelFamily, Prediction, VaeLayout, LDM_CLIP_PREFIX,
-    LDM_OPEN_CLIP_PREFIX, LDM_UNET_PREFIX, SDXL_EMBEDDER_0, SDXL_EMBEDDER_1,
+    LDM_OPEN_CLIP_PREFIX, LDM_UNET_PREFIX, SDXL_EMBEDDER_0, SDXL_EMBEDDER_1, SGM_CLIP_PREFIX,
+    SGM_OPEN_CLIP_PREFIX,
 };
 use crate::clip::{ClipConfig, ClipTextModel, TextEncoder};
 use crate::config::{ModelFolder, PredictionType, SchedulerConfig};
@@ -739,18 +740,29 @@ impl SdCheckpoint {
     }
 
     /// The text encoder (SD1: CLIP-L under `cond_stage_model.transformer.`, SD2: OpenCLIP-H
-    /// under `cond_stage_model.model.`) with its tokenizer and the LoRAs' modules merged.
+    /// under `cond_stage_model.model.`, or both under `conditioner.embedders.0.` in SGM names)
+    /// with its tokenizer and the LoRAs' modules merged.
     pub(crate) fn load_text_encoder(
         &self,
         weights: &Weights,
         opts: &LoadOptions,
         loras: &mut LoraSet,
     ) -> Result<TextEncoder> {
-        let (names, prefix): (Arc<dyn NameMap>, &str) = match self.family {
-            ModelFamily::Sd1 => (Arc::new(ClipNames::new(LDM_CLIP_PREFIX)), LDM_CLIP_PREFIX),
-            _ => (
+        let sgm = weights.names().any(|n| n.starts_with(SDXL_EMBEDDER_0));
+        let (names, prefix): (Arc<dyn NameMap>, &str) = match (self.family, sgm) {
+            (ModelFamily::Sd1, false) => {
+                (Arc::new(ClipNames::new(LDM_CLIP_PREFIX)), LDM_CLIP_PREFIX)
+            }
+            (ModelFamily::Sd1, true) => {
+                (Arc::new(ClipNames::new(SGM_CLIP_PREFIX)), SGM_CLIP_PREFIX)
+            }
+            (_, false) => (
                 Arc::new(OpenClipNames::new(LDM_OPEN_CLIP_PREFIX, false)),
                 LDM_OPEN_CLIP_PREFIX,
+            ),
+            (_, true) => (
+                Arc::new(OpenClipNames::new(SGM_OPEN_CLIP_PREFIX, false)),
+                SGM_OPEN_CLIP_PREFIX,
             ),
         };
         let model = load_clip(

@@ -217,6 +217,36 @@ fn sd2_single_files_match_the_diffusers_folder() {
     }
 }
 
+/// SD1/SD2 files saved with Stability's generative-models names keep the text encoder under
+/// `conditioner.embedders.0.`: they are that family, not an SDXL refiner, and draw as the LDM
+/// file does (found by review: they were offered as refiners).
+#[test]
+fn sd1_and_sd2_files_in_sgm_names_load_as_their_family() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model, family) in [("sd1", ModelFamily::Sd1), ("sd2", ModelFamily::Sd2)] {
+        let ldm = build(model, "fp16", dir.path(), |_| true);
+        let tensors = candle_core::safetensors::load(&ldm, &Device::Cpu).unwrap();
+        let renamed: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| match name.strip_prefix("cond_stage_model.") {
+                Some(rest) => (format!("conditioner.embedders.0.{rest}"), t),
+                None => (name, t),
+            })
+            .collect();
+        let sgm = dir.path().join(format!("{model}_sgm.safetensors"));
+        candle_core::safetensors::save(&renamed, &sgm).unwrap();
+        let info = checkpoint::inspect(&sgm).unwrap();
+        assert_eq!(
+            (info.family, info.loadable),
+            (Some(family), true),
+            "{info:?}"
+        );
+        let want = outputs(&Pipeline::load_single_file(&ldm, &opts(), Some(&tiny(model))).unwrap());
+        let got = outputs(&Pipeline::load_single_file(&sgm, &opts(), Some(&tiny(model))).unwrap());
+        assert_same(&want, &got);
+    }
+}
+
 #[test]
 fn detection_on_each_fixture() {
     let dir = tempfile::tempdir().unwrap();
