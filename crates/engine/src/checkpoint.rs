@@ -309,6 +309,9 @@ pub struct CheckpointInfo {
     /// [`classify`]); without that tensor, diffusers' guess for single files, 768-v. A `v_pred`
     /// marker tensor (ComfyUI) or SAI `modelspec.prediction_type` metadata wins over both.
     pub prediction: Option<Prediction>,
+    /// Trained with zero terminal SNR (a `ztsnr` marker tensor, as ComfyUI reads it: NoobAI-XL
+    /// v-pred and other anime v-prediction models); sampled with the rescaled schedule.
+    pub zero_terminal_snr: bool,
     /// Whether this engine can load it as a model, refiner or VAE (SD1/SD2/SDXL checkpoints with
     /// a VAE inside, SDXL refiners, VAEs); LoRAs and embeddings are used through their own
     /// loaders.
@@ -397,6 +400,7 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
         inpainting: false,
         has_ema: any("model_ema."),
         prediction: None,
+        zero_terminal_snr: t.contains_key("ztsnr"),
         loadable: false,
         needs_vae: false,
         note: None,
@@ -452,10 +456,22 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
             _ => {}
         }
         let guessed = !marked && sd2_told.is_none();
+        // EDM models (Playground v2.5: `edm_mean`/`edm_std`; CosXL: `edm_vpred.sigma_max`) are
+        // sampled on a continuous schedule with their own latent scaling (ComfyUI's markers).
+        let edm = (t.contains_key("edm_mean") && t.contains_key("edm_std"))
+            || t.contains_key("edm_vpred.sigma_max");
         let (loadable, note) = match info.family {
             _ if !has_unet => (
                 false,
                 Some("the file has no UNet (`model.diffusion_model.*`)".to_string()),
+            ),
+            _ if edm => (
+                false,
+                Some(
+                    "an EDM model (Playground v2.5 or CosXL) needs a sampling schedule that is \
+                     not supported yet"
+                        .to_string(),
+                ),
             ),
             _ if info.inpainting => (
                 false,
@@ -683,7 +699,7 @@ fn embedding_width(header: &Header) -> Option<Embedding> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A safetensors file of zero-filled f16 tensors with the given names and shapes.

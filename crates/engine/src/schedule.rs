@@ -148,11 +148,6 @@ impl NoiseSchedule {
             path: "scheduler/scheduler_config.json".into(),
             message,
         };
-        if config.rescale_betas_zero_snr {
-            // Zero terminal SNR makes sigma_max infinite; the k-diffusion samplers cannot start
-            // there without the special handling diffusers adds. Refuse rather than draw noise.
-            return Err(bad("rescale_betas_zero_snr is not supported".into()));
-        }
         let betas = match &config.trained_betas {
             Some(b) => b.iter().map(|&b| b as f32).collect(),
             None => betas(
@@ -168,7 +163,11 @@ impl NoiseSchedule {
                 betas.len()
             )));
         }
-        let mut schedule = Self::from_betas(&betas);
+        let mut schedule = if config.rescale_betas_zero_snr {
+            Self::zero_terminal_snr(&betas)
+        } else {
+            Self::from_betas(&betas)
+        };
         schedule.spacing = config.timestep_spacing;
         schedule.steps_offset = config.steps_offset;
         if config.set_alpha_to_one {
@@ -202,6 +201,39 @@ impl NoiseSchedule {
             spacing: TimestepSpacing::Leading,
             steps_offset: 0,
         }
+    }
+
+    /// `betas` rescaled so the last step is pure noise ("zero terminal SNR", Lin et al. 2023,
+    /// "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1: shift and
+    /// scale `sqrt(alphas_cumprod)` to end at 0 and keep its start), as models trained so ask
+    /// (NoobAI-XL v-pred and other "ztsnr" checkpoints, `rescale_betas_zero_snr` configs). The
+    /// last `alphas_cumprod` becomes 2^-24 instead of 0, as diffusers sets it, so sampling
+    /// starts from a finite sigma (4096) rather than an infinite one. In f32 like diffusers.
+    fn zero_terminal_snr(betas: &[f32]) -> Self {
+        // torch's f32 cumprod, as in `from_betas`.
+        let mut acc = 1.0f64;
+        let sqrt_bar: Vec<f32> = betas
+            .iter()
+            .map(|&b| {
+                acc *= f64::from(1.0f32 - b);
+                (acc as f32).sqrt()
+            })
+            .collect();
+        let (first, last) = (sqrt_bar[0], sqrt_bar[sqrt_bar.len() - 1]);
+        let scale = first / (first - last);
+        let bar: Vec<f32> = sqrt_bar
+            .iter()
+            .map(|&a| ((a - last) * scale).powi(2))
+            .collect();
+        let rescaled: Vec<f32> = std::iter::once(1.0 - bar[0])
+            .chain(bar.windows(2).map(|w| 1.0 - w[1] / w[0]))
+            .collect();
+        let mut schedule = Self::from_betas(&rescaled);
+        let n = schedule.alphas_cumprod.len();
+        schedule.alphas_cumprod[n - 1] = 2f64.powi(-24);
+        schedule.sigmas[n - 1] = sigma_from_alpha(schedule.alphas_cumprod[n - 1]);
+        schedule.log_sigmas[n - 1] = schedule.sigmas[n - 1].ln();
+        schedule
     }
 
     pub fn num_train_timesteps(&self) -> usize {
@@ -464,6 +496,59 @@ mod tests {
         )
         .unwrap();
         NoiseSchedule::from_config(&config).unwrap()
+    }
+
+    /// diffusers' `rescale_betas_zero_snr` schedule (`tests/fixtures/make_zsnr_refs.py`):
+    /// `alphas_cumprod` within 1e-5 relative (measured 3.8e-6: f32 rounding, largest near the end
+    /// where `sqrt(alphas_cumprod)` minus its last value cancels), 10 trailing sigmas within 1e-5.
+    #[test]
+    fn zero_terminal_snr_matches_diffusers() {
+        const TOL: f64 = 1e-5;
+        let refs: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../tests/fixtures/refs/zsnr.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let floats = |key: &str| -> Vec<f64> {
+            refs[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        };
+        let config: SchedulerConfig = serde_json::from_str(
+            r#"{"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "rescale_betas_zero_snr": true, "timestep_spacing": "trailing",
+                "prediction_type": "v_prediction"}"#,
+        )
+        .unwrap();
+        let s = NoiseSchedule::from_config(&config).unwrap();
+        let want = floats("alphas_cumprod");
+        assert_eq!(s.alphas_cumprod().len(), want.len());
+        let worst = s
+            .alphas_cumprod()
+            .iter()
+            .zip(&want)
+            .map(|(got, want)| (got - want).abs() / want)
+            .fold(0.0, f64::max);
+        eprintln!("worst relative alphas_cumprod difference: {worst:e}");
+        assert!(worst <= TOL, "{worst}");
+        let want = floats("trailing_10");
+        let got = s.sigmas(ScheduleKind::Trailing, 10);
+        assert_eq!(got.len(), want.len());
+        for (got, want) in got.iter().zip(&want) {
+            assert!(
+                (got - want).abs() <= 1e-5 * want.max(1.0),
+                "{got} vs {want}"
+            );
+        }
+        // Every schedule starts from the finite terminal sigma, 4096.
+        assert!((s.sigma_max() - 4096.0).abs() < 1e-3, "{}", s.sigma_max());
+        assert!((s.sigmas(ScheduleKind::Karras, 10)[0] - 4096.0).abs() < 1e-3);
     }
 
     #[test]

@@ -493,12 +493,18 @@ impl SdxlCheckpoint {
     }
 }
 
-/// Without a config folder, what the file says about its prediction type (a marker tensor or SAI
-/// model-spec metadata) beats the family default in `scheduler`; a config folder is the user's
-/// word.
+/// Without a config folder, what the file says about its prediction type and schedule (marker
+/// tensors or SAI model-spec metadata) beats the family default in `scheduler`; a config folder
+/// is the user's word.
 fn apply_file_prediction(scheduler: &mut SchedulerConfig, info: &CheckpointInfo, folder: bool) {
-    if let (false, Some(p)) = (folder, info.prediction) {
+    if folder {
+        return;
+    }
+    if let Some(p) = info.prediction {
         scheduler.prediction_type = prediction_type(p);
+    }
+    if info.zero_terminal_snr {
+        scheduler.rescale_betas_zero_snr = true;
     }
 }
 
@@ -938,6 +944,32 @@ fn private_temp_dir() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `ztsnr` checkpoint samples from the zero-terminal-SNR schedule (sigma 4096 at the
+    /// start, `schedule::tests::zero_terminal_snr_matches_diffusers`); a config folder given
+    /// with the file keeps its own scheduler.
+    #[test]
+    fn zero_terminal_snr_marker_sets_the_schedule() {
+        let f = crate::checkpoint::tests::file(&[
+            ("model.diffusion_model.out.2.bias", &[4]),
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                &[768],
+            ),
+            ("v_pred", &[]),
+            ("ztsnr", &[]),
+        ]);
+        let info = crate::checkpoint::inspect_bytes(&f).unwrap();
+        let embedded = family_configs(ModelFamily::Sd1).unwrap().scheduler;
+        let mut scheduler = embedded.clone();
+        apply_file_prediction(&mut scheduler, &info, false);
+        assert_eq!(scheduler.prediction_type, PredictionType::VPrediction);
+        let s = NoiseSchedule::from_config(&scheduler).unwrap();
+        assert!((s.sigma_max() - 4096.0).abs() < 1e-3, "{}", s.sigma_max());
+        let mut from_folder = embedded.clone();
+        apply_file_prediction(&mut from_folder, &info, true);
+        assert_eq!(from_folder, embedded);
+    }
 
     #[test]
     fn embedded_configs_parse_and_validate() {

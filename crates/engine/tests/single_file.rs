@@ -247,6 +247,36 @@ fn sd1_and_sd2_files_in_sgm_names_load_as_their_family() {
     }
 }
 
+/// ComfyUI's marker tensors: `ztsnr` is seen (the schedule it asks for is
+/// `single_file::tests::zero_terminal_snr_marker_sets_the_schedule`); EDM markers (Playground
+/// v2.5, CosXL) are listed as unusable with the reason instead of drawing noise.
+#[test]
+fn marker_tensors_are_read_and_edm_models_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ldm = build("sd1", "fp16", dir.path(), |_| true);
+    let with = |markers: &[&str], name: &str| {
+        let mut tensors = candle_core::safetensors::load(&ldm, &Device::Cpu).unwrap();
+        for m in markers {
+            tensors.insert(m.to_string(), Tensor::new(1f32, &Device::Cpu).unwrap());
+        }
+        let path = dir.path().join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    };
+    let info = checkpoint::inspect(with(&["v_pred", "ztsnr"], "zsnr.safetensors")).unwrap();
+    assert!(info.zero_terminal_snr && info.loadable);
+    assert_eq!(info.prediction, Some(Prediction::VPrediction));
+    assert!(!checkpoint::inspect(&ldm).unwrap().zero_terminal_snr);
+    for (markers, name) in [
+        (&["edm_mean", "edm_std"][..], "playground.safetensors"),
+        (&["edm_vpred.sigma_max"][..], "cosxl.safetensors"),
+    ] {
+        let info = checkpoint::inspect(with(markers, name)).unwrap();
+        assert!(!info.loadable, "{name}");
+        assert!(info.note.unwrap().contains("EDM"), "{name}");
+    }
+}
+
 #[test]
 fn detection_on_each_fixture() {
     let dir = tempfile::tempdir().unwrap();
