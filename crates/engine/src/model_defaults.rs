@@ -1,5 +1,5 @@
 //! Per-model generation defaults: the family's native size, and for distilled fast models (SD-Turbo
-//! / SDXL-Turbo, LCM, SDXL-Lightning) the few steps, low or no guidance and the sampler and
+//! / SDXL-Turbo, LCM, SDXL-Lightning, Hyper-SD, and community merges of them) the few steps, low or no guidance and the sampler and
 //! timesteps they were distilled for. Read from the model's own configs and name, so the service
 //! can fill a request before the user overrides any field. A full LCM (a UNet with
 //! `time_cond_proj_dim`) is told by its UNet config alone: its guidance scale is a model input.
@@ -37,6 +37,8 @@ pub enum Distillation {
     Lcm,
     /// SDXL-Lightning: 2-8 steps, Euler on trailing timesteps, no guidance.
     Lightning,
+    /// Hyper-SD: 1-8 steps on trailing timesteps, no guidance.
+    Hyper,
 }
 
 /// Settings a request for this model should start from; every field may be overridden.
@@ -157,11 +159,12 @@ impl ModelDefaults {
                 ModelFamily::Sdxl | ModelFamily::SdxlRefiner => 1024,
             });
         let native = native.clamp(crate::pipeline::MIN_SIZE, crate::pipeline::MAX_SIZE);
-        // A community "Turbo" merge (DreamShaper XL Turbo, RealVisXL Turbo) is a full model
-        // with some ADD distillation merged in, at its base's size: its makers ask for 4-8 steps
-        // at CFG about 2 with DPM++ SDE Karras. SDXL-Turbo's own 1 step at 512 blurs and shrinks
-        // them (found by review).
-        let merge = distillation == Distillation::Turbo && is_turbo_merge(name, scheduler);
+        // A community "Turbo", "Lightning" or "Hyper" merge (DreamShaper XL Turbo, RealVisXL
+        // Lightning, Juggernaut Hyper) is a full model with some distillation merged in, at its
+        // base's size: their makers ask for 4-8 steps at CFG 1-2 with DPM++ SDE Karras.
+        // SDXL-Turbo's own 1 step at 512 blurs and shrinks them; the 30 steps at CFG 5 of a
+        // regular model burn them (found by review).
+        let merge = is_community_merge(distillation, name, scheduler);
         // SDXL-Turbo and SD-Turbo were distilled at 512x512 (model cards).
         let size = if distillation == Distillation::Turbo && !merge {
             native.min(512)
@@ -169,7 +172,7 @@ impl ModelDefaults {
             native
         };
         let (steps, cfg_scale, sampler, schedule) = match distillation {
-            Distillation::Turbo if merge => (6, 2.0, SamplerKind::DpmPpSde, ScheduleKind::Karras),
+            _ if merge => (6, 2.0, SamplerKind::DpmPpSde, ScheduleKind::Karras),
             // Model cards: "a single step", guidance_scale 0.0 (off, our 1); diffusers ships
             // them with EulerAncestralDiscreteScheduler on trailing timesteps.
             Distillation::Turbo => (1, 1.0, SamplerKind::EulerA, ScheduleKind::Trailing),
@@ -185,6 +188,14 @@ impl ModelDefaults {
             // ByteDance/SDXL-Lightning card: Euler, "trailing" timesteps, guidance 0.
             Distillation::Lightning => (
                 lightning_steps(name).unwrap_or(4),
+                1.0,
+                SamplerKind::Euler,
+                ScheduleKind::Trailing,
+            ),
+            // ByteDance/Hyper-SD card: its N-step models on trailing timesteps (DDIM, which
+            // Euler equals without noise), guidance 0; the name tells N.
+            Distillation::Hyper => (
+                lightning_steps(name).unwrap_or(8),
                 1.0,
                 SamplerKind::Euler,
                 ScheduleKind::Trailing,
@@ -265,6 +276,8 @@ fn distillation(name: &str, scheduler: &SchedulerConfig) -> Distillation {
         Distillation::Lcm
     } else if name.contains("lightning") {
         Distillation::Lightning
+    } else if has_hyper(&name) {
+        Distillation::Hyper
     } else if name.contains("turbo")
         // stabilityai/sd-turbo and sdxl-turbo ship exactly this scheduler config.
         || (class == "EulerAncestralDiscreteScheduler"
@@ -276,21 +289,47 @@ fn distillation(name: &str, scheduler: &SchedulerConfig) -> Distillation {
     }
 }
 
-/// Whether a model taken for Turbo by its name is a community merge rather than Stability AI's
-/// SD-Turbo or SDXL-Turbo: their repositories and files ("sd-turbo", "sdxl-turbo",
-/// "sd_xl_turbo_1.0_fp16") name the model exactly, and their scheduler config says trailing
-/// Euler ancestral (which a single file does not carry).
-fn is_turbo_merge(name: &str, scheduler: &SchedulerConfig) -> bool {
-    let official_config = scheduler.class_name.as_deref()
-        == Some("EulerAncestralDiscreteScheduler")
-        && scheduler.timestep_spacing == TimestepSpacing::Trailing;
+/// Whether a model taken for Turbo, Lightning or Hyper by its name is a community merge rather
+/// than the original: Stability AI's SD-Turbo and SDXL-Turbo ("sd-turbo", "sdxl-turbo",
+/// "sd_xl_turbo_1.0_fp16", or their scheduler config: trailing Euler ancestral, which a single
+/// file does not carry) and ByteDance's SDXL-Lightning and Hyper-SD name the model exactly.
+fn is_community_merge(distillation: Distillation, name: &str, scheduler: &SchedulerConfig) -> bool {
     let squeezed: String = name
         .to_ascii_lowercase()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
-    let official_name = squeezed.contains("sdxlturbo") || squeezed.contains("sdturbo");
-    !official_config && !official_name
+    match distillation {
+        Distillation::Turbo => {
+            let official_config = scheduler.class_name.as_deref()
+                == Some("EulerAncestralDiscreteScheduler")
+                && scheduler.timestep_spacing == TimestepSpacing::Trailing;
+            let official_name = squeezed.contains("sdxlturbo") || squeezed.contains("sdturbo");
+            !official_config && !official_name
+        }
+        // ByteDance's files: "sdxl_lightning_4step_unet", "ByteDance/SDXL-Lightning".
+        Distillation::Lightning => {
+            !squeezed.contains("sdxllightning") && !squeezed.contains("bytedance")
+        }
+        // "Hyper-SDXL-1step-Unet", "ByteDance/Hyper-SD".
+        Distillation::Hyper => !squeezed.contains("hypersd") && !squeezed.contains("bytedance"),
+        Distillation::None | Distillation::Lcm => false,
+    }
+}
+
+/// "Hyper" as a marker of Hyper-SD ("Hyper-SDXL-8steps", "juggernautXL_juggXIByRundiffusionHyper",
+/// "RealVisXL_V5.0_Hyper"), not the start of "HyperRealism" or "hyperdetailed", which name
+/// regular models.
+fn has_hyper(lower: &str) -> bool {
+    lower.match_indices("hyper").any(|(at, _)| {
+        let rest: String = lower[at + 5..]
+            .chars()
+            .take_while(char::is_ascii_alphabetic)
+            .collect();
+        !["real", "detail", "ion", "net"]
+            .iter()
+            .any(|w| rest.starts_with(w))
+    })
 }
 
 /// `lcm` as its own word ("lcm-lora-sdxl", "LCM_Dreamshaper"), not inside another one.
@@ -362,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn community_turbo_merges_keep_their_size_and_take_a_few_steps() {
+    fn community_fast_merges_keep_their_size_and_take_a_few_steps() {
         // Found by review: "DreamShaper XL Turbo" was given SDXL-Turbo's 1 step at 512.
         let unet = UNetConfig::from_json(
             r#"{"sample_size": 128, "cross_attention_dim": 2048, "addition_embed_type": "text_time"}"#,
@@ -386,6 +425,33 @@ mod tests {
                 (6, 2.0, SamplerKind::DpmPpSde, ScheduleKind::Karras, 1024),
                 "{merge}"
             );
+        }
+        // Lightning and Hyper merges alike; ByteDance's own models keep their few unguided steps.
+        for merge in [
+            "juggernautXL_v9Rdphoto2Lightning",
+            "RealVisXL_V4.0_Lightning",
+            "juggernautXL_juggXIByRundiffusionHyper",
+            "RealVisXL_V5.0_Hyper",
+        ] {
+            let m = d(merge);
+            assert!(m.is_fast(), "{merge}");
+            assert_eq!(
+                (m.steps, m.cfg_scale, m.sampler, m.schedule, m.width),
+                (6, 2.0, SamplerKind::DpmPpSde, ScheduleKind::Karras, 1024),
+                "{merge}"
+            );
+        }
+        for (official, steps) in [("sdxl_lightning_4step_unet", 4), ("Hyper-SDXL-8steps", 8)] {
+            let o = d(official);
+            assert_eq!(
+                (o.steps, o.cfg_scale, o.sampler, o.schedule, o.width),
+                (steps, 1.0, SamplerKind::Euler, ScheduleKind::Trailing, 1024),
+                "{official}"
+            );
+        }
+        // Regular models whose names start with "hyper".
+        for regular in ["hyperRealism_v30", "HyperDetailedXL", "epicHyperrealistic"] {
+            assert_eq!(d(regular).distillation, Distillation::None, "{regular}");
         }
         for official in [
             "sd_xl_turbo_1.0_fp16",

@@ -164,7 +164,7 @@ export interface ModelInfo {
   catalog_id?: string | null;
   /** An SDXL refiner: offered as the Playground's "Refiner", not as a model of its own. */
   refiner: boolean;
-  /** A few-step model (Turbo, Lightning, LCM). */
+  /** A few-step model (Turbo, Lightning, Hyper, LCM, or a merge of one). */
   fast: boolean;
   /** What a request for it starts from, read from its configs; null when unknown. */
   defaults?: ModelDefaults | null;
