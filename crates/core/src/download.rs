@@ -101,19 +101,31 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
     }
 }
 
-/// A reqwest error with its root cause: its own text for a broken body is only "error decoding
-/// response body", which does not say what happened to the connection ("connection reset",
-/// "operation timed out"). The layers between add nothing a user can act on.
-fn describe(e: &dyn std::error::Error) -> String {
+/// A failed request in words for the user: the server's name and what went wrong (the innermost
+/// cause, e.g. "Connection refused"), without the request's address, a long API URL that says
+/// nothing to a non-technical user (found by review).
+fn network_problem(e: &reqwest::Error) -> String {
+    let host = e.url().and_then(|u| u.host_str()).map(str::to_owned);
     let mut root = None;
-    let mut cause = e.source();
+    let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         root = Some(c);
         cause = c.source();
     }
-    match root {
-        Some(r) => format!("{e}: {r}"),
-        None => e.to_string(),
+    let what = match root {
+        _ if e.is_timeout() => "it did not answer in time".to_string(),
+        Some(r) => r.to_string(),
+        // reqwest's own text ends with " for url (...)" when it knows the URL.
+        None => e
+            .to_string()
+            .split(" for url (")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    match host {
+        Some(h) => format!("{h}: {what}"),
+        None => what,
     }
 }
 
@@ -209,7 +221,7 @@ impl Hub {
             .get(&url)
             .send()
             .await
-            .map_err(|e| DownloadError::Network(describe(&e)))?;
+            .map_err(|e| DownloadError::Network(network_problem(&e)))?;
         match res.status().as_u16() {
             200 => {}
             401 | 403 | 404 => {
@@ -351,7 +363,7 @@ impl Hub {
         }
         let res = tokio::select! {
             res = req.send() => {
-                res.map_err(|e| Attempt::Retry(DownloadError::Network(describe(&e))))?
+                res.map_err(|e| Attempt::Retry(DownloadError::Network(network_problem(&e))))?
             }
             () = cancelled(cancel) => return Err(Attempt::Fatal(DownloadError::Cancelled)),
         };
@@ -422,8 +434,8 @@ impl Hub {
             };
             let Some(chunk) = next else { break };
             // The server was reached; the connection broke (or stalled past the read timeout).
-            let chunk =
-                chunk.map_err(|e| Attempt::Retry(DownloadError::ConnectionBroke(describe(&e))))?;
+            let chunk = chunk
+                .map_err(|e| Attempt::Retry(DownloadError::ConnectionBroke(network_problem(&e))))?;
             if written + chunk.len() as u64 > file.size {
                 let _ = std::fs::remove_file(part);
                 return Err(Attempt::Fatal(DownloadError::SizeMismatch {

@@ -760,3 +760,25 @@ async fn a_disk_that_fills_up_while_writing_is_reported_with_real_numbers() {
     assert!(text.contains("free up space"), "{text}");
     assert!(text.contains("start the download again"), "{text}");
 }
+
+#[tokio::test]
+async fn an_unreachable_server_is_named_without_its_api_address() {
+    // Found by review: the message quoted the whole request URL
+    // ("error sending request for url (http://.../api/models/...)").
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let hub = Hub::new(&url, None).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let err = install_here(&hub, t.path(), &AtomicBool::new(false))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DownloadError::Network(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("could not be reached (127.0.0.1: "), "{text}");
+    assert!(
+        !text.contains("http://") && !text.contains("/api/"),
+        "{text}"
+    );
+    assert!(text.contains("check the internet connection"), "{text}");
+}
