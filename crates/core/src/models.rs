@@ -438,15 +438,16 @@ mod tests {
         );
         let names: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.family)).collect();
         assert_eq!(
-            names[..3],
+            names[..4],
             [
                 ("sd1", Family::Sd1),
+                ("sd1-inpaint", Family::Sd1),
                 ("sd1-lcm", Family::Sd1),
                 ("sd2", Family::Sd2)
             ]
         );
         // The SDXL test models, when present, are told apart by their pipeline class.
-        assert!(names[3..]
+        assert!(names[4..]
             .iter()
             .all(|(n, f)| n.starts_with("sdxl") && *f == Family::Sdxl));
         assert!(models.iter().all(|m| !m.managed && m.size_bytes > 10_000));
@@ -585,6 +586,7 @@ mod tests {
             &t.path().join("xl-refiner.safetensors"),
             &[
                 "model.diffusion_model.out.2.bias",
+                "model.diffusion_model.label_emb.0.0.weight",
                 "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias",
             ],
         );

@@ -473,13 +473,15 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
                         .to_string(),
                 ),
             ),
-            _ if info.inpainting => (
+            // SD1/SD2 inpainting models draw from a prompt alone (`crate::inpaint`); SDXL's
+            // would need the SDXL pipeline to pass the mask through too.
+            Some(ModelFamily::SdxlBase | ModelFamily::SdxlRefiner) if info.inpainting => (
                 false,
-                Some("inpainting checkpoints (9-channel UNet) are not supported yet".to_string()),
+                Some("SDXL inpainting checkpoints are not supported yet".to_string()),
             ),
             // Depth (5 channels) and instruct-pix2pix (8) models need an image beside the prompt;
             // listed as usable, they failed at load with a shape mismatch (found by review).
-            _ if in_channels.is_some_and(|c| c != 4) => (
+            _ if in_channels.is_some_and(|c| c != 4) && !info.inpainting => (
                 false,
                 Some(format!(
                     "a {}-channel UNet (a depth or image-editing model) needs a picture to start \
@@ -992,8 +994,21 @@ pub(crate) mod tests {
             ),
         ]);
         let i = inspect_bytes(&f).unwrap();
-        assert!(i.inpainting && !i.loadable);
+        assert!(i.inpainting && i.loadable, "{i:?}");
         assert_eq!(i.prediction, Some(Prediction::VPrediction));
+        // SDXL inpainting models are refused with the reason.
+        let xl = file(&[
+            (XL_BASE_PROBE, &[1280]),
+            (
+                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                &[8],
+            ),
+            (INPAINT_PROBE, &[320, 9, 3, 3]),
+            ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+        ]);
+        let i = inspect_bytes(&xl).unwrap();
+        assert_eq!(i.family, Some(ModelFamily::SdxlBase));
+        assert!(!i.loadable && i.note.unwrap().contains("SDXL inpainting"));
         // Depth (5) and instruct-pix2pix (8) UNets are refused when listed, not at load.
         for channels in [5, 8] {
             let f = file(&[

@@ -307,6 +307,14 @@ impl Pipeline {
         if unet_cfg.needs_added_conditions() && sdxl.is_none() {
             return Err(needs_sdxl_pipeline(&folder)?);
         }
+        if sdxl.is_some() && crate::inpaint::is_inpainting(&unet_cfg) {
+            return Err(EngineError::Config {
+                path: folder.config_file("unet")?,
+                message: "SDXL inpainting models are not supported yet; use an SDXL model that \
+                          is not for inpainting"
+                    .into(),
+            });
+        }
         let unet = load_folder_unet(&folder, &unet_cfg, opts, &mut lora_set)?;
         let lora_warnings = lora_set.finish()?;
 
@@ -570,6 +578,10 @@ impl Pipeline {
         &self.text_encoder
     }
 
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet
     }
@@ -609,9 +621,10 @@ impl Pipeline {
     /// `req.seed_source.generator(req.seed).randn(&shape)` times the sampler's initial scale.
     pub fn latent_shape(&self, req: &GenerateRequest) -> [usize; 4] {
         let f = self.vae.config().downsampling_factor();
+        // The UNet's output channels: an inpainting UNet takes 5 more than it denoises.
         [
             1,
-            self.unet.config().in_channels,
+            self.unet.config().out_channels,
             req.height / f,
             req.width / f,
         ]
@@ -652,7 +665,17 @@ impl Pipeline {
             return self.sample_sdxl(s, req, observer, on_state);
         }
         let conditioning = sd_conditioning(&self.text_encoder, self.unet.config(), req)?;
-        self.sampling().run(
+        let mut sampling = self.sampling();
+        if crate::inpaint::is_inpainting(self.unet.config()) {
+            sampling.image = Some(crate::inpaint::whole_picture(
+                &self.vae,
+                req.height,
+                req.width,
+                self.dtype,
+                &self.device,
+            )?);
+        }
+        sampling.run(
             req,
             self.latent_shape(req),
             &conditioning,
@@ -669,6 +692,7 @@ impl Pipeline {
             prediction: self.prediction,
             dtype: self.dtype,
             device: &self.device,
+            image: None,
         }
     }
 
@@ -773,6 +797,8 @@ pub(crate) struct SdSampling<'a> {
     pub(crate) prediction: PredictionType,
     pub(crate) dtype: DType,
     pub(crate) device: &'a Device,
+    /// An inpainting UNet's mask and masked-picture latents ([`crate::inpaint::whole_picture`]).
+    pub(crate) image: Option<Tensor>,
 }
 
 impl SdSampling<'_> {
@@ -789,6 +815,7 @@ impl SdSampling<'_> {
         let unet = UNetPredictor {
             unet: self.unet,
             timestep_cond: self.unet.guidance_embedding(req.cfg_scale)?,
+            image: self.image.as_ref(),
         };
         let denoiser = Denoiser::new(
             &unet,
@@ -931,11 +958,23 @@ pub(crate) fn load_vae_from(
 struct UNetPredictor<'a> {
     unet: &'a UNet2DConditionModel,
     timestep_cond: Option<Tensor>,
+    /// `[1, 5, h, w]` appended to every sample's channels for an inpainting UNet.
+    image: Option<&'a Tensor>,
 }
 
 impl NoisePredictor for UNetPredictor<'_> {
     fn predict(&self, x_in: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
         let cond = self.timestep_cond.as_ref();
+        let joined;
+        let x_in = match self.image {
+            Some(image) => {
+                let batch = x_in.dim(0)?;
+                let image = image.to_dtype(x_in.dtype())?.repeat((batch, 1, 1, 1))?;
+                joined = Tensor::cat(&[x_in, &image], 1)?;
+                &joined
+            }
+            None => x_in,
+        };
         Ok(self
             .unet
             .forward_cond(x_in, timestep, context, None, cond)?)

@@ -623,6 +623,7 @@ impl SdSampling<'_> {
                 prediction: r.prediction(),
                 dtype: r.unet().dtype(),
                 device: r.unet().device(),
+                image: None,
             };
             let total = run.total();
             sampling.advance_sdxl(&mut run, total, &stage, req, observer, on_state)?;

@@ -602,8 +602,8 @@ pub fn is_sdxl_file(path: &Path) -> Result<bool> {
     ))
 }
 
-/// Refuses what is not a whole, usable checkpoint (pickles, VAEs, LoRAs, embeddings, inpainting
-/// models, files without UNet or text encoder), each with what to do instead.
+/// Refuses what is not a whole, usable checkpoint (pickles, VAEs, LoRAs, embeddings, SDXL
+/// inpainting models, files without UNet or text encoder), each with what to do instead.
 pub(crate) fn check_checkpoint(path: &Path) -> Result<CheckpointInfo> {
     if crate::pickle::is_pickle_path(path) {
         return Err(EngineError::PickleRefused {
@@ -644,7 +644,9 @@ pub(crate) fn check_checkpoint(path: &Path) -> Result<CheckpointInfo> {
             "this checkpoint's model family is not supported".into()
         })));
     }
-    if info.inpainting || !info.has_unet || !info.has_text_encoder {
+    // SD1/SD2 inpainting models draw (`crate::inpaint`); SDXL's are refused with the reason.
+    let refused_inpainting = info.inpainting && !(info.loadable || info.needs_vae);
+    if refused_inpainting || !info.has_unet || !info.has_text_encoder {
         return Err(refuse(info.note.clone().unwrap_or_else(|| {
             "the checkpoint lacks its UNet or text encoder".into()
         })));
@@ -726,6 +728,11 @@ impl SdCheckpoint {
             return Err(EngineError::InvalidRequest(
                 "the config describes an SDXL-type UNet; SDXL needs the SDXL pipeline".into(),
             ));
+        }
+        if info.inpainting {
+            // The embedded configs are the plain models'; the file's UNet takes the mask and
+            // the masked picture too (`crate::inpaint`).
+            configs.unet.in_channels = crate::inpaint::INPAINT_CHANNELS;
         }
         apply_file_prediction(&mut configs.scheduler, &info, config.is_some());
         Ok(Self {
@@ -944,6 +951,32 @@ fn private_temp_dir() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An SD1/SD2 inpainting file read with the embedded configs gets a 9-channel UNet config.
+    #[test]
+    fn inpainting_files_get_a_nine_channel_unet_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inpainting.safetensors");
+        let f = crate::checkpoint::tests::file(&[
+            (
+                "model.diffusion_model.input_blocks.0.0.weight",
+                &[320, 9, 3, 3],
+            ),
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                &[768],
+            ),
+            ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+            (
+                "first_stage_model.decoder.up.0.block.0.conv1.weight",
+                &[128, 256, 3, 3],
+            ),
+        ]);
+        std::fs::write(&path, f).unwrap();
+        let opened = SdCheckpoint::open(&path, None, None).unwrap();
+        assert_eq!(opened.configs.unet.in_channels, 9);
+        assert_eq!(opened.configs.unet.out_channels, 4);
+    }
 
     /// A `ztsnr` checkpoint samples from the zero-terminal-SNR schedule (sigma 4096 at the
     /// start, `schedule::tests::zero_terminal_snr_matches_diffusers`); a config folder given

@@ -57,6 +57,19 @@ fn fnv1a64(bytes: &[u8]) -> String {
 /// byte-identical to the file the fixture script validated with diffusers (when nothing is left
 /// out).
 fn build(model: &str, tag: &str, dir: &Path, keep: impl Fn(&str) -> bool) -> PathBuf {
+    build_from(model, &tiny(&model.replace('_', "-")), tag, dir, keep)
+}
+
+/// [`build`] with the weights of `folder`, a model of `model`'s architecture whose tensors may
+/// differ in value and shape (the inpainting UNet's 9 input channels); the file is checked
+/// against the script's only when `folder` is `model`'s own.
+pub(crate) fn build_from(
+    model: &str,
+    folder: &Path,
+    tag: &str,
+    dir: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> PathBuf {
     let recipe: serde_json::Value =
         serde_json::from_slice(&std::fs::read(refs().join("single_file_recipe.json")).unwrap())
             .unwrap();
@@ -66,7 +79,7 @@ fn build(model: &str, tag: &str, dir: &Path, keep: impl Fn(&str) -> bool) -> Pat
     } else {
         DType::F32
     };
-    let folder = tiny(&model.replace('_', "-"));
+    let own = folder == tiny(&model.replace('_', "-"));
     let comps: HashMap<&str, Weights> = ["unet", "vae", "text_encoder", "text_encoder_2"]
         .into_iter()
         .filter(|c| folder.join(c).is_dir())
@@ -111,9 +124,13 @@ fn build(model: &str, tag: &str, dir: &Path, keep: impl Fn(&str) -> bool) -> Pat
         };
         out.insert(name.to_string(), t.to_dtype(dtype).unwrap());
     }
-    let path = dir.join(format!("{model}_{tag}.safetensors"));
+    let name = match own {
+        true => model.to_string(),
+        false => folder.file_name().unwrap().to_string_lossy().into_owned(),
+    };
+    let path = dir.join(format!("{name}_{tag}.safetensors"));
     candle_core::safetensors::save(&out, &path).unwrap();
-    if complete {
+    if complete && own {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, entry[tag]["bytes"].as_u64().unwrap());
         assert_eq!(fnv1a64(&bytes), entry[tag]["fnv1a64"].as_str().unwrap());

@@ -172,10 +172,11 @@ impl StagedPipeline {
             ));
         }
         let folder = ModelFolder::open(path)?;
-        if crate::sdxl::is_sdxl(&folder.model_index()?) {
-            return Ok(true);
-        }
         let unet_cfg = UNetConfig::from_file(&folder.config_file("unet")?)?;
+        if crate::sdxl::is_sdxl(&folder.model_index()?) {
+            // SDXL inpainting folders too are left to the whole pipeline, which refuses them.
+            return Ok(!crate::inpaint::is_inpainting(&unet_cfg));
+        }
         Ok(!unet_cfg.needs_added_conditions())
     }
 
@@ -349,7 +350,7 @@ impl StagedPipeline {
     /// As [`Pipeline::latent_shape`](super::Pipeline::latent_shape).
     pub fn latent_shape(&self, req: &GenerateRequest) -> [usize; 4] {
         let f = self.vae_cfg.downsampling_factor();
-        [1, self.unet_cfg.in_channels, req.height / f, req.width / f]
+        [1, self.unet_cfg.out_channels, req.height / f, req.width / f]
     }
 
     /// Stage 1 in one call: validates `req`, loads the text encoder (SDXL: both), encodes the
@@ -645,12 +646,27 @@ impl UnetStage<'_> {
                 "the conditioning was encoded without guidance; encode this request first".into(),
             ));
         }
+        // An inpainting UNet needs the grey picture's latents: the VAE is loaded for that one
+        // encoding and freed again before sampling.
+        let image = if crate::inpaint::is_inpainting(&s.unet_cfg) {
+            let vae = s.load_vae()?;
+            Some(crate::inpaint::whole_picture(
+                &vae.vae,
+                req.height,
+                req.width,
+                s.opts.dtype,
+                &s.opts.device,
+            )?)
+        } else {
+            None
+        };
         let sampling = SdSampling {
             unet: &self.unet,
             schedule: &s.schedule,
             prediction: s.prediction,
             dtype: s.opts.dtype,
             device: &s.opts.device,
+            image,
         };
         let shape = s.latent_shape(req);
         let on_state = &mut |_: &Tensor, _: f64| {};
@@ -745,6 +761,7 @@ impl RefinerStage<'_> {
             prediction: r.opened.prediction,
             dtype: self.unet.dtype(),
             device: self.unet.device(),
+            image: None,
         };
         let total = run.total();
         sampling.advance_sdxl(run, total, &stage, req, observer, &mut |_, _| {})?;
