@@ -56,10 +56,15 @@ pub fn find(id: &str) -> Option<CatalogEntry> {
         .find(|e| e.id.eq_ignore_ascii_case(id.trim()))
 }
 
+/// How far under a catalog figure a card may report and still count as that size: cards sold
+/// as "8 GB" may report a few MiB under 8 GiB (8188 MiB is 7.996 GiB; found by review), which
+/// must not move them to the smaller suggestion.
+const VRAM_SLACK_GB: f64 = 0.25;
+
 /// Whether an entry runs well here: on a GPU with `vram_gb`, or on the CPU when there is none.
 pub fn fits(entry: &CatalogEntry, vram_gb: Option<f64>) -> bool {
     match vram_gb {
-        Some(v) => v >= entry.min_vram_gb,
+        Some(v) => v + VRAM_SLACK_GB >= entry.min_vram_gb,
         None => entry.cpu_ok,
     }
 }
@@ -70,7 +75,7 @@ pub fn suggest(vram_gb: Option<f64>) -> CatalogEntry {
     let all = entries();
     let pick = match vram_gb {
         None => all.iter().find(|e| e.cpu_ok && e.fast),
-        Some(v) if v >= 8.0 => all.iter().find(|e| e.id == "sdxl-base"),
+        Some(v) if v + VRAM_SLACK_GB >= 8.0 => all.iter().find(|e| e.id == "sdxl-base"),
         Some(_) => all.iter().find(|e| e.id == "dreamshaper-8"),
     };
     pick.or_else(|| all.iter().find(|e| fits(e, vram_gb)))
@@ -111,6 +116,11 @@ mod tests {
         assert_eq!(suggest(None).id, "sd-turbo");
         assert_eq!(suggest(Some(6.0)).id, "dreamshaper-8");
         assert_eq!(suggest(Some(24.0)).id, "sdxl-base");
+        // An "8 GB" card reporting 8188 MiB is an 8 GB card (found by review).
+        let sold_as_8 = 8188.0 / 1024.0;
+        assert_eq!(suggest(Some(sold_as_8)).id, "sdxl-base");
+        let xl = find("sdxl-base").unwrap();
+        assert!(fits(&xl, Some(sold_as_8)) && !fits(&xl, Some(6.0)));
         let xl = find("sdxl-base").unwrap();
         assert!(!fits(&xl, None) && !fits(&xl, Some(6.0)) && fits(&xl, Some(12.0)));
     }

@@ -148,6 +148,22 @@ pub fn compose(
         Some(m) => m,
         None => choose_model(input.model.as_deref(), settings, library)?,
     };
+    // The caller's steps, CFG and sampler were meant for the model they would have drawn with
+    // (the UI always sends its form's); the few-step model put in its place keeps its own
+    // (found by review: 8 steps at CFG 5 with DPM++ 2M burned an LCM's pictures).
+    let swapped;
+    let input = if quick_model.is_some() {
+        swapped = GenerationInput {
+            steps: None,
+            cfg_scale: None,
+            sampler: None,
+            schedule: None,
+            ..input.clone()
+        };
+        &swapped
+    } else {
+        input
+    };
     // A Turbo/LCM model needs its own few steps and low CFG: a preset's "30 steps, CFG 7" would
     // spoil its pictures, so for these only the caller's own values override the model's.
     let sampling_preset = preset.filter(|_| !model.fast);
@@ -172,14 +188,18 @@ pub fn compose(
         Family::Sdxl => 1024,
         _ => 512,
     };
+    let native = defaults.map_or(default_size, |d| d.width.min(d.height));
+    let preset_size = preset
+        .and_then(|p| p.width.zip(p.height))
+        .map(|(w, h)| fit_to_model(w, h, native));
     let width = input
         .width
-        .or(preset.and_then(|p| p.width))
+        .or(preset_size.map(|s| s.0))
         .or(defaults.map(|d| d.width))
         .unwrap_or(default_size);
     let height = input
         .height
-        .or(preset.and_then(|p| p.height))
+        .or(preset_size.map(|s| s.1))
         .or(defaults.map(|d| d.height))
         .unwrap_or(default_size);
     let steps = input
@@ -282,7 +302,7 @@ pub fn compose(
             ""
         },
     ]);
-    let negative = join_parts([
+    let negative = join_terms([
         input
             .negative_prompt
             .as_deref()
@@ -501,6 +521,38 @@ fn plain(e: ld_engine::EngineError) -> String {
 }
 
 /// Joins the non-empty parts with ", ", the way A1111 users write prompt fragments.
+/// A preset's size for a model that draws best at `native` pixels a side: kept when its area is
+/// within 2.5x of the model's either way (a tall 512x1024 on SD 1.5 is a choice), else scaled
+/// to the model's area with its shape kept, sides multiples of 8. The built-in presets are sized for SD 1.5 (Portrait 512x768), which SDXL
+/// draws badly; a preset saved with an SDXL model would give SD 1.5 a 1024x1024 it repeats
+/// things in (found by review).
+fn fit_to_model(width: usize, height: usize, native: usize) -> (usize, usize) {
+    let area = (width * height) as f64;
+    let target = (native * native) as f64;
+    if area <= 0.0 || (area / target).max(target / area) <= 2.5 {
+        return (width, height);
+    }
+    let scale = (target / area).sqrt();
+    let side = |n: usize| {
+        let scaled = ((n as f64 * scale) / 8.0).round() as usize * 8;
+        scaled.clamp(ld_engine::pipeline::MIN_SIZE, ld_engine::pipeline::MAX_SIZE)
+    };
+    (side(width), side(height))
+}
+
+/// [`join_parts`] for negative prompts, where the settings' default and a preset's often name
+/// the same terms: each comma-separated term once, the first spelling kept.
+fn join_terms<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut seen = std::collections::HashSet::new();
+    let terms: Vec<&str> = parts
+        .into_iter()
+        .flat_map(|p| p.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && seen.insert(t.to_lowercase()))
+        .collect();
+    terms.join(", ")
+}
+
 fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     parts
         .into_iter()
@@ -634,6 +686,37 @@ mod tests {
         assert_eq!(job.images[0].prompt, "a knight");
     }
 
+    /// Found by review: the built-in presets' SD 1.5 sizes were used as they are on SDXL, and
+    /// the negative prompt named the settings' and the preset's shared terms twice.
+    #[test]
+    fn preset_sizes_fit_the_model_and_negative_terms_come_once() {
+        let mut lib = library();
+        lib[0].family = Family::Sdxl;
+        let mut i = input("a knight");
+        i.preset = Some("portrait".into());
+        let job = compose(&i, &settings(), &[preset()], &lib, &Networks::default()).unwrap();
+        let r = &job.images[0];
+        // 512x768 scaled to SDXL's megapixel, upright, sides multiples of 8.
+        assert_eq!((r.width, r.height), (840, 1256));
+        // A size the caller gives is theirs; near the model's area a preset's stays as it is.
+        i.width = Some(512);
+        let job = compose(&i, &settings(), &[preset()], &lib, &Networks::default()).unwrap();
+        assert_eq!((job.images[0].width, job.images[0].height), (512, 1256));
+        assert_eq!(fit_to_model(896, 1152, 1024), (896, 1152));
+        assert_eq!(fit_to_model(1024, 1024, 512), (512, 512));
+
+        let mut settings = settings();
+        settings.negative_prompt = "lowres, Blurry, watermark".into();
+        i.negative_prompt = None;
+        let mut p = preset();
+        p.negative_prompt = "blurry, extra fingers, watermark, text".into();
+        let job = compose(&i, &settings, &[p], &lib, &Networks::default()).unwrap();
+        assert_eq!(
+            job.images[0].negative_prompt,
+            "lowres, Blurry, watermark, extra fingers, text"
+        );
+    }
+
     #[test]
     fn a_fused_sampler_name_brings_its_schedule_and_an_explicit_schedule_wins_over_a_bare_name() {
         let mut i = input("x");
@@ -757,6 +840,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(job.model.name, "turbo");
+        // The form's steps, CFG and sampler were for the usual model: the fast one keeps its
+        // own (found by review).
+        let mut form = i.clone();
+        form.steps = Some(30);
+        form.cfg_scale = Some(7.0);
+        form.sampler = Some("DPM++ 2M".into());
+        form.schedule = Some("Karras".into());
+        let job = compose(
+            &form,
+            &settings(),
+            std::slice::from_ref(&quick),
+            &lib,
+            &Networks::default(),
+        )
+        .unwrap();
+        let (r, d) = (&job.images[0], turbo().defaults.unwrap());
+        assert_eq!(job.model.name, "turbo");
+        assert_eq!(
+            (r.steps, r.cfg_scale, r.sampler),
+            (d.steps, d.cfg_scale, d.sampler)
+        );
         i.model = Some("beta".into());
         let job = compose(&i, &settings(), &[quick], &lib, &Networks::default()).unwrap();
         assert_eq!(job.model.name, "beta", "a named model wins");

@@ -132,9 +132,9 @@ pub fn problems_from_jobs(jobs: &[JobInfo], limit: usize) -> Vec<Problem> {
                         None,
                     ));
                 }
-                if let (Some(s), Some(f)) = (j.started_at, j.finished_at) {
-                    let steps = (j.steps * j.batch).max(1) as u64;
-                    let per_step = (f - s).max(0) as u64 / steps;
+                // Sampling time alone: loading and decoding made a one-step Turbo picture on a
+                // laptop look like 25 s per step (found by review).
+                if let Some(per_step) = j.step_ms {
                     if per_step > SLOW_STEP_MS {
                         out.push(entry(
                             "slow_generation",
@@ -345,7 +345,14 @@ const SELF_TEST_STEPS: usize = 4;
 /// Loads the tiny model at `model_dir` with `load`, draws one 64×64 picture and checks that it
 /// is finite and not blank. Blocking: run it off the async runtime.
 pub fn self_test(model_dir: &Path, load: &LoadOptions) -> SelfTest {
-    let device = format!("{:?}", load.device.location()).to_lowercase();
+    // The back end's plain name ("cuda"), not candle's Debug text ("cuda { gpu_id: 0 }"), which
+    // the UI showed as it is (found by review).
+    let device = match load.device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu",
+        candle_core::DeviceLocation::Cuda { .. } => "cuda",
+        candle_core::DeviceLocation::Metal { .. } => "metal",
+    }
+    .to_string();
     let start = Instant::now();
     let mut result = SelfTest {
         ok: false,
@@ -353,11 +360,7 @@ pub fn self_test(model_dir: &Path, load: &LoadOptions) -> SelfTest {
             .file_name()
             .map(|n| format!("tiny/{}", n.to_string_lossy()))
             .unwrap_or_default(),
-        device: if device.contains("cpu") {
-            "cpu".into()
-        } else {
-            device
-        },
+        device,
         load_ms: 0,
         steps: SELF_TEST_STEPS,
         step_ms: Vec::new(),
@@ -498,6 +501,7 @@ mod tests {
             created_at: 1,
             started_at: Some(0),
             finished_at: Some(400_000),
+            step_ms: Some(20_000),
         }
     }
 
@@ -531,7 +535,7 @@ mod tests {
         ];
         let p = problems_from_jobs(&jobs, 10);
         let topics: Vec<_> = p.iter().map(|x| x.topic).collect();
-        // job-3 is also slow: 400 s for 20 steps.
+        // job-3 is also slow: 20 s per step.
         assert_eq!(
             topics,
             [
@@ -542,6 +546,11 @@ mod tests {
             ]
         );
         assert_eq!(p[0].fix, "h");
+        // The time of a whole job is not a step's: a one-step picture that took 25 s to load and
+        // decode, with 100 ms steps, is not slow (found by review).
+        let mut quick = job("job-5", JobState::Done, None, &[]);
+        (quick.steps, quick.finished_at, quick.step_ms) = (1, Some(25_000), Some(100));
+        assert!(problems_from_jobs(&[quick], 10).is_empty());
         assert_eq!(problems_from_jobs(&jobs, 1).len(), 1);
         let r = Report::new(
             crate::hardware::system_report(

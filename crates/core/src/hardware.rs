@@ -519,16 +519,35 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
         };
         let lowest = if on_gpu { MemoryOptions::lowest() } else { MemoryOptions { vae_on_cpu: false, text_encoder_on_cpu: false, ..MemoryOptions::lowest() } };
         let max_size = SIZES.iter().copied().filter(|&s| fits(s, &lowest)).max();
-        let needed = estimate(&shape, native, native, true, dtype, target, &opts).peak;
+        // The figures shown are the ones decided with: the headroom included, and the savings
+        // that make the usual size fit (found by review: "needs 5.2 GB, can give 5.6 GB" said
+        // of a model that did not fit, and 17.9 GB needed beside 16.5 GB that fit).
+        let plan = if fits(native, &opts) { &opts } else { &lowest };
+        let with_headroom = |o: &MemoryOptions| {
+            (estimate(&shape, native, native, true, dtype, target, o).peak as f64 * SAFETY) as u64
+        };
+        let needed = with_headroom(plan);
         let memory = if on_gpu { "graphics memory" } else { "memory" };
         let reason = match max_size {
-            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(estimate(&shape, native, native, true, dtype, target, &lowest).peak), gb(budget)),
+            None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(with_headroom(&lowest)), gb(budget)),
             Some(m) if m < native => format!("Fits only below its usual {native}×{native} (about {} needed, {} of {memory} to use); pictures will look worse.", gb(needed), gb(budget)),
             Some(m) => format!("Up to {m}×{m} fits in {} of {memory} (about {} at {native}×{native}).", gb(budget), gb(needed)),
         };
         FamilyLimit { family, max_size, native_size: native, needed_bytes: needed, reason }
     })
     .collect::<Vec<_>>();
+    if on_gpu && families.iter().all(|f| f.max_size.is_none()) {
+        // A 2 GB card (MX150, GT 1030) holds no model even with every saving on: drawing on it
+        // refused every job, SD 1.5 included (found by review). The processor can draw.
+        let mut cpu = report.clone();
+        cpu.gpu_status.available = false;
+        cpu.gpu_status.reason = Some(format!(
+            "{} has {} of graphics memory, too little for any model this app draws",
+            gpu.map_or("The graphics card", |g| g.name.as_str()),
+            gb(vram)
+        ));
+        return recommend(&cpu);
+    }
     if !on_gpu
         && families
             .iter()
@@ -724,6 +743,10 @@ mod tests {
             assert_eq!(max_size(&r, Sdxl).is_some(), xl, "{name}: {}", r.to_text());
             assert!(r.budget_bytes < vram * GB, "{name}: a reserve is kept");
             assert!(r.families.iter().all(|f| !f.reason.is_empty()));
+            figures_agree_with_decisions(&r);
+        }
+        for ram in [8, 12, 16, 32] {
+            figures_agree_with_decisions(&recommend(&machine(ram, None, Some("none"), false)));
         }
         // SDXL needs an 8 GB card (its fp16 UNet is 5.1 GB); from there every size fits with
         // the strategies on.
@@ -751,6 +774,20 @@ mod tests {
             "{}",
             six.low_vram.reason
         );
+    }
+
+    /// The figures a family's reason shows are those it was decided with (found by review:
+    /// "needs 5.2 GB, can give 5.6 GB" was said of a model that did not fit).
+    fn figures_agree_with_decisions(r: &Recommendation) {
+        for f in &r.families {
+            match f.max_size {
+                Some(m) if m >= f.native_size => {
+                    assert!(f.needed_bytes <= r.budget_bytes, "{}", r.to_text())
+                }
+                None => assert!(f.needed_bytes > r.budget_bytes, "{}", r.to_text()),
+                _ => {}
+            }
+        }
     }
 
     #[test]
@@ -801,6 +838,15 @@ mod tests {
             "{:?}",
             old.notes
         );
+        // A 2 GB card holds no model: the processor draws, and says why (found by review).
+        let two = recommend(&machine(32, Some((2, "12.4")), None, true));
+        assert_eq!(two.device.value, DeviceKind::Cpu, "{}", two.to_text());
+        assert!(
+            two.device.reason.contains("too little"),
+            "{}",
+            two.device.reason
+        );
+        assert!(max_size(&two, Sd1).is_some() && !two.low_vram.value);
         let no_cuda = recommend(&machine(32, Some((12, "12.4")), None, false));
         assert_eq!(no_cuda.device.value, DeviceKind::Cpu);
         assert!(no_cuda.device.reason.contains("without NVIDIA support"));

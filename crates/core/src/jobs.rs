@@ -113,6 +113,10 @@ pub struct JobInfo {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Milliseconds per sampling step, measured between steps (so without loading, decoding and
+    /// saving); `None` until two steps in a row were drawn.
+    #[serde(default)]
+    pub step_ms: Option<u64>,
 }
 
 /// What every listener hears.
@@ -280,6 +284,7 @@ impl Job {
             created_at: now_ms(),
             started_at: None,
             finished_at: None,
+            step_ms: None,
         };
         let job = Job {
             id: id.clone(),
@@ -816,6 +821,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
                 batch,
                 started,
                 base_steps: None,
+                timing: StepTiming::default(),
             };
             let result = match faults
                 .as_ref()
@@ -1198,6 +1204,7 @@ fn run_staged(
         batch,
         started,
         base_steps: switch_steps[index],
+        timing: StepTiming::default(),
     };
     // Per picture: what it was recovered from, for its parameters text.
     let mut recovered: Vec<Vec<String>> = vec![Vec::new(); batch];
@@ -1826,6 +1833,27 @@ struct JobObserver<'a> {
     /// every picture of the batch before the refiner finishes any, so the job's progress counts
     /// all base steps first (`None`: each picture's steps in a row).
     base_steps: Option<usize>,
+    timing: StepTiming,
+}
+
+/// When the last step ended, and the time and steps measured between steps since.
+#[derive(Default)]
+struct StepTiming {
+    last: Option<Instant>,
+    total: std::time::Duration,
+    steps: u32,
+}
+
+impl StepTiming {
+    /// Marks a step's end; the mean milliseconds per step so far, once there is one.
+    fn step(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if let Some(last) = self.last.replace(now) {
+            self.total += now - last;
+            self.steps += 1;
+        }
+        (self.steps > 0).then(|| (self.total.as_millis() / u128::from(self.steps)) as u64)
+    }
 }
 
 impl JobObserver<'_> {
@@ -1847,8 +1875,10 @@ impl Observer for JobObserver<'_> {
         let eta_ms = (done > 0)
             .then(|| (elapsed.as_millis() as u64 * (total_steps - done) as u64) / done as u64);
         let progress = done as f64 / total_steps as f64;
+        let step_ms = self.timing.step();
         self.job.info.send_modify(|i| {
             i.step = p.step;
+            i.step_ms = step_ms.or(i.step_ms);
             i.progress = progress;
             i.eta_ms = eta_ms;
             i.stage = if p.step == p.total {

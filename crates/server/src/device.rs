@@ -8,20 +8,28 @@ use ld_core::settings::{LowVram, Precision, Settings};
 use ld_engine::pipeline::{HalfWeights, LoadOptions};
 use std::sync::Arc;
 
-/// A GPU when this build has one and it answers, else the CPU. Precision "Auto": half on a GPU,
+/// A GPU when this build has one, it answers and `gpu_advised` (the hardware advice,
+/// [`gpu_advised`]: not with a driver too old or a card too small for any model), else the CPU. Precision "Auto": half on a GPU,
 /// f32 on the CPU (half precision on the CPU is slower, not faster); fp16/fp32 as the user chose.
 /// On the CPU, low-memory mode ("Low-VRAM mode" On) keeps the UNet's and VAE's weights in f16
 /// even for f32 files (`HalfWeights::On`: 1.9 GB less for SD 1.5; images differ by the weights'
 /// rounding only), else only where lossless (f16 files). Read at start, as precision is.
-pub fn load_options_with(precision: Precision, low_vram: LowVram) -> LoadOptions {
+pub fn load_options_with(
+    precision: Precision,
+    low_vram: LowVram,
+    gpu_advised: bool,
+) -> LoadOptions {
     let pick = |gpu: bool| match precision {
         Precision::Fp16 => DType::F16,
         Precision::Fp32 => DType::F32,
         Precision::Auto if gpu => DType::F16,
         Precision::Auto => DType::F32,
     };
+    // A CPU-only build has no card to follow the advice for.
+    #[cfg(not(any(feature = "cuda", feature = "metal")))]
+    let _ = gpu_advised;
     #[cfg(feature = "cuda")]
-    {
+    if gpu_advised {
         match Device::new_cuda(0) {
             Ok(device) => {
                 return LoadOptions {
@@ -34,7 +42,7 @@ pub fn load_options_with(precision: Precision, low_vram: LowVram) -> LoadOptions
         }
     }
     #[cfg(feature = "metal")]
-    {
+    if gpu_advised {
         match Device::new_metal(0) {
             Ok(device) => {
                 return LoadOptions {
@@ -51,6 +59,14 @@ pub fn load_options_with(precision: Precision, low_vram: LowVram) -> LoadOptions
         dtype: pick(false),
         half_weights: cpu_half_weights(low_vram),
     }
+}
+
+/// Whether the hardware advice ([`ld_core::hardware::recommend`]) draws on a graphics card here:
+/// the worker follows it, so a card the advice passes over (a driver too old for this build's
+/// CUDA, 2 GB of memory that hold no model) does not fail every job (found by review).
+pub fn gpu_advised(probe: &dyn GpuProbe) -> bool {
+    use ld_core::hardware::{recommend, system_report, DeviceKind};
+    recommend(&system_report(probe, crate::BUILD)).device.value != DeviceKind::Cpu
 }
 
 /// The CPU's weight storage under the "Low-VRAM mode" setting (see [`load_options_with`]). Auto
@@ -108,7 +124,7 @@ mod tests {
         assert_eq!(cpu_half_weights(LowVram::Auto), HalfWeights::WhenLossless);
         #[cfg(not(any(feature = "cuda", feature = "metal")))]
         assert_eq!(
-            load_options_with(Precision::Auto, LowVram::On).half_weights,
+            load_options_with(Precision::Auto, LowVram::On, true).half_weights,
             HalfWeights::On
         );
     }

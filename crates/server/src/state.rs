@@ -119,6 +119,7 @@ impl AppState {
                 load: crate::device::load_options_with(
                     loaded.settings.precision,
                     loaded.settings.low_vram,
+                    crate::device::gpu_advised(&*opts.gpu),
                 ),
                 hash_cache: Some(opts.data.root().join("hashes.json")),
             },

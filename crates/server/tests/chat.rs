@@ -175,8 +175,53 @@ async fn a_portrait_keeps_the_characters_seed_and_look() {
     let done = wait_done(&s, answer["job"]["id"].as_str().unwrap()).await;
     assert_eq!(done.images.len(), 1, "{:?}", done.error);
     assert_eq!(done.images[0].seed, Some(777), "the locked seed");
+    // Two steps: the time between them is the job's time per step.
+    assert!(done.step_ms.is_some());
     assert!(done.images[0].parameters.contains("long silver hair"));
     assert_eq!(done.model, "sd1");
+}
+
+/// Found by review: a character's style could name no preset, and deleting the preset it named
+/// made every picture of the character fail with "There is no preset called ...".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_characters_style_must_be_a_preset_and_a_deleted_one_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    let mine = json!({"name": "Moody", "width": 64, "height": 64, "steps": 2});
+    let (status, preset) = call_json(&s, "POST", "/api/v1/presets", mine, true).await;
+    assert_eq!(status, StatusCode::OK, "{preset}");
+    let c = json!({"name": "Ann", "appearance": "a woman", "style": "nonexistent-style", "model": "sd1"});
+    let (status, err) = call_json(&s, "POST", "/api/v1/characters", c, true).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("nonexistent-style"));
+    assert!(err["hint"].as_str().unwrap().contains("moody"), "{err}");
+    let c = json!({"name": "Ann", "appearance": "a woman", "style": "moody", "model": "sd1"});
+    let (status, ann) = call_json(&s, "POST", "/api/v1/characters", c, true).await;
+    assert_eq!(status, StatusCode::OK, "{ann}");
+
+    let (status, _) = call_json(&s, "DELETE", "/api/v1/presets/moody", Value::Null, true).await;
+    assert!(status.is_success(), "{status}");
+    let (status, answer) = call_json(
+        &s,
+        "POST",
+        "/api/v1/characters/ann/portrait",
+        small(),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let done = wait_done(&s, answer["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(done.images.len(), 1, "{:?}", done.error);
+    assert!(
+        done.notes
+            .iter()
+            .any(|n| n.contains("'moody' is no longer a preset")),
+        "{:?}",
+        done.notes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

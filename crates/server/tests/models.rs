@@ -198,6 +198,25 @@ async fn catalog_setup_download_use_and_delete() {
     assert!(!dir.path().join("models/sd-turbo").exists());
 }
 
+/// Found by review: a folder holding only files the app cannot draw with (here a `.ckpt`, which
+/// is never opened) ended the first-start guide, and every picture then failed.
+#[tokio::test]
+async fn setup_counts_only_models_that_can_draw() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let ckpt = std::fs::File::create(theirs.path().join("old.ckpt")).unwrap();
+    ckpt.set_len(600_000_000).unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![theirs.path().to_path_buf()],
+        ..StateOptions::new(DataDir::open(Some(dir.path())).unwrap(), PORT)
+    })
+    .unwrap();
+    let (_, models) = call_json(&s, "GET", "/api/v1/models", Value::Null, false).await;
+    assert_eq!(models["models"][0]["format"], "pickle", "{models}");
+    let (_, setup) = call_json(&s, "GET", "/api/v1/setup", Value::Null, false).await;
+    assert_eq!(setup["has_model"], false);
+}
+
 fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_local-diffusers"))
 }

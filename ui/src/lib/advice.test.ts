@@ -50,6 +50,7 @@ describe('diagnostics client', () => {
   it('describes a self-test and the disk in one line', () => {
     const t: SelfTest = { ok: true, model: 'tiny/sd1', device: 'cpu', load_ms: 50, steps: 4, step_ms: [10, 12, 11, 11], ms_per_step: 11, decode_ms: 20, total_ms: 120, error: null };
     expect(describeSelfTest(t)).toBe('Self-test passed on the processor: 4 steps at 11 ms per step, decoding 20 ms, 120 ms in all.');
+    expect(describeSelfTest({ ...t, device: 'cuda' })).toContain('passed on the graphics card:');
     expect(describeSelfTest({ ...t, ok: false, error: { code: 'model_broken', message: 'Broken.', hint: 'Reinstall.' } })).toBe('Self-test failed: Broken. Reinstall.');
     expect(describeDisk({ path: '/d', free_bytes: null, total_bytes: null })).toBe('unknown');
     expect(describeDisk({ path: '/d', free_bytes: 2 * GB, total_bytes: 4 * GB })).toBe('2.0 GB free of 4.0 GB');

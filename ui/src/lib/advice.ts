@@ -122,7 +122,8 @@ export function adviceFor(rec: Recommendation): Advice[] {
 /** The self-test result in one line, for the page and the copied report. */
 export function describeSelfTest(t: SelfTest): string {
   if (!t.ok) return `Self-test failed: ${t.error?.message ?? 'unknown error'} ${t.error?.hint ?? ''}`.trim();
-  return `Self-test passed on the ${t.device === 'cpu' ? 'processor' : t.device}: ${t.steps} steps at ${Math.round(t.ms_per_step)} ms per step, decoding ${t.decode_ms} ms, ${t.total_ms} ms in all.`;
+  const where = t.device === 'cpu' ? 'processor' : t.device === 'cuda' || t.device === 'metal' ? 'graphics card' : t.device;
+  return `Self-test passed on the ${where}: ${t.steps} steps at ${Math.round(t.ms_per_step)} ms per step, decoding ${t.decode_ms} ms, ${t.total_ms} ms in all.`;
 }
 
 /** "12.0 GB free of 500.0 GB", or "unknown". */

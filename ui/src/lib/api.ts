@@ -364,6 +364,8 @@ export interface JobInfo {
   created_at: number;
   started_at: number | null;
   finished_at: number | null;
+  /** Milliseconds per sampling step (loading and decoding left out); null until measured. */
+  step_ms?: number | null;
 }
 
 /** POST /api/v1/jobs. Leave a field out to get the preset's, then the app's default. */

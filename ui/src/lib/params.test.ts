@@ -160,6 +160,15 @@ describe('presets', () => {
     expect(d).toMatchObject({ preset: 'quick', steps: 1, cfg_scale: 1, sampler: '', width: 512, height: 768 });
   });
 
+  it('draws a preset\'s shape at the model\'s own size (found by review: SDXL got 512x768)', () => {
+    const portrait = { ...preset, width: 512, height: 768 };
+    const sdxl = model('xl', false, { family: 'SDXL' });
+    expect(applyPreset(draft(), portrait, sdxl)).toMatchObject({ aspect: '2:3', width: 832, height: 1216 });
+    expect(applyPreset(draft(), portrait)).toMatchObject({ aspect: '2:3', width: 512, height: 768 });
+    // A size that is no known shape stays as it is.
+    expect(applyPreset(draft(), { ...preset, width: 600, height: 520 }, sdxl)).toMatchObject({ aspect: 'custom', width: 600, height: 520 });
+  });
+
   it('a preset made from the draft carries its size and quality settings', () => {
     const p = presetFromDraft(draft({ width: 64, height: 64, steps: 3, sampler: '', negative_prompt: ' grainy ' }), ' Mine ');
     expect(p).toMatchObject({ name: 'Mine', width: 64, height: 64, steps: 3, sampler: null, negative_prompt: 'grainy' });

@@ -3,6 +3,7 @@
 // behind "Copy parameters". Pure functions, so they are unit tested without a browser.
 
 import type { ImageRecord, Inspected, JobInfo, JobRequest, ModelInfo, Preset, PresetInput } from './api';
+import { ASPECTS, baseSize, sizeFor } from './sizes';
 
 export interface Draft {
   prompt: string;
@@ -199,9 +200,21 @@ export function applyPreset(d: Draft, preset: Preset | null, model?: ModelInfo |
   if (!preset) return { ...d, preset: '' };
   const next: Draft = { ...d, preset: preset.id };
   if (preset.width && preset.height) {
-    next.width = preset.width;
-    next.height = preset.height;
-    next.aspect = 'custom';
+    // A preset's size is a shape: the built-in ones are written for SD 1.5 (Portrait 512x768),
+    // which SDXL draws badly, so a known shape is drawn at the chosen model's own size and keeps
+    // following the model; an odd size is kept as it is.
+    const ratio = preset.width / preset.height;
+    const aspect = ASPECTS.find((a) => Math.abs(a.w / a.h / ratio - 1) < 0.03);
+    if (aspect) {
+      const size = sizeFor(aspect, nativeSize(model) ?? baseSize(model?.family));
+      next.width = size.width;
+      next.height = size.height;
+      next.aspect = aspect.id;
+    } else {
+      next.width = preset.width;
+      next.height = preset.height;
+      next.aspect = 'custom';
+    }
   }
   if (fastDefaults(model)) return next;
   if (preset.steps) next.steps = preset.steps;

@@ -34,7 +34,7 @@ export function readSelfTest(result: SelfTestResult | null, error: ApiError | nu
     };
   }
   const took = typeof result.total_ms === 'number' ? ` A test picture took ${formatMs(result.total_ms)}` : '';
-  const device = result.device?.toLowerCase() === 'cpu' ? 'the processor' : result.device === 'cuda' || result.device?.startsWith('cuda') ? 'the graphics card' : result.device;
+  const device = result.device?.toLowerCase() === 'cpu' ? 'the processor' : result.device === 'cuda' || result.device?.startsWith('cuda') || result.device === 'metal' ? 'the graphics card' : result.device;
   const where = took && device ? ` on ${device}` : '';
   return { state: 'passed', message: `Everything works.${took}${where}${took ? '.' : ''}`, hint: null };
 }

@@ -58,6 +58,50 @@ fn body_of(body: Result<Json<Character>, JsonRejection>) -> Result<Character, Ap
     })
 }
 
+/// Whether `style` names a preset (by id or name, as a job's preset is found).
+fn is_preset(state: &AppState, style: &str) -> bool {
+    state
+        .all_presets()
+        .iter()
+        .any(|p| p.id.eq_ignore_ascii_case(style) || p.name.eq_ignore_ascii_case(style))
+}
+
+/// A character's style must be a preset when it is saved (found by review: any text was kept
+/// and every picture of the character then failed).
+fn check_style(state: &AppState, c: &Character) -> Result<(), ApiError> {
+    match c.style.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(style) if !is_preset(state, style) => Err(ApiError::new(
+            Code::InvalidRequest,
+            format!("There is no preset called '{style}' for the character's style."),
+            format!(
+                "Choose one of: {}.",
+                state
+                    .all_presets()
+                    .iter()
+                    .map(|p| p.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The preset a character's pictures use: its style, or `default` when it has none or its preset
+/// was deleted since, with a note saying so for the job.
+fn style_of(state: &AppState, style: Option<&str>, default: &str) -> (String, Option<String>) {
+    match style.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) if is_preset(state, s) => (s.to_owned(), None),
+        Some(s) => (
+            default.to_owned(),
+            Some(format!(
+                "The character's style '{s}' is no longer a preset; drawn with '{default}'. Choose another style for the character."
+            )),
+        ),
+        None => (default.to_owned(), None),
+    }
+}
+
 /// An avatar must be one of the gallery's images.
 fn check_avatar(state: &AppState, c: &Character) -> Result<(), ApiError> {
     if let Some(id) = c.avatar {
@@ -84,6 +128,7 @@ pub async fn create(
     let c = body_of(body)?;
     blocking(move || {
         check_avatar(&state, &c)?;
+        check_style(&state, &c)?;
         state
             .characters()
             .create(c)
@@ -101,6 +146,7 @@ pub async fn update(
     let c = body_of(body)?;
     blocking(move || {
         check_avatar(&state, &c)?;
+        check_style(&state, &c)?;
         state
             .characters()
             .update(&id, c)
@@ -190,10 +236,11 @@ pub async fn portrait(
         appearance: c.appearance.clone(),
     };
     let prompt = chat::write_prompt(Mode::Portrait, &[], &[scene], None);
+    let (preset, note) = style_of(&state, c.style.as_deref(), "portrait");
     let input = GenerationInput {
         prompt: prompt.clone(),
         negative_prompt: (!c.negative_prompt.trim().is_empty()).then(|| c.negative_prompt.clone()),
-        preset: Some(c.style.clone().unwrap_or_else(|| "portrait".into())),
+        preset: Some(preset),
         model: opts.model.or(c.model.clone()),
         seed: opts.seed.or(c.seed.map(|s| s as i64)),
         steps: opts.steps,
@@ -202,6 +249,9 @@ pub async fn portrait(
         ..Default::default()
     };
     let job = submit(&state, input).await?;
+    if let Some(note) = note {
+        state.jobs().add_note(&job.id, &note);
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(Illustrated::queued(
@@ -437,14 +487,20 @@ pub async fn illustrate(
         .as_ref()
         .map(|c| c.negative_prompt.trim().to_owned())
         .filter(|n| !n.is_empty());
+    // A preset the request names is its own (an unknown one is refused by name); a character's
+    // style falls back to the default when its preset was deleted.
+    let (preset, style_note) = match &req.preset {
+        Some(p) => (p.clone(), None),
+        None => style_of(
+            &state,
+            main.as_ref().and_then(|c| c.style.as_deref()),
+            default_preset,
+        ),
+    };
     let input = GenerationInput {
         prompt,
         negative_prompt: negative,
-        preset: req
-            .preset
-            .clone()
-            .or_else(|| main.as_ref().and_then(|c| c.style.clone()))
-            .or(Some(default_preset.to_owned())),
+        preset: Some(preset),
         model: req
             .model
             .clone()
@@ -458,6 +514,9 @@ pub async fn illustrate(
         ..Default::default()
     };
     let job = submit(&state, input).await?;
+    if let Some(style_note) = style_note {
+        state.jobs().add_note(&job.id, &style_note);
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(Illustrated::queued(mode, reason, writer, note, job)),

@@ -58,7 +58,11 @@ pub async fn self_test(State(state): State<AppState>) -> Result<Json<SelfTest>, 
     }
     let guard = Running;
     let settings = state.settings();
-    let load = crate::device::load_options_with(settings.precision, settings.low_vram);
+    let load = crate::device::load_options_with(
+        settings.precision,
+        settings.low_vram,
+        crate::device::gpu_advised(&*state.gpu()),
+    );
     let result = tokio::task::spawn_blocking(move || {
         let _guard = guard;
         diagnostics::self_test(&model, &load)

@@ -43,10 +43,10 @@ pub async fn schedules() -> Json<Value> {
     }))
 }
 
-/// The usable VRAM for catalog advice: the largest NVIDIA card when this build can use CUDA,
-/// else none (the CPU).
+/// The usable VRAM for catalog advice: the largest NVIDIA card when this build can use CUDA
+/// and the hardware advice draws on it, else none (the CPU, as the worker then draws).
 fn usable_vram_gb(state: &AppState) -> Option<f64> {
-    if !crate::BUILD.cuda {
+    if !crate::BUILD.cuda || !crate::device::gpu_advised(&*state.gpu()) {
         return None;
     }
     state
@@ -93,7 +93,12 @@ pub async fn catalog(State(state): State<AppState>) -> Json<Value> {
 pub async fn setup(State(state): State<AppState>) -> Json<Value> {
     let s = state.clone();
     let (has_model, vram) =
-        tokio::task::spawn_blocking(move || (!s.models().is_empty(), usable_vram_gb(&s)))
+        // Only a model that can draw counts: a folder of `.ckpt` files or unsupported
+        // checkpoints must not end the first-start guide (found by review).
+        tokio::task::spawn_blocking(move || {
+            let usable = s.models().iter().any(|m| m.problem.is_none() && !m.refiner);
+            (usable, usable_vram_gb(&s))
+        })
             .await
             .unwrap_or((false, None));
     let suggested = ld_core::catalog::suggest(vram);
