@@ -51,11 +51,12 @@ pub struct GenerationInput {
     pub refiner_switch: Option<f64>,
 }
 
-/// The LoRA and embedding files a prompt may name.
+/// The LoRA and embedding files a prompt may name, and the VAE files the settings' "SD VAE" may.
 #[derive(Debug, Clone, Default)]
 pub struct Networks {
     pub loras: Vec<crate::models::NetworkFile>,
     pub embedding_dirs: Vec<std::path::PathBuf>,
+    pub vaes: Vec<crate::vae::VaeFile>,
 }
 
 /// A request ready for the queue: the model and one engine request per image.
@@ -68,6 +69,9 @@ pub struct ComposedJob {
     pub embedding_dirs: Vec<std::path::PathBuf>,
     /// The SDXL refiner and where it takes over.
     pub refiner: Option<Refiner>,
+    /// The settings' "SD VAE"; the worker resolves it against the model when the job runs
+    /// ([`crate::vae::resolve`]), so a file removed meanwhile falls back with a note.
+    pub vae: crate::vae::VaeChoice,
     /// One per image of the batch; seeds count up from the first, as in A1111.
     pub images: Vec<GenerateRequest>,
     pub preset: Option<String>,
@@ -353,6 +357,7 @@ pub fn compose(
         loras,
         embedding_dirs: networks.embedding_dirs.clone(),
         refiner,
+        vae: crate::vae::choose(&settings.vae, &networks.vaes),
         images,
         preset: preset.map(|p| p.id.clone()),
     })
@@ -992,6 +997,38 @@ mod tests {
     }
 
     #[test]
+    fn the_settings_vae_goes_with_every_job() {
+        use crate::vae::{VaeChoice, VaeFile};
+        let file = VaeFile {
+            name: "kl-f8-anime2.safetensors".into(),
+            path: PathBuf::from("/vae/kl-f8-anime2.safetensors"),
+            size_bytes: 1,
+            family: None,
+        };
+        let nets = Networks {
+            vaes: vec![file.clone()],
+            ..Networks::default()
+        };
+        let vae_of = |setting: &str| {
+            let s = Settings {
+                vae: setting.into(),
+                ..settings()
+            };
+            compose(&input("x"), &s, &[], &library(), &nets)
+                .unwrap()
+                .vae
+        };
+        assert_eq!(vae_of("Automatic"), VaeChoice::Automatic);
+        assert_eq!(vae_of("None"), VaeChoice::ModelOwn);
+        assert_eq!(vae_of("kl-f8-anime2.safetensors"), VaeChoice::File(file));
+        // A file gone since it was chosen: the job still runs (the worker falls back and notes it).
+        assert_eq!(
+            vae_of("gone.safetensors"),
+            VaeChoice::Missing("gone.safetensors".into())
+        );
+    }
+
+    #[test]
     fn lora_tags_resolve_to_files_and_unknown_names_are_errors() {
         let nets = Networks {
             loras: vec![crate::models::NetworkFile {
@@ -1000,6 +1037,7 @@ mod tests {
                 size_bytes: 1,
             }],
             embedding_dirs: vec![PathBuf::from("/emb")],
+            vaes: Vec::new(),
         };
         let job = compose(
             &input("a cat <lora:pastel:0.6> <lora:Pastel:0.5:0.9>"),

@@ -47,6 +47,7 @@ impl DataDir {
             dir.characters(),
             dir.loras(),
             dir.embeddings(),
+            dir.vaes(),
         ] {
             std::fs::create_dir_all(&sub).map_err(|source| DataDirError::Create {
                 path: sub.clone(),
@@ -78,6 +79,10 @@ impl DataDir {
     /// Textual-inversion embeddings, used by name in prompts.
     pub fn embeddings(&self) -> PathBuf {
         self.root.join("embeddings")
+    }
+    /// VAE files the "SD VAE" setting offers (see [`crate::vae::vae_dirs`]).
+    pub fn vaes(&self) -> PathBuf {
+        self.root.join("vae")
     }
     /// The user's characters, one JSON file each.
     pub fn characters(&self) -> PathBuf {

@@ -498,6 +498,7 @@ mod tests {
             images: vec![],
             error,
             notes: notes.iter().map(|s| s.to_string()).collect(),
+            vae: None,
             created_at: 1,
             started_at: Some(0),
             finished_at: Some(400_000),

@@ -109,6 +109,10 @@ pub struct JobInfo {
     /// What the app changed to make the picture fit or look right ("Out of memory: retried with
     /// tiled VAE"), in words for the user.
     pub notes: Vec<String>,
+    /// The VAE file the pictures are decoded with (the one chosen in Settings, or the one beside
+    /// the model), by file name as A1111's `sd_vae_name`; `None`: the model's own VAE. Known once
+    /// the job runs.
+    pub vae: Option<String>,
     /// Unix milliseconds.
     pub created_at: i64,
     pub started_at: Option<i64>,
@@ -281,6 +285,7 @@ impl Job {
             images: Vec::new(),
             error: None,
             notes: Vec::new(),
+            vae: None,
             created_at: now_ms(),
             started_at: None,
             finished_at: None,
@@ -591,8 +596,9 @@ struct Loaded {
     pipeline: Pipeline,
 }
 
-/// A fingerprint of the files `spec`'s pipeline is built from (the model, its LoRAs, the
-/// embedding folders' files, the refiner): their names, sizes and modification times. A model
+/// A fingerprint of the files `spec`'s pipeline is built from (the model, its VAE file, its
+/// LoRAs, the embedding folders' files, the refiner): their names, sizes and modification times.
+/// Another VAE chosen in Settings changes it too, so the switch takes effect on the next job. A model
 /// replaced on disk, or an embedding dropped into its folder, changes it, so the next job loads
 /// afresh instead of drawing with what was read before (and saving parameters that name files
 /// it did not use). Folders are read a few levels deep, hidden entries skipped: stats only, a
@@ -628,8 +634,10 @@ fn files_stamp(spec: &ComposedJob) -> u64 {
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     visit(&spec.model.path, 3, &mut h);
-    if let Some(vae) = ld_engine::single_file::sibling_vae(&spec.model.path) {
-        visit(&vae, 0, &mut h);
+    match crate::vae::resolve(&spec.vae, &spec.model).path {
+        Some(vae) => visit(&vae, 0, &mut h),
+        // Told apart from a VAE file that has since gone.
+        None => "own VAE".hash(&mut h),
     }
     for lora in &spec.loras {
         visit(&lora.path, 0, &mut h);
@@ -732,6 +740,12 @@ enum Outcome {
 fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
     let model = &job.spec.model;
     let dtype = shared.config.load.dtype;
+    let vae = crate::vae::resolve(&job.spec.vae, model);
+    if let Some(note) = &vae.note {
+        tracing::warn!(job = %job.id, "{note}");
+        push_note(job, note);
+    }
+    job.info.send_modify(|i| i.vae = vae.name());
     let stamp = files_stamp(&job.spec);
     let hit = matches!(cache, Some(l) if l.path == model.path && l.dtype == dtype
         && l.loras == job.spec.loras && l.embedding_dirs == job.spec.embedding_dirs
@@ -760,7 +774,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         *cache = None;
         // Each stage holds one model, and the base's estimate covers the largest.
         return match plan_memory(job, &policy, dtype, false, 0) {
-            Ok(memory) => run_staged(shared, job, memory, &note, faults.as_deref()),
+            Ok(memory) => run_staged(shared, job, &vae, memory, &note, faults.as_deref()),
             Err(e) => Outcome::Failed(e),
         };
     }
@@ -774,7 +788,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         Err(e) => return Outcome::Failed(e),
     };
     if !hit {
-        match load_pipeline(shared, job) {
+        match load_pipeline(shared, job, &vae) {
             Ok(pipeline) => {
                 *cache = Some(Loaded {
                     path: model.path.clone(),
@@ -786,7 +800,7 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
                     pipeline,
                 })
             }
-            Err(e) => return Outcome::Failed(explain(&e, &model.name)),
+            Err(e) => return Outcome::Failed(explain_load(&e, &model.name, &vae)),
         }
     }
     let pipeline = &mut cache.as_mut().expect("loaded above").pipeline;
@@ -909,7 +923,8 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
             pipeline.plan_prompt(p)
         });
         let memory = pipeline.memory_options();
-        if let Err(outcome) = save_picture(shared, job, req, &image, ti, &memory, &recovered) {
+        if let Err(outcome) = save_picture(shared, job, req, &image, ti, &vae, &memory, &recovered)
+        {
             return outcome;
         }
         any_done = true;
@@ -1081,13 +1096,14 @@ fn job_need(
 fn run_staged(
     shared: &Shared,
     job: &Job,
+    vae_file: &crate::vae::VaeUse,
     memory: MemoryOptions,
     staged_why: &str,
     faults: Option<&dyn FaultInjector>,
 ) -> Outcome {
     let spec = &job.spec;
     let model = &spec.model;
-    let failed = |e: EngineError| Outcome::Failed(explain(&e, &model.name));
+    let failed = |e: EngineError| Outcome::Failed(explain_load(&e, &model.name, vae_file));
     // Errors of the refiner's stages name the refiner.
     let refiner_name = spec
         .refiner
@@ -1100,7 +1116,11 @@ fn run_staged(
     let mut memory = memory;
     set_stage(shared, job, Stage::LoadingModel);
     push_note(job, staged_why);
-    let source = ld_engine::single_file::ModelSource::with_sibling_vae(model.path.clone());
+    let source = ld_engine::single_file::ModelSource {
+        path: model.path.clone(),
+        config: None,
+        vae: vae_file.path.clone(),
+    };
     let mut staged = match StagedPipeline::open_source(&source, &shared.config.load) {
         Ok(s) => s,
         Err(e) => return failed(e),
@@ -1362,6 +1382,7 @@ fn run_staged(
             req,
             &image,
             ti[index].clone(),
+            vae_file,
             &memory,
             &recovered,
         ) {
@@ -1372,14 +1393,17 @@ fn run_staged(
 }
 
 /// Saves one decoded picture (`image`, pixels in [-1, 1]) to the gallery with its parameters
-/// text: the request, the hashes Civitai reads (`ti`: "TI hashes"), the refiner, the memory
-/// strategies that may change pixels and what was recovered from. On failure, the job's end.
+/// text: the request, the hashes Civitai reads (`ti`: "TI hashes"), the VAE file, the refiner,
+/// the memory strategies that may change pixels and what was recovered from. On failure, the
+/// job's end.
+#[allow(clippy::too_many_arguments)] // One call per pipeline kind; a struct would only rename them.
 fn save_picture(
     shared: &Shared,
     job: &Job,
     req: &GenerateRequest,
     image: &Tensor,
     ti: Option<String>,
+    vae: &crate::vae::VaeUse,
     memory: &MemoryOptions,
     recovered: &[String],
 ) -> Result<(), Outcome> {
@@ -1389,6 +1413,15 @@ fn save_picture(
     set_stage(shared, job, Stage::Saving);
     let mut infotext = infotext_for(req, &model.name);
     add_hashes(shared, job, ti, &mut infotext);
+    if let (Some(path), Some(name)) = (&vae.path, vae.name()) {
+        // A1111 writes "VAE hash" (AutoV2) and "VAE" (the file name) when a VAE file was used.
+        if let Ok(h) = shared.hashes.sha256(path) {
+            infotext
+                .extra
+                .push(("VAE hash".into(), crate::hashes::autov2(&h)));
+        }
+        infotext.extra.push(("VAE".into(), name));
+    }
     if let Some(r) = &job.spec.refiner {
         infotext.extra.push(("Refiner".into(), r.name.clone()));
         infotext
@@ -1705,11 +1738,20 @@ fn set_stage(shared: &Shared, job: &Job, stage: Stage) {
 /// Loads the job's model with its LoRAs merged and the embeddings its prompt may use. LoRA and
 /// embedding problems that do not stop the picture (a layer the LoRA names that the model lacks,
 /// an embedding of another model family) become notes on the job.
-fn load_pipeline(shared: &Shared, job: &Job) -> ld_engine::Result<Pipeline> {
+fn load_pipeline(
+    shared: &Shared,
+    job: &Job,
+    vae: &crate::vae::VaeUse,
+) -> ld_engine::Result<Pipeline> {
     let spec = &job.spec;
     let load = &shared.config.load;
-    // A folder or a single file (SD1, SD2 or SDXL, original LDM names); LoRAs merge into either.
-    let source = ld_engine::single_file::ModelSource::with_sibling_vae(spec.model.path.clone());
+    // A folder or a single file (SD1, SD2 or SDXL, original LDM names); LoRAs merge into either,
+    // with the VAE file the settings (or the file beside it) give.
+    let source = ld_engine::single_file::ModelSource {
+        path: spec.model.path.clone(),
+        config: None,
+        vae: vae.path.clone(),
+    };
     let mut pipeline = Pipeline::load_source_with_loras(&source, load, &spec.loras)?;
     if let Some(r) = &spec.refiner {
         // A refiner folder or a single-file refiner checkpoint.
@@ -1935,6 +1977,36 @@ fn preview_png(rgb: &[u8], width: usize, height: usize) -> Result<Vec<u8>, png::
     Ok(out)
 }
 
+/// [`explain`] for a failure to load `model` with `vae`: when a VAE file chosen in Settings is
+/// in use and the failure is about a VAE (a file of another architecture, tensors of other
+/// shapes), it says which file and to choose another, not to reinstall the model.
+fn explain_load(e: &EngineError, model: &str, vae: &crate::vae::VaeUse) -> JobError {
+    let general = explain(e, model);
+    let (Some(path), Some(name), true) = (&vae.path, vae.name(), vae.chosen) else {
+        return general;
+    };
+    let text = e.to_string();
+    let about_vae = match e {
+        EngineError::Weights { path: p, .. }
+        | EngineError::MissingFile { path: p }
+        | EngineError::Io { path: p, .. } => p == path,
+        EngineError::Candle(_) => text.contains(&*path.to_string_lossy()),
+        _ => false,
+    };
+    if !about_vae || general.code == "out_of_memory" {
+        return general;
+    }
+    JobError {
+        code: "model_broken",
+        message: format!(
+            "The VAE '{name}' chosen in Settings does not fit the model '{model}': {text}."
+        ),
+        hint: "Choose a VAE made for this kind of model in Settings (SD VAE), or set it to \
+               \"Automatic\"."
+            .into(),
+    }
+}
+
 /// An engine failure in words for the user, with what to do about it.
 pub fn explain(e: &EngineError, model: &str) -> JobError {
     match e {
@@ -2026,6 +2098,7 @@ mod tests {
                 ..Default::default()
             }],
             preset: None,
+            vae: Default::default(),
         };
         finished(svc, svc.submit(spec).unwrap().id)
     }
@@ -2119,6 +2192,7 @@ mod tests {
                 ..Default::default()
             }],
             preset: None,
+            vae: Default::default(),
         };
         let before = finished(&svc, svc.submit(job()).unwrap().id);
         let stamp = files_stamp(&job());
@@ -2402,6 +2476,162 @@ mod tests {
         );
     }
 
+    /// The tiny SD1 folder's own VAE, saved as a VAE file in `dir` under `name` with `change`
+    /// applied to its tensors.
+    fn vae_file(
+        dir: &std::path::Path,
+        name: &str,
+        change: impl FnOnce(&mut HashMap<String, Tensor>),
+    ) -> PathBuf {
+        let own = tiny_model()
+            .path
+            .join("vae/diffusion_pytorch_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(own, &candle_core::Device::Cpu).unwrap();
+        change(&mut tensors);
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_vae_chosen_in_settings_decodes_the_next_job_and_a_gone_file_falls_back() {
+        // A1111's "SD VAE" setting: a VAE file replaces the model's own, for a diffusers folder
+        // as for a single file; a switch takes effect on the next job without a restart (the
+        // cached pipeline's key changes); a file removed since it was chosen gives the model's
+        // own VAE and a note, not a failure.
+        let dir = tempfile::tempdir().unwrap();
+        let vaes = dir.path().join("vae");
+        // A brighter decoder: the same drawing comes out with other pixels.
+        vae_file(&vaes, "bright.safetensors", |t| {
+            let b = t["decoder.conv_out.bias"].affine(1.0, 0.5).unwrap();
+            t.insert("decoder.conv_out.bias".into(), b);
+        });
+        let files = crate::vae::vae_files(&[(vaes.clone(), 0)]);
+        let svc = service(&dir);
+        let job = |setting: &str| ComposedJob {
+            model: tiny_model(),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            refiner: None,
+            images: vec![GenerateRequest {
+                prompt: "a red fox".into(),
+                steps: 1,
+                width: 64,
+                height: 64,
+                seed: 5,
+                ..Default::default()
+            }],
+            preset: None,
+            vae: crate::vae::choose(setting, &files),
+        };
+        let run = |setting: &str| {
+            let info = finished(&svc, svc.submit(job(setting)).unwrap().id);
+            assert_eq!(info.state, JobState::Done, "{setting}: {:?}", info.error);
+            let (pixels, text) = saved(&svc, &info).remove(0);
+            (info, pixels, text)
+        };
+        assert_ne!(
+            files_stamp(&job("bright.safetensors")),
+            files_stamp(&job("Automatic")),
+            "another VAE, another pipeline"
+        );
+        let (own, own_pixels, own_text) = run("Automatic");
+        let (chosen, chosen_pixels, chosen_text) = run("bright.safetensors");
+        assert_eq!(own.vae, None);
+        assert!(!own_text.contains("VAE"), "{own_text}");
+        assert_eq!(chosen.vae.as_deref(), Some("bright.safetensors"));
+        assert!(chosen_pixels != own_pixels, "the chosen VAE was not used");
+        let mean = |p: &[u8]| p.iter().map(|&v| v as f64).sum::<f64>() / p.len() as f64;
+        assert!(mean(&chosen_pixels) > mean(&own_pixels));
+        assert!(
+            chosen_text.contains("VAE hash: ") && chosen_text.contains("VAE: bright.safetensors"),
+            "{chosen_text}"
+        );
+        // Back to the model's own, and "None" (the same for a folder): the pictures of before.
+        for setting in ["Automatic", "None"] {
+            let (info, pixels, _) = run(setting);
+            assert!(pixels == own_pixels, "{setting} drew with the chosen VAE");
+            assert!(info.notes.is_empty(), "{:?}", info.notes);
+        }
+        // Removed after it was chosen: the model's own, said in the notes.
+        std::fs::remove_file(vaes.join("bright.safetensors")).unwrap();
+        let (gone, pixels, _) = run("bright.safetensors");
+        assert!(pixels == own_pixels);
+        assert_eq!(gone.vae, None);
+        assert!(
+            gone.notes.iter().any(|n| n.contains("'bright.safetensors'")
+                && n.contains("\"Automatic\" was used")),
+            "{:?}",
+            gone.notes
+        );
+        // Chosen while it was there, gone by the time the job is composed: the same.
+        let missing = crate::vae::VaeChoice::Missing("bright.safetensors".into());
+        let info = finished(
+            &svc,
+            svc.submit(ComposedJob {
+                vae: missing,
+                ..job("Automatic")
+            })
+            .unwrap()
+            .id,
+        );
+        assert_eq!(info.state, JobState::Done, "{:?}", info.error);
+        assert!(
+            info.notes.iter().any(|n| n.contains("not found")),
+            "{:?}",
+            info.notes
+        );
+    }
+
+    #[test]
+    fn a_chosen_vae_that_does_not_fit_the_model_says_so_whole_or_staged() {
+        // "Tell families apart only if the file tells": a VAE of another shape (here a decoder
+        // with more output channels) is tried and its error names the file and the setting, not
+        // "install the model again". One model at a time (Low-VRAM mode On) loads the VAE last;
+        // the same message.
+        let dir = tempfile::tempdir().unwrap();
+        let vaes = dir.path().join("vae");
+        vae_file(&vaes, "odd.safetensors", |t| {
+            let w = &t["decoder.conv_out.weight"];
+            let (o, i, h, k) = w.dims4().unwrap();
+            let wider = Tensor::zeros((o + 1, i, h, k), w.dtype(), w.device()).unwrap();
+            t.insert("decoder.conv_out.weight".into(), wider);
+        });
+        let files = crate::vae::vae_files(&[(vaes.clone(), 0)]);
+        let svc = service(&dir);
+        let job = || ComposedJob {
+            model: tiny_model(),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            refiner: None,
+            images: vec![GenerateRequest {
+                prompt: "a red fox".into(),
+                steps: 1,
+                width: 64,
+                height: 64,
+                ..Default::default()
+            }],
+            preset: None,
+            vae: crate::vae::choose("odd.safetensors", &files),
+        };
+        for low_vram in [LowVram::Auto, LowVram::On] {
+            svc.set_memory_policy(MemoryPolicy {
+                low_vram,
+                ..Default::default()
+            });
+            let info = finished(&svc, svc.submit(job()).unwrap().id);
+            assert_eq!(info.state, JobState::Failed, "{low_vram:?}");
+            let e = info.error.unwrap();
+            assert!(
+                e.message
+                    .contains("The VAE 'odd.safetensors' chosen in Settings")
+                    && e.hint.contains("Automatic"),
+                "{low_vram:?}: {e:?}"
+            );
+        }
+    }
+
     /// Pixels and parameters text of each picture `info` saved.
     /// The saved pictures of the jobs `[whole, staged, short]` (the same batch of two seeds, drawn
     /// with all models loaded, one at a time, and one at a time for short memory): two different
@@ -2467,6 +2697,7 @@ mod tests {
             refiner: None,
             images: vec![request(3), request(4)],
             preset: None,
+            vae: Default::default(),
         };
         let wait = |id| finished(&svc, id);
         // The same strategies both ways, so only the staging differs.
@@ -2535,6 +2766,7 @@ mod tests {
                 ..Default::default()
             }],
             preset: None,
+            vae: Default::default(),
         };
         let (with, _) = Job::queued("with".into(), spec(true), 1);
         let (without, _) = Job::queued("without".into(), spec(false), 1);
@@ -2629,6 +2861,7 @@ mod tests {
             }),
             images: vec![request(3), request(4)],
             preset: None,
+            vae: Default::default(),
         };
         let policy = |low_vram| MemoryPolicy {
             low_vram,
@@ -2757,6 +2990,7 @@ mod tests {
                 ..Default::default()
             }],
             preset: None,
+            vae: Default::default(),
         };
         // Just short of what the whole pipeline needs with an f32 UNet.
         let shape = model_shape(&tiny_model()).unwrap();

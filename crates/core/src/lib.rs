@@ -17,5 +17,6 @@ pub mod metadata;
 pub mod models;
 pub mod presets;
 pub mod settings;
+pub mod vae;
 
 mod fsutil;

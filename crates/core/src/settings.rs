@@ -41,6 +41,9 @@ pub struct Settings {
     /// A1111's "Clip skip" for requests that do not set one: 1 = the text encoder's last layer,
     /// 2 = the one before (what many anime models expect).
     pub clip_skip: usize,
+    /// A1111's "SD VAE": "Automatic" (the model's own, or `<name>.vae.safetensors` beside a
+    /// single file), "None" (the model's own only), or a VAE file's name (see [`crate::vae`]).
+    pub vae: String,
 }
 
 /// An OpenAI-compatible chat server (llama.cpp, Ollama, LM Studio, ...) that writes image prompts
@@ -85,6 +88,7 @@ impl Default for Settings {
             models_dirs: Vec::new(),
             chat_writer: ChatWriterSettings::default(),
             clip_skip: 1,
+            vae: crate::vae::AUTOMATIC.to_owned(),
         }
     }
 }
@@ -180,6 +184,17 @@ mod tests {
         save(&p, &s).unwrap();
         let l = load(&p);
         assert_eq!(l.settings, s);
+        assert!(l.warning.is_none());
+    }
+
+    #[test]
+    fn a_settings_file_from_before_the_vae_setting_gets_automatic() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("settings.json");
+        std::fs::write(&p, br#"{"clip_skip": 2}"#).unwrap();
+        let l = load(&p);
+        assert_eq!(l.settings.vae, "Automatic");
+        assert_eq!(l.settings.clip_skip, 2);
         assert!(l.warning.is_none());
     }
 

@@ -547,6 +547,7 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
         info.kind = CheckpointKind::Vae;
         info.has_vae = true;
         info.vae_layout = Some(layout);
+        info.family = vae_family(header);
         info.loadable = true;
         return info;
     }
@@ -673,6 +674,27 @@ fn lora_family(header: &Header) -> Option<ModelFamily> {
         1024 => Some(ModelFamily::Sd2),
         2048 => Some(ModelFamily::SdxlBase),
         _ => None,
+    }
+}
+
+/// The family a VAE file says it is for, if it says: SD1/SD2 and SDXL VAEs have the same tensor
+/// names and shapes, so only metadata tells them apart. SAI's ModelSpec
+/// (<https://github.com/Stability-AI/ModelSpec>) names it in `modelspec.architecture`, e.g.
+/// `stable-diffusion-xl-v1-base/vae` or `stable-diffusion-v1`; most VAE files carry none.
+fn vae_family(header: &Header) -> Option<ModelFamily> {
+    let arch = header
+        .metadata
+        .get("modelspec.architecture")?
+        .to_ascii_lowercase();
+    // The refiner decodes with the base's VAE, so an SDXL VAE is `SdxlBase` whichever it names.
+    if arch.starts_with("stable-diffusion-xl") {
+        Some(ModelFamily::SdxlBase)
+    } else if arch.starts_with("stable-diffusion-v1") {
+        Some(ModelFamily::Sd1)
+    } else if arch.starts_with("stable-diffusion-v2") {
+        Some(ModelFamily::Sd2)
+    } else {
+        None
     }
 }
 

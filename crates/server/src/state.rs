@@ -256,6 +256,15 @@ impl AppState {
         ))
     }
 
+    /// The VAE files the "SD VAE" setting may name (data folder, model folders, added folders).
+    pub fn vaes(&self) -> Vec<ld_core::vae::VaeFile> {
+        ld_core::vae::vae_files(&ld_core::vae::vae_dirs(
+            self.inner.data.root(),
+            &self.inner.data.models(),
+            &self.user_roots(),
+        ))
+    }
+
     /// The model new jobs use when they name none.
     pub fn default_model(&self) -> Option<ModelInfo> {
         let models = self.models();
@@ -278,6 +287,7 @@ impl AppState {
                 self.inner.data.root(),
                 &self.user_roots(),
             ),
+            vaes: self.vaes(),
         };
         compose::compose(
             input,

@@ -396,6 +396,157 @@ async fn a_prompt_with_a_lora_and_an_embedding_draws_with_them_and_records_their
     assert!(err["hint"].as_str().unwrap().contains("kohya"), "{err}");
 }
 
+/// SillyTavern's VAE list reads `/sdapi/v1/sd-vae` and sets one with POST `/sdapi/v1/options
+/// {"sd_vae": model_name}`, as with A1111; our Settings page reads `vaes` from
+/// `/api/v1/networks` and saves `vae` with the settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vae_is_listed_chosen_the_a1111_way_and_named_in_what_it_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let a1111 = tempfile::tempdir().unwrap();
+    let data = DataDir::open(Some(dir.path())).unwrap();
+    let own_vae = tiny("sd1").join("vae/diffusion_pytorch_model.safetensors");
+    let mine = data.vaes().join("mine.safetensors");
+    std::fs::copy(&own_vae, &mine).unwrap();
+    let anime = a1111.path().join("models/VAE/anime.safetensors");
+    std::fs::create_dir_all(anime.parent().unwrap()).unwrap();
+    std::fs::copy(&own_vae, &anime).unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![tiny("sd1"), a1111.path().to_path_buf()],
+        ..StateOptions::new(data, PORT)
+    })
+    .unwrap();
+
+    let (status, list) = call_json(&s, "GET", "/sdapi/v1/sd-vae", Value::Null, false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        list,
+        json!([
+            {"model_name": "anime.safetensors", "filename": anime.display().to_string()},
+            {"model_name": "mine.safetensors", "filename": mine.display().to_string()},
+        ])
+    );
+    let (_, networks) = call_json(&s, "GET", "/api/v1/networks", Value::Null, false).await;
+    let names: Vec<_> = networks["vaes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["anime.safetensors", "mine.safetensors"]);
+    let (_, options) = call_json(&s, "GET", "/sdapi/v1/options", Value::Null, false).await;
+    assert_eq!(options["sd_vae"], "Automatic");
+
+    let set = |value: Value| {
+        let s = s.clone();
+        async move {
+            call_json(
+                &s,
+                "POST",
+                "/sdapi/v1/options",
+                json!({ "sd_vae": value }),
+                false,
+            )
+            .await
+        }
+    };
+    let (status, err) = set(json!("nope.safetensors")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["code"], "invalid_request");
+    assert_eq!(
+        err["message"],
+        "There is no VAE file called 'nope.safetensors'."
+    );
+    let hint = err["hint"].as_str().unwrap();
+    assert!(
+        hint.starts_with(
+            "Choose one of: \"Automatic\", \"None\", \"anime.safetensors\", \"mine.safetensors\"."
+        ),
+        "{hint}"
+    );
+    assert_eq!(
+        s.settings().vae,
+        "Automatic",
+        "a refused name changes nothing"
+    );
+    // A model and a VAE together: a refused VAE switches no model either.
+    let (status, _) = call_json(
+        &s,
+        "POST",
+        "/sdapi/v1/options",
+        json!({"sd_model_checkpoint": "sd1", "sd_vae": 7}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(s.settings().default_model, None);
+
+    let (status, _) = set(json!("mine.safetensors")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, options) = call_json(&s, "GET", "/sdapi/v1/options", Value::Null, false).await;
+    assert_eq!(options["sd_vae"], "mine.safetensors");
+    let (_, settings) = call_json(&s, "GET", "/api/v1/settings", Value::Null, true).await;
+    assert_eq!(settings["vae"], "mine.safetensors");
+    let on_disk = ld_core::settings::load(&s.data().settings_file()).settings;
+    assert_eq!(on_disk.vae, "mine.safetensors");
+
+    let draw = || {
+        let s = s.clone();
+        async move {
+            let body = json!({"prompt": "a cat", "width": 64, "height": 64, "steps": 1});
+            let (status, answer) = call_json(&s, "POST", "/sdapi/v1/txt2img", body, false).await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            serde_json::from_str::<Value>(answer["info"].as_str().unwrap()).unwrap()
+        }
+    };
+    let info = draw().await;
+    assert_eq!(info["sd_vae_name"], "mine.safetensors");
+    let text = info["infotexts"][0].as_str().unwrap();
+    assert!(text.contains("VAE: mine.safetensors"), "{text}");
+
+    // "none" in any case is A1111's "None": the model's own, nothing named.
+    let (status, _) = set(json!("none")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.settings().vae, "None");
+    let info = draw().await;
+    assert!(info["sd_vae_name"].is_null(), "{info}");
+
+    // Our settings route: an unknown name is refused the same way; a known one is kept as
+    // listed.
+    let mut wanted = settings.clone();
+    wanted["vae"] = json!("Nope");
+    let (status, err) = call_json(&s, "PUT", "/api/v1/settings", wanted.clone(), true).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert_eq!(err["message"], "There is no VAE file called 'Nope'.");
+    wanted["vae"] = json!("ANIME.safetensors");
+    let (status, saved) = call_json(&s, "PUT", "/api/v1/settings", wanted.clone(), true).await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+    assert_eq!(saved["vae"], "anime.safetensors");
+    // Gone since it was chosen: the other settings can still be saved, and drawing falls back
+    // to the model's own VAE with a note instead of failing.
+    std::fs::remove_file(&anime).unwrap();
+    wanted["vae"] = json!("anime.safetensors");
+    wanted["prompt_prefix"] = json!("masterpiece, ");
+    let (status, saved) = call_json(&s, "PUT", "/api/v1/settings", wanted, true).await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
+    assert_eq!(saved["prompt_prefix"], "masterpiece, ");
+    let (status, job) = call_json(
+        &s,
+        "POST",
+        "/api/v1/jobs",
+        json!({"prompt": "a cat", "width": 64, "height": 64, "steps": 1}),
+        false,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let done = s.jobs().wait(job["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(done.images.len(), 1, "{:?}", done.error);
+    assert!(
+        done.notes.iter().any(|n| n.contains("'anime.safetensors'")),
+        "{:?}",
+        done.notes
+    );
+}
+
 /// The 12 hex digits after `prefix` in `text`.
 fn regex_like(text: &str, prefix: &str) -> String {
     let start = text

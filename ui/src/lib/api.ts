@@ -122,6 +122,11 @@ export interface EditableSettings {
   chat_writer: ChatWriterSettings;
   /** CLIP layers to skip when a job does not say (1 = none; 2 suits many anime models). */
   clip_skip: number;
+  /**
+   * A1111's "SD VAE": "Automatic" (the model's own, or <name>.vae.safetensors beside it), "None"
+   * (the model's own only), or the name of a VAE file of GET /api/v1/networks.
+   */
+  vae: string;
 }
 
 /**
@@ -190,10 +195,21 @@ export interface NetworkFile {
   size_bytes: number;
 }
 
-/** GET /api/v1/networks: the LoRAs and embeddings a prompt can use. */
+/** One VAE file of GET /api/v1/networks: `name` is what the "vae" setting takes. */
+export interface VaeFile {
+  name: string;
+  path: string;
+  size_bytes: number;
+  /** The model family the file says it is for; null when it does not say (most files). */
+  family: ModelFamily | null;
+}
+
+/** GET /api/v1/networks: the LoRAs and embeddings a prompt can use, and the VAE files. */
 export interface NetworkList {
   loras: NetworkFile[];
   embeddings: NetworkFile[];
+  /** Absent from a server from before the VAE setting. */
+  vaes?: VaeFile[];
 }
 
 /** One recommended model of GET /api/v1/catalog (models/catalog.toml plus this computer's facts). */

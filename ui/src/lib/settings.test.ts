@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { Settings } from './api';
-import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, DEFAULT_CLIP_SKIP, editable, parseLines, settingsClipSkip } from './settings';
+import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, DEFAULT_CLIP_SKIP, editable, parseLines, settingsClipSkip, vaeOptions } from './settings';
 
 const writer = { enabled: true, url: 'http://127.0.0.1:11434/v1', model: 'llama3.2', api_key: '', system_prompt: '', timeout_seconds: 20 };
 
@@ -17,6 +17,7 @@ describe('editable', () => {
       models_dirs: ['/models'],
       chat_writer: writer,
       clip_skip: 2,
+      vae: 'anime.safetensors',
       data_dir: '/data',
       warning: null,
     };
@@ -32,6 +33,7 @@ describe('editable', () => {
       models_dirs: ['/models'],
       chat_writer: writer,
       clip_skip: 2,
+      vae: 'anime.safetensors',
     });
     expect('data_dir' in e).toBe(false);
     // A copy: editing the form does not change what was loaded.
@@ -46,6 +48,8 @@ describe('editable', () => {
     expect(editable(old as unknown as Settings).chat_writer).toEqual(CHAT_WRITER_DEFAULTS);
     expect(CHAT_WRITER_DEFAULTS.enabled).toBe(false);
     expect(editable(old as unknown as Settings).clip_skip).toBe(DEFAULT_CLIP_SKIP);
+    // Nor a VAE setting: the model's own, as before.
+    expect(editable(old as unknown as Settings).vae).toBe('Automatic');
   });
 
   it('keeps clip skip a whole number from 1 to 12', () => {
@@ -97,5 +101,26 @@ describe('chatApps', () => {
     expect(apps.map((a) => a.name)).toEqual(['SillyTavern', 'Open WebUI', 'Voxta']);
     for (const app of apps) expect(app.steps.join('\n')).toContain('http://127.0.0.1:7860');
     expect(apps[0]!.steps.join(' ')).toContain('AUTOMATIC1111');
+  });
+});
+
+describe('vaeOptions', () => {
+  const files = [
+    { name: 'anime.safetensors', path: '/a/anime.safetensors', size_bytes: 1, family: null },
+    { name: 'sdxl_vae.safetensors', path: '/a/sdxl_vae.safetensors', size_bytes: 1, family: 'SDXL' as const },
+  ];
+
+  it('offers Automatic and None (the values A1111 sends) before the files', () => {
+    const options = vaeOptions(files, 'Automatic');
+    expect(options.map((o) => o.value)).toEqual(['Automatic', 'None', 'anime.safetensors', 'sdxl_vae.safetensors']);
+    expect(options[0].label).toContain('.vae.safetensors beside it');
+    expect(options[1].label).toBe('None (the model’s own)');
+    expect(options[3].label).toBe('sdxl_vae.safetensors · for SDXL');
+  });
+
+  it('keeps a chosen file that is gone, saying so, instead of showing another', () => {
+    const options = vaeOptions(files, 'gone.safetensors');
+    expect(options.at(-1)).toEqual({ value: 'gone.safetensors', label: 'gone.safetensors (not found: Automatic is used)' });
+    expect(vaeOptions([], 'None').map((o) => o.value)).toEqual(['Automatic', 'None']);
   });
 });

@@ -1,7 +1,7 @@
 // Helpers of the Settings page: the editable part of the settings, and the connection steps for
 // chat apps, which speak the AUTOMATIC1111 API that Local Diffusers also serves.
 
-import type { ChatWriterSettings, EditableSettings, Settings } from './api';
+import type { ChatWriterSettings, EditableSettings, Settings, VaeFile } from './api';
 import { cleanClipSkip } from './params';
 
 /** The app's clip skip when nothing was set: no layers skipped. */
@@ -37,7 +37,35 @@ export function editable(s: Settings): EditableSettings {
     chat_writer: { ...CHAT_WRITER_DEFAULTS, ...(s.chat_writer ?? {}) },
     // A server from before clip skip has none: 1 skips nothing.
     clip_skip: settingsClipSkip(s.clip_skip),
+    // A server from before the VAE setting decodes with the model's own: "Automatic".
+    vae: s.vae || VAE_AUTOMATIC,
   };
+}
+
+/** The "vae" setting's two special values, as A1111 names them. */
+export const VAE_AUTOMATIC = 'Automatic';
+export const VAE_NONE = 'None';
+
+export interface VaeOption {
+  value: string;
+  label: string;
+}
+
+/**
+ * The choices of the Settings page's VAE select: Automatic, None, then the VAE files. A chosen
+ * file that is no longer there stays selectable under a label saying so (the server uses
+ * Automatic meanwhile), so the select never shows a blank or silently picks another.
+ */
+export function vaeOptions(files: VaeFile[], current: string): VaeOption[] {
+  const options: VaeOption[] = [
+    { value: VAE_AUTOMATIC, label: 'Automatic (the model’s own, or <name>.vae.safetensors beside it)' },
+    { value: VAE_NONE, label: 'None (the model’s own)' },
+    ...files.map((f) => ({ value: f.name, label: f.family ? `${f.name} · for ${f.family}` : f.name })),
+  ];
+  if (current && !options.some((o) => o.value === current)) {
+    options.push({ value: current, label: `${current} (not found: Automatic is used)` });
+  }
+  return options;
 }
 
 /**

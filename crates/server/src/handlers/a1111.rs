@@ -309,7 +309,8 @@ fn info_json(job: &JobInfo) -> Value {
         "restore_faces": false,
         "sd_model_name": job.model,
         "sd_model_hash": Value::Null,
-        "sd_vae_name": Value::Null,
+        // A1111 names the VAE file used (the one chosen, or the one beside the model).
+        "sd_vae_name": job.vae,
         "sd_vae_hash": Value::Null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
@@ -441,6 +442,7 @@ pub async fn schedulers() -> Json<Value> {
 }
 
 pub async fn get_options(State(state): State<AppState>) -> Json<Value> {
+    let vae = state.settings().vae;
     let model = tokio::task::spawn_blocking(move || state.default_model())
         .await
         .ok()
@@ -448,7 +450,7 @@ pub async fn get_options(State(state): State<AppState>) -> Json<Value> {
     Json(json!({
         "sd_model_checkpoint": model.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
         "sd_checkpoint_hash": Value::Null,
-        "sd_vae": "Automatic",
+        "sd_vae": vae,
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
         "samples_save": true,
@@ -458,7 +460,9 @@ pub async fn get_options(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// Saves the options we understand; `sd_model_checkpoint` switches the default model, as
-/// SillyTavern and Open WebUI expect. Others are accepted and ignored (logged).
+/// SillyTavern and Open WebUI expect, and `sd_vae` the VAE ("Automatic", "None" or a file
+/// `/sdapi/v1/sd-vae` lists, as SillyTavern's VAE list sets it). Others are accepted and ignored
+/// (logged). Both are checked before either is saved.
 pub async fn set_options(
     State(state): State<AppState>,
     body: Result<Json<Map<String, Value>>, JsonRejection>,
@@ -466,46 +470,91 @@ pub async fn set_options(
     let Json(options) = body.map_err(|e| {
         ApiError::bad_json(&e, "Send the options as a JSON object, as A1111 expects.")
     })?;
-    for key in options.keys().filter(|k| *k != "sd_model_checkpoint") {
+    for key in options
+        .keys()
+        .filter(|k| *k != "sd_model_checkpoint" && *k != "sd_vae")
+    {
         tracing::debug!(key, "A1111 option not used by Local Diffusers");
     }
-    if let Some(wanted) = options.get("sd_model_checkpoint").and_then(Value::as_str) {
-        let s = state.clone();
-        let wanted = wanted.to_owned();
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-            let models = s.models();
-            let model = ld_core::models::find(&models, &wanted).ok_or_else(|| {
-                ApiError::new(
-                    Code::ModelMissing,
-                    format!("There is no model called '{wanted}'."),
-                    format!(
-                        "Installed models: {}.",
-                        models
-                            .iter()
-                            .map(|m| m.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })?;
-            s.change_settings(|settings| settings.default_model = Some(model.name.clone()))
-                .map_err(|e| {
+    let wanted_model = options
+        .get("sd_model_checkpoint")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let wanted_vae = match options.get("sd_vae") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(v)) => Some(v.clone()),
+        Some(other) => {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("sd_vae must be text, got {other}."),
+                "Send a name /sdapi/v1/sd-vae lists, \"Automatic\" or \"None\".",
+            ))
+        }
+    };
+    if wanted_model.is_none() && wanted_vae.is_none() {
+        return Ok(Json(Value::Null));
+    }
+    let s = state.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        // Both are checked before either is saved: a refused VAE changes no model.
+        let model = match wanted_model {
+            None => None,
+            Some(wanted) => {
+                let models = s.models();
+                let model = ld_core::models::find(&models, &wanted).ok_or_else(|| {
                     ApiError::new(
-                        Code::Internal,
-                        e.to_string(),
-                        "Check that the disk is not full and the data folder is writable.",
+                        Code::ModelMissing,
+                        format!("There is no model called '{wanted}'."),
+                        format!(
+                            "Installed models: {}.",
+                            models
+                                .iter()
+                                .map(|m| m.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     )
                 })?;
-            Ok(())
+                Some(model.name.clone())
+            }
+        };
+        let vae = match wanted_vae {
+            None => None,
+            Some(wanted) => Some(crate::handlers::settings::vae_setting(&s, &wanted)?),
+        };
+        s.change_settings(|settings| {
+            if let Some(m) = model {
+                settings.default_model = Some(m);
+            }
+            if let Some(v) = vae {
+                settings.vae = v;
+            }
         })
-        .await
-        .map_err(ApiError::internal)??;
-    }
+        .map_err(|e| {
+            ApiError::new(
+                Code::Internal,
+                e.to_string(),
+                "Check that the disk is not full and the data folder is writable.",
+            )
+        })?;
+        Ok(())
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(Value::Null))
 }
 
-pub async fn sd_vae() -> Json<Value> {
-    Json(json!([]))
+/// A1111's VAE list: `[{model_name, filename}]`, the file's name (what `sd_vae` takes) and its
+/// full path; "Automatic" and "None" are not listed (A1111 does not list them either).
+pub async fn sd_vae(State(state): State<AppState>) -> Json<Value> {
+    let vaes = tokio::task::spawn_blocking(move || state.vaes())
+        .await
+        .unwrap_or_default();
+    Json(Value::Array(
+        vaes.iter()
+            .map(|v| json!({"model_name": v.name, "filename": v.path.display().to_string()}))
+            .collect(),
+    ))
 }
 
 /// A1111's LoRA list: `[{name, alias, path, metadata}]`; the name is what `<lora:NAME:w>` takes.

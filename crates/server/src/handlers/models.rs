@@ -20,13 +20,14 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"models": models, "default": default}))
 }
 
-/// `GET /api/v1/networks`: the LoRAs and embeddings the prompt box offers.
+/// `GET /api/v1/networks`: the LoRAs and embeddings the prompt box offers, and the VAE files
+/// Settings offers for "SD VAE" (`name` is what the setting takes).
 pub async fn networks(State(state): State<AppState>) -> Json<Value> {
-    let (loras, embeddings) =
-        tokio::task::spawn_blocking(move || (state.loras(), state.embeddings()))
+    let (loras, embeddings, vaes) =
+        tokio::task::spawn_blocking(move || (state.loras(), state.embeddings(), state.vaes()))
             .await
             .unwrap_or_default();
-    Json(json!({"loras": loras, "embeddings": embeddings}))
+    Json(json!({"loras": loras, "embeddings": embeddings, "vaes": vaes}))
 }
 
 pub async fn samplers() -> Json<Value> {
