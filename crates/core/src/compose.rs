@@ -306,13 +306,13 @@ pub fn compose(
             ""
         },
     ]);
-    let negative = join_terms([
+    let negative = join_terms(
         input
             .negative_prompt
             .as_deref()
             .unwrap_or(settings.negative_prompt.as_str()),
         preset.map_or("", |p| p.negative_prompt.as_str()),
-    ]);
+    );
 
     let base = GenerateRequest {
         prompt,
@@ -545,17 +545,29 @@ fn fit_to_model(width: usize, height: usize, native: usize) -> (usize, usize) {
     (side(width), side(height))
 }
 
-/// [`join_parts`] for negative prompts, where the settings' default and a preset's often name
-/// the same terms: each comma-separated term once, the first spelling kept.
-fn join_terms<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
-    let mut seen = std::collections::HashSet::new();
-    let terms: Vec<&str> = parts
-        .into_iter()
-        .flat_map(|p| p.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && seen.insert(t.to_lowercase()))
-        .collect();
-    terms.join(", ")
+/// [`join_parts`] for a negative prompt and a preset's, which often name the same terms (the
+/// settings' default "lowres, blurry" and the preset's "lowres, blurry, deformed"): the first
+/// is kept as written, and only the preset's terms it lacks are added. A preset part with
+/// brackets or `BREAK` is added whole, since taking terms out of it would unbalance its weights.
+fn join_terms(first: &str, preset: &str) -> String {
+    let first = first.trim().trim_matches(',').trim();
+    let seen: std::collections::HashSet<String> =
+        first.split(',').map(|t| t.trim().to_lowercase()).collect();
+    let preset = preset.trim().trim_matches(',').trim();
+    let weighted = preset.contains(['(', ')', '[', ']']) || preset.contains("BREAK");
+    let added = if weighted {
+        preset.to_owned()
+    } else {
+        let mut own = std::collections::HashSet::new();
+        preset
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && !seen.contains(&t.to_lowercase()))
+            .filter(|t| own.insert(t.to_lowercase()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    join_parts([first, added.as_str()])
 }
 
 fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
@@ -720,6 +732,13 @@ mod tests {
             job.images[0].negative_prompt,
             "lowres, Blurry, watermark, extra fingers, text"
         );
+        // The caller's own text stays as written, repeats and brackets included.
+        let own = "(bad hands, missing fingers), (bad feet, missing fingers), text";
+        assert_eq!(
+            join_terms(own, "text, watermark"),
+            format!("{own}, watermark")
+        );
+        assert_eq!(join_terms("", "(worst quality:1.4)"), "(worst quality:1.4)");
     }
 
     #[test]

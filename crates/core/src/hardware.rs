@@ -536,7 +536,8 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
         FamilyLimit { family, max_size, native_size: native, needed_bytes: needed, reason }
     })
     .collect::<Vec<_>>();
-    if on_gpu && families.iter().all(|f| f.max_size.is_none()) {
+    // (VRAM 0: the driver did not say; the card is not judged by it.)
+    if on_gpu && vram > 0 && families.iter().all(|f| f.max_size.is_none()) {
         // A 2 GB card (MX150, GT 1030) holds no model even with every saving on: drawing on it
         // refused every job, SD 1.5 included (found by review). The processor can draw.
         let mut cpu = report.clone();

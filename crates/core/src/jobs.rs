@@ -2507,7 +2507,7 @@ mod tests {
             let b = t["decoder.conv_out.bias"].affine(1.0, 0.5).unwrap();
             t.insert("decoder.conv_out.bias".into(), b);
         });
-        let files = crate::vae::vae_files(&[(vaes.clone(), 0)]);
+        let files = crate::vae::vae_files(&[(vaes.clone(), 1)]);
         let svc = service(&dir);
         let job = |setting: &str| ComposedJob {
             model: tiny_model(),
@@ -2598,7 +2598,7 @@ mod tests {
             let wider = Tensor::zeros((o + 1, i, h, k), w.dtype(), w.device()).unwrap();
             t.insert("decoder.conv_out.weight".into(), wider);
         });
-        let files = crate::vae::vae_files(&[(vaes.clone(), 0)]);
+        let files = crate::vae::vae_files(&[(vaes.clone(), 1)]);
         let svc = service(&dir);
         let job = || ComposedJob {
             model: tiny_model(),

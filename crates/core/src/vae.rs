@@ -58,7 +58,9 @@ pub fn vae_dirs(
 /// (`diffusion_pytorch_model.safetensors`, a model's or a VAE repository's), whose name says
 /// nothing to choose by.
 pub fn vae_files(dirs: &[(PathBuf, usize)]) -> Vec<VaeFile> {
-    fn walk(dir: &Path, depth: usize, out: &mut Vec<VaeFile>) {
+    /// `named_only`: in a folder of models, only files with "vae" in their name are opened, so
+    /// composing a job does not read the header of every checkpoint there (found by review).
+    fn walk(dir: &Path, depth: usize, named_only: bool, out: &mut Vec<VaeFile>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -75,7 +77,7 @@ pub fn vae_files(dirs: &[(PathBuf, usize)]) -> Vec<VaeFile> {
         for p in paths {
             if p.is_dir() {
                 if depth > 0 {
-                    walk(&p, depth - 1, out);
+                    walk(&p, depth - 1, named_only, out);
                 }
                 continue;
             }
@@ -86,8 +88,10 @@ pub fn vae_files(dirs: &[(PathBuf, usize)]) -> Vec<VaeFile> {
                 continue;
             };
             let component = name.starts_with("diffusion_pytorch_model");
+            let unnamed = named_only && !name.to_ascii_lowercase().contains("vae");
             if !is_safetensors
                 || component
+                || unnamed
                 || out.iter().any(|v| v.name.eq_ignore_ascii_case(&name))
             {
                 continue;
@@ -113,7 +117,8 @@ pub fn vae_files(dirs: &[(PathBuf, usize)]) -> Vec<VaeFile> {
     }
     let mut out = Vec::new();
     for (d, depth) in dirs {
-        walk(d, *depth, &mut out);
+        // Depth 0: a folder of models (see `vae_dirs`), not a VAE folder.
+        walk(d, *depth, *depth == 0, &mut out);
     }
     out.sort_by_key(|v| v.name.to_lowercase());
     out
@@ -328,6 +333,9 @@ mod tests {
         std::fs::copy(tiny_vae(), data.path().join("vae/b-own.safetensors")).unwrap();
         std::fs::copy(tiny_vae(), a1111_vae.join("a-user.safetensors")).unwrap();
         std::fs::copy(tiny_vae(), models.join("c-beside.vae.safetensors")).unwrap();
+        // Among models only files named as VAEs are opened (a folder of checkpoints is not
+        // read header by header for every job).
+        std::fs::copy(tiny_vae(), models.join("d-unnamed.safetensors")).unwrap();
         // The same name again in a later folder: the first wins.
         std::fs::copy(tiny_vae(), user.path().join("B-OWN.safetensors")).unwrap();
         // Not VAEs: a LoRA, a pickle, a text file.

@@ -430,6 +430,9 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
             .then(|| bytes.and_then(|b| sd2_predicts_v(header, b)))
             .flatten();
         info.prediction = info.family.map(|f| match f {
+            // Stability's SD2 inpainting model is epsilon (512-inpainting-ema; diffusers'
+            // `inpainting_v2` config), and ComfyUI probes only 4-channel UNets.
+            ModelFamily::Sd2 if info.inpainting => Prediction::Epsilon,
             ModelFamily::Sd2 if sd2_told == Some(false) => Prediction::Epsilon,
             ModelFamily::Sd2 => Prediction::VPrediction,
             _ => Prediction::Epsilon,
@@ -455,7 +458,7 @@ fn classify_with_data(header: &Header, bytes: Option<&[u8]>) -> CheckpointInfo {
             }
             _ => {}
         }
-        let guessed = !marked && sd2_told.is_none();
+        let guessed = !marked && sd2_told.is_none() && !info.inpainting;
         // EDM models (Playground v2.5: `edm_mean`/`edm_std`; CosXL: `edm_vpred.sigma_max`) are
         // sampled on a continuous schedule with their own latent scaling (ComfyUI's markers).
         let edm = (t.contains_key("edm_mean") && t.contains_key("edm_std"))
@@ -1018,6 +1021,17 @@ pub(crate) mod tests {
         let i = inspect_bytes(&f).unwrap();
         assert!(i.inpainting && i.loadable, "{i:?}");
         assert_eq!(i.prediction, Some(Prediction::VPrediction));
+        // SD2 inpainting is epsilon, whatever a 768-v guess would say (found by review).
+        let sd2 = file(&[
+            (V2_PROBE, &[320, 1024]),
+            (INPAINT_PROBE, &[320, 9, 3, 3]),
+            ("cond_stage_model.model.ln_final.weight", &[1024]),
+        ]);
+        let i = inspect_bytes(&sd2).unwrap();
+        assert_eq!(
+            (i.family, i.prediction),
+            (Some(ModelFamily::Sd2), Some(Prediction::Epsilon))
+        );
         // SDXL inpainting models are refused with the reason.
         let xl = file(&[
             (XL_BASE_PROBE, &[1280]),

@@ -64,9 +64,13 @@ pub fn load_options_with(
 /// Whether the hardware advice ([`ld_core::hardware::recommend`]) draws on a graphics card here:
 /// the worker follows it, so a card the advice passes over (a driver too old for this build's
 /// CUDA, 2 GB of memory that hold no model) does not fail every job (found by review).
+///
+/// Only a card the advice positively passes over counts: when the probe sees no card at all
+/// (NVML missing in a container where CUDA works) the worker still tries the GPU, as before.
 pub fn gpu_advised(probe: &dyn GpuProbe) -> bool {
     use ld_core::hardware::{recommend, system_report, DeviceKind};
-    recommend(&system_report(probe, crate::BUILD)).device.value != DeviceKind::Cpu
+    let report = system_report(probe, crate::BUILD);
+    report.gpus.is_empty() || recommend(&report).device.value != DeviceKind::Cpu
 }
 
 /// The CPU's weight storage under the "Low-VRAM mode" setting (see [`load_options_with`]). Auto
@@ -82,8 +86,10 @@ fn cpu_half_weights(low_vram: LowVram) -> HalfWeights {
 /// the free VRAM (asked through `gpu` before the job, less a reserve); on the CPU no limit is
 /// set before the job (system memory can swap: slow, not fatal), only the recovery chain acts.
 pub fn memory_policy(settings: &Settings, gpu: Arc<dyn GpuProbe>) -> MemoryPolicy {
-    // The worker draws on the GPU exactly when this is a CUDA build and NVML sees a card.
-    let on_gpu = crate::BUILD.cuda;
+    // The worker draws on the GPU when this is a CUDA build and the advice uses the card (as
+    // `load_options_with` was told): a card passed over must not plan CPU jobs against its VRAM
+    // (found by review: a 2 GB card's 1 GB refused every job drawn on the processor).
+    let on_gpu = crate::BUILD.cuda && gpu_advised(&*gpu);
     let first = if on_gpu {
         gpu.probe().0.into_iter().next()
     } else {

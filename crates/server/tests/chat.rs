@@ -204,6 +204,11 @@ async fn a_characters_style_must_be_a_preset_and_a_deleted_one_falls_back() {
 
     let (status, _) = call_json(&s, "DELETE", "/api/v1/presets/moody", Value::Null, true).await;
     assert!(status.is_success(), "{status}");
+    // Other edits of the character still save with the style it had.
+    let mut edited = ann.clone();
+    edited["appearance"] = json!("a tall woman");
+    let (status, saved) = call_json(&s, "PUT", "/api/v1/characters/ann", edited, true).await;
+    assert_eq!(status, StatusCode::OK, "{saved}");
     let (status, answer) = call_json(
         &s,
         "POST",

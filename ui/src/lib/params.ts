@@ -206,7 +206,9 @@ export function applyPreset(d: Draft, preset: Preset | null, model?: ModelInfo |
     const ratio = preset.width / preset.height;
     const aspect = ASPECTS.find((a) => Math.abs(a.w / a.h / ratio - 1) < 0.03);
     if (aspect) {
-      const size = sizeFor(aspect, nativeSize(model) ?? baseSize(model?.family));
+      // The model's own size when the server knows it (SD 2.x 768-v: 768), else its family's.
+      const own = model?.defaults ? Math.min(model.defaults.width, model.defaults.height) : null;
+      const size = sizeFor(aspect, nativeSize(model) ?? own ?? baseSize(model?.family));
       next.width = size.width;
       next.height = size.height;
       next.aspect = aspect.id;
