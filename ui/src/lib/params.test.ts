@@ -165,10 +165,8 @@ describe('presets', () => {
     const sdxl = model('xl', false, { family: 'SDXL' });
     expect(applyPreset(draft(), portrait, sdxl)).toMatchObject({ aspect: '2:3', width: 832, height: 1216 });
     expect(applyPreset(draft(), portrait)).toMatchObject({ aspect: '2:3', width: 512, height: 768 });
-    // A model's own size wins over its family's (SD 2.x 768-v draws at 768; found by review).
-    const v768 = model('sd21', false, { family: 'SD2', defaults: { steps: 20, cfg_scale: 7, sampler: 'DPM++ 2M', schedule: 'Karras', width: 768, height: 768 } });
-    expect(applyPreset(draft(), { ...preset, width: 512, height: 512 }, v768)).toMatchObject({ aspect: '1:1', width: 768, height: 768 });
-    // A size that is no known shape stays as it is.
+    // A size that is no family's shape (a user's own 64x64) stays as it is.
+    expect(applyPreset(draft(), { ...preset, width: 64, height: 64 }, sdxl)).toMatchObject({ aspect: 'custom', width: 64, height: 64 });
     expect(applyPreset(draft(), { ...preset, width: 600, height: 520 }, sdxl)).toMatchObject({ aspect: 'custom', width: 600, height: 520 });
   });
 

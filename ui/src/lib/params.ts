@@ -3,7 +3,7 @@
 // behind "Copy parameters". Pure functions, so they are unit tested without a browser.
 
 import type { ImageRecord, Inspected, JobInfo, JobRequest, ModelInfo, Preset, PresetInput } from './api';
-import { ASPECTS, baseSize, sizeFor } from './sizes';
+import { aspectOf, baseSize, sizeFor } from './sizes';
 
 export interface Draft {
   prompt: string;
@@ -185,6 +185,11 @@ export function followModel(d: Draft, from: ModelInfo | null | undefined, to: Mo
   return d;
 }
 
+/** The short side the shape buttons draw a model's pictures at: [`nativeSize`], else its family's. */
+export function drawBase(m: ModelInfo | null | undefined): number {
+  return nativeSize(m) ?? baseSize(m?.family);
+}
+
 /** The size a model draws best at: a fast model's own (SDXL Turbo: 512), else its family's. */
 export function nativeSize(m: ModelInfo | null | undefined): number | null {
   const fast = fastDefaults(m);
@@ -200,17 +205,16 @@ export function applyPreset(d: Draft, preset: Preset | null, model?: ModelInfo |
   if (!preset) return { ...d, preset: '' };
   const next: Draft = { ...d, preset: preset.id };
   if (preset.width && preset.height) {
-    // A preset's size is a shape: the built-in ones are written for SD 1.5 (Portrait 512x768),
-    // which SDXL draws badly, so a known shape is drawn at the chosen model's own size and keeps
-    // following the model; an odd size is kept as it is.
-    const ratio = preset.width / preset.height;
-    const aspect = ASPECTS.find((a) => Math.abs(a.w / a.h / ratio - 1) < 0.03);
+    // A preset's size at one of the families' own sizes is a shape: the built-in ones are
+    // written for SD 1.5 (Portrait 512x768), which SDXL draws badly, so it is drawn at the chosen
+    // model's size, as the shape buttons do, and keeps following the model; any other size is
+    // the user's own and is kept as it is.
+    const size = { width: preset.width, height: preset.height };
+    const aspect = [512, 768, 1024].map((b) => aspectOf(size, b)).find((a) => a !== null) ?? null;
     if (aspect) {
-      // The model's own size when the server knows it (SD 2.x 768-v: 768), else its family's.
-      const own = model?.defaults ? Math.min(model.defaults.width, model.defaults.height) : null;
-      const size = sizeFor(aspect, nativeSize(model) ?? own ?? baseSize(model?.family));
-      next.width = size.width;
-      next.height = size.height;
+      const fitted = sizeFor(aspect, drawBase(model));
+      next.width = fitted.width;
+      next.height = fitted.height;
       next.aspect = aspect.id;
     } else {
       next.width = preset.width;
