@@ -601,6 +601,7 @@ mod tests {
                 sha256: None,
                 short_hash: None,
                 defaults: None,
+                needs_vae: false,
             })
             .collect()
     }

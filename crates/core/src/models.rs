@@ -60,6 +60,10 @@ pub struct ModelInfo {
     /// Shown to the UI, which fills a fast model's form from it.
     #[serde(serialize_with = "serialize_defaults")]
     pub defaults: Option<ld_engine::model_defaults::ModelDefaults>,
+    /// A single-file checkpoint without a VAE inside or beside it: usable once a VAE file is
+    /// chosen in Settings ([`crate::vae::usable_with`] clears its `problem` then).
+    #[serde(default)]
+    pub needs_vae: bool,
 }
 
 /// Every model under `roots`. Sorted by name; names made unique with a " (2)" suffix in root order.
@@ -252,6 +256,7 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
     let name = p.file_stem()?.to_string_lossy().into_owned();
     let mut refiner = false;
     let mut defaults = None;
+    let mut needs_vae = false;
     let (format, family, problem) = match ext.as_str() {
         "safetensors" => match ld_engine::checkpoint::inspect(p) {
             Ok(info) => {
@@ -270,6 +275,7 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
                 // A VAE beside it (A1111's `<name>.vae.safetensors`) makes it whole; the jobs
                 // load it from there.
                 let vae_beside = info.needs_vae && ld_engine::single_file::sibling_vae(p).is_some();
+                needs_vae = info.needs_vae && !vae_beside && !refiner;
                 let problem = if refiner {
                     Some(REFINER_PROBLEM.to_owned())
                 } else if vae_beside {
@@ -318,6 +324,7 @@ fn describe_file(p: &Path) -> Option<ModelInfo> {
         sha256: None,
         short_hash: None,
         defaults,
+        needs_vae,
     })
 }
 
@@ -349,6 +356,7 @@ fn describe(dir: &Path, managed: bool) -> ModelInfo {
         sha256: None,
         short_hash: None,
         defaults,
+        needs_vae: false,
         // Only what we downloaded (it carries our marker) counts as ours to delete.
         managed: managed && dir.join(crate::download::MARKER).is_file(),
         catalog_id: std::fs::read_to_string(dir.join(crate::download::MARKER))

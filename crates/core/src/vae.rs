@@ -150,6 +150,21 @@ pub fn setting_value(files: &[VaeFile], wanted: &str) -> Option<String> {
     find(files, w).map(|v| v.name.clone())
 }
 
+/// Clears the problem of checkpoints that lack only their VAE ([`ModelInfo::needs_vae`]) when
+/// `setting` chooses a VAE file that fits them: the jobs decode with it, so they can draw and
+/// be picked (found by review: they stayed "put a VAE beside it" with a VAE chosen).
+pub fn usable_with(models: &mut [ModelInfo], setting: &str, files: &[VaeFile]) {
+    let VaeChoice::File(file) = choose(setting, files) else {
+        return;
+    };
+    for m in models.iter_mut().filter(|m| m.needs_vae) {
+        if file.family.is_none_or(|f| fits(f, m.family)) {
+            m.problem = None;
+            m.needs_vae = false;
+        }
+    }
+}
+
 /// What a job was asked to decode with: the setting, resolved against the VAE files when the
 /// job was composed.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -434,7 +449,21 @@ mod tests {
             sha256: None,
             short_hash: None,
             defaults: None,
+            needs_vae: false,
         };
+        // A checkpoint without a VAE is usable with a chosen VAE file of its family (or one
+        // that does not say), not with another family's or none.
+        let lacking = |family| ModelInfo {
+            problem: Some("no VAE inside".into()),
+            needs_vae: true,
+            ..model(family)
+        };
+        let mut models = [lacking(Family::Sd1), lacking(Family::Sdxl)];
+        usable_with(&mut models, AUTOMATIC, &files);
+        assert!(models.iter().all(|m| m.problem.is_some()));
+        usable_with(&mut models, "sdxl_vae.safetensors", &files);
+        assert!(models[0].problem.is_some() && models[1].problem.is_none());
+        assert!(!models[1].needs_vae);
         let xl_choice = choose("sdxl_vae.safetensors", &files);
         let refused = resolve(&xl_choice, &model(Family::Sd1));
         assert_eq!(refused.path, None);

@@ -47,8 +47,9 @@ const SD2_V_SPREAD: f64 = 0.09;
 /// diffusers `CHECKPOINT_KEY_NAMES["inpainting"]`: 9 input channels for inpainting UNets.
 const INPAINT_PROBE: &str = "model.diffusion_model.input_blocks.0.0.weight";
 /// Said of a checkpoint without a VAE inside.
-const NO_VAE_NOTE: &str = "no VAE inside: put its VAE file beside it, named like the checkpoint \
-    with .vae.safetensors in place of .safetensors (as A1111 reads it)";
+const NO_VAE_NOTE: &str = "no VAE inside: choose a VAE file in Settings, or put its VAE file \
+    beside it, named like the checkpoint with .vae.safetensors in place of .safetensors (as \
+    A1111 reads it)";
 /// diffusers `CHECKPOINT_KEY_NAMES["xl_base"]` / `["xl_refiner"]`.
 const XL_BASE_PROBE: &str = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias";
 const XL_REFINER_PROBE: &str =

@@ -226,6 +226,9 @@ impl AppState {
     /// Every installed model: the data folder's, the command line's folders, the settings' folders.
     pub fn models(&self) -> Vec<ModelInfo> {
         let mut models = ld_core::models::scan(&self.inner.data.models(), &self.user_roots());
+        if models.iter().any(|m| m.needs_vae) {
+            ld_core::vae::usable_with(&mut models, &self.settings().vae, &self.vaes());
+        }
         for m in models.iter_mut().filter(|m| m.path.is_file()) {
             m.sha256 = self.jobs().hashes().peek_sha256(&m.path);
             m.short_hash = m.sha256.as_deref().map(ld_core::hashes::autov2);
