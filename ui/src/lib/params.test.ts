@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { ImageRecord, Inspected, ModelInfo, Preset } from './api';
-import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, followModel, hasParameters, nativeSize, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
+import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, drawBase, followModel, hasParameters, nativeSize, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
 
 const draft = (over: Partial<Draft> = {}): Draft => ({ ...DEFAULT_DRAFT, prompt: 'a cat', ...over });
 
@@ -165,6 +165,10 @@ describe('presets', () => {
     const sdxl = model('xl', false, { family: 'SDXL' });
     expect(applyPreset(draft(), portrait, sdxl)).toMatchObject({ aspect: '2:3', width: 832, height: 1216 });
     expect(applyPreset(draft(), portrait)).toMatchObject({ aspect: '2:3', width: 512, height: 768 });
+    // A model's own size wins over its family's (SD 2.x 768-v draws at 768; found by review).
+    const v768 = model('sd21', false, { family: 'SD2', defaults: { steps: 20, cfg_scale: 7, sampler: 'DPM++ 2M', schedule: 'Karras', width: 768, height: 768 } });
+    expect(drawBase(v768)).toBe(768);
+    expect(applyPreset(draft(), { ...preset, width: 512, height: 512 }, v768)).toMatchObject({ aspect: '1:1', width: 768, height: 768 });
     // A size that is no family's shape (a user's own 64x64) stays as it is.
     expect(applyPreset(draft(), { ...preset, width: 64, height: 64 }, sdxl)).toMatchObject({ aspect: 'custom', width: 64, height: 64 });
     expect(applyPreset(draft(), { ...preset, width: 600, height: 520 }, sdxl)).toMatchObject({ aspect: 'custom', width: 600, height: 520 });

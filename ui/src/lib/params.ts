@@ -185,9 +185,14 @@ export function followModel(d: Draft, from: ModelInfo | null | undefined, to: Mo
   return d;
 }
 
-/** The short side the shape buttons draw a model's pictures at: [`nativeSize`], else its family's. */
+/**
+ * The short side the shape buttons draw a model's pictures at: a fast model's own
+ * ([`nativeSize`]), else the size the server found for the model (SD 2.x 768-v: 768, SD 2.x
+ * base: 512), else its family's.
+ */
 export function drawBase(m: ModelInfo | null | undefined): number {
-  return nativeSize(m) ?? baseSize(m?.family);
+  const own = m?.defaults ? Math.min(m.defaults.width, m.defaults.height) : null;
+  return nativeSize(m) ?? own ?? baseSize(m?.family);
 }
 
 /** The size a model draws best at: a fast model's own (SDXL Turbo: 512), else its family's. */
