@@ -3,6 +3,8 @@
 //! whole picture is to be painted, so the mask is all ones and the masked picture all mid-grey
 //! (0 in [-1, 1]), as A1111's txt2img gives these models (`txt2img_image_conditioning`).
 
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::unet::UNetConfig;
@@ -36,4 +38,30 @@ pub fn whole_picture(
     let (_, _, h, w) = latents.dims4()?;
     let mask = Tensor::ones((1, 1, h, w), dtype, device)?;
     Ok(Tensor::cat(&[&mask, &latents], 1)?)
+}
+
+/// The last [`whole_picture`], kept by its size: it depends on nothing else, and encoding costs
+/// about a VAE decode (seconds on a CPU), so every picture of a batch and every later job of
+/// the same size reuses it instead of encoding again.
+#[derive(Debug, Default)]
+pub struct WholePictureCache(Mutex<Option<((usize, usize), Tensor)>>);
+
+impl WholePictureCache {
+    /// The conditioning for `height` x `width`, from `encode` only when the size is new.
+    pub fn get(
+        &self,
+        height: usize,
+        width: usize,
+        encode: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((size, t)) = kept.as_ref() {
+            if *size == (height, width) {
+                return Ok(t.clone());
+            }
+        }
+        let t = encode()?;
+        *kept = Some(((height, width), t.clone()));
+        Ok(t)
+    }
 }

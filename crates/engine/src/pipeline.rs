@@ -279,6 +279,8 @@ pub struct Pipeline {
     pub(crate) sdxl: Option<crate::sdxl::SdxlParts>,
     /// Steps, CFG, sampler and size this model wants by default ([`crate::model_defaults`]).
     pub(crate) defaults: crate::model_defaults::ModelDefaults,
+    /// An inpainting UNet's mask and grey-picture latents, by size.
+    whole_picture: crate::inpaint::WholePictureCache,
 }
 
 impl Pipeline {
@@ -345,6 +347,7 @@ impl Pipeline {
             vae_files,
             sdxl,
             defaults,
+            whole_picture: Default::default(),
         })
     }
 
@@ -400,6 +403,7 @@ impl Pipeline {
                 lora_warnings,
                 memory: MemoryOptions::default(),
                 vae_files: p.vae_files,
+                whole_picture: Default::default(),
             });
         };
         if let Some(vae) = &source.vae {
@@ -463,6 +467,7 @@ impl Pipeline {
             vae_files: p.vae_files,
             sdxl: Some(sdxl),
             defaults,
+            whole_picture: Default::default(),
         })
     }
 
@@ -667,13 +672,15 @@ impl Pipeline {
         let conditioning = sd_conditioning(&self.text_encoder, self.unet.config(), req)?;
         let mut sampling = self.sampling();
         if crate::inpaint::is_inpainting(self.unet.config()) {
-            sampling.image = Some(crate::inpaint::whole_picture(
-                &self.vae,
-                req.height,
-                req.width,
-                self.dtype,
-                &self.device,
-            )?);
+            sampling.image = Some(self.whole_picture.get(req.height, req.width, || {
+                crate::inpaint::whole_picture(
+                    &self.vae,
+                    req.height,
+                    req.width,
+                    self.dtype,
+                    &self.device,
+                )
+            })?);
         }
         sampling.run(
             req,

@@ -131,6 +131,19 @@ fn an_inpainting_model_draws_alike_staged_and_from_a_single_file() {
     let staged = StagedPipeline::open(&model(), &opts()).unwrap();
     let got = staged.generate(&req, &mut NoObserver).unwrap();
     assert_eq!(got.pixels, want.pixels);
+    // The kept grey-picture latents are by size: another size after the first draws alike too.
+    let tall = GenerateRequest {
+        height: 128,
+        ..request()
+    };
+    assert_eq!(
+        staged.generate(&tall, &mut NoObserver).unwrap().pixels,
+        whole.generate(&tall, &mut NoObserver).unwrap().pixels
+    );
+    assert_eq!(
+        whole.generate(&req, &mut NoObserver).unwrap().pixels,
+        want.pixels
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = crate::single_file::build_from("sd1", &model(), "fp32", dir.path(), |_| true);

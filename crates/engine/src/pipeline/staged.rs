@@ -73,6 +73,9 @@ pub struct StagedPipeline {
     sdxl: Option<SdxlBase>,
     /// An SDXL refiner for the steps after its switch point ([`Self::set_refiner`]).
     refiner: Option<StagedRefiner>,
+    /// An inpainting UNet's mask and grey-picture latents, by size: the VAE is loaded for them
+    /// once, not for every picture.
+    whole_picture: crate::inpaint::WholePictureCache,
 }
 
 /// A refiner opened for a staged run, and when it takes over.
@@ -215,6 +218,7 @@ impl StagedPipeline {
             memory: MemoryOptions::default(),
             sdxl,
             refiner: None,
+            whole_picture: Default::default(),
         })
     }
 
@@ -261,6 +265,7 @@ impl StagedPipeline {
                 opts: opts.clone(),
                 memory: MemoryOptions::default(),
                 refiner: None,
+                whole_picture: Default::default(),
             }
         } else {
             let file = SdCheckpoint::open(path, config, vae)?;
@@ -278,6 +283,7 @@ impl StagedPipeline {
                 opts: opts.clone(),
                 memory: MemoryOptions::default(),
                 refiner: None,
+                whole_picture: Default::default(),
             }
         };
         Self::checked(staged)
@@ -649,14 +655,16 @@ impl UnetStage<'_> {
         // An inpainting UNet needs the grey picture's latents: the VAE is loaded for that one
         // encoding and freed again before sampling.
         let image = if crate::inpaint::is_inpainting(&s.unet_cfg) {
-            let vae = s.load_vae()?;
-            Some(crate::inpaint::whole_picture(
-                &vae.vae,
-                req.height,
-                req.width,
-                s.opts.dtype,
-                &s.opts.device,
-            )?)
+            Some(s.whole_picture.get(req.height, req.width, || {
+                let vae = s.load_vae()?;
+                crate::inpaint::whole_picture(
+                    &vae.vae,
+                    req.height,
+                    req.width,
+                    s.opts.dtype,
+                    &s.opts.device,
+                )
+            })?)
         } else {
             None
         };
