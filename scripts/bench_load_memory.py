@@ -13,8 +13,13 @@ reports its own timings and `ru_maxrss`. Both use float32 on the CPU, the same s
 steps, size, CFG and thread count; the file cache is warmed first so neither side pays for the
 first read from disk.
 
+With `--device cuda` (a `cuda` build of ours) both sides draw in fp16 on the GPU, and each
+side's peak GPU memory is read with nvidia-smi every 20 ms over its whole process (CUDA context
+and allocator caches included: what the card has left for anything else).
+
     cargo build --release -p ld-server
     /opt/refvenv/bin/python scripts/bench_load_memory.py --ours target/release/local-diffusers
+    python3 scripts/bench_load_memory.py --ours BIN --device cuda --steps 20
 """
 import argparse
 import gzip
@@ -77,58 +82,98 @@ def warm_cache(folder: Path) -> None:
                 pass
 
 
-def diffusers_child(folder: str, steps: int, size: int, threads: int) -> None:
+def diffusers_child(folder: str, steps: int, size: int, threads: int, device: str) -> None:
     """Runs in its own process: load, time to the first step, whole generation, peak RSS."""
     t0 = time.perf_counter()
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     torch.set_num_threads(threads)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+    pipe = pipe.to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
     loaded = time.perf_counter() - t0
     first = {}
 
     def on_step(p, i, t, kw):
+        if device == "cuda":
+            torch.cuda.synchronize()
         first.setdefault("step", time.perf_counter() - t0)
         return kw
 
     pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
          generator=torch.Generator().manual_seed(1), callback_on_step_end=on_step)
+    if device == "cuda":
+        torch.cuda.synchronize()
     total = time.perf_counter() - t0
     print(json.dumps({"load_s": loaded, "first_step_s": first["step"], "total_s": total,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+class GpuPeak:
+    """Peak GPU memory in use while a block runs, minus what was in use before (nvidia-smi)."""
+
+    def __init__(self, device: str):
+        self.on, self.peak_mib = device == "cuda", None
+
+    def __enter__(self):
+        if self.on:
+            self.log = tempfile.NamedTemporaryFile("w+", suffix=".csv")
+            self.smi = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used",
+                                         "--format=csv,noheader,nounits", "-lms", "20"],
+                                        stdout=self.log, text=True)
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            time.sleep(0.3)
+            self.smi.terminate()
+            self.smi.wait()
+            self.log.seek(0)
+            used = [int(x) for x in self.log.read().split() if x.isdigit()]
+            self.peak_mib = max(used) - used[0] if used else None
+
+
 def run_diffusers(folder: Path, a) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(a.steps),
-                          "--size", str(a.size), "--threads", str(a.threads)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with GpuPeak(a.device) as g:
+        out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--steps", str(a.steps),
+                              "--size", str(a.size), "--threads", str(a.threads),
+                              "--device", a.device], check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["gpu_mib"] = g.peak_mib
+    return r
 
 
 def run_ours(folder: Path, a, low_memory: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as t:
-        cmd = ["/usr/bin/time", "-f", "MAXRSS %M", a.ours, "--data-dir", t, "generate",
+        cmd = [a.ours, "--data-dir", t, "generate",
                "a photo of a cat", "--model", str(folder), "--steps", str(a.steps), "--cfg", "7",
                "--width", str(a.size), "--height", str(a.size), "--seed", "1",
-               "--precision", "fp32", "--out", str(Path(t) / "out.png")]
+               "--precision", "fp16" if a.device == "cuda" else "fp32",
+               "--out", str(Path(t) / "out.png")]
         if low_memory:
             cmd.append("--low-memory")
         env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        total = time.perf_counter() - t0
-    if r.returncode != 0:
-        sys.exit(f"local-diffusers failed:\n{r.stderr}")
+        with GpuPeak(a.device) as g, open(Path(t) / "err.log", "w+") as err:
+            t0 = time.perf_counter()
+            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            # wait4 gives this child's own peak RSS (no /usr/bin/time needed).
+            _, status, usage = os.wait4(child.pid, 0)
+            total = time.perf_counter() - t0
+            err.seek(0)
+            stderr = err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"local-diffusers failed:\n{stderr}")
     # With --low-memory ours loads one model at a time, so "Loaded" is printed when the UNet is
     # ready: it includes loading and running the text encoder (diffusers' load does not).
-    loaded = float(re.search(r"Loaded in ([0-9.]+)s", r.stderr).group(1))
-    rss = int(re.search(r"MAXRSS (\d+)", r.stderr).group(1)) / 1024
+    loaded = float(re.search(r"Loaded in ([0-9.]+)s", stderr).group(1))
+    rss = usage.ru_maxrss / 1024
     # Ours prints no per-step time; one step is (total - load - decode) / steps, so report the
     # whole run beside diffusers' and the load time, which is what the goal names.
-    return {"load_s": loaded, "total_s": total, "peak_rss_mb": rss}
+    return {"load_s": loaded, "total_s": total, "peak_rss_mb": rss, "gpu_mib": g.peak_mib}
 
 
 def main():
@@ -141,10 +186,12 @@ def main():
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--low-memory", action="store_true",
                    help="also run ours with --low-memory (f16 weight storage), interleaved")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides in fp16 on the GPU (ours must be a cuda build)")
     p.add_argument("--child")
     a = p.parse_args()
     if a.child:
-        return diffusers_child(a.child, a.steps, a.size, a.threads)
+        return diffusers_child(a.child, a.steps, a.size, a.threads, a.device)
     if not a.ours:
         sys.exit("--ours PATH (a built local-diffusers binary) is required")
     if not a.folder.exists():
@@ -169,12 +216,16 @@ def main():
     load_d, load_o = med(0, "load_s"), med(1, "load_s")
     rss_d, rss_o = med(0, "peak_rss_mb"), med(1, "peak_rss_mb")
     tot_d, tot_o = med(0, "total_s"), med(1, "total_s")
-    print(f"SD1.5 {a.size}x{a.size}, {a.steps} steps, CFG 7, fp32 CPU, {a.threads} threads, "
+    where = "fp16 GPU" if a.device == "cuda" else "fp32 CPU"
+    print(f"SD1.5 {a.size}x{a.size}, {a.steps} steps, CFG 7, {where}, {a.threads} threads, "
           f"median of {a.repeat} (load average {os.getloadavg()[0]:.1f})")
     print(f"{'':22}{'ours':>10}{'diffusers':>12}{'ratio':>8}")
     print(f"{'load (s)':22}{load_o:10.1f}{load_d:12.1f}{load_o / load_d:8.2f}")
     print(f"{'peak RSS (MB)':22}{rss_o:10.0f}{rss_d:12.0f}{rss_o / rss_d:8.2f}")
     print(f"{'whole run (s)':22}{tot_o:10.1f}{tot_d:12.1f}{tot_o / tot_d:8.2f}")
+    if a.device == "cuda":
+        gpu_d, gpu_o = med(0, "gpu_mib"), med(1, "gpu_mib")
+        print(f"{'peak GPU memory (MiB)':22}{gpu_o:10.0f}{gpu_d:12.0f}{gpu_o / gpu_d:8.2f}")
     if a.low_memory:
         rss_l, tot_l, load_l = med(2, "peak_rss_mb"), med(2, "total_s"), med(2, "load_s")
         print(f"{'--low-memory:':22}")

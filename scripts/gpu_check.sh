@@ -9,15 +9,16 @@
 # BIN: local-diffusers built with --features cudnn; TESTBIN: the ld-engine integration-test
 # binary built with the same features (may be "-" to skip). Results go to OUTDIR: tests.log,
 # bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
-# STAGES picks parts (default: all): tests generate bench vram profile variants. FAMILIES
+# STAGES picks parts (default: all): tests generate serve bench load vram profile variants. FAMILIES
 # (default "sd15 sdxl") picks the models for bench/vram/profile; VARIANT_FAMILY (default sd15)
 # the one the variants run; PRECISIONS (default fp16) the bench's precisions.
 # The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
 # convolutions in TF32 on Ampere and later, about 1e-3 relative, and the references are f32.
 set -uo pipefail
 BIN=$1 TESTBIN=$2 OUT=$3
-STAGES=${STAGES:-tests generate bench vram profile variants}
-want() { [[ " $STAGES " == *" $1 "* ]]; }
+STAGES=${STAGES:-tests generate serve bench load vram profile variants}
+# STOP_AFTER (seconds): no stage starts later, so one device call ends inside its limit.
+want() { [[ " $STAGES " == *" $1 "* ]] && (( SECONDS < ${STOP_AFTER:-100000} )); }
 WHEELS=${WHEELS:-.gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -59,6 +60,12 @@ timeout 60 "$BIN" generate "a red cube on a table" --model models/tiny/sd1 --ste
     --width 64 --height 64 --precision fp16 --out "$OUT/tiny_sd1_gpu_fp16.png" 2>&1 | tail -3
 fi
 
+if want serve; then
+echo "== what the app detects on this machine, then server jobs whole and staged (tiny models)"
+timeout 60 "$BIN" --data-dir /tmp/ld-doctor doctor 2>&1 | tail -40
+timeout 240 python3 scripts/gpu_serve_check.py "$BIN" "$OUT"
+fi
+
 # Peak GPU memory of one command, sampled every 20 ms, minus what was in use before it.
 vram_peak() {
     local log=$1; shift
@@ -80,6 +87,13 @@ for fam in ${FAMILIES:-sd15 sdxl}; do
                 --rounds 1 2>&1 | tee "$OUT/bench_${fam}_$prec.txt"
         done
     fi
+done
+if want load; then
+    echo "== SD1.5 512x512 generation, ${LOAD_STEPS:-20} steps, fp16: load, whole run and peak GPU memory beside diffusers"
+    timeout 300 python3 scripts/bench_load_memory.py --ours "$BIN" --device cuda --steps "${LOAD_STEPS:-20}" \
+        --repeat "${LOAD_REPEAT:-2}" --folder /tmp/sd15-random 2>&1 | tee "$OUT/load_sd15.txt"
+fi
+for fam in ${FAMILIES:-sd15 sdxl}; do
     if want vram; then
         echo "== $fam peak GPU memory, ours"
         vram_peak "/tmp/vram_ours_$fam.log" timeout 120 "$BIN" bench --family $fam --precision fp16 \
