@@ -134,6 +134,29 @@ describe('Playground', { timeout: 120_000 }, () => {
     await h.checkNoProblems();
   });
 
+  test('the hires fix draws the picture larger and says how large before it starts', async () => {
+    await h.goto('#/playground');
+    await page.locator('[data-testid="model-select"] option').nth(1).waitFor({ state: 'attached' });
+    await fillForm({ prompt: `a ${uniqueWord('hires')} castle`, steps: 2, width: 64, height: 96 });
+    await page.getByTestId('hires-toggle').check();
+    await page.getByTestId('hires-scale').fill('1.5');
+    await page.getByTestId('hires-steps').fill('2');
+    await page.getByTestId('hires-upscaler').selectOption('Lanczos');
+    assert.equal(await page.getByTestId('hires-size').textContent(), 'Final picture: 96 × 144');
+    await page.getByTestId('generate').click();
+    await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
+    await page.waitForFunction(() => {
+      const el = document.querySelector('[data-testid="result-image"]');
+      return el instanceof HTMLImageElement && el.complete && el.naturalWidth > 0;
+    });
+    const size = await page.getByTestId('result-image').evaluate((el) => [el.naturalWidth, el.naturalHeight]);
+    assert.deepEqual(size, [96, 144], 'drawn at the hires size');
+    // Off again for the tests after this one (the draft is kept across reloads).
+    await page.getByTestId('hires-toggle').uncheck();
+    assert.equal(await page.getByTestId('hires-size').count(), 0);
+    await h.checkNoProblems();
+  });
+
   test('an empty prompt is explained instead of sent', async () => {
     await page.getByTestId('prompt').fill('');
     await page.getByTestId('generate').click();

@@ -5,6 +5,7 @@
 use crate::models::{self, Family, ModelInfo};
 use crate::presets::Preset;
 use crate::settings::Settings;
+use ld_engine::hires::{HiresFix, HiresUpscaler};
 use ld_engine::lora::LoraSpec;
 use ld_engine::pipeline::GenerateRequest;
 use ld_engine::rng::SeedSource;
@@ -49,6 +50,99 @@ pub struct GenerationInput {
     pub refiner: Option<String>,
     /// Fraction of the denoising the base model does before the refiner takes over (0.8).
     pub refiner_switch: Option<f64>,
+    /// A second pass at a larger size (A1111's "Hires. fix"); absent: one pass.
+    pub hires: Option<HiresInput>,
+}
+
+/// The hires fix of a request, in A1111's terms; every field may be left out.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HiresInput {
+    /// How much larger the final picture is (A1111 `hr_scale`, 2 by default).
+    pub scale: Option<f64>,
+    /// A final width and/or height instead of the scale (A1111 `hr_resize_x`/`hr_resize_y`;
+    /// 0 or absent: from the scale). One alone keeps the picture's shape; both of another shape
+    /// enlarge it to cover that size and cut the middle out, as A1111 does.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// Steps of the second pass (A1111 `hr_second_pass_steps`; 0 or absent: as many as the
+    /// first pass).
+    pub steps: Option<usize>,
+    /// How much the second pass redraws, above 0 up to 1 (A1111 `denoising_strength`, 0.7 by
+    /// default, as in its UI).
+    pub denoise: Option<f64>,
+    /// A1111's `hr_upscaler` name ("Latent" by default); see [`HiresUpscaler::from_name`].
+    pub upscaler: Option<String>,
+}
+
+/// A1111's default hires enlargement and denoising strength.
+pub const HIRES_SCALE: f64 = 2.0;
+pub const HIRES_DENOISE: f64 = 0.7;
+
+/// A job note when a request's hires upscaler is one we stand in for (a model upscaler such as
+/// ESRGAN, a bicubic latent mode): which one drew instead.
+pub fn hires_note(input: &GenerationInput) -> Option<String> {
+    let name = input.hires.as_ref()?.upscaler.as_deref()?.trim();
+    match HiresUpscaler::from_name(name) {
+        (_, true) => None,
+        (used, false) => Some(format!(
+            "The hires upscaler '{name}' is not available here, so '{}' enlarged the picture.",
+            used.name()
+        )),
+    }
+}
+
+/// The second pass for a `width` x `height` first pass: final size and, for a final size of
+/// another shape, the size the picture is enlarged to before the cut (A1111's `hr_upscale_to_x`
+/// and `truncate_x` rules), all floored to multiples of 8 as A1111's latents are.
+fn hires_fix(
+    input: &HiresInput,
+    width: usize,
+    height: usize,
+    steps: usize,
+) -> Result<HiresFix, ComposeError> {
+    let floor8 = |v: usize| v / 8 * 8;
+    let scale = input.scale.unwrap_or(HIRES_SCALE);
+    if !(scale.is_finite() && (1.0..=4.0).contains(&scale)) {
+        return Err(invalid(
+            format!("The hires scale must be between 1 and 4, got {scale}."),
+            "2 doubles the width and height (A1111's default).",
+        ));
+    }
+    let (rx, ry) = (input.width.unwrap_or(0), input.height.unwrap_or(0));
+    let (up_x, up_y, target) = match (rx, ry) {
+        (0, 0) => {
+            let (x, y) = (
+                (width as f64 * scale) as usize,
+                (height as f64 * scale) as usize,
+            );
+            (x, y, None)
+        }
+        (x, 0) => (x, x * height / width, None),
+        (0, y) => (y * width / height, y, None),
+        (x, y) => {
+            if (width as f64 / height as f64) < (x as f64 / y as f64) {
+                (x, x * height / width, Some((x, y)))
+            } else {
+                (y * width / height, y, Some((x, y)))
+            }
+        }
+    };
+    let (up_x, up_y) = (floor8(up_x), floor8(up_y));
+    let (final_x, final_y) = target.map_or((up_x, up_y), |(x, y)| (floor8(x), floor8(y)));
+    let denoise = input.denoise.unwrap_or(HIRES_DENOISE);
+    let upscaler = input
+        .upscaler
+        .as_deref()
+        .map_or(HiresUpscaler::Latent, |n| HiresUpscaler::from_name(n).0);
+    Ok(HiresFix {
+        width: final_x,
+        height: final_y,
+        steps: input.steps.filter(|&s| s > 0).unwrap_or(steps),
+        denoise,
+        upscaler,
+        cover: (final_x, final_y).ne(&(up_x, up_y)).then_some((up_x, up_y)),
+    })
 }
 
 /// The LoRA and embedding files a prompt may name, and the VAE files the settings' "SD VAE" may.
@@ -326,6 +420,10 @@ pub fn compose(
         schedule,
         clip_skip: input.clip_skip.unwrap_or(settings.clip_skip.max(1)),
         seed_source,
+        hires: match &input.hires {
+            Some(h) => Some(hires_fix(h, width, height, steps)?),
+            None => None,
+        },
     };
     base.validate().map_err(|e| {
         invalid(
@@ -346,6 +444,12 @@ pub fn compose(
         None => None,
         Some(name) => Some(resolve_refiner(name, input.refiner_switch, model, library)?),
     };
+    if base.hires.is_some() && refiner.as_ref().is_some_and(|r| r.switch_at < 1.0) {
+        return Err(invalid(
+            "The hires fix and a refiner cannot be used together yet.",
+            "Turn off the hires fix or the refiner.",
+        ));
+    }
     let images = (0..batch as u64)
         .map(|i| GenerateRequest {
             seed: first_seed.wrapping_add(i),
@@ -919,6 +1023,102 @@ mod tests {
             .unwrap()
             .images[0];
         assert_eq!(r.clip_skip, 1);
+    }
+
+    #[test]
+    fn the_hires_fix_follows_a1111s_sizes_and_defaults() {
+        let hires = |h: HiresInput, w: usize, ht: usize| {
+            let i = GenerationInput {
+                width: Some(w),
+                height: Some(ht),
+                steps: Some(12),
+                hires: Some(h),
+                ..input("x")
+            };
+            compose(&i, &settings(), &[], &library(), &Networks::default())
+                .map(|j| j.images[0].hires.clone().unwrap())
+        };
+        // Defaults: twice the size, as many steps, 0.7, Latent.
+        let f = hires(HiresInput::default(), 512, 768).unwrap();
+        assert_eq!((f.width, f.height, f.steps), (1024, 1536, 12));
+        assert_eq!(
+            (f.denoise, f.upscaler, f.cover),
+            (0.7, HiresUpscaler::Latent, None)
+        );
+        // A scale that does not land on multiples of 8 is floored: int(512 * 1.3) = 665 -> 664.
+        let f = hires(
+            HiresInput {
+                scale: Some(1.3),
+                steps: Some(5),
+                denoise: Some(0.4),
+                upscaler: Some("Lanczos".into()),
+                ..Default::default()
+            },
+            512,
+            512,
+        )
+        .unwrap();
+        assert_eq!((f.width, f.height, f.steps, f.denoise), (664, 664, 5, 0.4));
+        assert_eq!(f.upscaler, HiresUpscaler::Lanczos);
+        // One side given keeps the shape; both of another shape cover, then cut.
+        let f = hires(
+            HiresInput {
+                width: Some(1000),
+                ..Default::default()
+            },
+            512,
+            768,
+        )
+        .unwrap();
+        assert_eq!((f.width, f.height, f.cover), (1000, 1496, None));
+        let f = hires(
+            HiresInput {
+                width: Some(1024),
+                height: Some(1024),
+                ..Default::default()
+            },
+            512,
+            768,
+        )
+        .unwrap();
+        assert_eq!(
+            (f.width, f.height, f.cover),
+            (1024, 1024, Some((1024, 1536)))
+        );
+        // Out of range: a clear error naming the field.
+        for bad in [
+            HiresInput {
+                scale: Some(8.0),
+                ..Default::default()
+            },
+            HiresInput {
+                denoise: Some(1.5),
+                ..Default::default()
+            },
+        ] {
+            let e = hires(bad, 512, 512).unwrap_err();
+            assert_eq!(e.kind, ComposeErrorKind::Invalid, "{e}");
+        }
+        let e = hires(HiresInput::default(), 1536, 1536).unwrap_err();
+        assert!(e.message.contains("hires width"), "{}", e.message);
+    }
+
+    #[test]
+    fn stand_in_upscalers_are_named_in_a_note() {
+        let with = |name: &str| GenerationInput {
+            hires: Some(HiresInput {
+                upscaler: Some(name.into()),
+                ..Default::default()
+            }),
+            ..input("x")
+        };
+        assert_eq!(hires_note(&with("Latent (nearest-exact)")), None);
+        assert_eq!(hires_note(&input("x")), None);
+        let note = hires_note(&with("R-ESRGAN 4x+")).unwrap();
+        assert!(
+            note.contains("'R-ESRGAN 4x+'") && note.contains("'Lanczos'"),
+            "{note}"
+        );
     }
 
     #[test]

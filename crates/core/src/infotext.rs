@@ -79,7 +79,7 @@ impl Infotext {
 }
 
 /// "7" for 7.0 and "7.5" for 7.5, as A1111's infotexts show whole CFG scales.
-fn format_number(x: f64) -> String {
+pub(crate) fn format_number(x: f64) -> String {
     if x.fract() == 0.0 && x.abs() < 1e15 {
         format!("{}", x as i64)
     } else {

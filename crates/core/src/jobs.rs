@@ -265,6 +265,7 @@ impl Job {
             prompt: first.prompt.clone(),
             negative_prompt: first.negative_prompt.clone(),
             model: spec.model.name.clone(),
+            // The first pass's size, as A1111's info gives it; the pictures have their own.
             width: first.width,
             height: first.height,
             steps: first.steps,
@@ -1072,10 +1073,12 @@ fn job_need(
     loaded: bool,
 ) -> u64 {
     let req = &spec.images[0];
+    // A hires fix's second pass is the larger.
+    let (width, height) = req.output_size();
     let e = ld_engine::memory::estimate(
         shape,
-        req.width,
-        req.height,
+        width,
+        height,
         req.cfg_scale != 1.0 && !shape.guidance_embedded,
         dtype,
         target,
@@ -1446,10 +1449,11 @@ fn save_picture(
             .extra
             .push(("Recovered".into(), recovered.join(" + ")));
     }
+    let (width, height) = req.output_size();
     let new = NewImage {
         rgb: pixels,
-        width: req.width as u32,
-        height: req.height as u32,
+        width: width as u32,
+        height: height as u32,
         infotext,
     };
     match shared.gallery.save(new) {
@@ -1846,7 +1850,29 @@ pub fn infotext_for(req: &GenerateRequest, model: &str) -> Infotext {
         SeedSource::Nv => "NV",
         _ => "CPU",
     };
-    let extra = vec![("RNG".to_owned(), rng.to_owned())];
+    let mut extra = vec![("RNG".to_owned(), rng.to_owned())];
+    if let Some(fix) = &req.hires {
+        // A1111's keys: "Size" stays the first pass's; the upscale is a factor when the final
+        // size is one, else "Hires resize".
+        extra.push((
+            "Denoising strength".to_owned(),
+            crate::infotext::format_number(fix.denoise),
+        ));
+        let scale = fix.width as f64 / req.width as f64;
+        if (fix.height as f64 / req.height as f64 - scale).abs() < 1e-9 && fix.cover.is_none() {
+            extra.push((
+                "Hires upscale".to_owned(),
+                crate::infotext::format_number(scale),
+            ));
+        } else {
+            extra.push((
+                "Hires resize".to_owned(),
+                format!("{}x{}", fix.width, fix.height),
+            ));
+        }
+        extra.push(("Hires steps".to_owned(), fix.steps.to_string()));
+        extra.push(("Hires upscaler".to_owned(), fix.upscaler.name().to_owned()));
+    }
     Infotext {
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),

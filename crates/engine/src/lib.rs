@@ -18,6 +18,7 @@ mod gpu_conv;
 mod gpu_linear;
 #[cfg(feature = "cuda")]
 mod gpu_norm;
+pub mod hires;
 pub mod inpaint;
 mod kernels;
 pub mod ldm_names;

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::clip::{ClipConfig, ClipTextModel, PromptPlan, TextEncoder};
 use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::{cfg_scale_for, Conditioning, Denoiser, NoisePredictor};
+use crate::hires::HiresFix;
 use crate::lora::{LoraSet, LoraSpec, LoraTarget, LoraWarning};
 use crate::memory::MemoryOptions;
 use crate::rng::SeedSource;
@@ -145,6 +146,8 @@ pub struct GenerateRequest {
     pub schedule: ScheduleKind,
     /// A1111 "Clip skip": 1 = the text encoder's last layer, 2 = the one before, ...
     pub clip_skip: usize,
+    /// A second pass at a larger size (A1111's "Hires. fix"); `None`: one pass.
+    pub hires: Option<HiresFix>,
 }
 
 impl Default for GenerateRequest {
@@ -161,6 +164,7 @@ impl Default for GenerateRequest {
             sampler: SamplerKind::DpmPp2M,
             schedule: ScheduleKind::Automatic,
             clip_skip: 1,
+            hires: None,
         }
     }
 }
@@ -197,7 +201,18 @@ impl GenerateRequest {
                 "clip_skip must be at least 1 (1 = the last layer)".into(),
             ));
         }
+        if let Some(fix) = &self.hires {
+            fix.validate()?;
+        }
         Ok(())
+    }
+
+    /// The finished picture's width and height: the hires pass's when there is one.
+    pub fn output_size(&self) -> (usize, usize) {
+        match &self.hires {
+            Some(fix) => (fix.width, fix.height),
+            None => (self.width, self.height),
+        }
     }
 }
 
@@ -647,9 +662,10 @@ impl Pipeline {
             Some(s) => self.decode_sdxl(s, &latents)?,
             None => self.decode(&latents)?,
         };
+        let (width, height) = req.output_size();
         Ok(GeneratedImage {
-            width: req.width,
-            height: req.height,
+            width,
+            height,
             pixels: to_rgb8(&image)?,
             seed: req.seed,
         })
@@ -670,25 +686,49 @@ impl Pipeline {
             return self.sample_sdxl(s, req, observer, on_state);
         }
         let conditioning = sd_conditioning(&self.text_encoder, self.unet.config(), req)?;
-        let mut sampling = self.sampling();
-        if crate::inpaint::is_inpainting(self.unet.config()) {
-            sampling.image = Some(self.whole_picture.get(req.height, req.width, || {
-                crate::inpaint::whole_picture(
-                    &self.vae,
-                    req.height,
-                    req.width,
-                    self.dtype,
-                    &self.device,
-                )
-            })?);
-        }
-        sampling.run(
+        crate::hires::two_pass(
             req,
-            self.latent_shape(req),
-            &conditioning,
+            &self.schedule,
             observer,
-            on_state,
+            &mut |latents, fix| self.enlarge(latents, fix),
+            &mut |r, init, observer| {
+                let mut sampling = self.sampling();
+                if crate::inpaint::is_inpainting(self.unet.config()) {
+                    sampling.image = Some(self.whole_picture.get(r.height, r.width, || {
+                        crate::inpaint::whole_picture(
+                            &self.vae,
+                            r.height,
+                            r.width,
+                            self.dtype,
+                            &self.device,
+                        )
+                    })?);
+                }
+                sampling.run(
+                    r,
+                    self.latent_shape(r),
+                    &conditioning,
+                    init,
+                    observer,
+                    on_state,
+                )
+            },
         )
+    }
+
+    /// A first pass's latents (diffusers scale) enlarged for `fix`'s second pass: resized as
+    /// latents, or decoded, resized as pixels and encoded again.
+    pub(crate) fn enlarge(&self, latents: &Tensor, fix: &HiresFix) -> Result<Tensor> {
+        if fix.upscaler.is_latent() {
+            let f = self.size_multiple();
+            let (width, height) = fix.enlarged_size();
+            return crate::hires::upscale_latents(latents, fix.upscaler, height / f, width / f);
+        }
+        let image = match &self.sdxl {
+            Some(s) => self.decode_sdxl(s, latents)?,
+            None => self.decode(latents)?,
+        };
+        crate::hires::encode_enlarged(&self.vae, &image, fix, self.dtype, &self.device)
     }
 
     /// The sampling loops' view of this pipeline (SD1/SD2, and SDXL in [`crate::sdxl`]).
@@ -718,6 +758,15 @@ fn validate_for_model(
 ) -> Result<()> {
     req.validate()?;
     let m = size_multiple;
+    if let Some(fix) = &req.hires {
+        for (field, v) in [("hires width", fix.width), ("hires height", fix.height)] {
+            if !v.is_multiple_of(m) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "the {field} must be a multiple of {m} for this model, got {v}"
+                )));
+            }
+        }
+    }
     for (field, v) in [("width", req.width), ("height", req.height)] {
         if !v.is_multiple_of(m) {
             return Err(EngineError::InvalidRequest(format!(
@@ -810,12 +859,15 @@ pub(crate) struct SdSampling<'a> {
 
 impl SdSampling<'_> {
     /// Seeded noise of `shape`, sampled under `conditioning`; the final latents in diffusers'
-    /// scale. `on_state` as in [`Pipeline::sample_latents`].
-    fn run(
+    /// scale. With `init`, a hires fix's second pass: the enlarged latents plus that noise, from
+    /// part-way down the schedule ([`HiresFix::sigmas`]). `on_state` as in
+    /// [`Pipeline::sample_latents`].
+    pub(crate) fn run(
         &self,
         req: &GenerateRequest,
         shape: [usize; 4],
         conditioning: &Conditioning,
+        init: Option<(&Tensor, &HiresFix)>,
         observer: &mut dyn Observer,
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<Tensor> {
@@ -833,12 +885,12 @@ impl SdSampling<'_> {
         )?;
 
         let sampler = req.sampler.sampler();
-        let sigmas = sampler.sigmas(self.schedule, req.schedule, req.steps);
+        let sigmas = crate::hires::pass_sigmas(sampler.as_ref(), self.schedule, req, init);
         // One generator for the whole run: the sampler's extra noise continues the stream after
         // the initial latent, as A1111 does (`ImageRNG.next`).
         let mut rng = req.seed_source.generator(req.seed);
         let noise = rng.randn_tensor(&shape, self.device)?;
-        let x = (noise * sampler.initial_noise_scale(&sigmas))?;
+        let x = crate::hires::starting_state(sampler.as_ref(), &sigmas, noise, init)?;
         on_state(&x, sigmas[0]);
 
         let every = observer.preview_every();

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::clip::{ClipConfig, ClipTextModel, HiddenLayer, TextEncoder};
 use crate::config::{ModelFolder, ModelIndex};
 use crate::denoiser::{cfg_scale_for, Conditioning, Denoiser, NoisePredictor};
+use crate::hires::HiresFix;
 use crate::lora::{LoraSet, LoraTarget};
 use crate::pipeline::{
     GenerateRequest, LoadOptions, Observer, Pipeline, Preview, Progress, SdSampling,
@@ -516,15 +517,43 @@ impl Pipeline {
         observer: &mut dyn Observer,
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<Tensor> {
-        let base = self.sdxl_stage(s, req)?;
         let refiner = s.refiner.as_deref().map(|r| (r, &s.options));
-        self.sampling().run_sdxl(
+        if req.hires.is_none() {
+            let base = self.sdxl_stage(s, req)?;
+            return self.sampling().run_sdxl(
+                req,
+                self.latent_shape(req),
+                &base,
+                refiner,
+                observer,
+                on_state,
+            );
+        }
+        if refiner.is_some_and(|(_, o)| o.refiner.switch_at < 1.0) {
+            return Err(hires_with_refiner());
+        }
+        // The prompt is encoded once; each pass gets the time ids of its own size (A1111's
+        // hires conditioning carries the enlarged size).
+        let c = text_conditioning(
+            [self.text_encoder(), &s.encoder_2],
+            s.force_zeros_for_empty_prompt,
+            self.unet().config(),
             req,
-            self.latent_shape(req),
-            &base,
-            refiner,
+        )?;
+        crate::hires::two_pass(
+            req,
+            self.schedule(),
             observer,
-            on_state,
+            &mut |latents, fix| self.enlarge(latents, fix),
+            &mut |r, init, observer| {
+                // The base model alone: a hires run has no refiner steps.
+                let base = base_stage(c.clone(), &s.options.size, r, self.unet())?;
+                let sampling = self.sampling();
+                let mut run = sampling.begin_sdxl(r, self.latent_shape(r), None, init, on_state)?;
+                let to = run.total();
+                sampling.advance_sdxl(&mut run, to, &base, r, observer, on_state)?;
+                run.finish(self.device())
+            },
         )
     }
 
@@ -611,7 +640,7 @@ impl SdSampling<'_> {
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<Tensor> {
         let switch_at = refiner.map(|(_, options)| &options.refiner);
-        let mut run = self.begin_sdxl(req, shape, switch_at, on_state)?;
+        let mut run = self.begin_sdxl(req, shape, switch_at, None, on_state)?;
         let base_steps = run.base_steps();
         self.advance_sdxl(&mut run, base_steps, base, req, observer, on_state)?;
         if let Some((r, options)) = refiner.filter(|_| run.needs_refiner()) {
@@ -633,23 +662,25 @@ impl SdSampling<'_> {
 
     /// Starts an SDXL run for `req` with this (the base model's) noise schedule: its sigmas,
     /// the seeded noise of `shape`, and where a refiner switching at `switch_at` takes over
-    /// (`None`: the base model does every step).
+    /// (`None`: the base model does every step). With `init`, a hires fix's second pass from
+    /// the enlarged latents (see [`SdSampling::run`]).
     pub(crate) fn begin_sdxl(
         &self,
         req: &GenerateRequest,
         shape: [usize; 4],
         switch_at: Option<&RefinerOptions>,
+        init: Option<(&Tensor, &HiresFix)>,
         on_state: &mut dyn FnMut(&Tensor, f64),
     ) -> Result<SdxlRun> {
         let sampler = req.sampler.sampler();
-        let sigmas = sampler.sigmas(self.schedule, req.schedule, req.steps);
+        let sigmas = crate::hires::pass_sigmas(sampler.as_ref(), self.schedule, req, init);
         let switch = match switch_at {
             Some(options) => crate::refiner::switch_index(self.schedule, &sigmas, options),
             None => sigmas.len() - 1,
         };
         let mut rng = req.seed_source.generator(req.seed);
         let noise = rng.randn_tensor(&shape, self.device)?;
-        let x = (noise * sampler.initial_noise_scale(&sigmas))?;
+        let x = crate::hires::starting_state(sampler.as_ref(), &sigmas, noise, init)?;
         on_state(&x, sigmas[0]);
         Ok(SdxlRun {
             x,
@@ -735,6 +766,13 @@ pub(crate) fn redecode_if_overflowed(
     let vae = AutoencoderKL::load(vb, cfg)?;
     let z = latents.to_device(device)?.to_dtype(DType::F32)?;
     Ok(vae.decode_scaled(&z)?)
+}
+
+/// A hires fix asked of a run whose refiner takes over part of the steps.
+pub(crate) fn hires_with_refiner() -> EngineError {
+    EngineError::InvalidRequest(
+        "the hires fix and a refiner cannot be used together yet; turn one of them off".into(),
+    )
 }
 
 fn not_sdxl() -> EngineError {

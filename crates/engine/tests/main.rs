@@ -1,5 +1,6 @@
 //! The engine's integration tests, one binary (link time matters on 2 cores); one module per area.
 
+mod hires;
 mod inpaint;
 mod layers;
 mod lcm;

@@ -47,7 +47,7 @@ enum Command {
         self_test: bool,
     },
     /// Make one image from a prompt and save it as a PNG.
-    Generate(commands::generate::GenerateArgs),
+    Generate(Box<commands::generate::GenerateArgs>),
     /// List, browse and download models.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
@@ -85,7 +85,7 @@ fn run() -> anyhow::Result<()> {
             models_dirs,
         } => serve(data, host, port, api_key, models_dirs),
         Command::Doctor { self_test } => doctor(&data, self_test),
-        Command::Generate(args) => commands::generate::run(args, &data),
+        Command::Generate(args) => commands::generate::run(*args, &data),
         Command::Bench(args) => commands::bench::run(args),
         Command::Models(cmd) => commands::models::run(cmd, &data),
     }

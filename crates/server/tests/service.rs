@@ -87,6 +87,14 @@ fn png_parameters(png: &[u8]) -> String {
     ld_core::image_file::read_parameters(png).expect("the PNG carries its parameters")
 }
 
+/// Width and height from a PNG's header.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    let header = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .expect("a PNG");
+    (header.info().width, header.info().height)
+}
+
 fn small(prompt: &str) -> Value {
     json!({"prompt": prompt, "model": "sd1", "width": 64, "height": 64, "steps": 4, "seed": 42})
 }
@@ -751,16 +759,50 @@ async fn open_webui_a1111_request() {
     );
     // A null height is A1111's default, 512.
     assert_eq!((&info["width"], &info["height"]), (&json!(64), &json!(512)));
-    // Hires fix is not drawn, and the job says so.
+    // The hires fix is drawn: twice the size, with A1111's keys in the parameters text.
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(answer["images"][0].as_str().unwrap())
+        .unwrap();
+    assert_eq!(png_size(&png), (128, 1024));
+    let params = png_parameters(&png);
+    assert!(
+        params.contains("Size: 64x512")
+            && params.contains("Denoising strength: 0.7")
+            && params.contains("Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent"),
+        "{params}"
+    );
+    // An upscaler we do not have draws with a stand-in, and the job says which.
+    let body = json!({"prompt": "a sunny meadow", "steps": 2, "width": 64, "height": 64,
+        "enable_hr": "true", "hr_scale": "1.5", "hr_upscaler": "R-ESRGAN 4x+",
+        "denoising_strength": 0.5, "hr_second_pass_steps": 1, "seed": 3});
+    let (status, answer) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(answer["images"][0].as_str().unwrap())
+        .unwrap();
+    assert_eq!(png_size(&png), (96, 96));
+    assert!(png_parameters(&png).contains("Hires steps: 1, Hires upscaler: Lanczos"));
     let (_, jobs) = get_json(&s, "/api/v1/jobs").await;
     let notes = jobs
         .as_array()
         .unwrap()
         .iter()
-        .find(|j| j["height"] == 512)
+        .find(|j| j["seed"] == 3)
         .map(|j| j["notes"].to_string())
         .unwrap();
-    assert!(notes.contains("Hires fix is not available yet"), "{notes}");
+    assert!(
+        notes.contains("'R-ESRGAN 4x+' is not available here"),
+        "{notes}"
+    );
+    // SillyTavern's menus list the latent modes and the pixel upscalers.
+    let (_, modes) = get_json(&s, "/sdapi/v1/latent-upscale-modes").await;
+    assert_eq!(modes[0]["name"], "Latent");
+    let (_, ups) = get_json(&s, "/sdapi/v1/upscalers").await;
+    assert!(ups
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["name"] == "Lanczos"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,6 +406,23 @@ export interface JobRequest {
   refiner?: string;
   /** Where the refiner takes over, 0..1 of the steps (server default 0.8). */
   refiner_switch?: number;
+  /** A second pass at a larger size (A1111's "Hires. fix"). */
+  hires?: HiresRequest;
+}
+
+/** The hires fix of a job request; every field may be left out for the server's default. */
+export interface HiresRequest {
+  /** How much larger (server default 2). */
+  scale?: number;
+  /** Final width/height instead of the scale. */
+  width?: number;
+  height?: number;
+  /** Second-pass steps; 0: as many as the first pass. */
+  steps?: number;
+  /** How much the second pass redraws, above 0 up to 1 (server default 0.7). */
+  denoise?: number;
+  /** 'Latent', 'Latent (nearest)', 'Latent (nearest-exact)' or 'Lanczos'. */
+  upscaler?: string;
 }
 
 /** Server-Sent Events of GET /api/v1/events; `type` is also the SSE event name. */

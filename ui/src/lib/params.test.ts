@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { ImageRecord, Inspected, ModelInfo, Preset } from './api';
-import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, drawBase, followModel, hasParameters, nativeSize, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
+import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, drawBase, followModel, hasParameters, nativeSize, outputSize, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
 
 const draft = (over: Partial<Draft> = {}): Draft => ({ ...DEFAULT_DRAFT, prompt: 'a cat', ...over });
 
@@ -60,6 +60,23 @@ describe('toJobRequest', () => {
     expect(toJobRequest(draft({ refiner: 'r', refiner_switch: 0.7 })).refiner_switch).toBe(0.7);
     expect(toJobRequest(draft({ refiner: 'r', refiner_switch: 0.1 })).refiner_switch).toBe(0.5);
     expect(toJobRequest(draft({ refiner: 'r', refiner_switch: Number.NaN })).refiner_switch).toBe(0.8);
+  });
+
+  it('sends the hires fix only when it is on, clamped, and without the refiner', () => {
+    expect('hires' in toJobRequest(draft({ hires_scale: 3 }))).toBe(false);
+    expect(toJobRequest(draft({ hires: true }))).toMatchObject({ hires: { scale: 2, denoise: 0.7, steps: 0, upscaler: 'Latent' } });
+    const wild = toJobRequest(draft({ hires: true, hires_scale: 9, hires_denoise: 0, hires_steps: 12.4, hires_upscaler: 'ESRGAN' }));
+    expect(wild.hires).toEqual({ scale: 4, denoise: 0.05, steps: 12, upscaler: 'Latent' });
+    const both = toJobRequest(draft({ hires: true, refiner: 'sdxl-refiner' }));
+    expect('refiner' in both).toBe(false);
+    expect('refiner_switch' in both).toBe(false);
+  });
+
+  it('gives the final size the server will draw', () => {
+    expect(outputSize(draft({ width: 512, height: 768 }))).toEqual({ width: 512, height: 768 });
+    expect(outputSize(draft({ hires: true, width: 512, height: 768 }))).toEqual({ width: 1024, height: 1536 });
+    // 1.3 x 512 = 665.6 -> 665 -> 664, as A1111 floors the latents.
+    expect(outputSize(draft({ hires: true, hires_scale: 1.3, width: 512, height: 512 }))).toEqual({ width: 664, height: 664 });
   });
 });
 

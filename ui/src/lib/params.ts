@@ -31,7 +31,19 @@ export interface Draft {
   refiner: string;
   /** Where the refiner takes over, as a share of the steps. */
   refiner_switch: number;
+  /** Hires fix: draw, enlarge by `hires_scale`, then draw over the larger picture. */
+  hires: boolean;
+  hires_scale: number;
+  /** How much the second pass redraws (A1111 "Denoising strength"). */
+  hires_denoise: number;
+  /** Second-pass steps; 0: as many as the first pass. */
+  hires_steps: number;
+  /** An upscaler name from HIRES_UPSCALERS. */
+  hires_upscaler: string;
 }
+
+/** The hires fix's upscalers, as the server names them (A1111's names). */
+export const HIRES_UPSCALERS = ['Latent', 'Latent (nearest)', 'Latent (nearest-exact)', 'Lanczos'] as const;
 
 export const DEFAULT_DRAFT: Draft = {
   prompt: '',
@@ -50,6 +62,11 @@ export const DEFAULT_DRAFT: Draft = {
   clip_skip: null,
   refiner: '',
   refiner_switch: 0.8,
+  hires: false,
+  hires_scale: 2,
+  hires_denoise: 0.7,
+  hires_steps: 0,
+  hires_upscaler: 'Latent',
 };
 
 export const LIMITS = {
@@ -59,7 +76,18 @@ export const LIMITS = {
   side: { min: 64, max: 2048 },
   clip_skip: { min: 1, max: 12 },
   refiner_switch: { min: 0.5, max: 1 },
+  hires_scale: { min: 1, max: 4 },
+  hires_denoise: { min: 0.05, max: 1 },
+  hires_steps: { min: 0, max: 150 },
 } as const;
+
+/** The picture's final size: the first pass's, or the hires fix's (floored to multiples of 8, as the server does). */
+export function outputSize(d: Draft): { width: number; height: number } {
+  if (!d.hires) return { width: d.width, height: d.height };
+  const scale = clamp(d.hires_scale, LIMITS.hires_scale.min, LIMITS.hires_scale.max, DEFAULT_DRAFT.hires_scale);
+  const floor8 = (v: number) => Math.floor(Math.floor(v * scale) / 8) * 8;
+  return { width: floor8(d.width), height: floor8(d.height) };
+}
 
 /** A usable clip skip (a whole number 1..12), or null for "the app's setting". */
 export function cleanClipSkip(v: unknown): number | null {
@@ -95,6 +123,18 @@ export function toJobRequest(d: Draft): JobRequest {
     req.refiner = d.refiner;
     const sw = clamp(d.refiner_switch, LIMITS.refiner_switch.min, LIMITS.refiner_switch.max, DEFAULT_DRAFT.refiner_switch);
     req.refiner_switch = Math.round(sw * 100) / 100;
+  }
+  if (d.hires) {
+    const upscaler = (HIRES_UPSCALERS as readonly string[]).includes(d.hires_upscaler) ? d.hires_upscaler : 'Latent';
+    req.hires = {
+      scale: Math.round(clamp(d.hires_scale, LIMITS.hires_scale.min, LIMITS.hires_scale.max, DEFAULT_DRAFT.hires_scale) * 100) / 100,
+      denoise: Math.round(clamp(d.hires_denoise, LIMITS.hires_denoise.min, LIMITS.hires_denoise.max, DEFAULT_DRAFT.hires_denoise) * 100) / 100,
+      steps: Math.round(clamp(d.hires_steps, LIMITS.hires_steps.min, LIMITS.hires_steps.max, 0)),
+      upscaler,
+    };
+    // The server does not take both yet; the hires fix wins (the Playground says so).
+    delete req.refiner;
+    delete req.refiner_switch;
   }
   return req;
 }

@@ -43,6 +43,7 @@ use crate::checkpoint::ModelFamily;
 use crate::clip::{ClipConfig, PromptPlan, TextEncoder};
 use crate::config::{ModelFolder, PredictionType};
 use crate::denoiser::Conditioning;
+use crate::hires::HiresFix;
 use crate::lora::LoraSet;
 use crate::memory::MemoryOptions;
 use crate::refiner::{OpenedRefiner, RefinerOptions};
@@ -652,6 +653,37 @@ impl UnetStage<'_> {
                 "the conditioning was encoded without guidance; encode this request first".into(),
             ));
         }
+        if req.hires.is_some() {
+            if s.refiner
+                .as_ref()
+                .is_some_and(|r| r.options.refiner.switch_at < 1.0)
+            {
+                return Err(crate::sdxl::hires_with_refiner());
+            }
+            let latents = crate::hires::two_pass(
+                req,
+                &s.schedule,
+                observer,
+                &mut |latents, fix| self.enlarge(latents, fix),
+                &mut |r, init, observer| match self.sample_pass(r, prompt, init, observer)? {
+                    Sampled::Latents(l) => Ok(l),
+                    Sampled::ToRefine(run) => Err(run.unfinished()),
+                },
+            )?;
+            return Ok(Sampled::Latents(latents));
+        }
+        self.sample_pass(req, prompt, None, observer)
+    }
+
+    /// One pass of [`Self::sample`]: from noise, or (`init`) a hires fix's second pass.
+    fn sample_pass(
+        &self,
+        req: &GenerateRequest,
+        prompt: &EncodedPrompt,
+        init: Option<(&Tensor, &HiresFix)>,
+        observer: &mut dyn Observer,
+    ) -> Result<Sampled> {
+        let s = self.staged;
         // An inpainting UNet needs the grey picture's latents: the VAE is loaded for that one
         // encoding and freed again before sampling.
         let image = if crate::inpaint::is_inpainting(&s.unet_cfg) {
@@ -680,11 +712,11 @@ impl UnetStage<'_> {
         let on_state = &mut |_: &Tensor, _: f64| {};
         match (prompt, &s.sdxl) {
             (EncodedPrompt::Sd(c), None) => Ok(Sampled::Latents(
-                sampling.run(req, shape, c, observer, on_state)?,
+                sampling.run(req, shape, c, init, observer, on_state)?,
             )),
             (EncodedPrompt::Sdxl { base, refiner }, Some(_)) => {
                 let switch_at = s.refiner.as_ref().map(|r| &r.options.refiner);
-                let mut run = sampling.begin_sdxl(req, shape, switch_at, on_state)?;
+                let mut run = sampling.begin_sdxl(req, shape, switch_at, init, on_state)?;
                 if run.base_steps() < run.total() && refiner.is_none() {
                     // Found before the base's steps, not after them.
                     return Err(EngineError::InvalidRequest(
@@ -709,6 +741,20 @@ impl UnetStage<'_> {
                 "the prompt was encoded for another kind of model; encode it with this one".into(),
             )),
         }
+    }
+
+    /// [`Pipeline::enlarge`](super::Pipeline::enlarge) for a staged run: latent upscalers need
+    /// nothing more; Lanczos loads the VAE beside the UNet for one decode and encode.
+    fn enlarge(&self, latents: &Tensor, fix: &HiresFix) -> Result<Tensor> {
+        let s = self.staged;
+        if fix.upscaler.is_latent() {
+            let f = s.vae_cfg.downsampling_factor();
+            let (width, height) = fix.enlarged_size();
+            return crate::hires::upscale_latents(latents, fix.upscaler, height / f, width / f);
+        }
+        let vae = s.load_vae()?;
+        let image = vae.decode_pixels(latents)?;
+        crate::hires::encode_enlarged(&vae.vae, &image, fix, s.opts.dtype, &s.opts.device)
     }
 }
 
@@ -808,9 +854,10 @@ impl VaeStage<'_> {
 
     /// [`Self::decode_pixels`] as `req`'s picture.
     pub fn decode(&self, req: &GenerateRequest, latents: &Tensor) -> Result<GeneratedImage> {
+        let (width, height) = req.output_size();
         Ok(GeneratedImage {
-            width: req.width,
-            height: req.height,
+            width,
+            height,
             pixels: to_rgb8(&self.decode_pixels(latents)?)?,
             seed: req.seed,
         })

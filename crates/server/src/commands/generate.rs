@@ -88,6 +88,49 @@ pub struct GenerateArgs {
     /// "Switch at"); 1 leaves the refiner out.
     #[arg(long, value_name = "0..1", default_value_t = 0.8)]
     pub refiner_switch: f64,
+    /// Hires fix: draw at --width x --height, enlarge by this factor (1..4) and draw over the
+    /// larger picture (A1111's "Upscale by").
+    #[arg(long, value_name = "FACTOR")]
+    pub hires_scale: Option<f64>,
+    /// Steps of the hires pass; 0: as many as --steps.
+    #[arg(long, default_value_t = 0)]
+    pub hires_steps: usize,
+    /// How much the hires pass redraws, above 0 up to 1 (A1111's "Denoising strength").
+    #[arg(long, value_name = "0..1", default_value_t = ld_core::compose::HIRES_DENOISE)]
+    pub hires_denoise: f64,
+    /// The hires upscaler: Latent, "Latent (nearest)", "Latent (nearest-exact)" or Lanczos.
+    #[arg(long, default_value = "Latent")]
+    pub hires_upscaler: String,
+}
+
+/// The hires pass the flags ask for: the final size floored to multiples of 8, as A1111 does.
+fn hires_fix(args: &GenerateArgs, scale: f64) -> anyhow::Result<ld_engine::hires::HiresFix> {
+    use ld_engine::hires::HiresUpscaler;
+    if !(scale.is_finite() && (1.0..=4.0).contains(&scale)) {
+        bail!("--hires-scale must be between 1 and 4, got {scale}");
+    }
+    let (upscaler, known) = HiresUpscaler::from_name(&args.hires_upscaler);
+    if !known {
+        let names: Vec<&str> = HiresUpscaler::ALL.iter().map(|u| u.name()).collect();
+        bail!(
+            "unknown --hires-upscaler '{}'; choose one of: {}",
+            args.hires_upscaler,
+            names.join(", ")
+        );
+    }
+    let side = |v: usize| (v as f64 * scale) as usize / 8 * 8;
+    Ok(ld_engine::hires::HiresFix {
+        width: side(args.width),
+        height: side(args.height),
+        steps: if args.hires_steps == 0 {
+            args.steps
+        } else {
+            args.hires_steps
+        },
+        denoise: args.hires_denoise,
+        upscaler,
+        cover: None,
+    })
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
@@ -120,6 +163,10 @@ pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
         sampler,
         schedule,
         clip_skip: args.clip_skip,
+        hires: match args.hires_scale {
+            None => None,
+            Some(scale) => Some(hires_fix(&args, scale)?),
+        },
     };
     // Cheap checks before the slow model load.
     req.validate()?;

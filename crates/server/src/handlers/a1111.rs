@@ -11,7 +11,9 @@ use axum::extract::{Query, State};
 use axum::Json;
 use base64::Engine as _;
 use ld_core::compose::GenerationInput;
+use ld_core::compose::HiresInput;
 use ld_core::jobs::{JobInfo, JobState};
+use ld_engine::hires::HiresUpscaler;
 use ld_engine::sampler::SamplerKind;
 use ld_engine::schedule::ScheduleKind;
 use serde::{Deserialize, Serialize};
@@ -42,6 +44,14 @@ pub struct Txt2Img {
     /// A1111 1.6+: the SDXL refiner and where it takes over.
     pub refiner_checkpoint: Option<String>,
     pub refiner_switch_at: Option<f64>,
+    /// The hires fix: a second pass at `hr_scale` times the size (or `hr_resize_x`/`_y`).
+    pub enable_hr: bool,
+    pub hr_scale: f64,
+    pub hr_resize_x: usize,
+    pub hr_resize_y: usize,
+    pub hr_second_pass_steps: usize,
+    pub hr_upscaler: Option<String>,
+    pub denoising_strength: Option<f64>,
 }
 
 impl Default for Txt2Img {
@@ -65,6 +75,13 @@ impl Default for Txt2Img {
             save_images: false,
             refiner_checkpoint: None,
             refiner_switch_at: None,
+            enable_hr: false,
+            hr_scale: ld_core::compose::HIRES_SCALE,
+            hr_resize_x: 0,
+            hr_resize_y: 0,
+            hr_second_pass_steps: 0,
+            hr_upscaler: None,
+            denoising_strength: None,
         }
     }
 }
@@ -114,6 +131,14 @@ impl Txt2Img {
                 .clone()
                 .filter(|r| !r.trim().is_empty() && r != "None"),
             refiner_switch: self.refiner_switch_at,
+            hires: self.enable_hr.then(|| HiresInput {
+                scale: Some(self.hr_scale),
+                width: Some(self.hr_resize_x / 8 * 8),
+                height: Some(self.hr_resize_y / 8 * 8),
+                steps: Some(self.hr_second_pass_steps),
+                denoise: self.denoising_strength,
+                upscaler: self.hr_upscaler.clone(),
+            }),
             ..Default::default()
         }
     }
@@ -182,16 +207,6 @@ pub async fn txt2img(
         }
     }
     let job = submit(&state, req.to_input()).await?;
-    if raw.get("enable_hr").and_then(Value::as_bool) == Some(true) {
-        // No second, upscaled pass here yet: said in the job's notes rather than drawn larger.
-        state.jobs().add_note(
-            &job.id,
-            &format!(
-                "Hires fix is not available yet, so the picture was drawn at {}x{} without the upscaled second pass.",
-                job.width, job.height
-            ),
-        );
-    }
     let done = wait_for(&state, &job.id).await?;
     if done.state == JobState::Failed {
         let err = done.error.as_ref().expect("a failed job has its error");
@@ -229,12 +244,30 @@ fn coerce_like_a1111(raw: &mut Value) {
         "width",
         "height",
         "clip_skip",
+        "hr_resize_x",
+        "hr_resize_y",
+        "hr_second_pass_steps",
     ];
-    const REAL: &[&str] = &["cfg_scale", "refiner_switch_at"];
+    const REAL: &[&str] = &[
+        "cfg_scale",
+        "refiner_switch_at",
+        "hr_scale",
+        "denoising_strength",
+    ];
     let Some(fields) = raw.as_object_mut() else {
         return;
     };
     fields.retain(|_, v| !v.is_null());
+    // Form-style clients send the switch as text, which pydantic reads as a bool.
+    if let Some(v) = fields.get_mut("enable_hr") {
+        if let Some(text) = v.as_str() {
+            match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => *v = json!(true),
+                "false" | "0" | "no" | "off" | "" => *v = json!(false),
+                _ => {}
+            }
+        }
+    }
     for (key, v) in fields.iter_mut() {
         let whole = WHOLE.contains(&key.as_str());
         if !whole && !REAL.contains(&key.as_str()) {
@@ -573,17 +606,25 @@ pub async fn loras(State(state): State<AppState>) -> Json<Value> {
     ))
 }
 
-/// No hires fix here, so no latent upscale modes; answered (not 404) because SillyTavern asks
-/// for them beside the upscalers, and one failure fails both.
+/// The hires fix's latent upscalers, as A1111 lists them (`[{name}]`); SillyTavern shows them
+/// beside [`upscalers`] in its hires upscaler menu.
 pub async fn latent_upscale_modes() -> Json<Value> {
-    Json(json!([]))
+    let modes: Vec<Value> = HiresUpscaler::ALL
+        .iter()
+        .filter(|u| u.is_latent())
+        .map(|u| json!({"name": u.name()}))
+        .collect();
+    Json(Value::Array(modes))
 }
 
+/// The pixel upscalers: Lanczos, and A1111's "None" (a plain resize, Lanczos there too). No
+/// model upscalers (ESRGAN and friends); a request naming one is drawn with Lanczos and says so.
 pub async fn upscalers() -> Json<Value> {
-    Json(
-        json!([{"name": "None", "model_name": Value::Null, "model_path": Value::Null,
-                 "model_url": Value::Null, "scale": 1}]),
-    )
+    let entry = |name: &str| {
+        json!({"name": name, "model_name": Value::Null, "model_path": Value::Null,
+               "model_url": Value::Null, "scale": 4})
+    };
+    Json(json!([entry("None"), entry("Lanczos")]))
 }
 
 /// A1111's embedding list: `{loaded: {name: {shape, vectors, ...}}, skipped: {name: ...}}`.

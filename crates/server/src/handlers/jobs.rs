@@ -32,11 +32,16 @@ pub async fn create(
 
 /// Composes (file reads: off the runtime) and queues.
 pub async fn submit(state: &AppState, input: GenerationInput) -> Result<JobInfo, ApiError> {
+    let note = ld_core::compose::hires_note(&input);
     let s = state.clone();
     let composed = tokio::task::spawn_blocking(move || s.compose(&input))
         .await
         .map_err(ApiError::internal)??;
-    Ok(state.jobs().submit(composed)?)
+    let info = state.jobs().submit(composed)?;
+    if let Some(note) = note {
+        state.jobs().add_note(&info.id, &note);
+    }
+    Ok(info)
 }
 
 pub async fn list(State(state): State<AppState>) -> Json<Vec<JobInfo>> {
