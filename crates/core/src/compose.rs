@@ -68,8 +68,8 @@ pub struct HiresInput {
     /// Steps of the second pass (A1111 `hr_second_pass_steps`; 0 or absent: as many as the
     /// first pass).
     pub steps: Option<usize>,
-    /// How much the second pass redraws, above 0 up to 1 (A1111 `denoising_strength`, 0.7 by
-    /// default, as in its UI).
+    /// How much the second pass redraws, 0.01 up to 1 (A1111 `denoising_strength`; 0.7 by
+    /// default, as in its UI; its API's 0.75 is filled in by the A1111 handler).
     pub denoise: Option<f64>,
     /// A1111's `hr_upscaler` name ("Latent" by default); see [`HiresUpscaler::from_name`].
     pub upscaler: Option<String>,
@@ -92,9 +92,10 @@ pub fn hires_note(input: &GenerationInput) -> Option<String> {
     }
 }
 
-/// The second pass for a `width` x `height` first pass: final size and, for a final size of
-/// another shape, the size the picture is enlarged to before the cut (A1111's `hr_upscale_to_x`
-/// and `truncate_x` rules), all floored to multiples of 8 as A1111's latents are.
+/// The second pass for a `width` x `height` first pass (already checked): final size and, for a
+/// final size of another shape, the size the picture is enlarged to before the cut, by A1111's
+/// `hr_upscale_to_x` and `truncate_x` rules on the values as sent; the latents it works on make
+/// every size a multiple of 8.
 fn hires_fix(
     input: &HiresInput,
     width: usize,
@@ -110,6 +111,13 @@ fn hires_fix(
         ));
     }
     let (rx, ry) = (input.width.unwrap_or(0), input.height.unwrap_or(0));
+    let limit = ld_engine::pipeline::MAX_SIZE;
+    if rx > limit || ry > limit {
+        return Err(invalid(
+            format!("The hires width and height must be at most {limit}, got {rx}x{ry}."),
+            "Ask for a smaller final size, or a scale instead.",
+        ));
+    }
     let (up_x, up_y, target) = match (rx, ry) {
         (0, 0) => {
             let (x, y) = (
@@ -128,8 +136,15 @@ fn hires_fix(
             }
         }
     };
+    // A1111 cuts (up - target) // 8 latent pixels off the enlarged latents (up // 8 of them).
+    let (final_x, final_y) = match target {
+        None => (floor8(up_x), floor8(up_y)),
+        Some((x, y)) => (
+            floor8(up_x) - floor8(up_x - x.min(up_x)),
+            floor8(up_y) - floor8(up_y - y.min(up_y)),
+        ),
+    };
     let (up_x, up_y) = (floor8(up_x), floor8(up_y));
-    let (final_x, final_y) = target.map_or((up_x, up_y), |(x, y)| (floor8(x), floor8(y)));
     let denoise = input.denoise.unwrap_or(HIRES_DENOISE);
     let upscaler = input
         .upscaler
@@ -142,6 +157,7 @@ fn hires_fix(
         denoise,
         upscaler,
         cover: (final_x, final_y).ne(&(up_x, up_y)).then_some((up_x, up_y)),
+        scale: (rx, ry).eq(&(0, 0)).then_some(scale),
     })
 }
 
@@ -420,20 +436,29 @@ pub fn compose(
         schedule,
         clip_skip: input.clip_skip.unwrap_or(settings.clip_skip.max(1)),
         seed_source,
+        hires: None,
+    };
+    let checked = |req: &GenerateRequest| {
+        req.validate().map_err(|e| {
+            invalid(
+                e.to_string()
+                    .trim_start_matches("invalid request: ")
+                    .to_owned()
+                    + ".",
+                "Change the value and try again.",
+            )
+        })
+    };
+    // The first pass's own fields first: the hires sizes divide by its width and height.
+    checked(&base)?;
+    let base = GenerateRequest {
         hires: match &input.hires {
             Some(h) => Some(hires_fix(h, width, height, steps)?),
             None => None,
         },
+        ..base
     };
-    base.validate().map_err(|e| {
-        invalid(
-            e.to_string()
-                .trim_start_matches("invalid request: ")
-                .to_owned()
-                + ".",
-            "Change the value and try again.",
-        )
-    })?;
+    checked(&base)?;
     let loras = resolve_loras(&base.prompt, &networks.loras)?;
     let refiner = match input
         .refiner
@@ -1085,6 +1110,37 @@ mod tests {
             (f.width, f.height, f.cover),
             (1024, 1024, Some((1024, 1536)))
         );
+        // A1111 cuts whole latent pixels off the enlarged picture: (1024 - 1004) // 8 = 2 of 128,
+        // so 1008 wide, not 1004 floored to 1000.
+        let f = hires(
+            HiresInput {
+                width: Some(1004),
+                height: Some(1024),
+                ..Default::default()
+            },
+            512,
+            512,
+        )
+        .unwrap();
+        assert_eq!(
+            (f.width, f.height, f.cover),
+            (1008, 1024, Some((1024, 1024)))
+        );
+        assert_eq!(
+            f.scale, None,
+            "a size, not a factor, for the parameters text"
+        );
+        // A first-pass size of 0 is its own error, before any hires arithmetic.
+        let e = hires(
+            HiresInput {
+                width: Some(128),
+                ..Default::default()
+            },
+            0,
+            64,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("width must be"), "{}", e.message);
         // Out of range: a clear error naming the field.
         for bad in [
             HiresInput {
@@ -1093,6 +1149,15 @@ mod tests {
             },
             HiresInput {
                 denoise: Some(1.5),
+                ..Default::default()
+            },
+            HiresInput {
+                denoise: Some(1e-12),
+                ..Default::default()
+            },
+            HiresInput {
+                width: Some(usize::MAX / 2),
+                height: Some(3),
                 ..Default::default()
             },
         ] {

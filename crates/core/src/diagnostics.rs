@@ -493,6 +493,7 @@ mod tests {
             batch: 1,
             image: 0,
             step: 20,
+            total_steps: 20,
             progress: 1.0,
             eta_ms: None,
             images: vec![],

@@ -101,6 +101,9 @@ pub struct JobInfo {
     pub image: usize,
     /// Steps done of the current image.
     pub step: usize,
+    /// Steps of one image's whole run: `steps`, plus a hires fix's second pass (what `step`
+    /// counts up to).
+    pub total_steps: usize,
     /// 0..1 over the whole job.
     pub progress: f64,
     pub eta_ms: Option<u64>,
@@ -281,6 +284,7 @@ impl Job {
             batch: spec.images.len(),
             image: 0,
             step: 0,
+            total_steps: first.steps + first.hires.as_ref().map_or(0, |f| f.steps),
             progress: 0.0,
             eta_ms: None,
             images: Vec::new(),
@@ -1073,8 +1077,12 @@ fn job_need(
     loaded: bool,
 ) -> u64 {
     let req = &spec.images[0];
-    // A hires fix's second pass is the larger.
-    let (width, height) = req.output_size();
+    // A hires fix's second pass is the larger, and Lanczos encodes its enlarged picture before
+    // the cut.
+    let (width, height) = req
+        .hires
+        .as_ref()
+        .map_or((req.width, req.height), |f| f.enlarged_size());
     let e = ld_engine::memory::estimate(
         shape,
         width,
@@ -1733,7 +1741,7 @@ fn set_stage(shared: &Shared, job: &Job, stage: Stage) {
         image: i.image,
         batch: i.batch,
         step: i.step,
-        steps: i.steps,
+        steps: i.total_steps,
         progress: i.progress,
         eta_ms: i.eta_ms,
     });
@@ -1858,17 +1866,15 @@ pub fn infotext_for(req: &GenerateRequest, model: &str) -> Infotext {
             "Denoising strength".to_owned(),
             crate::infotext::format_number(fix.denoise),
         ));
-        let scale = fix.width as f64 / req.width as f64;
-        if (fix.height as f64 / req.height as f64 - scale).abs() < 1e-9 && fix.cover.is_none() {
-            extra.push((
+        match fix.scale {
+            Some(scale) => extra.push((
                 "Hires upscale".to_owned(),
                 crate::infotext::format_number(scale),
-            ));
-        } else {
-            extra.push((
+            )),
+            None => extra.push((
                 "Hires resize".to_owned(),
                 format!("{}x{}", fix.width, fix.height),
-            ));
+            )),
         }
         extra.push(("Hires steps".to_owned(), fix.steps.to_string()));
         extra.push(("Hires upscaler".to_owned(), fix.upscaler.name().to_owned()));
@@ -1946,6 +1952,7 @@ impl Observer for JobObserver<'_> {
         let step_ms = self.timing.step();
         self.job.info.send_modify(|i| {
             i.step = p.step;
+            i.total_steps = p.total;
             i.step_ms = step_ms.or(i.step_ms);
             i.progress = progress;
             i.eta_ms = eta_ms;

@@ -75,6 +75,10 @@ impl HiresUpscaler {
     }
 }
 
+/// The least denoising strength a hires pass takes (A1111 has no floor; below this the second
+/// pass changes nothing visible anyway).
+pub const MIN_DENOISE: f64 = 0.01;
+
 /// The second pass of a request ([`crate::pipeline::GenerateRequest::hires`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HiresFix {
@@ -93,6 +97,9 @@ pub struct HiresFix {
     /// `height`: A1111's `hr_resize_x` and `hr_resize_y` of another shape than the picture
     /// (enlarged to cover, then cropped). `None`: enlarged to `width` x `height` itself.
     pub cover: Option<(usize, usize)>,
+    /// The factor asked for (A1111's `hr_scale`), for the parameters text; `None` when the size
+    /// was asked for instead.
+    pub scale: Option<f64>,
 }
 
 impl HiresFix {
@@ -127,9 +134,11 @@ impl HiresFix {
                 self.steps
             )));
         }
-        if !(self.denoise > 0.0 && self.denoise <= 1.0) {
+        // The floor keeps the longer schedule (steps / denoise) to a few thousand sigmas; a
+        // denoise near 0 would ask for billions and run the process out of memory.
+        if !(MIN_DENOISE..=1.0).contains(&self.denoise) {
             return Err(EngineError::InvalidRequest(format!(
-                "denoising_strength must be above 0 and at most 1 for a hires pass, got {}",
+                "denoising_strength must be between {MIN_DENOISE} and 1 for a hires pass, got {}",
                 self.denoise
             )));
         }
@@ -232,6 +241,9 @@ pub(crate) fn two_pass(
     let Some(fix) = &req.hires else {
         return pass(req, None, observer);
     };
+    // Callers validate the request; checked again here because the schedule's length depends on
+    // the denoising strength.
+    fix.validate()?;
     let sampler = req.sampler.sampler();
     let first = sampler.sigmas(schedule, req.schedule, req.steps).len() - 1;
     let second = fix.sigmas(sampler.as_ref(), schedule, req.schedule).len() - 1;
@@ -256,6 +268,52 @@ pub(crate) fn two_pass(
             total,
         },
     )
+}
+
+/// The request whose size SDXL's time ids carry in a pass: the pass's own, or, for a hires pass
+/// whose picture is cut from a larger one, the enlarged size (A1111's `hr_upscale_to_x`/`_y`).
+pub(crate) fn conditioned<'a>(
+    r: &'a GenerateRequest,
+    init: Option<(&Tensor, &HiresFix)>,
+) -> std::borrow::Cow<'a, GenerateRequest> {
+    match init {
+        Some((_, fix)) if fix.cover.is_some() => {
+            let (width, height) = fix.enlarged_size();
+            std::borrow::Cow::Owned(GenerateRequest {
+                width,
+                height,
+                ..r.clone()
+            })
+        }
+        _ => std::borrow::Cow::Borrowed(r),
+    }
+}
+
+/// `latents` enlarged for `fix` from their decoded picture `image`, or, when that picture is
+/// not finite (a half-precision VAE that overflowed), by the latent upscaler instead: drawing
+/// over a black picture would waste the first pass.
+pub(crate) fn enlarge_decoded(
+    vae: &AutoencoderKL,
+    image: &Tensor,
+    latents: &Tensor,
+    fix: &HiresFix,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let sum = image.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        tracing::warn!("the first pass decoded to a broken picture; enlarging its latents instead");
+        let (width, height) = fix.enlarged_size();
+        // The VAE's factor: pixels per latent pixel.
+        let factor = (image.dim(3)? / latents.dim(3)?.max(1)).max(1);
+        return upscale_latents(
+            latents,
+            HiresUpscaler::Latent,
+            height / factor,
+            width / factor,
+        );
+    }
+    encode_enlarged(vae, image, fix, dtype, device)
 }
 
 /// A decoded first-pass picture (`[1, 3, H, W]`, [-1, 1]) enlarged with Lanczos to `fix`'s
@@ -438,6 +496,7 @@ mod tests {
             denoise: 0.5,
             upscaler: HiresUpscaler::Latent,
             cover: None,
+            scale: Some(2.0),
         };
         let tail = fix.sigmas(sampler.as_ref(), &schedule, ScheduleKind::Karras);
         let full = sampler.sigmas(&schedule, ScheduleKind::Karras, 20);

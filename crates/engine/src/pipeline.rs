@@ -728,7 +728,7 @@ impl Pipeline {
             Some(s) => self.decode_sdxl(s, latents)?,
             None => self.decode(latents)?,
         };
-        crate::hires::encode_enlarged(&self.vae, &image, fix, self.dtype, &self.device)
+        crate::hires::enlarge_decoded(&self.vae, &image, latents, fix, self.dtype, &self.device)
     }
 
     /// The sampling loops' view of this pipeline (SD1/SD2, and SDXL in [`crate::sdxl`]).

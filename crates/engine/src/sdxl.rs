@@ -547,7 +547,8 @@ impl Pipeline {
             &mut |latents, fix| self.enlarge(latents, fix),
             &mut |r, init, observer| {
                 // The base model alone: a hires run has no refiner steps.
-                let base = base_stage(c.clone(), &s.options.size, r, self.unet())?;
+                let sized = crate::hires::conditioned(r, init);
+                let base = base_stage(c.clone(), &s.options.size, &sized, self.unet())?;
                 let sampling = self.sampling();
                 let mut run = sampling.begin_sdxl(r, self.latent_shape(r), None, init, on_state)?;
                 let to = run.total();

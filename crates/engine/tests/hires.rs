@@ -75,6 +75,7 @@ fn request(sampler: SamplerKind, upscaler: HiresUpscaler) -> GenerateRequest {
             denoise: 0.6,
             upscaler,
             cover: None,
+            scale: Some(2.0),
         }),
         ..GenerateRequest::default()
     }
@@ -243,6 +244,16 @@ fn bad_hires_fields_are_refused_before_any_step() {
         (
             HiresFix {
                 denoise: 0.0,
+                ..request(SamplerKind::Euler, HiresUpscaler::Latent)
+                    .hires
+                    .unwrap()
+            },
+            "denoising_strength",
+        ),
+        (
+            // Found by review: 3 / 1e-12 steps asked the allocator for terabytes.
+            HiresFix {
+                denoise: 1e-12,
                 ..request(SamplerKind::Euler, HiresUpscaler::Latent)
                     .hires
                     .unwrap()

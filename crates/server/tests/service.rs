@@ -765,12 +765,27 @@ async fn open_webui_a1111_request() {
         .unwrap();
     assert_eq!(png_size(&png), (128, 1024));
     let params = png_parameters(&png);
+    // Without a denoising_strength, A1111's API default (0.75, not its UI's 0.7).
     assert!(
         params.contains("Size: 64x512")
-            && params.contains("Denoising strength: 0.7")
+            && params.contains("Denoising strength: 0.75")
             && params.contains("Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent"),
         "{params}"
     );
+    let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["denoising_strength"], 0.75);
+    assert_eq!(info["extra_generation_params"]["Hires upscale"], 2.0);
+    assert_eq!(info["extra_generation_params"]["Hires upscaler"], "Latent");
+    // Progress counts both passes: 2 + 2 steps.
+    let (_, jobs) = get_json(&s, "/api/v1/jobs").await;
+    let job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["seed"] == 7)
+        .unwrap()
+        .clone();
+    assert_eq!((&job["steps"], &job["total_steps"]), (&json!(2), &json!(4)));
     // An upscaler we do not have draws with a stand-in, and the job says which.
     let body = json!({"prompt": "a sunny meadow", "steps": 2, "width": 64, "height": 64,
         "enable_hr": "true", "hr_scale": "1.5", "hr_upscaler": "R-ESRGAN 4x+",

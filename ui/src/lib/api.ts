@@ -371,6 +371,8 @@ export interface JobInfo {
   batch: number;
   image: number;
   step: number;
+  /** Steps of one picture's whole run (a hires fix's second pass included). */
+  total_steps?: number;
   progress: number;
   eta_ms: number | null;
   images: ImageRecord[];

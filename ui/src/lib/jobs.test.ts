@@ -40,6 +40,10 @@ describe('applyEvent', () => {
     j = applyEvent(j, { type: 'progress', job: 'job-1', stage: 'sampling', image: 0, batch: 1, step: 5, steps: 20, progress: 0.25, eta_ms: 3000 });
     expect(j).toMatchObject({ stage: 'sampling', step: 5, progress: 0.25, eta_ms: 3000 });
     expect(describeProgress(j)).toBe('Drawing step 5 of 20');
+    // A hires fix's second pass counts on: the event's total, not the first pass's steps.
+    j = applyEvent(j, { type: 'progress', job: 'job-1', stage: 'sampling', image: 0, batch: 1, step: 25, steps: 30, progress: 0.8, eta_ms: 500 });
+    expect(describeProgress(j)).toBe('Drawing step 25 of 30');
+    expect(describeProgress(job({ state: 'running', stage: 'sampling', step: 3, steps: 20, total_steps: 30 }))).toBe('Drawing step 3 of 30');
     j = applyEvent(j, { type: 'done', job: 'job-1', images: [3] });
     expect(j).toMatchObject({ state: 'done', progress: 1 });
     expect(isActive(j)).toBe(false);

@@ -20,7 +20,7 @@ export function applyEvent(job: JobInfo, event: JobEvent): JobInfo {
         image: event.image,
         batch: event.batch,
         step: event.step,
-        steps: event.steps,
+        total_steps: event.steps,
         progress: event.progress,
         eta_ms: event.eta_ms,
       };
@@ -73,7 +73,7 @@ export function describeProgress(job: JobInfo): string {
       return 'Cancelled';
     case 'running': {
       const picture = job.batch > 1 ? ` picture ${job.image + 1} of ${job.batch},` : '';
-      if (job.stage === 'sampling') return `Drawing${picture} step ${job.step} of ${job.steps}`;
+      if (job.stage === 'sampling') return `Drawing${picture} step ${job.step} of ${job.total_steps ?? job.steps}`;
       return STAGE_WORDS[job.stage] + (picture ? ` (${picture.trim().replace(/,$/, '')})` : '');
     }
   }

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { ImageRecord, Inspected, ModelInfo, Preset } from './api';
-import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, drawBase, followModel, hasParameters, nativeSize, outputSize, parametersText, parseDraft, presetFromDraft, recall, recallInspected, toJobRequest, type Draft } from './params';
+import { applyPreset, cleanClipSkip, DEFAULT_DRAFT, drawBase, followModel, hasParameters, hiresFromParameters, nativeSize, outputSize, parametersText, parseDraft, presetFromDraft, recall, recallImage, recallInspected, toJobRequest, type Draft } from './params';
 
 const draft = (over: Partial<Draft> = {}): Draft => ({ ...DEFAULT_DRAFT, prompt: 'a cat', ...over });
 
@@ -206,6 +206,32 @@ describe('parametersText', () => {
     expect(parametersText(image)).toBe(
       'a lighthouse\nNegative prompt: blurry\nSteps: 12, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 64x96, Model: tiny-sd1',
     );
+  });
+});
+
+describe('recalling a hires picture', () => {
+  const hiresText =
+    'a castle\nSteps: 12, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x96, Model: tiny-sd1, RNG: CPU, Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: "Latent (nearest-exact)"';
+
+  it('reads the first-pass size and the hires settings from the parameters text', () => {
+    expect(hiresFromParameters(hiresText)).toEqual({ width: 64, height: 96, hires: true, hires_scale: 1.5, hires_denoise: 0.55, hires_steps: 3, hires_upscaler: 'Latent (nearest-exact)' });
+    expect(hiresFromParameters('a cat\nSteps: 4, Sampler: Euler, Seed: 1, Size: 64x64')).toBeNull();
+    // A size instead of a factor: the factor it comes to.
+    expect(hiresFromParameters('a\nSteps: 4, Seed: 1, Size: 512x512, Hires resize: 768x768')?.hires_scale).toBe(1.5);
+  });
+
+  // Found by review: the file's (enlarged) size was recalled, so the next picture was enlarged twice.
+  it('takes the first-pass size, not the file size, and turns the hires fix off for one-pass pictures', () => {
+    const d = recallImage(draft({ hires: false }), { ...image, width: 96, height: 144, parameters: hiresText });
+    expect(d).toMatchObject({ width: 64, height: 96, hires: true, hires_scale: 1.5, hires_steps: 3 });
+    expect(outputSize(d)).toEqual({ width: 96, height: 144 });
+    const plain = recallImage(draft({ hires: true }), { ...image, parameters: 'a\nSteps: 4, Seed: 1, Size: 64x96' });
+    expect(plain).toMatchObject({ width: 64, height: 96, hires: false });
+  });
+
+  it('shows the size the rounded factor gives', () => {
+    // 1.506 is sent as 1.51: 1024 * 1.51 = 1546.24 -> 1544.
+    expect(outputSize(draft({ hires: true, hires_scale: 1.506, width: 1024, height: 1024 }))).toEqual({ width: 1544, height: 1544 });
   });
 });
 

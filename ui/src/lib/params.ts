@@ -81,10 +81,15 @@ export const LIMITS = {
   hires_steps: { min: 0, max: 150 },
 } as const;
 
+/** The hires factor as sent: clamped and rounded to hundredths. */
+function hiresScale(d: Draft): number {
+  return Math.round(clamp(d.hires_scale, LIMITS.hires_scale.min, LIMITS.hires_scale.max, DEFAULT_DRAFT.hires_scale) * 100) / 100;
+}
+
 /** The picture's final size: the first pass's, or the hires fix's (floored to multiples of 8, as the server does). */
 export function outputSize(d: Draft): { width: number; height: number } {
   if (!d.hires) return { width: d.width, height: d.height };
-  const scale = clamp(d.hires_scale, LIMITS.hires_scale.min, LIMITS.hires_scale.max, DEFAULT_DRAFT.hires_scale);
+  const scale = hiresScale(d);
   const floor8 = (v: number) => Math.floor(Math.floor(v * scale) / 8) * 8;
   return { width: floor8(d.width), height: floor8(d.height) };
 }
@@ -127,7 +132,7 @@ export function toJobRequest(d: Draft): JobRequest {
   if (d.hires) {
     const upscaler = (HIRES_UPSCALERS as readonly string[]).includes(d.hires_upscaler) ? d.hires_upscaler : 'Latent';
     req.hires = {
-      scale: Math.round(clamp(d.hires_scale, LIMITS.hires_scale.min, LIMITS.hires_scale.max, DEFAULT_DRAFT.hires_scale) * 100) / 100,
+      scale: hiresScale(d),
       denoise: Math.round(clamp(d.hires_denoise, LIMITS.hires_denoise.min, LIMITS.hires_denoise.max, DEFAULT_DRAFT.hires_denoise) * 100) / 100,
       steps: Math.round(clamp(d.hires_steps, LIMITS.hires_steps.min, LIMITS.hires_steps.max, 0)),
       upscaler,
@@ -186,7 +191,57 @@ export function recall(d: Draft, from: Recalled, known: { models?: string[]; sam
 }
 
 export function recallImage(d: Draft, image: ImageRecord, known?: Parameters<typeof recall>[2]): Draft {
-  return recall(d, image, known);
+  // A hires picture's file is the enlarged one; its first-pass size and hires settings are in
+  // its parameters text. A picture without them turns the hires fix off, else its size would
+  // be enlarged again.
+  const hires = hiresFromParameters(image.parameters);
+  if (!hires) return { ...recall(d, image, known), hires: false };
+  const { width, height, ...settings } = hires;
+  return { ...recall(d, { ...image, width, height }, known), ...settings };
+}
+
+/** The `Key: value` pairs of an A1111 parameters text's last line (values unquoted). */
+function settingsLine(text: string): Map<string, string> {
+  const last = text.trim().split('\n').pop() ?? '';
+  const pairs = new Map<string, string>();
+  const re = /\s*([\w][\w \-()/.]*?):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)/g;
+  for (const m of last.matchAll(re)) {
+    let value = m[2].trim();
+    if (value.startsWith('"')) {
+      try {
+        value = JSON.parse(value) as string;
+      } catch {
+        /* kept as written */
+      }
+    }
+    pairs.set(m[1].trim(), value);
+  }
+  return pairs;
+}
+
+/** A hires picture's first-pass size and hires settings from its parameters text; null for a picture drawn in one pass. */
+export function hiresFromParameters(text: string | null | undefined): (Pick<Draft, 'hires' | 'hires_scale' | 'hires_denoise' | 'hires_steps' | 'hires_upscaler'> & { width: number; height: number }) | null {
+  if (!text) return null;
+  const p = settingsLine(text);
+  const size = /^(\d+)x(\d+)$/.exec(p.get('Size') ?? '');
+  if (!size || (!p.has('Hires upscale') && !p.has('Hires resize'))) return null;
+  const [width, height] = [Number(size[1]), Number(size[2])];
+  const resize = /^(\d+)x(\d+)$/.exec(p.get('Hires resize') ?? '');
+  const scale = p.has('Hires upscale') ? Number(p.get('Hires upscale')) : resize && width > 0 ? Number(resize[1]) / width : DEFAULT_DRAFT.hires_scale;
+  const number = (key: string, fallback: number) => {
+    const n = Number(p.get(key));
+    return p.has(key) && Number.isFinite(n) ? n : fallback;
+  };
+  const upscaler = p.get('Hires upscaler') ?? 'Latent';
+  return {
+    width,
+    height,
+    hires: true,
+    hires_scale: Number.isFinite(scale) ? Math.round(scale * 100) / 100 : DEFAULT_DRAFT.hires_scale,
+    hires_denoise: number('Denoising strength', DEFAULT_DRAFT.hires_denoise),
+    hires_steps: number('Hires steps', 0),
+    hires_upscaler: (HIRES_UPSCALERS as readonly string[]).includes(upscaler) ? upscaler : 'Latent',
+  };
 }
 
 export function recallInspected(d: Draft, found: Inspected, known?: Parameters<typeof recall>[2]): Draft {

@@ -728,7 +728,8 @@ impl UnetStage<'_> {
                 // diffusers' micro-conditioning, the picture's own size and no crop: what a
                 // `Pipeline` uses unless `set_sdxl_options` says otherwise.
                 let size = SizeConditioning::default();
-                let stage = crate::sdxl::base_stage(base.clone(), &size, req, &self.unet)?;
+                let sized = crate::hires::conditioned(req, init);
+                let stage = crate::sdxl::base_stage(base.clone(), &size, &sized, &self.unet)?;
                 let to = run.base_steps();
                 sampling.advance_sdxl(&mut run, to, &stage, req, observer, on_state)?;
                 Ok(if run.needs_refiner() {
@@ -754,7 +755,7 @@ impl UnetStage<'_> {
         }
         let vae = s.load_vae()?;
         let image = vae.decode_pixels(latents)?;
-        crate::hires::encode_enlarged(&vae.vae, &image, fix, s.opts.dtype, &s.opts.device)
+        crate::hires::enlarge_decoded(&vae.vae, &image, latents, fix, s.opts.dtype, &s.opts.device)
     }
 }
 

@@ -130,6 +130,7 @@ fn hires_fix(args: &GenerateArgs, scale: f64) -> anyhow::Result<ld_engine::hires
         denoise: args.hires_denoise,
         upscaler,
         cover: None,
+        scale: Some(scale),
     })
 }
 

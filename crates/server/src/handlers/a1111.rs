@@ -136,7 +136,8 @@ impl Txt2Img {
                 width: Some(self.hr_resize_x / 8 * 8),
                 height: Some(self.hr_resize_y / 8 * 8),
                 steps: Some(self.hr_second_pass_steps),
-                denoise: self.denoising_strength,
+                // A1111's API default (its UI's is 0.7).
+                denoise: Some(self.denoising_strength.unwrap_or(0.75)),
                 upscaler: self.hr_upscaler.clone(),
             }),
             ..Default::default()
@@ -322,6 +323,24 @@ fn info_json(job: &JobInfo) -> Value {
     };
     let n = seeds.len();
     let infotexts: Vec<&str> = job.images.iter().map(|r| r.parameters.as_str()).collect();
+    // The hires fix's keys, as A1111 returns them: the strength on its own, the rest among the
+    // extra parameters (numbers as numbers).
+    let extras = infotexts
+        .first()
+        .map(|t| ld_core::infotext::Parameters::parse(t).extra)
+        .unwrap_or_default();
+    let denoising = extras
+        .iter()
+        .find(|(k, _)| k == "Denoising strength")
+        .and_then(|(_, v)| v.parse::<f64>().ok());
+    let hires: Map<String, Value> = extras
+        .iter()
+        .filter(|(k, _)| k.starts_with("Hires "))
+        .map(|(k, v)| {
+            let value = v.parse::<f64>().map_or_else(|_| json!(v), |x| json!(x));
+            (k.clone(), value)
+        })
+        .collect();
     json!({
         "prompt": job.prompt,
         "all_prompts": vec![&job.prompt; n],
@@ -347,8 +366,8 @@ fn info_json(job: &JobInfo) -> Value {
         "sd_vae_hash": Value::Null,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": Value::Null,
-        "extra_generation_params": {},
+        "denoising_strength": denoising,
+        "extra_generation_params": hires,
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
@@ -410,7 +429,7 @@ pub async fn progress(
             "job_timestamp": timestamp(job.created_at),
             "job_no": job.image,
             "sampling_step": job.step,
-            "sampling_steps": job.steps,
+            "sampling_steps": job.total_steps,
         },
         "current_image": image,
         "textinfo": Value::Null,
