@@ -52,6 +52,9 @@ pub struct GenerationInput {
     pub refiner_switch: Option<f64>,
     /// A second pass at a larger size (A1111's "Hires. fix"); absent: one pass.
     pub hires: Option<HiresInput>,
+    /// This job's VAE, as the settings' "SD VAE" takes it ("Automatic", "None" or a VAE file's
+    /// name); absent: the settings' choice. A1111 clients send it in `override_settings`.
+    pub vae: Option<String>,
 }
 
 /// The hires fix of a request, in A1111's terms; every field may be left out.
@@ -486,7 +489,14 @@ pub fn compose(
         loras,
         embedding_dirs: networks.embedding_dirs.clone(),
         refiner,
-        vae: crate::vae::choose(&settings.vae, &networks.vaes),
+        vae: crate::vae::choose(
+            input
+                .vae
+                .as_deref()
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or(&settings.vae),
+            &networks.vaes,
+        ),
         images,
         preset: preset.map(|p| p.id.clone()),
     })

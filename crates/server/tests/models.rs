@@ -509,6 +509,16 @@ async fn a_vae_is_listed_chosen_the_a1111_way_and_named_in_what_it_draws() {
     assert_eq!(s.settings().vae, "None");
     let info = draw().await;
     assert!(info["sd_vae_name"].is_null(), "{info}");
+    // A request's own `override_settings.sd_vae` (SillyTavern sends it with every picture):
+    // used for that picture, the setting left as it was.
+    let body = json!({"prompt": "a cat", "width": 64, "height": 64, "steps": 1,
+        "override_settings": {"sd_vae": "mine.safetensors"}});
+    let (status, answer) = call_json(&s, "POST", "/sdapi/v1/txt2img", body, false).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_vae_name"], "mine.safetensors");
+    assert_eq!(s.settings().vae, "None");
+    assert!(draw().await["sd_vae_name"].is_null());
 
     // Our settings route: an unknown name is refused the same way; a known one is kept as
     // listed.

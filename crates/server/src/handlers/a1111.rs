@@ -98,6 +98,8 @@ impl Txt2Img {
         let model = setting("sd_model_checkpoint")
             .and_then(Value::as_str)
             .map(str::to_owned);
+        // For this request only, as A1111 restores it afterwards (and we never save it).
+        let vae = setting("sd_vae").and_then(Value::as_str).map(str::to_owned);
         let sampler = self
             .sampler_name
             .clone()
@@ -140,6 +142,7 @@ impl Txt2Img {
                 denoise: Some(self.denoising_strength.unwrap_or(0.75)),
                 upscaler: self.hr_upscaler.clone(),
             }),
+            vae,
             ..Default::default()
         }
     }
