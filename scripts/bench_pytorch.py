@@ -55,11 +55,12 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="bf16: weights and inputs in bfloat16 (PyTorch's own bf16 CPU kernels)")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed runs, median reported; above 1 an untimed warm-up goes first")
     a = p.parse_args()
-    a.dtype = torch.float16 if a.precision == "fp16" else torch.float32
+    a.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision, torch.float32)
     if a.threads:
         torch.set_num_threads(a.threads)
     sdxl = a.family == "sdxl"

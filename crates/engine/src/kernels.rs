@@ -282,11 +282,33 @@ unsafe fn gemm_split(
     if m == 0 || n == 0 {
         return;
     }
+    let bf16 = crate::bf16_gemm::active();
     // SAFETY (for every call below): each product writes only its own block of `dst` (rows
     // `r0..r1` or columns `c0..c1`), which the caller's contract makes valid and disjoint.
     let product = |r0: usize, r1: usize, c0: usize, c1: usize| unsafe {
         // Whole-struct copies, so the closure holds the `Sync` wrappers, not their raw fields.
         let (dst, lhs, rhs) = (dst, lhs, rhs);
+        if bf16 {
+            // `active()` checked the CPU.
+            return crate::bf16_gemm::gemm(
+                r1 - r0,
+                c1 - c0,
+                k,
+                Mat {
+                    ptr: dst.ptr.offset(r0 as isize * dst.rs + c0 as isize * dst.cs),
+                    ..dst
+                },
+                read_dst,
+                Mat {
+                    ptr: lhs.ptr.offset(r0 as isize * lhs.rs),
+                    ..lhs
+                },
+                Mat {
+                    ptr: rhs.ptr.offset(c0 as isize * rhs.cs),
+                    ..rhs
+                },
+            );
+        }
         gemm::gemm(
             r1 - r0,
             c1 - c0,

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod bench;
+pub mod bf16_gemm;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;

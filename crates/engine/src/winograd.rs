@@ -539,10 +539,36 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: &[f32
         v.len() >= points * c * tiles && u.len() >= points * k * c && m.len() >= points * k * tiles,
         "winograd: work buffers too small"
     );
+    let bf16 = crate::bf16_gemm::active();
     for p in 0..points {
         // SAFETY: checked above: v block p is `c` columns of `tiles`, u block p is `k` columns
         // of `c`, m block p is `k` columns of `tiles`, each inside its buffer.
         unsafe {
+            if bf16 {
+                use crate::kernels::Mat;
+                crate::bf16_gemm::gemm(
+                    tiles,
+                    k,
+                    c,
+                    Mat {
+                        ptr: m.as_mut_ptr().add(p * k * tiles),
+                        rs: 1,
+                        cs: tiles as isize,
+                    },
+                    false,
+                    Mat {
+                        ptr: v.as_ptr().add(p * c * tiles),
+                        rs: 1,
+                        cs: tiles as isize,
+                    },
+                    Mat {
+                        ptr: u.as_ptr().add(p * k * c),
+                        rs: 1,
+                        cs: c as isize,
+                    },
+                );
+                continue;
+            }
             gemm::gemm(
                 tiles,
                 k,

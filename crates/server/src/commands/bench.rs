@@ -69,9 +69,21 @@ pub struct BenchArgs {
     /// `generate --low-memory`; CPU, fp32).
     #[arg(long)]
     pub half_weights: bool,
+    /// The CPU's matrix products (linear layers, convolutions) in bfloat16 with AVX-512 BF16
+    /// (Zen 4, Sapphire Rapids), f32 accumulation; fp32 only.
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    if args.bf16 {
+        if !ld_engine::bf16_gemm::supported() {
+            anyhow::bail!(
+                "--bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Sapphire Rapids or newer)"
+            );
+        }
+        ld_engine::bf16_gemm::set_enabled(true);
+    }
     if args.threads > 0 {
         // Read by candle (and the kernels) on every call; set before any compute starts, while
         // this process has only this thread.

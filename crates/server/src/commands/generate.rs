@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// are always drawn one model at a time.
     #[arg(long)]
     pub low_memory: bool,
+    /// Experimental, CPUs with AVX-512 BF16 only (AMD Zen 4, Intel Sapphire Rapids): the
+    /// matrix products in bfloat16, about 1.5x faster; pictures differ from f32 ones by rounding.
+    #[arg(long)]
+    pub bf16: bool,
     /// For a .safetensors checkpoint: a diffusers model folder whose configs and tokenizers
     /// describe its architecture (as diffusers' `from_single_file(config=...)`), for models
     /// whose shapes differ from SD 1.5 / SD 2.1 / SDXL 1.0, which are assumed otherwise.
@@ -135,6 +139,14 @@ fn hires_fix(args: &GenerateArgs, scale: f64) -> anyhow::Result<ld_engine::hires
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
+    if args.bf16 {
+        if !ld_engine::bf16_gemm::supported() {
+            bail!(
+                "--bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Sapphire Rapids or newer)"
+            );
+        }
+        ld_engine::bf16_gemm::set_enabled(true);
+    }
     if args.low_memory {
         // Before any compute thread starts.
         ld_engine::memory::share_one_arena();
