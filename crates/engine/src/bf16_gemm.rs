@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::kernels::{MatMut, MatRef};
 
 /// Rows and columns of the micro-kernel's output tile.
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 8;
+#[cfg(target_arch = "x86_64")]
 const NR: usize = 32;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -29,7 +31,9 @@ pub fn set_enabled(on: bool) {
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        // Enabling avx512bf16 also lets the compiler use avx512bw in those functions.
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
@@ -45,6 +49,7 @@ pub(crate) fn active() -> bool {
 }
 
 /// `x` rounded to bf16 (nearest, ties to even), as its 16 bits; NaN stays NaN.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
@@ -119,7 +124,9 @@ unsafe fn pack_columns(src: *const f32, k: usize, cs: isize, block: &mut [u32]) 
 /// and the odd depth index past `k` are zeros.
 ///
 /// # Safety
-/// `lhs` must address an `m x k` matrix with its strides.
+/// `lhs` must address an `m x k` matrix with its strides; the CPU must have what [`supported`]
+/// checks.
+#[cfg(target_arch = "x86_64")]
 unsafe fn pack_lhs(m: usize, k: usize, lhs: MatRef) -> Vec<u32> {
     let pairs = k.div_ceil(2);
     let blocks = m.div_ceil(MR);
@@ -160,7 +167,9 @@ unsafe fn pack_lhs(m: usize, k: usize, lhs: MatRef) -> Vec<u32> {
 /// the two bf16 values. Columns past `n` are zeros.
 ///
 /// # Safety
-/// `rhs` must address a `k x n` matrix with its strides.
+/// `rhs` must address a `k x n` matrix with its strides; the CPU must have what [`supported`]
+/// checks.
+#[cfg(target_arch = "x86_64")]
 unsafe fn pack_rhs_panel(k: usize, n: usize, c0: usize, rhs: MatRef, out: &mut [u32]) {
     let pairs = k.div_ceil(2);
     out[..pairs * NR].fill(0);
@@ -261,6 +270,17 @@ pub(crate) unsafe fn gemm(
         if m == 0 || n == 0 {
             return;
         }
+        if k == 0 {
+            // An empty sum: the output stays, or is zero.
+            if !read_dst {
+                for i in 0..m {
+                    for j in 0..n {
+                        *dst.ptr.offset(i as isize * dst.rs + j as isize * dst.cs) = 0.0;
+                    }
+                }
+            }
+            return;
+        }
         let pairs = k.div_ceil(2);
         let a = pack_lhs(m, k, lhs);
         let mut panel = vec![0u32; pairs * NR];
@@ -333,17 +353,27 @@ mod tests {
             return;
         }
         let round = |v: f32| f32::from_bits((to_bf16(v) as u32) << 16) as f64;
-        for &(m, n, k) in &[
+        let shapes = [
             (1, 1, 1),
             (8, 32, 2),
             (13, 45, 77),
             (64, 100, 320),
             (3, 70, 9),
-        ] {
-            for (transposed, read_dst) in [(false, false), (true, true)] {
+            (5, 3, 0),
+        ];
+        let cases = [(false, false), (true, true), (true, false), (false, true)];
+        for &(m, n, k) in &shapes {
+            for (transposed, read_dst) in cases {
                 let a = values(m * k, 1);
                 let b = values(k * n, 2);
-                let mut c = values(m * n, 3);
+                // The output: row-major, or (transposed) column-major as Winograd's products
+                // write it, inside a buffer with spare elements on each line.
+                let (rs, cs, len) = if transposed {
+                    (1, m + 3, (m + 3) * n)
+                } else {
+                    (n + 5, 1, (n + 5) * m)
+                };
+                let mut c = values(len, 3);
                 let before = c.clone();
                 // lhs row-major m x k, or stored k x m read transposed; rhs likewise.
                 let lhs = if transposed {
@@ -356,17 +386,12 @@ mod tests {
                 } else {
                     MatRef::row_major(b.as_ptr(), n)
                 };
-                unsafe {
-                    gemm(
-                        m,
-                        n,
-                        k,
-                        MatMut::row_major(c.as_mut_ptr(), n),
-                        read_dst,
-                        lhs,
-                        rhs,
-                    );
-                }
+                let dst = MatMut {
+                    ptr: c.as_mut_ptr(),
+                    rs: rs as isize,
+                    cs: cs as isize,
+                };
+                unsafe { gemm(m, n, k, dst, read_dst, lhs, rhs) };
                 let at = |i: usize, p: usize| {
                     round(if transposed {
                         a[p * m + i]
@@ -381,18 +406,28 @@ mod tests {
                         b[p * n + j]
                     })
                 };
+                let mut inside = vec![false; len];
                 for i in 0..m {
                     for j in 0..n {
+                        let idx = i * rs + j * cs;
+                        inside[idx] = true;
                         let mut want: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
                         if read_dst {
-                            want += before[i * n + j] as f64;
+                            want += before[idx] as f64;
                         }
-                        let got = c[i * n + j] as f64;
+                        let got = c[idx] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
                             "{m}x{n}x{k} transposed {transposed}: [{i},{j}] {got} vs {want}"
                         );
                     }
+                }
+                // Nothing outside the m x n block changed.
+                for (idx, (x, y)) in c.iter().zip(&before).enumerate() {
+                    assert!(
+                        inside[idx] || x.to_bits() == y.to_bits(),
+                        "{m}x{n}x{k}: wrote {idx}"
+                    );
                 }
             }
         }
