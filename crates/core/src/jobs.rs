@@ -1433,6 +1433,10 @@ fn save_picture(
         }
         infotext.extra.push(("VAE".into(), name));
     }
+    if ld_engine::bf16_gemm::active() && shared.config.load.device.is_cpu() {
+        // Recorded because bf16 products change the picture a little.
+        infotext.extra.push(("CPU precision".into(), "bf16".into()));
+    }
     if let Some(r) = &job.spec.refiner {
         infotext.extra.push(("Refiner".into(), r.name.clone()));
         infotext

@@ -44,7 +44,7 @@ pub fn supported() -> bool {
 }
 
 /// Whether products should take the bf16 path: asked for, and the CPU has it.
-pub(crate) fn active() -> bool {
+pub fn active() -> bool {
     ENABLED.load(Ordering::Relaxed) && supported()
 }
 

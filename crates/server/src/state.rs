@@ -128,6 +128,7 @@ impl AppState {
             &loaded.settings,
             opts.gpu.clone(),
         ));
+        apply_cpu_bf16(&loaded.settings);
         Ok(Self {
             inner: Arc::new(Inner {
                 session_token: new_token(),
@@ -216,6 +217,8 @@ impl AppState {
         self.inner
             .jobs
             .set_memory_policy(crate::device::memory_policy(&s, self.gpu()));
+        // The bf16 products, from the next matrix product on.
+        apply_cpu_bf16(&s);
         *self
             .inner
             .settings
@@ -308,4 +311,11 @@ fn new_token() -> String {
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The settings' "Faster drawing on this processor" (or `LD_CPU_BF16=1`, for benchmarks and
+/// tests), where the CPU has AVX-512 BF16.
+fn apply_cpu_bf16(s: &Settings) {
+    let env = std::env::var("LD_CPU_BF16").is_ok_and(|v| v == "1");
+    ld_engine::bf16_gemm::set_enabled((s.cpu_bf16 || env) && ld_engine::bf16_gemm::supported());
 }

@@ -346,6 +346,28 @@ async fn settings_are_saved_and_bad_json_is_a_clear_error() {
     let v = json(&body);
     assert_eq!(v["code"], "invalid_request");
     assert!(v["message"].as_str().unwrap().contains("precision"), "{v}");
+
+    // "Faster drawing on this processor": applied at once where the CPU has bf16 products, a
+    // no-op elsewhere. (This test has a process of its own under nextest, as CI runs it.)
+    assert!(!ld_engine::bf16_gemm::active());
+    let put = |body: &'static str| {
+        get("/api/v1/settings")
+            .method("PUT")
+            .header("x-ld-session", s.session_token())
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (status, _, body) = send(&s, put(r#"{"cpu_bf16":true}"#)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["cpu_bf16"], true);
+    assert_eq!(
+        ld_engine::bf16_gemm::active(),
+        ld_engine::bf16_gemm::supported()
+    );
+    let (status, _, _) = send(&s, put(r#"{"cpu_bf16":false}"#)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!ld_engine::bf16_gemm::active());
 }
 
 #[tokio::test]

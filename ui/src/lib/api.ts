@@ -127,6 +127,8 @@ export interface EditableSettings {
    * (the model's own only), or the name of a VAE file of GET /api/v1/networks.
    */
   vae: string;
+  /** Pictures drawn on the processor use its bf16 matrix products (AVX-512 BF16 CPUs only). */
+  cpu_bf16: boolean;
 }
 
 /**

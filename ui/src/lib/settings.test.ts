@@ -18,6 +18,7 @@ describe('editable', () => {
       chat_writer: writer,
       clip_skip: 2,
       vae: 'anime.safetensors',
+      cpu_bf16: true,
       data_dir: '/data',
       warning: null,
     };
@@ -34,6 +35,7 @@ describe('editable', () => {
       chat_writer: writer,
       clip_skip: 2,
       vae: 'anime.safetensors',
+      cpu_bf16: true,
     });
     expect('data_dir' in e).toBe(false);
     // A copy: editing the form does not change what was loaded.
@@ -50,6 +52,8 @@ describe('editable', () => {
     expect(editable(old as unknown as Settings).clip_skip).toBe(DEFAULT_CLIP_SKIP);
     // Nor a VAE setting: the model's own, as before.
     expect(editable(old as unknown as Settings).vae).toBe('Automatic');
+    // Nor the bf16 switch: off, as it drew before.
+    expect(editable(old as unknown as Settings).cpu_bf16).toBe(false);
   });
 
   it('keeps clip skip a whole number from 1 to 12', () => {

@@ -39,6 +39,8 @@ export function editable(s: Settings): EditableSettings {
     clip_skip: settingsClipSkip(s.clip_skip),
     // A server from before the VAE setting decodes with the model's own: "Automatic".
     vae: s.vae || VAE_AUTOMATIC,
+    // A server from before the setting draws in f32 on the processor: off.
+    cpu_bf16: s.cpu_bf16 ?? false,
   };
 }
 
