@@ -9,7 +9,8 @@
 # BIN: local-diffusers built with --features cudnn; TESTBIN: the ld-engine integration-test
 # binary built with the same features (may be "-" to skip). Results go to OUTDIR: tests.log,
 # bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
-# STAGES picks parts (default: all): tests generate serve bench load vram profile variants. FAMILIES
+# STAGES picks parts (default: all): tests generate serve bench load vram profile variants
+# (ROUNDS alternates ours and PyTorch in the bench that many times; default 1). FAMILIES
 # (default "sd15 sdxl") picks the models for bench/vram/profile; VARIANT_FAMILY (default sd15)
 # the one the variants run; PRECISIONS (default fp16) the bench's precisions.
 # The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
@@ -84,7 +85,7 @@ for fam in ${FAMILIES:-sd15 sdxl}; do
         for prec in ${PRECISIONS:-fp16}; do
             echo "== $fam $prec side by side (median of 10 after a warm-up)"
             timeout 200 "$BIN" bench --family $fam --precision $prec --python python3 --repeats 10 \
-                --rounds 1 2>&1 | tee "$OUT/bench_${fam}_$prec.txt"
+                --rounds "${ROUNDS:-1}" 2>&1 | tee "$OUT/bench_${fam}_$prec.txt"
         done
     fi
 done
