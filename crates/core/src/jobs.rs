@@ -963,11 +963,12 @@ fn staging(
 ) -> Option<String> {
     use crate::settings::LowVram;
     let refiner = job.spec.refiner.is_some();
+    let sdxl = job.spec.model.family == crate::models::Family::Sdxl;
     if policy.low_vram == LowVram::Off || (!on_cpu && !refiner) {
         return None;
     }
     let note = if policy.low_vram == LowVram::On {
-        staged_note(refiner)
+        staged_note(sdxl, refiner)
     } else if !on_cpu {
         if loaded {
             // It fitted when it loaded; its weights are out of the free figure.
@@ -991,7 +992,7 @@ fn staging(
             "With both drawing models on the graphics card this picture needs about {} even with every memory saving on, and {} is free, so {} were loaded one at a time.",
             gib(need),
             gib(free),
-            staged_models(true)
+            staged_models(true, true)
         )
     } else {
         let shape = model_shape(&job.spec.model)?;
@@ -1030,7 +1031,7 @@ fn staging(
             "With all its models loaded this picture needs about {} of memory and {} is free, so {} were loaded one at a time.",
             gib(need),
             gib(free),
-            staged_models(refiner)
+            staged_models(sdxl, refiner)
         )
     };
     // Last: it reads the model's headers.
@@ -1664,19 +1665,20 @@ fn note(_shared: &Shared, job: &Job, recovered: &mut Vec<String>, step: &str, st
 }
 
 /// The note of a job Low-VRAM mode On draws one model at a time.
-fn staged_note(refiner: bool) -> String {
+fn staged_note(sdxl: bool, refiner: bool) -> String {
     format!(
         "Low graphics-memory mode: {} were loaded one at a time, which needs about half the memory and adds a few seconds of loading.",
-        staged_models(refiner)
+        staged_models(sdxl, refiner)
     )
 }
 
-/// The models a staged job loads one after the other, as the notes name them.
-fn staged_models(refiner: bool) -> &'static str {
-    if refiner {
-        "the text encoders, the drawing model, the refiner and the VAE"
-    } else {
-        "the text encoder, the drawing model and the VAE"
+/// The models a staged job loads one after the other, as the notes name them (SDXL has two
+/// text encoders).
+fn staged_models(sdxl: bool, refiner: bool) -> &'static str {
+    match (sdxl, refiner) {
+        (_, true) => "the text encoders, the drawing model, the refiner and the VAE",
+        (true, false) => "the text encoders, the drawing model and the VAE",
+        (false, false) => "the text encoder, the drawing model and the VAE",
     }
 }
 
@@ -2171,6 +2173,13 @@ mod tests {
             };
             short.then(oom)
         }
+    }
+
+    #[test]
+    fn staged_notes_name_sdxls_two_text_encoders() {
+        assert!(staged_note(false, false).contains("the text encoder, the drawing model"));
+        assert!(staged_note(true, false).contains("the text encoders, the drawing model and"));
+        assert!(staged_note(false, true).contains("the refiner and the VAE"));
     }
 
     #[test]
