@@ -502,6 +502,10 @@ async fn a_vae_is_listed_chosen_the_a1111_way_and_named_in_what_it_draws() {
     assert_eq!(info["sd_vae_name"], "mine.safetensors");
     let text = info["infotexts"][0].as_str().unwrap();
     assert!(text.contains("VAE: mine.safetensors"), "{text}");
+    // A1111's AutoV2 hash of the file, as the parameters text gives it.
+    let hash = info["sd_vae_hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 10, "{hash}");
+    assert!(text.contains(&format!("VAE hash: {hash}")), "{text}");
 
     // "none" in any case is A1111's "None": the model's own, nothing named.
     let (status, _) = set(json!("none")).await;

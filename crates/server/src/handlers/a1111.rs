@@ -328,10 +328,18 @@ fn info_json(job: &JobInfo) -> Value {
     let infotexts: Vec<&str> = job.images.iter().map(|r| r.parameters.as_str()).collect();
     // The hires fix's keys, as A1111 returns them: the strength on its own, the rest among the
     // extra parameters (numbers as numbers).
-    let extras = infotexts
+    let first = infotexts
         .first()
-        .map(|t| ld_core::infotext::Parameters::parse(t).extra)
+        .map(|t| ld_core::infotext::Parameters::parse(t))
         .unwrap_or_default();
+    // The hashes A1111 gives (AutoV2, 10 hex digits), as the parameters text has them.
+    let model_hash = first.model_hash.clone();
+    let vae_hash = first
+        .extra
+        .iter()
+        .find(|(k, _)| k == "VAE hash")
+        .map(|(_, v)| v.clone());
+    let extras = first.extra;
     let denoising = extras
         .iter()
         .find(|(k, _)| k == "Denoising strength")
@@ -363,10 +371,10 @@ fn info_json(job: &JobInfo) -> Value {
         "batch_size": job.batch,
         "restore_faces": false,
         "sd_model_name": job.model,
-        "sd_model_hash": Value::Null,
+        "sd_model_hash": model_hash,
         // A1111 names the VAE file used (the one chosen, or the one beside the model).
         "sd_vae_name": job.vae,
-        "sd_vae_hash": Value::Null,
+        "sd_vae_hash": vae_hash,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": denoising,
