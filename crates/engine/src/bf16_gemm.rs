@@ -2,8 +2,9 @@
 //! Cooper Lake / Sapphire Rapids and later): the operands are rounded to bf16 and multiplied with
 //! `vdpbf16ps`, which does two bf16 multiply-adds per f32 lane per instruction, accumulating in
 //! f32. On a Zen 4 core it peaks at 494 GFLOP/s against 266 for f32 FMA (register-only loops,
-//! measured here). Opt-in (`set_enabled`): bf16 keeps 8 bits of mantissa, so pictures differ
-//! from f32 ones by about what fp16 on a GPU changes.
+//! measured here). Opt-in ([`set_enabled`], or `LD_CPU_BF16=1` in the environment for
+//! benchmarks): bf16 keeps 8 bits of mantissa, so pictures differ from f32 ones by about what
+//! fp16 on a GPU changes.
 //!
 //! Written by hand: neither `gemm` nor candle has a bf16 kernel (candle widens bf16 to f32 for
 //! its CPU products). The scheme is the textbook one: both operands packed into pairs along the
@@ -22,9 +23,35 @@ const NR: usize = 32;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
+/// What to tell someone who asks for bf16 on a CPU without it.
+pub const UNSUPPORTED: &str =
+    "bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Sapphire Rapids or newer)";
+
 /// Turns the bf16 products on or off for this process (where the CPU has AVX-512 BF16).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Turns the bf16 products on; an error saying why ([`UNSUPPORTED`]) on a CPU without them.
+pub fn enable() -> Result<(), &'static str> {
+    if !supported() {
+        return Err(UNSUPPORTED);
+    }
+    set_enabled(true);
+    Ok(())
+}
+
+/// `LD_CPU_BF16=1`: on whatever the settings say (read once; warned about once where the CPU
+/// cannot).
+fn forced_by_env() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| {
+        let asked = std::env::var("LD_CPU_BF16").is_ok_and(|v| v == "1");
+        if asked && !supported() {
+            tracing::warn!("LD_CPU_BF16=1 is ignored: {UNSUPPORTED}");
+        }
+        asked
+    })
 }
 
 /// Whether this CPU can run the bf16 products.
@@ -45,7 +72,7 @@ pub fn supported() -> bool {
 
 /// Whether products should take the bf16 path: asked for, and the CPU has it.
 pub fn active() -> bool {
-    ENABLED.load(Ordering::Relaxed) && supported()
+    (ENABLED.load(Ordering::Relaxed) || forced_by_env()) && supported()
 }
 
 /// `x` rounded to bf16 (nearest, ties to even), as its 16 bits; NaN stays NaN.

@@ -289,23 +289,38 @@ pub(crate) fn conditioned<'a>(
     }
 }
 
-/// `latents` enlarged for `fix` from their decoded picture `image`, or, when that picture is
-/// not finite (a half-precision VAE that overflowed), by the latent upscaler instead: drawing
-/// over a black picture would waste the first pass.
+/// A first pass's latents (diffusers scale) enlarged to `fix`'s [`HiresFix::enlarged_size`]
+/// for its second pass: resized as latents (`factor` pixels per latent pixel), or, for
+/// Lanczos, by `through_vae` ([`enlarge_decoded`] with the caller's VAE).
+pub(crate) fn enlarge(
+    latents: &Tensor,
+    fix: &HiresFix,
+    factor: usize,
+    through_vae: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    if !fix.upscaler.is_latent() {
+        return through_vae();
+    }
+    let (width, height) = fix.enlarged_size();
+    upscale_latents(latents, fix.upscaler, height / factor, width / factor)
+}
+
+/// `latents` enlarged for `fix` from their decoded picture `image`: resized with Lanczos and
+/// encoded by `vae` (its mean, as for [`crate::inpaint::whole_picture`]), in `dtype` on
+/// `device`. When the picture is not finite (a half-precision VAE that overflowed) the latent
+/// upscaler enlarges them instead: drawing over a black picture would waste the first pass.
 pub(crate) fn enlarge_decoded(
     vae: &AutoencoderKL,
     image: &Tensor,
     latents: &Tensor,
     fix: &HiresFix,
-    dtype: DType,
-    device: &Device,
+    factor: usize,
+    (dtype, device): (DType, &Device),
 ) -> Result<Tensor> {
+    let (width, height) = fix.enlarged_size();
     let sum = image.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
     if !sum.is_finite() {
         tracing::warn!("the first pass decoded to a broken picture; enlarging its latents instead");
-        let (width, height) = fix.enlarged_size();
-        // The VAE's factor: pixels per latent pixel.
-        let factor = (image.dim(3)? / latents.dim(3)?.max(1)).max(1);
         return upscale_latents(
             latents,
             HiresUpscaler::Latent,
@@ -313,21 +328,6 @@ pub(crate) fn enlarge_decoded(
             width / factor,
         );
     }
-    encode_enlarged(vae, image, fix, dtype, device)
-}
-
-/// A decoded first-pass picture (`[1, 3, H, W]`, [-1, 1]) enlarged with Lanczos to `fix`'s
-/// [`HiresFix::enlarged_size`]
-/// and encoded by `vae` (its mean, as for [`crate::inpaint::whole_picture`]): the second pass's
-/// starting latents, diffusers scale, in `dtype` on `device`.
-pub(crate) fn encode_enlarged(
-    vae: &AutoencoderKL,
-    image: &Tensor,
-    fix: &HiresFix,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let (width, height) = fix.enlarged_size();
     let pixels = resize_pixels(image, height, width, vae.device())?.to_dtype(vae.dtype())?;
     Ok(vae
         .encode_scaled(&pixels, None)?

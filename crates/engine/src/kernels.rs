@@ -267,6 +267,46 @@ fn split_plan(threads: usize, m: usize, n: usize, k: usize) -> Option<Split> {
     })
 }
 
+/// `dst = (read_dst ? dst : 0) + lhs · rhs` on this thread: through the `gemm` crate, or the
+/// bf16 kernel when that is on ([`crate::bf16_gemm::active`]). Every CPU product of the
+/// linear layers and convolutions goes through here.
+///
+/// # Safety
+/// As [`gemm_on_threads`].
+pub(crate) unsafe fn gemm_single(
+    (m, n, k): (usize, usize, usize),
+    dst: MatMut,
+    read_dst: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+) {
+    if crate::bf16_gemm::active() {
+        // `active()` checked the CPU.
+        return crate::bf16_gemm::gemm(m, n, k, dst, read_dst, lhs, rhs);
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr,
+        dst.cs,
+        dst.rs,
+        read_dst,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
 /// [`gemm_on_threads`] on `threads` threads (tests reach every split with it).
 ///
 /// # Safety
@@ -282,53 +322,26 @@ unsafe fn gemm_split(
     if m == 0 || n == 0 {
         return;
     }
-    let bf16 = crate::bf16_gemm::active();
     // SAFETY (for every call below): each product writes only its own block of `dst` (rows
     // `r0..r1` or columns `c0..c1`), which the caller's contract makes valid and disjoint.
     let product = |r0: usize, r1: usize, c0: usize, c1: usize| unsafe {
         // Whole-struct copies, so the closure holds the `Sync` wrappers, not their raw fields.
         let (dst, lhs, rhs) = (dst, lhs, rhs);
-        if bf16 {
-            // `active()` checked the CPU.
-            return crate::bf16_gemm::gemm(
-                r1 - r0,
-                c1 - c0,
-                k,
-                Mat {
-                    ptr: dst.ptr.offset(r0 as isize * dst.rs + c0 as isize * dst.cs),
-                    ..dst
-                },
-                read_dst,
-                Mat {
-                    ptr: lhs.ptr.offset(r0 as isize * lhs.rs),
-                    ..lhs
-                },
-                Mat {
-                    ptr: rhs.ptr.offset(c0 as isize * rhs.cs),
-                    ..rhs
-                },
-            );
-        }
-        gemm::gemm(
-            r1 - r0,
-            c1 - c0,
-            k,
-            dst.ptr.offset(r0 as isize * dst.rs + c0 as isize * dst.cs),
-            dst.cs,
-            dst.rs,
+        gemm_single(
+            (r1 - r0, c1 - c0, k),
+            Mat {
+                ptr: dst.ptr.offset(r0 as isize * dst.rs + c0 as isize * dst.cs),
+                ..dst
+            },
             read_dst,
-            lhs.ptr.offset(r0 as isize * lhs.rs),
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr.offset(c0 as isize * rhs.cs),
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            Mat {
+                ptr: lhs.ptr.offset(r0 as isize * lhs.rs),
+                ..lhs
+            },
+            Mat {
+                ptr: rhs.ptr.offset(c0 as isize * rhs.cs),
+                ..rhs
+            },
         )
     };
     let Some(split) = split_plan(threads, m, n, k) else {

@@ -719,16 +719,15 @@ impl Pipeline {
     /// A first pass's latents (diffusers scale) enlarged for `fix`'s second pass: resized as
     /// latents, or decoded, resized as pixels and encoded again.
     pub(crate) fn enlarge(&self, latents: &Tensor, fix: &HiresFix) -> Result<Tensor> {
-        if fix.upscaler.is_latent() {
-            let f = self.size_multiple();
-            let (width, height) = fix.enlarged_size();
-            return crate::hires::upscale_latents(latents, fix.upscaler, height / f, width / f);
-        }
-        let image = match &self.sdxl {
-            Some(s) => self.decode_sdxl(s, latents)?,
-            None => self.decode(latents)?,
-        };
-        crate::hires::enlarge_decoded(&self.vae, &image, latents, fix, self.dtype, &self.device)
+        let f = self.size_multiple();
+        crate::hires::enlarge(latents, fix, f, || {
+            let image = match &self.sdxl {
+                Some(s) => self.decode_sdxl(s, latents)?,
+                None => self.decode(latents)?,
+            };
+            let to = (self.dtype, &self.device);
+            crate::hires::enlarge_decoded(&self.vae, &image, latents, fix, f, to)
+        })
     }
 
     /// The sampling loops' view of this pipeline (SD1/SD2, and SDXL in [`crate::sdxl`]).
@@ -758,16 +757,14 @@ fn validate_for_model(
 ) -> Result<()> {
     req.validate()?;
     let m = size_multiple;
-    if let Some(fix) = &req.hires {
-        for (field, v) in [("hires width", fix.width), ("hires height", fix.height)] {
-            if !v.is_multiple_of(m) {
-                return Err(EngineError::InvalidRequest(format!(
-                    "the {field} must be a multiple of {m} for this model, got {v}"
-                )));
-            }
-        }
-    }
-    for (field, v) in [("width", req.width), ("height", req.height)] {
+    let hires = req
+        .hires
+        .iter()
+        .flat_map(|f| [("the hires width", f.width), ("the hires height", f.height)]);
+    for (field, v) in [("width", req.width), ("height", req.height)]
+        .into_iter()
+        .chain(hires)
+    {
         if !v.is_multiple_of(m) {
             return Err(EngineError::InvalidRequest(format!(
                 "{field} must be a multiple of {m} for this model, got {v}"

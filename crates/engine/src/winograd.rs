@@ -18,7 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::kernels::{contiguous_f32, simd_dispatch, SendPtr};
+use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, SendPtr};
 
 /// Tiles (or channels) transformed together, one per SIMD lane (8 f32 = one AVX2 register).
 const L: usize = 8;
@@ -539,56 +539,28 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: &[f32
         v.len() >= points * c * tiles && u.len() >= points * k * c && m.len() >= points * k * tiles,
         "winograd: work buffers too small"
     );
-    let bf16 = crate::bf16_gemm::active();
     for p in 0..points {
         // SAFETY: checked above: v block p is `c` columns of `tiles`, u block p is `k` columns
         // of `c`, m block p is `k` columns of `tiles`, each inside its buffer.
         unsafe {
-            if bf16 {
-                use crate::kernels::Mat;
-                crate::bf16_gemm::gemm(
-                    tiles,
-                    k,
-                    c,
-                    Mat {
-                        ptr: m.as_mut_ptr().add(p * k * tiles),
-                        rs: 1,
-                        cs: tiles as isize,
-                    },
-                    false,
-                    Mat {
-                        ptr: v.as_ptr().add(p * c * tiles),
-                        rs: 1,
-                        cs: tiles as isize,
-                    },
-                    Mat {
-                        ptr: u.as_ptr().add(p * k * c),
-                        rs: 1,
-                        cs: c as isize,
-                    },
-                );
-                continue;
-            }
-            gemm::gemm(
-                tiles,
-                k,
-                c,
-                m.as_mut_ptr().add(p * k * tiles),
-                tiles as isize,
-                1,
+            kernels::gemm_single(
+                (tiles, k, c),
+                Mat {
+                    ptr: m.as_mut_ptr().add(p * k * tiles),
+                    rs: 1,
+                    cs: tiles as isize,
+                },
                 false,
-                v.as_ptr().add(p * c * tiles),
-                tiles as isize,
-                1,
-                u.as_ptr().add(p * k * c),
-                c as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                Mat {
+                    ptr: v.as_ptr().add(p * c * tiles),
+                    rs: 1,
+                    cs: tiles as isize,
+                },
+                Mat {
+                    ptr: u.as_ptr().add(p * k * c),
+                    rs: 1,
+                    cs: c as isize,
+                },
             );
         }
     }

@@ -76,15 +76,6 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    // Experimental: the CPU's matrix products in bf16 (see `ld_engine::bf16_gemm`).
-    if std::env::var("LD_CPU_BF16").is_ok_and(|v| v == "1") {
-        if ld_engine::bf16_gemm::supported() {
-            ld_engine::bf16_gemm::set_enabled(true);
-            tracing::info!("LD_CPU_BF16=1: the CPU's matrix products run in bf16");
-        } else {
-            tracing::warn!("LD_CPU_BF16=1 is ignored: this CPU has no AVX-512 BF16");
-        }
-    }
     let data = DataDir::open(cli.data_dir.as_deref())?;
     match cli.command {
         Command::Serve {

@@ -313,9 +313,7 @@ fn new_token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// The settings' "Faster drawing on this processor" (or `LD_CPU_BF16=1`, for benchmarks and
-/// tests), where the CPU has AVX-512 BF16.
+/// The settings' "Faster drawing on this processor" (a no-op where the CPU has no AVX-512 BF16).
 fn apply_cpu_bf16(s: &Settings) {
-    let env = std::env::var("LD_CPU_BF16").is_ok_and(|v| v == "1");
-    ld_engine::bf16_gemm::set_enabled((s.cpu_bf16 || env) && ld_engine::bf16_gemm::supported());
+    ld_engine::bf16_gemm::set_enabled(s.cpu_bf16);
 }

@@ -748,14 +748,13 @@ impl UnetStage<'_> {
     /// nothing more; Lanczos loads the VAE beside the UNet for one decode and encode.
     fn enlarge(&self, latents: &Tensor, fix: &HiresFix) -> Result<Tensor> {
         let s = self.staged;
-        if fix.upscaler.is_latent() {
-            let f = s.vae_cfg.downsampling_factor();
-            let (width, height) = fix.enlarged_size();
-            return crate::hires::upscale_latents(latents, fix.upscaler, height / f, width / f);
-        }
-        let vae = s.load_vae()?;
-        let image = vae.decode_pixels(latents)?;
-        crate::hires::enlarge_decoded(&vae.vae, &image, latents, fix, s.opts.dtype, &s.opts.device)
+        let f = s.vae_cfg.downsampling_factor();
+        crate::hires::enlarge(latents, fix, f, || {
+            let vae = s.load_vae()?;
+            let image = vae.decode_pixels(latents)?;
+            let to = (s.opts.dtype, &s.opts.device);
+            crate::hires::enlarge_decoded(&vae.vae, &image, latents, fix, f, to)
+        })
     }
 }
 

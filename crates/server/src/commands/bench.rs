@@ -77,12 +77,7 @@ pub struct BenchArgs {
 
 pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     if args.bf16 {
-        if !ld_engine::bf16_gemm::supported() {
-            anyhow::bail!(
-                "--bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Sapphire Rapids or newer)"
-            );
-        }
-        ld_engine::bf16_gemm::set_enabled(true);
+        ld_engine::bf16_gemm::enable().map_err(|e| anyhow::anyhow!("--bf16: {e}"))?;
     }
     if args.threads > 0 {
         // Read by candle (and the kernels) on every call; set before any compute starts, while

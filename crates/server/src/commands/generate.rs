@@ -140,12 +140,7 @@ fn hires_fix(args: &GenerateArgs, scale: f64) -> anyhow::Result<ld_engine::hires
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {
     if args.bf16 {
-        if !ld_engine::bf16_gemm::supported() {
-            bail!(
-                "--bf16 needs a CPU with AVX-512 BF16 (AMD Zen 4, Intel Sapphire Rapids or newer)"
-            );
-        }
-        ld_engine::bf16_gemm::set_enabled(true);
+        ld_engine::bf16_gemm::enable().map_err(|e| anyhow::anyhow!("--bf16: {e}"))?;
     }
     if args.low_memory {
         // Before any compute thread starts.
