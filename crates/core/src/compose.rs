@@ -98,8 +98,8 @@ pub fn hires_note(input: &GenerationInput) -> Option<String> {
 /// The second pass for a `width` x `height` first pass (already checked): final size and, for a
 /// final size of another shape, the size the picture is enlarged to before the cut, by A1111's
 /// `hr_upscale_to_x` and `truncate_x` rules on the values as sent; the latents it works on make
-/// every size a multiple of 8.
-fn hires_fix(
+/// every size a multiple of 8. `generate --hires-*` uses it too.
+pub fn hires_fix(
     input: &HiresInput,
     width: usize,
     height: usize,
@@ -441,8 +441,8 @@ pub fn compose(
         seed_source,
         hires: None,
     };
-    let checked = |req: &GenerateRequest| {
-        req.validate().map_err(|e| {
+    let checked = |r: ld_engine::Result<()>| {
+        r.map_err(|e| {
             invalid(
                 e.to_string()
                     .trim_start_matches("invalid request: ")
@@ -453,15 +453,15 @@ pub fn compose(
         })
     };
     // The first pass's own fields first: the hires sizes divide by its width and height.
-    checked(&base)?;
-    let base = GenerateRequest {
-        hires: match &input.hires {
-            Some(h) => Some(hires_fix(h, width, height, steps)?),
-            None => None,
-        },
-        ..base
+    checked(base.validate())?;
+    let hires = match &input.hires {
+        Some(h) => Some(hires_fix(h, width, height, steps)?),
+        None => None,
     };
-    checked(&base)?;
+    if let Some(fix) = &hires {
+        checked(fix.validate())?;
+    }
+    let base = GenerateRequest { hires, ..base };
     let loras = resolve_loras(&base.prompt, &networks.loras)?;
     let refiner = match input
         .refiner

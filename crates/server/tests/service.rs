@@ -809,6 +809,17 @@ async fn open_webui_a1111_request() {
         notes.contains("'R-ESRGAN 4x+' is not available here"),
         "{notes}"
     );
+    // A final size of another shape, as sent (found in a last look: the handler floored 124 to
+    // 120 before A1111's cut, which keeps all 128 columns: (128 - 124) // 8 = 0 cut).
+    let body = json!({"prompt": "a sunny meadow", "steps": 1, "width": 64, "height": 64,
+        "enable_hr": true, "hr_resize_x": 124, "hr_resize_y": 128, "hr_second_pass_steps": 1,
+        "seed": 4});
+    let (status, answer) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(answer["images"][0].as_str().unwrap())
+        .unwrap();
+    assert_eq!(png_size(&png), (128, 128));
     // SillyTavern's menus list the latent modes and the pixel upscalers.
     let (_, modes) = get_json(&s, "/sdapi/v1/latent-upscale-modes").await;
     assert_eq!(modes[0]["name"], "Latent");

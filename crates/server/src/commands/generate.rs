@@ -107,14 +107,11 @@ pub struct GenerateArgs {
     pub hires_upscaler: String,
 }
 
-/// The hires pass the flags ask for: the final size floored to multiples of 8, as A1111 does.
+/// The hires pass the flags ask for, sized as the app sizes a request's (A1111's rules).
 fn hires_fix(args: &GenerateArgs, scale: f64) -> anyhow::Result<ld_engine::hires::HiresFix> {
     use ld_engine::hires::HiresUpscaler;
-    if !(scale.is_finite() && (1.0..=4.0).contains(&scale)) {
-        bail!("--hires-scale must be between 1 and 4, got {scale}");
-    }
-    let (upscaler, known) = HiresUpscaler::from_name(&args.hires_upscaler);
-    if !known {
+    // The app draws a stand-in for an upscaler it lacks; on the command line it is a typo.
+    if !HiresUpscaler::from_name(&args.hires_upscaler).1 {
         let names: Vec<&str> = HiresUpscaler::ALL.iter().map(|u| u.name()).collect();
         bail!(
             "unknown --hires-upscaler '{}'; choose one of: {}",
@@ -122,20 +119,15 @@ fn hires_fix(args: &GenerateArgs, scale: f64) -> anyhow::Result<ld_engine::hires
             names.join(", ")
         );
     }
-    let side = |v: usize| (v as f64 * scale) as usize / 8 * 8;
-    Ok(ld_engine::hires::HiresFix {
-        width: side(args.width),
-        height: side(args.height),
-        steps: if args.hires_steps == 0 {
-            args.steps
-        } else {
-            args.hires_steps
-        },
-        denoise: args.hires_denoise,
-        upscaler,
-        cover: None,
+    let input = ld_core::compose::HiresInput {
         scale: Some(scale),
-    })
+        steps: Some(args.hires_steps),
+        denoise: Some(args.hires_denoise),
+        upscaler: Some(args.hires_upscaler.clone()),
+        ..Default::default()
+    };
+    ld_core::compose::hires_fix(&input, args.width, args.height, args.steps)
+        .map_err(|e| anyhow::anyhow!("{} {}", e.message, e.hint))
 }
 
 pub fn run(args: GenerateArgs, data: &DataDir) -> anyhow::Result<()> {

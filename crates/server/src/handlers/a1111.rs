@@ -135,8 +135,9 @@ impl Txt2Img {
             refiner_switch: self.refiner_switch_at,
             hires: self.enable_hr.then(|| HiresInput {
                 scale: Some(self.hr_scale),
-                width: Some(self.hr_resize_x / 8 * 8),
-                height: Some(self.hr_resize_y / 8 * 8),
+                // As sent: A1111's cut works on the exact sizes (compose floors what it must).
+                width: Some(self.hr_resize_x),
+                height: Some(self.hr_resize_y),
                 steps: Some(self.hr_second_pass_steps),
                 // A1111's API default (its UI's is 0.7).
                 denoise: Some(self.denoising_strength.unwrap_or(0.75)),
