@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::kernels::{MatMut, MatRef};
 
-/// Rows and columns of the micro-kernel's output tile.
-#[cfg(target_arch = "x86_64")]
-const MR: usize = 8;
+/// Rows and columns of the micro-kernel's output tile ([`PackedLhs`] blocks hold `MR` rows).
+pub(crate) const MR: usize = 8;
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 32;
 
@@ -73,6 +72,13 @@ pub fn supported() -> bool {
 /// Whether products should take the bf16 path: asked for, and the CPU has it.
 pub fn active() -> bool {
     (ENABLED.load(Ordering::Relaxed) || forced_by_env()) && supported()
+}
+
+/// Two depth-adjacent values as the kernel reads them: `even` rounded to bf16 in the low half,
+/// `odd` in the high half.
+#[inline(always)]
+pub(crate) fn pair(even: f32, odd: f32) -> u32 {
+    to_bf16(even) as u32 | ((to_bf16(odd) as u32) << 16)
 }
 
 /// `x` rounded to bf16 (nearest, ties to even), as its 16 bits; NaN stays NaN.
@@ -146,22 +152,31 @@ unsafe fn pack_columns(src: *const f32, k: usize, cs: isize, block: &mut [u32]) 
     }
 }
 
-/// `lhs` (`m x k`) packed for the micro-kernel: per block of `MR` rows, per pair of depth
-/// indices, `MR` u32 holding the two bf16 values (lower half: the even index). Rows past `m`
-/// and the odd depth index past `k` are zeros.
+/// Rows `r0..r0 + rows` of `lhs` over depth `k0..k0 + kk` (`k0` even) packed for the
+/// micro-kernel into `out`: per block of `MR` rows, per pair of depth indices, `MR` u32 holding
+/// the two bf16 values (lower half: the even index). Rows past `rows` and the odd depth index
+/// past `kk` are zeros.
 ///
 /// # Safety
-/// `lhs` must address an `m x k` matrix with its strides; the CPU must have what [`supported`]
+/// `lhs` must address those rows and depths with its strides; `out` holds
+/// `rows.div_ceil(MR) * kk.div_ceil(2) * MR` values; the CPU must have what [`supported`]
 /// checks.
 #[cfg(target_arch = "x86_64")]
-unsafe fn pack_lhs(m: usize, k: usize, lhs: MatRef) -> Vec<u32> {
-    let pairs = k.div_ceil(2);
-    let blocks = m.div_ceil(MR);
-    let mut out = vec![0u32; blocks * pairs * MR];
+unsafe fn pack_lhs_into(
+    (r0, rows): (usize, usize),
+    (k0, kk): (usize, usize),
+    lhs: MatRef,
+    out: &mut [u32],
+) {
+    let pairs = kk.div_ceil(2);
+    let blocks = rows.div_ceil(MR);
+    let out = &mut out[..blocks * pairs * MR];
+    out.fill(0);
+    let base = lhs.ptr.offset(r0 as isize * lhs.rs + k0 as isize * lhs.cs);
     let at = |i: usize, p: usize| -> u32 {
-        let row = lhs.ptr.offset(i as isize * lhs.rs);
+        let row = base.offset(i as isize * lhs.rs);
         let lo = to_bf16(*row.offset((2 * p) as isize * lhs.cs)) as u32;
-        let hi = if 2 * p + 1 < k {
+        let hi = if 2 * p + 1 < kk {
             to_bf16(*row.offset((2 * p + 1) as isize * lhs.cs)) as u32
         } else {
             0
@@ -169,39 +184,43 @@ unsafe fn pack_lhs(m: usize, k: usize, lhs: MatRef) -> Vec<u32> {
         lo | (hi << 16)
     };
     for (bi, block) in out.chunks_exact_mut(pairs * MR).enumerate() {
-        let rows = MR.min(m - bi * MR);
+        let n = MR.min(rows - bi * MR);
         // Read along whichever direction is contiguous in memory.
         if lhs.cs == 1 {
-            for r in 0..rows {
-                let row = lhs.ptr.offset((bi * MR + r) as isize * lhs.rs);
-                pack_run(row, k, block.as_mut_ptr().add(r), MR);
+            for r in 0..n {
+                let row = base.offset((bi * MR + r) as isize * lhs.rs);
+                pack_run(row, kk, block.as_mut_ptr().add(r), MR);
             }
-        } else if lhs.rs == 1 && rows == MR {
+        } else if lhs.rs == 1 && n == MR {
             // The block's rows are side by side (Winograd's tiles): 8 at a time.
-            pack_columns(lhs.ptr.add(bi * MR), k, lhs.cs, block);
+            pack_columns(base.add(bi * MR), kk, lhs.cs, block);
         } else {
             for p in 0..pairs {
-                for r in 0..rows {
+                for r in 0..n {
                     block[p * MR + r] = at(bi * MR + r, p);
                 }
             }
         }
     }
-    out
 }
 
-/// Columns `c0..c0 + NR` of `rhs` (`k x n`) packed: per pair of depth indices, `NR` u32 holding
-/// the two bf16 values. Columns past `n` are zeros.
+/// All of `rhs` (`k x n`) packed: per panel of `NR` columns, per pair of depth indices, `NR`
+/// u32 holding the two bf16 values; panel `j` starts at `j * k.div_ceil(2) * NR`. Columns past
+/// `n` are zeros.
 ///
 /// # Safety
 /// `rhs` must address a `k x n` matrix with its strides; the CPU must have what [`supported`]
 /// checks.
 #[cfg(target_arch = "x86_64")]
-unsafe fn pack_rhs_panel(k: usize, n: usize, c0: usize, rhs: MatRef, out: &mut [u32]) {
+unsafe fn pack_rhs(k: usize, n: usize, rhs: MatRef) -> Vec<u32> {
     let pairs = k.div_ceil(2);
-    out[..pairs * NR].fill(0);
+    let mut out = vec![0u32; n.div_ceil(NR) * pairs * NR];
+    if rhs.cs == 1 {
+        pack_rhs_rows(k, n, rhs, &mut out);
+        return out;
+    }
     let at = |j: usize, p: usize| -> u32 {
-        let col = rhs.ptr.offset((c0 + j) as isize * rhs.cs);
+        let col = rhs.ptr.offset(j as isize * rhs.cs);
         let lo = to_bf16(*col.offset((2 * p) as isize * rhs.rs)) as u32;
         let hi = if 2 * p + 1 < k {
             to_bf16(*col.offset((2 * p + 1) as isize * rhs.rs)) as u32
@@ -210,17 +229,62 @@ unsafe fn pack_rhs_panel(k: usize, n: usize, c0: usize, rhs: MatRef, out: &mut [
         };
         lo | (hi << 16)
     };
-    let cols = NR.min(n - c0);
-    // Read along whichever direction is contiguous in memory.
-    if rhs.rs == 1 {
-        for j in 0..cols {
-            let col = rhs.ptr.offset((c0 + j) as isize * rhs.cs);
-            pack_run(col, k, out.as_mut_ptr().add(j), NR);
-        }
-    } else {
-        for p in 0..pairs {
+    for (jp, panel) in out.chunks_exact_mut(pairs * NR).enumerate() {
+        let c0 = jp * NR;
+        let cols = NR.min(n - c0);
+        if rhs.rs == 1 {
+            // Each column is contiguous along the depth (a weight read as Wᵀ).
             for j in 0..cols {
-                out[p * NR + j] = at(j, p);
+                let col = rhs.ptr.offset((c0 + j) as isize * rhs.cs);
+                pack_run(col, k, panel.as_mut_ptr().add(j), NR);
+            }
+        } else {
+            for p in 0..pairs {
+                for j in 0..cols {
+                    panel[p * NR + j] = at(c0 + j, p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// [`pack_rhs`] for a row-major `rhs` (each depth index a contiguous row, as Winograd's
+/// transformed tiles and the im2col columns are): rows `2p` and `2p + 1` are read 16 columns
+/// at a time, rounded, and interleaved into pairs with vector operations.
+///
+/// # Safety
+/// As [`pack_rhs`], with `rhs.cs == 1`; `out` holds its output.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_rhs_rows(k: usize, n: usize, rhs: MatRef, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let pairs = k.div_ceil(2);
+    // 16 bf16 words widened to the low halves of 16 u32.
+    let words = |x: __m512| -> __m512i {
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(x));
+        _mm512_cvtepu16_epi32(h)
+    };
+    for (jp, panel) in out.chunks_exact_mut(pairs * NR).enumerate() {
+        let c0 = jp * NR;
+        let mut masks = [0 as __mmask16; NR / 16];
+        for (v, mask) in masks.iter_mut().enumerate() {
+            let cols = (n - c0).saturating_sub(16 * v).min(16);
+            *mask = ((1u32 << cols) - 1) as __mmask16;
+        }
+        for p in 0..pairs {
+            let even = rhs.ptr.offset((2 * p) as isize * rhs.rs + c0 as isize);
+            let odd = rhs.ptr.offset((2 * p + 1) as isize * rhs.rs + c0 as isize);
+            for (v, &mask) in masks.iter().enumerate() {
+                let lo = words(_mm512_maskz_loadu_ps(mask, even.add(16 * v)));
+                let hi = if 2 * p + 1 < k {
+                    words(_mm512_maskz_loadu_ps(mask, odd.add(16 * v)))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let pair = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                let at = panel.as_mut_ptr().add(p * NR + 16 * v) as *mut __m512i;
+                _mm512_storeu_si512(at, pair);
             }
         }
     }
@@ -233,11 +297,10 @@ unsafe fn pack_rhs_panel(k: usize, n: usize, c0: usize, rhs: MatRef, out: &mut [
 /// The CPU must have AVX-512 F and BF16; `a` holds `pairs * MR` and `b` `pairs * NR` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile(pairs: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR]) {
+unsafe fn tile(pairs: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= pairs * MR && b.len() >= pairs * NR);
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
-    let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+    let (mut ap, mut bp) = (a, b);
     for _ in 0..pairs {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const __m512i));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const __m512i));
@@ -278,6 +341,84 @@ unsafe fn store_row(row: *mut f32, values: &[f32], add: bool) {
     }
 }
 
+/// Asks for the cache line at `p` in a state ready to be written (`prefetchw`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_for_write(p: *const f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_ET0>(p as *const i8) };
+}
+
+/// Depth pairs per step of the blocked product (a 384-deep slice): a column panel's slice is
+/// then 24 KiB, which stays in L1 while a block of rows runs over it.
+#[cfg(target_arch = "x86_64")]
+const KCP: usize = 192;
+/// Rows packed together (a whole number of `MR`): their slice, 72 KiB at most, stays in L2
+/// while every column panel passes over it.
+#[cfg(target_arch = "x86_64")]
+const MC: usize = 96;
+
+/// The left operand of a product packed once for the micro-kernel, to multiply by many right
+/// operands (Winograd's transformed filters, one per point, used by every chunk of tiles).
+pub(crate) struct PackedLhs {
+    m: usize,
+    k: usize,
+    /// Per block of `MR` rows, `k.div_ceil(2) * MR` pairs.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    data: Vec<u32>,
+}
+
+impl PackedLhs {
+    /// An `m x k` operand of zeros, to be filled through [`PackedLhs::data_mut`].
+    pub(crate) fn zeroed(m: usize, k: usize) -> Self {
+        Self {
+            m,
+            k,
+            data: vec![0u32; m.div_ceil(MR) * k.div_ceil(2) * MR],
+        }
+    }
+
+    /// The packed values: element `(block * k.div_ceil(2) + p) * MR + r` is the [`pair`] of
+    /// depths `2p` and `2p + 1` of row `block * MR + r` (zero past `m` and `k`).
+    pub(crate) fn data_mut(&mut self) -> &mut [u32] {
+        &mut self.data
+    }
+
+    /// `lhs` (`m x k`) packed (the tests pack through it; Winograd fills
+    /// [`PackedLhs::zeroed`] ones as it transforms its filters).
+    ///
+    /// # Safety
+    /// `lhs` must address an `m x k` matrix with its strides; the CPU must have what
+    /// [`supported`] checks.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) unsafe fn new(m: usize, k: usize, lhs: MatRef) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut data = vec![0u32; m.div_ceil(MR) * k.div_ceil(2) * MR];
+            if m > 0 && k > 0 {
+                pack_lhs_into((0, m), (0, k), lhs, &mut data);
+            }
+            Self { m, k, data }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = lhs;
+            unreachable!("bf16 products are only taken where `supported()` is true");
+        }
+    }
+}
+
+/// Where the blocked product gets its row blocks.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    /// Packed a slice at a time from this matrix.
+    Plain(MatRef),
+    /// Already packed.
+    Packed(&'a PackedLhs),
+}
+
 /// `dst = (read_dst ? dst : 0) + lhs · rhs` for an `m x n` `dst` of depth `k`, on this thread,
 /// with the operands rounded to bf16 (f32 accumulation).
 ///
@@ -294,51 +435,137 @@ pub(crate) unsafe fn gemm(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if m == 0 || n == 0 {
-            return;
+        if dst.cs != 1 && dst.rs == 1 {
+            // A column-major output: computed as its transpose, `dstᵀ = rhsᵀ · lhsᵀ`, whose
+            // rows are contiguous, so tiles are stored as whole vectors.
+            let t = |x: MatRef| MatRef {
+                rs: x.cs,
+                cs: x.rs,
+                ..x
+            };
+            let dt = MatMut {
+                rs: dst.cs,
+                cs: dst.rs,
+                ..dst
+            };
+            return gemm(n, m, k, dt, read_dst, t(rhs), t(lhs));
         }
-        if k == 0 {
-            // An empty sum: the output stays, or is zero.
-            if !read_dst {
-                for i in 0..m {
-                    for j in 0..n {
-                        *dst.ptr.offset(i as isize * dst.rs + j as isize * dst.cs) = 0.0;
-                    }
-                }
-            }
-            return;
-        }
-        let pairs = k.div_ceil(2);
-        let a = pack_lhs(m, k, lhs);
-        let mut panel = vec![0u32; pairs * NR];
-        let mut out = [0f32; MR * NR];
-        for c0 in (0..n).step_by(NR) {
-            pack_rhs_panel(k, n, c0, rhs, &mut panel);
-            let cols = NR.min(n - c0);
-            for (bi, block) in a.chunks_exact(pairs * MR).enumerate() {
-                tile(pairs, block, &panel, &mut out);
-                let r0 = bi * MR;
-                for r in 0..MR.min(m - r0) {
-                    let row = dst
-                        .ptr
-                        .offset((r0 + r) as isize * dst.rs + c0 as isize * dst.cs);
-                    let values = &out[r * NR..r * NR + cols];
-                    if dst.cs == 1 {
-                        store_row(row, values, read_dst);
-                        continue;
-                    }
-                    for (j, v) in values.iter().enumerate() {
-                        let d = row.offset(j as isize * dst.cs);
-                        *d = if read_dst { *d + v } else { *v };
-                    }
-                }
-            }
-        }
+        blocked(m, n, k, dst, read_dst, Lhs::Plain(lhs), rhs);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (m, n, k, dst, read_dst, lhs, rhs);
         unreachable!("bf16 products are only taken where `supported()` is true");
+    }
+}
+
+/// [`gemm`] with a left operand packed beforehand: `dst` (`a.m x n`) `= (read_dst ? dst : 0) +
+/// a · rhs`.
+///
+/// # Safety
+/// As [`gemm`], for an `a.m x n` `dst` and an `a.k x n` `rhs`.
+pub(crate) unsafe fn gemm_packed_lhs(
+    n: usize,
+    dst: MatMut,
+    read_dst: bool,
+    a: &PackedLhs,
+    rhs: MatRef,
+) {
+    #[cfg(target_arch = "x86_64")]
+    blocked(a.m, n, a.k, dst, read_dst, Lhs::Packed(a), rhs);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (n, dst, read_dst, a, rhs);
+        unreachable!("bf16 products are only taken where `supported()` is true");
+    }
+}
+
+/// The product in blocks: `rhs` packed whole, then per slice of [`MC`] rows and [`KCP`] depth
+/// pairs, the row slice (packed now or beforehand) against every column panel's slice.
+///
+/// # Safety
+/// As [`gemm`]; a packed `lhs` is `m x k`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn blocked(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    read_dst: bool,
+    lhs: Lhs,
+    rhs: MatRef,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // An empty sum: the output stays, or is zero.
+        if !read_dst {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.ptr.offset(i as isize * dst.rs + j as isize * dst.cs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let pairs = k.div_ceil(2);
+    let b = pack_rhs(k, n, rhs);
+    let mut slice = match lhs {
+        Lhs::Plain(_) => vec![0u32; MC * KCP],
+        Lhs::Packed(_) => Vec::new(),
+    };
+    let mut out = [0f32; MR * NR];
+    for r0 in (0..m).step_by(MC) {
+        let rows = MC.min(m - r0);
+        for p0 in (0..pairs).step_by(KCP) {
+            let kcp = KCP.min(pairs - p0);
+            // Block `i` of this slice starts at `base + (i * stride + skip) * MR`.
+            let (base, stride, skip, first_block) = match lhs {
+                Lhs::Plain(lhs) => {
+                    let kk = (2 * kcp).min(k - 2 * p0);
+                    pack_lhs_into((r0, rows), (2 * p0, kk), lhs, &mut slice);
+                    (slice.as_ptr(), kcp, 0, 0)
+                }
+                Lhs::Packed(a) => (a.data.as_ptr(), pairs, p0, r0 / MR),
+            };
+            // Later depth slices add to what the first one wrote.
+            let add = read_dst || p0 > 0;
+            for (jp, c0) in (0..n).step_by(NR).enumerate() {
+                let panel = b.as_ptr().add((jp * pairs + p0) * NR);
+                let cols = NR.min(n - c0);
+                for i in 0..rows.div_ceil(MR) {
+                    let block = base.add(((first_block + i) * stride + skip) * MR);
+                    let top = r0 + i * MR;
+                    if dst.cs == 1 {
+                        // The output is usually not in cache (a large layer's is tens of MB):
+                        // ask for this tile's lines now, to be written, so the misses overlap
+                        // the multiplications instead of stalling the stores after them.
+                        for r in 0..MR.min(m - top) {
+                            let row = dst.ptr.offset((top + r) as isize * dst.rs + c0 as isize);
+                            for line in (0..cols).step_by(16) {
+                                prefetch_for_write(row.add(line));
+                            }
+                        }
+                    }
+                    tile(kcp, block, panel, &mut out);
+                    for r in 0..MR.min(m - top) {
+                        let row = dst
+                            .ptr
+                            .offset((top + r) as isize * dst.rs + c0 as isize * dst.cs);
+                        let values = &out[r * NR..r * NR + cols];
+                        if dst.cs == 1 {
+                            store_row(row, values, add);
+                            continue;
+                        }
+                        for (j, v) in values.iter().enumerate() {
+                            let d = row.offset(j as isize * dst.cs);
+                            *d = if add { *d + v } else { *v };
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -370,9 +597,10 @@ mod tests {
         assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
     }
 
-    /// Products of every edge case (sizes not multiples of the tile, odd depth, strided and
-    /// transposed operands, accumulation into the output) against f64 on the same bf16-rounded
-    /// inputs: the kernel's only error is then f32 accumulation.
+    /// Products of every edge case (sizes not multiples of the tile, odd depth, several row and
+    /// depth slices, each operand row-major, transposed or strided, row- and column-major
+    /// outputs, accumulation into the output, a left operand packed beforehand) against f64 on
+    /// the same bf16-rounded inputs: the kernel's only error is then f32 accumulation.
     #[test]
     fn products_match_f64_on_rounded_inputs() {
         if !supported() {
@@ -387,65 +615,84 @@ mod tests {
             (64, 100, 320),
             (3, 70, 9),
             (5, 3, 0),
+            // Three row slices (the last partial) and three depth slices (the last odd).
+            (200, 33, 901),
         ];
-        let cases = [(false, false), (true, true), (true, false), (false, true)];
+        // (lhs, rhs) layouts: row-major, or stored transposed; "strided": neither unit.
+        let layouts = ["row", "transposed", "strided"];
         for &(m, n, k) in &shapes {
-            for (transposed, read_dst) in cases {
-                let a = values(m * k, 1);
-                let b = values(k * n, 2);
-                // The output: row-major, or (transposed) column-major as Winograd's products
-                // write it, inside a buffer with spare elements on each line.
-                let (rs, cs, len) = if transposed {
+            for (case, (lhs_layout, rhs_layout)) in layouts
+                .iter()
+                .flat_map(|a| layouts.iter().map(move |b| (*a, *b)))
+                .enumerate()
+            {
+                // Every layout pair with both output layouts, with and without accumulation
+                // and a packed left operand, spread over the cases.
+                let col_major = case % 2 == 1;
+                let read_dst = case % 3 != 0;
+                let packed = case % 4 >= 2;
+                // Operands in buffers twice their size, so "strided" can skip every other
+                // element along both directions.
+                let a = values(4 * m * k + 4, 1);
+                let b = values(4 * k * n + 4, 2);
+                let operand = |ptr: *const f32, rows: usize, cols: usize, layout: &str| match layout
+                {
+                    "row" => MatRef::row_major(ptr, cols),
+                    "transposed" => MatRef::transposed(ptr, rows),
+                    _ => MatRef {
+                        ptr,
+                        rs: 2 * cols as isize + 1,
+                        cs: 2,
+                    },
+                };
+                let lhs = operand(a.as_ptr(), m, k, lhs_layout);
+                let rhs = operand(b.as_ptr(), k, n, rhs_layout);
+                let elem = |x: &[f32], op: MatRef, i: usize, j: usize| {
+                    let base = op.ptr as usize - x.as_ptr() as usize;
+                    round(x[base / 4 + (i as isize * op.rs + j as isize * op.cs) as usize])
+                };
+                // The output inside a buffer with spare elements on each line.
+                let (rs, cs, len) = if col_major {
                     (1, m + 3, (m + 3) * n)
                 } else {
                     (n + 5, 1, (n + 5) * m)
                 };
                 let mut c = values(len, 3);
                 let before = c.clone();
-                // lhs row-major m x k, or stored k x m read transposed; rhs likewise.
-                let lhs = if transposed {
-                    MatRef::transposed(a.as_ptr(), m)
-                } else {
-                    MatRef::row_major(a.as_ptr(), k)
-                };
-                let rhs = if transposed {
-                    MatRef::transposed(b.as_ptr(), k)
-                } else {
-                    MatRef::row_major(b.as_ptr(), n)
-                };
                 let dst = MatMut {
                     ptr: c.as_mut_ptr(),
                     rs: rs as isize,
                     cs: cs as isize,
                 };
-                unsafe { gemm(m, n, k, dst, read_dst, lhs, rhs) };
-                let at = |i: usize, p: usize| {
-                    round(if transposed {
-                        a[p * m + i]
+                // SAFETY: the operands address their buffers with these strides; the CPU was
+                // checked above.
+                unsafe {
+                    if packed {
+                        let a = PackedLhs::new(m, k, lhs);
+                        gemm_packed_lhs(n, dst, read_dst, &a, rhs);
                     } else {
-                        a[i * k + p]
-                    })
-                };
-                let bt = |p: usize, j: usize| {
-                    round(if transposed {
-                        b[j * k + p]
-                    } else {
-                        b[p * n + j]
-                    })
-                };
+                        gemm(m, n, k, dst, read_dst, lhs, rhs);
+                    }
+                }
+                let what = format!(
+                    "{m}x{n}x{k} lhs {lhs_layout} rhs {rhs_layout} col-major {col_major} \
+                     read {read_dst} packed {packed}"
+                );
                 let mut inside = vec![false; len];
                 for i in 0..m {
                     for j in 0..n {
                         let idx = i * rs + j * cs;
                         inside[idx] = true;
-                        let mut want: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                        let mut want: f64 = (0..k)
+                            .map(|p| elem(&a, lhs, i, p) * elem(&b, rhs, p, j))
+                            .sum();
                         if read_dst {
                             want += before[idx] as f64;
                         }
                         let got = c[idx] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (k as f64).sqrt() + 1e-6,
-                            "{m}x{n}x{k} transposed {transposed}: [{i},{j}] {got} vs {want}"
+                            "{what}: [{i},{j}] {got} vs {want}"
                         );
                     }
                 }
@@ -453,7 +700,7 @@ mod tests {
                 for (idx, (x, y)) in c.iter().zip(&before).enumerate() {
                     assert!(
                         inside[idx] || x.to_bits() == y.to_bits(),
-                        "{m}x{n}x{k}: wrote {idx}"
+                        "{what}: wrote {idx}"
                     );
                 }
             }

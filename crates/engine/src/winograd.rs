@@ -18,6 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+use crate::bf16_gemm;
 use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, SendPtr};
 
 /// Tiles (or channels) transformed together, one per SIMD lane (8 f32 = one AVX2 register).
@@ -151,7 +152,16 @@ impl CustomOp2 for Winograd3x3 {
             h,
             w,
         };
-        let out = match self.tile {
+        // With bf16 products, F(4x4)'s transforms (entries up to 8 and down to 1/24) magnify
+        // the rounding of the transformed operands: the largest error reached 5-7% of the
+        // output's scale in the test below, against 0.4% for F(2x2), which runs about as fast
+        // here because its transforms are cheaper (bench --ops --bf16 on a Zen 5).
+        let tile = if bf16_gemm::active() {
+            Tile::Two
+        } else {
+            self.tile
+        };
+        let out = match tile {
             Tile::Two => run(&F2, &shape, x, wt, &self.bias, self.plan),
             Tile::Four => run(&F4, &shape, x, wt, &self.bias, self.plan),
         };
@@ -309,14 +319,7 @@ fn by_tile_chunks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Pl
     } = *job;
     let (c, cout) = (sh.c, sh.cout);
 
-    // U[point][k][c]: the transformed filters, c contiguous (8 channels per lane group).
-    let mut u = vec![0f32; A * A * cout * c];
-    let u_ptr = SendPtr(u.as_mut_ptr());
-    on_threads(threads.min(cout), |t, n| {
-        let (k0, k1) = (t * cout / n, (t + 1) * cout / n);
-        // SAFETY: this thread writes only rows k0..k1 of every point's [cout, c] block.
-        unsafe { filters(tr, wt, c, cout, k0, k1, u_ptr) };
-    });
+    let u = transformed_filters(tr, wt, c, cout, threads);
 
     let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
     let tile_rows = sh.batch * th;
@@ -339,7 +342,7 @@ fn by_tile_chunks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Pl
                 let v = SendPtr(v.as_mut_ptr());
                 transform_inputs(tr, sh, x, (r0, r1), 0..c, &mut phases, v);
             }
-            multiply(A * A, tiles, c, cout, &v, u, &mut m);
+            multiply(A * A, tiles, c, cout, &v, u.as_ref(), &mut m);
             // SAFETY: chunks cover disjoint tile rows, so disjoint output pixels.
             unsafe { transform_outputs(tr, sh, sh, &m, bias, 0, r0, r1, out) };
         }
@@ -393,15 +396,12 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
 
         let v = &v;
         on_threads(threads.min(blocks), |t, n| {
-            let mut u = vec![0f32; A * A * block * c];
             let mut m = vec![0f32; A * A * block * rows_per_chunk * tw];
             for b in (t..blocks).step_by(n) {
                 let k0 = b * block;
                 let kn = block.min(cout - k0);
                 let wt_block = &wt[k0 * 9 * c..(k0 + kn) * 9 * c];
-                // SAFETY: `u` holds `A * A * block * c >= A * A * kn * c` f32s and is this
-                // thread's own.
-                unsafe { filters(tr, wt_block, c, kn, 0, kn, SendPtr(u.as_mut_ptr())) };
+                let u = transformed_filters(tr, wt_block, c, kn, 1);
                 let sub = ConvShape { cout: kn, ..*sh };
                 for j in 0..in_group {
                     let (r0, r1) = rows(j);
@@ -411,7 +411,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
                         c,
                         kn,
                         &v[j * chunk_len..],
-                        &u,
+                        u.as_ref(),
                         &mut m,
                     );
                     // SAFETY: output channels k0..k0 + kn, which only this thread writes.
@@ -426,6 +426,166 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
 /// shares with the next, and a spare lane group.
 fn phase_stride(tw: usize) -> usize {
     tw + 1 + L
+}
+
+/// A convolution's transformed filters, as [`multiply`] takes them.
+enum TransformedFilters {
+    /// `[point][k][c]` f32.
+    F32(Vec<f32>),
+    /// One bf16 left operand per point (`k x c`), packed for `bf16_gemm` as they are
+    /// transformed: when bf16 products are on, the f32 copy would only be packed again for
+    /// every chunk of tiles.
+    Bf16(Vec<bf16_gemm::PackedLhs>),
+}
+
+/// A borrowed [`TransformedFilters`].
+#[derive(Clone, Copy)]
+enum Filters<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16_gemm::PackedLhs]),
+}
+
+impl TransformedFilters {
+    fn as_ref(&self) -> Filters<'_> {
+        match self {
+            Self::F32(u) => Filters::F32(u),
+            Self::Bf16(p) => Filters::Bf16(p),
+        }
+    }
+}
+
+/// The filters `wt` (`[cout, 9 * c]`) transformed on up to `threads` threads: packed for bf16
+/// when that is on ([`bf16_gemm::active`]), else in f32.
+fn transformed_filters<const M: usize, const A: usize>(
+    tr: &'static Transforms<M, A>,
+    wt: &[f32],
+    c: usize,
+    cout: usize,
+    threads: usize,
+) -> TransformedFilters {
+    if bf16_gemm::active() {
+        let mut packed: Vec<_> = (0..A * A)
+            .map(|_| bf16_gemm::PackedLhs::zeroed(cout, c))
+            .collect();
+        let ptrs = PackedPtrs(
+            packed
+                .iter_mut()
+                .map(|p| p.data_mut().as_mut_ptr())
+                .collect(),
+        );
+        let blocks = cout.div_ceil(bf16_gemm::MR);
+        on_threads(threads.min(blocks), |t, n| {
+            // SAFETY: this thread writes only row blocks b0..b1 of every point's operand.
+            unsafe {
+                filters_packed(
+                    tr,
+                    wt,
+                    c,
+                    cout,
+                    (t * blocks / n, (t + 1) * blocks / n),
+                    &ptrs,
+                )
+            };
+        });
+        return TransformedFilters::Bf16(packed);
+    }
+    // U[point][k][c]: the transformed filters, c contiguous (8 channels per lane group).
+    let mut u = vec![0f32; A * A * cout * c];
+    let u_ptr = SendPtr(u.as_mut_ptr());
+    on_threads(threads.min(cout), |t, n| {
+        let (k0, k1) = (t * cout / n, (t + 1) * cout / n);
+        // SAFETY: this thread writes only rows k0..k1 of every point's [cout, c] block.
+        unsafe { filters(tr, wt, c, cout, k0, k1, u_ptr) };
+    });
+    TransformedFilters::F32(u)
+}
+
+/// The data of each point's packed operand, written by several threads in disjoint blocks.
+struct PackedPtrs(Vec<*mut u32>);
+// SAFETY: threads write disjoint row blocks through these (see `filters_packed`).
+unsafe impl Sync for PackedPtrs {}
+
+simd_dispatch!(filters_packed_f2(wt: &[f32], c: usize, cout: usize, blocks: (usize, usize), out: &PackedPtrs) {
+    filters_packed_impl(&F2, wt, c, cout, blocks, out)
+});
+simd_dispatch!(filters_packed_f4(wt: &[f32], c: usize, cout: usize, blocks: (usize, usize), out: &PackedPtrs) {
+    filters_packed_impl(&F4, wt, c, cout, blocks, out)
+});
+
+/// Transforms the filters of row blocks `b0..b1` (output channels `8 * b0..8 * b1`) straight
+/// into each point's packed bf16 operand (`bf16_gemm::PackedLhs` layout: a lane per output
+/// channel of the block, input channels in pairs), so each point's data is written in order.
+///
+/// # Safety
+/// `out` holds `A * A` operands made by `PackedLhs::zeroed(cout, c)`; no other thread may write
+/// blocks `b0..b1`.
+unsafe fn filters_packed<const M: usize, const A: usize>(
+    tr: &Transforms<M, A>,
+    wt: &[f32],
+    c: usize,
+    cout: usize,
+    blocks: (usize, usize),
+    out: &PackedPtrs,
+) {
+    if M == 2 {
+        filters_packed_f2(wt, c, cout, blocks, out)
+    } else if M == 4 {
+        filters_packed_f4(wt, c, cout, blocks, out)
+    } else {
+        filters_packed_impl(tr, wt, c, cout, blocks, out)
+    }
+}
+
+/// Body of [`filters_packed`]: a safe fn so `simd_dispatch!` can wrap it; same contract.
+#[inline(always)]
+fn filters_packed_impl<const M: usize, const A: usize>(
+    tr: &Transforms<M, A>,
+    wt: &[f32],
+    c: usize,
+    cout: usize,
+    (b0, b1): (usize, usize),
+    out: &PackedPtrs,
+) {
+    const { assert!(bf16_gemm::MR == L) };
+    assert!(out.0.len() == A * A && wt.len() >= cout * 9 * c);
+    let pairs = c.div_ceil(2);
+    let mut g = [[[0f32; L]; 3]; 3];
+    let mut gt = [[[0f32; L]; 3]; A];
+    let mut even = [[[0f32; L]; A]; A];
+    let mut odd = [[[0f32; L]; A]; A];
+    for b in b0..b1 {
+        let lanes = L.min(cout - b * L);
+        for p in 0..pairs {
+            for (half, ut) in [&mut even, &mut odd].into_iter().enumerate() {
+                let ch = 2 * p + half;
+                if ch >= c {
+                    *ut = [[[0f32; L]; A]; A];
+                    continue;
+                }
+                // Lane l takes output channel b * 8 + l's nine taps of input channel `ch`.
+                for l in 0..lanes {
+                    let taps = &wt[(b * L + l) * 9 * c + 9 * ch..][..9];
+                    for (gv, &t) in g.iter_mut().flatten().zip(taps) {
+                        gv[l] = t;
+                    }
+                }
+                for gv in g.iter_mut().flatten() {
+                    gv[lanes..].fill(0.0);
+                }
+                mul_left(&tr.g, &g, &mut gt);
+                mul_right_t(&gt, &tr.g, ut);
+            }
+            let at = (b * pairs + p) * L;
+            for (point, (e, o)) in even.iter().flatten().zip(odd.iter().flatten()).enumerate() {
+                // SAFETY: element `at..at + 8` of block b lies in the operand (`b < blocks`),
+                // and only this thread writes block b (the caller's contract).
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0[point].add(at), L) };
+                for ((d, &x), &y) in dst.iter_mut().zip(e).zip(o) {
+                    *d = bf16_gemm::pair(x, y);
+                }
+            }
+        }
+    }
 }
 
 simd_dispatch!(filters_f2(wt: &[f32], c: usize, cout: usize, k0: usize, k1: usize, u: SendPtr) {
@@ -533,11 +693,39 @@ unsafe fn transform_inputs<const M: usize, const A: usize>(
 /// The point-wise products summed over input channels: for each of the `points` points,
 /// `m[p] = v[p] u[p]`, `[tiles, c] x [c, k] -> [tiles, k]`, all stored column-major (tiles
 /// contiguous), the layout gemm's kernel reads and writes without transposing. `v` is
-/// `[point][c][tile]`, `u` `[point][k][c]`, `m` `[point][k][tile]`.
-fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
+/// `[point][c][tile]`, `u` `[point][k][c]` (or packed for bf16), `m` `[point][k][tile]`.
+fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filters, m: &mut [f32]) {
     assert!(
-        v.len() >= points * c * tiles && u.len() >= points * k * c && m.len() >= points * k * tiles,
+        v.len() >= points * c * tiles && m.len() >= points * k * tiles,
         "winograd: work buffers too small"
+    );
+    let u = match u {
+        Filters::F32(u) => u,
+        Filters::Bf16(packed) => {
+            assert!(
+                packed.len() == points,
+                "winograd: one packed filter set per point"
+            );
+            for (p, a) in packed.iter().enumerate() {
+                // SAFETY: checked above: v block p is `c` rows of `tiles` and m block p `k`
+                // rows of `tiles`, each inside its buffer; `a` is `k x c` (made by
+                // `transformed_filters` for this block), and it exists only where bf16 runs.
+                unsafe {
+                    bf16_gemm::gemm_packed_lhs(
+                        tiles,
+                        Mat::row_major(m.as_mut_ptr().add(p * k * tiles), tiles),
+                        false,
+                        a,
+                        Mat::row_major(v.as_ptr().add(p * c * tiles), tiles),
+                    );
+                }
+            }
+            return;
+        }
+    };
+    assert!(
+        u.len() >= points * k * c,
+        "winograd: filter buffer too small"
     );
     for p in 0..points {
         // SAFETY: checked above: v block p is `c` columns of `tiles`, u block p is `k` columns
@@ -1023,6 +1211,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// With bf16 products on, the filters are transformed straight into packed bf16 operands
+    /// (both work orders, channel counts not multiples of the lane groups, F(4x4) asked for
+    /// and F(2x2) run instead): the result stays within bf16 rounding of the direct
+    /// convolution, and differs from the f32 result (so the bf16 path did run). Turns bf16 on
+    /// for this test's process (nextest runs each test in its own).
+    #[test]
+    fn bf16_filters_packed_as_transformed_match_direct_convolution() {
+        if !bf16_gemm::supported() {
+            eprintln!("skipped: this CPU has no AVX-512 BF16");
+            return;
+        }
+        bf16_gemm::set_enabled(true);
+        for (tile, batch, c, cout, h, w, rows, group, block) in [
+            (Tile::Four, 2, 17, 40, 13, 38, 1, 2, 16),
+            (Tile::Four, 1, 9, 33, 23, 20, 2, 1, 8),
+            (Tile::Two, 1, 12, 21, 9, 14, 2, 2, 16),
+            (Tile::Four, 1, 5, 3, 1, 1, 1, 1, 3),
+        ] {
+            for by_channel_blocks in [false, true] {
+                let plan = Plan {
+                    by_channel_blocks,
+                    rows_per_chunk: rows,
+                    chunks_per_group: group,
+                    block,
+                };
+                let rel = check_planned(tile, batch, c, cout, h, w, Some(plan));
+                // Operands rounded to 8 bits of mantissa (relative 2^-9 each), summed over
+                // 9 * c products of mixed signs: under 1% of the largest output (F(4x4) in
+                // bf16 gave 7%).
+                assert!(
+                    rel > 1e-6 && rel < 1e-2,
+                    "{plan:?} {tile:?} {batch}x{c}->{cout} {h}x{w}: rel {rel}"
+                );
+            }
+        }
+        bf16_gemm::set_enabled(false);
     }
 
     #[test]
