@@ -136,6 +136,21 @@ where
     });
 }
 
+/// `rows` copies of `row`, one after another, written by all compute threads: a large layer's
+/// output starts as its bias this way (84 MB for SD 1.5's 320 -> 2560 layer at 512x512), and
+/// filled on one thread, that and its first-touch page faults were a serial part of the step.
+pub(crate) fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    let mut out = vec![0f32; row.len() * rows];
+    if !row.is_empty() {
+        par_units(&mut out, None, row.len(), |part, _, _| {
+            for dst in part.chunks_exact_mut(row.len()) {
+                dst.copy_from_slice(row);
+            }
+        });
+    }
+    out
+}
+
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),

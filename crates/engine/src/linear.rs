@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::kernels::{contiguous_f32, cpu_f32, gemm_on_threads, weight_for, MatMut, MatRef};
+use crate::kernels::{self, contiguous_f32, cpu_f32, gemm_on_threads, weight_for, MatMut, MatRef};
 
 /// `y = x Wᵀ + b` with `W`: `[out, in]`.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ impl CustomOp2 for ChannelsToTokens {
             );
         }
         let mut out = match &self.bias {
-            Some(bias) => bias.repeat(b * hw),
+            Some(bias) => kernels::repeat_rows(bias, b * hw),
             None => vec![0f32; b * hw * out_dim],
         };
         for i in 0..b {
@@ -175,11 +175,24 @@ impl CustomOp3 for TokensToChannelsAdd {
                 l3.dims()
             );
         }
-        let mut out = rs.to_vec();
-        if let Some(bias) = &self.bias {
-            for (plane, &v) in out.chunks_exact_mut(hw).zip(bias.iter().cycle()) {
-                plane.iter_mut().for_each(|x| *x += v);
-            }
+        // The residual plus the bias, copied on all compute threads (a serial copy was a
+        // fixed part of every transformer's time).
+        let mut out = vec![0f32; rs.len()];
+        if hw > 0 {
+            let bias = self.bias.as_deref();
+            kernels::par_units(&mut out, Some(rs), hw, |part, src, first| {
+                let src = src.expect("the residual is passed");
+                for (n, (dst, from)) in part
+                    .chunks_exact_mut(hw)
+                    .zip(src.chunks_exact(hw))
+                    .enumerate()
+                {
+                    let v = bias.map_or(0.0, |b| b[(first + n) % out_dim]);
+                    for (d, &x) in dst.iter_mut().zip(from) {
+                        *d = x + v;
+                    }
+                }
+            });
         }
         for i in 0..b {
             // SAFETY: dst is image i's `[out, hw]` block of `out`, written as its transpose
@@ -248,11 +261,7 @@ impl LinearOp {
                 if b.len() != out_dim {
                     candle_core::bail!("{name}: bias has {} values, not {out_dim}", b.len());
                 }
-                let mut out = Vec::with_capacity(rows * out_dim);
-                for _ in 0..rows {
-                    out.extend_from_slice(b);
-                }
-                out
+                kernels::repeat_rows(b, rows)
             }
             None => vec![0f32; rows * out_dim],
         };
@@ -364,14 +373,22 @@ mod tests {
         assert!(close(&got, &whole.narrow(2, 4, 4).unwrap()) < 1e-5);
     }
 
+    /// Small planes, and planes large enough (over 32k values) that the bias and residual
+    /// copies are split between threads (one image, so a thread's part starts inside it).
     #[test]
     fn channel_layouts_match_transposing_copies() {
-        let x = randn(7, &[2, 6, 3, 5]);
-        let w_in = randn(8, &[4, 6]);
-        let w_out = randn(9, &[6, 4]);
+        for (b, c, h, w) in [(2, 6, 3, 5), (1, 7, 70, 70)] {
+            channel_layouts_match(b, c, h, w);
+        }
+    }
+
+    fn channel_layouts_match(b: usize, c: usize, h: usize, w: usize) {
+        let x = randn(7, &[b, c, h, w]);
+        let w_in = randn(8, &[4, c]);
+        let w_out = randn(9, &[c, 4]);
         let b_in = randn(10, &[4]);
-        let b_out = randn(11, &[6]);
-        let tokens = x.reshape((2, 6, 15)).unwrap().transpose(1, 2).unwrap();
+        let b_out = randn(11, &[c]);
+        let tokens = x.reshape((b, c, h * w)).unwrap().transpose(1, 2).unwrap();
         for (bi, bo) in [(Some(b_in), Some(b_out)), (None, None)] {
             let lin_in = Linear::new(w_in.clone(), bi.clone());
             let lin_out = Linear::new(w_out.clone(), bo.clone());
@@ -379,14 +396,14 @@ mod tests {
             let want_t = candle_nn::Linear::new(w_in.clone(), bi)
                 .forward(&tokens.contiguous().unwrap())
                 .unwrap();
-            assert_eq!(t.dims(), &[2, 15, 4]);
+            assert_eq!(t.dims(), &[b, h * w, 4]);
             assert!(close(&t, &want_t) < 1e-5);
             let y = lin_out.forward_tokens_to_channels_add(&t, &x).unwrap();
             let back = candle_nn::Linear::new(w_out.clone(), bo)
                 .forward(&t)
                 .unwrap();
             let want_y =
-                (back.transpose(1, 2).unwrap().reshape((2, 6, 3, 5)).unwrap() + &x).unwrap();
+                (back.transpose(1, 2).unwrap().reshape((b, c, h, w)).unwrap() + &x).unwrap();
             assert_eq!(y.dims(), x.dims());
             assert!(close(&y, &want_y) < 1e-5);
         }
