@@ -7,6 +7,7 @@
 //! and softmax/GEGLU write in place. Every entry point falls back to candle's ops for other
 //! devices, dtypes or layouts, so callers need not care.
 
+use crate::avx512_gemm;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
 };
@@ -282,9 +283,9 @@ fn split_plan(threads: usize, m: usize, n: usize, k: usize) -> Option<Split> {
     })
 }
 
-/// `dst = (read_dst ? dst : 0) + lhs · rhs` on this thread: through the `gemm` crate, or the
-/// bf16 kernel when that is on ([`crate::bf16_gemm::active`]). Every CPU product of the
-/// linear layers and convolutions goes through here.
+/// `dst = (read_dst ? dst : 0) + lhs · rhs` on this thread: through the AVX-512 kernels where
+/// the CPU has them ([`cpu_format`]), else the `gemm` crate. Every CPU product of the linear
+/// layers and convolutions goes through here.
 ///
 /// # Safety
 /// As [`gemm_on_threads`].
@@ -295,9 +296,9 @@ pub(crate) unsafe fn gemm_single(
     lhs: MatRef,
     rhs: MatRef,
 ) {
-    if crate::bf16_gemm::active() {
-        // `active()` checked the CPU.
-        return crate::bf16_gemm::gemm(m, n, k, dst, read_dst, lhs, rhs);
+    if let Some(fmt) = cpu_format() {
+        // `cpu_format` checked the CPU.
+        return avx512_gemm::gemm(fmt, m, n, k, dst, read_dst, lhs, rhs);
     }
     gemm::gemm(
         m,
@@ -320,6 +321,19 @@ pub(crate) unsafe fn gemm_single(
         false,
         gemm::Parallelism::None,
     )
+}
+
+/// The format of the hand-written AVX-512 products the CPU's linear layers and convolutions
+/// take: bf16 when that is on ([`crate::bf16_gemm::active`]), f32 on CPUs with AVX-512 F
+/// (unless `LD_CPU_GEMM=crate`); `None`: the `gemm` crate's f32 kernels.
+pub(crate) fn cpu_format() -> Option<avx512_gemm::Format> {
+    if crate::bf16_gemm::active() {
+        Some(avx512_gemm::Format::Bf16)
+    } else if avx512_gemm::f32_active() {
+        Some(avx512_gemm::Format::F32)
+    } else {
+        None
+    }
 }
 
 /// [`gemm_on_threads`] on `threads` threads (tests reach every split with it).

@@ -2,6 +2,7 @@
 //! the text-to-image pipeline. Plain synchronous Rust: no async runtime, no HTTP, no SQL.
 
 pub mod attention;
+mod avx512_gemm;
 pub mod bench;
 pub mod bf16_gemm;
 pub mod checkpoint;

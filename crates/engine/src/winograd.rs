@@ -18,6 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+use crate::avx512_gemm::{self, Format};
 use crate::bf16_gemm;
 use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, SendPtr};
 
@@ -430,32 +431,31 @@ fn phase_stride(tw: usize) -> usize {
 
 /// A convolution's transformed filters, as [`multiply`] takes them.
 enum TransformedFilters {
-    /// `[point][k][c]` f32.
+    /// `[point][k][c]` f32, for the `gemm` crate.
     F32(Vec<f32>),
-    /// One bf16 left operand per point (`k x c`), packed for `bf16_gemm` as they are
-    /// transformed: when bf16 products are on, the f32 copy would only be packed again for
-    /// every chunk of tiles.
-    Bf16(Vec<bf16_gemm::PackedLhs>),
+    /// One left operand per point (`k x c`), packed for the AVX-512 kernels as they are
+    /// transformed: a plain copy would only be packed again for every chunk of tiles.
+    Packed(Vec<avx512_gemm::PackedLhs>),
 }
 
 /// A borrowed [`TransformedFilters`].
 #[derive(Clone, Copy)]
 enum Filters<'a> {
     F32(&'a [f32]),
-    Bf16(&'a [bf16_gemm::PackedLhs]),
+    Packed(&'a [avx512_gemm::PackedLhs]),
 }
 
 impl TransformedFilters {
     fn as_ref(&self) -> Filters<'_> {
         match self {
             Self::F32(u) => Filters::F32(u),
-            Self::Bf16(p) => Filters::Bf16(p),
+            Self::Packed(p) => Filters::Packed(p),
         }
     }
 }
 
-/// The filters `wt` (`[cout, 9 * c]`) transformed on up to `threads` threads: packed for bf16
-/// when that is on ([`bf16_gemm::active`]), else in f32.
+/// The filters `wt` (`[cout, 9 * c]`) transformed on up to `threads` threads: packed for the
+/// AVX-512 kernels where the products take them ([`kernels::cpu_format`]), else in f32.
 fn transformed_filters<const M: usize, const A: usize>(
     tr: &'static Transforms<M, A>,
     wt: &[f32],
@@ -463,9 +463,9 @@ fn transformed_filters<const M: usize, const A: usize>(
     cout: usize,
     threads: usize,
 ) -> TransformedFilters {
-    if bf16_gemm::active() {
+    if let Some(fmt) = kernels::cpu_format() {
         let mut packed: Vec<_> = (0..A * A)
-            .map(|_| bf16_gemm::PackedLhs::zeroed(cout, c))
+            .map(|_| avx512_gemm::PackedLhs::zeroed(fmt, cout, c))
             .collect();
         let ptrs = PackedPtrs(
             packed
@@ -473,21 +473,13 @@ fn transformed_filters<const M: usize, const A: usize>(
                 .map(|p| p.data_mut().as_mut_ptr())
                 .collect(),
         );
-        let blocks = cout.div_ceil(bf16_gemm::MR);
+        let blocks = cout.div_ceil(avx512_gemm::MR);
         on_threads(threads.min(blocks), |t, n| {
+            let blocks = (t * blocks / n, (t + 1) * blocks / n);
             // SAFETY: this thread writes only row blocks b0..b1 of every point's operand.
-            unsafe {
-                filters_packed(
-                    tr,
-                    wt,
-                    c,
-                    cout,
-                    (t * blocks / n, (t + 1) * blocks / n),
-                    &ptrs,
-                )
-            };
+            unsafe { filters_packed(tr, fmt, wt, c, cout, blocks, &ptrs) };
         });
-        return TransformedFilters::Bf16(packed);
+        return TransformedFilters::Packed(packed);
     }
     // U[point][k][c]: the transformed filters, c contiguous (8 channels per lane group).
     let mut u = vec![0f32; A * A * cout * c];
@@ -505,22 +497,24 @@ struct PackedPtrs(Vec<*mut u32>);
 // SAFETY: threads write disjoint row blocks through these (see `filters_packed`).
 unsafe impl Sync for PackedPtrs {}
 
-simd_dispatch!(filters_packed_f2(wt: &[f32], c: usize, cout: usize, blocks: (usize, usize), out: &PackedPtrs) {
-    filters_packed_impl(&F2, wt, c, cout, blocks, out)
+simd_dispatch!(filters_packed_f2(fmt: Format, wt: &[f32], c: usize, cout: usize, blocks: (usize, usize), out: &PackedPtrs) {
+    filters_packed_impl(&F2, fmt, wt, c, cout, blocks, out)
 });
-simd_dispatch!(filters_packed_f4(wt: &[f32], c: usize, cout: usize, blocks: (usize, usize), out: &PackedPtrs) {
-    filters_packed_impl(&F4, wt, c, cout, blocks, out)
+simd_dispatch!(filters_packed_f4(fmt: Format, wt: &[f32], c: usize, cout: usize, blocks: (usize, usize), out: &PackedPtrs) {
+    filters_packed_impl(&F4, fmt, wt, c, cout, blocks, out)
 });
 
 /// Transforms the filters of row blocks `b0..b1` (output channels `8 * b0..8 * b1`) straight
-/// into each point's packed bf16 operand (`bf16_gemm::PackedLhs` layout: a lane per output
-/// channel of the block, input channels in pairs), so each point's data is written in order.
+/// into each point's packed operand in `fmt` (`avx512_gemm::PackedLhs` layout: a lane per
+/// output channel of the block, input channels one per step in f32, in pairs in bf16), so
+/// each point's data is written in order.
 ///
 /// # Safety
-/// `out` holds `A * A` operands made by `PackedLhs::zeroed(cout, c)`; no other thread may write
-/// blocks `b0..b1`.
+/// `out` holds `A * A` operands made by `PackedLhs::zeroed(fmt, cout, c)`; no other thread
+/// may write blocks `b0..b1`.
 unsafe fn filters_packed<const M: usize, const A: usize>(
     tr: &Transforms<M, A>,
+    fmt: Format,
     wt: &[f32],
     c: usize,
     cout: usize,
@@ -528,11 +522,11 @@ unsafe fn filters_packed<const M: usize, const A: usize>(
     out: &PackedPtrs,
 ) {
     if M == 2 {
-        filters_packed_f2(wt, c, cout, blocks, out)
+        filters_packed_f2(fmt, wt, c, cout, blocks, out)
     } else if M == 4 {
-        filters_packed_f4(wt, c, cout, blocks, out)
+        filters_packed_f4(fmt, wt, c, cout, blocks, out)
     } else {
-        filters_packed_impl(tr, wt, c, cout, blocks, out)
+        filters_packed_impl(tr, fmt, wt, c, cout, blocks, out)
     }
 }
 
@@ -540,24 +534,30 @@ unsafe fn filters_packed<const M: usize, const A: usize>(
 #[inline(always)]
 fn filters_packed_impl<const M: usize, const A: usize>(
     tr: &Transforms<M, A>,
+    fmt: Format,
     wt: &[f32],
     c: usize,
     cout: usize,
     (b0, b1): (usize, usize),
     out: &PackedPtrs,
 ) {
-    const { assert!(bf16_gemm::MR == L) };
+    const { assert!(avx512_gemm::MR == L) };
     assert!(out.0.len() == A * A && wt.len() >= cout * 9 * c);
-    let pairs = c.div_ceil(2);
+    // Input channels per packed step.
+    let depth = match fmt {
+        Format::F32 => 1,
+        Format::Bf16 => 2,
+    };
+    let steps = c.div_ceil(depth);
     let mut g = [[[0f32; L]; 3]; 3];
     let mut gt = [[[0f32; L]; 3]; A];
     let mut even = [[[0f32; L]; A]; A];
     let mut odd = [[[0f32; L]; A]; A];
     for b in b0..b1 {
         let lanes = L.min(cout - b * L);
-        for p in 0..pairs {
-            for (half, ut) in [&mut even, &mut odd].into_iter().enumerate() {
-                let ch = 2 * p + half;
+        for p in 0..steps {
+            for (half, ut) in [&mut even, &mut odd].into_iter().enumerate().take(depth) {
+                let ch = depth * p + half;
                 if ch >= c {
                     *ut = [[[0f32; L]; A]; A];
                     continue;
@@ -575,13 +575,16 @@ fn filters_packed_impl<const M: usize, const A: usize>(
                 mul_left(&tr.g, &g, &mut gt);
                 mul_right_t(&gt, &tr.g, ut);
             }
-            let at = (b * pairs + p) * L;
+            let at = (b * steps + p) * L;
             for (point, (e, o)) in even.iter().flatten().zip(odd.iter().flatten()).enumerate() {
                 // SAFETY: element `at..at + 8` of block b lies in the operand (`b < blocks`),
                 // and only this thread writes block b (the caller's contract).
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0[point].add(at), L) };
                 for ((d, &x), &y) in dst.iter_mut().zip(e).zip(o) {
-                    *d = bf16_gemm::pair(x, y);
+                    *d = match fmt {
+                        Format::F32 => x.to_bits(),
+                        Format::Bf16 => avx512_gemm::pair(x, y),
+                    };
                 }
             }
         }
@@ -693,7 +696,8 @@ unsafe fn transform_inputs<const M: usize, const A: usize>(
 /// The point-wise products summed over input channels: for each of the `points` points,
 /// `m[p] = v[p] u[p]`, `[tiles, c] x [c, k] -> [tiles, k]`, all stored column-major (tiles
 /// contiguous), the layout gemm's kernel reads and writes without transposing. `v` is
-/// `[point][c][tile]`, `u` `[point][k][c]` (or packed for bf16), `m` `[point][k][tile]`.
+/// `[point][c][tile]`, `u` `[point][k][c]` (or packed for the AVX-512 kernels), `m`
+/// `[point][k][tile]`.
 fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filters, m: &mut [f32]) {
     assert!(
         v.len() >= points * c * tiles && m.len() >= points * k * tiles,
@@ -701,7 +705,7 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filte
     );
     let u = match u {
         Filters::F32(u) => u,
-        Filters::Bf16(packed) => {
+        Filters::Packed(packed) => {
             assert!(
                 packed.len() == points,
                 "winograd: one packed filter set per point"
@@ -709,9 +713,10 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filte
             for (p, a) in packed.iter().enumerate() {
                 // SAFETY: checked above: v block p is `c` rows of `tiles` and m block p `k`
                 // rows of `tiles`, each inside its buffer; `a` is `k x c` (made by
-                // `transformed_filters` for this block), and it exists only where bf16 runs.
+                // `transformed_filters` for this block), and it exists only where the CPU runs its
+                // format.
                 unsafe {
-                    bf16_gemm::gemm_packed_lhs(
+                    avx512_gemm::gemm_packed_lhs(
                         tiles,
                         Mat::row_major(m.as_mut_ptr().add(p * k * tiles), tiles),
                         false,
