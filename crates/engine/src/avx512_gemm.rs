@@ -152,6 +152,110 @@ unsafe fn pack_run_f32(src: *const f32, len: usize, dst: *mut u32, stride: usize
     }
 }
 
+/// The 8x8 transpose of 32-bit lanes: output `i` holds lane `i` of each input, in order.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+    ]
+}
+
+/// `MR` rows of `kk` contiguous f32 values (`rows`, the next row `rs` further) packed as
+/// [`pack_lhs_into`] packs a block in f32, 8 steps at a time through [`transpose8`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the rows hold `kk` values each; `block` holds `kk * MR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows_f32(rows: *const f32, rs: isize, kk: usize, block: &mut [u32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(block.len() >= kk * MR);
+    let out = block.as_mut_ptr() as *mut f32;
+    let whole = kk / 8 * 8;
+    for p in (0..whole).step_by(8) {
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, x) in r.iter_mut().enumerate() {
+            *x = _mm256_loadu_ps(rows.offset(i as isize * rs).add(p));
+        }
+        for (i, x) in transpose8(r).into_iter().enumerate() {
+            _mm256_storeu_ps(out.add((p + i) * MR), x);
+        }
+    }
+    for p in whole..kk {
+        for i in 0..MR {
+            *out.add(p * MR + i) = *rows.offset(i as isize * rs).add(p);
+        }
+    }
+}
+
+/// `MR` rows of `kk` contiguous f32 values packed as [`pack_lhs_into`] packs a block in
+/// bf16: 16 values (8 pairs) of each row rounded with `vcvtneps2bf16`, then the rows' pairs
+/// transposed through [`transpose8`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16; the rows hold `kk` values each; `block` holds
+/// `kk.div_ceil(2) * MR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_rows_bf16(rows: *const f32, rs: isize, kk: usize, block: &mut [u32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(block.len() >= kk.div_ceil(2) * MR);
+    let out = block.as_mut_ptr();
+    let whole = kk / 16 * 16;
+    for p in (0..whole).step_by(16) {
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, x) in r.iter_mut().enumerate() {
+            let v = _mm512_loadu_ps(rows.offset(i as isize * rs).add(p));
+            // 16 bf16 words: lane j of the 8 u32 holds values 2j (low half) and 2j + 1.
+            *x = std::mem::transmute::<__m256bh, __m256>(_mm512_cvtneps_pbh(v));
+        }
+        for (i, x) in transpose8(r).into_iter().enumerate() {
+            _mm256_storeu_ps(out.add((p / 2 + i) * MR) as *mut f32, x);
+        }
+    }
+    for q in whole.div_ceil(2)..kk.div_ceil(2) {
+        for i in 0..MR {
+            let row = rows.offset(i as isize * rs);
+            let odd = if 2 * q + 1 < kk {
+                *row.add(2 * q + 1)
+            } else {
+                0.0
+            };
+            *out.add(q * MR + i) = pair(*row.add(2 * q), odd);
+        }
+    }
+}
+
 /// `MR` adjacent rows (`src[r]` is row `r`, depth index `p` at `src[p * cs]`) packed as
 /// [`pack_lhs_into`] packs a block, in f32: a copy of 8 values per depth index.
 ///
@@ -227,7 +331,14 @@ unsafe fn pack_lhs_into(
     for (bi, block) in out.chunks_exact_mut(pairs * MR).enumerate() {
         let n = MR.min(rows - bi * MR);
         // Read along whichever direction is contiguous in memory.
-        if lhs.cs == 1 {
+        if lhs.cs == 1 && n == MR {
+            // Eight whole rows: transposed 8 steps at a time in registers.
+            let rows = base.offset((bi * MR) as isize * lhs.rs);
+            match fmt {
+                Format::F32 => pack_rows_f32(rows, lhs.rs, kk, block),
+                Format::Bf16 => pack_rows_bf16(rows, lhs.rs, kk, block),
+            }
+        } else if lhs.cs == 1 {
             for r in 0..n {
                 let row = base.offset((bi * MR + r) as isize * lhs.rs);
                 let dst = block.as_mut_ptr().add(r);
@@ -259,15 +370,34 @@ unsafe fn pack_lhs_into(
 /// `rhs` must address a `k x n` matrix with its strides; the CPU must run `fmt`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn pack_rhs(fmt: Format, k: usize, n: usize, rhs: MatRef) -> Vec<u32> {
+    let mut out = vec![0u32; rhs_len(fmt, k, n)];
+    pack_rhs_into(fmt, k, n, rhs, &mut out);
+    out
+}
+
+/// Length of [`pack_rhs`]' output.
+#[cfg(target_arch = "x86_64")]
+fn rhs_len(fmt: Format, k: usize, n: usize) -> usize {
+    n.div_ceil(NR) * k.div_ceil(fmt.depth()) * NR
+}
+
+/// [`pack_rhs`] into `out` (zeroed, [`rhs_len`] long).
+///
+/// # Safety
+/// As [`pack_rhs`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_rhs_into(fmt: Format, k: usize, n: usize, rhs: MatRef, out: &mut [u32]) {
+    if k == 0 || n == 0 {
+        return;
+    }
     let d = fmt.depth();
     let pairs = k.div_ceil(d);
-    let mut out = vec![0u32; n.div_ceil(NR) * pairs * NR];
     if rhs.cs == 1 {
         match fmt {
-            Format::F32 => pack_rhs_rows_f32(k, n, rhs, &mut out),
-            Format::Bf16 => pack_rhs_rows(k, n, rhs, &mut out),
+            Format::F32 => pack_rhs_rows_f32(k, n, rhs, out),
+            Format::Bf16 => pack_rhs_rows(k, n, rhs, out),
         }
-        return out;
+        return;
     }
     let at = |j: usize, p: usize| -> u32 {
         let col = rhs.ptr.offset(j as isize * rhs.cs);
@@ -301,7 +431,6 @@ unsafe fn pack_rhs(fmt: Format, k: usize, n: usize, rhs: MatRef) -> Vec<u32> {
             }
         }
     }
-    out
 }
 
 /// [`pack_rhs`] for a row-major `rhs` (each depth index a contiguous row, as Winograd's
@@ -550,7 +679,8 @@ pub(crate) unsafe fn gemm(
             };
             return gemm(fmt, n, m, k, dt, read_dst, t(rhs), t(lhs));
         }
-        blocked(fmt, m, n, k, dst, read_dst, Lhs::Plain(lhs), rhs);
+        let b = pack_rhs(fmt, k, n, rhs);
+        blocked(fmt, m, n, k, dst, read_dst, Lhs::Plain(lhs), &b);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -572,7 +702,10 @@ pub(crate) unsafe fn gemm_packed_lhs(
     rhs: MatRef,
 ) {
     #[cfg(target_arch = "x86_64")]
-    blocked(a.fmt, a.m, n, a.k, dst, read_dst, Lhs::Packed(a), rhs);
+    {
+        let b = pack_rhs(a.fmt, a.k, n, rhs);
+        blocked(a.fmt, a.m, n, a.k, dst, read_dst, Lhs::Packed(a), &b);
+    }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (n, dst, read_dst, a, rhs);
@@ -580,12 +713,171 @@ pub(crate) unsafe fn gemm_packed_lhs(
     }
 }
 
-/// The product in blocks: `rhs` packed whole, then per slice of [`MC`] rows and
-/// [`Format::slice_steps`] depth steps, the row slice (packed now or beforehand) against every
-/// column panel's slice.
+/// [`gemm`] on `parts` tasks of rayon's pool, the output cut into blocks of rows (or, with
+/// `by_columns`, of columns), one per task. The operand every task reads whole (the right one
+/// when rows are cut, the left one when columns are) is packed once, by all the tasks, and
+/// shared: with independent products per task (`kernels::gemm_on_threads`' scheme), each
+/// packed all of it, and on two threads the 8x8 level's im2col product packed its 23040 x 128
+/// right operand twice.
 ///
 /// # Safety
-/// As [`gemm`]; a packed `lhs` is `m x k` in `fmt`.
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_parts(
+    fmt: Format,
+    parts: usize,
+    by_columns: bool,
+    (m, n, k): (usize, usize, usize),
+    dst: MatMut,
+    read_dst: bool,
+    lhs: MatRef,
+    rhs: MatRef,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if dst.cs != 1 && dst.rs == 1 {
+            // As in `gemm`: the transpose, whose rows are contiguous.
+            let t = |x: MatRef| MatRef {
+                rs: x.cs,
+                cs: x.rs,
+                ..x
+            };
+            let dt = MatMut {
+                rs: dst.cs,
+                cs: dst.rs,
+                ..dst
+            };
+            let (lhs, rhs) = (t(rhs), t(lhs));
+            return gemm_parts(fmt, parts, !by_columns, (n, m, k), dt, read_dst, lhs, rhs);
+        }
+        if parts <= 1 || k == 0 || m == 0 || n == 0 {
+            return gemm(fmt, m, n, k, dst, read_dst, lhs, rhs);
+        }
+        // Part boundaries on whole row blocks or column panels, spread evenly.
+        let (len, unit) = if by_columns { (n, NR) } else { (m, MR) };
+        let bound = |t: usize| (len * t / parts).next_multiple_of(unit).min(len);
+        let run_parts = |f: &(dyn Fn(usize, usize) + Sync)| {
+            rayon::scope(|s| {
+                for t in 1..parts {
+                    let (a, b) = (bound(t), bound(t + 1));
+                    s.spawn(move |_| f(a, b));
+                }
+                f(bound(0), bound(1));
+            })
+        };
+        let steps = k.div_ceil(fmt.depth());
+        if by_columns {
+            // The left operand shared: each task packs its share of the row blocks.
+            let mut a = PackedLhs::zeroed(fmt, m, k);
+            let out = SendU32(a.data.as_mut_ptr());
+            let blocks = m.div_ceil(MR);
+            let pack = |t: usize| {
+                let (out, lhs) = (&out, lhs);
+                let (b0, b1) = (blocks * t / parts, blocks * (t + 1) / parts);
+                if b0 < b1 {
+                    let rows = ((b1 * MR).min(m) - b0 * MR, b0 * MR);
+                    // SAFETY: blocks b0..b1 of the packed data, which only this task writes.
+                    let part = std::slice::from_raw_parts_mut(
+                        out.0.add(b0 * steps * MR),
+                        (b1 - b0) * steps * MR,
+                    );
+                    pack_lhs_into(fmt, (rows.1, rows.0), (0, k), lhs, part);
+                }
+            };
+            rayon::scope(|s| {
+                for t in 1..parts {
+                    let pack = &pack;
+                    s.spawn(move |_| pack(t));
+                }
+                pack(0);
+            });
+            let a = &a;
+            run_parts(&|c0: usize, c1: usize| {
+                if c0 < c1 {
+                    // SAFETY: columns c0..c1 of the operands and of `dst`, which only this
+                    // task writes.
+                    let (dst, rhs) = (dst, rhs);
+                    let dst = MatMut {
+                        ptr: dst.ptr.offset(c0 as isize * dst.cs),
+                        ..dst
+                    };
+                    let rhs = MatRef {
+                        ptr: rhs.ptr.offset(c0 as isize * rhs.cs),
+                        ..rhs
+                    };
+                    let b = pack_rhs(fmt, k, c1 - c0, rhs);
+                    blocked(fmt, m, c1 - c0, k, dst, read_dst, Lhs::Packed(a), &b);
+                }
+            });
+        } else {
+            // The right operand shared: each task packs its share of the column panels.
+            let mut b = vec![0u32; rhs_len(fmt, k, n)];
+            let out = SendU32(b.as_mut_ptr());
+            let panels = n.div_ceil(NR);
+            let pack = |t: usize| {
+                // Whole-struct copies, so the closure holds the `Sync` wrappers, not their
+                // raw pointer fields.
+                let (out, rhs) = (&out, rhs);
+                let (p0, p1) = (panels * t / parts, panels * (t + 1) / parts);
+                if p0 < p1 {
+                    let cols = (p1 * NR).min(n) - p0 * NR;
+                    let rhs = MatRef {
+                        ptr: rhs.ptr.offset((p0 * NR) as isize * rhs.cs),
+                        ..rhs
+                    };
+                    // SAFETY: panels p0..p1 of the packed data, which only this task writes.
+                    let part = std::slice::from_raw_parts_mut(
+                        out.0.add(p0 * steps * NR),
+                        (p1 - p0) * steps * NR,
+                    );
+                    pack_rhs_into(fmt, k, cols, rhs, part);
+                }
+            };
+            rayon::scope(|s| {
+                for t in 1..parts {
+                    let pack = &pack;
+                    s.spawn(move |_| pack(t));
+                }
+                pack(0);
+            });
+            let b = &b;
+            run_parts(&|r0: usize, r1: usize| {
+                if r0 < r1 {
+                    // SAFETY: rows r0..r1 of `lhs` and `dst`, which only this task writes.
+                    let (dst, lhs) = (dst, lhs);
+                    let dst = MatMut {
+                        ptr: dst.ptr.offset(r0 as isize * dst.rs),
+                        ..dst
+                    };
+                    let lhs = MatRef {
+                        ptr: lhs.ptr.offset(r0 as isize * lhs.rs),
+                        ..lhs
+                    };
+                    blocked(fmt, r1 - r0, n, k, dst, read_dst, Lhs::Plain(lhs), b);
+                }
+            });
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (fmt, parts, by_columns, m, n, k, dst, read_dst, lhs, rhs);
+        unreachable!("AVX-512 products are only taken where the CPU runs them");
+    }
+}
+
+/// A packed buffer that several tasks fill in disjoint parts.
+#[cfg(target_arch = "x86_64")]
+struct SendU32(*mut u32);
+// SAFETY: the tasks write disjoint parts (see `gemm_parts`).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for SendU32 {}
+
+/// The product in blocks, with `b` the right operand as [`pack_rhs`] packs it: per slice of
+/// [`MC`] rows and [`Format::slice_steps`] depth steps, the row slice (packed now or
+/// beforehand) against every column panel's slice.
+///
+/// # Safety
+/// As [`gemm`]; a packed `lhs` is `m x k` in `fmt`, `b` `k x n` in `fmt`.
 #[allow(clippy::too_many_arguments)]
 #[cfg(target_arch = "x86_64")]
 unsafe fn blocked(
@@ -596,8 +888,12 @@ unsafe fn blocked(
     dst: MatMut,
     read_dst: bool,
     lhs: Lhs,
-    rhs: MatRef,
+    b: &[u32],
 ) {
+    assert!(
+        b.len() >= rhs_len(fmt, k, n),
+        "avx512_gemm: packed operand too short"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -615,7 +911,6 @@ unsafe fn blocked(
     let d = fmt.depth();
     let pairs = k.div_ceil(d);
     let slice_steps = fmt.slice_steps();
-    let b = pack_rhs(fmt, k, n, rhs);
     let mut slice = match lhs {
         Lhs::Plain(_) => vec![0u32; MC * slice_steps],
         Lhs::Packed(_) => Vec::new(),
@@ -745,11 +1040,12 @@ mod tests {
                 .flat_map(|a| layouts.iter().map(move |b| (*a, *b)))
                 .enumerate()
             {
-                // Every layout pair with both output layouts, with and without accumulation
-                // and a packed left operand, spread over the cases.
-                let col_major = case % 2 == 1;
+                // Every layout pair with both output layouts, with and without accumulation,
+                // and each way in: one product, a packed left operand, split by rows on two
+                // tasks, split by columns on three; spread over the cases.
+                let col_major = (case / 4) % 2 == 1;
                 let read_dst = case % 3 != 0;
-                let packed = case % 4 >= 2;
+                let mode = case % 4;
                 // Operands in buffers twice their size, so "strided" can skip every other
                 // element along both directions.
                 let a = values(4 * m * k + 4, 1);
@@ -786,16 +1082,19 @@ mod tests {
                 // SAFETY: the operands address their buffers with these strides; the CPU was
                 // checked above.
                 unsafe {
-                    if packed {
-                        let a = PackedLhs::new(fmt, m, k, lhs);
-                        gemm_packed_lhs(n, dst, read_dst, &a, rhs);
-                    } else {
-                        gemm(fmt, m, n, k, dst, read_dst, lhs, rhs);
+                    match mode {
+                        0 => gemm(fmt, m, n, k, dst, read_dst, lhs, rhs),
+                        1 => {
+                            let a = PackedLhs::new(fmt, m, k, lhs);
+                            gemm_packed_lhs(n, dst, read_dst, &a, rhs);
+                        }
+                        2 => gemm_parts(fmt, 2, false, (m, n, k), dst, read_dst, lhs, rhs),
+                        _ => gemm_parts(fmt, 3, true, (m, n, k), dst, read_dst, lhs, rhs),
                     }
                 }
                 let what = format!(
                     "{fmt:?} {m}x{n}x{k} lhs {lhs_layout} rhs {rhs_layout} col-major {col_major} \
-                     read {read_dst} packed {packed}"
+                     read {read_dst} mode {mode}"
                 );
                 let mut inside = vec![false; len];
                 for i in 0..m {

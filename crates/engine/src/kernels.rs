@@ -377,6 +377,11 @@ unsafe fn gemm_split(
         product(0, m, 0, n);
         return;
     };
+    if let Some(fmt) = cpu_format() {
+        // The AVX-512 kernels split the product themselves and share its packed operand.
+        let (parts, by_columns) = (split.parts, split.by_columns);
+        return avx512_gemm::gemm_parts(fmt, parts, by_columns, (m, n, k), dst, read_dst, lhs, rhs);
+    }
     // Part boundaries on multiples of 16 (a cache line of f32), spread evenly.
     let (threads, by_columns) = (split.parts, split.by_columns);
     let len = if by_columns { n } else { m };
