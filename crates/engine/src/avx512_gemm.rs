@@ -156,7 +156,7 @@ unsafe fn pack_run_f32(src: *const f32, len: usize, dst: *mut u32, stride: usize
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
-fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+pub(crate) fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
     let t = [
         _mm256_unpacklo_ps(r[0], r[1]),
