@@ -24,10 +24,13 @@ step "Rust: clippy (all crates, all targets)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Rust: tests"
+# A few tests turn a process-wide switch (the CPU's bf16 products) on and off again; nextest
+# runs every test in a process of its own, and without it the tests of one binary run one at a
+# time, so no other test ever sees the switch on.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast -- --test-threads=1
 fi
 
 step "Build the app binaries"

@@ -50,7 +50,7 @@ impl Format {
 
     /// Whether this CPU runs products in this format.
     #[cfg(test)]
-    fn supported(self) -> bool {
+    pub(crate) fn supported(self) -> bool {
         match self {
             Format::F32 => f32_supported(),
             Format::Bf16 => crate::bf16_gemm::supported(),
@@ -81,6 +81,7 @@ pub(crate) fn f32_active() -> bool {
 
 /// One packed step of an operand: `values[0]` (and in bf16 `values[1]`, the next depth
 /// index; 0 past the end).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn step(fmt: Format, first: f32, second: f32) -> u32 {
     match fmt {
@@ -110,7 +111,8 @@ fn to_bf16(x: f32) -> u16 {
 
 /// `len` f32 values from `src` (contiguous) as bf16 pairs: pair `p` (values `2p`, `2p + 1`) to
 /// `dst[p * stride]`. 32 values at a time with `vcvtne2ps2bf16` (the same rounding as
-/// [`to_bf16`]), the rest one by one.
+/// [`to_bf16`], except that the instruction flushes denormal inputs to zero: values below
+/// 1.2e-38, which make no difference to a product's f32 sum), the rest one by one.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BF16; `src` holds `len` values and `dst` reaches pair
@@ -457,12 +459,18 @@ unsafe fn pack_rhs_rows(k: usize, n: usize, rhs: MatRef, out: &mut [u32]) {
             *mask = ((1u32 << cols) - 1) as __mmask16;
         }
         for p in 0..pairs {
-            let even = rhs.ptr.offset((2 * p) as isize * rhs.rs + c0 as isize);
-            let odd = rhs.ptr.offset((2 * p + 1) as isize * rhs.rs + c0 as isize);
+            // Wrapping arithmetic: the odd row past an odd `k`, and a second vector whose
+            // mask is empty, are addressed but never read, and may lie past the buffer.
+            let even = rhs
+                .ptr
+                .wrapping_offset((2 * p) as isize * rhs.rs + c0 as isize);
+            let odd = rhs
+                .ptr
+                .wrapping_offset((2 * p + 1) as isize * rhs.rs + c0 as isize);
             for (v, &mask) in masks.iter().enumerate() {
-                let lo = words(_mm512_maskz_loadu_ps(mask, even.add(16 * v)));
+                let lo = words(_mm512_maskz_loadu_ps(mask, even.wrapping_add(16 * v)));
                 let hi = if 2 * p + 1 < k {
-                    words(_mm512_maskz_loadu_ps(mask, odd.add(16 * v)))
+                    words(_mm512_maskz_loadu_ps(mask, odd.wrapping_add(16 * v)))
                 } else {
                     _mm512_setzero_si512()
                 };
@@ -585,6 +593,7 @@ const MC: usize = 96;
 
 /// The left operand of a product packed once for the micro-kernel, to multiply by many right
 /// operands (Winograd's transformed filters, one per point, used by every chunk of tiles).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct PackedLhs {
     fmt: Format,
     m: usize,
@@ -603,6 +612,11 @@ impl PackedLhs {
             k,
             data: vec![0u32; m.div_ceil(MR) * k.div_ceil(fmt.depth()) * MR],
         }
+    }
+
+    /// Rows and depth of the operand.
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.m, self.k)
     }
 
     /// The packed values: element `(block * steps + p) * MR + r` is step `p` of row
@@ -630,7 +644,7 @@ impl PackedLhs {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (fmt, lhs);
+            let _ = (fmt, m, k, lhs);
             unreachable!("AVX-512 products are only taken where the CPU runs them");
         }
     }

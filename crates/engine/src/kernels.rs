@@ -253,6 +253,7 @@ pub(crate) unsafe fn gemm_on_threads(
 ) {
     gemm_split(
         candle_core::utils::get_num_threads(),
+        Products::current(),
         (m, n, k),
         dst,
         read_dst,
@@ -283,21 +284,21 @@ fn split_plan(threads: usize, m: usize, n: usize, k: usize) -> Option<Split> {
     })
 }
 
-/// `dst = (read_dst ? dst : 0) + lhs · rhs` on this thread: through the AVX-512 kernels where
-/// the CPU has them ([`cpu_format`]), else the `gemm` crate. Every CPU product of the linear
-/// layers and convolutions goes through here.
+/// `dst = (read_dst ? dst : 0) + lhs · rhs` on this thread, through `products`' kernels.
+/// Every CPU product of the linear layers and convolutions goes through here.
 ///
 /// # Safety
-/// As [`gemm_on_threads`].
+/// As [`gemm_on_threads`]; and the CPU must run `products` ([`Products::current`] or one of
+/// [`Products::available`]).
 pub(crate) unsafe fn gemm_single(
+    products: Products,
     (m, n, k): (usize, usize, usize),
     dst: MatMut,
     read_dst: bool,
     lhs: MatRef,
     rhs: MatRef,
 ) {
-    if let Some(fmt) = cpu_format() {
-        // `cpu_format` checked the CPU.
+    if let Products::Avx512(fmt) = products {
         return avx512_gemm::gemm(fmt, m, n, k, dst, read_dst, lhs, rhs);
     }
     gemm::gemm(
@@ -323,16 +324,41 @@ pub(crate) unsafe fn gemm_single(
     )
 }
 
-/// The format of the hand-written AVX-512 products the CPU's linear layers and convolutions
-/// take: bf16 when that is on ([`crate::bf16_gemm::active`]), f32 on CPUs with AVX-512 F
-/// (unless `LD_CPU_GEMM=crate`); `None`: the `gemm` crate's f32 kernels.
-pub(crate) fn cpu_format() -> Option<avx512_gemm::Format> {
-    if crate::bf16_gemm::active() {
-        Some(avx512_gemm::Format::Bf16)
-    } else if avx512_gemm::f32_active() {
-        Some(avx512_gemm::Format::F32)
-    } else {
-        None
+/// The kernels that run the CPU's products of f32 tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Products {
+    /// The `gemm` crate, in f32 (any CPU).
+    Crate,
+    /// Ours ([`avx512_gemm`]), with the operands in this format.
+    Avx512(avx512_gemm::Format),
+}
+
+impl Products {
+    /// The kernels the linear layers and convolutions take now: bf16 when that is on
+    /// ([`crate::bf16_gemm::active`]), ours in f32 on CPUs with AVX-512 F (unless
+    /// `LD_CPU_GEMM=crate`), else the crate.
+    pub(crate) fn current() -> Self {
+        if crate::bf16_gemm::active() {
+            Products::Avx512(avx512_gemm::Format::Bf16)
+        } else if avx512_gemm::f32_active() {
+            Products::Avx512(avx512_gemm::Format::F32)
+        } else {
+            Products::Crate
+        }
+    }
+
+    /// Every kind this CPU runs (tests compare them without turning process-wide switches).
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        use avx512_gemm::Format;
+        let mut all = vec![Products::Crate];
+        all.extend(
+            [Format::F32, Format::Bf16]
+                .into_iter()
+                .filter(|f| f.supported())
+                .map(Products::Avx512),
+        );
+        all
     }
 }
 
@@ -342,6 +368,7 @@ pub(crate) fn cpu_format() -> Option<avx512_gemm::Format> {
 /// As [`gemm_on_threads`].
 unsafe fn gemm_split(
     threads: usize,
+    products: Products,
     (m, n, k): (usize, usize, usize),
     dst: MatMut,
     read_dst: bool,
@@ -357,6 +384,7 @@ unsafe fn gemm_split(
         // Whole-struct copies, so the closure holds the `Sync` wrappers, not their raw fields.
         let (dst, lhs, rhs) = (dst, lhs, rhs);
         gemm_single(
+            products,
             (r1 - r0, c1 - c0, k),
             Mat {
                 ptr: dst.ptr.offset(r0 as isize * dst.rs + c0 as isize * dst.cs),
@@ -377,7 +405,7 @@ unsafe fn gemm_split(
         product(0, m, 0, n);
         return;
     };
-    if let Some(fmt) = cpu_format() {
+    if let Products::Avx512(fmt) = products {
         // The AVX-512 kernels split the product themselves and share its packed operand.
         let (parts, by_columns) = (split.parts, split.by_columns);
         return avx512_gemm::gemm_parts(fmt, parts, by_columns, (m, n, k), dst, read_dst, lhs, rhs);
@@ -1218,7 +1246,13 @@ mod tests {
                 } else {
                     (n + 7, 1, m * (n + 7))
                 };
-                for threads in 1..=3 {
+                // Every f32 kind of product this CPU runs (the crate's and ours).
+                let kinds = Products::available()
+                    .into_iter()
+                    .filter(|p| *p != Products::Avx512(avx512_gemm::Format::Bf16));
+                for (products, threads) in
+                    kinds.flat_map(|p| (1..=3).map(move |threads| (p, threads)))
+                {
                     for read_dst in [false, true] {
                         let margin = -7.5f32;
                         let mut dst = vec![margin; len];
@@ -1232,6 +1266,7 @@ mod tests {
                         unsafe {
                             gemm_split(
                                 threads,
+                                products,
                                 (m, n, k),
                                 MatMut {
                                     ptr: dst.as_mut_ptr(),
@@ -1252,8 +1287,8 @@ mod tests {
                             );
                         }
                         let case = format!(
-                            "{m}x{n}x{k}, {threads} threads, layers' layout {layers_layout}, \
-                             read {read_dst}"
+                            "{m}x{n}x{k}, {products:?} on {threads} threads, layers' layout \
+                             {layers_layout}, read {read_dst}"
                         );
                         for i in 0..m {
                             for j in 0..n {

@@ -19,8 +19,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::avx512_gemm::{self, Format};
-use crate::bf16_gemm;
-use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, SendPtr};
+use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, Products, SendPtr};
 
 /// Tiles (or channels) transformed together, one per SIMD lane (8 f32 = one AVX2 register).
 const L: usize = 8;
@@ -109,6 +108,7 @@ pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> 
             bias: bias.to_vec(),
             tile,
             plan: None,
+            products: None,
         },
     )
 }
@@ -119,6 +119,9 @@ struct Winograd3x3 {
     /// How to split the work; `None`: by the sizes (tests set it to reach every path with
     /// small shapes).
     plan: Option<Plan>,
+    /// The products' kernels; `None`: [`Products::current`] (tests run each kind without
+    /// turning the process-wide bf16 switch).
+    products: Option<Products>,
 }
 
 impl CustomOp2 for Winograd3x3 {
@@ -157,14 +160,15 @@ impl CustomOp2 for Winograd3x3 {
         // the rounding of the transformed operands: the largest error reached 5-7% of the
         // output's scale in the test below, against 0.4% for F(2x2), which runs about as fast
         // here because its transforms are cheaper (bench --ops --bf16 on a Zen 5).
-        let tile = if bf16_gemm::active() {
+        let products = self.products.unwrap_or_else(Products::current);
+        let tile = if products == Products::Avx512(Format::Bf16) {
             Tile::Two
         } else {
             self.tile
         };
         let out = match tile {
-            Tile::Two => run(&F2, &shape, x, wt, &self.bias, self.plan),
-            Tile::Four => run(&F4, &shape, x, wt, &self.bias, self.plan),
+            Tile::Two => run(&F2, &shape, x, wt, &self.bias, self.plan, products),
+            Tile::Four => run(&F4, &shape, x, wt, &self.bias, self.plan, products),
         };
         Ok((CpuStorage::F32(out), Shape::from((batch, cout, h, w))))
     }
@@ -201,6 +205,7 @@ fn run<const M: usize, const A: usize>(
     wt: &[f32],
     bias: &[f32],
     plan: Option<Plan>,
+    products: Products,
 ) -> Vec<f32> {
     let threads = candle_core::utils::get_num_threads().max(1);
     let plan = plan.unwrap_or_else(|| Plan::new(A, M, sh, threads));
@@ -213,6 +218,7 @@ fn run<const M: usize, const A: usize>(
         bias,
         out: SendPtr(out.as_mut_ptr()),
         threads,
+        products,
     };
     if plan.by_channel_blocks {
         by_channel_blocks(&job, &plan);
@@ -232,6 +238,7 @@ struct Job<'a, const M: usize, const A: usize> {
     /// The `[batch, cout, h, w]` output, written by disjoint parts from several threads.
     out: SendPtr,
     threads: usize,
+    products: Products,
 }
 
 /// Work-space budget for one group of transformed input tiles in [`by_channel_blocks`].
@@ -317,10 +324,11 @@ fn by_tile_chunks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Pl
         bias,
         out,
         threads,
+        products,
     } = *job;
     let (c, cout) = (sh.c, sh.cout);
 
-    let u = transformed_filters(tr, wt, c, cout, threads);
+    let u = transformed_filters(tr, products, wt, c, cout, threads);
 
     let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
     let tile_rows = sh.batch * th;
@@ -360,6 +368,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
         bias,
         out,
         threads,
+        products,
     } = *job;
     let (c, cout) = (sh.c, sh.cout);
     let (th, tw) = (sh.h.div_ceil(M), sh.w.div_ceil(M));
@@ -402,7 +411,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
                 let k0 = b * block;
                 let kn = block.min(cout - k0);
                 let wt_block = &wt[k0 * 9 * c..(k0 + kn) * 9 * c];
-                let u = transformed_filters(tr, wt_block, c, kn, 1);
+                let u = transformed_filters(tr, products, wt_block, c, kn, 1);
                 let sub = ConvShape { cout: kn, ..*sh };
                 for j in 0..in_group {
                     let (r0, r1) = rows(j);
@@ -454,16 +463,17 @@ impl TransformedFilters {
     }
 }
 
-/// The filters `wt` (`[cout, 9 * c]`) transformed on up to `threads` threads: packed for the
-/// AVX-512 kernels where the products take them ([`kernels::cpu_format`]), else in f32.
+/// The filters `wt` (`[cout, 9 * c]`) transformed on up to `threads` threads: packed for
+/// `products` where they are ours, else in f32 for the crate.
 fn transformed_filters<const M: usize, const A: usize>(
     tr: &'static Transforms<M, A>,
+    products: Products,
     wt: &[f32],
     c: usize,
     cout: usize,
     threads: usize,
 ) -> TransformedFilters {
-    if let Some(fmt) = kernels::cpu_format() {
+    if let Products::Avx512(fmt) = products {
         let mut packed: Vec<_> = (0..A * A)
             .map(|_| avx512_gemm::PackedLhs::zeroed(fmt, cout, c))
             .collect();
@@ -768,14 +778,13 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filte
         Filters::F32(u) => u,
         Filters::Packed(packed) => {
             assert!(
-                packed.len() == points,
-                "winograd: one packed filter set per point"
+                packed.len() == points && packed.iter().all(|a| a.dims() == (k, c)),
+                "winograd: one packed k x c filter set per point"
             );
             for (p, a) in packed.iter().enumerate() {
                 // SAFETY: checked above: v block p is `c` rows of `tiles` and m block p `k`
-                // rows of `tiles`, each inside its buffer; `a` is `k x c` (made by
-                // `transformed_filters` for this block), and it exists only where the CPU runs its
-                // format.
+                // rows of `tiles`, each inside its buffer; `a` is `k x c` (checked too), and it
+                // exists only where the CPU runs its format.
                 unsafe {
                     avx512_gemm::gemm_packed_lhs(
                         tiles,
@@ -797,7 +806,9 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filte
         // SAFETY: checked above: v block p is `c` columns of `tiles`, u block p is `k` columns
         // of `c`, m block p is `k` columns of `tiles`, each inside its buffer.
         unsafe {
+            // The f32 filters are made for the crate's kernels (`transformed_filters`).
             kernels::gemm_single(
+                Products::Crate,
                 (tiles, k, c),
                 Mat {
                     ptr: m.as_mut_ptr().add(p * k * tiles),
@@ -1177,12 +1188,25 @@ mod tests {
             .collect()
     }
 
-    /// Winograd vs candle's direct convolution on the same weights, for one shape.
+    /// Winograd vs candle's direct convolution on the same weights, for one shape: the worst
+    /// relative difference over every f32 kind of products this CPU runs.
     fn check(tile: Tile, batch: usize, c: usize, cout: usize, h: usize, w: usize) -> f32 {
-        check_planned(tile, batch, c, cout, h, w, None)
+        f32_kinds()
+            .into_iter()
+            .map(|p| check_planned(tile, batch, c, cout, h, w, None, p))
+            .fold(0.0, f32::max)
     }
 
-    /// [`check`] with the work split given.
+    /// The f32 products this CPU runs: the crate's, and ours where it has AVX-512.
+    fn f32_kinds() -> Vec<Products> {
+        Products::available()
+            .into_iter()
+            .filter(|p| *p != Products::Avx512(Format::Bf16))
+            .collect()
+    }
+
+    /// [`check`] with the work split and the products given.
+    #[allow(clippy::too_many_arguments)]
     fn check_planned(
         tile: Tile,
         batch: usize,
@@ -1191,6 +1215,7 @@ mod tests {
         h: usize,
         w: usize,
         plan: Option<Plan>,
+        products: Products,
     ) -> f32 {
         let dev = Device::Cpu;
         let x = Tensor::from_vec(values(batch * c * h * w, 1), (batch, c, h, w), &dev).unwrap();
@@ -1207,6 +1232,7 @@ mod tests {
             bias: bias.clone(),
             tile,
             plan,
+            products: Some(products),
         };
         let got = x.apply_op2_no_bwd(&packed, &op).unwrap();
         assert_eq!(got.dims(), want.dims());
@@ -1270,7 +1296,10 @@ mod tests {
                     chunks_per_group: group,
                     block,
                 };
-                let rel = check_planned(tile, batch, c, cout, h, w, Some(plan));
+                let rel = f32_kinds()
+                    .into_iter()
+                    .map(|p| check_planned(tile, batch, c, cout, h, w, Some(plan), p))
+                    .fold(0.0, f32::max);
                 assert!(
                     rel < 1e-5,
                     "{plan:?} {tile:?} {batch}x{c}->{cout} {h}x{w}: rel {rel}"
@@ -1282,15 +1311,14 @@ mod tests {
     /// With bf16 products on, the filters are transformed straight into packed bf16 operands
     /// (both work orders, channel counts not multiples of the lane groups, F(4x4) asked for
     /// and F(2x2) run instead): the result stays within bf16 rounding of the direct
-    /// convolution, and differs from the f32 result (so the bf16 path did run). Turns bf16 on
-    /// for this test's process (nextest runs each test in its own).
+    /// convolution, and differs from the f32 result (so the bf16 path did run).
     #[test]
     fn bf16_filters_packed_as_transformed_match_direct_convolution() {
-        if !bf16_gemm::supported() {
+        if !Format::Bf16.supported() {
             eprintln!("skipped: this CPU has no AVX-512 BF16");
             return;
         }
-        bf16_gemm::set_enabled(true);
+        let bf16 = Products::Avx512(Format::Bf16);
         for (tile, batch, c, cout, h, w, rows, group, block) in [
             (Tile::Four, 2, 17, 40, 13, 38, 1, 2, 16),
             (Tile::Four, 1, 9, 33, 23, 20, 2, 1, 8),
@@ -1304,7 +1332,7 @@ mod tests {
                     chunks_per_group: group,
                     block,
                 };
-                let rel = check_planned(tile, batch, c, cout, h, w, Some(plan));
+                let rel = check_planned(tile, batch, c, cout, h, w, Some(plan), bf16);
                 // Operands rounded to 8 bits of mantissa (relative 2^-9 each), summed over
                 // 9 * c products of mixed signs: under 1% of the largest output (F(4x4) in
                 // bf16 gave 7%).
@@ -1314,7 +1342,6 @@ mod tests {
                 );
             }
         }
-        bf16_gemm::set_enabled(false);
     }
 
     #[test]
