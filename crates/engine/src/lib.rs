@@ -52,3 +52,14 @@ pub use error::{EngineError, Result};
 pub const BUILD_CUDA: bool = cfg!(feature = "cuda");
 /// Whether this build can drive Apple GPUs (the `metal` cargo feature).
 pub const BUILD_METAL: bool = cfg!(feature = "metal");
+
+/// The kernels that run the CPU's matrix products of f32 tensors now, in words (benchmarks
+/// print it beside their figures).
+pub fn cpu_products() -> &'static str {
+    use avx512_gemm::Format;
+    match kernels::Products::current() {
+        kernels::Products::Crate => "the gemm crate (f32)",
+        kernels::Products::Avx512(Format::F32) => "ours (f32, AVX-512)",
+        kernels::Products::Avx512(Format::Bf16) => "ours (bf16, AVX-512 BF16)",
+    }
+}

@@ -211,7 +211,11 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     let on = if on_gpu {
         "GPU".to_string()
     } else {
-        format!("CPU, {} threads", threads(&args))
+        format!(
+            "CPU, {} threads, products by {}",
+            threads(&args),
+            ld_engine::cpu_products()
+        )
     };
     println!(
         "{label} sizes, random weights, {width}x{height}, UNet batch {}, {dtype:?}, {on}, median of {repeats} run(s) x {} round(s) (ratio: median of the rounds' ratios)",
