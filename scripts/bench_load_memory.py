@@ -199,6 +199,9 @@ def main():
         a.folder.parent.mkdir(parents=True, exist_ok=True)
         print(f"writing a random-weight SD1.5 folder to {a.folder} (once) ...", file=sys.stderr)
         make_folder(a.folder)
+        # Start afresh: this process now holds gigabytes of torch tensors, and a child forked
+        # from it starts with that as its peak RSS (every run read 4096 MB, low-memory too).
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     warm_cache(a.folder)
     rows = []
     # Interleaved, so a burst of load on the machine hits both sides alike.
