@@ -679,19 +679,9 @@ pub(crate) unsafe fn gemm(
     #[cfg(target_arch = "x86_64")]
     {
         if dst.cs != 1 && dst.rs == 1 {
-            // A column-major output: computed as its transpose, `dstᵀ = rhsᵀ · lhsᵀ`, whose
-            // rows are contiguous, so tiles are stored as whole vectors.
-            let t = |x: MatRef| MatRef {
-                rs: x.cs,
-                cs: x.rs,
-                ..x
-            };
-            let dt = MatMut {
-                rs: dst.cs,
-                cs: dst.rs,
-                ..dst
-            };
-            return gemm(fmt, n, m, k, dt, read_dst, t(rhs), t(lhs));
+            // A column-major output: computed as its transpose.
+            let (dt, lhs, rhs) = transposed(dst, lhs, rhs);
+            return gemm(fmt, n, m, k, dt, read_dst, lhs, rhs);
         }
         let b = pack_rhs(fmt, k, n, rhs);
         blocked(fmt, m, n, k, dst, read_dst, Lhs::Plain(lhs), &b);
@@ -750,18 +740,7 @@ pub(crate) unsafe fn gemm_parts(
     #[cfg(target_arch = "x86_64")]
     {
         if dst.cs != 1 && dst.rs == 1 {
-            // As in `gemm`: the transpose, whose rows are contiguous.
-            let t = |x: MatRef| MatRef {
-                rs: x.cs,
-                cs: x.rs,
-                ..x
-            };
-            let dt = MatMut {
-                rs: dst.cs,
-                cs: dst.rs,
-                ..dst
-            };
-            let (lhs, rhs) = (t(rhs), t(lhs));
+            let (dt, lhs, rhs) = transposed(dst, lhs, rhs);
             return gemm_parts(fmt, parts, !by_columns, (n, m, k), dt, read_dst, lhs, rhs);
         }
         if parts <= 1 || k == 0 || m == 0 || n == 0 {
@@ -771,13 +750,7 @@ pub(crate) unsafe fn gemm_parts(
         let (len, unit) = if by_columns { (n, NR) } else { (m, MR) };
         let bound = |t: usize| (len * t / parts).next_multiple_of(unit).min(len);
         let run_parts = |f: &(dyn Fn(usize, usize) + Sync)| {
-            rayon::scope(|s| {
-                for t in 1..parts {
-                    let (a, b) = (bound(t), bound(t + 1));
-                    s.spawn(move |_| f(a, b));
-                }
-                f(bound(0), bound(1));
-            })
+            each_part(parts, &|t| f(bound(t), bound(t + 1)));
         };
         let steps = k.div_ceil(fmt.depth());
         if by_columns {
@@ -798,13 +771,7 @@ pub(crate) unsafe fn gemm_parts(
                     pack_lhs_into(fmt, (rows.1, rows.0), (0, k), lhs, part);
                 }
             };
-            rayon::scope(|s| {
-                for t in 1..parts {
-                    let pack = &pack;
-                    s.spawn(move |_| pack(t));
-                }
-                pack(0);
-            });
+            each_part(parts, &pack);
             let a = &a;
             run_parts(&|c0: usize, c1: usize| {
                 if c0 < c1 {
@@ -847,13 +814,7 @@ pub(crate) unsafe fn gemm_parts(
                     pack_rhs_into(fmt, k, cols, rhs, part);
                 }
             };
-            rayon::scope(|s| {
-                for t in 1..parts {
-                    let pack = &pack;
-                    s.spawn(move |_| pack(t));
-                }
-                pack(0);
-            });
+            each_part(parts, &pack);
             let b = &b;
             run_parts(&|r0: usize, r1: usize| {
                 if r0 < r1 {
@@ -877,6 +838,34 @@ pub(crate) unsafe fn gemm_parts(
         let _ = (fmt, parts, by_columns, m, n, k, dst, read_dst, lhs, rhs);
         unreachable!("AVX-512 products are only taken where the CPU runs them");
     }
+}
+
+/// Runs `f(t)` for every `t < parts` as tasks on rayon's pool, `f(0)` on this thread.
+#[cfg(target_arch = "x86_64")]
+fn each_part(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    rayon::scope(|s| {
+        for t in 1..parts {
+            s.spawn(move |_| f(t));
+        }
+        f(0);
+    });
+}
+
+/// The product `dst = lhs · rhs` restated as `dstᵀ = rhsᵀ · lhsᵀ`: for a column-major `dst`,
+/// whose transpose has contiguous rows, so tiles are stored as whole vectors.
+#[cfg(target_arch = "x86_64")]
+fn transposed(dst: MatMut, lhs: MatRef, rhs: MatRef) -> (MatMut, MatRef, MatRef) {
+    let t = |x: MatRef| MatRef {
+        rs: x.cs,
+        cs: x.rs,
+        ..x
+    };
+    let dt = MatMut {
+        rs: dst.cs,
+        cs: dst.rs,
+        ..dst
+    };
+    (dt, t(rhs), t(lhs))
 }
 
 /// A packed buffer that several tasks fill in disjoint parts.
