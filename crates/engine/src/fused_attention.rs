@@ -38,6 +38,9 @@ struct FusedAttention {
     /// The tile loop to run; `None`: the fastest one this CPU has for the head size (tests
     /// force each in turn to compare them).
     path: Option<Path>,
+    /// The AVX-512 loop's products in bf16; `None`: where the bf16 switch is on
+    /// ([`crate::bf16_gemm::active`]).
+    bf16: Option<bool>,
 }
 
 /// The tile loops.
@@ -120,10 +123,11 @@ impl CustomOp3 for FusedAttention {
             Path::Avx512 => {
                 // Packed once here rather than per tile: every query block of a head reuses
                 // them.
-                let packed = avx512::Packed {
-                    keys: micro::pack_keys(k, &shape),
-                    values: avx512::pack_values(v, &shape),
-                };
+                let bf16 = self.bf16.unwrap_or_else(crate::bf16_gemm::active);
+                if bf16 && !avx512::bf16_fits() {
+                    candle_core::bail!("{}: {}", self.name(), crate::bf16_gemm::UNSUPPORTED);
+                }
+                let packed = avx512::Packed::new(k, v, &shape, bf16);
                 let o_width = avx512::padded(d);
                 for_each_tile(&shape, avx512::Q_BLOCK, o_width, |t, scratch| {
                     // SAFETY: units are disjoint (see `for_each_tile`), `packed` was packed for
@@ -220,6 +224,10 @@ struct Scratch {
     s: Vec<f32>,
     /// Output accumulator, `q_block` rows (`d` wide, or as wide as the loop pads them).
     o: Vec<f32>,
+    /// The AVX-512 loop's bf16 pairs (as f32 bits) of the queries and of one key tile's
+    /// probabilities; empty until it runs with bf16 products.
+    qb: Vec<f32>,
+    pb: Vec<f32>,
     /// Running row maximum and sum of exponentials.
     max: Vec<f32>,
     sum: Vec<f32>,
@@ -234,6 +242,8 @@ impl Scratch {
             q: vec![0.0; q_block * d],
             s: vec![0.0; q_block * K_BLOCK],
             o: vec![0.0; q_block * o_width],
+            qb: Vec::new(),
+            pb: Vec::new(),
             max: vec![0.0; q_block],
             sum: vec![0.0; q_block],
             alpha: vec![1.0; q_block],
@@ -835,6 +845,7 @@ pub(crate) fn attention(
         heads,
         scale: scale as f32,
         path: None,
+        bf16: None,
     };
     Some(q.apply_op3_no_bwd(k, v, &op))
 }
@@ -864,12 +875,69 @@ mod tests {
         scale: f64,
         path: Option<Path>,
     ) -> Tensor {
+        fused_in(q, k, v, heads, scale, path, false)
+    }
+
+    /// [`fused`], with the AVX-512 loop's products in bf16 or not.
+    fn fused_in(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+        path: Option<Path>,
+        bf16: bool,
+    ) -> Tensor {
         let op = FusedAttention {
             heads,
             scale: scale as f32,
             path,
+            bf16: Some(bf16),
         };
         q.apply_op3_no_bwd(k, v, &op).unwrap()
+    }
+
+    /// The AVX-512 loop with bf16 products against the plain path, on the shapes of the test
+    /// above whose scores stay moderate (the queries' spread at most 1): within bf16 rounding
+    /// of convex combinations of N(0, 1) values, and not equal to the f32 loop's result (so
+    /// the bf16 products did run). Odd key counts and head sizes check the zero partners.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_products_stay_near_plain_attention() {
+        if !(avx512::fits(8) && avx512::bf16_fits()) {
+            eprintln!("skipped: no AVX-512 BF16 here");
+            return;
+        }
+        for (b, sq, sk, heads, d) in [
+            (2, 300, 600, 3, 8),
+            (1, 130, 77, 2, 40),
+            (1, 5, 1, 1, 4),
+            (1, 7, 33, 2, 24),
+            (1, 9, 301, 2, 80),
+            (1, 11, 257, 1, 15),
+            (2, 250, 100, 2, 64),
+            (1, 40, 270, 1, 512),
+        ] {
+            let q = randn(1, 1.0, &[b, sq, heads * d]);
+            let k = randn(2, 1., &[b, sk, heads * d]);
+            let v = randn(3, 1., &[b, sk, heads * d]);
+            let scale = 1.0 / (d as f64).sqrt();
+            let plain = AttentionOptions::plain();
+            let want =
+                scaled_dot_product_attention(&q, &k, &v, heads, scale, false, &plain).unwrap();
+            let got = fused_in(&q, &k, &v, heads, scale, Some(Path::Avx512), true);
+            let f32_loop = fused_in(&q, &k, &v, heads, scale, Some(Path::Avx512), false);
+            let diff = max_abs(&got, &want);
+            // Scores from 8-bit-mantissa operands (relative 2^-8 of |q||k|), weights and
+            // values rounded likewise: measured up to 0.008 here.
+            assert!(diff < 2e-2, "b{b} sq{sq} sk{sk} h{heads} d{d}: {diff}");
+            if sk > 1 {
+                assert!(
+                    max_abs(&got, &f32_loop) > 1e-5,
+                    "b{b} sq{sq} sk{sk} d{d}: bf16 did not run"
+                );
+            }
+        }
     }
 
     /// Every tile path this CPU runs against the plain path (whole score matrix, candle matmuls

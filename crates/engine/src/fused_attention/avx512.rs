@@ -10,6 +10,10 @@
 //! and each head's values are padded with zero columns to a multiple of 16, so every output
 //! vector is whole (SD 1.5's 40-wide heads compute 48 columns, 83% of them used).
 //!
+//! With bf16 products on ([`crate::bf16_gemm`], AVX-512 BF16 CPUs) the two tile products take
+//! `vdpbf16ps` instead, two depth indices per lane and instruction: queries and keys in pairs
+//! along the head, probabilities and values in pairs of keys. The softmax stays in f32.
+//!
 //! Written by hand with `std::arch` for the reasons given in [`super`].
 
 use std::arch::x86_64::*;
@@ -30,10 +34,96 @@ const SCORE_ROWS: usize = 12;
 
 /// The keys and values of every (batch, head), laid out for the kernels.
 pub(super) struct Packed {
-    /// As [`super::micro::pack_keys`] lays them out.
+    /// As [`super::micro::pack_keys`] lays them out (bf16: [`pack_keys_bf16`]).
     pub(super) keys: Lines,
-    /// As [`pack_values`] lays them out.
+    /// As [`pack_values`] lays them out (bf16: [`pack_values_bf16`]).
     pub(super) values: Lines,
+    /// Products in bf16.
+    pub(super) bf16: bool,
+}
+
+impl Packed {
+    /// `k` and `v` packed for the f32 products, or with `bf16` for the bf16 ones.
+    pub(super) fn new(k: &[f32], v: &[f32], sh: &Dims, bf16: bool) -> Self {
+        if bf16 {
+            Self {
+                keys: pack_keys_bf16(k, sh),
+                values: pack_values_bf16(v, sh),
+                bf16,
+            }
+        } else {
+            Self {
+                keys: super::micro::pack_keys(k, sh),
+                values: pack_values(v, sh),
+                bf16,
+            }
+        }
+    }
+}
+
+/// Whether the bf16 products run here.
+pub(super) fn bf16_fits() -> bool {
+    crate::bf16_gemm::supported()
+}
+
+/// Two f32 values rounded to bf16 and paired, as `vdpbf16ps` reads them (`even` low).
+fn pair(even: f32, odd: f32) -> f32 {
+    f32::from_bits(crate::avx512_gemm::pair(even, odd))
+}
+
+/// `k` as, per (batch, head), `ceil(keys / 16)` panels of `[ceil(d / 2)][16]` bf16 pairs: key
+/// `j` of a panel in lane `j`, the head's values `2i` and `2i + 1` in pair `i` (zero past `d`
+/// and past the keys).
+fn pack_keys_bf16(k: &[f32], sh: &Dims) -> Lines {
+    let (batch, sk, inner, d, heads) = (sh.batch, sh.sk, sh.inner, sh.d, sh.heads);
+    let dp = d.div_ceil(2);
+    let per_head = sk.div_ceil(PANEL) * dp * PANEL;
+    let mut out = Lines::zeroed(batch * heads * per_head);
+    kernels::par_units(out.as_mut_slice(), None, per_head, |part, _, first| {
+        for (n, dst) in part.chunks_exact_mut(per_head).enumerate() {
+            let (bi, h) = ((first + n) / heads, (first + n) % heads);
+            for j in 0..sk {
+                let src = &k[(bi * sk + j) * inner + h * d..][..d];
+                let panel = &mut dst[(j / PANEL) * dp * PANEL + j % PANEL..];
+                for i in 0..dp {
+                    let odd = src.get(2 * i + 1).copied().unwrap_or(0.0);
+                    panel[i * PANEL] = pair(src[2 * i], odd);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `v` as, per (batch, head), [`padded`]`(d) / 16` runs of 16 columns, each run
+/// `[ceil(keys / 2)][16]` bf16 pairs of consecutive keys (zero past `d` and past the keys).
+fn pack_values_bf16(v: &[f32], sh: &Dims) -> Lines {
+    let (batch, sk, inner, d, heads) = (sh.batch, sh.sk, sh.inner, sh.d, sh.heads);
+    let skp = sk.div_ceil(2);
+    let per_head = skp * padded(d);
+    let mut out = Lines::zeroed(batch * heads * per_head);
+    kernels::par_units(out.as_mut_slice(), None, per_head, |part, _, first| {
+        for (n, dst) in part.chunks_exact_mut(per_head).enumerate() {
+            let (bi, h) = ((first + n) / heads, (first + n) % heads);
+            let row = |j: usize| &v[(bi * sk + j) * inner + h * d..][..d];
+            for (run, block) in dst.chunks_exact_mut(skp * LANES).enumerate() {
+                let c = run * LANES;
+                let w = LANES.min(d - c);
+                for (jp, line) in block.chunks_exact_mut(LANES).enumerate() {
+                    let even = &row(2 * jp)[c..c + w];
+                    for (i, x) in line[..w].iter_mut().enumerate() {
+                        let odd = if 2 * jp + 1 < sk {
+                            row(2 * jp + 1)[c + i]
+                        } else {
+                            0.0
+                        };
+                        *x = pair(even[i], odd);
+                    }
+                }
+            }
+        }
+    });
+    out
 }
 
 /// Whether this loop runs here (any head size: the values are padded).
@@ -82,7 +172,7 @@ pub(super) unsafe fn attend_tile(
     t: &Tile,
     sc: &mut Scratch,
 ) {
-    let (sk, d) = (sh.sk, sh.d);
+    let d = sh.d;
     let width = padded(d);
     let rows = super::load_queries(sh, scale, q, t, sc);
     // The rows past the last query: zero queries, whose results are dropped.
@@ -90,6 +180,29 @@ pub(super) unsafe fn attend_tile(
     sc.q[rows * d..all * d].fill(0.0);
     sc.max[rows..all].fill(f32::NEG_INFINITY);
     sc.sum[rows..all].fill(0.0);
+    // SAFETY: `fits` checked AVX-512 F, and `Packed::new` is only asked for bf16 where
+    // `bf16_fits` holds.
+    unsafe {
+        if packed.bf16 {
+            attend_bf16(sh, packed, t, sc, all);
+        } else {
+            attend_f32(sh, packed, t, sc, all);
+        }
+    }
+    for r in 0..rows {
+        let inv = 1.0 / sc.sum[r];
+        let dst = out.0.add((t.bi * sh.sq + t.q0 + r) * sh.inner + t.h * d);
+        for (i, &x) in sc.o[r * width..][..d].iter().enumerate() {
+            *dst.add(i) = x * inv;
+        }
+    }
+}
+
+/// The key tiles of one unit with f32 products, over the first `all` rows of the scratch.
+#[target_feature(enable = "avx512f")]
+fn attend_f32(sh: &Dims, packed: &Packed, t: &Tile, sc: &mut Scratch, all: usize) {
+    let (sk, d) = (sh.sk, sh.d);
+    let width = padded(d);
     let per_head = sk.div_ceil(PANEL) * d * PANEL;
     let bh = t.bi * sh.heads + t.h;
     let keys_of_head = &packed.keys.as_slice()[bh * per_head..][..per_head];
@@ -125,11 +238,257 @@ pub(super) unsafe fn attend_tile(
             width,
         );
     }
-    for r in 0..rows {
-        let inv = 1.0 / sc.sum[r];
-        let dst = out.0.add((t.bi * sh.sq + t.q0 + r) * sh.inner + t.h * d);
-        for (i, &x) in sc.o[r * width..][..d].iter().enumerate() {
-            *dst.add(i) = x * inv;
+}
+
+/// The key tiles of one unit with bf16 products, over the first `all` rows of the scratch:
+/// the queries rounded to pairs once, each tile's probabilities after its softmax.
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn attend_bf16(sh: &Dims, packed: &Packed, t: &Tile, sc: &mut Scratch, all: usize) {
+    let (sk, d) = (sh.sk, sh.d);
+    let (dp, skp, width) = (d.div_ceil(2), sk.div_ceil(2), padded(d));
+    let per_head = sk.div_ceil(PANEL) * dp * PANEL;
+    let bh = t.bi * sh.heads + t.h;
+    let keys_of_head = &packed.keys.as_slice()[bh * per_head..][..per_head];
+    let values_of_head = &packed.values.as_slice()[bh * skp * width..][..skp * width];
+    let mut qb = std::mem::take(&mut sc.qb);
+    let mut pb = std::mem::take(&mut sc.pb);
+    qb.resize(sc.q_block * dp, 0.0);
+    pb.resize(sc.q_block * K_BLOCK / 2, 0.0);
+    for (row, out) in sc.q[..all * d].chunks_exact(d).zip(qb.chunks_exact_mut(dp)) {
+        for (i, x) in out.iter_mut().enumerate() {
+            *x = pair(row[2 * i], row.get(2 * i + 1).copied().unwrap_or(0.0));
+        }
+    }
+    for k0 in (0..sk).step_by(K_BLOCK) {
+        let keys = K_BLOCK.min(sk - k0);
+        // Panel k0 / 16 starts at (k0 / 16) * dp * 16 = k0 * dp.
+        scores_bf16(
+            &qb[..all * dp],
+            dp,
+            &keys_of_head[k0 * dp..],
+            keys.div_ceil(PANEL),
+            &mut sc.s,
+            K_BLOCK,
+        );
+        softmax_tile(
+            &mut sc.s[..all * K_BLOCK],
+            K_BLOCK,
+            keys,
+            &mut sc.max[..all],
+            &mut sc.sum[..all],
+            &mut sc.alpha[..all],
+        );
+        probability_pairs(&sc.s[..all * K_BLOCK], keys, &mut pb[..all * K_BLOCK / 2]);
+        // k0 is a multiple of K_BLOCK, so its pair is k0 / 2.
+        values_bf16(
+            &pb[..all * K_BLOCK / 2],
+            keys.div_ceil(2),
+            values_of_head,
+            k0 / 2,
+            &sc.alpha[..all],
+            k0 == 0,
+            &mut sc.o[..all * width],
+            width,
+        );
+    }
+    sc.qb = qb;
+    sc.pb = pb;
+}
+
+/// Each row's first `keys` probabilities (rows `K_BLOCK` apart) as bf16 pairs of consecutive
+/// keys into `pb` (rows `K_BLOCK / 2` apart), the odd partner past `keys` zero: 32 at a time
+/// with `vcvtne2ps2bf16`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn probability_pairs(s: &[f32], keys: usize, pb: &mut [f32]) {
+    let half = K_BLOCK / 2;
+    assert!(keys <= K_BLOCK && s.len() / K_BLOCK == pb.len() / half);
+    for (row, out) in s.chunks_exact(K_BLOCK).zip(pb.chunks_exact_mut(half)) {
+        for c in (0..keys).step_by(32) {
+            let n = (keys - c).min(32);
+            let lo_mask = ((1u64 << n.min(16)) - 1) as __mmask16;
+            let hi_mask = ((1u64 << n.saturating_sub(16)) - 1) as __mmask16;
+            // SAFETY: the masks keep the loads to `row[c..c + n]`, and the store writes
+            // `out[c / 2..c / 2 + 16]`, inside the row (c <= K_BLOCK - 32).
+            unsafe {
+                let lo = _mm512_maskz_loadu_ps(lo_mask, row.as_ptr().add(c));
+                let hi = _mm512_maskz_loadu_ps(hi_mask, row.as_ptr().add(c + 16));
+                let pairs: __m512 = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_ps(out.as_mut_ptr().add(c / 2), pairs);
+            }
+        }
+    }
+}
+
+/// [`scores`] with bf16 products: `q` rows of `dp` query pairs, `kt` panels of
+/// [`pack_keys_bf16`].
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn scores_bf16(q: &[f32], dp: usize, kt: &[f32], panels: usize, s: &mut [f32], stride: usize) {
+    let rows = q.len() / dp;
+    assert!(rows.is_multiple_of(SCORE_ROWS));
+    assert!(kt.len() >= panels * dp * PANEL && panels * PANEL <= stride);
+    assert!(rows == 0 || s.len() >= (rows - 1) * stride + panels * PANEL);
+    let (q, s) = (q.as_ptr(), s.as_mut_ptr());
+    let mut p = 0;
+    while p < panels {
+        let two = p + 2 <= panels;
+        for r in (0..rows).step_by(SCORE_ROWS) {
+            // SAFETY: the asserts above bound every pointer the blocks read and write.
+            unsafe {
+                let (kp, sp) = (
+                    kt.as_ptr().add(p * dp * PANEL),
+                    s.add(r * stride + p * PANEL),
+                );
+                if two {
+                    score_block_bf16::<SCORE_ROWS, 2>(q.add(r * dp), dp, kp, sp, stride);
+                } else {
+                    score_block_bf16::<SCORE_ROWS, 1>(q.add(r * dp), dp, kp, sp, stride);
+                }
+            }
+        }
+        p += if two { 2 } else { 1 };
+    }
+}
+
+/// [`score_block`] with bf16 pairs.
+///
+/// # Safety
+/// `q` has `MR * dp` pairs, `kp` `NP * dp * 16`, and `s` rows `0..MR` of `NP * 16` values
+/// `stride` apart.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn score_block_bf16<const MR: usize, const NP: usize>(
+    q: *const f32,
+    dp: usize,
+    kp: *const f32,
+    s: *mut f32,
+    stride: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+    for i in 0..dp {
+        let mut k = [_mm512_setzero_ps(); NP];
+        for (p, x) in k.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(kp.add((p * dp + i) * PANEL));
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let x: __m512bh = std::mem::transmute(_mm512_set1_ps(*q.add(r * dp + i)));
+            for (a, &k) in a.iter_mut().zip(&k) {
+                *a = _mm512_dpbf16_ps(*a, x, std::mem::transmute::<__m512, __m512bh>(k));
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (p, &x) in a.iter().enumerate() {
+            _mm512_storeu_ps(s.add(r * stride + p * PANEL), x);
+        }
+    }
+}
+
+/// [`values`] with bf16 products over `pairs` key pairs from pair `j0`: `p` rows of
+/// `K_BLOCK / 2` probability pairs, `vh` the head's values as [`pack_values_bf16`] lays them
+/// out.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn values_bf16(
+    p: &[f32],
+    pairs: usize,
+    vh: &[f32],
+    j0: usize,
+    alpha: &[f32],
+    first: bool,
+    o: &mut [f32],
+    width: usize,
+) {
+    let rows = o.len() / width;
+    let p_stride = K_BLOCK / 2;
+    if rows == 0 || pairs == 0 {
+        return;
+    }
+    let skp = vh.len() / width;
+    assert!(rows.is_multiple_of(ROW_STEP) && width.is_multiple_of(LANES));
+    assert!(pairs <= p_stride && p.len() >= (rows - 1) * p_stride + pairs);
+    assert!(j0 + pairs <= skp && alpha.len() >= rows);
+    let (p, a, o) = (p.as_ptr(), alpha.as_ptr(), o.as_mut_ptr());
+    let runs = width / LANES;
+    let mut run = 0;
+    while run < runs {
+        let nv = match runs - run {
+            5 => 3,
+            left => left.min(4),
+        };
+        let v = vh[run * LANES * skp + j0 * LANES..].as_ptr();
+        let run_len = skp * LANES;
+        let mut r = 0;
+        while r < rows {
+            // SAFETY: the asserts above bound every pointer the blocks read and write; each
+            // height divides ROW_STEP.
+            r += unsafe {
+                let (p, a, o) = (
+                    p.add(r * p_stride),
+                    a.add(r),
+                    o.add(r * width + run * LANES),
+                );
+                macro_rules! block {
+                    ($mr:literal, $nv:literal) => {{
+                        value_block_bf16::<$mr, $nv>(
+                            p, p_stride, pairs, v, run_len, a, first, o, width,
+                        );
+                        $mr
+                    }};
+                }
+                match nv {
+                    4 => block!(6, 4),
+                    3 => block!(8, 3),
+                    2 => block!(12, 2),
+                    _ => block!(12, 1),
+                }
+            };
+        }
+        run += nv;
+    }
+}
+
+/// [`value_block`] with bf16 pairs of keys.
+///
+/// # Safety
+/// As [`value_block`], with `pairs` pairs in place of keys.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn value_block_bf16<const MR: usize, const NV: usize>(
+    p: *const f32,
+    p_stride: usize,
+    pairs: usize,
+    v: *const f32,
+    run_len: usize,
+    alpha: *const f32,
+    first: bool,
+    o: *mut f32,
+    width: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    if !first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let scale = _mm512_set1_ps(*alpha.add(r));
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * width + c * LANES)), scale);
+            }
+        }
+    }
+    for j in 0..pairs {
+        let mut vs = [_mm512_setzero_ps(); NV];
+        for (c, x) in vs.iter_mut().enumerate() {
+            *x = _mm512_loadu_ps(v.add(c * run_len + j * LANES));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let w: __m512bh = std::mem::transmute(_mm512_set1_ps(*p.add(r * p_stride + j)));
+            for (x, &vc) in row.iter_mut().zip(&vs) {
+                *x = _mm512_dpbf16_ps(*x, w, std::mem::transmute::<__m512, __m512bh>(vc));
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            _mm512_storeu_ps(o.add(r * width + c * LANES), x);
         }
     }
 }
