@@ -210,14 +210,18 @@ fn attend_f32(sh: &Dims, packed: &Packed, t: &Tile, sc: &mut Scratch, all: usize
     for k0 in (0..sk).step_by(K_BLOCK) {
         let keys = K_BLOCK.min(sk - k0);
         // Panel k0 / 16 starts at (k0 / 16) * d * 16 = k0 * d.
-        scores(
-            &sc.q[..all * d],
-            d,
-            &keys_of_head[k0 * d..],
-            keys.div_ceil(PANEL),
-            &mut sc.s,
-            K_BLOCK,
-        );
+        // SAFETY: f32 products: this function has AVX-512 F, all they need.
+        unsafe {
+            scores(
+                false,
+                &sc.q[..all * d],
+                d,
+                &keys_of_head[k0 * d..],
+                keys.div_ceil(PANEL),
+                &mut sc.s,
+                K_BLOCK,
+            );
+        }
         softmax_tile(
             &mut sc.s[..all * K_BLOCK],
             K_BLOCK,
@@ -226,17 +230,21 @@ fn attend_f32(sh: &Dims, packed: &Packed, t: &Tile, sc: &mut Scratch, all: usize
             &mut sc.sum[..all],
             &mut sc.alpha[..all],
         );
-        values(
-            &sc.s[..all * K_BLOCK],
-            K_BLOCK,
-            keys,
-            values_of_head,
-            k0,
-            &sc.alpha[..all],
-            k0 == 0,
-            &mut sc.o[..all * width],
-            width,
-        );
+        // SAFETY: as for `scores` above.
+        unsafe {
+            values(
+                false,
+                &sc.s[..all * K_BLOCK],
+                K_BLOCK,
+                keys,
+                values_of_head,
+                k0,
+                &sc.alpha[..all],
+                k0 == 0,
+                &mut sc.o[..all * width],
+                width,
+            );
+        }
     }
 }
 
@@ -262,14 +270,18 @@ fn attend_bf16(sh: &Dims, packed: &Packed, t: &Tile, sc: &mut Scratch, all: usiz
     for k0 in (0..sk).step_by(K_BLOCK) {
         let keys = K_BLOCK.min(sk - k0);
         // Panel k0 / 16 starts at (k0 / 16) * dp * 16 = k0 * dp.
-        scores_bf16(
-            &qb[..all * dp],
-            dp,
-            &keys_of_head[k0 * dp..],
-            keys.div_ceil(PANEL),
-            &mut sc.s,
-            K_BLOCK,
-        );
+        // SAFETY: this function runs only where the CPU has AVX-512 BF16.
+        unsafe {
+            scores(
+                true,
+                &qb[..all * dp],
+                dp,
+                &keys_of_head[k0 * dp..],
+                keys.div_ceil(PANEL),
+                &mut sc.s,
+                K_BLOCK,
+            );
+        }
         softmax_tile(
             &mut sc.s[..all * K_BLOCK],
             K_BLOCK,
@@ -280,16 +292,21 @@ fn attend_bf16(sh: &Dims, packed: &Packed, t: &Tile, sc: &mut Scratch, all: usiz
         );
         probability_pairs(&sc.s[..all * K_BLOCK], keys, &mut pb[..all * K_BLOCK / 2]);
         // k0 is a multiple of K_BLOCK, so its pair is k0 / 2.
-        values_bf16(
-            &pb[..all * K_BLOCK / 2],
-            keys.div_ceil(2),
-            values_of_head,
-            k0 / 2,
-            &sc.alpha[..all],
-            k0 == 0,
-            &mut sc.o[..all * width],
-            width,
-        );
+        // SAFETY: as for `scores` above.
+        unsafe {
+            values(
+                true,
+                &pb[..all * K_BLOCK / 2],
+                K_BLOCK / 2,
+                keys.div_ceil(2),
+                values_of_head,
+                k0 / 2,
+                &sc.alpha[..all],
+                k0 == 0,
+                &mut sc.o[..all * width],
+                width,
+            );
+        }
     }
     sc.qb = qb;
     sc.pb = pb;
@@ -319,37 +336,7 @@ fn probability_pairs(s: &[f32], keys: usize, pb: &mut [f32]) {
     }
 }
 
-/// [`scores`] with bf16 products: `q` rows of `dp` query pairs, `kt` panels of
-/// [`pack_keys_bf16`].
-#[target_feature(enable = "avx512f,avx512bf16")]
-fn scores_bf16(q: &[f32], dp: usize, kt: &[f32], panels: usize, s: &mut [f32], stride: usize) {
-    let rows = q.len() / dp;
-    assert!(rows.is_multiple_of(SCORE_ROWS));
-    assert!(kt.len() >= panels * dp * PANEL && panels * PANEL <= stride);
-    assert!(rows == 0 || s.len() >= (rows - 1) * stride + panels * PANEL);
-    let (q, s) = (q.as_ptr(), s.as_mut_ptr());
-    let mut p = 0;
-    while p < panels {
-        let two = p + 2 <= panels;
-        for r in (0..rows).step_by(SCORE_ROWS) {
-            // SAFETY: the asserts above bound every pointer the blocks read and write.
-            unsafe {
-                let (kp, sp) = (
-                    kt.as_ptr().add(p * dp * PANEL),
-                    s.add(r * stride + p * PANEL),
-                );
-                if two {
-                    score_block_bf16::<SCORE_ROWS, 2>(q.add(r * dp), dp, kp, sp, stride);
-                } else {
-                    score_block_bf16::<SCORE_ROWS, 1>(q.add(r * dp), dp, kp, sp, stride);
-                }
-            }
-        }
-        p += if two { 2 } else { 1 };
-    }
-}
-
-/// [`score_block`] with bf16 pairs.
+/// [`score_block`] with bf16 pairs (`dp` of them per row).
 ///
 /// # Safety
 /// `q` has `MR * dp` pairs, `kp` `NP * dp * 16`, and `s` rows `0..MR` of `NP * 16` values
@@ -380,70 +367,6 @@ unsafe fn score_block_bf16<const MR: usize, const NP: usize>(
         for (p, &x) in a.iter().enumerate() {
             _mm512_storeu_ps(s.add(r * stride + p * PANEL), x);
         }
-    }
-}
-
-/// [`values`] with bf16 products over `pairs` key pairs from pair `j0`: `p` rows of
-/// `K_BLOCK / 2` probability pairs, `vh` the head's values as [`pack_values_bf16`] lays them
-/// out.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bf16")]
-fn values_bf16(
-    p: &[f32],
-    pairs: usize,
-    vh: &[f32],
-    j0: usize,
-    alpha: &[f32],
-    first: bool,
-    o: &mut [f32],
-    width: usize,
-) {
-    let rows = o.len() / width;
-    let p_stride = K_BLOCK / 2;
-    if rows == 0 || pairs == 0 {
-        return;
-    }
-    let skp = vh.len() / width;
-    assert!(rows.is_multiple_of(ROW_STEP) && width.is_multiple_of(LANES));
-    assert!(pairs <= p_stride && p.len() >= (rows - 1) * p_stride + pairs);
-    assert!(j0 + pairs <= skp && alpha.len() >= rows);
-    let (p, a, o) = (p.as_ptr(), alpha.as_ptr(), o.as_mut_ptr());
-    let runs = width / LANES;
-    let mut run = 0;
-    while run < runs {
-        let nv = match runs - run {
-            5 => 3,
-            left => left.min(4),
-        };
-        let v = vh[run * LANES * skp + j0 * LANES..].as_ptr();
-        let run_len = skp * LANES;
-        let mut r = 0;
-        while r < rows {
-            // SAFETY: the asserts above bound every pointer the blocks read and write; each
-            // height divides ROW_STEP.
-            r += unsafe {
-                let (p, a, o) = (
-                    p.add(r * p_stride),
-                    a.add(r),
-                    o.add(r * width + run * LANES),
-                );
-                macro_rules! block {
-                    ($mr:literal, $nv:literal) => {{
-                        value_block_bf16::<$mr, $nv>(
-                            p, p_stride, pairs, v, run_len, a, first, o, width,
-                        );
-                        $mr
-                    }};
-                }
-                match nv {
-                    4 => block!(6, 4),
-                    3 => block!(8, 3),
-                    2 => block!(12, 2),
-                    _ => block!(12, 1),
-                }
-            };
-        }
-        run += nv;
     }
 }
 
@@ -585,9 +508,21 @@ fn softmax_tile(
 
 /// `s[r][j] = q[r] . key j` for every row of `q` (`[rows, d]`, `rows` a multiple of
 /// [`SCORE_ROWS`]) and every key of `panels` panels, into rows `stride` apart (the keys of a
-/// partial last panel get scores of 0).
+/// partial last panel get scores of 0). With `bf16`, `d` counts pairs: `q` holds the rows'
+/// bf16 pairs and `kt` is [`pack_keys_bf16`]'s.
+///
+/// # Safety
+/// With `bf16`, the CPU must have AVX-512 BF16 ([`bf16_fits`]).
 #[target_feature(enable = "avx512f")]
-fn scores(q: &[f32], d: usize, kt: &[f32], panels: usize, s: &mut [f32], stride: usize) {
+unsafe fn scores(
+    bf16: bool,
+    q: &[f32],
+    d: usize,
+    kt: &[f32],
+    panels: usize,
+    s: &mut [f32],
+    stride: usize,
+) {
     let rows = q.len() / d;
     assert!(rows.is_multiple_of(SCORE_ROWS));
     assert!(kt.len() >= panels * d * PANEL && panels * PANEL <= stride);
@@ -597,16 +532,19 @@ fn scores(q: &[f32], d: usize, kt: &[f32], panels: usize, s: &mut [f32], stride:
     while p < panels {
         let two = p + 2 <= panels;
         for r in (0..rows).step_by(SCORE_ROWS) {
-            // SAFETY: the asserts above bound every pointer the blocks read and write.
+            // SAFETY: the asserts above bound every pointer the blocks read and write; the
+            // caller checked BF16 for `bf16`.
             unsafe {
                 let (kp, sp) = (
                     kt.as_ptr().add(p * d * PANEL),
                     s.add(r * stride + p * PANEL),
                 );
-                if two {
-                    score_block::<SCORE_ROWS, 2>(q.add(r * d), d, kp, sp, stride);
-                } else {
-                    score_block::<SCORE_ROWS, 1>(q.add(r * d), d, kp, sp, stride);
+                let q = q.add(r * d);
+                match (bf16, two) {
+                    (false, true) => score_block::<SCORE_ROWS, 2>(q, d, kp, sp, stride),
+                    (false, false) => score_block::<SCORE_ROWS, 1>(q, d, kp, sp, stride),
+                    (true, true) => score_block_bf16::<SCORE_ROWS, 2>(q, d, kp, sp, stride),
+                    (true, false) => score_block_bf16::<SCORE_ROWS, 1>(q, d, kp, sp, stride),
                 }
             }
         }
@@ -652,10 +590,15 @@ unsafe fn score_block<const MR: usize, const NP: usize>(
 /// `o[r] = o[r] * alpha[r] + sum over j < keys of p[r][j] * value k0 + j` for every row of `o`
 /// (`width` wide, the row count a multiple of [`ROW_STEP`]; `first`: `o` holds nothing yet and
 /// is overwritten). `p` rows are `p_stride` apart, `vh` is the head's values as
-/// [`pack_values`] lays them out.
+/// [`pack_values`] lays them out. With `bf16`, `keys` and `k0` count pairs of keys: `p` holds
+/// probability pairs and `vh` is [`pack_values_bf16`]'s.
+///
+/// # Safety
+/// With `bf16`, the CPU must have AVX-512 BF16 ([`bf16_fits`]).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-fn values(
+unsafe fn values(
+    bf16: bool,
     p: &[f32],
     p_stride: usize,
     keys: usize,
@@ -689,7 +632,8 @@ fn values(
         let mut r = 0;
         while r < rows {
             // SAFETY: the asserts above bound every pointer the blocks read and write; each
-            // height divides ROW_STEP, so no block passes the last row.
+            // height divides ROW_STEP, so no block passes the last row; the caller checked
+            // BF16 for `bf16`.
             r += unsafe {
                 let (p, a, o) = (
                     p.add(r * p_stride),
@@ -699,7 +643,15 @@ fn values(
                 // Rows x vectors: 24 accumulators, or 12 for one vector (loads bound it).
                 macro_rules! block {
                     ($mr:literal, $nv:literal) => {{
-                        value_block::<$mr, $nv>(p, p_stride, keys, v, run_len, a, first, o, width);
+                        if bf16 {
+                            value_block_bf16::<$mr, $nv>(
+                                p, p_stride, keys, v, run_len, a, first, o, width,
+                            );
+                        } else {
+                            value_block::<$mr, $nv>(
+                                p, p_stride, keys, v, run_len, a, first, o, width,
+                            );
+                        }
                         $mr
                     }};
                 }
