@@ -31,7 +31,7 @@ pub(crate) enum Format {
 
 impl Format {
     /// Depth indices per packed step.
-    fn depth(self) -> usize {
+    pub(crate) fn depth(self) -> usize {
         match self {
             Format::F32 => 1,
             Format::Bf16 => 2,
@@ -133,13 +133,12 @@ unsafe fn pack_run(src: *const f32, len: usize, dst: *mut u32, stride: usize) {
         }
     }
     for p in (16 * full)..len.div_ceil(2) {
-        let lo = to_bf16(*src.add(2 * p)) as u32;
-        let hi = if 2 * p + 1 < len {
-            to_bf16(*src.add(2 * p + 1)) as u32
+        let odd = if 2 * p + 1 < len {
+            *src.add(2 * p + 1)
         } else {
-            0
+            0.0
         };
-        *dst.add(p * stride) = lo | (hi << 16);
+        *dst.add(p * stride) = pair(*src.add(2 * p), odd);
     }
 }
 
@@ -314,9 +313,9 @@ unsafe fn pack_lhs_into(
     out: &mut [u32],
 ) {
     let d = fmt.depth();
-    let pairs = kk.div_ceil(d);
+    let steps = kk.div_ceil(d);
     let blocks = rows.div_ceil(MR);
-    let out = &mut out[..blocks * pairs * MR];
+    let out = &mut out[..blocks * steps * MR];
     out.fill(0);
     let base = lhs.ptr.offset(r0 as isize * lhs.rs + k0 as isize * lhs.cs);
     let at = |i: usize, p: usize| -> u32 {
@@ -330,7 +329,7 @@ unsafe fn pack_lhs_into(
         };
         step(fmt, value(d * p), value(d * p + 1))
     };
-    for (bi, block) in out.chunks_exact_mut(pairs * MR).enumerate() {
+    for (bi, block) in out.chunks_exact_mut(steps * MR).enumerate() {
         let n = MR.min(rows - bi * MR);
         // Read along whichever direction is contiguous in memory.
         if lhs.cs == 1 && n == MR {
@@ -356,7 +355,7 @@ unsafe fn pack_lhs_into(
                 Format::Bf16 => pack_columns(base.add(bi * MR), kk, lhs.cs, block),
             }
         } else {
-            for p in 0..pairs {
+            for p in 0..steps {
                 for r in 0..n {
                     block[p * MR + r] = at(bi * MR + r, p);
                 }
@@ -393,7 +392,7 @@ unsafe fn pack_rhs_into(fmt: Format, k: usize, n: usize, rhs: MatRef, out: &mut 
         return;
     }
     let d = fmt.depth();
-    let pairs = k.div_ceil(d);
+    let steps = k.div_ceil(d);
     if rhs.cs == 1 {
         match fmt {
             Format::F32 => pack_rhs_rows_f32(k, n, rhs, out),
@@ -412,7 +411,7 @@ unsafe fn pack_rhs_into(fmt: Format, k: usize, n: usize, rhs: MatRef, out: &mut 
         };
         step(fmt, value(d * p), value(d * p + 1))
     };
-    for (jp, panel) in out.chunks_exact_mut(pairs * NR).enumerate() {
+    for (jp, panel) in out.chunks_exact_mut(steps * NR).enumerate() {
         let c0 = jp * NR;
         let cols = NR.min(n - c0);
         if rhs.rs == 1 {
@@ -426,7 +425,7 @@ unsafe fn pack_rhs_into(fmt: Format, k: usize, n: usize, rhs: MatRef, out: &mut 
                 }
             }
         } else {
-            for p in 0..pairs {
+            for p in 0..steps {
                 for j in 0..cols {
                     panel[p * NR + j] = at(c0 + j, p);
                 }
@@ -533,7 +532,7 @@ unsafe fn tile_f32(steps: usize, a: *const u32, b: *const u32, tile: &mut [f32; 
 /// The CPU must have AVX-512 F and BF16; `a` holds `pairs * MR` and `b` `pairs * NR` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile(pairs: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+unsafe fn tile_bf16(pairs: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
     use std::arch::x86_64::*;
     let mut acc = [_mm512_setzero_ps(); 2 * MR];
     let (mut ap, mut bp) = (a, b);
@@ -912,7 +911,7 @@ unsafe fn blocked(
         return;
     }
     let d = fmt.depth();
-    let pairs = k.div_ceil(d);
+    let steps = k.div_ceil(d);
     let slice_steps = fmt.slice_steps();
     let mut slice = match lhs {
         Lhs::Plain(_) => vec![0u32; MC * slice_steps],
@@ -921,21 +920,21 @@ unsafe fn blocked(
     let mut out = [0f32; MR * NR];
     for r0 in (0..m).step_by(MC) {
         let rows = MC.min(m - r0);
-        for p0 in (0..pairs).step_by(slice_steps) {
-            let kcp = slice_steps.min(pairs - p0);
+        for p0 in (0..steps).step_by(slice_steps) {
+            let steps_now = slice_steps.min(steps - p0);
             // Block `i` of this slice starts at `base + (i * stride + skip) * MR`.
             let (base, stride, skip, first_block) = match lhs {
                 Lhs::Plain(lhs) => {
-                    let kk = (d * kcp).min(k - d * p0);
+                    let kk = (d * steps_now).min(k - d * p0);
                     pack_lhs_into(fmt, (r0, rows), (d * p0, kk), lhs, &mut slice);
-                    (slice.as_ptr(), kcp, 0, 0)
+                    (slice.as_ptr(), steps_now, 0, 0)
                 }
-                Lhs::Packed(a) => (a.data.as_ptr(), pairs, p0, r0 / MR),
+                Lhs::Packed(a) => (a.data.as_ptr(), steps, p0, r0 / MR),
             };
             // Later depth slices add to what the first one wrote.
             let add = read_dst || p0 > 0;
             for (jp, c0) in (0..n).step_by(NR).enumerate() {
-                let panel = b.as_ptr().add((jp * pairs + p0) * NR);
+                let panel = b.as_ptr().add((jp * steps + p0) * NR);
                 let cols = NR.min(n - c0);
                 for i in 0..rows.div_ceil(MR) {
                     let block = base.add(((first_block + i) * stride + skip) * MR);
@@ -952,8 +951,8 @@ unsafe fn blocked(
                         }
                     }
                     match fmt {
-                        Format::F32 => tile_f32(kcp, block, panel, &mut out),
-                        Format::Bf16 => tile(kcp, block, panel, &mut out),
+                        Format::F32 => tile_f32(steps_now, block, panel, &mut out),
+                        Format::Bf16 => tile_bf16(steps_now, block, panel, &mut out),
                     }
                     for r in 0..MR.min(m - top) {
                         let row = dst

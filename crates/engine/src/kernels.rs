@@ -225,11 +225,12 @@ const PAR_GEMM_MIN_MACS: usize = 1 << 20;
 /// set-up stay small beside its multiplications.
 const PAR_GEMM_MIN_PART: usize = 64;
 
-/// `dst = (read_dst ? dst : 0) + lhs · rhs` for an `m x n` `dst` and depth `k`, through the
-/// `gemm` crate, on this process's compute threads.
+/// `dst = (read_dst ? dst : 0) + lhs · rhs` for an `m x n` `dst` and depth `k`, through
+/// [`Products::current`]'s kernels, on this process's compute threads.
 ///
-/// The output is cut into one block of rows or of columns per thread, each computed by an
-/// independent single-threaded product. The crate's own rayon mode synchronises every thread
+/// The output is cut into one block of rows or of columns per thread. Our AVX-512 kernels
+/// share the packed operand between the parts (`avx512_gemm::gemm_parts`); with the `gemm`
+/// crate each part is an independent single-threaded product. The crate's own rayon mode synchronises every thread
 /// at each of its depth and packing steps and deals its micro-tiles out statically. Beside
 /// it, on two threads with the UNet's shapes, this split ran 1.05-1.5x faster alone (e.g.
 /// `[256 x 1280] x [1280 x 1280]`: 1.03x -> 1.6x over one thread; the 8x8 level's im2col

@@ -7,7 +7,8 @@
 //! tile's (m+2) x (m+2) input patch `d` and each 3x3 filter `g` are transformed
 //! (`V = Bᵀ d B`, `U = G g Gᵀ`), multiplied point by point and summed over input channels — for
 //! each of the (m+2)² points that sum is one matrix product `[tiles, c_in] x [c_in, c_out]`, run
-//! by the `gemm` crate — and transformed back (`Y = Aᵀ M A`).
+//! by our AVX-512 kernels (`avx512_gemm`, the filters packed for them as they are transformed)
+//! or elsewhere by the `gemm` crate — and transformed back (`Y = Aᵀ M A`).
 //!
 //! The filters are transformed on every call rather than stored, so no weight is held twice in
 //! memory; that costs about as much as the multiplications it saves on small feature maps, so
@@ -556,10 +557,7 @@ fn filters_packed_impl<const M: usize, const A: usize>(
     const { assert!(avx512_gemm::MR == L) };
     assert!(out.0.len() == A * A && wt.len() >= cout * 9 * c);
     // Input channels per packed step.
-    let depth = match fmt {
-        Format::F32 => 1,
-        Format::Bf16 => 2,
-    };
+    let depth = fmt.depth();
     let steps = c.div_ceil(depth);
     let mut g = [[[0f32; L]; 3]; 3];
     let mut gt = [[[0f32; L]; 3]; A];
