@@ -245,7 +245,7 @@ struct Job<'a, const M: usize, const A: usize> {
 /// Work-space budget for one group of transformed input tiles in [`by_channel_blocks`].
 const V_GROUP_BYTES: usize = 48 << 20;
 /// Work space aimed at for one block of transformed filters in [`by_channel_blocks`].
-const U_BLOCK_BYTES: usize = 24 << 20;
+const U_BLOCK_BYTES: usize = 32 << 20;
 
 /// How one convolution is split up.
 ///
@@ -288,26 +288,37 @@ impl Plan {
         let mem_a = p * sh.c * sh.cout + threads.min(tile_rows) * p * (sh.c + sh.cout) * tiles_a;
 
         // By channel blocks: chunks as large as the matrix kernel likes, grouped up to the
-        // budget; output channels in blocks of a multiple of 48, which the kernel's 6-column
-        // micro-tile divides. Each block's product packs the chunk's tiles again (seen in a
-        // profile as 10% of the layer with blocks of 80), so blocks are as large as the
-        // budget allows.
+        // budget. Output channels go in blocks of equal size (a multiple of 16), as many per
+        // thread, each block's transformed filters within the budget: each block's product
+        // packs the chunk's tiles again (seen in a profile as 10% of the layer with blocks of
+        // 80), so blocks are as large as the budget allows, and with blocks of 240 SD1.5's
+        // 1280-channel layer at 32x32 split 3 + 3 blocks on two threads where 8 blocks of 160
+        // split evenly (`bench --ops`, two threads: 0.087 s against 0.079 s).
         let rows_b = (CHUNK_TILES / tw).clamp(1, tile_rows);
         let tiles_b = rows_b * tw;
         let chunks = tile_rows.div_ceil(rows_b);
         let chunks_per_group = (V_GROUP_BYTES / 4 / (p * sh.c * tiles_b)).clamp(1, chunks);
         let group_tiles = (chunks_per_group * tiles_b).min(all_tiles);
-        let block = ((U_BLOCK_BYTES / 4 / (p * sh.c)) / 48 * 48)
-            .clamp(48, 480)
+        let block_max = (U_BLOCK_BYTES / 4 / (p * sh.c)).max(16);
+        let per_thread = sh.cout.div_ceil(threads * block_max);
+        let block = sh
+            .cout
+            .div_ceil(threads * per_thread)
+            .next_multiple_of(16)
             .min(sh.cout);
         let blocks = sh.cout.div_ceil(block);
         let mem_b = p * sh.c * group_tiles + threads.min(blocks) * p * block * (sh.c + tiles_b);
 
         // Channel blocks pack the tiles again for every block and ran slower than tile chunks
-        // on the 64x64 and 32x32 levels where the memory was close (bench --ops: 640->640 at
-        // 32x32 and the VAE's 512 channels at 64x64), and no slower on 1280->1280 at 32x32: so
-        // only where they save more than half.
-        let by_channel_blocks = 2 * mem_b < mem_a;
+        // on one thread where the memory was close, so they are taken where they save more
+        // than half of it; and on several threads where tile chunks would give each thread
+        // fewer tiles than a chunk holds: each thread then multiplies its few tiles by all of
+        // the transformed filters, which it streams from memory whole, where a channel block
+        // streams only its own. SD1.5's 640-channel layer at 32x32 (128 tiles) on two threads
+        // went 0.025 -> 0.021 s that way; the VAE's 512 channels at 64x64 (256 tiles) ran
+        // alike in both orders.
+        let few_tiles = threads > 1 && all_tiles < threads * CHUNK_TILES && blocks >= threads;
+        let by_channel_blocks = 2 * mem_b < mem_a || few_tiles;
         Self {
             by_channel_blocks,
             rows_per_chunk: if by_channel_blocks { rows_b } else { rows_a },
@@ -1353,18 +1364,26 @@ mod tests {
             h,
             w: h,
         };
-        // SD1.5 at 512x512, batch 2 (guidance): the 64x64 level, 640 channels at 32x32 and the
-        // VAE's 512 at 64x64 keep the tile-chunk order (measured the faster there); the
-        // 1280-channel convolution at 32x32 takes channel blocks, whose filter blocks stay
-        // within U_BLOCK_BYTES.
+        // SD1.5 at 512x512, batch 2 (guidance): the 64x64 level keeps the tile-chunk order
+        // (256 tiles per thread); on two threads the 640 channels at 32x32 (128 tiles) and
+        // the VAE's 512 at 64x64 (256) take channel blocks, one per thread, where one thread
+        // alone keeps tile chunks; the 1280-channel convolution at 32x32 takes channel blocks
+        // on any number of threads, each block's filters within U_BLOCK_BYTES, and as many
+        // blocks per thread.
         assert!(!Plan::new(6, 4, &shape(2, 320, 320, 64), 2).by_channel_blocks);
-        assert!(!Plan::new(6, 4, &shape(2, 640, 640, 32), 2).by_channel_blocks);
-        assert!(!Plan::new(6, 4, &shape(1, 512, 512, 64), 2).by_channel_blocks);
-        let deep = Plan::new(6, 4, &shape(2, 1280, 1280, 32), 2);
-        assert!(deep.by_channel_blocks, "{deep:?}");
-        assert_eq!(deep.chunks_per_group, 1);
-        assert!(36 * 1280 * deep.block * 4 <= U_BLOCK_BYTES, "{deep:?}");
-        assert_eq!(deep.block % 48, 0);
+        for (c, h, batch) in [(640, 32, 2), (512, 64, 1)] {
+            let two = Plan::new(6, 4, &shape(batch, c, c, h), 2);
+            assert!(two.by_channel_blocks && two.block == c / 2, "{two:?}");
+            assert!(!Plan::new(6, 4, &shape(batch, c, c, h), 1).by_channel_blocks);
+        }
+        for threads in [1, 2, 3] {
+            let deep = Plan::new(6, 4, &shape(2, 1280, 1280, 32), threads);
+            assert!(deep.by_channel_blocks, "{deep:?}");
+            assert_eq!(deep.chunks_per_group, 1);
+            assert!(36 * 1280 * deep.block * 4 <= U_BLOCK_BYTES, "{deep:?}");
+            assert_eq!(deep.block % 16, 0);
+            assert_eq!(1280usize.div_ceil(deep.block) % threads, 0, "{deep:?}");
+        }
         // SDXL's 1920-channel input at 64x64: the transformed tiles go in groups under budget.
         let wide = Plan::new(6, 4, &shape(2, 1920, 640, 64), 2);
         assert!(wide.by_channel_blocks, "{wide:?}");
