@@ -43,11 +43,18 @@ impl Linear {
 }
 
 impl Linear {
+    /// Output features (the weight's rows), for `LD_LAYER_TIMES=shapes`.
+    fn out_dim(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
     /// `x` `[b, c, h, w]` read as tokens `[b, h*w, c]` and passed through this layer:
     /// `[b, h*w, out]`. On the CPU in f32 the matrix product reads `x` transposed in place, so
     /// the transposing copy (serial in candle, 10-40 MB per transformer at 512x512) is skipped.
     pub fn forward_channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
-        crate::profile::scope("linear", x.device(), || self.channels_to_tokens(x))
+        crate::profile::scope_shaped("linear", x.dims(), self.out_dim(), x.device(), || {
+            self.channels_to_tokens(x)
+        })
     }
 
     fn channels_to_tokens(&self, x: &Tensor) -> Result<Tensor> {
@@ -65,7 +72,7 @@ impl Linear {
     /// result has `residual`'s shape `[b, c, h, w]`. On the CPU in f32 the product writes its
     /// transposed result straight into a copy of the residual that already holds the bias.
     pub fn forward_tokens_to_channels_add(&self, t: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        crate::profile::scope("linear", t.device(), || {
+        crate::profile::scope_shaped("linear", t.dims(), self.out_dim(), t.device(), || {
             self.tokens_to_channels_add(t, residual)
         })
     }
@@ -216,7 +223,9 @@ impl CustomOp3 for TokensToChannelsAdd {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::profile::scope("linear", x.device(), || self.plain(x))
+        crate::profile::scope_shaped("linear", x.dims(), self.out_dim(), x.device(), || {
+            self.plain(x)
+        })
     }
 }
 

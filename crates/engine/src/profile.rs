@@ -15,20 +15,53 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Result};
 
-/// 0: not read yet, 1: off, 2: on.
+/// 0: not read yet, 1: off, 2: on, 3: on, with shapes.
 static STATE: AtomicU8 = AtomicU8::new(0);
 static TABLE: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
-/// Whether `LD_LAYER_TIMES` is set to something other than `0` (read once).
-pub fn enabled() -> bool {
+fn state() -> u8 {
     match STATE.load(Ordering::Relaxed) {
         0 => {
-            let on = std::env::var("LD_LAYER_TIMES").is_ok_and(|v| !v.is_empty() && v != "0");
-            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
+            let s = match std::env::var("LD_LAYER_TIMES").as_deref() {
+                Ok("shapes") => 3,
+                Ok(v) if !v.is_empty() && v != "0" => 2,
+                _ => 1,
+            };
+            STATE.store(s, Ordering::Relaxed);
+            s
         }
-        s => s == 2,
+        s => s,
     }
+}
+
+/// Whether `LD_LAYER_TIMES` is set to something other than `0` (read once).
+pub fn enabled() -> bool {
+    state() >= 2
+}
+
+/// [`scope`] for a layer whose rows `LD_LAYER_TIMES=shapes` splits by shape: `name`, the
+/// input's dims and the output channels (`conv 3x3 [2, 640, 32, 32] -> 640`), so the layers
+/// of one kind that scale or perform worse than the others stand out.
+pub fn scope_shaped<T>(
+    name: &'static str,
+    dims: &[usize],
+    out: usize,
+    dev: &Device,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    if state() != 3 {
+        return scope(name, dev, f);
+    }
+    // Row names live as long as the table: one leaked string per distinct shape (a few dozen
+    // in a model), only while profiling by shape.
+    static NAMES: Mutex<BTreeMap<String, &'static str>> = Mutex::new(BTreeMap::new());
+    let key = format!("{name} {dims:?} -> {out}");
+    let label = *NAMES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_insert_with_key(|k| Box::leak(k.clone().into_boxed_str()));
+    scope(label, dev, f)
 }
 
 /// Runs `f`, adding its time (device work included) to `name` when profiling is on.
@@ -68,5 +101,27 @@ mod tests {
         let dev = Device::Cpu;
         assert_eq!(scope("t", &dev, || Ok(3)).unwrap(), 3);
         assert!(scope::<()>("t", &dev, || candle_core::bail!("no")).is_err());
+    }
+
+    #[test]
+    fn shapes_mode_splits_rows_by_shape() {
+        let dev = Device::Cpu;
+        // Process-wide: restored below (nextest runs each test in its own process).
+        STATE.store(3, Ordering::Relaxed);
+        take();
+        for dims in [[2, 320, 64, 64], [2, 640, 32, 32], [2, 320, 64, 64]] {
+            scope_shaped("conv 3x3", &dims, 320, &dev, || Ok(())).unwrap();
+        }
+        let rows = take();
+        STATE.store(0, Ordering::Relaxed);
+        let mut names: Vec<_> = rows.iter().map(|r| (r.0, r.2)).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ("conv 3x3 [2, 320, 64, 64] -> 320", 2),
+                ("conv 3x3 [2, 640, 32, 32] -> 320", 1)
+            ]
+        );
     }
 }

@@ -232,7 +232,9 @@ fn conv_label(kernel: usize, stride: usize) -> &'static str {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        crate::profile::scope(self.label, x.device(), || self.run(x))
+        crate::profile::scope_shaped(self.label, x.dims(), self.out_channels, x.device(), || {
+            self.run(x)
+        })
     }
 }
 

@@ -265,7 +265,8 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The `LD_LAYER_TIMES=1` table of one part: time per layer kind in one run, its share, and the
-/// rest of the run (adds, copies, concatenations, embeddings) as "other".
+/// rest of the run (adds, copies, concatenations, embeddings) as "other"; with
+/// `LD_LAYER_TIMES=shapes`, convolutions and linear layers by input shape too.
 fn print_profile(part: &str, total: Option<Duration>, rows: &[ld_engine::bench::ProfileRow]) {
     let Some(total) = total.filter(|_| !rows.is_empty()) else {
         return;
