@@ -609,7 +609,7 @@ impl PackedLhs {
             fmt,
             m,
             k,
-            data: vec![0u32; m.div_ceil(MR) * k.div_ceil(fmt.depth()) * MR],
+            data: crate::kernels::zeros(m.div_ceil(MR) * k.div_ceil(fmt.depth()) * MR),
         }
     }
 
@@ -791,7 +791,7 @@ pub(crate) unsafe fn gemm_parts(
             });
         } else {
             // The right operand shared: each task packs its share of the column panels.
-            let mut b = vec![0u32; rhs_len(fmt, k, n)];
+            let mut b = crate::kernels::zeros::<u32>(rhs_len(fmt, k, n));
             let out = SendU32(b.as_mut_ptr());
             let panels = n.div_ceil(NR);
             let pack = |t: usize| {

@@ -103,7 +103,7 @@ impl CustomOp3 for FusedAttention {
             candle_core::bail!("{}: bad head count or no keys", self.name());
         }
         let d = inner / self.heads;
-        let mut out = vec![0f32; b * sq * inner];
+        let mut out = crate::kernels::zeros::<f32>(b * sq * inner);
         let shape = Dims {
             batch: b,
             sq,

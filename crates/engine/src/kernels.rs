@@ -7,6 +7,8 @@
 //! and softmax/GEGLU write in place. Every entry point falls back to candle's ops for other
 //! devices, dtypes or layouts, so callers need not care.
 
+use std::mem::MaybeUninit;
+
 use crate::avx512_gemm;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
@@ -140,15 +142,57 @@ where
 /// `rows` copies of `row`, one after another, written by all compute threads: a large layer's
 /// output starts as its bias this way (84 MB for SD 1.5's 320 -> 2560 layer at 512x512), and
 /// filled on one thread, that and its first-touch page faults were a serial part of the step.
+/// Written straight into fresh memory: zeroing it first was a second serial pass (see
+/// [`zeros`]).
 pub(crate) fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
-    let mut out = vec![0f32; row.len() * rows];
-    if !row.is_empty() {
-        par_units(&mut out, None, row.len(), |part, _, _| {
-            for dst in part.chunks_exact_mut(row.len()) {
-                dst.copy_from_slice(row);
+    let len = row.len() * rows;
+    if row.is_empty() || rows == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(len);
+    let threads = candle_core::utils::get_num_threads().clamp(1, rows);
+    let fill = |part: &mut [MaybeUninit<f32>]| {
+        for dst in part.chunks_exact_mut(row.len()) {
+            for (d, &v) in dst.iter_mut().zip(row) {
+                d.write(v);
+            }
+        }
+    };
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if threads == 1 || len < 1 << 15 || rayon::current_thread_index().is_some() {
+        fill(spare);
+    } else {
+        let per = rows.div_ceil(threads) * row.len();
+        rayon::scope(|s| {
+            for part in spare.chunks_mut(per) {
+                let fill = &fill;
+                s.spawn(move |_| fill(part));
             }
         });
     }
+    // SAFETY: every one of the `len` values was written above (whole rows, `len` a multiple).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `len` zeros, cleared by all compute threads when called from outside them. A layer's output
+/// buffer reuses memory freed by an earlier one (see `memory::keep_freed_buffers`), which
+/// calloc (`vec![0.0; len]`) must clear on the calling thread: a profile of a two-thread UNet
+/// step had that thread busy in memset for half of its own time while the other core waited.
+pub(crate) fn zeros<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    if threads == 1 || len < 1 << 16 || rayon::current_thread_index().is_some() {
+        return vec![T::default(); len];
+    }
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    rayon::scope(|s| {
+        for part in spare.chunks_mut(len.div_ceil(threads)) {
+            s.spawn(move |_| part.fill(MaybeUninit::new(T::default())));
+        }
+    });
+    // SAFETY: every one of the `len` values was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -664,7 +708,7 @@ impl CustomOp3 for GroupNormOp {
             }
         }
         let group_len = cpg * hw;
-        let mut dst = vec![0f32; x.len()];
+        let mut dst = zeros::<f32>(x.len());
         let p = NormParams {
             op: self,
             c,
@@ -769,7 +813,7 @@ impl CustomOp1 for Im2Col3x3 {
             );
         }
         let image = &x[self.b * c * h * w..(self.b + 1) * c * h * w];
-        let mut dst = vec![0f32; (9 * c + 1) * n];
+        let mut dst = zeros::<f32>((9 * c + 1) * n);
         par_units(&mut dst, None, n, |part, _, first| {
             for (i, row) in part.chunks_exact_mut(n).enumerate() {
                 let r = first + i;
@@ -907,7 +951,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
         // Output size with padding 1: (h + 2 - 3) / stride + 1.
         let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
         let ohw = oh * ow;
-        let mut out = vec![0f32; batch * cout * ohw];
+        let mut out = zeros::<f32>(batch * cout * ohw);
         for (plane, &b) in out.chunks_exact_mut(ohw).zip(self.bias.iter().cycle()) {
             plane.fill(b);
         }
@@ -915,7 +959,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
         let mut col = if pointwise {
             Vec::new()
         } else {
-            vec![0f32; kdim * rows * ow]
+            zeros::<f32>(kdim * rows * ow)
         };
         for b in 0..batch {
             let image = &x[b * c * hw..(b + 1) * c * hw];
@@ -1056,7 +1100,7 @@ impl CustomOp1 for Convert {
         let out = match (s, self.0) {
             (CpuStorage::F16(v), DType::F32) => {
                 let src = &v[a..b];
-                let mut dst = vec![0f32; src.len()];
+                let mut dst = zeros::<f32>(src.len());
                 rayon::scope(|sc| {
                     for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
                         sc.spawn(move |_| s.convert_to_f32_slice(d));
@@ -1066,7 +1110,7 @@ impl CustomOp1 for Convert {
             }
             (CpuStorage::F32(v), DType::F16) => {
                 let src = &v[a..b];
-                let mut dst = vec![f16::ZERO; src.len()];
+                let mut dst = zeros::<f16>(src.len());
                 rayon::scope(|sc| {
                     for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
                         sc.spawn(move |_| d.convert_from_f32_slice(s));
@@ -1399,6 +1443,27 @@ mod tests {
             ),
             0.0
         );
+    }
+
+    #[test]
+    fn zeros_and_repeated_rows_fill_every_value() {
+        // Large enough for the threaded paths; the memory of a dirty buffer freed just before
+        // is what the allocator is likely to hand out again.
+        for len in [0, 10, (1 << 16) + 7, 3 << 20] {
+            drop(vec![7u32; len]);
+            let z = zeros::<u32>(len);
+            assert_eq!(z.len(), len);
+            assert!(z.iter().all(|&v| v == 0), "{len}");
+        }
+        for (width, rows) in [(13, 5), (13, 20_011), (320, 8192), (0, 4), (3, 0)] {
+            drop(vec![-1f32; width * rows]);
+            let row: Vec<f32> = (0..width).map(|i| i as f32 + 0.5).collect();
+            let out = repeat_rows(&row, rows);
+            assert_eq!(out.len(), width * rows);
+            for (i, v) in out.iter().enumerate() {
+                assert_eq!(*v, row[i % width], "{width}x{rows} at {i}");
+            }
+        }
     }
 
     #[test]

@@ -124,7 +124,7 @@ impl CustomOp2 for ChannelsToTokens {
         }
         let mut out = match &self.bias {
             Some(bias) => kernels::repeat_rows(bias, b * hw),
-            None => vec![0f32; b * hw * out_dim],
+            None => kernels::zeros(b * hw * out_dim),
         };
         for i in 0..b {
             // SAFETY: dst is image i's `hw x out` row-major block of `out`; lhs is image i's
@@ -184,7 +184,7 @@ impl CustomOp3 for TokensToChannelsAdd {
         }
         // The residual plus the bias, copied on all compute threads (a serial copy was a
         // fixed part of every transformer's time).
-        let mut out = vec![0f32; rs.len()];
+        let mut out = kernels::zeros::<f32>(rs.len());
         if hw > 0 {
             let bias = self.bias.as_deref();
             kernels::par_units(&mut out, Some(rs), hw, |part, src, first| {
@@ -272,7 +272,7 @@ impl LinearOp {
                 }
                 kernels::repeat_rows(b, rows)
             }
-            None => vec![0f32; rows * out_dim],
+            None => kernels::zeros(rows * out_dim),
         };
         if rows > 0 && out_dim > 0 {
             // SAFETY: dst is `rows x out_dim` row-major in `out`; lhs `rows x in_dim` row-major

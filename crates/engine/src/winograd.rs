@@ -210,7 +210,7 @@ fn run<const M: usize, const A: usize>(
 ) -> Vec<f32> {
     let threads = candle_core::utils::get_num_threads().max(1);
     let plan = plan.unwrap_or_else(|| Plan::new(A, M, sh, threads));
-    let mut out = vec![0f32; sh.batch * sh.cout * sh.h * sh.w];
+    let mut out = kernels::zeros::<f32>(sh.batch * sh.cout * sh.h * sh.w);
     let job = Job {
         tr,
         sh,
@@ -400,7 +400,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
             let r0 = (group + j) * rows_per_chunk;
             (r0, (r0 + rows_per_chunk).min(tile_rows))
         };
-        let mut v = vec![0f32; in_group * chunk_len];
+        let mut v = kernels::zeros::<f32>(in_group * chunk_len);
         let v_ptr = SendPtr(v.as_mut_ptr());
         // Split by input channel: a group may be a single chunk (SD1.5's 32x32 level is one).
         on_threads(threads.min(c), |t, n| {
