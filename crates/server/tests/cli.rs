@@ -1,5 +1,6 @@
 //! The real `local-diffusers` binary: `serve` prints its address and answers; `doctor` reports the
-//! hardware; a non-loopback host without a key is refused with a clear message.
+//! hardware; a non-loopback host without a key is refused with a clear message; `bench --scaling`
+//! runs its child processes and reports their figures.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -28,6 +29,55 @@ fn doctor_prints_the_hardware_report() {
         "{text}"
     );
     assert!(text.contains(&dir.path().display().to_string()), "{text}");
+}
+
+#[test]
+fn bench_scaling_times_one_thread_two_threads_and_two_copies_at_once() {
+    // The VAE at 64x64: a few seconds for the five child runs.
+    let out = bin()
+        .args([
+            "bench",
+            "--scaling",
+            "--no-unet",
+            "--width",
+            "64",
+            "--height",
+            "64",
+        ])
+        .args(["--threads", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(v["threads"], 2, "{v}");
+    let vae = &v["parts"]["VAE decode"];
+    let (one, two) = (
+        vae["one_thread_s"].as_f64().unwrap(),
+        vae["threads_s"].as_f64().unwrap(),
+    );
+    assert!(one > 0.0 && two > 0.0, "{v}");
+    assert!(
+        (vae["scaling"].as_f64().unwrap() - one / two).abs() < 1e-9,
+        "{v}"
+    );
+    // The copies ran (a 64x64 decode needs far less memory than any test machine has).
+    let copies = vae["copies_at_once_s"].as_f64().unwrap();
+    let ceiling = vae["ceiling"].as_f64().unwrap();
+    assert!((ceiling - 2.0 * one / copies).abs() < 1e-9, "{v}");
+    assert!(v["parts"]["UNet step"].is_null(), "{v}");
+
+    // One thread has nothing to compare with.
+    let out = bin()
+        .args(["bench", "--scaling", "--no-unet", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads 2"));
 }
 
 #[test]

@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// (Zen 4, Sapphire Rapids), f32 accumulation; fp32 only.
     #[arg(long)]
     pub bf16: bool,
+    /// How the CPU time scales with threads: one thread against `--threads` (default: all
+    /// cores), each in a process of its own, alternated `--rounds` times; and, as the ceiling
+    /// the machine sets, as many one-thread copies at once as there are threads.
+    #[arg(long)]
+    pub scaling: bool,
 }
 
 pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
@@ -86,6 +91,9 @@ pub fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.ops {
         return run_ops(&args);
+    }
+    if args.scaling {
+        return run_scaling(&args);
     }
     let (family, native) = match args.family.to_ascii_lowercase().as_str() {
         "sd15" | "sd1" | "sd1.5" => (BenchFamily::Sd15, 512),
@@ -362,6 +370,192 @@ fn run_ops(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One round of `--scaling`: a part's time on one thread, on `n`, and each one-thread copy's
+/// time when `n` ran at once (empty when they were not run).
+#[derive(Debug, Clone, PartialEq)]
+struct ScalingRound {
+    one: f64,
+    many: f64,
+    copies: Vec<f64>,
+}
+
+/// A part's `--scaling` figures over the rounds: medians of the times, and of each round's
+/// ratios (a round's runs were minutes apart at most, under much the same load).
+#[derive(Debug, Clone, PartialEq)]
+struct ScalingRow {
+    one: f64,
+    many: f64,
+    /// One thread's time over `n` threads' time.
+    scaling: f64,
+    /// The median time of a one-thread copy while `n` copies ran at once.
+    copies: Option<f64>,
+    /// `n` copies' work in one copy's time against one thread alone: what `n` threads could
+    /// reach if nothing of a job ran on one thread and no thread waited for another. It is
+    /// below `n` by what the cores share: memory bandwidth, the last-level cache and the
+    /// power budget.
+    ceiling: Option<f64>,
+}
+
+fn scaling_row(n: usize, rounds: &[ScalingRound]) -> Option<ScalingRow> {
+    let copies: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| median(r.copies.clone()))
+        .collect();
+    let ceiling = rounds
+        .iter()
+        .filter_map(|r| Some(n as f64 * r.one / median(r.copies.clone())?))
+        .collect();
+    Some(ScalingRow {
+        one: median(rounds.iter().map(|r| r.one).collect())?,
+        many: median(rounds.iter().map(|r| r.many).collect())?,
+        scaling: median(rounds.iter().map(|r| r.one / r.many).collect())?,
+        copies: median(copies),
+        ceiling: median(ceiling),
+    })
+}
+
+/// `--scaling`: see [`BenchArgs::scaling`]. Each figure comes from a child process
+/// (`bench --json`), so every run starts with a fresh thread pool and allocator.
+fn run_scaling(args: &BenchArgs) -> anyhow::Result<()> {
+    let n = threads(args);
+    if n < 2 {
+        anyhow::bail!(
+            "--scaling compares one thread with several, and this machine runs one: pass --threads 2 or more"
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let mut child: Vec<String> = vec!["bench".into(), "--json".into(), "--no-torch".into()];
+    child.extend(["--family".into(), args.family.clone()]);
+    for (flag, v) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = v {
+            child.extend([flag.into(), v.to_string()]);
+        }
+    }
+    child.extend(["--batch".into(), args.batch.to_string()]);
+    child.extend(["--precision".into(), args.precision.clone()]);
+    if let Some(r) = args.repeats {
+        child.extend(["--repeats".into(), r.to_string()]);
+    }
+    for (on, flag) in [
+        (args.no_unet, "--no-unet"),
+        (args.no_vae, "--no-vae"),
+        (args.half_weights, "--half-weights"),
+        (args.bf16, "--bf16"),
+        (args.chunked_attention, "--chunked-attention"),
+    ] {
+        if on {
+            child.push(flag.into());
+        }
+    }
+    let start = |threads: usize| -> anyhow::Result<std::process::Child> {
+        Command::new(&exe)
+            .args(&child)
+            .args(["--threads", &threads.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))
+    };
+    let finish = |c: std::process::Child| -> anyhow::Result<serde_json::Value> {
+        let out = c.wait_with_output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "the benchmark's child run failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("the benchmark's child printed no JSON ({e}): {text}"))
+    };
+    let parts = [("UNet step", "unet_step_s"), ("VAE decode", "vae_decode_s")];
+    let mut rounds: Vec<Vec<ScalingRound>> = vec![Vec::new(); parts.len()];
+    let mut skipped_copies = None;
+    for _ in 0..args.rounds.max(1) {
+        let one = finish(start(1)?)?;
+        let many = finish(start(n)?)?;
+        // n copies need n times one copy's memory: run them only where that fits.
+        let peak = one["peak_rss_bytes"].as_f64().unwrap_or(0.0);
+        let room = ld_core::hardware::available_ram().map_or(0.0, |b| b as f64);
+        let copies = if n as f64 * peak < 0.9 * room {
+            let started: Vec<_> = (0..n).map(|_| start(1)).collect::<Result<_, _>>()?;
+            started
+                .into_iter()
+                .map(finish)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            skipped_copies = Some((peak, room));
+            Vec::new()
+        };
+        for (i, (_, key)) in parts.iter().enumerate() {
+            if let (Some(o), Some(m)) = (one[key].as_f64(), many[key].as_f64()) {
+                let copies = copies.iter().filter_map(|c| c[key].as_f64()).collect();
+                rounds[i].push(ScalingRound {
+                    one: o,
+                    many: m,
+                    copies,
+                });
+            }
+        }
+    }
+    let rows: Vec<_> = parts
+        .iter()
+        .zip(&rounds)
+        .filter_map(|((name, _), r)| Some((*name, scaling_row(n, r)?)))
+        .collect();
+    if args.json {
+        let v: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(name, r)| {
+                let v = serde_json::json!({
+                    "one_thread_s": r.one, "threads_s": r.many, "scaling": r.scaling,
+                    "copies_at_once_s": r.copies, "ceiling": r.ceiling,
+                });
+                (name.to_string(), v)
+            })
+            .collect();
+        println!("{}", serde_json::json!({"threads": n, "parts": v}));
+        return Ok(());
+    }
+    println!(
+        "Thread scaling, {} sizes, CPU, products by {}, {} round(s), each figure a median",
+        args.family,
+        ld_engine::cpu_products(),
+        args.rounds.max(1)
+    );
+    println!(
+        "{:<14} {:>10} {:>10} {:>8} {:>14} {:>8}",
+        "",
+        "1 thread",
+        format!("{n} threads"),
+        "scaling",
+        format!("{n} at once"),
+        "ceiling"
+    );
+    for (name, r) in &rows {
+        let copies = r.copies.map_or("-".into(), |c| format!("{c:.3} s"));
+        let ceiling = r.ceiling.map_or("-".into(), |c| format!("{c:.2}x"));
+        println!(
+            "{name:<14} {:>8.3} s {:>8.3} s {:>7.2}x {copies:>14} {ceiling:>8}",
+            r.one, r.many, r.scaling
+        );
+    }
+    println!(
+        "(ceiling: {n} one-thread copies' work at once against one thread alone; what the \
+         machine's shared memory, cache and power leave for {n} threads)"
+    );
+    if let Some((peak, room)) = skipped_copies {
+        println!(
+            "{n} copies at once were not run: each peaks at {:.1} GB and {:.1} GB is free",
+            peak / 1e9,
+            room / 1e9
+        );
+    }
+    Ok(())
+}
+
 fn attention(args: &BenchArgs) -> AttentionOptions {
     AttentionOptions {
         fused: !args.chunked_attention,
@@ -459,4 +653,48 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_rows_take_medians_of_times_and_of_each_rounds_ratios() {
+        let rounds = [
+            ScalingRound {
+                one: 8.0,
+                many: 4.0,
+                copies: vec![8.4, 8.6],
+            },
+            ScalingRound {
+                one: 7.0,
+                many: 4.0,
+                copies: vec![7.0, 7.2],
+            },
+            ScalingRound {
+                one: 9.0,
+                many: 5.0,
+                copies: vec![9.6, 9.0],
+            },
+        ];
+        let r = scaling_row(2, &rounds).unwrap();
+        assert_eq!((r.one, r.many), (8.0, 4.0));
+        // Per round: 2.0, 1.75, 1.8.
+        assert!((r.scaling - 1.8).abs() < 1e-12, "{r:?}");
+        // Copies' medians: 8.6, 7.2, 9.6; ceilings 16/8.6 = 1.86, 14/7.2 = 1.94, 18/9.6 = 1.875.
+        assert_eq!(r.copies, Some(8.6));
+        assert!((r.ceiling.unwrap() - 18.0 / 9.6).abs() < 1e-12, "{r:?}");
+        // Without the copies there is no ceiling, and without rounds no row.
+        let bare: Vec<_> = rounds
+            .iter()
+            .map(|r| ScalingRound {
+                copies: Vec::new(),
+                ..r.clone()
+            })
+            .collect();
+        let r = scaling_row(2, &bare).unwrap();
+        assert_eq!((r.copies, r.ceiling), (None, None));
+        assert_eq!(scaling_row(2, &[]), None);
+    }
 }
