@@ -404,7 +404,7 @@ pub fn low_vram_options(vram: u64) -> ld_engine::memory::MemoryOptions {
 pub fn recommend(report: &SystemReport) -> Recommendation {
     use crate::models::Family;
     use crate::settings::Precision;
-    use ld_engine::memory::{estimate, MemoryOptions, ModelShape, Target};
+    use ld_engine::memory::{estimate, estimate_staged, MemoryOptions, ModelShape, Target};
     let mut notes = Vec::new();
     let gpu = report.gpus.iter().max_by_key(|g| g.vram_total_bytes);
     let old_driver = gpu
@@ -514,24 +514,37 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
         // When a size does not fit plainly, the job service turns the strategies on by itself
         // (low-VRAM "Auto"), so the limit is the size that fits with all of them.
         // 15% headroom: the estimate is a planning figure (see ld_engine::memory).
-        let fits = |size: usize, o: &MemoryOptions| {
-            estimate(&shape, size, size, true, dtype, target, o).peak as f64 * SAFETY <= budget as f64
+        // On the processor, a job whose whole pipeline would not fit draws with one model in
+        // memory at a time (low-memory "Auto", `jobs::staging`), its UNet in f16 as the CPU
+        // keeps an fp16 file's (the catalog's downloads are fp16): planned as the whole
+        // pipeline, an 8 GB laptop was told SD 1.5 needs 6.0 GB where its staged jobs peak at
+        // about 2 GB. (Metal never stages.)
+        let staged = |size: usize, o: &MemoryOptions| {
+            device.value == DeviceKind::Cpu
+                && estimate(&shape, size, size, true, dtype, target, o).peak as f64 * SAFETY > budget as f64
         };
+        let peak = |size: usize, o: &MemoryOptions| {
+            if staged(size, o) {
+                estimate_staged(&shape, size, size, true, dtype, target, o, true).peak
+            } else {
+                estimate(&shape, size, size, true, dtype, target, o).peak
+            }
+        };
+        let fits = |size: usize, o: &MemoryOptions| peak(size, o) as f64 * SAFETY <= budget as f64;
         let lowest = if on_gpu { MemoryOptions::lowest() } else { MemoryOptions { vae_on_cpu: false, text_encoder_on_cpu: false, ..MemoryOptions::lowest() } };
         let max_size = SIZES.iter().copied().filter(|&s| fits(s, &lowest)).max();
         // The figures shown are the ones decided with: the headroom included, and the savings
         // that make the usual size fit (found by review: "needs 5.2 GB, can give 5.6 GB" said
         // of a model that did not fit, and 17.9 GB needed beside 16.5 GB that fit).
         let plan = if fits(native, &opts) { &opts } else { &lowest };
-        let with_headroom = |o: &MemoryOptions| {
-            (estimate(&shape, native, native, true, dtype, target, o).peak as f64 * SAFETY) as u64
-        };
+        let with_headroom = |o: &MemoryOptions| (peak(native, o) as f64 * SAFETY) as u64;
         let needed = with_headroom(plan);
         let memory = if on_gpu { "graphics memory" } else { "memory" };
+        let one_at_a_time = if staged(native, plan) { ", loading one model at a time" } else { "" };
         let reason = match max_size {
             None => format!("Needs about {} at {native}×{native} even with every memory saving on; this computer can give it {}.", gb(with_headroom(&lowest)), gb(budget)),
-            Some(m) if m < native => format!("Fits only below its usual {native}×{native} (about {} needed, {} of {memory} to use); pictures will look worse.", gb(needed), gb(budget)),
-            Some(m) => format!("Up to {m}×{m} fits in {} of {memory} (about {} at {native}×{native}).", gb(budget), gb(needed)),
+            Some(m) if m < native => format!("Fits only below its usual {native}×{native} (about {} needed{one_at_a_time}, {} of {memory} to use); pictures will look worse.", gb(needed), gb(budget)),
+            Some(m) => format!("Up to {m}×{m} fits in {} of {memory} (about {} at {native}×{native}{one_at_a_time}).", gb(budget), gb(needed)),
         };
         FamilyLimit { family, max_size, native_size: native, needed_bytes: needed, reason }
     })
@@ -746,7 +759,7 @@ mod tests {
             assert!(r.families.iter().all(|f| !f.reason.is_empty()));
             figures_agree_with_decisions(&r);
         }
-        for ram in [8, 12, 16, 32] {
+        for ram in [4, 6, 8, 12, 16, 32] {
             figures_agree_with_decisions(&recommend(&machine(ram, None, Some("none"), false)));
         }
         // SDXL needs an 8 GB card (its fp16 UNet is 5.1 GB); from there every size fits with
@@ -819,10 +832,40 @@ mod tests {
         // 16 GB of RAM x 0.7: SD1 and SD2 fit at their usual size.
         assert!(max_size(&r, Sd1).unwrap() >= 512);
         assert!(max_size(&r, Sd2).unwrap() >= 768);
-        // 12 GB of RAM: SD1 fits, SDXL (13.5 GB of fp32 weights) does not.
+        // 12 GB of RAM: SDXL (13.5 GB of fp32 weights as a whole pipeline) fits only one model
+        // at a time; 6 GB (4.2 GB to use) is less than its f16 UNet alone.
         let small = recommend(&machine(12, None, Some("none"), false));
-        assert!(max_size(&small, Sdxl).is_none(), "{}", small.to_text());
+        assert!(
+            max_size(&small, Sdxl).unwrap() >= 1024,
+            "{}",
+            small.to_text()
+        );
         assert!(max_size(&small, Sd1).is_some(), "{}", small.to_text());
+        let tiny = recommend(&machine(6, None, Some("none"), false));
+        assert!(max_size(&tiny, Sdxl).is_none(), "{}", tiny.to_text());
+    }
+
+    #[test]
+    fn without_a_gpu_the_limits_are_those_of_jobs_drawn_one_model_at_a_time() {
+        // An 8 GB laptop: SD 1.5 and SD 2 at their usual sizes, staged (about 2 GB for SD 1.5,
+        // measured 1.94-2.1 GB); planned as whole f32 pipelines they "did not fit" (6.0 GB).
+        let r = recommend(&machine(8, None, Some("none"), false));
+        for (family, native) in [(Sd1, 512), (Sd2, 768)] {
+            let f = r.families.iter().find(|f| f.family == family).unwrap();
+            assert!(f.max_size.unwrap() >= native, "{}", r.to_text());
+            assert!(f.reason.contains("one model at a time"), "{}", f.reason);
+        }
+        let sd1 = r.families.iter().find(|f| f.family == Sd1).unwrap();
+        assert!(sd1.needed_bytes < 5 << 29, "{}", r.to_text());
+        // 32 GB holds SD 1.5's whole pipeline: no staging, and the reason does not say it.
+        let big = recommend(&machine(32, None, Some("none"), false));
+        let sd1 = big.families.iter().find(|f| f.family == Sd1).unwrap();
+        assert!(
+            !sd1.reason.contains("one model at a time"),
+            "{}",
+            sd1.reason
+        );
+        assert!(sd1.needed_bytes > 4 << 30, "{}", big.to_text());
     }
 
     #[test]
