@@ -228,9 +228,22 @@ impl AppState {
 
     /// Every installed model: the data folder's, the command line's folders, the settings' folders.
     pub fn models(&self) -> Vec<ModelInfo> {
+        self.models_with(&self.settings(), None)
+    }
+
+    /// [`Self::models`] under `settings`; `vaes`: the VAE files already listed (a caller that
+    /// needs both walks the VAE folders once; `None`: listed here when a model needs them).
+    fn models_with(
+        &self,
+        settings: &Settings,
+        vaes: Option<&[ld_core::vae::VaeFile]>,
+    ) -> Vec<ModelInfo> {
         let mut models = ld_core::models::scan(&self.inner.data.models(), &self.user_roots());
         if models.iter().any(|m| m.needs_vae) {
-            ld_core::vae::usable_with(&mut models, &self.settings().vae, &self.vaes());
+            match vaes {
+                Some(vaes) => ld_core::vae::usable_with(&mut models, &settings.vae, vaes),
+                None => ld_core::vae::usable_with(&mut models, &settings.vae, &self.vaes()),
+            }
         }
         for m in models.iter_mut().filter(|m| m.path.is_file()) {
             m.sha256 = self.jobs().hashes().peek_sha256(&m.path);
@@ -264,6 +277,8 @@ impl AppState {
 
     /// The VAE files the "SD VAE" setting may name (data folder, model folders, added folders).
     pub fn vaes(&self) -> Vec<ld_core::vae::VaeFile> {
+        #[cfg(test)]
+        tests::VAE_LISTINGS.with(|n| n.set(n.get() + 1));
         ld_core::vae::vae_files(&ld_core::vae::vae_dirs(
             self.inner.data.root(),
             &self.inner.data.models(),
@@ -273,8 +288,12 @@ impl AppState {
 
     /// The model new jobs use when they name none.
     pub fn default_model(&self) -> Option<ModelInfo> {
-        let models = self.models();
-        compose::choose_model(None, &self.settings(), &models)
+        self.default_model_in(&self.models())
+    }
+
+    /// [`Self::default_model`] among `models` (a list just scanned, not scanned again).
+    pub fn default_model_in(&self, models: &[ModelInfo]) -> Option<ModelInfo> {
+        compose::choose_model(None, &self.settings(), models)
             .ok()
             .cloned()
     }
@@ -286,22 +305,20 @@ impl AppState {
     /// Composes a request with the current settings, presets and models (blocking file reads:
     /// call from `spawn_blocking` or accept the few milliseconds).
     pub fn compose(&self, input: &GenerationInput) -> Result<ComposedJob, ComposeError> {
-        let models = self.models();
+        // One read of the settings and one walk of the VAE folders for both the models'
+        // usability and the job's VAE choice.
+        let settings = self.settings();
+        let vaes = self.vaes();
+        let models = self.models_with(&settings, Some(&vaes));
         let networks = compose::Networks {
             loras: self.loras(),
             embedding_dirs: ld_core::models::embedding_dirs(
                 self.inner.data.root(),
                 &self.user_roots(),
             ),
-            vaes: self.vaes(),
+            vaes,
         };
-        compose::compose(
-            input,
-            &self.settings(),
-            &self.all_presets(),
-            &models,
-            &networks,
-        )
+        compose::compose(input, &settings, &self.all_presets(), &models, &networks)
     }
 }
 
@@ -316,4 +333,51 @@ fn new_token() -> String {
 /// The settings' "Faster drawing on this processor" (a no-op where the CPU has no AVX-512 BF16).
 fn apply_cpu_bf16(s: &Settings) {
     ld_engine::bf16_gemm::set_enabled(s.cpu_bf16);
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// How often this thread listed the VAE files ([`AppState::vaes`]).
+        pub(crate) static VAE_LISTINGS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    #[test]
+    fn composing_for_a_checkpoint_lacking_its_vae_lists_vae_files_once() {
+        use candle_core::{Device, Tensor};
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(Some(dir.path())).unwrap();
+        // An SD1 single file with a UNet and a text encoder but no VAE (the names decide).
+        let t = |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu);
+        let tensors = std::collections::HashMap::from([
+            (
+                "model.diffusion_model.input_blocks.0.0.weight".to_string(),
+                t(&[4, 4, 3, 3]).unwrap(),
+            ),
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight".to_string(),
+                t(&[4]).unwrap(),
+            ),
+        ]);
+        let file = data.models().join("lacking.safetensors");
+        candle_core::safetensors::save(&tensors, &file).unwrap();
+        let state = AppState::open(StateOptions::new(data, 7860)).unwrap();
+        let models = state.models();
+        assert!(
+            models.iter().any(|m| m.name == "lacking" && m.needs_vae),
+            "{models:?}"
+        );
+
+        VAE_LISTINGS.with(|n| n.set(0));
+        let input = GenerationInput {
+            prompt: "a cat".into(),
+            ..Default::default()
+        };
+        // It cannot be drawn without a VAE; what counts here is the folders walked.
+        let _ = state.compose(&input);
+        assert_eq!(VAE_LISTINGS.with(Cell::get), 1);
+    }
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 pub async fn list(State(state): State<AppState>) -> Json<Value> {
     let (models, default) = tokio::task::spawn_blocking(move || {
         let models: Vec<ModelInfo> = state.models();
-        let default = state.default_model().map(|m| m.name);
+        let default = state.default_model_in(&models).map(|m| m.name);
         (models, default)
     })
     .await
