@@ -184,13 +184,20 @@ pub(crate) fn zeros<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
     if threads == 1 || len < 1 << 16 || rayon::current_thread_index().is_some() {
         return vec![T::default(); len];
     }
+    filled_on_threads(len, T::default(), threads)
+}
+
+/// `len` copies of `value`, written in `threads` parts on rayon's pool.
+fn filled_on_threads<T: Copy + Send + Sync>(len: usize, value: T, threads: usize) -> Vec<T> {
     let mut out = Vec::with_capacity(len);
-    let spare = &mut out.spare_capacity_mut()[..len];
-    rayon::scope(|s| {
-        for part in spare.chunks_mut(len.div_ceil(threads)) {
-            s.spawn(move |_| part.fill(MaybeUninit::new(T::default())));
-        }
-    });
+    if len > 0 {
+        let spare = &mut out.spare_capacity_mut()[..len];
+        rayon::scope(|s| {
+            for part in spare.chunks_mut(len.div_ceil(threads.max(1))) {
+                s.spawn(move |_| part.fill(MaybeUninit::new(value)));
+            }
+        });
+    }
     // SAFETY: every one of the `len` values was written above.
     unsafe { out.set_len(len) };
     out
@@ -1447,13 +1454,18 @@ mod tests {
 
     #[test]
     fn zeros_and_repeated_rows_fill_every_value() {
-        // Large enough for the threaded paths; the memory of a dirty buffer freed just before
-        // is what the allocator is likely to hand out again.
+        // Large enough for the threaded paths.
         for len in [0, 10, (1 << 16) + 7, 3 << 20] {
-            drop(vec![7u32; len]);
             let z = zeros::<u32>(len);
             assert_eq!(z.len(), len);
             assert!(z.iter().all(|&v| v == 0), "{len}");
+            // The threaded fill with a value fresh memory cannot hold by chance, in parts of
+            // every size (the last one shorter).
+            for threads in [1, 2, 3, 7] {
+                let v = filled_on_threads(len, 7u32, threads);
+                assert_eq!(v.len(), len);
+                assert!(v.iter().all(|&x| x == 7), "{len} on {threads}");
+            }
         }
         for (width, rows) in [(13, 5), (13, 20_011), (320, 8192), (0, 4), (3, 0)] {
             drop(vec![-1f32; width * rows]);

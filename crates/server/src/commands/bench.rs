@@ -476,18 +476,40 @@ fn run_scaling(args: &BenchArgs) -> anyhow::Result<()> {
     for _ in 0..args.rounds.max(1) {
         let one = finish(start(1)?)?;
         let many = finish(start(n)?)?;
-        // n copies need n times one copy's memory: run them only where that fits.
-        let peak = one["peak_rss_bytes"].as_f64().unwrap_or(0.0);
-        let room = ld_core::hardware::available_ram().map_or(0.0, |b| b as f64);
-        let copies = if n as f64 * peak < 0.9 * room {
-            let started: Vec<_> = (0..n).map(|_| start(1)).collect::<Result<_, _>>()?;
-            started
-                .into_iter()
-                .map(finish)
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            skipped_copies = Some((peak, room));
-            Vec::new()
+        // n copies need n times one copy's memory: run them only where that is known to fit.
+        let peak = one["peak_rss_bytes"].as_f64();
+        let room = ld_core::hardware::available_ram().map(|b| b as f64);
+        let copies = match (peak, room) {
+            (Some(peak), Some(room)) if n as f64 * peak < 0.9 * room => {
+                let mut started = Vec::with_capacity(n);
+                for _ in 0..n {
+                    match start(1) {
+                        Ok(c) => started.push(c),
+                        Err(e) => {
+                            stop_all(started);
+                            return Err(e);
+                        }
+                    }
+                }
+                // Waited in turn: each child's output is a few lines, well under a pipe's
+                // buffer, so none blocks while another is read.
+                let mut done = Vec::with_capacity(n);
+                let mut started = started.into_iter();
+                while let Some(c) = started.next() {
+                    match finish(c) {
+                        Ok(v) => done.push(v),
+                        Err(e) => {
+                            stop_all(started.collect());
+                            return Err(e);
+                        }
+                    }
+                }
+                done
+            }
+            _ => {
+                skipped_copies = Some((peak, room));
+                Vec::new()
+            }
         };
         for (i, (_, key)) in parts.iter().enumerate() {
             if let (Some(o), Some(m)) = (one[key].as_f64(), many[key].as_f64()) {
@@ -546,14 +568,26 @@ fn run_scaling(args: &BenchArgs) -> anyhow::Result<()> {
         "(ceiling: {n} one-thread copies' work at once against one thread alone; what the \
          machine's shared memory, cache and power leave for {n} threads)"
     );
-    if let Some((peak, room)) = skipped_copies {
-        println!(
+    match skipped_copies {
+        Some((Some(peak), Some(room))) => println!(
             "{n} copies at once were not run: each peaks at {:.1} GB and {:.1} GB is free",
             peak / 1e9,
             room / 1e9
-        );
+        ),
+        Some(_) => println!(
+            "{n} copies at once were not run: this system does not say how much memory one takes or is free"
+        ),
+        None => {}
     }
     Ok(())
+}
+
+/// Ends child runs that are no longer wanted (another one failed), so none outlives this one.
+fn stop_all(children: Vec<std::process::Child>) {
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 fn attention(args: &BenchArgs) -> AttentionOptions {
