@@ -779,7 +779,14 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         *cache = None;
         // Each stage holds one model, and the base's estimate covers the largest.
         return match plan_memory(job, &policy, dtype, false, 0) {
-            Ok(memory) => run_staged(shared, job, &vae, memory, &note, faults.as_deref()),
+            Ok(memory) => {
+                let memory = if on_cpu {
+                    plan_cpu_stages(shared, job, &policy, dtype, memory)
+                } else {
+                    memory
+                };
+                run_staged(shared, job, &vae, memory, &note, faults.as_deref())
+            }
             Err(e) => Outcome::Failed(e),
         };
     }
@@ -1562,6 +1569,75 @@ fn plan_memory(
     Ok(memory)
 }
 
+/// The strategies a staged job on the CPU starts with: where its largest stage would not fit in
+/// the available memory, the ones that shrink a model's working memory there (tiled VAE, then
+/// the guidance pair one at a time), as far as needed. A 2048x2048 SD 1.5 picture's decode needs
+/// about 20 GB untiled and 1.3 GB tiled; on the CPU nothing refuses a job before it starts
+/// (memory can swap: slow, not fatal), and running out there is not an error a job can recover
+/// from, so this is planned, not left to the recovery chain.
+fn plan_cpu_stages(
+    shared: &Shared,
+    job: &Job,
+    policy: &MemoryPolicy,
+    dtype: DType,
+    mut memory: MemoryOptions,
+) -> MemoryOptions {
+    let (Some(free), Some(shape)) = (
+        policy.ram_free.as_ref().and_then(|f| f()),
+        model_shape(&job.spec.model),
+    ) else {
+        return memory;
+    };
+    let half = dtype == DType::F32
+        && shared
+            .config
+            .load
+            .unet_stores_half(&job.spec.model.path, !job.spec.loras.is_empty())
+            .unwrap_or(false);
+    let req = &job.spec.images[0];
+    let (width, height) = req
+        .hires
+        .as_ref()
+        .map_or((req.width, req.height), |f| f.enlarged_size());
+    let guided = req.cfg_scale != 1.0 && !shape.guidance_embedded;
+    let need = |m: &MemoryOptions| {
+        ld_engine::memory::estimate_staged(
+            &shape,
+            width,
+            height,
+            guided,
+            dtype,
+            Target::Cpu,
+            m,
+            half,
+        )
+        .peak
+    };
+    let first = need(&memory);
+    let mut turned_on = Vec::new();
+    for step in CHAIN.iter().filter(|s| s.on_cpu) {
+        if need(&memory) <= free {
+            break;
+        }
+        if !(step.is_on)(&memory) {
+            (step.turn_on)(&mut memory);
+            turned_on.push(step.name);
+        }
+    }
+    if !turned_on.is_empty() {
+        push_note(
+            job,
+            &format!(
+                "Turned on {} before starting: the largest model with its work needs about {} and {} of memory is free.",
+                turned_on.join(", "),
+                gib(first),
+                gib(free)
+            ),
+        );
+    }
+    memory
+}
+
 fn gib(b: u64) -> String {
     format!("{:.1} GB", b as f64 / (1u64 << 30) as f64)
 }
@@ -1577,6 +1653,10 @@ struct Step {
     /// The same where each model is alone in memory (a staged run): moving the other models
     /// off the GPU frees nothing there.
     alone: (bool, bool),
+    /// Whether it shrinks a model's working memory on the CPU ([`plan_cpu_stages`]): moving
+    /// models to the CPU does nothing there, and the CPU's fused attention holds no score
+    /// matrix for slicing to shrink.
+    on_cpu: bool,
 }
 
 /// The recovery chain, cheapest first, as the issue orders it.
@@ -1588,6 +1668,7 @@ const CHAIN: [Step; 5] = [
         sampling: false,
         decoding: true,
         alone: (false, true),
+        on_cpu: true,
     },
     Step {
         name: "sliced attention",
@@ -1596,6 +1677,7 @@ const CHAIN: [Step; 5] = [
         sampling: true,
         decoding: true,
         alone: (true, true),
+        on_cpu: false,
     },
     // Frees the VAE's weights from the GPU, so it helps sampling too; alone, it moves the
     // decode itself to the CPU.
@@ -1606,6 +1688,7 @@ const CHAIN: [Step; 5] = [
         sampling: true,
         decoding: true,
         alone: (false, true),
+        on_cpu: false,
     },
     // The same for the text encoder(s), which run once per picture, so it costs a second or two.
     Step {
@@ -1615,6 +1698,7 @@ const CHAIN: [Step; 5] = [
         sampling: true,
         decoding: true,
         alone: (false, false),
+        on_cpu: false,
     },
     // The guidance pair one sample at a time: our "smaller batch" (jobs already draw their
     // images one by one).
@@ -1625,6 +1709,7 @@ const CHAIN: [Step; 5] = [
         sampling: true,
         decoding: false,
         alone: (true, false),
+        on_cpu: true,
     },
 ];
 
@@ -2754,8 +2839,6 @@ mod tests {
         };
         svc.set_memory_policy(policy(LowVram::Auto));
         let whole = wait(svc.submit(job()).unwrap().id);
-        svc.set_memory_policy(policy(LowVram::On));
-        let staged = wait(svc.submit(job()).unwrap().id);
         // "Auto" stages a job only when the system's available memory is short for the whole
         // pipeline (the tiny model needs a few megabytes).
         let with_ram = |free: u64| MemoryPolicy {
@@ -2764,7 +2847,21 @@ mod tests {
         };
         svc.set_memory_policy(with_ram(u64::MAX));
         let roomy = wait(svc.submit(job()).unwrap().id);
-        svc.set_memory_policy(with_ram(1 << 20));
+        // (A staged job frees the whole pipeline kept loaded, so the next one loads afresh.)
+        svc.set_memory_policy(policy(LowVram::On));
+        let staged = wait(svc.submit(job()).unwrap().id);
+        // Short for the whole pipeline, not for its largest model alone (whose shortage turns
+        // strategies on, `plan_cpu_stages`, which would change the picture's rounding).
+        let shape = model_shape(&tiny_model()).unwrap();
+        let whole_need = job_need(
+            &job(),
+            &shape,
+            DType::F32,
+            Target::Cpu,
+            &MemoryOptions::default(),
+            false,
+        );
+        svc.set_memory_policy(with_ram(whole_need - 1));
         let short = wait(svc.submit(job()).unwrap().id);
         for info in [&whole, &staged, &roomy, &short] {
             assert_eq!(info.state, JobState::Done, "{:?}", info.error);
@@ -2784,6 +2881,63 @@ mod tests {
         same_two_pictures(&svc, [&whole, &staged, &short], |text| {
             text.contains("Lora hashes: \"lora_kohya: ") && text.contains("TI hashes: \"tinyemb: ")
         });
+    }
+
+    #[test]
+    fn staged_cpu_jobs_plan_a_tiled_decode_and_single_samples_only_when_memory_is_short() {
+        // A 2048x2048 picture of the tiny SD1 model: its untiled decode needs gigabytes (the
+        // VAE's activations grow with the pixels), its UNet little.
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let spec = ComposedJob {
+            model: tiny_model(),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            refiner: None,
+            images: vec![GenerateRequest {
+                prompt: "a cat".into(),
+                width: 2048,
+                height: 2048,
+                ..Default::default()
+            }],
+            preset: None,
+            vae: Default::default(),
+        };
+        let plan = |free: u64| {
+            let (job, _) = Job::queued("j".into(), spec.clone(), 1);
+            let policy = MemoryPolicy {
+                ram_free: Some(Arc::new(move || Some(free))),
+                ..Default::default()
+            };
+            let m = plan_cpu_stages(
+                &svc.shared,
+                &job,
+                &policy,
+                DType::F32,
+                MemoryOptions::default(),
+            );
+            let notes = job.info.borrow().notes.clone();
+            (m, notes)
+        };
+        let (roomy, notes) = plan(u64::MAX);
+        assert_eq!(roomy, MemoryOptions::default());
+        assert!(notes.is_empty(), "{notes:?}");
+        let (tiled, notes) = plan(1 << 30);
+        assert!(tiled.vae_tiling && !tiled.split_batch, "{tiled:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("Turned on tiled VAE before starting")),
+            "{notes:?}"
+        );
+        // Nothing is enough for 1 MB: the CPU's strategies are all on, the placements stay.
+        let (all, notes) = plan(1 << 20);
+        assert!(all.vae_tiling && all.split_batch, "{all:?}");
+        assert!(!all.vae_on_cpu && !all.text_encoder_on_cpu && all.attention_slice.is_none());
+        assert!(
+            notes.iter().any(|n| n.contains("tiled VAE, smaller batch")),
+            "{notes:?}"
+        );
     }
 
     #[test]
