@@ -83,8 +83,10 @@ fn cpu_half_weights(low_vram: LowVram) -> HalfWeights {
 }
 
 /// How the worker manages memory under `settings`. On an NVIDIA GPU each job is estimated against
-/// the free VRAM (asked through `gpu` before the job, less a reserve); on the CPU no limit is
-/// set before the job (system memory can swap: slow, not fatal), only the recovery chain acts.
+/// the free VRAM (asked through `gpu` before the job, less a reserve); on the CPU no job is
+/// refused before it starts (system memory can swap: slow, not fatal), but "Auto" draws one
+/// model at a time when the available RAM is short, and then tiles the decode and splits the
+/// guidance pair where even one model's work would not fit (`jobs::plan_cpu_stages`).
 pub fn memory_policy(settings: &Settings, gpu: Arc<dyn GpuProbe>) -> MemoryPolicy {
     // The worker draws on the GPU when this is a CUDA build and the advice uses the card (as
     // `load_options_with` was told): a card passed over must not plan CPU jobs against its VRAM
