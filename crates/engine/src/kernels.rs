@@ -142,37 +142,17 @@ where
 /// `rows` copies of `row`, one after another, written by all compute threads: a large layer's
 /// output starts as its bias this way (84 MB for SD 1.5's 320 -> 2560 layer at 512x512), and
 /// filled on one thread, that and its first-touch page faults were a serial part of the step.
-/// Written straight into fresh memory: zeroing it first was a second serial pass (see
-/// [`zeros`]).
 pub(crate) fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
-    let len = row.len() * rows;
-    if row.is_empty() || rows == 0 {
-        return Vec::new();
-    }
-    let mut out = Vec::with_capacity(len);
-    let threads = candle_core::utils::get_num_threads().clamp(1, rows);
-    let fill = |part: &mut [MaybeUninit<f32>]| {
-        for dst in part.chunks_exact_mut(row.len()) {
-            for (d, &v) in dst.iter_mut().zip(row) {
-                d.write(v);
+    // SAFETY: each part is whole rows, every value of which is written.
+    unsafe {
+        written_on_threads(row.len() * rows, row.len(), |part, _| {
+            for dst in part.chunks_exact_mut(row.len()) {
+                for (d, &v) in dst.iter_mut().zip(row) {
+                    d.write(v);
+                }
             }
-        }
-    };
-    let spare = &mut out.spare_capacity_mut()[..len];
-    if threads == 1 || len < 1 << 15 || rayon::current_thread_index().is_some() {
-        fill(spare);
-    } else {
-        let per = rows.div_ceil(threads) * row.len();
-        rayon::scope(|s| {
-            for part in spare.chunks_mut(per) {
-                let fill = &fill;
-                s.spawn(move |_| fill(part));
-            }
-        });
+        })
     }
-    // SAFETY: every one of the `len` values was written above (whole rows, `len` a multiple).
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// `len` zeros, cleared by all compute threads when called from outside them. A layer's output
@@ -180,25 +160,69 @@ pub(crate) fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
 /// calloc (`vec![0.0; len]`) must clear on the calling thread: a profile of a two-thread UNet
 /// step had that thread busy in memset for half of its own time while the other core waited.
 pub(crate) fn zeros<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
-    let threads = candle_core::utils::get_num_threads().max(1);
-    if threads == 1 || len < 1 << 16 || rayon::current_thread_index().is_some() {
+    if len < PAR_FILL_MIN || rayon::current_thread_index().is_some() {
         return vec![T::default(); len];
     }
-    filled_on_threads(len, T::default(), threads)
+    // SAFETY: each part is filled whole.
+    unsafe { written_on_threads(len, 1, |part, _| part.fill(MaybeUninit::new(T::default()))) }
 }
 
-/// `len` copies of `value`, written in `threads` parts on rayon's pool.
-fn filled_on_threads<T: Copy + Send + Sync>(len: usize, value: T, threads: usize) -> Vec<T> {
+/// Below this many values a buffer is written on the calling thread: a thread costs more.
+const PAR_FILL_MIN: usize = 1 << 15;
+
+/// A new vector of `len` values (a multiple of `unit`), written straight into fresh memory by
+/// `write(part, first)` on all compute threads: each part is a run of whole units, `first` the
+/// index of its first unit. Small vectors, and calls from a compute thread, are written here in
+/// one part. A layer's output written this way is not cleared first (a second full pass).
+///
+/// # Safety
+/// `write` must initialize every value of each part it is given.
+pub(crate) unsafe fn written_on_threads<T: Send>(
+    len: usize,
+    unit: usize,
+    write: impl Fn(&mut [MaybeUninit<T>], usize) + Sync,
+) -> Vec<T> {
+    let threads = if len < PAR_FILL_MIN || rayon::current_thread_index().is_some() {
+        1
+    } else {
+        candle_core::utils::get_num_threads()
+    };
+    written_in_parts(len, unit, threads, write)
+}
+
+/// [`written_on_threads`] in (at most) `threads` parts.
+///
+/// # Safety
+/// As [`written_on_threads`].
+unsafe fn written_in_parts<T: Send>(
+    len: usize,
+    unit: usize,
+    threads: usize,
+    write: impl Fn(&mut [MaybeUninit<T>], usize) + Sync,
+) -> Vec<T> {
+    let unit = unit.max(1);
+    // Whole units only: a remainder would be given to no part and stay uninitialized.
+    assert!(
+        len.is_multiple_of(unit),
+        "{len} values are not whole units of {unit}"
+    );
     let mut out = Vec::with_capacity(len);
     if len > 0 {
         let spare = &mut out.spare_capacity_mut()[..len];
-        rayon::scope(|s| {
-            for part in spare.chunks_mut(len.div_ceil(threads.max(1))) {
-                s.spawn(move |_| part.fill(MaybeUninit::new(value)));
-            }
-        });
+        let threads = threads.clamp(1, len / unit);
+        if threads == 1 {
+            write(spare, 0);
+        } else {
+            let per = (len / unit).div_ceil(threads);
+            let write = &write;
+            rayon::scope(|s| {
+                for (i, part) in spare.chunks_mut(per * unit).enumerate() {
+                    s.spawn(move |_| write(part, i * per));
+                }
+            });
+        }
     }
-    // SAFETY: every one of the `len` values was written above.
+    // SAFETY: the parts cover all `len` values, and `write` initialized each (the contract).
     unsafe { out.set_len(len) };
     out
 }
@@ -958,10 +982,15 @@ impl candle_core::CustomOp2 for Conv3x3 {
         // Output size with padding 1: (h + 2 - 3) / stride + 1.
         let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
         let ohw = oh * ow;
-        let mut out = zeros::<f32>(batch * cout * ohw);
-        for (plane, &b) in out.chunks_exact_mut(ohw).zip(self.bias.iter().cycle()) {
-            plane.fill(b);
-        }
+        // Each output plane starts as its channel's bias.
+        // SAFETY: each part is whole planes, each filled.
+        let mut out = unsafe {
+            written_on_threads(batch * cout * ohw, ohw, |part, first| {
+                for (i, plane) in part.chunks_exact_mut(ohw).enumerate() {
+                    plane.fill(MaybeUninit::new(self.bias[(first + i) % cout]));
+                }
+            })
+        };
         let rows = (self.block / (kdim * ow).max(1)).clamp(1, oh);
         let mut col = if pointwise {
             Vec::new()
@@ -1459,12 +1488,22 @@ mod tests {
             let z = zeros::<u32>(len);
             assert_eq!(z.len(), len);
             assert!(z.iter().all(|&v| v == 0), "{len}");
-            // The threaded fill with a value fresh memory cannot hold by chance, in parts of
-            // every size (the last one shorter).
+            // Parts of every size (the last one shorter), with a value fresh memory cannot hold
+            // by chance, each told where it starts.
             for threads in [1, 2, 3, 7] {
-                let v = filled_on_threads(len, 7u32, threads);
+                // SAFETY: each part is filled whole.
+                let v = unsafe {
+                    written_in_parts(len, 1, threads, |part, first| {
+                        for (i, x) in part.iter_mut().enumerate() {
+                            x.write(7 + first + i);
+                        }
+                    })
+                };
                 assert_eq!(v.len(), len);
-                assert!(v.iter().all(|&x| x == 7), "{len} on {threads}");
+                assert!(
+                    v.iter().enumerate().all(|(i, &x)| x == 7 + i),
+                    "{len} on {threads}"
+                );
             }
         }
         for (width, rows) in [(13, 5), (13, 20_011), (320, 8192), (0, 4), (3, 0)] {

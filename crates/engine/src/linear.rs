@@ -184,23 +184,23 @@ impl CustomOp3 for TokensToChannelsAdd {
         }
         // The residual plus the bias, copied on all compute threads (a serial copy was a
         // fixed part of every transformer's time).
-        let mut out = kernels::zeros::<f32>(rs.len());
-        if hw > 0 {
-            let bias = self.bias.as_deref();
-            kernels::par_units(&mut out, Some(rs), hw, |part, src, first| {
-                let src = src.expect("the residual is passed");
+        let bias = self.bias.as_deref();
+        // SAFETY: each part is whole planes of `hw` values, each written.
+        let mut out = unsafe {
+            kernels::written_on_threads(rs.len(), hw, |part, first| {
+                let from = &rs[first * hw..first * hw + part.len()];
                 for (n, (dst, from)) in part
                     .chunks_exact_mut(hw)
-                    .zip(src.chunks_exact(hw))
+                    .zip(from.chunks_exact(hw))
                     .enumerate()
                 {
                     let v = bias.map_or(0.0, |b| b[(first + n) % out_dim]);
                     for (d, &x) in dst.iter_mut().zip(from) {
-                        *d = x + v;
+                        d.write(x + v);
                     }
                 }
-            });
-        }
+            })
+        };
         for i in 0..b {
             // SAFETY: dst is image i's `[out, hw]` block of `out`, written as its transpose
             // (`hw x out`, row stride 1, column stride hw); lhs is image i's `hw x in` tokens,
