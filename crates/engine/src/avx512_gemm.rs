@@ -755,22 +755,16 @@ pub(crate) unsafe fn gemm_parts(
         if by_columns {
             // The left operand shared: each task packs its share of the row blocks.
             let mut a = PackedLhs::zeroed(fmt, m, k);
-            let out = SendU32(a.data.as_mut_ptr());
-            let blocks = m.div_ceil(MR);
-            let pack = |t: usize| {
-                let (out, lhs) = (&out, lhs);
-                let (b0, b1) = (blocks * t / parts, blocks * (t + 1) / parts);
-                if b0 < b1 {
-                    let rows = ((b1 * MR).min(m) - b0 * MR, b0 * MR);
-                    // SAFETY: blocks b0..b1 of the packed data, which only this task writes.
-                    let part = std::slice::from_raw_parts_mut(
-                        out.0.add(b0 * steps * MR),
-                        (b1 - b0) * steps * MR,
-                    );
-                    pack_lhs_into(fmt, (rows.1, rows.0), (0, k), lhs, part);
-                }
-            };
-            each_part(parts, &pack);
+            pack_in_parts(
+                parts,
+                &mut a.data,
+                m.div_ceil(MR),
+                steps * MR,
+                &|b0, b1, part| {
+                    let rows = (b1 * MR).min(m) - b0 * MR;
+                    pack_lhs_into(fmt, (b0 * MR, rows), (0, k), lhs, part);
+                },
+            );
             let a = &a;
             run_parts(&|c0: usize, c1: usize| {
                 if c0 < c1 {
@@ -792,28 +786,24 @@ pub(crate) unsafe fn gemm_parts(
         } else {
             // The right operand shared: each task packs its share of the column panels.
             let mut b = crate::kernels::zeros::<u32>(rhs_len(fmt, k, n));
-            let out = SendU32(b.as_mut_ptr());
-            let panels = n.div_ceil(NR);
-            let pack = |t: usize| {
-                // Whole-struct copies, so the closure holds the `Sync` wrappers, not their
-                // raw pointer fields.
-                let (out, rhs) = (&out, rhs);
-                let (p0, p1) = (panels * t / parts, panels * (t + 1) / parts);
-                if p0 < p1 {
+            pack_in_parts(
+                parts,
+                &mut b,
+                n.div_ceil(NR),
+                steps * NR,
+                &|p0, p1, part| {
                     let cols = (p1 * NR).min(n) - p0 * NR;
+                    // A whole-struct copy, so the closure holds the `Sync` wrapper, not its
+                    // raw pointer field.
+                    let whole = rhs;
+                    // SAFETY: column p0 * NR is inside `rhs` (p0 < p1, so it is below n).
                     let rhs = MatRef {
-                        ptr: rhs.ptr.offset((p0 * NR) as isize * rhs.cs),
-                        ..rhs
+                        ptr: unsafe { whole.ptr.offset((p0 * NR) as isize * whole.cs) },
+                        ..whole
                     };
-                    // SAFETY: panels p0..p1 of the packed data, which only this task writes.
-                    let part = std::slice::from_raw_parts_mut(
-                        out.0.add(p0 * steps * NR),
-                        (p1 - p0) * steps * NR,
-                    );
                     pack_rhs_into(fmt, k, cols, rhs, part);
-                }
-            };
-            each_part(parts, &pack);
+                },
+            );
             let b = &b;
             run_parts(&|r0: usize, r1: usize| {
                 if r0 < r1 {
@@ -837,6 +827,39 @@ pub(crate) unsafe fn gemm_parts(
         let _ = (fmt, parts, by_columns, m, n, k, dst, read_dst, lhs, rhs);
         unreachable!("AVX-512 products are only taken where the CPU runs them");
     }
+}
+
+/// Packs a shared operand in `parts` tasks: `buf` holds `units` packed units (row blocks or
+/// column panels) of `unit_len` values each, and task `t` packs the units `u0..u1` of its
+/// even share into their part of it with `pack(u0, u1, part)` (not called for an empty share).
+#[cfg(target_arch = "x86_64")]
+fn pack_in_parts(
+    parts: usize,
+    buf: &mut [u32],
+    units: usize,
+    unit_len: usize,
+    pack: &(dyn Fn(usize, usize, &mut [u32]) + Sync),
+) {
+    let mut rest = &mut buf[..units * unit_len];
+    let mut shares = Vec::with_capacity(parts);
+    for t in 0..parts {
+        let (u0, u1) = (units * t / parts, units * (t + 1) / parts);
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut((u1 - u0) * unit_len);
+        rest = tail;
+        if u0 < u1 {
+            shares.push((u0, u1, part));
+        }
+    }
+    rayon::scope(|s| {
+        let mut shares = shares.into_iter();
+        let first = shares.next();
+        for (u0, u1, part) in shares {
+            s.spawn(move |_| pack(u0, u1, part));
+        }
+        if let Some((u0, u1, part)) = first {
+            pack(u0, u1, part);
+        }
+    });
 }
 
 /// Runs `f(t)` for every `t < parts` as tasks on rayon's pool, `f(0)` on this thread.
@@ -866,13 +889,6 @@ fn transposed(dst: MatMut, lhs: MatRef, rhs: MatRef) -> (MatMut, MatRef, MatRef)
     };
     (dt, t(rhs), t(lhs))
 }
-
-/// A packed buffer that several tasks fill in disjoint parts.
-#[cfg(target_arch = "x86_64")]
-struct SendU32(*mut u32);
-// SAFETY: the tasks write disjoint parts (see `gemm_parts`).
-#[cfg(target_arch = "x86_64")]
-unsafe impl Sync for SendU32 {}
 
 /// The product in blocks, with `b` the right operand as [`pack_rhs`] packs it: per slice of
 /// [`MC`] rows and [`Format::slice_steps`] depth steps, the row slice (packed now or
