@@ -514,12 +514,11 @@ pub fn recommend(report: &SystemReport) -> Recommendation {
         // When a size does not fit plainly, the job service turns the strategies on by itself
         // (low-VRAM "Auto"), so the limit is the size that fits with all of them.
         // 15% headroom: the estimate is a planning figure (see ld_engine::memory).
-        // On the processor, a job whose whole pipeline would not fit draws with one model in
-        // memory at a time (low-memory "Auto", `jobs::staging`), its UNet in f16 as the CPU
-        // keeps an fp16 file's (the catalog's downloads are fp16): planned as the whole
-        // pipeline, an 8 GB laptop was told SD 1.5 needs 6.0 GB where its staged jobs peak at
-        // about 2 GB. (Metal never stages.)
-        // As `jobs::staging` judges it: the whole pipeline with the f16 UNet counted at half.
+        // On the processor, judged as `jobs::staging` judges it: the UNet counted in f16, as
+        // the CPU keeps an fp16 file's (the catalog's downloads are fp16), and a job whose
+        // whole pipeline would not fit drawn with one model in memory at a time (low-memory
+        // "Auto"). Planned as a whole f32 pipeline, an 8 GB laptop was told SD 1.5 needs 6.0
+        // GB. (Metal never stages.)
         let cpu = device.value == DeviceKind::Cpu;
         let whole = |size: usize, o: &MemoryOptions| {
             let e = estimate(&shape, size, size, true, dtype, target, o).peak;

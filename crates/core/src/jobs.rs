@@ -1021,13 +1021,12 @@ fn staging(
         // The estimate counts the UNet's weights in `dtype`; on the CPU a model whose UNet file
         // is f16 keeps them in f16 (`LoadOptions::half_weights`), half of that. Only read (from
         // the file headers) when it could change the answer.
-        let need = if need > free && !loaded && dtype == DType::F32 {
-            let half = shared
-                .config
-                .load
-                .unet_stores_half(&job.spec.model.path, !job.spec.loras.is_empty())
-                .unwrap_or(false);
-            need.saturating_sub(if half { shape.unet_params * 2 } else { 0 })
+        let need = if need > free && !loaded {
+            need.saturating_sub(if unet_kept_half(shared, job, dtype) {
+                shape.unet_params * 2
+            } else {
+                0
+            })
         } else {
             need
         };
@@ -1074,6 +1073,32 @@ fn gpu_target(policy: &MemoryPolicy, dtype: DType) -> Target {
         .map_or(Target::Gpu, |major| Target::nvidia(major, dtype))
 }
 
+/// The size and guidance memory is planned for: `spec`'s first picture, at the size of a hires
+/// fix's second pass, which is the larger (Lanczos encodes its enlarged picture before the cut).
+fn planned_picture(spec: &ComposedJob, shape: &ModelShape) -> (usize, usize, bool) {
+    let req = &spec.images[0];
+    let (width, height) = req
+        .hires
+        .as_ref()
+        .map_or((req.width, req.height), |f| f.enlarged_size());
+    (
+        width,
+        height,
+        req.cfg_scale != 1.0 && !shape.guidance_embedded,
+    )
+}
+
+/// Whether `job`'s UNet keeps f16 weights under `dtype` (an fp16 file drawn in f32 on the CPU,
+/// `LoadOptions::stores_half`), read from the file headers; unreadable counts as not.
+fn unet_kept_half(shared: &Shared, job: &Job, dtype: DType) -> bool {
+    dtype == DType::F32
+        && shared
+            .config
+            .load
+            .unet_stores_half(&job.spec.model.path, !job.spec.loras.is_empty())
+            .unwrap_or(false)
+}
+
 /// The estimated peak memory of `spec`'s first picture with `memory`'s strategies on `target`;
 /// without the weights when the model is already `loaded` (they are out of the free figure).
 fn job_need(
@@ -1084,22 +1109,8 @@ fn job_need(
     memory: &MemoryOptions,
     loaded: bool,
 ) -> u64 {
-    let req = &spec.images[0];
-    // A hires fix's second pass is the larger, and Lanczos encodes its enlarged picture before
-    // the cut.
-    let (width, height) = req
-        .hires
-        .as_ref()
-        .map_or((req.width, req.height), |f| f.enlarged_size());
-    let e = ld_engine::memory::estimate(
-        shape,
-        width,
-        height,
-        req.cfg_scale != 1.0 && !shape.guidance_embedded,
-        dtype,
-        target,
-        memory,
-    );
+    let (width, height, guided) = planned_picture(spec, shape);
+    let e = ld_engine::memory::estimate(shape, width, height, guided, dtype, target, memory);
     if loaded {
         e.peak - e.weights
     } else {
@@ -1588,18 +1599,8 @@ fn plan_cpu_stages(
     ) else {
         return memory;
     };
-    let half = dtype == DType::F32
-        && shared
-            .config
-            .load
-            .unet_stores_half(&job.spec.model.path, !job.spec.loras.is_empty())
-            .unwrap_or(false);
-    let req = &job.spec.images[0];
-    let (width, height) = req
-        .hires
-        .as_ref()
-        .map_or((req.width, req.height), |f| f.enlarged_size());
-    let guided = req.cfg_scale != 1.0 && !shape.guidance_embedded;
+    let half = unet_kept_half(shared, job, dtype);
+    let (width, height, guided) = planned_picture(&job.spec, &shape);
     let need = |m: &MemoryOptions| {
         ld_engine::memory::estimate_staged(
             &shape,
