@@ -457,18 +457,7 @@ fn run_scaling(args: &BenchArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", exe.display()))
     };
     let finish = |c: std::process::Child| -> anyhow::Result<serde_json::Value> {
-        let out = c.wait_with_output()?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "the benchmark's child run failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or_default();
-        serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("the benchmark's child printed no JSON ({e}): {text}"))
+        json_output("the benchmark's child run", c.wait_with_output()?)
     };
     let parts = [("UNet step", "unet_step_s"), ("VAE decode", "vae_decode_s")];
     let mut rounds: Vec<Vec<ScalingRound>> = vec![Vec::new(); parts.len()];
@@ -649,11 +638,17 @@ fn run_script(python: &PathBuf, name: &str, args: &[String]) -> anyhow::Result<s
         .args(args)
         .output()
         .map_err(|e| anyhow::anyhow!("running {} {name}: {e}", python.display()))?;
+    json_output(name, out)
+}
+
+/// The JSON line a child process (ours or a PyTorch script) printed last; its failure, with
+/// what it wrote to stderr, as an error naming `what`.
+fn json_output(what: &str, out: std::process::Output) -> anyhow::Result<serde_json::Value> {
     if !out.status.success() {
         anyhow::bail!(
-            "{name} failed ({}): {}",
+            "{what} failed ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
@@ -662,7 +657,7 @@ fn run_script(python: &PathBuf, name: &str, args: &[String]) -> anyhow::Result<s
         .rev()
         .find(|l| l.starts_with('{'))
         .unwrap_or("");
-    serde_json::from_str(last).map_err(|e| anyhow::anyhow!("{name} printed no JSON ({e}): {text}"))
+    serde_json::from_str(last).map_err(|e| anyhow::anyhow!("{what} printed no JSON ({e}): {text}"))
 }
 
 fn how_to_compare(script: &str, args: &[String]) {
