@@ -260,13 +260,33 @@ impl CrossAttention {
         context: Option<&Tensor>,
         opts: &AttentionOptions,
     ) -> Result<Tensor> {
+        self.to_out.forward(&self.attend(x, context, opts)?)
+    }
+
+    /// `residual + self(x, context)`, the sum written by the output projection.
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        opts: &AttentionOptions,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.to_out
+            .forward_add(&self.attend(x, context, opts)?, residual)
+    }
+
+    /// The attention before the output projection.
+    fn attend(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let o =
-            scaled_dot_product_attention(&q, &k, &v, self.heads, self.scale, self.upcast, opts)?;
-        self.to_out.forward(&o)
+        scaled_dot_product_attention(&q, &k, &v, self.heads, self.scale, self.upcast, opts)
     }
 }
 
@@ -297,9 +317,18 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out.forward(&self.gated(x)?)
+    }
+
+    /// `residual + self(x)`, the sum written by the output layer.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_add(&self.gated(x)?, residual)
+    }
+
+    /// `hidden * gelu(gate)`, the input of the output layer.
+    fn gated(&self, x: &Tensor) -> Result<Tensor> {
         let (hidden, gate) = (self.hidden.forward(x)?, self.gate.forward(x)?);
-        let h = profile::scope("geglu", x.device(), || kernels::mul_gelu(hidden, &gate))?;
-        self.out.forward(&h)
+        profile::scope("geglu", x.device(), || kernels::mul_gelu(hidden, &gate))
     }
 }
 
@@ -353,12 +382,14 @@ impl BasicTransformerBlock {
         let ctx1 = self.only_cross_attention.then_some(context);
         let ln =
             |n: &LayerNorm, x: &Tensor| profile::scope("layer norm", x.device(), || n.forward(x));
-        let x = (self.attn1.forward(&ln(&self.norm1, x)?, ctx1, opts)? + x)?;
-        let x = (self
+        // Each skip connection is added by the sublayer's last product as it writes.
+        let x = self
+            .attn1
+            .forward_add(&ln(&self.norm1, x)?, ctx1, opts, x)?;
+        let x = self
             .attn2
-            .forward(&ln(&self.norm2, &x)?, Some(context), opts)?
-            + x)?;
-        self.ff.forward(&ln(&self.norm3, &x)?)? + x
+            .forward_add(&ln(&self.norm2, &x)?, Some(context), opts, &x)?;
+        self.ff.forward_add(&ln(&self.norm3, &x)?, &x)
     }
 }
 

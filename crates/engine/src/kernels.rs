@@ -11,7 +11,8 @@ use std::mem::MaybeUninit;
 
 use crate::avx512_gemm;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1, InplaceOp2, Layout, Result,
+    Shape, Tensor,
 };
 
 /// Defines `fn $name(args)` running `$body` compiled for AVX2 and FMA (8-wide vectors, fused
@@ -139,16 +140,78 @@ where
     });
 }
 
-/// `rows` copies of `row`, one after another, written by all compute threads: a large layer's
-/// output starts as its bias this way (84 MB for SD 1.5's 320 -> 2560 layer at 512x512), and
-/// filled on one thread, that and its first-touch page faults were a serial part of the step.
-pub(crate) fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+/// A layer's output before its product is added in: `rows x width` row-major, each row
+/// `residual`'s row (when given) plus `bias` (`width` values, when given), written on all
+/// compute threads. A large layer's output starts as its bias this way (84 MB for SD 1.5's
+/// 320 -> 2560 layer at 512x512): filled on one thread, that and its first-touch page faults
+/// were a serial part of the step. With a residual, the transformer's `x + layer(..)` costs no
+/// pass of its own (candle's add ran on one thread here, 1% of a two-thread step).
+///
+/// # Panics
+/// If `bias` does not hold `width` values or `residual` `rows * width`.
+pub(crate) fn rows_start(
+    rows: usize,
+    width: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let len = rows * width;
+    assert!(bias.is_none_or(|b| b.len() == width) && residual.is_none_or(|r| r.len() == len));
     // SAFETY: each part is whole rows, every value of which is written.
     unsafe {
-        written_on_threads(row.len() * rows, row.len(), |part, _| {
-            for dst in part.chunks_exact_mut(row.len()) {
-                for (d, &v) in dst.iter_mut().zip(row) {
-                    d.write(v);
+        written_on_threads(len, width, |part, first| {
+            let from = residual.map(|r| &r[first * width..first * width + part.len()]);
+            for (n, dst) in part.chunks_exact_mut(width.max(1)).enumerate() {
+                let from = from.map(|f| &f[n * width..(n + 1) * width]);
+                match (bias, from) {
+                    (Some(b), Some(f)) => {
+                        for ((d, &x), &v) in dst.iter_mut().zip(f).zip(b) {
+                            d.write(x + v);
+                        }
+                    }
+                    (Some(v), None) | (None, Some(v)) => {
+                        for (d, &x) in dst.iter_mut().zip(v) {
+                            d.write(x);
+                        }
+                    }
+                    (None, None) => dst.fill(MaybeUninit::new(0.0)),
+                }
+            }
+        })
+    }
+}
+
+/// A convolution's (or channels-first layer's) output before its product is added in:
+/// `planes` planes of `plane` values, plane `p` holding `bias[p % bias.len()]` (the channel's
+/// bias, when given) plus `residual`'s plane `p` (when given), written on all compute threads.
+/// With a residual, the resnet's `x + conv(..)` costs no pass of its own.
+///
+/// # Panics
+/// If `bias` is empty or does not divide `planes`, or `residual` does not hold every value.
+pub(crate) fn planes_start(
+    planes: usize,
+    plane: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let len = planes * plane;
+    assert!(
+        bias.is_none_or(|b| !b.is_empty() && planes.is_multiple_of(b.len()))
+            && residual.is_none_or(|r| r.len() == len)
+    );
+    // SAFETY: each part is whole planes, every value of which is written.
+    unsafe {
+        written_on_threads(len, plane, |part, first| {
+            let from = residual.map(|r| &r[first * plane..first * plane + part.len()]);
+            for (n, dst) in part.chunks_exact_mut(plane.max(1)).enumerate() {
+                let v = bias.map_or(0.0, |b| b[(first + n) % b.len()]);
+                match from {
+                    Some(f) => {
+                        for (d, &x) in dst.iter_mut().zip(&f[n * plane..(n + 1) * plane]) {
+                            d.write(x + v);
+                        }
+                    }
+                    None => dst.fill(MaybeUninit::new(v)),
                 }
             }
         })
@@ -944,7 +1007,7 @@ struct Conv3x3 {
     stride: usize,
 }
 
-impl candle_core::CustomOp2 for Conv3x3 {
+impl CustomOp2 for Conv3x3 {
     fn name(&self) -> &'static str {
         "ld-conv3x3"
     }
@@ -956,8 +1019,58 @@ impl candle_core::CustomOp2 for Conv3x3 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let wt = contiguous_f32(s2, l2, self.name())?;
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+/// The third operand is a residual of the output's shape, added to the result.
+impl CustomOp3 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "ld-conv3x3-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// Checks that `residual` (when given) is a contiguous f32 tensor of `shape`, the output's.
+pub(crate) fn residual_of<'a>(
+    residual: Option<(&'a CpuStorage, &Layout)>,
+    shape: &[usize],
+    what: &str,
+) -> Result<Option<&'a [f32]>> {
+    residual
+        .map(|(s, l)| {
+            if l.dims() != shape {
+                candle_core::bail!(
+                    "{what}: residual {:?} does not match the output {shape:?}",
+                    l.dims()
+                );
+            }
+            contiguous_f32(s, l, what)
+        })
+        .transpose()
+}
+
+impl Conv3x3 {
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "ld-conv3x3";
+        let x = contiguous_f32(s1, l1, name)?;
+        let wt = contiguous_f32(s2, l2, name)?;
         let (batch, c, h, w) = l1.shape().dims4()?;
         let (cout, kdim) = l2.shape().dims2()?;
         let pointwise = self.pointwise;
@@ -971,8 +1084,7 @@ impl candle_core::CustomOp2 for Conv3x3 {
             || (pointwise && stride != 1)
         {
             candle_core::bail!(
-                "{}: weights {:?} and bias {} do not fit input {:?}",
-                self.name(),
+                "{name}: weights {:?} and bias {} do not fit input {:?}",
                 l2.dims(),
                 self.bias.len(),
                 l1.dims()
@@ -982,15 +1094,9 @@ impl candle_core::CustomOp2 for Conv3x3 {
         // Output size with padding 1: (h + 2 - 3) / stride + 1.
         let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
         let ohw = oh * ow;
-        // Each output plane starts as its channel's bias.
-        // SAFETY: each part is whole planes, each filled.
-        let mut out = unsafe {
-            written_on_threads(batch * cout * ohw, ohw, |part, first| {
-                for (i, plane) in part.chunks_exact_mut(ohw).enumerate() {
-                    plane.fill(MaybeUninit::new(self.bias[(first + i) % cout]));
-                }
-            })
-        };
+        let residual = residual_of(residual, &[batch, cout, oh, ow], name)?;
+        // Each output plane starts as its channel's bias (plus the residual's plane).
+        let mut out = planes_start(batch * cout, ohw, Some(&self.bias), residual);
         let rows = (self.block / (kdim * ow).max(1)).clamp(1, oh);
         let mut col = if pointwise {
             Vec::new()
@@ -1042,10 +1148,16 @@ impl candle_core::CustomOp2 for Conv3x3 {
 }
 
 /// 3x3/stride 1/padding 1 convolution of `x` (`[batch, c, h, w]`, contiguous f32 CPU) with
-/// `weight` `[c_out, 9 * c]` (torch's `[c_out, c, 3, 3]` flattened) and `bias`; im2col blocks of at most
-/// `block` elements.
-pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], block: usize) -> Result<Tensor> {
-    conv3x3_strided(x, weight, bias, block, 1)
+/// `weight` `[c_out, 9 * c]` (torch's `[c_out, c, 3, 3]` flattened) and `bias`, plus `residual`
+/// (of the output's shape) when given; im2col blocks of at most `block` elements.
+pub(crate) fn conv3x3(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &[f32],
+    block: usize,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    conv3x3_strided(x, weight, bias, block, 1, residual)
 }
 
 /// [`conv3x3`] with `stride` (1 or 2; padding stays 1): the output is `(h - 1) / stride + 1`
@@ -1056,30 +1168,47 @@ pub(crate) fn conv3x3_strided(
     bias: &[f32],
     block: usize,
     stride: usize,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    x.apply_op2_no_bwd(
-        weight,
-        &Conv3x3 {
-            bias: bias.to_vec(),
-            block,
-            pointwise: false,
-            stride,
-        },
-    )
+    let op = Conv3x3 {
+        bias: bias.to_vec(),
+        block,
+        pointwise: false,
+        stride,
+    };
+    with_residual(x, weight, residual, &op)
 }
 
 /// 1x1 convolution of `x` (`[batch, c, h, w]`, contiguous f32 CPU) with `weight` `[c_out, c]`
-/// and `bias`: one product per image, written into an output that starts as the bias.
-pub(crate) fn conv1x1(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
-    x.apply_op2_no_bwd(
-        weight,
-        &Conv3x3 {
-            bias: bias.to_vec(),
-            block: 0,
-            pointwise: true,
-            stride: 1,
-        },
-    )
+/// and `bias`, plus `residual` when given: one product per image, written into an output that
+/// starts as the bias (and the residual).
+pub(crate) fn conv1x1(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &[f32],
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = Conv3x3 {
+        bias: bias.to_vec(),
+        block: 0,
+        pointwise: true,
+        stride: 1,
+    };
+    with_residual(x, weight, residual, &op)
+}
+
+/// Runs a layer's op on `x` and `weight`, with `residual` as the third operand when given (the
+/// op adds it to its result).
+pub(crate) fn with_residual<Op: CustomOp2 + CustomOp3>(
+    x: &Tensor,
+    weight: &Tensor,
+    residual: Option<&Tensor>,
+    op: &Op,
+) -> Result<Tensor> {
+    match residual {
+        Some(r) => x.apply_op3_no_bwd(weight, r, op),
+        None => x.apply_op2_no_bwd(weight, op),
+    }
 }
 
 /// Whether `x` can use [`im2col_3x3`] (and the other fused CPU kernels).
@@ -1482,7 +1611,7 @@ mod tests {
     }
 
     #[test]
-    fn zeros_and_repeated_rows_fill_every_value() {
+    fn zeros_fill_every_value() {
         // Large enough for the threaded paths.
         for len in [0, 10, (1 << 16) + 7, 3 << 20] {
             let z = zeros::<u32>(len);
@@ -1506,13 +1635,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every combination of bias and residual, at sizes that take one part and several (the
+    /// last shorter); the values are exact in f32, so the sums are compared exactly.
+    #[test]
+    fn layer_outputs_start_as_bias_plus_residual() {
         for (width, rows) in [(13, 5), (13, 20_011), (320, 8192), (0, 4), (3, 0)] {
             drop(vec![-1f32; width * rows]);
             let row: Vec<f32> = (0..width).map(|i| i as f32 + 0.5).collect();
-            let out = repeat_rows(&row, rows);
-            assert_eq!(out.len(), width * rows);
-            for (i, v) in out.iter().enumerate() {
-                assert_eq!(*v, row[i % width], "{width}x{rows} at {i}");
+            let res: Vec<f32> = (0..width * rows).map(|i| i as f32 * 0.25).collect();
+            for (bias, residual) in [
+                (Some(&row[..]), None),
+                (None, Some(&res[..])),
+                (Some(&row[..]), Some(&res[..])),
+                (None, None),
+            ] {
+                let out = rows_start(rows, width, bias, residual);
+                assert_eq!(out.len(), width * rows);
+                for (i, v) in out.iter().enumerate() {
+                    let want = bias.map_or(0.0, |b| b[i % width]) + residual.map_or(0.0, |r| r[i]);
+                    assert_eq!(*v, want, "rows {width}x{rows} at {i}");
+                }
+                // The same values as planes: `rows` planes of `width`, the bias per plane
+                // (planes of several images share it: 4 channels here, or one bias value).
+                let channels = if rows % 4 == 0 { 4 } else { 1 };
+                let per_plane: Vec<f32> = (0..channels).map(|c| c as f32 - 7.0).collect();
+                let bias = bias.map(|_| &per_plane[..]);
+                let out = planes_start(rows, width, bias, residual);
+                assert_eq!(out.len(), width * rows);
+                for (i, v) in out.iter().enumerate() {
+                    let plane = i / width;
+                    let want =
+                        bias.map_or(0.0, |b| b[plane % channels]) + residual.map_or(0.0, |r| r[i]);
+                    assert_eq!(*v, want, "planes {rows}x{width} at {i}");
+                }
             }
         }
     }

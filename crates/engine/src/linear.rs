@@ -3,7 +3,9 @@
 //! output that already holds the bias (candle's `Linear` runs a product per batch item, then a
 //! second pass over a second output adds the bias), and the transformer projections read
 //! `[b, c, h, w]` channels as tokens, and write tokens back as channels, inside the product
-//! instead of through transposing copies (serial in candle). Other devices and dtypes use
+//! instead of through transposing copies (serial in candle). A residual to add (the
+//! transformer's skip connections) is copied into the output before the product, not added by
+//! a pass of its own. Other devices and dtypes use
 //! candle's `Linear`, except on NVIDIA GPUs: one cuBLASLt product with the bias in its epilogue
 //! (`gpu_linear`). Under half-precision storage (`LoadOptions::half_weights`) the weight is
 //! kept in f16 and widened to f32 each time the layer runs on f32 input.
@@ -65,7 +67,7 @@ impl Linear {
             return x.apply_op2_no_bwd(&weight, &ChannelsToTokens { bias });
         }
         let tokens = x.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        self.plain(&tokens)
+        self.plain(&tokens, None)
     }
 
     /// `residual + layer(t)` with tokens `t` `[b, h*w, in]` written back as channels: the
@@ -84,7 +86,7 @@ impl Linear {
             let bias = self.bias_values()?;
             return t.apply_op3_no_bwd(&weight, residual, &TokensToChannelsAdd { bias });
         }
-        let y = self.plain(t)?.transpose(1, 2)?;
+        let y = self.plain(t, None)?.transpose(1, 2)?;
         (residual.reshape((b, c, h * w))? + y)?.reshape((b, c, h, w))
     }
 
@@ -122,10 +124,7 @@ impl CustomOp2 for ChannelsToTokens {
                 l2.dims()
             );
         }
-        let mut out = match &self.bias {
-            Some(bias) => kernels::repeat_rows(bias, b * hw),
-            None => kernels::zeros(b * hw * out_dim),
-        };
+        let mut out = kernels::rows_start(b * hw, out_dim, self.bias.as_deref(), None);
         for i in 0..b {
             // SAFETY: dst is image i's `hw x out` row-major block of `out`; lhs is image i's
             // `[c, hw]` plane set read as `hw x c` (row stride 1, column stride hw); rhs is Wᵀ.
@@ -184,23 +183,7 @@ impl CustomOp3 for TokensToChannelsAdd {
         }
         // The residual plus the bias, copied on all compute threads (a serial copy was a
         // fixed part of every transformer's time).
-        let bias = self.bias.as_deref();
-        // SAFETY: each part is whole planes of `hw` values, each written.
-        let mut out = unsafe {
-            kernels::written_on_threads(rs.len(), hw, |part, first| {
-                let from = &rs[first * hw..first * hw + part.len()];
-                for (n, (dst, from)) in part
-                    .chunks_exact_mut(hw)
-                    .zip(from.chunks_exact(hw))
-                    .enumerate()
-                {
-                    let v = bias.map_or(0.0, |b| b[(first + n) % out_dim]);
-                    for (d, &x) in dst.iter_mut().zip(from) {
-                        d.write(x + v);
-                    }
-                }
-            })
-        };
+        let mut out = kernels::planes_start(b * out_dim, hw, self.bias.as_deref(), Some(rs));
         for i in 0..b {
             // SAFETY: dst is image i's `[out, hw]` block of `out`, written as its transpose
             // (`hw x out`, row stride 1, column stride hw); lhs is image i's `hw x in` tokens,
@@ -224,36 +207,56 @@ impl CustomOp3 for TokensToChannelsAdd {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::profile::scope_shaped("linear", x.dims(), self.out_dim(), x.device(), || {
-            self.plain(x)
+            self.plain(x, None)
         })
     }
 }
 
 impl Linear {
-    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+    /// `self(x) + residual`, `residual` of the output's shape: on the CPU in f32 the product
+    /// is added into a copy of the residual that already holds the bias, so the transformer's
+    /// skip connections cost no pass over memory of their own.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        crate::profile::scope_shaped("linear", x.dims(), self.out_dim(), x.device(), || {
+            self.plain(x, Some(residual))
+        })
+    }
+
+    fn plain(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let weight = weight_for(&self.weight, x)?;
-        if cpu_f32(x) && cpu_f32(&weight) && self.bias.as_ref().is_none_or(cpu_f32) {
-            return match &self.bias {
-                Some(b) => x.apply_op3_no_bwd(&weight, b, &LinearOp),
-                None => x.apply_op2_no_bwd(&weight, &LinearOp),
+        let add = |y: Tensor| match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+        if cpu_f32(x)
+            && cpu_f32(&weight)
+            && self.bias.as_ref().is_none_or(cpu_f32)
+            && residual.is_none_or(cpu_f32)
+        {
+            let op = LinearOp {
+                bias: self.bias_values()?,
             };
+            return kernels::with_residual(x, &weight, residual, &op);
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && crate::gpu_linear::enabled() {
-            return crate::gpu_linear::linear(x, &weight, self.bias.as_ref());
+            return add(crate::gpu_linear::linear(x, &weight, self.bias.as_ref())?);
         }
-        candle_nn::Linear::new(weight.into_owned(), self.bias.clone()).forward(x)
+        add(candle_nn::Linear::new(weight.into_owned(), self.bias.clone()).forward(x)?)
     }
 }
 
-struct LinearOp;
+/// `x Wᵀ + bias`, plus a residual of the output's shape when one is given (the third operand).
+struct LinearOp {
+    bias: Option<Vec<f32>>,
+}
 
 impl LinearOp {
     fn run(
         &self,
         x: (&CpuStorage, &Layout),
         w: (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
+        residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let name = "ld-linear";
         let xs = contiguous_f32(x.0, x.1, name)?;
@@ -263,17 +266,17 @@ impl LinearOp {
         if dims.last() != Some(&in_dim) || in_dim == 0 {
             candle_core::bail!("{name}: input {dims:?} does not end in {in_dim} features");
         }
+        let bias = self.bias.as_deref();
+        if let Some(b) = bias.filter(|b| b.len() != out_dim) {
+            candle_core::bail!("{name}: bias has {} values, not {out_dim}", b.len());
+        }
         let rows = xs.len() / in_dim;
-        let mut out = match bias {
-            Some((s, l)) => {
-                let b = contiguous_f32(s, l, name)?;
-                if b.len() != out_dim {
-                    candle_core::bail!("{name}: bias has {} values, not {out_dim}", b.len());
-                }
-                kernels::repeat_rows(b, rows)
-            }
-            None => kernels::zeros(rows * out_dim),
-        };
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out_dim;
+        }
+        let residual = kernels::residual_of(residual, &shape, name)?;
+        let mut out = kernels::rows_start(rows, out_dim, bias, residual);
         if rows > 0 && out_dim > 0 {
             // SAFETY: dst is `rows x out_dim` row-major in `out`; lhs `rows x in_dim` row-major
             // in `xs`; rhs is Wᵀ (`in_dim x out_dim`), read from `ws` (`[out, in]` row-major)
@@ -284,15 +287,11 @@ impl LinearOp {
                     out_dim,
                     in_dim,
                     MatMut::row_major(out.as_mut_ptr(), out_dim),
-                    bias.is_some(),
+                    bias.is_some() || residual.is_some(),
                     MatRef::row_major(xs.as_ptr(), in_dim),
                     MatRef::transposed(ws.as_ptr(), in_dim),
                 );
             }
-        }
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = out_dim;
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
@@ -316,7 +315,7 @@ impl CustomOp2 for LinearOp {
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "ld-linear"
+        "ld-linear-add"
     }
 
     fn cpu_fwd(
@@ -363,9 +362,20 @@ mod tests {
             let x = randn(3, &shape);
             for bias in [Some(b.clone()), None] {
                 let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
-                let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
+                let want = candle_nn::Linear::new(w.clone(), bias.clone())
+                    .forward(&x)
+                    .unwrap();
                 assert_eq!(ours.dims(), want.dims());
                 assert!(close(&ours, &want) < 1e-5, "{shape:?}");
+                // With a residual added by the product (the transformer's skip connections).
+                let residual = randn(12, want.dims());
+                let ours = Linear::new(w.clone(), bias)
+                    .forward_add(&x, &residual)
+                    .unwrap();
+                assert!(
+                    close(&ours, &(want + residual).unwrap()) < 1e-5,
+                    "{shape:?}"
+                );
             }
         }
     }

@@ -17,7 +17,7 @@
 //! the transformed filters would be the larger part (many channels on a small map), output
 //! channels are handled in blocks instead (see [`Plan`]).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::avx512_gemm::{self, Format};
 use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, Products, SendPtr};
@@ -101,17 +101,22 @@ pub(crate) fn worth_it(batch: usize, h: usize, w: usize) -> bool {
 const CHUNK_TILES: usize = 256;
 
 /// `x` (`[batch, c, h, w]`, contiguous f32 on the CPU) convolved with `weight` `[c_out, 9 * c]`
-/// (torch's `[c_out, c, 3, 3]` flattened, as `resnet::Conv2d` holds it), padding 1, plus `bias`.
-pub(crate) fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> Result<Tensor> {
-    x.apply_op2_no_bwd(
-        weight,
-        &Winograd3x3 {
-            bias: bias.to_vec(),
-            tile,
-            plan: None,
-            products: None,
-        },
-    )
+/// (torch's `[c_out, c, 3, 3]` flattened, as `resnet::Conv2d` holds it), padding 1, plus `bias`,
+/// plus `residual` (of the output's shape) when given.
+pub(crate) fn conv3x3(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &[f32],
+    tile: Tile,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = Winograd3x3 {
+        bias: bias.to_vec(),
+        tile,
+        plan: None,
+        products: None,
+    };
+    kernels::with_residual(x, weight, residual, &op)
 }
 
 struct Winograd3x3 {
@@ -137,19 +142,54 @@ impl CustomOp2 for Winograd3x3 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let wt = contiguous_f32(s2, l2, self.name())?;
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+/// The third operand is a residual of the output's shape, added as each output is written.
+impl CustomOp3 for Winograd3x3 {
+    fn name(&self) -> &'static str {
+        "ld-winograd3x3-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+impl Winograd3x3 {
+    fn run(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "ld-winograd3x3";
+        let x = contiguous_f32(s1, l1, name)?;
+        let wt = contiguous_f32(s2, l2, name)?;
         let (batch, c, h, w) = l1.shape().dims4()?;
         let (cout, kdim) = l2.shape().dims2()?;
         if kdim != 9 * c || self.bias.len() != cout || h == 0 || w == 0 || c == 0 {
             candle_core::bail!(
-                "{}: weights {:?} and bias {} do not fit input {:?}",
-                self.name(),
+                "{name}: weights {:?} and bias {} do not fit input {:?}",
                 l2.dims(),
                 self.bias.len(),
                 l1.dims()
             );
         }
+        let residual = kernels::residual_of(residual, &[batch, cout, h, w], name)?;
+        let ends = Ends {
+            bias: &self.bias,
+            residual,
+        };
         let shape = ConvShape {
             batch,
             c,
@@ -168,8 +208,8 @@ impl CustomOp2 for Winograd3x3 {
             self.tile
         };
         let out = match tile {
-            Tile::Two => run(&F2, &shape, x, wt, &self.bias, self.plan, products),
-            Tile::Four => run(&F4, &shape, x, wt, &self.bias, self.plan, products),
+            Tile::Two => run(&F2, &shape, x, wt, ends, self.plan, products),
+            Tile::Four => run(&F4, &shape, x, wt, ends, self.plan, products),
         };
         Ok((CpuStorage::F32(out), Shape::from((batch, cout, h, w))))
     }
@@ -204,7 +244,7 @@ fn run<const M: usize, const A: usize>(
     sh: &ConvShape,
     x: &[f32],
     wt: &[f32],
-    bias: &[f32],
+    ends: Ends<'_>,
     plan: Option<Plan>,
     products: Products,
 ) -> Vec<f32> {
@@ -216,7 +256,7 @@ fn run<const M: usize, const A: usize>(
         sh,
         x,
         wt,
-        bias,
+        ends,
         out: SendPtr(out.as_mut_ptr()),
         threads,
         products,
@@ -229,13 +269,23 @@ fn run<const M: usize, const A: usize>(
     out
 }
 
+/// What is added to each output as it is written: its channel's bias, and the residual's value
+/// at the same place when there is one (the resnet's skip connection, which then needs no pass
+/// of its own).
+#[derive(Clone, Copy)]
+struct Ends<'a> {
+    bias: &'a [f32],
+    /// `[batch, cout, h, w]`, as the output.
+    residual: Option<&'a [f32]>,
+}
+
 /// One convolution's operands, shared by both work orders.
 struct Job<'a, const M: usize, const A: usize> {
     tr: &'static Transforms<M, A>,
     sh: &'a ConvShape,
     x: &'a [f32],
     wt: &'a [f32],
-    bias: &'a [f32],
+    ends: Ends<'a>,
     /// The `[batch, cout, h, w]` output, written by disjoint parts from several threads.
     out: SendPtr,
     threads: usize,
@@ -335,7 +385,7 @@ fn by_tile_chunks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Pl
         sh,
         x,
         wt,
-        bias,
+        ends,
         out,
         threads,
         products,
@@ -367,7 +417,7 @@ fn by_tile_chunks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: &Pl
             }
             multiply(A * A, tiles, c, cout, &v, u.as_ref(), &mut m);
             // SAFETY: chunks cover disjoint tile rows, so disjoint output pixels.
-            unsafe { transform_outputs(tr, sh, sh, &m, bias, 0, r0, r1, out) };
+            unsafe { transform_outputs(tr, sh, sh, &m, ends, 0, r0, r1, out) };
         }
     });
 }
@@ -379,7 +429,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
         sh,
         x,
         wt,
-        bias,
+        ends,
         out,
         threads,
         products,
@@ -439,7 +489,7 @@ fn by_channel_blocks<const M: usize, const A: usize>(job: &Job<'_, M, A>, plan: 
                         &mut m,
                     );
                     // SAFETY: output channels k0..k0 + kn, which only this thread writes.
-                    unsafe { transform_outputs(tr, sh, &sub, &m, bias, k0, r0, r1, out) };
+                    unsafe { transform_outputs(tr, sh, &sub, &m, ends, k0, r0, r1, out) };
                 }
             }
         });
@@ -842,7 +892,7 @@ fn multiply(points: usize, tiles: usize, c: usize, k: usize, v: &[f32], u: Filte
     }
 }
 
-/// `Y = Aᵀ M A + bias` for tile rows `r0..r1` of the `sub.cout` output channels from `k0`
+/// `Y = Aᵀ M A + bias (+ residual)` for tile rows `r0..r1` of the `sub.cout` output channels from `k0`
 /// that `m` holds (as [`multiply`] left it), in the whole output of shape `sh` (`sub` is `sh`
 /// when `m` holds every channel).
 ///
@@ -855,7 +905,7 @@ unsafe fn transform_outputs<const M: usize, const A: usize>(
     sh: &ConvShape,
     sub: &ConvShape,
     m: &[f32],
-    bias: &[f32],
+    ends: Ends<'_>,
     k0: usize,
     r0: usize,
     r1: usize,
@@ -867,7 +917,12 @@ unsafe fn transform_outputs<const M: usize, const A: usize>(
         m.len() >= A * A * sub.cout * tiles && k0 + sub.cout <= sh.cout,
         "winograd: products buffer too small"
     );
-    for (k, &b) in bias[k0..k0 + sub.cout].iter().enumerate() {
+    assert!(
+        ends.residual
+            .is_none_or(|r| r.len() == sh.batch * sh.cout * sh.h * sh.w),
+        "winograd: residual does not match the output"
+    );
+    for (k, &b) in ends.bias[k0..k0 + sub.cout].iter().enumerate() {
         for r in r0..r1 {
             let (img, ty) = (r / th, r % th);
             let row = OutRow {
@@ -876,6 +931,7 @@ unsafe fn transform_outputs<const M: usize, const A: usize>(
                 tiles,
                 ty,
                 bias: b,
+                residual: ends.residual,
                 base: (img * sh.cout + k0 + k) * sh.h * sh.w,
             };
             // SAFETY: writes only these tiles of output plane (img, k0 + k): the caller's
@@ -1027,7 +1083,7 @@ unsafe fn copy_part(src: *const f32, dst: *mut f32, n: usize) {
 
 /// Where one tile row of one output channel comes from and goes to.
 #[derive(Clone, Copy)]
-struct OutRow {
+struct OutRow<'a> {
     /// Output channel.
     k: usize,
     /// The row's first tile within the chunk, and the chunk's tile count.
@@ -1036,6 +1092,8 @@ struct OutRow {
     /// Tile row within the image.
     ty: usize,
     bias: f32,
+    /// The whole residual, of the output's shape, when one is added.
+    residual: Option<&'a [f32]>,
     /// Offset of output plane (image, k).
     base: usize,
 }
@@ -1086,6 +1144,7 @@ fn output_row_impl<const M: usize, const A: usize>(
         tiles,
         ty,
         bias: b,
+        residual,
         base,
     } = *row;
     let (h, w) = (sh.h, sh.w);
@@ -1114,10 +1173,15 @@ fn output_row_impl<const M: usize, const A: usize>(
             for (l, tx) in (tx0..tx0 + lanes).enumerate() {
                 let row = base + oy * w + tx * M;
                 let n = M.min(w - tx * M);
+                // The residual's values at these output places (zeros when there is none).
+                let mut r = [0f32; M];
+                if let Some(res) = residual {
+                    r[..n].copy_from_slice(&res[row..row + n]);
+                }
                 for (bx, yab) in ya.iter().enumerate().take(n) {
                     // SAFETY: (oy, tx * M + bx) is inside the plane at `base` (bx < n), in this
                     // tile row, which only this call writes (see the function's contract).
-                    unsafe { *out.0.add(row + bx) = yab[l] + b };
+                    unsafe { *out.0.add(row + bx) = yab[l] + b + r[bx] };
                 }
             }
         }
@@ -1246,23 +1310,25 @@ mod tests {
             products: Some(products),
         };
         let got = x.apply_op2_no_bwd(&packed, &op).unwrap();
+        let rel = relative_difference(&got, &want);
+        // With a residual (the resnet's skip connection), added as each output is written.
+        let residual = Tensor::from_vec(values(want.elem_count(), 4), want.dims(), &dev).unwrap();
+        let got = x.apply_op3_no_bwd(&packed, &residual, &op).unwrap();
+        rel.max(relative_difference(&got, &(want + residual).unwrap()))
+    }
+
+    /// The largest difference between `got` and `want` over `want`'s largest magnitude.
+    fn relative_difference(got: &Tensor, want: &Tensor) -> f32 {
         assert_eq!(got.dims(), want.dims());
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        diff / scale
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        max((got - want).unwrap()) / max(want.clone())
     }
 
     #[test]
