@@ -380,8 +380,9 @@ impl BasicTransformerBlock {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
         let ctx1 = self.only_cross_attention.then_some(context);
-        let ln =
-            |n: &LayerNorm, x: &Tensor| profile::scope("layer norm", x.device(), || n.forward(x));
+        let ln = |n: &LayerNorm, x: &Tensor| {
+            profile::scope("layer norm", x.device(), || kernels::layer_norm(x, n))
+        };
         // Each skip connection is added by the sublayer's last product as it writes.
         let x = self
             .attn1
