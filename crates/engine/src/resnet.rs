@@ -480,7 +480,9 @@ impl Upsample2D {
     /// way down round up, so each up block must land on its skip connection's size (diffusers'
     /// `forward_upsample_size`).
     pub fn forward_to(&self, x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
-        let up = crate::profile::scope("upsample", x.device(), || x.upsample_nearest2d(h, w))?;
+        let up = crate::profile::scope("upsample", x.device(), || {
+            kernels::upsample_nearest(x, h, w)
+        })?;
         self.conv.forward(&up)
     }
 }

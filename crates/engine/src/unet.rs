@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attention::{AttentionOptions, SpatialTransformer, SpatialTransformerConfig};
 use crate::embeddings::{TimestepEmbedding, TimestepProjection};
+use crate::kernels;
 use crate::resnet::{
     conv2d, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetConfig, Upsample2D,
 };
@@ -598,7 +599,7 @@ impl UpBlock {
             let skip = skips.pop().ok_or_else(|| {
                 candle_core::Error::Msg("unet: ran out of skip connections".into())
             })?;
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, Some(s.temb))?;
+            h = resnet.forward(&kernels::cat_channels(&h, &skip)?, Some(s.temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, s.context, s.opts)?;
             }
