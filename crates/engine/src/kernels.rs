@@ -187,7 +187,8 @@ pub(crate) fn rows_start(
 /// With a residual, the resnet's `x + conv(..)` costs no pass of its own.
 ///
 /// # Panics
-/// If `bias` is empty or does not divide `planes`, or `residual` does not hold every value.
+/// If `bias` is empty or does not divide `planes` (when there are planes), or `residual` does not
+/// hold every value.
 pub(crate) fn planes_start(
     planes: usize,
     plane: usize,
@@ -196,7 +197,7 @@ pub(crate) fn planes_start(
 ) -> Vec<f32> {
     let len = planes * plane;
     assert!(
-        bias.is_none_or(|b| !b.is_empty() && planes.is_multiple_of(b.len()))
+        bias.is_none_or(|b| planes == 0 || (!b.is_empty() && planes.is_multiple_of(b.len())))
             && residual.is_none_or(|r| r.len() == len)
     );
     // SAFETY: each part is whole planes, every value of which is written.
@@ -1921,6 +1922,13 @@ mod tests {
             let strided = x.t().unwrap().contiguous().unwrap().t().unwrap();
             let got = layer_norm(&strided, &norm).unwrap();
             assert!(max_abs_diff(&got, &want) < 1e-4, "{rows}x{dim} strided");
+            // Contiguous rows that start inside a larger buffer (our kernel, at an offset).
+            let padded = Tensor::cat(&[&randn(17, 0., 1., &[1, dim]), &x], 0).unwrap();
+            let got = layer_norm(&padded.narrow(0, 1, rows).unwrap(), &norm).unwrap();
+            assert!(
+                max_abs_diff(&got, &want) < 1e-5,
+                "{rows}x{dim} at an offset"
+            );
         }
     }
 

@@ -228,15 +228,15 @@ impl Linear {
             Some(r) => y + r,
             None => Ok(y),
         };
-        if cpu_f32(x)
-            && cpu_f32(&weight)
-            && self.bias.as_ref().is_none_or(cpu_f32)
-            && residual.is_none_or(cpu_f32)
-        {
+        if cpu_f32(x) && cpu_f32(&weight) && self.bias.as_ref().is_none_or(cpu_f32) {
             let op = LinearOp {
                 bias: self.bias_values()?,
             };
-            return kernels::with_residual(x, &weight, residual, &op);
+            // A residual the kernel cannot read in place (a strided view) is added after.
+            return match residual {
+                Some(r) if !cpu_f32(r) => add(x.apply_op2_no_bwd(&weight, &op)?),
+                _ => kernels::with_residual(x, &weight, residual, &op),
+            };
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && crate::gpu_linear::enabled() {
@@ -367,15 +367,26 @@ mod tests {
                     .unwrap();
                 assert_eq!(ours.dims(), want.dims());
                 assert!(close(&ours, &want) < 1e-5, "{shape:?}");
-                // With a residual added by the product (the transformer's skip connections).
+                // With a residual added by the product (the transformer's skip connections),
+                // and one the product cannot take in place (a transposed view), added after.
+                let lin = Linear::new(w.clone(), bias);
                 let residual = randn(12, want.dims());
-                let ours = Linear::new(w.clone(), bias)
-                    .forward_add(&x, &residual)
+                let ours = lin.forward_add(&x, &residual).unwrap();
+                let sum = (&want + &residual).unwrap();
+                assert!(close(&ours, &sum) < 1e-5, "{shape:?}");
+                let rank = want.rank();
+                let flipped = residual
+                    .transpose(rank - 2, rank - 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .transpose(rank - 2, rank - 1)
                     .unwrap();
-                assert!(
-                    close(&ours, &(want + residual).unwrap()) < 1e-5,
-                    "{shape:?}"
-                );
+                let ours = lin.forward_add(&x, &flipped).unwrap();
+                assert!(close(&ours, &sum) < 1e-5, "{shape:?} strided");
+                // A residual of another shape is an error, not a panic.
+                let wrong = randn(13, &[want.elem_count() + 1]);
+                assert!(lin.forward_add(&x, &wrong).is_err(), "{shape:?}");
             }
         }
     }
