@@ -179,6 +179,16 @@ pub fn available_ram() -> Option<u64> {
     Some(sys.available_memory()).filter(|&b| b > 0)
 }
 
+/// The system's free swap in bytes; `None` when it cannot be read (0 when there is none).
+pub fn free_swap() -> Option<u64> {
+    use sysinfo::{MemoryRefreshKind, RefreshKind, System};
+    let sys = System::new_with_specifics(
+        RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_swap()),
+    )
+    .ok()?;
+    Some(sys.free_swap())
+}
+
 /// Gathers the whole report. Blocking (NVML and /proc reads): call it off the async runtime.
 pub fn system_report(probe: &dyn GpuProbe, build: BuildInfo) -> SystemReport {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
@@ -648,6 +658,22 @@ mod tests {
             free > 1 << 20 && free <= total_kib * 1024,
             "{free} of {total_kib} KiB"
         );
+    }
+
+    #[test]
+    fn free_swap_is_read_and_at_most_the_total() {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib = |key: &str| -> u64 {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap()
+        };
+        let swap = free_swap().expect("swap is readable on Linux");
+        assert!(swap <= kib("SwapTotal:") * 1024, "{swap}");
+        // Read now, it agrees with /proc/meminfo's SwapFree within what may change meanwhile.
+        assert!(swap.abs_diff(kib("SwapFree:") * 1024) <= 64 << 20, "{swap}");
     }
 
     struct FakeGpu;

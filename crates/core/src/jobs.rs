@@ -229,6 +229,11 @@ pub struct MemoryPolicy {
     /// whose models and working memory would not fit in it together is drawn one model at a
     /// time. `None`: unknown, so never.
     pub ram_free: Option<FreeMemory>,
+    /// The system's free swap, asked with `ram_free` before each job drawn on the CPU: a job
+    /// whose planned memory would not fit in the available memory and the free swap together is
+    /// refused before it starts. Swapping is slow but not fatal; running out of both ends in the
+    /// system stopping the app, which no job can report. `None`: unknown, counted as none.
+    pub swap_free: Option<FreeMemory>,
     /// The major compute capability of the NVIDIA GPU drawn on (8 for an RTX 3060), which
     /// says whether its attention holds score blocks (`ld_engine::memory::Target::nvidia`).
     /// `None`: unknown, planned as a GPU that holds them.
@@ -242,6 +247,7 @@ impl Default for MemoryPolicy {
             low_options: MemoryOptions::lowest(),
             free: None,
             ram_free: None,
+            swap_free: None,
             gpu_major: None,
         }
     }
@@ -778,15 +784,15 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         // A whole model kept for the next job would hold the memory staging is for.
         *cache = None;
         // Each stage holds one model, and the base's estimate covers the largest.
-        return match plan_memory(job, &policy, dtype, false, 0) {
-            Ok(memory) => {
-                let memory = if on_cpu {
-                    plan_cpu_stages(shared, job, &policy, dtype, memory)
-                } else {
-                    memory
-                };
-                run_staged(shared, job, &vae, memory, &note, faults.as_deref())
+        let memory = plan_memory(job, &policy, dtype, false, 0).and_then(|memory| {
+            if on_cpu {
+                plan_cpu_stages(shared, job, &policy, dtype, memory)
+            } else {
+                Ok(memory)
             }
+        });
+        return match memory {
+            Ok(memory) => run_staged(shared, job, &vae, memory, &note, faults.as_deref()),
             Err(e) => Outcome::Failed(e),
         };
     }
@@ -799,6 +805,18 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         Ok(m) => m,
         Err(e) => return Outcome::Failed(e),
     };
+    if on_cpu {
+        let ram = policy
+            .ram_free
+            .as_ref()
+            .and_then(|f| f())
+            .unwrap_or(u64::MAX);
+        if let Some(need) = cpu_whole_need(shared, job, dtype, hit, &memory, ram) {
+            if let Err(e) = cpu_fits(&policy, need, false) {
+                return Outcome::Failed(e);
+            }
+        }
+    }
     if !hit {
         match load_pipeline(shared, job, &vae) {
             Ok(pipeline) => {
@@ -1002,34 +1020,8 @@ fn staging(
             staged_models(true, true)
         )
     } else {
-        let shape = model_shape(&job.spec.model)?;
         let free = policy.ram_free.as_ref()?()?;
-        let need = job_need(
-            &job.spec,
-            &shape,
-            dtype,
-            Target::Cpu,
-            &MemoryOptions::default(),
-            loaded,
-        );
-        // The whole pipeline keeps a refiner's text encoder and UNet as well.
-        let need = if loaded {
-            need
-        } else {
-            need + refiner_weights(shared, job, dtype, true)
-        };
-        // The estimate counts the UNet's weights in `dtype`; on the CPU a model whose UNet file
-        // is f16 keeps them in f16 (`LoadOptions::half_weights`), half of that. Only read (from
-        // the file headers) when it could change the answer.
-        let need = if need > free && !loaded {
-            need.saturating_sub(if unet_kept_half(shared, job, dtype) {
-                shape.unet_params * 2
-            } else {
-                0
-            })
-        } else {
-            need
-        };
+        let need = cpu_whole_need(shared, job, dtype, loaded, &MemoryOptions::default(), free)?;
         if need <= free {
             return None;
         }
@@ -1044,6 +1036,69 @@ fn staging(
     StagedPipeline::supports(&job.spec.model.path)
         .unwrap_or(false)
         .then_some(note)
+}
+
+/// What `job` needs drawn by the whole pipeline on the CPU with `memory`: the model's estimate
+/// (its working memory alone when `loaded`), with a refiner's weights. `None` when the model's
+/// shape is unknown. The estimate counts the UNet's weights in `dtype`; on the CPU a model whose
+/// UNet file is f16 keeps them in f16 (`LoadOptions::half_weights`), half of that; only read
+/// (from the file headers) when the figure is above `free` and could change an answer.
+fn cpu_whole_need(
+    shared: &Shared,
+    job: &Job,
+    dtype: DType,
+    loaded: bool,
+    memory: &MemoryOptions,
+    free: u64,
+) -> Option<u64> {
+    let shape = model_shape(&job.spec.model)?;
+    let need = job_need(&job.spec, &shape, dtype, Target::Cpu, memory, loaded);
+    if loaded {
+        return Some(need);
+    }
+    // The whole pipeline keeps a refiner's text encoder and UNet as well.
+    let need = need + refiner_weights(shared, job, dtype, true);
+    Some(if need > free && unet_kept_half(shared, job, dtype) {
+        need.saturating_sub(shape.unet_params * 2)
+    } else {
+        need
+    })
+}
+
+/// On the CPU: refuses a job whose planned memory (`need`, the largest stage's for a staged
+/// job) is more than the available memory and the free swap together (see
+/// [`MemoryPolicy::swap_free`]). Unknown available memory refuses nothing.
+fn cpu_fits(policy: &MemoryPolicy, need: u64, staged: bool) -> Result<(), JobError> {
+    use crate::settings::LowVram;
+    let Some(ram) = policy.ram_free.as_ref().and_then(|f| f()) else {
+        return Ok(());
+    };
+    let swap = policy.swap_free.as_ref().and_then(|f| f()).unwrap_or(0);
+    if need <= ram.saturating_add(swap) {
+        return Ok(());
+    }
+    let free = if swap > 0 {
+        format!(
+            "{} is free, counting {} of swap",
+            gib(ram + swap),
+            gib(swap)
+        )
+    } else {
+        format!("{} is free", gib(ram))
+    };
+    let hint = if staged || policy.low_vram != LowVram::Off {
+        "Choose a smaller size or a smaller model (SD 1.5), or close other programs."
+    } else {
+        "Set Low-VRAM mode to Auto in Settings, so that it is drawn one model at a time, or choose a smaller size."
+    };
+    Err(JobError {
+        code: "out_of_memory",
+        message: format!(
+            "This picture needs about {} of memory on this computer, and only {free}.",
+            gib(need)
+        ),
+        hint: hint.into(),
+    })
 }
 
 /// The weights `job`'s SDXL refiner adds to a whole pipeline (its text encoder and UNet, which
@@ -1583,21 +1638,21 @@ fn plan_memory(
 /// The strategies a staged job on the CPU starts with: where its largest stage would not fit in
 /// the available memory, the ones that shrink a model's working memory there (tiled VAE, then
 /// the guidance pair one at a time), as far as needed. A 2048x2048 SD 1.5 picture's decode needs
-/// about 20 GB untiled and 1.3 GB tiled; on the CPU nothing refuses a job before it starts
-/// (memory can swap: slow, not fatal), and running out there is not an error a job can recover
-/// from, so this is planned, not left to the recovery chain.
+/// about 20 GB untiled and 1.3 GB tiled. Running out of memory on the CPU is not an error a job
+/// can recover from, so this is planned, not left to the recovery chain; a job is refused only
+/// where even all of these would not fit in the available memory and swap ([`cpu_fits`]).
 fn plan_cpu_stages(
     shared: &Shared,
     job: &Job,
     policy: &MemoryPolicy,
     dtype: DType,
     mut memory: MemoryOptions,
-) -> MemoryOptions {
+) -> Result<MemoryOptions, JobError> {
     let (Some(free), Some(shape)) = (
         policy.ram_free.as_ref().and_then(|f| f()),
         model_shape(&job.spec.model),
     ) else {
-        return memory;
+        return Ok(memory);
     };
     let half = unet_kept_half(shared, job, dtype);
     let (width, height, guided) = planned_picture(&job.spec, &shape);
@@ -1625,6 +1680,7 @@ fn plan_cpu_stages(
             turned_on.push(step.name);
         }
     }
+    cpu_fits(policy, need(&memory), true)?;
     if !turned_on.is_empty() {
         push_note(
             job,
@@ -1636,7 +1692,7 @@ fn plan_cpu_stages(
             ),
         );
     }
-    memory
+    Ok(memory)
 }
 
 fn gib(b: u64) -> String {
@@ -2885,6 +2941,69 @@ mod tests {
     }
 
     #[test]
+    fn cpu_jobs_that_would_not_fit_with_swap_are_refused_before_they_start() {
+        // Low-VRAM mode Off draws with the whole pipeline whatever the memory: where it would
+        // not fit in the available memory and swap together, the system would stop the app.
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(&dir);
+        let job = ComposedJob {
+            model: tiny_model(),
+            loras: Vec::new(),
+            embedding_dirs: Vec::new(),
+            refiner: None,
+            images: vec![GenerateRequest {
+                prompt: "a red fox".into(),
+                steps: 2,
+                width: 64,
+                height: 64,
+                seed: 1,
+                ..Default::default()
+            }],
+            preset: None,
+            vae: Default::default(),
+        };
+        let shape = model_shape(&tiny_model()).unwrap();
+        let need = job_need(
+            &job,
+            &shape,
+            DType::F32,
+            Target::Cpu,
+            &MemoryOptions::default(),
+            false,
+        );
+        let policy = |ram: u64, swap: u64| MemoryPolicy {
+            low_vram: LowVram::Off,
+            ram_free: Some(Arc::new(move || Some(ram))),
+            swap_free: Some(Arc::new(move || Some(swap))),
+            ..Default::default()
+        };
+        svc.set_memory_policy(policy(need - 1, 0));
+        let refused = finished(&svc, svc.submit(job.clone()).unwrap().id);
+        assert_eq!(refused.state, JobState::Failed);
+        let e = refused.error.expect("an error");
+        assert_eq!(e.code, "out_of_memory");
+        assert!(e.message.contains("needs about"), "{}", e.message);
+        assert!(e.hint.contains("Low-VRAM mode to Auto"), "{}", e.hint);
+        // Swap makes up the difference: slow, not fatal, so it runs.
+        svc.set_memory_policy(policy(need - 1, 1 << 30));
+        let swapped = finished(&svc, svc.submit(job.clone()).unwrap().id);
+        assert_eq!(swapped.state, JobState::Done, "{:?}", swapped.error);
+        // Loaded now: only its working memory is counted, so a little is enough.
+        let weights = need
+            - job_need(
+                &job,
+                &shape,
+                DType::F32,
+                Target::Cpu,
+                &MemoryOptions::default(),
+                true,
+            );
+        svc.set_memory_policy(policy(need - weights + 1, 0));
+        let again = finished(&svc, svc.submit(job).unwrap().id);
+        assert_eq!(again.state, JobState::Done, "{:?}", again.error);
+    }
+
+    #[test]
     fn staged_cpu_jobs_plan_a_tiled_decode_and_single_samples_only_when_memory_is_short() {
         // A 2048x2048 picture of the tiny SD1 model: its untiled decode needs gigabytes (the
         // VAE's activations grow with the pixels), its UNet little.
@@ -2904,10 +3023,11 @@ mod tests {
             preset: None,
             vae: Default::default(),
         };
-        let plan = |free: u64| {
+        let plan = |free: u64, swap: Option<u64>| {
             let (job, _) = Job::queued("j".into(), spec.clone(), 1);
             let policy = MemoryPolicy {
                 ram_free: Some(Arc::new(move || Some(free))),
+                swap_free: Some(Arc::new(move || swap)),
                 ..Default::default()
             };
             let m = plan_cpu_stages(
@@ -2920,10 +3040,11 @@ mod tests {
             let notes = job.info.borrow().notes.clone();
             (m, notes)
         };
-        let (roomy, notes) = plan(u64::MAX);
-        assert_eq!(roomy, MemoryOptions::default());
+        let (roomy, notes) = plan(u64::MAX, None);
+        assert_eq!(roomy.unwrap(), MemoryOptions::default());
         assert!(notes.is_empty(), "{notes:?}");
-        let (tiled, notes) = plan(1 << 30);
+        let (tiled, notes) = plan(1 << 30, None);
+        let tiled = tiled.unwrap();
         assert!(tiled.vae_tiling && !tiled.split_batch, "{tiled:?}");
         assert!(
             notes
@@ -2931,14 +3052,30 @@ mod tests {
                 .any(|n| n.contains("Turned on tiled VAE before starting")),
             "{notes:?}"
         );
-        // Nothing is enough for 1 MB: the CPU's strategies are all on, the placements stay.
-        let (all, notes) = plan(1 << 20);
+        // Nothing is enough for 1 MB: the CPU's strategies are all on, the placements stay,
+        // and with swap to spare the job runs.
+        let (all, notes) = plan(1 << 20, Some(64 << 30));
+        let all = all.unwrap();
         assert!(all.vae_tiling && all.split_batch, "{all:?}");
         assert!(!all.vae_on_cpu && !all.text_encoder_on_cpu && all.attention_slice.is_none());
         assert!(
             notes.iter().any(|n| n.contains("tiled VAE, smaller batch")),
             "{notes:?}"
         );
+        // Without swap (or with swap unknown) it is refused before it starts, with the sizes,
+        // and no note says a strategy was turned on for it.
+        for swap in [Some(0), None] {
+            let (refused, notes) = plan(1 << 20, swap);
+            let e = refused.unwrap_err();
+            assert_eq!(e.code, "out_of_memory");
+            assert!(
+                e.message.contains("needs about") && e.message.contains("only 0.0 GB is free"),
+                "{}",
+                e.message
+            );
+            assert!(e.hint.contains("smaller size"), "{}", e.hint);
+            assert!(notes.is_empty(), "{notes:?}");
+        }
     }
 
     #[test]
@@ -2987,6 +3124,7 @@ mod tests {
             low_options: MemoryOptions::lowest(),
             free: Some(Arc::new(move || free)),
             ram_free: None,
+            swap_free: None,
             gpu_major: None,
         };
         let stages = |job: &Job, policy: MemoryPolicy, loaded: bool| {

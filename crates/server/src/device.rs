@@ -111,11 +111,15 @@ pub fn memory_policy(settings: &Settings, gpu: Arc<dyn GpuProbe>) -> MemoryPolic
     // On the CPU, "Auto" draws one model at a time when a picture would not fit in RAM whole.
     let ram_free: Option<ld_core::jobs::FreeMemory> =
         (!on_gpu).then(|| Arc::new(ld_core::hardware::available_ram) as _);
+    // And refuses a job that would not fit in RAM and swap together.
+    let swap_free: Option<ld_core::jobs::FreeMemory> =
+        (!on_gpu).then(|| Arc::new(ld_core::hardware::free_swap) as _);
     MemoryPolicy {
         low_vram: settings.low_vram,
         low_options: low_vram_options(vram.unwrap_or(u64::MAX)),
         free,
         ram_free,
+        swap_free,
         gpu_major,
     }
 }
