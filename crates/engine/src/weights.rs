@@ -372,6 +372,17 @@ impl Inner {
                 let halves = f8_to_f16(entry.dtype, bytes);
                 Tensor::from_vec(halves, entry.shape.clone(), &Device::Cpu)?.to_device(device)?
             }
+            safetensors::Dtype::F32 if device.is_cpu() && bytes.len() >= PARALLEL_COPY_BYTES => {
+                cpu_copy(bytes, &entry.shape, u32::from_le_bytes, f32::from_bits)?
+            }
+            safetensors::Dtype::F16 if device.is_cpu() && bytes.len() >= PARALLEL_COPY_BYTES => {
+                cpu_copy(
+                    bytes,
+                    &entry.shape,
+                    u16::from_le_bytes,
+                    half::f16::from_bits,
+                )?
+            }
             _ => {
                 let view = TensorView::new(entry.dtype, entry.shape.clone(), bytes)
                     .map_err(|e| unreadable(e.to_string()))?;
@@ -385,6 +396,40 @@ impl Inner {
             tensor.to_dtype(dtype)
         }
     }
+}
+
+/// Tensors at least this large are copied out of the mapping on all compute threads.
+const PARALLEL_COPY_BYTES: usize = 1 << 20;
+
+/// A CPU tensor of `shape` read from little-endian `bytes` (`N` bytes per value), copied on all
+/// compute threads. A load is mostly this copy: the pages of the new buffer are faulted in and
+/// cleared by the kernel (a third of an SD 1.5 load in a profile, in `clear_page`), and the
+/// thread that first writes a page pays for it, so one thread copying paid for all of them.
+fn cpu_copy<T, B, const N: usize>(
+    bytes: &[u8],
+    shape: &[usize],
+    from_le: fn([u8; N]) -> B,
+    from_bits: fn(B) -> T,
+) -> candle_core::Result<Tensor>
+where
+    T: candle_core::WithDType,
+{
+    let n: usize = shape.iter().product();
+    if bytes.len() != n * N {
+        candle_core::bail!("{} bytes do not hold {shape:?} values", bytes.len());
+    }
+    // SAFETY: each part's every value is written from its own bytes.
+    let values = unsafe {
+        crate::kernels::written_on_threads(n, 1, |part, first| {
+            let from = &bytes[first * N..(first + part.len()) * N];
+            for (d, b) in part.iter_mut().zip(from.chunks_exact(N)) {
+                let mut raw = [0u8; N];
+                raw.copy_from_slice(b);
+                d.write(from_bits(from_le(raw)));
+            }
+        })
+    };
+    Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
 /// Widens 8-bit floats to f16 through a table of all 256 codes. E5M2 is the top byte of an f16
@@ -639,6 +684,46 @@ mod tests {
         safetensors::serialize_to_file([("model.diffusion_model.out.0.weight", f8)], None, &file)
             .unwrap();
         assert!(Weights::open(&file).unwrap().unet_all_f16());
+    }
+
+    /// Tensors large enough to be copied on all threads come out exactly as saved, in f32
+    /// and f16, read as stored and widened, next to a small one read by candle.
+    #[test]
+    fn large_tensors_copied_on_all_threads_load_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.safetensors");
+        // Large enough in f16 too (2 bytes a value), and not a multiple of the parts.
+        let n = 3 * 174_877;
+        assert!(n * 2 >= PARALLEL_COPY_BYTES);
+        let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 1000.25).collect();
+        let big = Tensor::from_vec(values, (n / 3, 3), &Device::Cpu).unwrap();
+        let half = big.to_dtype(DType::F16).unwrap();
+        let small = Tensor::new(&[1.5f32, -2.0], &Device::Cpu).unwrap();
+        save(
+            &path,
+            &[
+                ("big", big.clone()),
+                ("half", half.clone()),
+                ("small", small.clone()),
+            ],
+        );
+        let w = Weights::open(&path).unwrap();
+        let same = |a: &Tensor, b: &Tensor| {
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(a.dtype(), b.dtype());
+            let (a, b) = (
+                a.to_dtype(DType::F64).unwrap(),
+                b.to_dtype(DType::F64).unwrap(),
+            );
+            let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a == b);
+        };
+        same(&w.load("big", DType::F32, &Device::Cpu).unwrap(), &big);
+        same(&w.load("half", DType::F16, &Device::Cpu).unwrap(), &half);
+        let widened = half.to_dtype(DType::F32).unwrap();
+        same(&w.load("half", DType::F32, &Device::Cpu).unwrap(), &widened);
+        same(&w.load("small", DType::F32, &Device::Cpu).unwrap(), &small);
     }
 
     #[test]
