@@ -372,16 +372,11 @@ impl Inner {
                 let halves = f8_to_f16(entry.dtype, bytes);
                 Tensor::from_vec(halves, entry.shape.clone(), &Device::Cpu)?.to_device(device)?
             }
-            safetensors::Dtype::F32 if device.is_cpu() && bytes.len() >= PARALLEL_COPY_BYTES => {
-                cpu_copy(bytes, &entry.shape, u32::from_le_bytes, f32::from_bits)?
+            safetensors::Dtype::F32 if copy_here(device, bytes) => {
+                cpu_copy::<f32>(bytes, &entry.shape)?
             }
-            safetensors::Dtype::F16 if device.is_cpu() && bytes.len() >= PARALLEL_COPY_BYTES => {
-                cpu_copy(
-                    bytes,
-                    &entry.shape,
-                    u16::from_le_bytes,
-                    half::f16::from_bits,
-                )?
+            safetensors::Dtype::F16 if copy_here(device, bytes) => {
+                cpu_copy::<half::f16>(bytes, &entry.shape)?
             }
             _ => {
                 let view = TensorView::new(entry.dtype, entry.shape.clone(), bytes)
@@ -401,32 +396,38 @@ impl Inner {
 /// Tensors at least this large are copied out of the mapping on all compute threads.
 const PARALLEL_COPY_BYTES: usize = 1 << 20;
 
-/// A CPU tensor of `shape` read from little-endian `bytes` (`N` bytes per value), copied on all
-/// compute threads. A load is mostly this copy: the pages of the new buffer are faulted in and
-/// cleared by the kernel (a third of an SD 1.5 load in a profile, in `clear_page`), and the
-/// thread that first writes a page pays for it, so one thread copying paid for all of them.
-fn cpu_copy<T, B, const N: usize>(
-    bytes: &[u8],
-    shape: &[usize],
-    from_le: fn([u8; N]) -> B,
-    from_bits: fn(B) -> T,
-) -> candle_core::Result<Tensor>
-where
-    T: candle_core::WithDType,
-{
+/// Whether a tensor's `bytes` are copied by [`cpu_copy`]: large ones for the CPU, on
+/// little-endian targets (others are read by candle, which swaps the bytes).
+fn copy_here(device: &Device, bytes: &[u8]) -> bool {
+    device.is_cpu() && bytes.len() >= PARALLEL_COPY_BYTES && cfg!(target_endian = "little")
+}
+
+/// Value types whose every bit pattern is a value, so a tensor of them can be filled with the
+/// file's bytes as they are (safetensors stores little-endian, as these targets are).
+trait PlainBits: candle_core::WithDType {}
+impl PlainBits for f32 {}
+impl PlainBits for half::f16 {}
+
+/// A CPU tensor of `shape` holding `bytes` (little-endian values of `T`, on a little-endian
+/// target: see [`copy_here`]), copied on all compute threads. A load is mostly this copy: the pages of the new buffer are faulted in and cleared
+/// by the kernel (a third of an SD 1.5 load in a profile, in `clear_page`), and the thread that
+/// first writes a page pays for it, so one thread copying paid for all of them.
+fn cpu_copy<T: PlainBits>(bytes: &[u8], shape: &[usize]) -> candle_core::Result<Tensor> {
+    let size = std::mem::size_of::<T>();
     let n: usize = shape.iter().product();
-    if bytes.len() != n * N {
+    if bytes.len() != n * size {
         candle_core::bail!("{} bytes do not hold {shape:?} values", bytes.len());
     }
-    // SAFETY: each part's every value is written from its own bytes.
+    // SAFETY: each part is filled whole with its own values' bytes, and every bit pattern of
+    // `T` is a value (`PlainBits`); the byte ranges of the parts do not overlap.
     let values = unsafe {
-        crate::kernels::written_on_threads(n, 1, |part, first| {
-            let from = &bytes[first * N..(first + part.len()) * N];
-            for (d, b) in part.iter_mut().zip(from.chunks_exact(N)) {
-                let mut raw = [0u8; N];
-                raw.copy_from_slice(b);
-                d.write(from_bits(from_le(raw)));
-            }
+        crate::kernels::written_on_threads::<T>(n, 1, |part, first| {
+            let from = &bytes[first * size..(first + part.len()) * size];
+            std::ptr::copy_nonoverlapping(
+                from.as_ptr(),
+                part.as_mut_ptr().cast::<u8>(),
+                from.len(),
+            );
         })
     };
     Tensor::from_vec(values, shape, &Device::Cpu)
