@@ -45,6 +45,49 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
+/// Implements candle's `CustomOp2` (input, weight) and `CustomOp3` (input, weight, residual of
+/// the output's shape, added to the result) for a CPU layer op whose
+/// `run(input, weight, residual)` does the work; `$name` names the op, `-add` appended for the
+/// second.
+macro_rules! layer_op {
+    ($ty:ty, $name:literal) => {
+        impl candle_core::CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.run((s1, l1), (s2, l2), None)
+            }
+        }
+
+        impl candle_core::CustomOp3 for $ty {
+            fn name(&self) -> &'static str {
+                concat!($name, "-add")
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CpuStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.run((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+        }
+    };
+}
+pub(crate) use layer_op;
+
 /// `a * b + c`: one fused multiply-add (one rounding) where the variant is compiled for it,
 /// else a multiply and an add. Rust never fuses the two by itself, and in the exponential's
 /// polynomial they form one long dependency chain, so fusing halves its latency and its
@@ -1023,40 +1066,7 @@ struct Conv3x3 {
     stride: usize,
 }
 
-impl CustomOp2 for Conv3x3 {
-    fn name(&self) -> &'static str {
-        "ld-conv3x3"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-}
-
-/// The third operand is a residual of the output's shape, added to the result.
-impl CustomOp3 for Conv3x3 {
-    fn name(&self) -> &'static str {
-        "ld-conv3x3-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-}
+layer_op!(Conv3x3, "ld-conv3x3");
 
 /// Checks that `residual` (when given) is a contiguous f32 tensor of `shape`, the output's.
 pub(crate) fn residual_of<'a>(

@@ -17,7 +17,7 @@
 //! the transformed filters would be the larger part (many channels on a small map), output
 //! channels are handled in blocks instead (see [`Plan`]).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
 use crate::avx512_gemm::{self, Format};
 use crate::kernels::{self, contiguous_f32, simd_dispatch, Mat, Products, SendPtr};
@@ -130,40 +130,7 @@ struct Winograd3x3 {
     products: Option<Products>,
 }
 
-impl CustomOp2 for Winograd3x3 {
-    fn name(&self) -> &'static str {
-        "ld-winograd3x3"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-}
-
-/// The third operand is a residual of the output's shape, added as each output is written.
-impl CustomOp3 for Winograd3x3 {
-    fn name(&self) -> &'static str {
-        "ld-winograd3x3-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-}
+kernels::layer_op!(Winograd3x3, "ld-winograd3x3");
 
 impl Winograd3x3 {
     fn run(
