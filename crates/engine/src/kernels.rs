@@ -1,5 +1,8 @@
 //! Fused CPU kernels for the element-wise steps that cost the most after the matrix products:
-//! softmax over attention scores, GEGLU, and group norm (+ per-channel shift, + SiLU).
+//! softmax over attention scores, GEGLU, group norm (+ per-channel shift, + SiLU) and layer
+//! norm; the moves candle makes on one thread (nearest upsampling, joining channels); and the
+//! starting values of layer outputs (bias, plus a skip connection's residual), with the 3x3 and
+//! 1x1 convolutions that write into them.
 //!
 //! candle 0.11 runs each of these as several full passes over memory with scalar libm
 //! `exp`/`erf` calls (and the crate is built for baseline x86-64, so its own SIMD paths are off).

@@ -1,6 +1,7 @@
 //! Memory-mapped safetensors weights: every file's header is validated when it is opened, and the
 //! `VarBuilder` handed to model code reports a missing or mis-shaped tensor by name and file,
-//! before anything is allocated for it.
+//! before anything is allocated for it. Large tensors for the CPU are copied out of the mapping
+//! on all compute threads.
 
 use std::collections::HashMap;
 use std::fmt;
