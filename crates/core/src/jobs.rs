@@ -805,14 +805,14 @@ fn run_job(shared: &Shared, job: &Job, cache: &mut Option<Loaded>) -> Outcome {
         Ok(m) => m,
         Err(e) => return Outcome::Failed(e),
     };
-    if on_cpu {
-        let ram = policy
-            .ram_free
-            .as_ref()
-            .and_then(|f| f())
-            .unwrap_or(u64::MAX);
+    if let Some(ram) = policy
+        .ram_free
+        .as_ref()
+        .filter(|_| on_cpu)
+        .and_then(|f| f())
+    {
         if let Some(need) = cpu_whole_need(shared, job, dtype, hit, &memory, ram) {
-            if let Err(e) = cpu_fits(&policy, need, false) {
+            if let Err(e) = cpu_fits(&policy, need, ram, false) {
                 return Outcome::Failed(e);
             }
         }
@@ -1066,13 +1066,10 @@ fn cpu_whole_need(
 }
 
 /// On the CPU: refuses a job whose planned memory (`need`, the largest stage's for a staged
-/// job) is more than the available memory and the free swap together (see
-/// [`MemoryPolicy::swap_free`]). Unknown available memory refuses nothing.
-fn cpu_fits(policy: &MemoryPolicy, need: u64, staged: bool) -> Result<(), JobError> {
+/// job) is more than the available memory (`ram`, as the plan read it) and the free swap
+/// together (see [`MemoryPolicy::swap_free`]).
+fn cpu_fits(policy: &MemoryPolicy, need: u64, ram: u64, staged: bool) -> Result<(), JobError> {
     use crate::settings::LowVram;
-    let Some(ram) = policy.ram_free.as_ref().and_then(|f| f()) else {
-        return Ok(());
-    };
     let swap = policy.swap_free.as_ref().and_then(|f| f()).unwrap_or(0);
     if need <= ram.saturating_add(swap) {
         return Ok(());
@@ -1680,7 +1677,7 @@ fn plan_cpu_stages(
             turned_on.push(step.name);
         }
     }
-    cpu_fits(policy, need(&memory), true)?;
+    cpu_fits(policy, need(&memory), free, true)?;
     if !turned_on.is_empty() {
         push_note(
             job,

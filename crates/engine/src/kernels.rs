@@ -1450,18 +1450,10 @@ impl CustomOp1 for UpsampleNearest {
 /// rows into tasks of one row each; inside a two-thread UNet step it scaled 1.4x over one
 /// thread, where this one scales with the memory.
 pub(crate) fn layer_norm(x: &Tensor, norm: &candle_nn::LayerNorm) -> Result<Tensor> {
-    let (w, b) = (norm.weight(), norm.bias());
-    let dim = x.dims().last().copied().unwrap_or(0);
-    match b {
-        Some(b)
-            if norm.remove_mean()
-                && fast_path(x)
-                && fast_path(w)
-                && fast_path(b)
-                && w.elem_count() == dim
-                && b.elem_count() == dim
-                && dim > 0 =>
-        {
+    let w = norm.weight();
+    match norm.bias() {
+        // The op checks the sizes (a mismatch is an error naming the shapes).
+        Some(b) if norm.remove_mean() && fast_path(x) && fast_path(w) && fast_path(b) => {
             x.apply_op3_no_bwd(w, b, &LayerNormOp { eps: norm.eps() })
         }
         _ => candle_core::Module::forward(norm, x),
@@ -1943,6 +1935,10 @@ mod tests {
                 "{rows}x{dim} at an offset"
             );
         }
+        // Rows of another width than the weights: an error, not a panic.
+        let norm =
+            candle_nn::LayerNorm::new(randn(1, 1., 0.5, &[8]), randn(2, 0., 0.5, &[8]), 1e-5);
+        assert!(layer_norm(&randn(3, 0., 1., &[4, 7]), &norm).is_err());
     }
 
     /// Exactly candle's values (which follow torch's source-index rule): 2x, sizes that are not
