@@ -143,12 +143,22 @@ describe('Playground', { timeout: 120_000 }, () => {
     await page.getByTestId('hires-steps').fill('2');
     await page.getByTestId('hires-upscaler').selectOption('Lanczos');
     assert.equal(await page.getByTestId('hires-size').textContent(), 'Final picture: 96 × 144');
-    await page.getByTestId('generate').click();
-    await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
-    await page.waitForFunction(() => {
+    // The previous test's picture and "done" state are still shown when this job starts, so
+    // wait for a picture other than that one.
+    const before = await page.evaluate(() => {
       const el = document.querySelector('[data-testid="result-image"]');
-      return el instanceof HTMLImageElement && el.complete && el.naturalWidth > 0;
+      return el instanceof HTMLImageElement ? el.src : null;
     });
+    await page.getByTestId('generate').click();
+    await page.waitForFunction(
+      (old) => {
+        const el = document.querySelector('[data-testid="result-image"]');
+        return el instanceof HTMLImageElement && el.src !== old && el.complete && el.naturalWidth > 0;
+      },
+      before,
+      { timeout: 60_000 },
+    );
+    await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
     const size = await page.getByTestId('result-image').evaluate((el) => [el.naturalWidth, el.naturalHeight]);
     assert.deepEqual(size, [96, 144], 'drawn at the hires size');
     // Off again for the tests after this one (the draft is kept across reloads).
