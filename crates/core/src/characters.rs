@@ -17,6 +17,8 @@ pub const MAX_APPEARANCE_CHARS: usize = 2_000;
 const MAX_NAME_CHARS: usize = 80;
 /// A character file or imported JSON larger than this is refused.
 const MAX_FILE_BYTES: usize = 256 * 1024;
+/// How much of a card's description is searched for the character's look.
+const MAX_CARD_DESCRIPTION_CHARS: usize = 20_000;
 
 /// How readily `auto` mode draws this character during a chat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -295,7 +297,18 @@ fn from_card(v: &serde_json::Value) -> Result<Character, CharacterError> {
             "the card has no name; is this a character card?".into(),
         ));
     }
-    let description = field("description").replace("{{char}}", &name);
+    // The name is checked here, not only in `clean`: it is pasted into the description below,
+    // and a long name times many `{{char}}`s would grow without bound (a zTXt chunk of a few KB
+    // can carry a 100 KB name and 50,000 of them).
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(CharacterError::Invalid {
+            field: "name",
+            reason: format!("it is longer than {MAX_NAME_CHARS} characters"),
+        });
+    }
+    // Only the description's start is read for the look; long cards put their lore after it.
+    let description = truncate_chars(&field("description"), MAX_CARD_DESCRIPTION_CHARS)
+        .replace("{{char}}", &name);
     let appearance = appearance_from_description(&description);
     Ok(Character {
         name,
@@ -350,6 +363,16 @@ fn clean(mut c: Character) -> Result<Character, CharacterError> {
                 reason: "it contains control characters".into(),
             });
         }
+    }
+    // Seeds travel on as A1111's signed 64-bit numbers, where -1 means "random".
+    if c.seed.is_some_and(|s| s > i64::MAX as u64) {
+        return Err(CharacterError::Invalid {
+            field: "seed",
+            reason: format!(
+                "it must be at most {}; leave it empty for a new face each time",
+                i64::MAX
+            ),
+        });
     }
     c.style = c.style.filter(|s| !s.trim().is_empty());
     c.model = c.model.filter(|s| !s.trim().is_empty());
@@ -459,6 +482,14 @@ mod tests {
         assert_eq!(back.seed, Some(1234));
         assert!(store.import_json("[1, 2]").is_err());
         assert!(store.import_json(&"x".repeat(MAX_FILE_BYTES + 1)).is_err());
+        // u64::MAX would arrive as A1111's -1, "random": refused, not silently unlocked.
+        let err = store
+            .import_json(r#"{"name": "Big", "appearance": "a", "seed": 18446744073709551615}"#)
+            .unwrap_err();
+        assert!(
+            matches!(err, CharacterError::Invalid { field: "seed", .. }),
+            "{err}"
+        );
     }
 
     fn card_png(keyword: &str, json: &str) -> Vec<u8> {
@@ -500,5 +531,44 @@ mod tests {
         ));
         assert!(store.import_card_png(b"not a png").is_err());
         assert!(store.import_card_png(&card_png("chara", "{}")).is_err());
+    }
+
+    #[test]
+    fn a_card_cannot_blow_up_its_description() {
+        // The name is pasted into each `{{char}}`, so an over-long one is refused first (a
+        // 100 KB name in 50,000 of them would be 5 GB).
+        let card = serde_json::json!({
+            "name": "n".repeat(MAX_NAME_CHARS + 1),
+            "description": "{{char}} has red hair.",
+        });
+        assert!(matches!(
+            from_card(&card),
+            Err(CharacterError::Invalid { field: "name", .. })
+        ));
+        // Only the description's start is searched for the look.
+        let lore = "{{char}} waits. ".repeat(1_000);
+        let card = serde_json::json!({
+            "name": "Mira",
+            "description": format!(
+                "{lore} She has long silver hair. {} She wears a blue cloak.",
+                "x".repeat(MAX_CARD_DESCRIPTION_CHARS)
+            ),
+        });
+        let c = from_card(&card).unwrap();
+        assert!(
+            c.appearance.contains("long silver hair"),
+            "{}",
+            c.appearance
+        );
+        assert!(!c.appearance.contains("blue cloak"), "{}", c.appearance);
+        let t = tempfile::tempdir().unwrap();
+        let store = CharacterStore::open(t.path()).unwrap();
+        assert_eq!(
+            store
+                .import_card_png(&card_png("chara", &card.to_string()))
+                .unwrap()
+                .name,
+            "Mira"
+        );
     }
 }

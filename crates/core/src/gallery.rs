@@ -455,19 +455,55 @@ impl Gallery {
             return Ok(());
         }
         let from = self.file_path(&rec);
-        let to = join_relative(&self.images_dir.join(TRASH_DIR), &rec.file);
+        let trash = self.images_dir.join(TRASH_DIR);
+        let mut file = rec.file.clone();
+        let to = join_relative(&trash, &file);
         if from.exists() {
-            move_file(&from, &to)?;
+            if to.exists() {
+                // Another trashed picture has this name (on a case-insensitive disk, `Cat.png`
+                // meets `.trash/cat.png`): a rename would replace it, so this one is trashed
+                // under a free numbered name, which it keeps when restored.
+                file = self.free_name(&rec.file)?;
+            }
+            move_file(&from, &join_relative(&trash, &file))?;
         } else if !to.exists() {
             return Err(GalleryError::FileMissing { path: from });
         }
+        if file != rec.file {
+            self.remove_thumbnail(&rec.file);
+        }
         self.conn()
             .execute(
-                "UPDATE images SET trashed_at = ?1 WHERE id = ?2",
-                params![now_ms(), id],
+                "UPDATE images SET trashed_at = ?1, file = ?2 WHERE id = ?3",
+                params![now_ms(), file, id],
             )
             .map_err(self.db_err())?;
         Ok(())
+    }
+
+    /// `rel` numbered (`name-2.png`, ...) so that no row, gallery file or trashed file has it.
+    fn free_name(&self, rel: &str) -> Result<String> {
+        let trash = self.images_dir.join(TRASH_DIR);
+        let conn = self.conn();
+        for n in 2..MAX_RENAME_TRIES {
+            let name = numbered_name(rel, n);
+            let taken: bool = conn
+                .query_row(
+                    "SELECT EXISTS(SELECT 1 FROM images WHERE file = ?1)",
+                    [&name],
+                    |r| r.get(0),
+                )
+                .map_err(self.db_err())?;
+            if !taken
+                && !join_relative(&self.images_dir, &name).exists()
+                && !join_relative(&trash, &name).exists()
+            {
+                return Ok(name);
+            }
+        }
+        Err(GalleryError::RestoreConflict {
+            path: join_relative(&trash, rel),
+        })
     }
 
     /// Bring an image back from the trash. Restoring one that is not trashed does nothing.
@@ -512,8 +548,13 @@ impl Gallery {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.db_err())?;
         for id in &deleted {
-            tx.execute("DELETE FROM images WHERE id = ?1", [id])
-                .map_err(self.db_err())?;
+            // Only while still trashed: a restore between the listing and here has put the
+            // file back (so removing it found nothing), and its row must stay.
+            tx.execute(
+                "DELETE FROM images WHERE id = ?1 AND trashed_at IS NOT NULL",
+                [id],
+            )
+            .map_err(self.db_err())?;
         }
         tx.commit().map_err(self.db_err())?;
         Ok(deleted.len())
@@ -1749,6 +1790,28 @@ mod tests {
             g.restore(gone.id),
             Err(GalleryError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn trashing_never_replaces_a_trashed_file_of_the_same_name() {
+        // As on a case-insensitive disk, where `Cat.png` meets a trashed `cat.png`.
+        let f = Fixture::new();
+        let (g, _) = f.open();
+        let rec = g.save(image("x", 1)).unwrap();
+        let before = std::fs::read(g.file_path(&rec)).unwrap();
+        let older = f.images().join(".trash").join(&rec.file);
+        std::fs::create_dir_all(older.parent().unwrap()).unwrap();
+        std::fs::write(&older, b"an older trashed picture").unwrap();
+        g.trash(rec.id).unwrap();
+        assert_eq!(std::fs::read(&older).unwrap(), b"an older trashed picture");
+        let trashed = g.get(rec.id).unwrap().unwrap();
+        assert!(trashed.trashed);
+        assert_ne!(trashed.file, rec.file);
+        assert_eq!(std::fs::read(g.file_path(&trashed)).unwrap(), before);
+        g.restore(rec.id).unwrap();
+        let back = g.get(rec.id).unwrap().unwrap();
+        assert_eq!(std::fs::read(g.file_path(&back)).unwrap(), before);
+        assert!(g.file_path(&back).starts_with(f.images()) && !back.trashed);
     }
 
     #[test]

@@ -217,6 +217,39 @@ async fn setup_counts_only_models_that_can_draw() {
     assert_eq!(setup["has_model"], false);
 }
 
+/// Found by review: A1111's options call saved a model that cannot draw as the default; each
+/// picture after it then quietly came from another model.
+#[tokio::test]
+async fn a1111_options_refuse_a_model_that_cannot_draw() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = tempfile::tempdir().unwrap();
+    let ckpt = std::fs::File::create(theirs.path().join("old.ckpt")).unwrap();
+    ckpt.set_len(600_000_000).unwrap();
+    let s = AppState::open(StateOptions {
+        models_dirs: vec![tiny("sd1"), theirs.path().to_path_buf()],
+        ..StateOptions::new(DataDir::open(Some(dir.path())).unwrap(), PORT)
+    })
+    .unwrap();
+    let set = |model: &str| {
+        let s = s.clone();
+        let body = json!({ "sd_model_checkpoint": model });
+        async move { call_json(&s, "POST", "/sdapi/v1/options", body, false).await }
+    };
+    let (status, err) = set("old").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("The model 'old' cannot draw:"),
+        "{err}"
+    );
+    assert_eq!(s.settings().default_model, None, "nothing saved");
+    let (status, err) = set("sd1").await;
+    assert_eq!(status, StatusCode::OK, "{err}");
+    assert_eq!(s.settings().default_model.as_deref(), Some("sd1"));
+}
+
 fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_local-diffusers"))
 }
