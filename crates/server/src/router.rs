@@ -129,7 +129,7 @@ pub fn app(state: AppState) -> Router {
     // Chat apps that run in a browser tab (and the pages the user allowed) read the API's answers;
     // never the UI's routes or files, whose page carries the session token.
     let cors = allowed_apps_cors(&state);
-    Router::new()
+    let routes = Router::new()
         .merge(ui_only)
         .merge(native.layer(cors.clone()))
         .merge(a1111.layer(cors))
@@ -141,7 +141,58 @@ pub fn app(state: AppState) -> Router {
         .layer(from_fn_with_state(state.clone(), localhost_guard))
         // Outermost, so the guard's refusals carry the headers too.
         .layer(from_fn(security_headers))
-        .with_state(state)
+        .with_state(state);
+    // Every request passes through `like_a1111` before routing (a `Router::layer` runs after
+    // it, too late to change which route a path takes).
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .map_request(like_a1111)
+            .service(routes),
+    )
+}
+
+/// What A1111's server (FastAPI) accepts and ours would not, mended before routing:
+/// - Doubled and trailing slashes in API paths. Open WebUI's own example address is
+///   `http://127.0.0.1:7860/`, and it appends `/sdapi/v1/...` to it as typed: `//sdapi/...`
+///   matched no route and got the UI's page with 200, so its "verify" button passed and every
+///   call after it failed to parse. FastAPI redirects a trailing slash to the route.
+/// - A JSON body posted to `/sdapi/` without a `Content-Type` (scripts that send
+///   `data=json.dumps(...)`): FastAPI reads it as JSON; axum's JSON extractor refuses it.
+fn like_a1111(mut req: axum::extract::Request) -> axum::extract::Request {
+    let path = req.uri().path();
+    if path.contains("//") || (path.len() > 1 && path.ends_with('/')) {
+        let tidy: String = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .flat_map(|s| ["/", s])
+            .collect();
+        if ["/sdapi/", "/api/", "/v1/"]
+            .iter()
+            .any(|p| tidy.starts_with(p))
+        {
+            let with_query = match req.uri().query() {
+                Some(q) => format!("{tidy}?{q}"),
+                None => tidy,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(pq) = with_query.parse() {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+    if req.method() == axum::http::Method::POST
+        && req.uri().path().starts_with("/sdapi/")
+        && !req.headers().contains_key(header::CONTENT_TYPE)
+    {
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    req
 }
 
 /// CORS for the web pages in the settings' allowed origins (read on each request, so a change

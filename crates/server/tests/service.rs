@@ -687,6 +687,8 @@ async fn sillytavern_connects_switches_model_draws_and_polls() {
         "override_settings_restore_afterwards": true,
         "clip_skip": 2,
         "save_images": true,
+        // SillyTavern's connection settings ride along in the body; its key must not be echoed.
+        "auth": "user:secret-key",
         "send_images": true,
     });
     let (status, answer) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
@@ -720,6 +722,59 @@ async fn sillytavern_connects_switches_model_draws_and_polls() {
         "unknown fields are echoed"
     );
     assert_eq!(answer["parameters"]["steps"], 3);
+    assert!(
+        !answer.to_string().contains("secret-key"),
+        "the credential in the body is not echoed"
+    );
+}
+
+/// What A1111's server (FastAPI) takes from clients, found by review against their code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a1111_clients_loose_requests_are_taken_as_a1111_takes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = state(&dir);
+    // Open WebUI appends `/sdapi/v1/...` to the address as typed, `http://127.0.0.1:7860/`.
+    let (status, options) = get_json(&s, "//sdapi/v1/options").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(options["sd_model_checkpoint"].is_string(), "{options}");
+    let (status, models) = get_json(&s, "/sdapi/v1/sd-models/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(models.is_array(), "{models}");
+    let (status, _) = get_json(&s, "//api/v1/health").await;
+    assert_eq!(status, StatusCode::OK);
+    // Python's requests sends `True`.
+    let (status, p) = get_json(&s, "/sdapi/v1/progress?skip_current_image=True").await;
+    assert_eq!(status, StatusCode::OK, "{p}");
+    let (status, _) = get_json(&s, "/sdapi/v1/progress?skip_current_image=maybe").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A JSON body without a Content-Type, as `requests.post(url, data=json.dumps(...))` sends.
+    let r = req("POST", "//sdapi/v1/txt2img/")
+        .body(Body::from(
+            json!({"prompt": "a cat", "width": 64, "height": 64, "steps": 1}).to_string(),
+        ))
+        .unwrap();
+    let (status, _, body) = send(&s, r).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["images"].as_array().unwrap().len(), 1);
+    // Open WebUI switches models by posting back all the options it read, the VAE setting
+    // included, even when that VAE file has gone since.
+    s.change_settings(|st| st.vae = "gone.safetensors".into())
+        .unwrap();
+    let (_, mut options) = get_json(&s, "/sdapi/v1/options").await;
+    options["sd_model_checkpoint"] = json!("sd2");
+    let (status, err) = send_json(&s, "POST", "/sdapi/v1/options", options).await;
+    assert_eq!(status, StatusCode::OK, "{err}");
+    assert_eq!(s.settings().default_model.as_deref(), Some("sd2"));
+    assert_eq!(s.settings().vae, "gone.safetensors");
+    // Naming that missing VAE as a change is still refused.
+    let (status, _) = send_json(
+        &s,
+        "POST",
+        "/sdapi/v1/options",
+        json!({"sd_vae": "other-gone.safetensors"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
 /// Open WebUI's A1111 engine: prompt, batch_size, size, steps, negative prompt; A1111 defaults
@@ -820,6 +875,56 @@ async fn open_webui_a1111_request() {
         .decode(answer["images"][0].as_str().unwrap())
         .unwrap();
     assert_eq!(png_size(&png), (128, 128));
+    // A sampler or scheduler this A1111 build lacks draws with A1111's fallbacks (its first
+    // sampler, the Automatic schedule), as A1111 1.9+ does, and the job says so; a fused name
+    // keeps its schedule. SillyTavern resends a scheduler saved for another build; Open WebUI
+    // offers "Restart" and shows only 'images' for a refusal.
+    for (seed, sampler, scheduler, schedule) in [
+        (11, "Restart", "align_your_steps", "Automatic"),
+        (12, "DPM++ 2M SDE Heun Exponential", "", "Exponential"),
+        (13, "Euler", "kl_optimal", "Automatic"),
+    ] {
+        let body = json!({"prompt": "a sunny meadow", "steps": 1, "width": 64, "height": 64,
+            "sampler_name": sampler, "scheduler": scheduler, "seed": seed});
+        let (status, answer) = send_json(&s, "POST", "/sdapi/v1/txt2img", body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        let info: Value = serde_json::from_str(answer["info"].as_str().unwrap()).unwrap();
+        let (_, jobs) = get_json(&s, "/api/v1/jobs").await;
+        let notes = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["seed"] == seed)
+            .map(|j| j["notes"].to_string())
+            .unwrap();
+        if sampler == "Euler" {
+            assert_eq!(info["sampler_name"], "Euler");
+        } else {
+            assert_eq!(info["sampler_name"], "DPM++ 2M", "{sampler}");
+            assert!(
+                notes.contains(&format!("The sampler '{sampler}' is not available here")),
+                "{notes}"
+            );
+        }
+        if !scheduler.is_empty() {
+            assert!(
+                notes.contains(&format!("The schedule '{scheduler}' is not available here")),
+                "{notes}"
+            );
+        }
+        let params = png_parameters(
+            &base64::engine::general_purpose::STANDARD
+                .decode(answer["images"][0].as_str().unwrap())
+                .unwrap(),
+        );
+        // Automatic is written as the schedule it resolves to.
+        if schedule != "Automatic" {
+            assert!(
+                params.contains(&format!("Schedule type: {schedule}")),
+                "{params}"
+            );
+        }
+    }
     // SillyTavern's menus list the latent modes and the pixel upscalers.
     let (_, modes) = get_json(&s, "/sdapi/v1/latent-upscale-modes").await;
     assert_eq!(modes[0]["name"], "Latent");

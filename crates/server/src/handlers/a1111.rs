@@ -4,7 +4,7 @@
 //! our own UI.
 
 use crate::error::{ApiError, Code};
-use crate::handlers::jobs::{submit, wait_for};
+use crate::handlers::jobs::{submit_noted, wait_for};
 use crate::state::AppState;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
@@ -149,6 +149,46 @@ impl Txt2Img {
     }
 }
 
+/// The sampler A1111 1.9+ draws with for a name it does not know (its first).
+const A1111_FALLBACK_SAMPLER: &str = "DPM++ 2M";
+
+/// A1111 1.9+ draws with its first sampler when it does not know the one asked for, and with
+/// Automatic for an unknown scheduler, where we would refuse the request. Chat apps keep
+/// sending names they saved for another A1111 build (SillyTavern resends its stored scheduler
+/// whatever our list says; Open WebUI offers samplers such as "Restart"), and Open WebUI shows
+/// only `'images'` for a refusal. So this edge does as A1111 does, and says so in a job note.
+fn a1111_fallbacks(input: &mut GenerationInput) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(name) = input.sampler.clone() {
+        if ld_engine::sampler::parse_sampler(&name).is_err() {
+            // A fused name's schedule still counts ("Restart Karras").
+            let lower = name.trim().to_ascii_lowercase();
+            let fused = ScheduleKind::ALL.iter().copied().find(|k| {
+                *k != ScheduleKind::Automatic
+                    && lower.ends_with(&format!(" {}", k.name().to_ascii_lowercase()))
+            });
+            if input.schedule.is_none() {
+                input.schedule = fused.map(|k| k.name().to_owned());
+            }
+            notes.push(format!(
+                "The sampler '{}' is not available here, so '{A1111_FALLBACK_SAMPLER}' drew the picture.",
+                name.trim()
+            ));
+            input.sampler = Some(A1111_FALLBACK_SAMPLER.to_owned());
+        }
+    }
+    if let Some(name) = input.schedule.clone() {
+        if ScheduleKind::from_name(&name).is_none() {
+            notes.push(format!(
+                "The schedule '{}' is not available here, so the sampler's own (Automatic) was used.",
+                name.trim()
+            ));
+            input.schedule = None;
+        }
+    }
+    notes
+}
+
 /// A1111 schedule ids ("karras", "sgm_uniform", "automatic") and labels ("SGM Uniform") both
 /// work; ids without a match are passed on for the composer's error to list the valid ones.
 fn schedule_from_a1111(name: &str) -> String {
@@ -211,7 +251,9 @@ pub async fn txt2img(
             ));
         }
     }
-    let job = submit(&state, req.to_input()).await?;
+    let mut input = req.to_input();
+    let notes = a1111_fallbacks(&mut input);
+    let job = submit_noted(&state, input, notes).await?;
     let done = wait_for(&state, &job.id).await?;
     if done.state == JobState::Failed {
         let err = done.error.as_ref().expect("a failed job has its error");
@@ -222,11 +264,15 @@ pub async fn txt2img(
     } else {
         Vec::new()
     };
-    // Echo the request with A1111's defaults filled in, keeping fields we do not use.
+    // Echo the request with A1111's defaults filled in, keeping fields we do not use, except
+    // SillyTavern's `auth` ("user:password", sent in the body beside its URL): a credential
+    // has no place in an answer that clients log.
     let mut parameters = serde_json::to_value(&req).unwrap_or_default();
     if let (Some(p), Value::Object(orig)) = (parameters.as_object_mut(), raw) {
         for (k, v) in orig {
-            p.entry(k).or_insert(v);
+            if k != "auth" {
+                p.entry(k).or_insert(v);
+            }
         }
     }
     Ok(Json(json!({
@@ -402,8 +448,21 @@ fn timestamp(unix_ms: i64) -> String {
 
 #[derive(Deserialize)]
 pub struct ProgressQuery {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "query_bool")]
     skip_current_image: bool,
+}
+
+/// A query flag as FastAPI reads it: Python's `requests` sends `True` for `True`, and forms
+/// send 1/yes/on; serde's own bool takes only `true` and `false`, which made a 400 of it.
+fn query_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(serde::de::Error::custom(format!(
+            "'{text}' is not true or false"
+        ))),
+    }
 }
 
 pub async fn progress(
@@ -555,6 +614,11 @@ pub async fn set_options(
             ))
         }
     };
+    // Open WebUI switches models by posting back the whole dict it read: the VAE as it stands
+    // is no change, even when its file has gone since (found by review: that refused the
+    // model switch, and Open WebUI only logs it).
+    let current_vae = state.settings().vae;
+    let wanted_vae = wanted_vae.filter(|v| *v != current_vae);
     if wanted_model.is_none() && wanted_vae.is_none() {
         return Ok(Json(Value::Null));
     }
@@ -579,6 +643,20 @@ pub async fn set_options(
                         ),
                     )
                 })?;
+                // Saved, a model that cannot draw would be passed over for the first one that
+                // can, with no word to the chat app. One that lacks only a VAE may get it in
+                // this same call.
+                if let Some(problem) = model
+                    .problem
+                    .as_ref()
+                    .filter(|_| !(model.needs_vae && wanted_vae.is_some()))
+                {
+                    return Err(ApiError::new(
+                        Code::InvalidRequest,
+                        format!("The model '{}' cannot draw: {problem}", model.name),
+                        "Choose another model from /sdapi/v1/sd-models.",
+                    ));
+                }
                 Some(model.name.clone())
             }
         };

@@ -32,13 +32,22 @@ pub async fn create(
 
 /// Composes (file reads: off the runtime) and queues.
 pub async fn submit(state: &AppState, input: GenerationInput) -> Result<JobInfo, ApiError> {
-    let note = ld_core::compose::hires_note(&input);
+    submit_noted(state, input, Vec::new()).await
+}
+
+/// [`submit`], the job carrying `notes` (what an API edge chose in place of what was asked).
+pub async fn submit_noted(
+    state: &AppState,
+    input: GenerationInput,
+    mut notes: Vec<String>,
+) -> Result<JobInfo, ApiError> {
+    notes.extend(ld_core::compose::hires_note(&input));
     let s = state.clone();
     let composed = tokio::task::spawn_blocking(move || s.compose(&input))
         .await
         .map_err(ApiError::internal)??;
     let info = state.jobs().submit(composed)?;
-    if let Some(note) = note {
+    for note in notes {
         state.jobs().add_note(&info.id, &note);
     }
     Ok(info)
