@@ -256,8 +256,24 @@ pub fn write_prompt(
         }
     }
     let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    join_nonempty(&refs)
+    let prompt = join_nonempty(&refs);
+    // Several stored characters (up to 2,000 characters of look each) or a long inline look
+    // could pass the composer's prompt limit, a refusal of a prompt the caller never wrote.
+    // The text encoder reads far less than this anyway.
+    match prompt.char_indices().nth(MAX_WRITTEN_PROMPT_CHARS) {
+        Some((end, _)) => {
+            let cut = &prompt[..end];
+            // At the last whole phrase (or word) inside the limit.
+            let at = cut.rfind(", ").or_else(|| cut.rfind(' ')).unwrap_or(end);
+            prompt[..at].trim_end_matches([',', ' ']).to_owned()
+        }
+        None => prompt,
+    }
 }
+
+/// The longest prompt [`write_prompt`] writes, well inside the composer's limit so that the
+/// settings' prefix and suffix still fit.
+pub const MAX_WRITTEN_PROMPT_CHARS: usize = 4_000;
 
 /// Joins the non-empty parts with ", ".
 fn join_nonempty(parts: &[&str]) -> String {
@@ -624,6 +640,27 @@ mod tests {
             name: "Seraphina".into(),
             appearance: "young woman, long silver hair, green eyes".into(),
         }
+    }
+
+    #[test]
+    fn many_long_looks_still_make_a_prompt_the_composer_takes() {
+        // Found by review: five stored characters of 2,000 characters each made a scene prompt
+        // past the composer's 10,000, refused as "the prompt is too long".
+        let cast: Vec<SceneCharacter> = (0..5)
+            .map(|i| SceneCharacter {
+                name: format!("Hero{i}"),
+                appearance: "tall, red cloak, ".repeat(120),
+            })
+            .collect();
+        let p = write_prompt(Mode::Scene, &[char_msg("*She waves.*")], &cast, None);
+        let n = p.chars().count();
+        assert!(n <= MAX_WRITTEN_PROMPT_CHARS && n > 3_900, "{n}");
+        assert!(p.starts_with("Hero0, tall, red cloak"), "{p}");
+        assert!(
+            p.ends_with("cloak") || p.ends_with("tall"),
+            "cut at a phrase: {p}"
+        );
+        const { assert!(MAX_WRITTEN_PROMPT_CHARS < crate::compose::MAX_PROMPT_CHARS) };
     }
 
     #[test]

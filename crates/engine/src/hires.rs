@@ -106,11 +106,17 @@ impl HiresFix {
     /// Checks the second pass's own fields; the error names A1111's field.
     pub fn validate(&self) -> Result<()> {
         use crate::pipeline::{MAX_SIZE, MAX_STEPS, MIN_SIZE};
+        // The fix names the field the request set: a factor, or a size.
+        let fix = if self.scale.is_some() {
+            "lower hr_scale"
+        } else {
+            "choose a smaller hr_resize_x and hr_resize_y"
+        };
         for (field, v) in [("hires width", self.width), ("hires height", self.height)] {
             if !(MIN_SIZE..=MAX_SIZE).contains(&v) || !v.is_multiple_of(8) {
                 return Err(EngineError::InvalidRequest(format!(
                     "the {field} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, \
-                     got {v}; lower hr_scale"
+                     got {v}; {fix}"
                 )));
             }
         }

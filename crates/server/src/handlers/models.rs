@@ -247,7 +247,10 @@ pub async fn convert(
             return Err(ApiError::new(
                 Code::InvalidRequest,
                 format!("{} already exists.", dst.display()),
-                "It was converted before; use that model.",
+                // Two pickles of one name in different folders share the converted name, so
+                // this may be another model's conversion.
+                "If it was converted from this file, use that model. If it is another model \
+                 of the same name, rename one of the two files and convert again.",
             ));
         }
         let done = ld_engine::pickle::convert_to_safetensors(&model.path, &dst).map_err(|e| {
