@@ -334,6 +334,7 @@ impl Pipeline {
         }
         let unet = load_folder_unet(&folder, &unet_cfg, opts, &mut lora_set)?;
         let lora_warnings = lora_set.finish()?;
+        let schedule = schedule.for_sdxl(sdxl.is_some());
 
         let vae_cfg = VaeConfig::from_file(&folder.config_file("vae")?)?;
         let vae_files = folder.weight_files("vae")?;
@@ -472,7 +473,7 @@ impl Pipeline {
             text_encoder: p.text_encoder,
             unet: p.unet,
             vae: p.vae,
-            schedule: p.schedule,
+            schedule: p.schedule.for_sdxl(true),
             prediction: p.prediction,
             device: opts.device.clone(),
             dtype: opts.dtype,

@@ -135,7 +135,7 @@ impl OpenedRefiner {
             drop(Weights::open_all(&folder.weight_files(component)?)?);
         }
         Ok(Self {
-            schedule: NoiseSchedule::from_config(&scheduler)?,
+            schedule: NoiseSchedule::from_config(&scheduler)?.for_sdxl(true),
             prediction: scheduler.prediction_type,
             unet_cfg,
             aesthetic,

@@ -31,9 +31,21 @@ pub enum ScheduleKind {
     Karras,
     /// Evenly spaced in log sigma from sigma_max to sigma_min, then 0 (`get_sigmas_exponential`).
     Exponential,
+    /// k-diffusion's `get_sigmas_polyexponential` with A1111's rho 1: the ramp `linspace(1, 0,
+    /// n)^rho` in log sigma between sigma_min and sigma_max, then 0 (at rho 1 the same sequence
+    /// as Exponential, computed A1111's way).
+    Polyexponential,
     /// Like Uniform but `n + 1` timesteps with the last (t = 0) dropped, then 0 (A1111
     /// `sgm_uniform`, ComfyUI `sgm_uniform`).
     SgmUniform,
+    /// A1111's "KL Optimal" (Sabour et al. 2024, "Align Your Steps", the KL-optimal schedule):
+    /// `tan` of `n + 1` points evenly spaced between `atan(sigma_max)` and `atan(sigma_min)`.
+    /// As in A1111 it ends at sigma_min, not 0 (ComfyUI's `kl_optimal` ends at 0).
+    KlOptimal,
+    /// NVIDIA's "Align Your Steps" sigmas (Sabour et al. 2024) for 10 steps, SD 1.x/2.x or SDXL
+    /// ([`NoiseSchedule::for_sdxl`]), interpolated log-linearly to `n`, then 0 (A1111
+    /// `align_your_steps`). The table's ends are fixed numbers, not the model's sigma range.
+    AlignYourSteps,
     /// Every `N / n`-th training sigma counted from the top, then 0 (ComfyUI `simple`).
     Simple,
     /// `linspace(t(sigma_max), t(sigma_min), n)` in timestep, then 0 (A1111/ComfyUI `normal`).
@@ -43,6 +55,11 @@ pub enum ScheduleKind {
     /// (A1111 "DDIM", ComfyUI `ddim_uniform`). Gives more steps than asked when n does not divide
     /// N (8 for 7, 167 for 150), as both do.
     DdimUniform,
+    /// A1111's "Beta" (Lee et al. 2024, "Beta Sampling is All You Need"): the quantiles of a
+    /// Beta(0.6, 0.6) distribution (A1111's default alpha and beta) at `1 - linspace(0, 1, n)`,
+    /// mapped linearly onto sigma_min..sigma_max, then 0. (ComfyUI's `beta` maps them onto
+    /// timesteps instead, a different sequence.)
+    Beta,
     /// diffusers "leading" spacing: t = i * (N / n) + steps_offset, then 0.
     Leading,
     /// diffusers "trailing" spacing: t = round(N - i * N / n) - 1, then 0.
@@ -55,10 +72,14 @@ impl ScheduleKind {
         ScheduleKind::Uniform,
         ScheduleKind::Karras,
         ScheduleKind::Exponential,
+        ScheduleKind::Polyexponential,
         ScheduleKind::SgmUniform,
+        ScheduleKind::KlOptimal,
+        ScheduleKind::AlignYourSteps,
         ScheduleKind::Simple,
         ScheduleKind::Normal,
         ScheduleKind::DdimUniform,
+        ScheduleKind::Beta,
         ScheduleKind::Leading,
         ScheduleKind::Trailing,
     ];
@@ -71,7 +92,11 @@ impl ScheduleKind {
             ScheduleKind::Uniform => "Uniform",
             ScheduleKind::Karras => "Karras",
             ScheduleKind::Exponential => "Exponential",
+            ScheduleKind::Polyexponential => "Polyexponential",
             ScheduleKind::SgmUniform => "SGM Uniform",
+            ScheduleKind::KlOptimal => "KL Optimal",
+            ScheduleKind::AlignYourSteps => "Align Your Steps",
+            ScheduleKind::Beta => "Beta",
             ScheduleKind::Simple => "Simple",
             ScheduleKind::Normal => "Normal",
             ScheduleKind::DdimUniform => "DDIM",
@@ -100,6 +125,8 @@ impl ScheduleKind {
             ScheduleKind::Automatic => &["automatic", "auto"],
             ScheduleKind::SgmUniform => &["SGMUniform"],
             ScheduleKind::DdimUniform => &["ddim_uniform", "DDIM uniform"],
+            ScheduleKind::KlOptimal => &["kl_optimal"],
+            ScheduleKind::AlignYourSteps => &["align_your_steps", "AYS"],
             _ => &[],
         }
     }
@@ -139,6 +166,8 @@ pub struct NoiseSchedule {
     steps_offset: usize,
     /// alphas_cumprod of the step "after" t = 0 (diffusers `final_alpha_cumprod`).
     final_alpha_cumprod: f64,
+    /// Whether the model is an SDXL one, which has its own Align Your Steps table.
+    sdxl: bool,
 }
 
 impl NoiseSchedule {
@@ -200,7 +229,15 @@ impl NoiseSchedule {
             log_sigmas,
             spacing: TimestepSpacing::Leading,
             steps_offset: 0,
+            sdxl: false,
         }
+    }
+
+    /// This schedule for an SDXL model (`true`), whose Align Your Steps sigmas differ from
+    /// SD 1.x/2.x's; the training schedule itself is the same.
+    pub fn for_sdxl(mut self, sdxl: bool) -> Self {
+        self.sdxl = sdxl;
+        self
     }
 
     /// `betas` rescaled so the last step is pure noise ("zero terminal SNR", Lin et al. 2023,
@@ -285,7 +322,8 @@ impl NoiseSchedule {
     }
 
     /// The sigmas of `kind` for `steps` steps, descending, ending at 0: `steps + 1` values, except
-    /// that [`ScheduleKind::DdimUniform`] may give more steps, as A1111 and ComfyUI do.
+    /// that [`ScheduleKind::DdimUniform`] may give more steps, as A1111 and ComfyUI do, and
+    /// [`ScheduleKind::KlOptimal`] ends at sigma_min, as A1111's does.
     /// [`ScheduleKind::Automatic`] means [`ScheduleKind::Uniform`] here; samplers resolve it first
     /// (`Sampler::sigmas`).
     pub fn sigmas(&self, kind: ScheduleKind, steps: usize) -> Vec<f64> {
@@ -301,6 +339,34 @@ impl NoiseSchedule {
             }
             ScheduleKind::Exponential => {
                 return exponential_sigmas(steps, self.sigma_min(), self.sigma_max())
+            }
+            ScheduleKind::Polyexponential => {
+                let (lo, hi) = (self.sigma_min().ln(), self.sigma_max().ln());
+                linspace(1.0, 0.0, steps)
+                    .into_iter()
+                    .map(|ramp| (ramp * (hi - lo) + lo).exp())
+                    .collect()
+            }
+            ScheduleKind::KlOptimal => {
+                let (lo, hi) = (self.sigma_min().atan(), self.sigma_max().atan());
+                let n = steps as f64;
+                return (0..=steps)
+                    .map(|i| {
+                        let f = i as f64 / n;
+                        (f * lo + (1.0 - f) * hi).tan()
+                    })
+                    .collect();
+            }
+            ScheduleKind::AlignYourSteps => {
+                let table = if self.sdxl { &AYS_SDXL } else { &AYS_SD };
+                log_linear_resample(table, steps)
+            }
+            ScheduleKind::Beta => {
+                let (lo, hi) = (self.sigma_min(), self.sigma_max());
+                linspace(0.0, 1.0, steps)
+                    .into_iter()
+                    .map(|x| lo + beta_quantile(1.0 - x, BETA_ALPHA, BETA_BETA) * (hi - lo))
+                    .collect()
             }
             ScheduleKind::SgmUniform => {
                 let t_max = (self.num_train_timesteps() - 1) as f64;
@@ -464,6 +530,143 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     }
 }
 
+/// NVIDIA's published 10-step Align Your Steps sigmas (11 values, descending) for SD 1.5, which
+/// A1111 uses for SD 1.x and 2.x.
+const AYS_SD: [f64; 11] = [
+    14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029,
+];
+/// The same for SDXL.
+const AYS_SDXL: [f64; 11] = [
+    14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029,
+];
+
+/// `n` values spread over the descending `table` by straight-line interpolation of its logs at
+/// `n` evenly spaced positions from its first value to its last (numpy's `interp`, as A1111's
+/// `loglinear_interp`). `n` equal to the table's length gives the table; 1 gives its last value.
+fn log_linear_resample(table: &[f64], n: usize) -> Vec<f64> {
+    if n == table.len() {
+        return table.to_vec();
+    }
+    // A1111 interpolates the ascending (reversed) logs from 0 to 1 and reverses the result.
+    let ys: Vec<f64> = table.iter().rev().map(|v| v.ln()).collect();
+    let last = (ys.len() - 1) as f64;
+    let mut out: Vec<f64> = linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|x| {
+            let pos = x * last;
+            let i = (pos.floor() as usize).min(ys.len() - 2);
+            let f = pos - i as f64;
+            (ys[i] + f * (ys[i + 1] - ys[i])).exp()
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// A1111's default shape of the Beta schedule (its `beta_dist_alpha` and `beta_dist_beta`).
+const BETA_ALPHA: f64 = 0.6;
+const BETA_BETA: f64 = 0.6;
+
+/// The quantile function (inverse CDF) of the Beta(a, b) distribution at `p` in [0, 1], as
+/// scipy's `stats.beta.ppf`, found by bisection on [`regularized_beta`] to full f64 precision.
+/// Written here because none of the crates we use has it and a statistics crate for one
+/// function would weigh more than these few lines.
+fn beta_quantile(p: f64, a: f64, b: f64) -> f64 {
+    if p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    // 60 halvings take [0, 1] below f64's resolution near 1; the CDF is increasing.
+    for _ in 0..64 {
+        let mid = 0.5 * (lo + hi);
+        if regularized_beta(mid, a, b) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// The regularized incomplete beta function I_x(a, b), the CDF of Beta(a, b) at `x`: the
+/// continued fraction of Abramowitz & Stegun 26.5.8, evaluated by the modified Lentz method, on
+/// the side of the symmetry `I_x(a, b) = 1 - I_{1-x}(b, a)` where it converges fast.
+fn regularized_beta(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    if x > (a + 1.0) / (a + b + 2.0) {
+        return 1.0 - regularized_beta(1.0 - x, b, a);
+    }
+    let ln_front = a * x.ln() + b * (1.0 - x).ln() - ln_beta(a, b);
+    ln_front.exp() * beta_fraction(x, a, b) / a
+}
+
+/// The continued fraction `1 / (1 + d1 / (1 + d2 / (1 + ...)))` of I_x(a, b), with
+/// `d(2m+1) = -(a+m)(a+b+m) x / ((a+2m)(a+2m+1))` and `d(2m) = m(b-m) x / ((a+2m-1)(a+2m))`.
+fn beta_fraction(x: f64, a: f64, b: f64) -> f64 {
+    const TINY: f64 = 1e-300;
+    let guard = |v: f64| if v.abs() < TINY { TINY } else { v };
+    let mut c = 1.0;
+    let mut d = 1.0 / guard(1.0 - (a + b) * x / (a + 1.0));
+    let mut f = d;
+    for m in 1..500 {
+        let m = m as f64;
+        for num in [
+            m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+        ] {
+            d = 1.0 / guard(1.0 + num * d);
+            c = guard(1.0 + num / c);
+            f *= c * d;
+        }
+        if (c * d - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    f
+}
+
+/// ln B(a, b) = ln Γ(a) + ln Γ(b) - ln Γ(a + b).
+fn ln_beta(a: f64, b: f64) -> f64 {
+    ln_gamma(a) + ln_gamma(b) - ln_gamma(a + b)
+}
+
+/// ln Γ(x) for x > 0 by the Lanczos approximation (g = 7, nine coefficients: relative error
+/// about 1e-15), with the reflection formula below 0.5.
+fn ln_gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const COEF: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Γ(x) Γ(1 - x) = π / sin(πx).
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let t = x + G + 0.5;
+    let sum = COEF[1..]
+        .iter()
+        .enumerate()
+        .fold(COEF[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
 /// k-diffusion `get_sigmas_exponential`: evenly spaced in log sigma from max to min, then 0.
 pub fn exponential_sigmas(steps: usize, sigma_min: f64, sigma_max: f64) -> Vec<f64> {
     let mut sigmas: Vec<f64> = linspace(sigma_max.ln(), sigma_min.ln(), steps)
@@ -606,9 +809,24 @@ mod tests {
                 } else {
                     assert_eq!(sig.len(), steps + 1, "{kind:?} {steps}");
                 }
-                assert_eq!(*sig.last().unwrap(), 0.0);
+                // A1111's KL Optimal stops at sigma_min.
+                let end = if kind == ScheduleKind::KlOptimal {
+                    s.sigma_min()
+                } else {
+                    0.0
+                };
+                assert!(
+                    (*sig.last().unwrap() - end).abs() < 1e-12,
+                    "{kind:?} {sig:?}"
+                );
                 assert!(sig.windows(2).all(|w| w[0] > w[1]), "{kind:?} {sig:?}");
-                assert!(sig[0] <= s.sigma_max() * (1.0 + 1e-12), "{kind:?}");
+                // Align Your Steps starts at its table's 14.615, a hair above SD's sigma_max.
+                let top = if kind == ScheduleKind::AlignYourSteps {
+                    14.615
+                } else {
+                    s.sigma_max()
+                };
+                assert!(sig[0] <= top * (1.0 + 1e-12), "{kind:?}");
             }
         }
     }
@@ -638,10 +856,18 @@ mod tests {
         );
         assert_eq!(parse_schedule(" KARRAS ").unwrap(), ScheduleKind::Karras);
         assert_eq!(ScheduleKind::default(), ScheduleKind::Automatic);
-        match parse_schedule("beta") {
+        assert_eq!(
+            parse_schedule("align_your_steps").unwrap(),
+            ScheduleKind::AlignYourSteps
+        );
+        assert_eq!(
+            parse_schedule("kl_optimal").unwrap(),
+            ScheduleKind::KlOptimal
+        );
+        match parse_schedule("beta57") {
             Err(EngineError::InvalidRequest(m)) => {
                 assert!(
-                    m.contains("Automatic, Uniform, Karras, Exponential, SGM Uniform"),
+                    m.contains("Automatic, Uniform, Karras, Exponential, Polyexponential"),
                     "{m}"
                 )
             }

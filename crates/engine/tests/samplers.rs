@@ -71,7 +71,11 @@ fn schedule_key(kind: ScheduleKind) -> &'static str {
         ScheduleKind::Uniform => "uniform",
         ScheduleKind::Karras => "karras",
         ScheduleKind::Exponential => "exponential",
+        ScheduleKind::Polyexponential => "polyexponential",
         ScheduleKind::SgmUniform => "sgm_uniform",
+        ScheduleKind::KlOptimal => "kl_optimal",
+        ScheduleKind::AlignYourSteps => "align_your_steps",
+        ScheduleKind::Beta => "beta",
         ScheduleKind::Simple => "simple",
         ScheduleKind::Normal => "normal",
         ScheduleKind::DdimUniform => "ddim_uniform",
@@ -117,15 +121,29 @@ fn schedules_match_a1111_and_diffusers() {
     let r = load_refs("samplers.safetensors");
     let s = sd();
     let mut checked = 0;
+    // A1111's four newer schedules are checked the same way: Beta's quantiles come from scipy
+    // there, from our own incomplete beta function here (a wrong continued-fraction term or
+    // gamma coefficient is off by 1e-4 or more); Align Your Steps also at the table's own
+    // length (11, no interpolation) and with SDXL's table.
+    let sdxl = sd().for_sdxl(true);
     for &kind in ScheduleKind::ALL {
-        for n in [1usize, 2, 3, 7, 8, 20] {
+        for n in [1usize, 2, 3, 7, 8, 11, 20] {
             let want = f64s(&r[&format!("schedule/{}/{n}", schedule_key(kind))]);
             let e = max_rel(&s.sigmas(kind, n), &want);
             assert!(e <= 1e-6, "{kind:?} {n}: rel err {e:e}");
+            // Only Align Your Steps depends on the family.
+            if kind != ScheduleKind::AlignYourSteps {
+                assert_eq!(sdxl.sigmas(kind, n), s.sigmas(kind, n), "{kind:?}");
+            }
             checked += 1;
         }
     }
-    assert_eq!(checked, 60);
+    for n in [1usize, 2, 3, 7, 8, 11, 20] {
+        let want = f64s(&r[&format!("schedule/align_your_steps_sdxl/{n}")]);
+        let e = max_rel(&sdxl.sigmas(ScheduleKind::AlignYourSteps, n), &want);
+        assert!(e <= 1e-6, "SDXL AYS {n}: rel err {e:e}");
+    }
+    assert_eq!(checked, 14 * 7);
 }
 
 /// The exact denoiser of x0 ~ N(mu, std^2) per element (mu per element, std per channel).
@@ -222,7 +240,7 @@ fn every_sampler_matches_the_references_on_an_exact_denoiser() {
         }
     }
     eprintln!("{runs} sampler runs, worst scaled err {worst:e}");
-    assert_eq!(runs, 13 * 3 + 2 * 7);
+    assert_eq!(runs, 13 * 3 + 2 * 11);
 }
 
 #[test]

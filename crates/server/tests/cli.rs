@@ -483,7 +483,8 @@ fn generate_refuses_bad_input_clearly_and_writes_nothing() {
         (
             &["--schedule", "Nope"],
             "unknown schedule 'Nope'; choose one of: Automatic, Uniform, Karras, Exponential, \
-             SGM Uniform, Simple, Normal, DDIM, Leading, Trailing",
+             Polyexponential, SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM, \
+             Beta, Leading, Trailing",
         ),
         (
             &["--seed-source", "gpu"],

@@ -879,10 +879,15 @@ async fn open_webui_a1111_request() {
     // sampler, the Automatic schedule), as A1111 1.9+ does, and the job says so; a fused name
     // keeps its schedule. SillyTavern resends a scheduler saved for another build; Open WebUI
     // offers "Restart" and shows only 'images' for a refusal.
+    // A1111 1.9+'s newer schedules are ours too (by their A1111 ids), with no note.
     for (seed, sampler, scheduler, schedule) in [
-        (11, "Restart", "align_your_steps", "Automatic"),
+        (11, "Restart", "karras_exponential", "Automatic"),
         (12, "DPM++ 2M SDE Heun Exponential", "", "Exponential"),
-        (13, "Euler", "kl_optimal", "Automatic"),
+        (13, "Euler", "linear_quadratic", "Automatic"),
+        (14, "Euler", "align_your_steps", "Align Your Steps"),
+        (15, "DPM++ 2M", "kl_optimal", "KL Optimal"),
+        (16, "DPM++ 2M", "beta", "Beta"),
+        (17, "DPM++ 2M", "polyexponential", "Polyexponential"),
     ] {
         let body = json!({"prompt": "a sunny meadow", "steps": 1, "width": 64, "height": 64,
             "sampler_name": sampler, "scheduler": scheduler, "seed": seed});
@@ -897,8 +902,9 @@ async fn open_webui_a1111_request() {
             .find(|j| j["seed"] == seed)
             .map(|j| j["notes"].to_string())
             .unwrap();
-        if sampler == "Euler" {
-            assert_eq!(info["sampler_name"], "Euler");
+        if ["Euler", "DPM++ 2M"].contains(&sampler) {
+            assert_eq!(info["sampler_name"], sampler);
+            assert!(!notes.contains("The sampler"), "{notes}");
         } else {
             assert_eq!(info["sampler_name"], "DPM++ 2M", "{sampler}");
             assert!(
@@ -906,12 +912,13 @@ async fn open_webui_a1111_request() {
                 "{notes}"
             );
         }
-        if !scheduler.is_empty() {
-            assert!(
-                notes.contains(&format!("The schedule '{scheduler}' is not available here")),
-                "{notes}"
-            );
-        }
+        let fell_back =
+            notes.contains(&format!("The schedule '{scheduler}' is not available here"));
+        assert_eq!(
+            fell_back,
+            !scheduler.is_empty() && schedule == "Automatic",
+            "{scheduler}: {notes}"
+        );
         let params = png_parameters(
             &base64::engine::general_purpose::STANDARD
                 .decode(answer["images"][0].as_str().unwrap())

@@ -208,7 +208,7 @@ impl StagedPipeline {
             vae_dtype: crate::sdxl::vae_dtype(sdxl.is_some(), &vae_cfg, opts.dtype),
             vae_cfg,
             vae_files: folder.weight_files("vae")?,
-            schedule: NoiseSchedule::from_config(&scheduler)?,
+            schedule: NoiseSchedule::from_config(&scheduler)?.for_sdxl(sdxl.is_some()),
             prediction: scheduler.prediction_type,
             unet_cfg,
             source: Source::Folder {
@@ -257,7 +257,7 @@ impl StagedPipeline {
                 vae_cfg: configs.vae.clone(),
                 vae_files: file.file().vae_files().to_vec(),
                 vae_dtype: file.vae_dtype(opts),
-                schedule: file.file().schedule().clone(),
+                schedule: file.file().schedule().clone().for_sdxl(true),
                 prediction: configs.scheduler.prediction_type,
                 sdxl: Some(SdxlBase {
                     force_zeros_for_empty_prompt: configs.force_zeros_for_empty_prompt,
