@@ -20,7 +20,7 @@ pub async fn localhost_guard(State(state): State<AppState>, req: Request, next: 
         && req
             .headers()
             .contains_key(axum::http::header::ACCESS_CONTROL_REQUEST_METHOD);
-    match check(&state, req.headers(), req.uri().path(), preflight) {
+    match check(&state, req.headers(), req.uri(), preflight) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
@@ -31,9 +31,10 @@ pub async fn localhost_guard(State(state): State<AppState>, req: Request, next: 
 fn check(
     state: &AppState,
     headers: &HeaderMap,
-    path: &str,
+    uri: &axum::http::Uri,
     preflight: bool,
 ) -> Result<(), ApiError> {
+    let path = uri.path();
     let host = headers
         .get(HOST)
         .and_then(|h| h.to_str().ok())
@@ -58,7 +59,8 @@ fn check(
             let is_api = path.starts_with("/api/")
                 || path.starts_with("/sdapi/")
                 || path.starts_with("/v1/");
-            if is_api && !preflight && !has_api_key(headers, key) {
+            if is_api && !preflight && !has_api_key(headers, key) && !is_signed_image_link(uri, key)
+            {
                 return Err(ApiError::new(
                     Code::Unauthorized,
                     "An API key is required.",
@@ -133,6 +135,44 @@ fn has_api_key(headers: &HeaderMap, key: &str) -> bool {
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|g| matches(g.trim().as_bytes()))
+}
+
+/// The signature that lets a link to one picture's file (`/api/v1/images/{id}/file?sig=...`)
+/// be fetched without the API key: HMAC-SHA256 of the image id under the key, in hex. OpenAI's
+/// image API answers with links clients fetch as they are, without credentials (its own are
+/// signed the same way), so the links `/v1/images/generations` hands out carry one. It opens
+/// that one file and nothing else, and a new key voids every link made with the old one.
+pub fn image_link_signature(key: &str, id: i64) -> String {
+    use hmac::{Mac, SimpleHmac};
+    let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(key.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(format!("image-file:{id}").as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `uri` is a picture's file link with a valid [`image_link_signature`].
+fn is_signed_image_link(uri: &axum::http::Uri, key: &str) -> bool {
+    let Some(id) = uri
+        .path()
+        .strip_prefix("/api/v1/images/")
+        .and_then(|rest| rest.strip_suffix("/file"))
+        .and_then(|id| id.parse::<i64>().ok())
+    else {
+        return false;
+    };
+    let Some(sig) = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("sig="))
+    else {
+        return false;
+    };
+    constant_time_eq(sig.as_bytes(), image_link_signature(key, id).as_bytes())
 }
 
 /// Applied to UI-only routes (settings, downloads, deletes, imports).

@@ -1015,6 +1015,74 @@ async fn openai_images_api_answers_b64_and_urls() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-type"], "image/png");
 
+    // With an API key (a server on the network), the link opens without the key, as OpenAI's
+    // signed links do (found by review: clients fetch the URL without credentials); its
+    // signature opens that one picture only.
+    let keyed_dir = tempfile::tempdir().unwrap();
+    let keyed = AppState::open(StateOptions {
+        models_dirs: vec![tiny_models()],
+        api_key: Some("s3cret".into()),
+        ..StateOptions::new(DataDir::open(Some(keyed_dir.path())).unwrap(), PORT)
+    })
+    .unwrap();
+    let host = "192.168.1.20:7860";
+    let call = |method: &str, path: &str, key: bool| {
+        let r = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host)
+            .header("content-type", "application/json");
+        if key {
+            r.header("authorization", "Bearer s3cret")
+        } else {
+            r
+        }
+    };
+    let body = json!({"prompt": "a teapot", "size": "64x64", "n": 2});
+    let r = call("POST", "/v1/images/generations", true)
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let (status, _, answer) = send(&keyed, r).await;
+    let answer = json(&answer);
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let links: Vec<String> = (0..2)
+        .map(|i| {
+            answer["data"][i]["url"]
+                .as_str()
+                .unwrap()
+                .strip_prefix(&format!("http://{host}"))
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for link in &links {
+        assert!(link.contains("?sig="), "{link}");
+        let (status, headers, _) = send(
+            &keyed,
+            call("GET", link, false).body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{link}");
+        assert_eq!(headers["content-type"], "image/png");
+    }
+    // One picture's signature does not open another, nor any other route.
+    let (path0, sig0) = links[0].split_once('?').unwrap();
+    let (path1, _) = links[1].split_once('?').unwrap();
+    for forged in [
+        format!("{path1}?{sig0}"),
+        path0.to_owned(),
+        format!("{path0}?sig=00"),
+        format!("/api/v1/images?{sig0}"),
+        format!("{}?{sig0}", path0.trim_end_matches("/file")),
+    ] {
+        let (status, _, _) = send(
+            &keyed,
+            call("GET", &forged, false).body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{forged}");
+    }
+
     let (status, err) = send_json(
         &s,
         "POST",

@@ -168,8 +168,18 @@ pub async fn generations(
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .unwrap_or("127.0.0.1");
+            // With an API key, the link is signed so it opens without the key, as OpenAI's do.
+            let sig = state
+                .api_key()
+                .map(|key| {
+                    format!(
+                        "?sig={}",
+                        crate::guard::image_link_signature(key, record.id)
+                    )
+                })
+                .unwrap_or_default();
             data.push(json!({
-                "url": format!("http://{host}/api/v1/images/{}/file", record.id),
+                "url": format!("http://{host}/api/v1/images/{}/file{sig}", record.id),
                 "revised_prompt": done.prompt,
             }));
         } else {
