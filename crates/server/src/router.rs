@@ -122,7 +122,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/sdapi/v1/embeddings", get(a1111::embeddings))
         .route("/sdapi/v1/cmd-flags", get(a1111::cmd_flags))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
         .route("/v1/images/generations", post(openai::generations))
+        .route("/v1/images/edits", post(openai::text_only))
+        .route("/v1/images/variations", post(openai::text_only))
         .route("/v1/models", get(openai::models))
         .route("/v1/{*rest}", axum::routing::any(openai::not_found));
 

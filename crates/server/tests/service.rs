@@ -1083,6 +1083,21 @@ async fn openai_images_api_answers_b64_and_urls() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{forged}");
     }
 
+    // Editing a picture is not offered, and the answer says so in the client's own error shape.
+    for (path, shape) in [
+        ("/v1/images/edits", "/error/message"),
+        ("/v1/images/variations", "/error/message"),
+        ("/sdapi/v1/img2img", "/message"),
+    ] {
+        let (status, err) = send_json(&s, "POST", path, json!({"prompt": "x"})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        let message = err
+            .pointer(shape)
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        assert!(message.contains("from text only"), "{path}: {err}");
+    }
+
     let (status, err) = send_json(
         &s,
         "POST",

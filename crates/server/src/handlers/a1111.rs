@@ -340,6 +340,15 @@ fn coerce_like_a1111(raw: &mut Value) {
     }
 }
 
+/// `img2img`: named, so a chat app shows why rather than a bare "no such route".
+pub async fn img2img() -> ApiError {
+    ApiError::new(
+        Code::NotFound,
+        "Local Diffusers draws pictures from text only; img2img is not offered.",
+        "Use /sdapi/v1/txt2img with a prompt that describes the whole picture.",
+    )
+}
+
 /// The job's PNG files as base64, in order.
 async fn read_images(state: &AppState, job: &JobInfo) -> Result<Vec<String>, ApiError> {
     let paths: Vec<_> = job

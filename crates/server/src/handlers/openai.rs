@@ -217,6 +217,17 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, OpenAi
 
 /// Any other `/v1/` route: OpenAI's error shape, not the UI page (found by review: clients that
 /// probe `/v1/chat/completions` took the page for an answer).
+/// `/v1/images/edits` and `/variations` (Open WebUI's image editing): named, so the client
+/// shows why rather than a bare "not found".
+pub async fn text_only() -> OpenAiError {
+    OpenAiError(ApiError::new(
+        crate::error::Code::NotFound,
+        "Local Diffusers draws pictures from text only; editing a picture or making variations \
+         of one is not offered.",
+        "Use POST /v1/images/generations with a prompt that describes the whole picture.",
+    ))
+}
+
 pub async fn not_found() -> OpenAiError {
     OpenAiError(ApiError::new(
         crate::error::Code::NotFound,
