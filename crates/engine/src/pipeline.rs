@@ -15,7 +15,7 @@ use crate::hires::HiresFix;
 use crate::lora::{LoraSet, LoraSpec, LoraTarget, LoraWarning};
 use crate::memory::MemoryOptions;
 use crate::rng::SeedSource;
-use crate::sampler::{self, Control, SampleContext, SamplerKind, StepInfo};
+use crate::sampler::{Control, SampleContext, SamplerKind, StepInfo};
 use crate::schedule::{NoiseSchedule, ScheduleKind};
 use crate::textual_inversion::{self, Embedding, EmbeddingWarning};
 use crate::tokenizer::ClipTokenizer;
@@ -914,7 +914,7 @@ impl SdSampling<'_> {
             observer: &mut step_observer,
         };
         let x = sampler.sample(x, &sigmas, &mut ctx)?;
-        sampler::to_diffusers_latents(&x, sigmas[sigmas.len() - 1])
+        sampler.final_latents(&x, sigmas[sigmas.len() - 1])
     }
 }
 

@@ -359,6 +359,16 @@ pub trait Sampler: Send + Sync {
 
     /// Runs the sampler from `x` at `sigmas[0]` to `sigmas[last]`, reporting every step.
     fn sample(&self, x: Tensor, sigmas: &[f64], ctx: &mut SampleContext<'_>) -> Result<Tensor>;
+
+    /// The latents a finished run hands to the VAE (or to a hires pass), from its last state
+    /// `x` at `last_sigma`. k-diffusion samplers hand `x` over as it is, as A1111 decodes it,
+    /// also where a schedule stops above 0 (KL Optimal stops at sigma_min); the samplers that
+    /// follow diffusers' schedulers give diffusers' scale ([`to_diffusers_latents`]), which
+    /// differs where their own schedule stops above 0 (DDIM's last step).
+    fn final_latents(&self, x: &Tensor, last_sigma: f64) -> Result<Tensor> {
+        let _ = last_sigma;
+        Ok(x.clone())
+    }
 }
 
 /// The sigmas A1111 gives a k-diffusion sampler (`KDiffusionSampler.get_sigmas`): Automatic
@@ -595,5 +605,25 @@ mod tests {
         assert_eq!(values(&to_diffusers_latents(&x, 0.0).unwrap()), [1.0]);
         let v = values(&to_diffusers_latents(&x, 3.0).unwrap())[0];
         assert!((v - 1.0 / 10f32.sqrt()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn a_run_stopping_above_zero_hands_over_latents_as_its_sampler_family_does() {
+        // KL Optimal stops at sigma_min: A1111 decodes a k-diffusion sampler's state as it is;
+        // the diffusers-style samplers give diffusers' scale.
+        let x = ones(&[1, 1, 1, 1]);
+        for kind in SamplerKind::ALL {
+            let v = values(&kind.sampler().final_latents(&x, 3.0).unwrap())[0];
+            let diffusers_style = matches!(
+                kind,
+                SamplerKind::Ddim | SamplerKind::UniPc | SamplerKind::Lcm
+            );
+            let want = if diffusers_style {
+                1.0 / 10f32.sqrt()
+            } else {
+                1.0
+            };
+            assert!((v - want).abs() < 1e-7, "{kind:?}: {v}");
+        }
     }
 }

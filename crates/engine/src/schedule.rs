@@ -1,7 +1,8 @@
 //! The model's training noise schedule in sigma space (k-diffusion's formulation) and the sigma
-//! sequences samplers walk: A1111's schedule types (Uniform, Karras, Exponential, SGM Uniform,
-//! Simple, Normal, DDIM), diffusers' "leading"/"trailing" timestep spacings, and the discrete
-//! timesteps of diffusers' DDIM.
+//! sequences samplers walk: A1111's schedule types (Uniform, Karras, Exponential, Polyexponential,
+//! SGM Uniform, KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta), diffusers'
+//! "leading"/"trailing" timestep spacings, and the discrete timesteps of diffusers' DDIM.
+//! The Beta schedule's quantiles come from our own incomplete beta function (below).
 //!
 //! Precision: the training schedule is built exactly as diffusers builds it in float32 (betas
 //! from a float32 `linspace`, `alphas = 1 - betas` in float32, `cumprod` accumulated in double and
@@ -13,8 +14,10 @@ use crate::config::{BetaSchedule, SchedulerConfig, TimestepSpacing};
 use crate::{EngineError, Result};
 
 /// Which sigma sequence to sample along. Sampler and schedule are separate choices (A1111 1.9,
-/// ComfyUI). The formulas are A1111's `modules/sd_schedulers.py` (which ComfyUI's
-/// `comfy/samplers.py` schedulers agree with) and k-diffusion's `get_sigmas_*`.
+/// ComfyUI). The formulas are A1111's `modules/sd_schedulers.py` and k-diffusion's
+/// `get_sigmas_*`. ComfyUI's `comfy/samplers.py` agrees with them except for its `beta` and
+/// `kl_optimal`, which differ from A1111's Beta and KL Optimal (see those); ComfyUI pictures'
+/// metadata naming them is read as A1111's, the nearest we have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum ScheduleKind {

@@ -21,7 +21,7 @@ use crate::pipeline::{
 };
 use crate::refiner::{Refiner, RefinerOptions};
 use crate::rng::NoiseSource;
-use crate::sampler::{self, SampleContext, StepInfo};
+use crate::sampler::{SampleContext, StepInfo};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{AddedConditions, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, VaeConfig};
@@ -580,6 +580,8 @@ pub struct SdxlRun {
     /// Steps the base model does; the refiner does the rest.
     switch: usize,
     done: usize,
+    /// The run's sampler, which says how its last state becomes latents.
+    sampler: crate::sampler::SamplerKind,
 }
 
 impl std::fmt::Debug for SdxlRun {
@@ -623,7 +625,9 @@ impl SdxlRun {
             return Err(self.unfinished());
         }
         let x = self.x.to_device(device)?;
-        sampler::to_diffusers_latents(&x, self.sigmas[self.total()])
+        self.sampler
+            .sampler()
+            .final_latents(&x, self.sigmas[self.total()])
     }
 }
 
@@ -689,6 +693,7 @@ impl SdSampling<'_> {
             sigmas,
             switch,
             done: 0,
+            sampler: req.sampler,
         })
     }
 

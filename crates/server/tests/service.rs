@@ -877,12 +877,12 @@ async fn open_webui_a1111_request() {
     assert_eq!(png_size(&png), (128, 128));
     // A sampler or scheduler this A1111 build lacks draws with A1111's fallbacks (its first
     // sampler, the Automatic schedule), as A1111 1.9+ does, and the job says so; a fused name
-    // keeps its schedule. SillyTavern resends a scheduler saved for another build; Open WebUI
+    // keeps its schedule, over `scheduler` (as A1111). SillyTavern resends a scheduler saved for another build; Open WebUI
     // offers "Restart" and shows only 'images' for a refusal.
     // A1111 1.9+'s newer schedules are ours too (by their A1111 ids), with no note.
     for (seed, sampler, scheduler, schedule) in [
         (11, "Restart", "karras_exponential", "Automatic"),
-        (12, "DPM++ 2M SDE Heun Exponential", "", "Exponential"),
+        (12, "DPM++ 2M SDE Heun Exponential", "normal", "Exponential"),
         (13, "Euler", "linear_quadratic", "Automatic"),
         (14, "Euler", "align_your_steps", "Align Your Steps"),
         (15, "DPM++ 2M", "kl_optimal", "KL Optimal"),

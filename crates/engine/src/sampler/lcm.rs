@@ -51,6 +51,10 @@ impl Sampler for Lcm {
         }
     }
 
+    fn final_latents(&self, x: &Tensor, last_sigma: f64) -> Result<Tensor> {
+        super::to_diffusers_latents(x, last_sigma)
+    }
+
     fn initial_noise_scale(&self, sigmas: &[f64]) -> f64 {
         // diffusers starts from unit noise in its (VP) latent space.
         (1.0 + sigmas[0] * sigmas[0]).sqrt()

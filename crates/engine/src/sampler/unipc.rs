@@ -151,6 +151,10 @@ impl Sampler for UniPc {
         }
     }
 
+    fn final_latents(&self, x: &Tensor, last_sigma: f64) -> Result<Tensor> {
+        super::to_diffusers_latents(x, last_sigma)
+    }
+
     fn initial_noise_scale(&self, sigmas: &[f64]) -> f64 {
         (1.0 + sigmas[0] * sigmas[0]).sqrt()
     }

@@ -44,8 +44,8 @@ pub struct GenerateArgs {
     /// such as "DPM++ 2M Karras" also set the schedule. Default: DPM++ 2M.
     #[arg(long, value_name = "NAME")]
     pub sampler: Option<String>,
-    /// Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM,
-    /// Leading, Trailing. Default: Karras with the default sampler, otherwise the one a fused
+    /// Schedule type: Automatic, Uniform, Karras, Exponential, Polyexponential, SGM Uniform,
+    /// KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta, Leading, Trailing. Default: Karras with the default sampler, otherwise the one a fused
     /// --sampler name gives, otherwise Automatic (the sampler's own default, as in A1111).
     #[arg(long, value_name = "NAME")]
     pub schedule: Option<String>,

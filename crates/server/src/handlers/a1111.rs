@@ -167,8 +167,9 @@ fn a1111_fallbacks(input: &mut GenerationInput) -> Vec<String> {
                 *k != ScheduleKind::Automatic
                     && lower.ends_with(&format!(" {}", k.name().to_ascii_lowercase()))
             });
-            if input.schedule.is_none() {
-                input.schedule = fused.map(|k| k.name().to_owned());
+            // As A1111's `get_sampler_and_scheduler`, the name's schedule wins over `scheduler`.
+            if let Some(k) = fused {
+                input.schedule = Some(k.name().to_owned());
             }
             notes.push(format!(
                 "The sampler '{}' is not available here, so '{A1111_FALLBACK_SAMPLER}' drew the picture.",
