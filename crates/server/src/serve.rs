@@ -118,7 +118,9 @@ impl Server {
         if let Some(w) = self.state.settings_warning() {
             tracing::warn!("{w}");
         }
-        axum::serve(self.listener, crate::app(self.state))
+        // With each connection's address, which the guard reads (`ConnectInfo`).
+        let app = crate::app(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
             .context("the server stopped with an error")

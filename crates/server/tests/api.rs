@@ -519,6 +519,54 @@ async fn api_key_mode_needs_the_key() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(send(&s, req).await.0, StatusCode::UNAUTHORIZED);
+    // The user's own browser on this computer, at the address `serve` prints: no key needed
+    // (the page cannot send one), but only when both the connection and the Host are local.
+    let from = |peer: [u8; 4], host: String, origin: Option<&str>| {
+        let mut r = Request::builder()
+            .uri("/api/v1/health")
+            .header("host", host)
+            .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+                peer, 50_000,
+            ))));
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    let local = format!("127.0.0.1:{PORT}");
+    for (peer, host, origin, status) in [
+        ([127, 0, 0, 1], local.clone(), None, StatusCode::OK),
+        (
+            [127, 0, 0, 1],
+            format!("localhost:{PORT}"),
+            Some(format!("http://localhost:{PORT}")),
+            StatusCode::OK,
+        ),
+        // A remote computer naming this one as 127.0.0.1 still needs the key.
+        (
+            [192, 168, 1, 5],
+            local.clone(),
+            None,
+            StatusCode::UNAUTHORIZED,
+        ),
+        // A local connection under another name (DNS rebinding) needs it too.
+        (
+            [127, 0, 0, 1],
+            "192.168.1.20:7860".to_owned(),
+            None,
+            StatusCode::UNAUTHORIZED,
+        ),
+        // And a foreign web page is refused as ever.
+        (
+            [127, 0, 0, 1],
+            local.clone(),
+            Some("https://evil.example".to_owned()),
+            StatusCode::FORBIDDEN,
+        ),
+    ] {
+        let (got, _, _) = send(&s, from(peer, host.clone(), origin.as_deref())).await;
+        assert_eq!(got, status, "{peer:?} {host} {origin:?}");
+    }
     // A browser's preflight carries no credentials; it runs no handler, so it needs no key.
     let req = Request::builder()
         .method("OPTIONS")
