@@ -323,11 +323,12 @@ export interface ImageRecord {
   prompt: string;
   negative_prompt: string;
   model: string | null;
-  sampler: string;
+  /** null for a picture added from the images folder without settings in it (also below). */
+  sampler: string | null;
   schedule: string | null;
-  steps: number;
-  cfg_scale: number;
-  seed: number;
+  steps: number | null;
+  cfg_scale: number | null;
+  seed: number | null;
   width: number;
   height: number;
   /** Unix milliseconds. */

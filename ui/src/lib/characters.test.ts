@@ -11,6 +11,7 @@ import {
   inputOf,
   MODES,
   modeLabel,
+  namesCharacter,
   withAvatar,
   writerLabel,
 } from './characters';
@@ -55,6 +56,21 @@ describe('the character form', () => {
   it('sets the avatar without the id', () => {
     expect(withAvatar(mira, 9)).toEqual({ ...mira, id: undefined, avatar: 9 });
     expect('id' in withAvatar(mira, 9)).toBe(false);
+  });
+});
+
+describe('portraits of a character', () => {
+  it('are pictures whose prompt names the character as a whole word', () => {
+    expect(namesCharacter('Eve, young woman, red hair, portrait', 'Eve')).toBe(true);
+    expect(namesCharacter('portrait of eve in the rain', 'Eve')).toBe(true);
+    expect(namesCharacter('a quiet evening by the sea', 'Eve')).toBe(false);
+    expect(namesCharacter('never again', 'Eve')).toBe(false);
+    expect(namesCharacter('(Eve:1.2) smiling', 'Eve')).toBe(true);
+    expect(namesCharacter('Zoë, silver hair', 'Zoë')).toBe(true);
+    expect(namesCharacter('Zoëlle', 'Zoë')).toBe(false);
+    // Names with signs a pattern would read otherwise.
+    expect(namesCharacter('R2-D2 (droid), blue', 'R2-D2 (droid)')).toBe(true);
+    expect(namesCharacter('anything', '  ')).toBe(false);
   });
 });
 

@@ -130,6 +130,17 @@ export function importType(file: Pick<File, 'name' | 'type'>): string | null {
 }
 
 /** "Mira" -> "M": the placeholder of a character without an avatar. */
+/**
+ * Whether `prompt` names `name` as a whole word (any case): the gallery's search matches any part
+ * of a word, so "Eve" also found "evening" and "never" (found by review).
+ */
+export function namesCharacter(prompt: string, name: string): boolean {
+  const wanted = name.trim();
+  if (wanted === '') return false;
+  const escaped = wanted.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  return new RegExp(`(^|[^\\p{L}\\p{N}_])${escaped}($|[^\\p{L}\\p{N}_])`, 'iu').test(prompt);
+}
+
 export function initial(name: string): string {
   const first = [...name.trim()][0];
   return first ? first.toUpperCase() : '?';

@@ -13,6 +13,8 @@ class Generation {
   /** The job whose result the Playground shows: the last one started from this window. */
   currentId = $state<string | null>(null);
   connected = $state(false);
+  /** Counts the jobs seen finishing with pictures, so the Gallery can show them. */
+  finished = $state(0);
 
   #close: (() => void) | null = null;
   #refreshTimer: ReturnType<typeof setTimeout> | null = null;
@@ -81,6 +83,7 @@ class Generation {
       } catch {
         this.#refreshSoon();
       }
+      if (event.type === 'done') this.finished += 1;
       if (event.type !== 'done') {
         const { [event.job]: _dropped, ...rest } = this.previews;
         this.previews = rest;

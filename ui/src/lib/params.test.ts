@@ -92,6 +92,28 @@ describe('recall', () => {
     expect(d.sampler).toBe('EULER A');
   });
 
+  // Found by review: pictures from A1111 before 1.9 say "Sampler: DPM++ 2M Karras", which no
+  // sampler list has, so sampler and schedule were silently dropped.
+  it('splits an old fused sampler name into sampler and schedule, as A1111 1.9 does', () => {
+    const known = { samplers: ['DPM++ 2M', 'DPM++ 2M SDE', 'Euler a'], schedules: ['Automatic', 'Karras', 'Exponential', 'SGM Uniform'] };
+    expect(recall(draft(), { ...image, sampler: 'DPM++ 2M Karras', schedule: null }, known)).toMatchObject({ sampler: 'DPM++ 2M', schedule: 'Karras' });
+    expect(recall(draft(), { ...image, sampler: 'DPM++ 2M SDE Exponential', schedule: null }, known)).toMatchObject({ sampler: 'DPM++ 2M SDE', schedule: 'Exponential' });
+    expect(recall(draft(), { ...image, sampler: 'dpm++ 2m sgm uniform', schedule: null }, known)).toMatchObject({ sampler: 'DPM++ 2M', schedule: 'SGM Uniform' });
+    // A schedule the picture names on its own wins; an unknown sampler still keeps the current one.
+    expect(recall(draft(), { ...image, sampler: 'DPM++ 2M Karras', schedule: 'Exponential' }, known)).toMatchObject({ sampler: 'DPM++ 2M', schedule: 'Exponential' });
+    expect(recall(draft({ sampler: 'Euler a', schedule: '' }), { ...image, sampler: 'Restart Karras', schedule: null }, known)).toMatchObject({ sampler: 'Euler a', schedule: '' });
+  });
+
+  // Found by review: a PNG dropped on the window lost its hires fix (and a one-pass picture
+  // dropped while the fix was on was enlarged again).
+  it("takes a dropped A1111 picture's hires fix as the Gallery does", () => {
+    const text = 'a castle\nSteps: 12, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x96, Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent';
+    const found: Inspected = { source: 'a1111', prompt: 'a castle', negative_prompt: '', steps: 12, cfg_scale: 7, seed: 42, width: 96, height: 144, sampler: 'Euler a', schedule: null, model: null, raw: [['parameters', text]] };
+    expect(recallInspected(draft({ hires: false }), found)).toMatchObject({ width: 64, height: 96, hires: true, hires_scale: 1.5, hires_steps: 3, hires_denoise: 0.55 });
+    const plain = { ...found, width: 64, height: 96, raw: [['parameters', 'a castle\nSteps: 12, Seed: 42, Size: 64x96']] };
+    expect(recallInspected(draft({ hires: true }), plain)).toMatchObject({ width: 64, height: 96, hires: false });
+  });
+
   it('leaves alone what a PNG did not say', () => {
     const found: Inspected = { source: 'comfyui', prompt: 'x', negative_prompt: null, steps: null, cfg_scale: null, seed: null, width: null, height: null, sampler: null, schedule: null, model: null };
     const d = recallInspected(draft({ negative_prompt: 'keep', steps: 30 }), found);
@@ -206,6 +228,13 @@ describe('parametersText', () => {
     expect(parametersText(image)).toBe(
       'a lighthouse\nNegative prompt: blurry\nSteps: 12, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 42, Size: 64x96, Model: tiny-sd1',
     );
+  });
+
+  // Found by review: a picture added from the images folder without settings copied as
+  // "Steps: null, ... Seed: null".
+  it('leaves out what a picture does not know', () => {
+    const bare = { ...image, negative_prompt: '', model: null, sampler: null, schedule: null, steps: null, cfg_scale: null, seed: null, parameters: '' };
+    expect(parametersText(bare)).toBe('a lighthouse\nSize: 64x96');
   });
 });
 

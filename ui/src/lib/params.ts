@@ -183,9 +183,23 @@ export function recall(d: Draft, from: Recalled, known: { models?: string[]; sam
   };
   const model = pick(from.model, known.models);
   if (model !== null) next.model = model;
-  const sampler = pick(from.sampler, known.samplers);
+  let sampler = pick(from.sampler, known.samplers);
+  let schedule = pick(from.schedule, known.schedules);
+  // Before A1111 1.9 the schedule was part of the sampler's name ("DPM++ 2M Karras"), as most
+  // pictures on the web still say: split as A1111 1.9 does, the longest schedule name first.
+  if (sampler === null && has(from.sampler) && known.samplers && known.schedules) {
+    const name = from.sampler.trim().toLowerCase();
+    const byLength = [...known.schedules].sort((a, b) => b.length - a.length);
+    for (const s of byLength) {
+      if (!name.endsWith(` ${s.toLowerCase()}`)) continue;
+      const base = pick(name.slice(0, -(s.length + 1)), known.samplers);
+      if (base === null) continue;
+      sampler = base;
+      schedule ??= s;
+      break;
+    }
+  }
   if (sampler !== null) next.sampler = sampler;
-  const schedule = pick(from.schedule, known.schedules);
   if (schedule !== null) next.schedule = schedule;
   return next;
 }
@@ -245,7 +259,19 @@ export function hiresFromParameters(text: string | null | undefined): (Pick<Draf
 }
 
 export function recallInspected(d: Draft, found: Inspected, known?: Parameters<typeof recall>[2]): Draft {
-  return recall(d, found, known);
+  // An A1111 picture's hires fix, as "Use these settings" in the Gallery takes it: the file is
+  // the enlarged picture, so without this it would be drawn at that size and enlarged again.
+  const hires = found.source === 'a1111' ? hiresFromParameters(parametersChunk(found.raw)) : null;
+  if (!hires) return { ...recall(d, found, known), hires: false };
+  const { width, height, ...settings } = hires;
+  return { ...recall(d, { ...found, width, height }, known), ...settings };
+}
+
+/** The `parameters` text among a PNG's chunks as inspect lists them (`[key, text]` pairs). */
+function parametersChunk(raw: unknown): string | null {
+  if (!Array.isArray(raw)) return null;
+  const pair = raw.find((p): p is [string, string] => Array.isArray(p) && p[0] === 'parameters' && typeof p[1] === 'string');
+  return pair ? pair[1] : null;
 }
 
 /** Whether a PNG's parameters had anything worth recalling. */
@@ -356,12 +382,14 @@ export function parametersText(p: ImageRecord | JobInfo): string {
   if ('parameters' in p && p.parameters) return p.parameters;
   const lines = [p.prompt];
   if (p.negative_prompt) lines.push(`Negative prompt: ${p.negative_prompt}`);
-  const fields: [string, string][] = [
-    ['Steps', String(p.steps)],
-    ['Sampler', p.sampler],
-  ];
+  // A picture added from the images folder may lack any of these: left out, never "null".
+  const fields: [string, string][] = [];
+  if (p.steps !== null) fields.push(['Steps', String(p.steps)]);
+  if (p.sampler) fields.push(['Sampler', p.sampler]);
   if (p.schedule) fields.push(['Schedule type', p.schedule]);
-  fields.push(['CFG scale', formatNumber(p.cfg_scale)], ['Seed', String(p.seed)], ['Size', `${p.width}x${p.height}`]);
+  if (p.cfg_scale !== null) fields.push(['CFG scale', formatNumber(p.cfg_scale)]);
+  if (p.seed !== null) fields.push(['Seed', String(p.seed)]);
+  fields.push(['Size', `${p.width}x${p.height}`]);
   if (p.model) fields.push(['Model', p.model]);
   lines.push(fields.map(([k, v]) => `${k}: ${v}`).join(', '));
   return lines.join('\n');

@@ -19,10 +19,14 @@ class Playground {
   recalledFrom = $state<string | null>(null);
   /** Whether "Advanced" is unfolded; kept while the user visits other pages. */
   advancedOpen = $state(false);
+  /** Counts the drafts set from outside: their model comes with its settings, which the
+   * Playground must not then replace with the model's own defaults. */
+  replaced = $state(0);
 
   set(next: Draft, from: string | null = null) {
     this.draft = next;
     this.recalledFrom = from;
+    this.replaced += 1;
     this.save();
   }
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { Settings } from './api';
-import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, DEFAULT_CLIP_SKIP, editable, parseLines, settingsClipSkip, vaeOptions } from './settings';
+import { BUILT_IN_WRITER_INSTRUCTIONS, CHAT_WRITER_DEFAULTS, chatApps, chatWriterProblem, cleanChatWriter, DEFAULT_CLIP_SKIP, editable, parseLines, settingsClipSkip, vaeOptions, withEdits } from './settings';
 
 const writer = { enabled: true, url: 'http://127.0.0.1:11434/v1', model: 'llama3.2', api_key: '', system_prompt: '', timeout_seconds: 20 };
 
@@ -63,6 +63,30 @@ describe('editable', () => {
     expect(settingsClipSkip('')).toBe(1);
     expect(settingsClipSkip(99)).toBe(12);
     expect(settingsClipSkip(2.4)).toBe(2);
+  });
+});
+
+describe('withEdits', () => {
+  const loaded = editable({
+    default_model: 'tiny', prompt_prefix: '', prompt_suffix: '', negative_prompt: '', precision: 'auto', low_vram: 'auto',
+    allowed_origins: [], models_dirs: ['/models'], chat_writer: writer, clip_skip: 1, vae: 'Automatic', cpu_bf16: false, data_dir: '/d', warning: null,
+  });
+
+  it('keeps what a chat app changed meanwhile and saves only what the user changed', () => {
+    // SillyTavern switched the model and the VAE through A1111's options after the page loaded.
+    const latest = { ...loaded, default_model: 'sd2', vae: 'anime.safetensors' };
+    const edited = { ...loaded, prompt_prefix: 'masterpiece', models_dirs: ['/models', '/more'] };
+    expect(withEdits(latest, loaded, edited)).toEqual({ ...latest, prompt_prefix: 'masterpiece', models_dirs: ['/models', '/more'] });
+  });
+
+  it("lets the user's own change of a field win over the server's", () => {
+    const latest = { ...loaded, default_model: 'sd2' };
+    const edited = { ...loaded, default_model: 'sdxl' };
+    expect(withEdits(latest, loaded, edited).default_model).toBe('sdxl');
+    // A nested field counts as changed when any part of it is.
+    const writerEdited = { ...loaded, chat_writer: { ...writer, model: 'qwen' } };
+    expect(withEdits(latest, loaded, writerEdited).chat_writer.model).toBe('qwen');
+    expect(withEdits(latest, loaded, writerEdited).default_model).toBe('sd2');
   });
 });
 

@@ -44,6 +44,20 @@ export function editable(s: Settings): EditableSettings {
   };
 }
 
+/**
+ * What to save: `latest` (the settings as they are now on the server) with the fields the user
+ * changed from `base` (what the form was loaded with) taken from `edited`. A chat app may have
+ * changed others meanwhile (A1111's options set the model and the VAE): sending the whole form
+ * back would undo that (found by review).
+ */
+export function withEdits(latest: EditableSettings, base: EditableSettings, edited: EditableSettings): EditableSettings {
+  const out: Record<string, unknown> = { ...latest };
+  for (const key of Object.keys(edited) as (keyof EditableSettings)[]) {
+    if (JSON.stringify(edited[key]) !== JSON.stringify(base[key])) out[key] = edited[key];
+  }
+  return out as unknown as EditableSettings;
+}
+
 /** The "vae" setting's two special values, as A1111 names them. */
 export const VAE_AUTOMATIC = 'Automatic';
 export const VAE_NONE = 'None';
