@@ -37,6 +37,16 @@ before(async () => {
 after(async () => h?.close());
 
 describe('Gallery', { timeout: 120_000 }, () => {
+  // Found by review: pictures finished while the Gallery was open did not appear.
+  test('shows a picture finished while it is open', async () => {
+    await h.goto('#/gallery');
+    await page.getByTestId('gallery-item').first().waitFor();
+    const fresh = uniqueWord('heron');
+    const made = await h.generate({ prompt: `a ${fresh} by a pond`, width: 64, height: 64, steps: 2 });
+    assert.equal(made.state, 'done');
+    await page.locator(`[data-testid="gallery-item"][data-image-id="${made.images[0].id}"]`).waitFor();
+  });
+
   test('finds a picture by searching its prompt', async () => {
     await h.goto('#/gallery');
     await page.getByTestId('gallery-item').first().waitFor();

@@ -625,6 +625,37 @@ async fn sillytavern_connects_switches_model_draws_and_polls() {
         .unwrap()
         .iter()
         .any(|s| s["name"] == "karras" && s["label"] == "Karras"));
+    // A1111 1.9+'s ids and labels, in its order (ours add diffusers' Leading and Trailing).
+    let ids: Vec<&str> = schedulers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "automatic",
+            "uniform",
+            "karras",
+            "exponential",
+            "polyexponential",
+            "sgm_uniform",
+            "kl_optimal",
+            "align_your_steps",
+            "simple",
+            "normal",
+            "ddim",
+            "beta",
+            "leading",
+            "trailing"
+        ]
+    );
+    let poly = &schedulers[4];
+    assert_eq!(
+        (&poly["label"], &poly["default_rho"]),
+        (&json!("Polyexponential"), &json!(1.0))
+    );
     for path in [
         "/sdapi/v1/sd-vae",
         "/sdapi/v1/upscalers",

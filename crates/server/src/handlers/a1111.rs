@@ -562,12 +562,28 @@ pub async fn schedulers() -> Json<Value> {
         ScheduleKind::ALL
             .iter()
             .map(|k| {
+                // As A1111's list has them: Karras and Polyexponential take a rho, and the
+                // schedules read from the model's own training sigmas need it.
+                let rho = match k {
+                    ScheduleKind::Karras => json!(7.0),
+                    ScheduleKind::Polyexponential => json!(1.0),
+                    _ => json!(-1),
+                };
+                let inner = matches!(
+                    k,
+                    ScheduleKind::Uniform
+                        | ScheduleKind::SgmUniform
+                        | ScheduleKind::Simple
+                        | ScheduleKind::Normal
+                        | ScheduleKind::DdimUniform
+                        | ScheduleKind::Beta
+                );
                 json!({
                     "name": a1111_schedule_id(*k),
                     "label": k.name(),
                     "aliases": k.aliases(),
-                    "default_rho": if *k == ScheduleKind::Karras { json!(7.0) } else { json!(-1) },
-                    "need_inner_model": false,
+                    "default_rho": rho,
+                    "need_inner_model": inner,
                 })
             })
             .collect(),
