@@ -32,6 +32,26 @@ async function fillForm({ prompt, width = 64, height = 64, steps = 4, batch = 1,
   await page.getByTestId('seed').fill(String(seed));
 }
 
+/**
+ * Clicks Generate and waits until a picture other than the one shown before has loaded: the
+ * previous job's picture, notes and "done" state stay on screen until the new job replaces them.
+ */
+async function clickForNewPicture() {
+  const before = await page.evaluate(() => {
+    const el = document.querySelector('[data-testid="result-image"]');
+    return el instanceof HTMLImageElement ? el.src : null;
+  });
+  await page.getByTestId('generate').click();
+  await page.waitForFunction(
+    (old) => {
+      const el = document.querySelector('[data-testid="result-image"]');
+      return el instanceof HTMLImageElement && el.src !== old && el.complete && el.naturalWidth > 0;
+    },
+    before,
+    { timeout: 60_000 },
+  );
+}
+
 describe('Playground', { timeout: 120_000 }, () => {
   test('makes a picture, showing progress, and shows the result', async () => {
     await h.goto('#/playground');
@@ -125,11 +145,11 @@ describe('Playground', { timeout: 120_000 }, () => {
     } finally {
       await ui('PUT', '/api/v1/settings', saved);
     }
-    // An ordinary picture has nothing to list.
+    // An ordinary picture has nothing to list. The low-memory picture and its notes are still
+    // shown when this job starts (seen once in CI), so wait for a picture other than that one.
     await fillForm({ prompt: `a ${uniqueWord('plain')} harbour`, steps: 2 });
-    await page.getByTestId('generate').click();
+    await clickForNewPicture();
     await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
-    await page.getByTestId('result-image').waitFor();
     assert.equal(await page.getByTestId('job-notes').count(), 0);
     await h.checkNoProblems();
   });
@@ -145,19 +165,7 @@ describe('Playground', { timeout: 120_000 }, () => {
     assert.equal(await page.getByTestId('hires-size').textContent(), 'Final picture: 96 × 144');
     // The previous test's picture and "done" state are still shown when this job starts, so
     // wait for a picture other than that one.
-    const before = await page.evaluate(() => {
-      const el = document.querySelector('[data-testid="result-image"]');
-      return el instanceof HTMLImageElement ? el.src : null;
-    });
-    await page.getByTestId('generate').click();
-    await page.waitForFunction(
-      (old) => {
-        const el = document.querySelector('[data-testid="result-image"]');
-        return el instanceof HTMLImageElement && el.src !== old && el.complete && el.naturalWidth > 0;
-      },
-      before,
-      { timeout: 60_000 },
-    );
+    await clickForNewPicture();
     await page.locator('[data-testid="progress"][data-state="done"]').waitFor({ timeout: 60_000 });
     const size = await page.getByTestId('result-image').evaluate((el) => [el.naturalWidth, el.naturalHeight]);
     assert.deepEqual(size, [96, 144], 'drawn at the hires size');
