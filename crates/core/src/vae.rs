@@ -150,6 +150,13 @@ pub fn setting_value(files: &[VaeFile], wanted: &str) -> Option<String> {
     find(files, w).map(|v| v.name.clone())
 }
 
+/// Whether a VAE setting names a file, rather than "Automatic" (or empty) or "None", the two
+/// that give a checkpoint lacking its VAE none.
+pub fn names_a_file(setting: &str) -> bool {
+    let s = setting.trim();
+    !s.is_empty() && !s.eq_ignore_ascii_case(AUTOMATIC) && !s.eq_ignore_ascii_case(NONE)
+}
+
 /// Clears the problem of checkpoints that lack only their VAE ([`ModelInfo::needs_vae`]) when
 /// `setting` chooses a VAE file that fits them: the jobs decode with it, so they can draw and
 /// be picked (found by review: they stayed "put a VAE beside it" with a VAE chosen).
@@ -334,6 +341,17 @@ mod tests {
         bytes.extend(json);
         bytes.extend(data);
         std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn only_a_file_name_is_a_vae_file() {
+        // A1111's options may name a VAE for a checkpoint lacking its own in the same call:
+        // only a file gives it one (found by review: "None" let such a model be saved).
+        for setting in ["", "  ", "Automatic", "automatic", "None", " NONE "] {
+            assert!(!names_a_file(setting), "{setting:?}");
+        }
+        assert!(names_a_file("anime.safetensors"));
+        assert!(names_a_file("gone.safetensors"));
     }
 
     #[test]

@@ -22,10 +22,22 @@ pub async fn localhost_guard(State(state): State<AppState>, req: Request, next: 
             .contains_key(axum::http::header::ACCESS_CONTROL_REQUEST_METHOD);
     // The TCP peer, where the server records it (`serve` does; tests calling the router
     // directly do not, and count as remote).
-    let local_peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .is_some_and(|c| c.0.ip().is_loopback());
+    // A proxy on this computer forwards remote clients from a loopback address too: a request
+    // that says it was forwarded is not local (most proxies say so; see the README).
+    let forwarded = [
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+    ]
+    .iter()
+    .any(|h| req.headers().contains_key(*h));
+    // `to_canonical`: on a dual-stack (`::`) socket, 127.0.0.1 arrives as ::ffff:127.0.0.1.
+    let local_peer = !forwarded
+        && req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
     match check(&state, req.headers(), req.uri(), preflight, local_peer) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),

@@ -567,6 +567,24 @@ async fn api_key_mode_needs_the_key() {
         let (got, _, _) = send(&s, from(peer, host.clone(), origin.as_deref())).await;
         assert_eq!(got, status, "{peer:?} {host} {origin:?}");
     }
+    // A proxy on this computer forwards remote clients from 127.0.0.1: a request that says it
+    // was forwarded needs the key (found by review).
+    let mut forwarded = from([127, 0, 0, 1], local.clone(), None);
+    forwarded
+        .headers_mut()
+        .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    assert_eq!(send(&s, forwarded).await.0, StatusCode::UNAUTHORIZED);
+    // A dual-stack socket (`--host ::`) sees 127.0.0.1 as ::ffff:127.0.0.1: still local.
+    let mapped = Request::builder()
+        .uri("/api/v1/health")
+        .header("host", local.clone())
+        .extension(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(),
+            50_000,
+        ))))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, mapped).await.0, StatusCode::OK);
     // A browser's preflight carries no credentials; it runs no handler, so it needs no key.
     let req = Request::builder()
         .method("OPTIONS")

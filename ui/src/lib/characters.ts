@@ -129,7 +129,6 @@ export function importType(file: Pick<File, 'name' | 'type'>): string | null {
   return null;
 }
 
-/** "Mira" -> "M": the placeholder of a character without an avatar. */
 /**
  * Whether `prompt` names `name` as a whole word (any case): the gallery's search matches any part
  * of a word, so "Eve" also found "evening" and "never" (found by review).
@@ -141,6 +140,7 @@ export function namesCharacter(prompt: string, name: string): boolean {
   return new RegExp(`(^|[^\\p{L}\\p{N}_])${escaped}($|[^\\p{L}\\p{N}_])`, 'iu').test(prompt);
 }
 
+/** "Mira" -> "M": the placeholder of a character without an avatar. */
 export function initial(name: string): string {
   const first = [...name.trim()][0];
   return first ? first.toUpperCase() : '?';

@@ -670,12 +670,15 @@ pub async fn set_options(
                     )
                 })?;
                 // Saved, a model that cannot draw would be passed over for the first one that
-                // can, with no word to the chat app. One that lacks only a VAE may get it in
-                // this same call.
+                // can, with no word to the chat app. One that lacks only a VAE may get a VAE
+                // file in this same call (not "Automatic" or "None", which give it none).
+                let vae_file = wanted_vae
+                    .as_deref()
+                    .is_some_and(ld_core::vae::names_a_file);
                 if let Some(problem) = model
                     .problem
                     .as_ref()
-                    .filter(|_| !(model.needs_vae && wanted_vae.is_some()))
+                    .filter(|_| !(model.needs_vae && vae_file))
                 {
                     return Err(ApiError::new(
                         Code::InvalidRequest,

@@ -215,8 +215,6 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<Value>, OpenAi
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-/// Any other `/v1/` route: OpenAI's error shape, not the UI page (found by review: clients that
-/// probe `/v1/chat/completions` took the page for an answer).
 /// `/v1/images/edits` and `/variations` (Open WebUI's image editing): named, so the client
 /// shows why rather than a bare "not found".
 pub async fn text_only() -> OpenAiError {
@@ -228,6 +226,8 @@ pub async fn text_only() -> OpenAiError {
     ))
 }
 
+/// Any other `/v1/` route: OpenAI's error shape, not the UI page (found by review: clients that
+/// probe `/v1/chat/completions` took the page for an answer).
 pub async fn not_found() -> OpenAiError {
     OpenAiError(ApiError::new(
         crate::error::Code::NotFound,
