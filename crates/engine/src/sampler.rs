@@ -264,18 +264,10 @@ pub fn parse_sampler(name: &str) -> Result<(SamplerKind, Option<ScheduleKind>)> 
     }
     // "<sampler> <schedule label>", as A1111 1.9 splits old infotexts; the longest schedule
     // label that leaves a known sampler wins ("DPM++ 2M SDE Karras" is 2M SDE + Karras).
-    for &schedule in ScheduleKind::ALL {
-        if schedule == ScheduleKind::Automatic {
-            continue;
-        }
-        let label = schedule.name().to_ascii_lowercase();
-        if let Some(base) = lower.strip_suffix(&label) {
-            if let Some(base) = base.strip_suffix(' ') {
-                if let Some(kind) = SamplerKind::from_name(base) {
-                    return Ok((kind, Some(schedule)));
-                }
-            }
-        }
+    if let Some(found) = crate::schedule::fused_schedules(trimmed)
+        .find_map(|(base, schedule)| Some((SamplerKind::from_name(&base)?, Some(schedule))))
+    {
+        return Ok(found);
     }
     let names: Vec<&str> = SamplerKind::ALL.iter().map(|k| k.name()).collect();
     Err(EngineError::InvalidRequest(format!(
@@ -365,8 +357,7 @@ pub trait Sampler: Send + Sync {
     /// also where a schedule stops above 0 (KL Optimal stops at sigma_min); the samplers that
     /// follow diffusers' schedulers give diffusers' scale ([`to_diffusers_latents`]), which
     /// differs where their own schedule stops above 0 (DDIM's last step).
-    fn final_latents(&self, x: &Tensor, last_sigma: f64) -> Result<Tensor> {
-        let _ = last_sigma;
+    fn final_latents(&self, x: &Tensor, _last_sigma: f64) -> Result<Tensor> {
         Ok(x.clone())
     }
 }

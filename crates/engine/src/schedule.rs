@@ -145,6 +145,21 @@ impl ScheduleKind {
     }
 }
 
+/// The ways `name` reads as "<something> <schedule label>" (A1111's names before 1.9 fused the
+/// schedule into the sampler's: "DPM++ 2M Karras"), each as the part before the label (in lower
+/// case) and the schedule, in [`ScheduleKind::ALL`]'s order. Automatic is never a suffix.
+pub fn fused_schedules(name: &str) -> impl Iterator<Item = (String, ScheduleKind)> + '_ {
+    let lower = name.trim().to_ascii_lowercase();
+    ScheduleKind::ALL
+        .iter()
+        .copied()
+        .filter(|k| *k != ScheduleKind::Automatic)
+        .filter_map(move |k| {
+            let base = lower.strip_suffix(&k.name().to_ascii_lowercase())?;
+            Some((base.strip_suffix(' ')?.to_owned(), k))
+        })
+}
+
 /// [`ScheduleKind::from_name`], or [`EngineError::InvalidRequest`] listing the valid names.
 pub fn parse_schedule(name: &str) -> Result<ScheduleKind> {
     ScheduleKind::from_name(name).ok_or_else(|| {

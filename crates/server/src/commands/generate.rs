@@ -45,8 +45,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME")]
     pub sampler: Option<String>,
     /// Schedule type: Automatic, Uniform, Karras, Exponential, Polyexponential, SGM Uniform,
-    /// KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta, Leading, Trailing. Default: Karras with the default sampler, otherwise the one a fused
-    /// --sampler name gives, otherwise Automatic (the sampler's own default, as in A1111).
+    /// KL Optimal, Align Your Steps, Simple, Normal, DDIM, Beta, Leading, Trailing. Default:
+    /// Karras with the default sampler, otherwise the one a fused --sampler name gives,
+    /// otherwise Automatic (the sampler's own default, as in A1111).
     #[arg(long, value_name = "NAME")]
     pub schedule: Option<String>,
     /// Where the noise comes from: cpu (PyTorch's CPU generator: A1111 "CPU", ComfyUI,

@@ -161,14 +161,9 @@ fn a1111_fallbacks(input: &mut GenerationInput) -> Vec<String> {
     let mut notes = Vec::new();
     if let Some(name) = input.sampler.clone() {
         if ld_engine::sampler::parse_sampler(&name).is_err() {
-            // A fused name's schedule still counts ("Restart Karras").
-            let lower = name.trim().to_ascii_lowercase();
-            let fused = ScheduleKind::ALL.iter().copied().find(|k| {
-                *k != ScheduleKind::Automatic
-                    && lower.ends_with(&format!(" {}", k.name().to_ascii_lowercase()))
-            });
-            // As A1111's `get_sampler_and_scheduler`, the name's schedule wins over `scheduler`.
-            if let Some(k) = fused {
+            // A fused name's schedule still counts ("Restart Karras"), and wins over
+            // `scheduler`, as in A1111's `get_sampler_and_scheduler`.
+            if let Some((_, k)) = ld_engine::schedule::fused_schedules(&name).next() {
                 input.schedule = Some(k.name().to_owned());
             }
             notes.push(format!(
