@@ -10,20 +10,24 @@
 # binary built with the same features (may be "-" to skip). Results go to OUTDIR: tests.log,
 # bench_<family>.txt and two PNGs (few files: the device tool brings back at most eight).
 # STAGES picks parts (default: all): tests generate serve bench load vram profile variants
-# (ROUNDS alternates ours and PyTorch in the bench that many times; default 1). FAMILIES
-# (default "sd15 sdxl") picks the models for bench/vram/profile; VARIANT_FAMILY (default sd15)
-# the one the variants run; PRECISIONS (default fp16) the bench's precisions.
+# cputests (ROUNDS alternates ours and PyTorch in the bench that many times; default 1).
+# FAMILIES (default "sd15 sdxl") picks the models for bench/vram/profile; VARIANT_FAMILY
+# (default sd15; a list runs each) the ones the variants run; PRECISIONS (default fp16) the
+# bench's precisions. cputests runs the engine's reference tests on this machine's processor
+# (another CPU model than the development machine's, for the hand-written AVX-512 kernels).
 # The tests run with NVIDIA_TF32_OVERRIDE=0: cuDNN (and PyTorch by default) run f32
 # convolutions in TF32 on Ampere and later, about 1e-3 relative, and the references are f32.
 set -uo pipefail
 BIN=$1 TESTBIN=$2 OUT=$3
-STAGES=${STAGES:-tests generate serve bench load vram profile variants}
+STAGES=${STAGES:-tests generate serve bench load vram profile variants cputests}
 # STOP_AFTER (seconds): no stage starts later, so one device call ends inside its limit.
 want() { [[ " $STAGES " == *" $1 "* ]] && (( SECONDS < ${STOP_AFTER:-100000} )); }
 WHEELS=${WHEELS:-.gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+lscpu | grep -E '^(Model name|CPU family|Model:|CPU\(s\))'
+grep -o -w -E 'avx512f|avx512_bf16|avx512_vnni|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 
 # CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC, cuDNN, cudart) come from torch's wheels.
 site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
@@ -43,9 +47,30 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 python3 -c 'import diffusers, torch; print("diffusers", diffusers.__version__, "torch", torch.__version__)'
 
+# The engine's GPU tests: TEST_THREADS (default 4) at a time, TEST_FILTER (default: all) picks
+# them, and each of TEST_VARIANTS (say LD_CUDA_GRAPHS=0) runs them again with that setting. A
+# crash (a signal, not a failed test) is run again under cuda-gdb for a backtrace.
+gpu_tests() {
+    local log=$1; shift
+    env "$@" NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 150 "$TESTBIN" \
+        --test-threads "${TEST_THREADS:-4}" ${TEST_FILTER:-} >"$log" 2>&1
+    local rc=$?
+    grep -E '^test .*(FAILED|ok)$|test result|panicked' "$log" | tail -60
+    if (( rc > 128 && rc != 124 )); then
+        echo "== the tests crashed (exit $rc): again under cuda-gdb"
+        env "$@" NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 200 cuda-gdb -q -batch \
+            -ex 'set pagination off' -ex run -ex 'bt 40' -ex 'info threads' --args "$TESTBIN" \
+            --test-threads "${TEST_THREADS:-4}" ${TEST_FILTER:-} 2>&1 |
+            grep -v -E '^\[(New Thread|Thread .* exited)' | tail -90
+    fi
+}
 if [ "$TESTBIN" != "-" ] && want tests; then
     echo "== engine reference tests on the GPU (f32 and f16 tiny models), TF32 off"
-    NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 150 "$TESTBIN" --test-threads 4 2>&1 | tee "$OUT/tests.log" | grep -E '^test .*(FAILED|ok)$|test result|panicked' | tail -60
+    gpu_tests "$OUT/tests.log" LD_DEFAULTS=1
+    for v in ${TEST_VARIANTS:-}; do
+        echo "== the same with $v"
+        gpu_tests "$OUT/tests_$v.log" "$v"
+    done
     echo "== layer tests with the other GPU paths (${LAYER_VARIANTS:-LD_GPU_LINEAR=candle})"
     for v in ${LAYER_VARIANTS:-LD_GPU_LINEAR=candle}; do
         env "$v" NVIDIA_TF32_OVERRIDE=0 LD_TEST_DEVICE=cuda timeout 60 "$TESTBIN" layers 2>&1 |
@@ -110,12 +135,21 @@ for fam in ${FAMILIES:-sd15 sdxl}; do
     fi
 done
 if want variants; then
-    # Our GPU layers against candle's own (or the materialised attention), and cuDNN's algorithm
-    # measured per shape instead of fixed; the default first, in the same call.
-    vf=${VARIANT_FAMILY:-sd15}
-    for v in LD_DEFAULTS=1 ${VARIANTS:-LD_GPU_ATTN=candle LD_GPU_LINEAR=candle LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
-        echo "== $vf fp16 with $v"
-        env "$v" timeout 90 "$BIN" bench --family "$vf" --precision fp16 --no-torch \
-            --repeats 5 2>&1 | grep -E "step|decode|queueing"
+    # Our GPU layers against candle's own (or the materialised attention), cuDNN's algorithm
+    # measured per shape instead of fixed, steps without CUDA graphs; the default first, in the
+    # same call.
+    for vf in ${VARIANT_FAMILY:-sd15}; do
+        for v in LD_DEFAULTS=1 ${VARIANTS:-LD_CUDA_GRAPHS=0 LD_GPU_ATTN=candle LD_GPU_LINEAR=candle LD_GPU_CONV=candle LD_GPU_NORM=candle LD_CUDNN_ALGO=find}; do
+            echo "== $vf fp16 with $v"
+            env "$v" timeout 90 "$BIN" bench --family "$vf" --precision fp16 --no-torch \
+                --repeats 10 2>&1 | grep -E "step|decode|queueing"
+        done
     done
+fi
+if [ "$TESTBIN" != "-" ] && want cputests; then
+    echo "== engine reference tests on this machine's CPU ($(nproc) threads)"
+    # The bf16 test flips a process-wide switch: alone, after the others.
+    { timeout 150 "$TESTBIN" --test-threads "$(nproc)" --skip bf16 2>&1
+      timeout 60 "$TESTBIN" bf16 --test-threads 1 2>&1; } | tee "$OUT/cputests.log" |
+        grep -E '^test .*FAILED$|test result|panicked' | tail -30
 fi
