@@ -134,6 +134,10 @@ pub fn scaled_dot_product_attention(
         if let Some(out) = crate::gpu_attention::attention(q, k, v, heads, scale) {
             return out;
         }
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            crate::cuda_graph::unrecordable("attention runs through candle's cuBLAS products");
+        }
         if opts.fused {
             if let Some(out) = crate::fused_attention::attention(q, k, v, heads, scale) {
                 return out;

@@ -198,6 +198,17 @@ pub fn run(opts: &BenchOptions) -> crate::Result<BenchReport> {
         };
         let (t, profile) = timed(opts, || unet.forward_with(&x, 999.0, &ctx, added.as_ref()))?;
         (report.unet_forward, report.unet_profile) = (Some(t), profile);
+        if !dev.is_cpu() {
+            match unet.graph_failure() {
+                Some(why) => {
+                    eprintln!("UNet steps ran eagerly: recording a CUDA graph failed ({why})")
+                }
+                None => eprintln!(
+                    "UNet steps replayed as a CUDA graph: {}",
+                    unet.graph_replays()
+                ),
+            }
+        }
     }
     if opts.vae {
         let cfg = VaeConfig::from_json(vae_config)

@@ -176,6 +176,8 @@ fn run<T: CudaDType + DeviceRepr>(
             if plan.workspace > st.workspace.as_ref().map_or(0, |s| s.len()) {
                 // Grown to the largest need seen; freed in stream order, so reuse is safe.
                 st.workspace = Some(unsafe { dev.alloc::<u8>(plan.workspace)? });
+                // A recorded CUDA graph that read the old buffer must not be replayed.
+                WORKSPACE_EPOCH.with(|e| e.set(e.get() + 1));
             }
             let ws = match st.workspace.as_mut() {
                 Some(buf) if plan.workspace > 0 => Some(buf),
@@ -200,6 +202,13 @@ fn run<T: CudaDType + DeviceRepr>(
 thread_local! {
     /// cuDNN handles are not thread-safe: one per thread and device, with its plans.
     static STATE: RefCell<HashMap<DeviceId, DeviceState>> = RefCell::new(HashMap::new());
+    /// How many times this thread's workspace was replaced (`cuda_graph` checks it).
+    static WORKSPACE_EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's workspace generation: it changes whenever a workspace buffer is replaced.
+pub(crate) fn workspace_epoch() -> u64 {
+    WORKSPACE_EPOCH.with(|e| e.get())
 }
 
 struct DeviceState {

@@ -8,6 +8,8 @@ pub mod bf16_gemm;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_graph;
 pub mod denoiser;
 pub mod embeddings;
 pub mod error;
@@ -62,4 +64,20 @@ pub fn cpu_products() -> &'static str {
         kernels::Products::Avx512(Format::F32) => "ours (f32, AVX-512)",
         kernels::Products::Avx512(Format::Bf16) => "ours (bf16, AVX-512 BF16)",
     }
+}
+
+/// Opens NVIDIA GPU `ordinal` for the engine: candle's device, without cudarc's per-buffer
+/// event tracking. That tracking exists for work spread over several streams; the engine issues
+/// all of a device's work on one stream per thread, so its two events per buffer were created
+/// and destroyed around every operation (host time in launch-bound steps) and never waited for.
+/// Without the `cuda` feature this is candle's error saying so.
+pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = &device {
+        // SAFETY: the caller's obligation is to synchronise any second stream by hand; the engine
+        // creates none (candle, cuBLAS(Lt) and cuDNN all run on the device's own stream).
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(device)
 }

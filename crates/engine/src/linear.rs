@@ -242,6 +242,10 @@ impl Linear {
         if x.device().is_cuda() && crate::gpu_linear::enabled() {
             return add(crate::gpu_linear::linear(x, &weight, self.bias.as_ref())?);
         }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            crate::cuda_graph::unrecordable("linear layers run through candle's cuBLAS products");
+        }
         add(candle_nn::Linear::new(weight.into_owned(), self.bias.clone()).forward(x)?)
     }
 }

@@ -913,8 +913,10 @@ impl SdSampling<'_> {
             noise: rng.as_mut(),
             observer: &mut step_observer,
         };
-        let x = sampler.sample(x, &sigmas, &mut ctx)?;
-        sampler.final_latents(&x, sigmas[sigmas.len() - 1])
+        let x = sampler.sample(x, &sigmas, &mut ctx);
+        // A recorded step graph holds its intermediates' device memory, which the VAE needs next.
+        self.unet.release_graphs();
+        sampler.final_latents(&x?, sigmas[sigmas.len() - 1])
     }
 }
 

@@ -314,7 +314,13 @@ impl Conv2d {
             ConvKind::Cudnn(w, b, stride, padding) => {
                 add(crate::gpu_conv::conv2d(x, w, b, *stride, *padding)?)
             }
-            ConvKind::General(c) => add(c.forward(x)?),
+            ConvKind::General(c) => {
+                #[cfg(feature = "cuda")]
+                if x.device().is_cuda() {
+                    crate::cuda_graph::unrecordable("convolutions run through candle's");
+                }
+                add(c.forward(x)?)
+            }
         }
     }
 }

@@ -634,6 +634,10 @@ pub struct UNet2DConditionModel {
     device: Device,
     attention: AttentionOptions,
     max_batch: Option<usize>,
+    /// Whether steps on a CUDA device may be replayed as a graph (see `cuda_graph`).
+    graphs_on: bool,
+    #[cfg(feature = "cuda")]
+    graphs: crate::cuda_graph::GraphCache,
 }
 
 impl UNet2DConditionModel {
@@ -800,6 +804,9 @@ impl UNet2DConditionModel {
             device: vb.device().clone(),
             attention: AttentionOptions::default(),
             max_batch: None,
+            graphs_on: true,
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
     }
 
@@ -832,6 +839,37 @@ impl UNet2DConditionModel {
 
     pub fn max_batch(&self) -> Option<usize> {
         self.max_batch
+    }
+
+    /// Whether steps on a CUDA device may run as a recorded graph (on by default; never in
+    /// low-memory mode, as a graph keeps its intermediates' memory while it is held). Only
+    /// speed changes: a graph replays the same kernels. Elsewhere this changes nothing.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
+        self.release_graphs();
+    }
+
+    /// Frees the recorded step graph and the device memory it holds; call when a sampling run
+    /// ends. The next steps record a new one.
+    pub fn release_graphs(&self) {
+        #[cfg(feature = "cuda")]
+        self.graphs.release();
+    }
+
+    /// How many steps ran as a graph replay (always 0 without the `cuda` feature).
+    pub fn graph_replays(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        return self.graphs.replays();
+        #[cfg(not(feature = "cuda"))]
+        0
+    }
+
+    /// Why recording a step graph failed, if it did (those steps then ran eagerly).
+    pub fn graph_failure(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        return self.graphs.failure();
+        #[cfg(not(feature = "cuda"))]
+        None
     }
 
     /// The UNet's part of `memory`: its attention strategy, and the guidance pair one sample at
@@ -956,27 +994,48 @@ impl UNet2DConditionModel {
             emb = emb.broadcast_add(&self.added_embedding(add, a, x.dim(0)?)?)?;
         }
         let temb = emb.silu()?;
-        let step = Step {
-            temb: &temb,
-            context: encoder_hidden_states,
-            opts: &self.attention,
-        };
-
         let x = if self.config.center_input_sample {
             x.affine(2.0, -1.0)?
         } else {
             x.clone()
         };
-        let mut h = self.conv_in.forward(&x)?;
+        // Everything below depends only on these three tensors and the weights: the part
+        // replayed as a CUDA graph, where one applies.
+        // Not in low-memory mode (split batches, sliced attention): a held graph keeps the
+        // memory of its intermediates.
+        #[cfg(feature = "cuda")]
+        if self.graphs_on
+            && self.max_batch.is_none()
+            && self.attention == AttentionOptions::default()
+        {
+            let variant = format!("{:?}", self.attention);
+            return self
+                .graphs
+                .run(&[&x, &temb, encoder_hidden_states], &variant, |t| {
+                    self.body(&t[0], &t[1], &t[2])
+                });
+        }
+        self.body(&x, &temb, encoder_hidden_states)
+    }
+
+    /// The blocks, from `conv_in` to `conv_out`, given the (centred) latents, the activated
+    /// timestep embedding and the text embeddings.
+    fn body(&self, x: &Tensor, temb: &Tensor, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        let step = Step {
+            temb,
+            context: encoder_hidden_states,
+            opts: &self.attention,
+        };
+        let mut h = self.conv_in.forward(x)?;
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             h = block.forward(&h, &step, &mut skips)?;
         }
-        h = self.mid_resnets[0].forward(&h, Some(&temb))?;
+        h = self.mid_resnets[0].forward(&h, Some(temb))?;
         h = self
             .mid_attention
             .forward(&h, encoder_hidden_states, &self.attention)?;
-        h = self.mid_resnets[1].forward(&h, Some(&temb))?;
+        h = self.mid_resnets[1].forward(&h, Some(temb))?;
         for block in &self.up_blocks {
             h = block.forward(&h, &step, &mut skips)?;
         }

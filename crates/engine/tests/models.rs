@@ -370,6 +370,96 @@ fn unet_matches_diffusers(model: &str) -> f32 {
     d
 }
 
+/// On a GPU: UNet steps replayed as a CUDA graph (a warm-up, the recording, then replays, each
+/// step with new latents, timestep and text) give the eager steps' numbers. The fixture models
+/// (f32 and f16) mostly take candle's attention, which is never recorded; random SD1- and
+/// SDXL-shaped models with SD's head size of 64 run the fused kernel in f16 and must replay.
+/// On the CPU no graph is used.
+#[test]
+fn unet_steps_replayed_as_cuda_graphs_match_eager_steps() {
+    let dev = support::device();
+    let fixture = |model: &str, dtype: DType| {
+        let dir = repo_root().join("models/tiny").join(model).join("unet");
+        let cfg = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+        // SAFETY: the fixture files are not modified while the tests run.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[weights_file(&dir)], dtype, &dev).unwrap()
+        };
+        (format!("{model} {dtype:?}"), cfg, vb, dtype, false)
+    };
+    // Head size 64 (1 and 2 heads on 64 and 128 channels), as SD's own.
+    let sd1 = tiny_unet_config(
+        SD15_UNET,
+        r#"{"block_out_channels": [64, 128], "norm_num_groups": 32, "cross_attention_dim": 64,
+            "attention_head_dim": [1, 2], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}"#,
+    );
+    let sdxl = tiny_unet_config(
+        SDXL_UNET,
+        r#"{"block_out_channels": [64, 128], "norm_num_groups": 32, "cross_attention_dim": 64,
+            "attention_head_dim": [1, 2], "layers_per_block": 1,
+            "transformer_layers_per_block": [1, 2], "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 60,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}"#,
+    );
+    let mut cases = vec![fixture("sd1", DType::F32), fixture("sdxl", DType::F32)];
+    if !dev.is_cpu() {
+        cases.extend([fixture("sd1", DType::F16), fixture("sdxl", DType::F16)]);
+        for (name, cfg) in [("random SD1-shaped", sd1), ("random SDXL-shaped", sdxl)] {
+            let vb = ld_engine::bench::seeded_weights(DType::F16, &dev);
+            cases.push((name.to_string(), cfg, vb, DType::F16, true));
+        }
+    }
+    for (name, cfg, vb, dtype, must_replay) in cases {
+        let graphed = UNet2DConditionModel::load(vb, &cfg).unwrap();
+        let mut eager = graphed.clone();
+        eager.set_cuda_graphs(false);
+        let input = |seed: u64, shape: &[usize]| {
+            randn(seed, shape)
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap()
+        };
+        for step in 0..4u64 {
+            let x = input(10 + step, &[2, cfg.in_channels, 8, 8]);
+            let ctx = input(20 + step, &[2, 7, cfg.context_dim()]);
+            let added = match (
+                cfg.projection_class_embeddings_input_dim,
+                cfg.addition_time_embed_dim,
+            ) {
+                (Some(p), Some(t)) if cfg.needs_added_conditions() => Some(AddedConditions {
+                    text_embeds: input(30 + step, &[2, p - 6 * t]),
+                    time_ids: Tensor::new(&[[64f32, 64., 0., 0., 64., 64.]; 2], &dev).unwrap(),
+                }),
+                _ => None,
+            };
+            let t = 999.0 - 250.0 * step as f64;
+            let got = graphed.forward_with(&x, t, &ctx, added.as_ref()).unwrap();
+            let want = eager.forward_with(&x, t, &ctx, added.as_ref()).unwrap();
+            let (d, m) = (max_abs_diff(&got, &want), max_abs(&want));
+            assert!(
+                m.is_finite(),
+                "{name} step {step}: the eager output is not finite"
+            );
+            // The same kernels on the same inputs: equal up to a last-bit difference at most.
+            let tol = if dtype == DType::F16 { 1e-3 } else { 1e-5 } * m.max(1.0);
+            eprintln!("{name} step {step}: graph vs eager max abs diff {d:e} (max {m})");
+            assert!(d <= tol, "{name} step {step}: {d:e} > {tol:e}");
+        }
+        let (replays, failure) = (graphed.graph_replays(), graphed.graph_failure());
+        eprintln!("{name}: {replays} replays ({failure:?})");
+        if dev.is_cpu() || dtype == DType::F32 {
+            assert_eq!(replays, 0, "{name}");
+        } else if must_replay && std::env::var("LD_CUDA_GRAPHS").as_deref() != Ok("0") {
+            // Step 0 warms up, step 1 records and replays, steps 2 and 3 replay.
+            assert_eq!(replays, 3, "{name}: the graph did not run ({failure:?})");
+        }
+    }
+}
+
 fn vae_matches_diffusers(model: &str) -> (f32, f32) {
     let dir = repo_root().join("models/tiny").join(model).join("vae");
     let cfg = VaeConfig::from_file(&dir.join("config.json")).unwrap();

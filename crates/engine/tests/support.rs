@@ -24,7 +24,7 @@ thread_local! {
                  cuDNN and cuBLAS compute f32 in f32 like the references"
             );
         }
-        Device::new_cuda(0).unwrap_or_else(|e| {
+        ld_engine::cuda_device(0).unwrap_or_else(|e| {
             panic!(
                 "{DEVICE_VAR}=cuda, but CUDA device 0 cannot be opened ({e}): build the tests \
                  with `--features cuda` (cargo test -p ld-engine --features cuda) and run them on \

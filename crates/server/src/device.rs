@@ -30,7 +30,7 @@ pub fn load_options_with(
     let _ = gpu_advised;
     #[cfg(feature = "cuda")]
     if gpu_advised {
-        match Device::new_cuda(0) {
+        match ld_engine::cuda_device(0) {
             Ok(device) => {
                 return LoadOptions {
                     device,

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 pub fn pick_device() -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        return Ok(Device::new_cuda(0)?);
+        return Ok(ld_engine::cuda_device(0)?);
     }
     #[cfg(all(feature = "metal", not(feature = "cuda")))]
     {
