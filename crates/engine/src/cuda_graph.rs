@@ -104,7 +104,9 @@ struct Captured {
 
 // SAFETY: `CudaGraph` holds raw CUDA handles, which CUDA allows any thread to use as long as
 // calls on one graph are serialised. It is only launched under the cache's mutex, only from the
-// thread that recorded it (checked before every replay), and destroyed once, on drop.
+// thread that recorded it (checked before every replay), and destroyed once, on drop. (Recording
+// itself assumes what the engine does: one thread issues a device's work; another thread's
+// operations on the same stream while it records would join the graph.)
 unsafe impl Send for Captured {}
 
 impl GraphCache {
@@ -179,12 +181,23 @@ impl GraphCache {
         let here = std::thread::current().id();
         match &entry.state {
             State::Eager => return body(&owned(inputs)),
-            State::Ready(c) if c.thread == here && c.conv_epoch == conv_epoch() => {
-                let out = replay(c, inputs)?;
-                self.replays.fetch_add(1, Ordering::Relaxed);
-                return Ok(out);
-            }
-            State::Warm(t) if *t == here => {}
+            State::Ready(c) if c.thread == here && c.conv_epoch == conv_epoch() => {}
+            State::Warm(t) if *t == here => match record(&dev, inputs, &body) {
+                Ok(c) => {
+                    // The first launch maps the graph's memory: let the warm-up's freed blocks
+                    // go back to the device first.
+                    dev.cuda_stream()
+                        .synchronize()
+                        .map_err(candle_core::Error::wrap)?;
+                    entry.state = State::Ready(c);
+                }
+                Err(e) => {
+                    tracing::warn!("UNet steps run without a CUDA graph (recording failed: {e})");
+                    self.fail(e.to_string());
+                    entry.state = State::Eager;
+                    return body(&owned(inputs));
+                }
+            },
             State::Ready(_) | State::Warm(_) => {
                 // Another thread, or a regrown workspace: warm up here, then record again.
                 entry.state = State::Eager;
@@ -193,17 +206,23 @@ impl GraphCache {
                 return Ok(out);
             }
         }
-        match record(&dev, inputs, &body) {
-            Ok(c) => {
-                let out = replay(&c, inputs)?;
+        let State::Ready(c) = &entry.state else {
+            return body(&owned(inputs));
+        };
+        match replay(c, inputs) {
+            Ok(out) => {
                 self.replays.fetch_add(1, Ordering::Relaxed);
-                entry.state = State::Ready(c);
                 Ok(out)
             }
             Err(e) => {
-                tracing::warn!("UNet steps run without a CUDA graph (recording failed: {e})");
-                self.fail(e.to_string());
+                // Out of memory at the first launch, say: the step runs eagerly instead, and so
+                // do the next ones.
+                tracing::warn!("UNet steps run without a CUDA graph (a replay failed: {e})");
+                self.fail(format!("a replay failed: {e}"));
                 entry.state = State::Eager;
+                // Freeing the output of a graph that never ran fails; that error is not the
+                // next operation's.
+                let _ = dev.cuda_stream().context().check_err();
                 body(&owned(inputs))
             }
         }
@@ -297,18 +316,42 @@ struct OpenCapture<'a>(&'a std::sync::Arc<CudaStream>, bool);
 impl OpenCapture<'_> {
     /// Ends the recording and instantiates the graph (`None`: nothing was recorded).
     fn end(&mut self) -> std::result::Result<Option<CudaGraph>, String> {
-        self.1 = true;
         // cudarc defers errors of frees made while recording (after a failed operation they
         // fail too) to the next call, and `end_capture` checks for them before it ends the
-        // recording: take them first, so the recording always ends.
+        // recording: take them first, so the recording ends.
         let pending = self.0.context().check_err();
         let graph = self.0.end_capture(
             sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
+        if graph.is_err() && recording(self.0) {
+            // An error deferred meanwhile (by another user of the context) made cudarc return
+            // before ending: end it here, and discard what was recorded.
+            let mut raw: sys::CUgraph = std::ptr::null_mut();
+            // SAFETY: ends the recording this thread began on a live stream; the graph handed
+            // back is ours, destroyed once.
+            unsafe {
+                if sys::cuStreamEndCapture(self.0.cu_stream(), &mut raw)
+                    == sys::CUresult::CUDA_SUCCESS
+                    && !raw.is_null()
+                {
+                    sys::cuGraphDestroy(raw);
+                }
+            }
+        }
+        self.1 = true;
         let graph = graph.map_err(|e| e.to_string())?;
         pending.map_err(|e| format!("an operation failed while recording: {e}"))?;
         Ok(graph)
     }
+}
+
+/// Whether `stream` is being recorded into a graph (read without cudarc's error check).
+pub(crate) fn recording(stream: &CudaStream) -> bool {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: a query on a live stream, writing one status value.
+    let r = unsafe { sys::cuStreamIsCapturing(stream.cu_stream(), &mut status) };
+    r == sys::CUresult::CUDA_SUCCESS
+        && status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
 }
 
 impl Drop for OpenCapture<'_> {

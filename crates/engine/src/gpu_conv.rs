@@ -174,6 +174,11 @@ fn run<T: CudaDType + DeviceRepr>(
         let mut attempt = 0;
         loop {
             if plan.workspace > st.workspace.as_ref().map_or(0, |s| s.len()) {
+                // A buffer allocated while a CUDA graph records would belong to that graph; the
+                // recording fails instead and the step runs eagerly (the warm-up sized it).
+                if crate::cuda_graph::recording(&stream) {
+                    candle_core::bail!("cuDNN's workspace would grow while a CUDA graph records");
+                }
                 // Grown to the largest need seen; freed in stream order, so reuse is safe.
                 st.workspace = Some(unsafe { dev.alloc::<u8>(plan.workspace)? });
                 // A recorded CUDA graph that read the old buffer must not be replayed.

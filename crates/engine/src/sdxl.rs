@@ -744,10 +744,14 @@ impl SdSampling<'_> {
             observer: &mut step_observer,
         };
         let x = run.x.to_device(self.device)?;
-        run.x = req
+        let sampled = req
             .sampler
             .sampler()
-            .sample(x, &run.sigmas[from..=to], &mut ctx)?;
+            .sample(x, &run.sigmas[from..=to], &mut ctx);
+        // A recorded step graph holds its intermediates' device memory, which the refiner or
+        // the VAE needs next.
+        self.unet.release_graphs();
+        run.x = sampled?;
         run.done = to;
         Ok(())
     }
