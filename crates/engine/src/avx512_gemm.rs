@@ -730,9 +730,9 @@ const TASKS_PER_PART: usize = 4;
 /// [`gemm`] on `parts` threads of rayon's pool, the output cut into blocks of rows (or, with
 /// `by_columns`, of columns), [`TASKS_PER_PART`] per thread. The operand every task reads
 /// whole (the right one when rows are cut, the left one when columns are) is packed once, by
-/// all the threads, and shared: with independent products per task (`kernels::gemm_on_threads`' scheme), each
-/// packed all of it, and on two threads the 8x8 level's im2col product packed its 23040 x 128
-/// right operand twice.
+/// all the threads, and shared: with independent products per task
+/// (`kernels::gemm_on_threads`' scheme), each packed all of it, and on two threads the 8x8
+/// level's im2col product packed its 23040 x 128 right operand twice.
 ///
 /// # Safety
 /// As [`gemm`].

@@ -6,8 +6,7 @@
 //! per-operation host work costs. A replayed graph hands the whole step to the GPU at once.
 //!
 //! How (candle 0.11 and cudarc provide the capture calls; the bookkeeping is ours):
-//! - The first call with a new key (input shapes and dtypes, plus the caller's variant: the
-//!   attention options) runs eagerly as a warm-up. Kernels get compiled and loaded, cuDNN plans
+//! - The first call with a new key (the inputs' shapes and dtypes) runs eagerly as a warm-up. Kernels get compiled and loaded, cuDNN plans
 //!   made and its workspace grown, and the small host-to-device uploads candle makes for strided
 //!   layouts are cached by content (`enable_cuda_graph_htod_cache`), so that recording needs
 //!   none of them.
@@ -34,7 +33,7 @@ use std::thread::ThreadId;
 
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, CudaStream};
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 
 /// Whether UNet steps on CUDA devices are replayed as graphs (the default); `LD_CUDA_GRAPHS=0`
 /// runs every step eagerly, for comparisons.
@@ -80,8 +79,11 @@ impl std::fmt::Debug for GraphCache {
     }
 }
 
+/// The inputs' shapes and dtypes: what the recorded operations depend on besides the weights.
+type Key = Vec<(Shape, DType)>;
+
 struct Entry {
-    key: String,
+    key: Key,
     state: State,
 }
 
@@ -115,7 +117,8 @@ impl GraphCache {
         self.replays.load(Ordering::Relaxed)
     }
 
-    /// Why the last recording failed (`None` if none did).
+    /// Why the last steps ran without a graph: the warm-up's reason, or a failed recording or
+    /// replay (`None` if neither happened).
     pub(crate) fn failure(&self) -> Option<String> {
         self.failure
             .lock()
@@ -150,23 +153,22 @@ impl GraphCache {
         }
     }
 
-    /// `body(inputs)`, through a graph where one applies (see the module docs). `body` must
-    /// depend on nothing but its inputs, the key and state that outlives the graph (weights);
-    /// `variant` names whatever else changes the operations it issues.
+    /// `body(inputs)`, through a graph where one applies (see the module docs). The operations
+    /// `body` issues must depend on nothing but its inputs' shapes and dtypes, and read nothing
+    /// but its inputs and state that outlives the graph (the weights).
     pub(crate) fn run(
         &self,
         inputs: &[&Tensor],
-        variant: &str,
         body: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let dev = match inputs.first().map(|t| t.device()) {
             Some(Device::Cuda(dev)) if enabled() => dev.clone(),
             _ => return body(&owned(inputs)),
         };
-        let mut key = variant.to_string();
-        for t in inputs {
-            key.push_str(&format!("|{:?}{:?}", t.dims(), t.dtype()));
-        }
+        let key: Key = inputs
+            .iter()
+            .map(|t| (t.shape().clone(), t.dtype()))
+            .collect();
         let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         let entry = match slot.as_mut() {
             Some(e) if e.key == key => e,

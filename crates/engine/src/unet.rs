@@ -864,7 +864,7 @@ impl UNet2DConditionModel {
         0
     }
 
-    /// Why recording a step graph failed, if it did (those steps then ran eagerly).
+    /// Why steps ran without a graph on a CUDA device, if they did (they then ran eagerly).
     pub fn graph_failure(&self) -> Option<String> {
         #[cfg(feature = "cuda")]
         return self.graphs.failure();
@@ -1000,20 +1000,16 @@ impl UNet2DConditionModel {
             x.clone()
         };
         // Everything below depends only on these three tensors and the weights: the part
-        // replayed as a CUDA graph, where one applies.
-        // Not in low-memory mode (split batches, sliced attention): a held graph keeps the
-        // memory of its intermediates.
+        // replayed as a CUDA graph, where one applies. Not in low-memory mode (split batches,
+        // sliced attention): a held graph keeps the memory of its intermediates.
         #[cfg(feature = "cuda")]
         if self.graphs_on
             && self.max_batch.is_none()
             && self.attention == AttentionOptions::default()
         {
-            let variant = format!("{:?}", self.attention);
-            return self
-                .graphs
-                .run(&[&x, &temb, encoder_hidden_states], &variant, |t| {
-                    self.body(&t[0], &t[1], &t[2])
-                });
+            return self.graphs.run(&[&x, &temb, encoder_hidden_states], |t| {
+                self.body(&t[0], &t[1], &t[2])
+            });
         }
         self.body(&x, &temb, encoder_hidden_states)
     }
